@@ -1,0 +1,123 @@
+"""Running the float model on calibration data and streaming the tensors that need ranges into observers.
+
+The tensors to observe are made extra graph outputs of an in-memory copy of the model (nothing is
+written to disk). Each ONNX Runtime run's outputs go straight into the observers and are dropped, so
+memory is bounded by the observers' fixed-size state, not by the number of samples — unlike
+``onnxruntime.quantization``, which keeps every activation of every sample.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxq.calibrate.observers import Observer, make_observer
+from onnxq.config import ActivationScheme, CalibrationConfig
+from onnxq.data import Feeds
+from onnxq.errors import OnnxqError
+from onnxq.model_io import serialize_model
+from onnxq.progress import progress
+from onnxq.validate.runtime import make_session, run
+
+__all__ = ["CalibrationResult", "collect_ranges"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CalibrationResult:
+    """Calibrated range per observed tensor, and what it took to get them."""
+
+    ranges: dict[ir.Value, tuple[float, float]]
+    method: str
+    samples: int
+    runs: int
+    seconds: float
+    unobserved: tuple[str, ...]
+
+
+def _augmented_model_bytes(model: ir.Model, values: Sequence[ir.Value]) -> bytes:
+    """Serialize ``model`` with ``values`` appended as graph outputs, leaving ``model`` unchanged."""
+    graph = model.graph
+    original = list(graph.outputs)
+    added = [v for v in dict.fromkeys(values) if not v.is_graph_output()]
+    missing_type = [v for v in added if v.type is None]
+    for value in missing_type:
+        value.type = ir.TensorType(ir.DataType.FLOAT)
+    try:
+        graph.outputs.extend(added)
+        return serialize_model(model)
+    finally:
+        graph.outputs.clear()
+        graph.outputs.extend(original)
+        for value in missing_type:
+            value.type = None
+
+
+def _batch_size(feed: Mapping[str, np.ndarray], per_batch: int) -> int:
+    if per_batch <= 1:
+        return 1
+    for array in feed.values():
+        if array.ndim:
+            return int(array.shape[0])
+    return 1
+
+
+def collect_ranges(
+    model: ir.Model,
+    values: Sequence[ir.Value],
+    schemes: Mapping[ir.Value, ActivationScheme],
+    feeds: Feeds,
+    config: CalibrationConfig,
+    *,
+    providers: Sequence[str] = ("CPUExecutionProvider",),
+    show_progress: bool | None = None,
+) -> CalibrationResult:
+    """Observe ``values`` over every feed and return their calibrated ranges.
+
+    ``schemes`` gives each value's activation scheme (histogram methods search the range for the
+    integer grid the tensor will be stored on).
+    """
+    start = time.perf_counter()
+    values = list(dict.fromkeys(values))
+    observers: dict[str, Observer] = {}
+    for value in values:
+        scheme = schemes[value]
+        observers[value.name or ""] = make_observer(config, dtype=scheme.dtype, symmetric=scheme.symmetric)
+    names = list(observers)
+    # Basic optimisations only: they keep every requested output intact and speed up the runs.
+    session = make_session(_augmented_model_bytes(model, values), providers=providers, opt_level="basic")
+    samples = runs = 0
+    for feed in progress(feeds, total=feeds.num_batches, desc="calibrate", enabled=show_progress):
+        outputs = run(session, feed, names)
+        n = _batch_size(feed, feeds.samples_per_batch)
+        for name, array in zip(names, outputs, strict=True):
+            if array.dtype.kind == "f" and array.size:
+                observers[name].update(array, num_samples=n)
+        samples += n
+        runs += 1
+    if runs == 0:
+        raise OnnxqError("calibration data holds no samples")
+    ranges: dict[ir.Value, tuple[float, float]] = {}
+    unobserved: list[str] = []
+    for value in values:
+        observer = observers[value.name or ""]
+        if observer.empty:
+            unobserved.append(value.name or "")
+            continue
+        ranges[value] = observer.compute_range()
+    if unobserved:
+        logger.warning("%d tensors never held a finite value during calibration", len(unobserved))
+    return CalibrationResult(
+        ranges=ranges,
+        method=config.method,
+        samples=samples,
+        runs=runs,
+        seconds=time.perf_counter() - start,
+        unobserved=tuple(unobserved),
+    )

@@ -1,0 +1,145 @@
+"""Typed, frozen configuration for quantization.
+
+Vocabulary follows torch.ao.quantization: a *scheme* says how a tensor is quantized (data type,
+symmetric or affine, per-tensor or per-channel); the calibration config says how activation ranges are
+observed. Overrides apply with the precedence global < op type < node name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+__all__ = [
+    "CALIBRATION_METHODS",
+    "ActivationScheme",
+    "CalibrationConfig",
+    "NodeOverride",
+    "QuantConfig",
+    "ValidationConfig",
+    "WeightScheme",
+]
+
+QuantDType = Literal["uint8", "int8"]
+CalibrationMethod = Literal["minmax", "moving_average", "percentile", "entropy", "mse"]
+CALIBRATION_METHODS: tuple[str, ...] = ("minmax", "moving_average", "percentile", "entropy", "mse")
+
+
+@dataclass(frozen=True)
+class ActivationScheme:
+    """How activation tensors are quantized: always per-tensor.
+
+    The default, uint8 with a zero point, is what ONNX Runtime's x86 kernels run fastest and lets
+    ReLU/Clip be absorbed into the producer (a zero point at 0 clamps negatives away).
+    """
+
+    dtype: QuantDType = "uint8"
+    symmetric: bool = False
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("uint8", "int8"):
+            raise ValueError(f"activation dtype must be 'uint8' or 'int8', got {self.dtype!r}")
+        if self.symmetric and self.dtype == "uint8":
+            raise ValueError("symmetric activations need dtype 'int8' (uint8 is always affine)")
+
+
+@dataclass(frozen=True)
+class WeightScheme:
+    """How constant weights are quantized. Symmetric per-channel int8 is the accurate default."""
+
+    dtype: QuantDType = "int8"
+    symmetric: bool = True
+    per_channel: bool = True
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("uint8", "int8"):
+            raise ValueError(f"weight dtype must be 'uint8' or 'int8', got {self.dtype!r}")
+        if self.symmetric and self.dtype == "uint8":
+            raise ValueError("symmetric weights need dtype 'int8'")
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    """How activation ranges are observed on calibration data.
+
+    ``percentile`` is used by the percentile method; ``num_bins`` sizes the fixed histograms of the
+    histogram-based methods (percentile, entropy, mse), which bounds calibration memory per tensor;
+    ``averaging_constant`` is the weight of each new sample in the moving-average min-max.
+    ``batch_size`` stacks that many samples into one ONNX Runtime run (inputs with a dynamic axis 0).
+    """
+
+    method: CalibrationMethod = "minmax"
+    percentile: float = 99.999
+    num_bins: int = 4096
+    averaging_constant: float = 0.01
+    batch_size: int = 1
+
+    def __post_init__(self) -> None:
+        if self.method not in CALIBRATION_METHODS:
+            raise ValueError(f"calibration method must be one of {', '.join(CALIBRATION_METHODS)}")
+        if not 50.0 < self.percentile <= 100.0:
+            raise ValueError(f"percentile must be in (50, 100], got {self.percentile}")
+        if self.num_bins < 64 or self.num_bins & (self.num_bins - 1):
+            raise ValueError(f"num_bins must be a power of two >= 64, got {self.num_bins}")
+        if not 0.0 < self.averaging_constant <= 1.0:
+            raise ValueError(f"averaging_constant must be in (0, 1], got {self.averaging_constant}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+
+
+@dataclass(frozen=True)
+class NodeOverride:
+    """Per-op-type or per-node settings; ``None`` fields inherit from the level below."""
+
+    quantize: bool | None = None
+    activations: ActivationScheme | None = None
+    weights: WeightScheme | None = None
+
+
+@dataclass(frozen=True)
+class ValidationConfig:
+    """How the result is checked in ONNX Runtime after quantization."""
+
+    enabled: bool = True
+    provider: Literal["cpu", "cuda"] = "cpu"
+    threads: tuple[int, ...] = (1,)
+    latency_runs: int = 30
+    warmup_runs: int = 3
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """Everything that decides what the quantized model looks like.
+
+    ``op_type_overrides`` and ``node_overrides`` map an op type / node name to a :class:`NodeOverride`;
+    ``exclude_op_types`` / ``exclude_nodes`` are shorthands for ``NodeOverride(quantize=False)``.
+    """
+
+    activations: ActivationScheme = field(default_factory=ActivationScheme)
+    weights: WeightScheme = field(default_factory=WeightScheme)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    exclude_op_types: tuple[str, ...] = ()
+    exclude_nodes: tuple[str, ...] = ()
+    op_type_overrides: Mapping[str, NodeOverride] = field(default_factory=dict)
+    node_overrides: Mapping[str, NodeOverride] = field(default_factory=dict)
+
+    def replace(self, **changes: object) -> QuantConfig:
+        """A copy with some fields changed (``dataclasses.replace`` spelled as a method)."""
+        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+    def resolve(self, node_name: str, op_type: str) -> NodeOverride:
+        """The effective settings for one node: global < op type < node name."""
+        quantize = op_type not in self.exclude_op_types and node_name not in self.exclude_nodes
+        activations, weights = self.activations, self.weights
+        for override in (self.op_type_overrides.get(op_type), self.node_overrides.get(node_name)):
+            if override is None:
+                continue
+            if override.quantize is not None:
+                quantize = override.quantize
+            activations = override.activations or activations
+            weights = override.weights or weights
+        if node_name in self.exclude_nodes:
+            quantize = False
+        return NodeOverride(quantize=quantize, activations=activations, weights=weights)

@@ -1,0 +1,116 @@
+"""Small helpers over the onnx-ir graph that several passes need.
+
+Passes work on :mod:`onnx_ir` objects (use-def chains, safe mutation); these helpers answer the few
+questions they ask again and again: is this value a constant, what is an attribute's value, which fresh
+name can a new value get.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+import onnx_ir as ir
+
+__all__ = [
+    "NameScope",
+    "attr_float",
+    "attr_int",
+    "attr_str",
+    "const_array",
+    "is_constant",
+    "is_float",
+    "make_initializer",
+]
+
+
+def const_array(value: ir.Value | None) -> np.ndarray | None:
+    """The value's data if it is a constant (initializer or Constant node output), else ``None``.
+
+    A graph input that also has an initializer is overridable at run time and is *not* a constant.
+    """
+    if value is None or value.is_graph_input():
+        return None
+    tensor = ir.convenience.get_const_tensor(value)
+    if tensor is None:
+        return None
+    return tensor.numpy()
+
+
+def is_constant(value: ir.Value | None) -> bool:
+    """Whether ``value`` is a compile-time constant (see :func:`const_array`)."""
+    if value is None or value.is_graph_input():
+        return False
+    if value.const_value is not None:
+        return True
+    producer = value.producer()
+    return producer is not None and producer.op_type == "Constant" and producer.domain in ("", "ai.onnx")
+
+
+def is_float(value: ir.Value | None) -> bool:
+    """Whether ``value`` is a float32 tensor, or of unknown type (shape inference did not reach it)."""
+    if value is None:
+        return False
+    return value.dtype is None or value.dtype == ir.DataType.FLOAT
+
+
+def attr_int(node: ir.Node, name: str, default: int) -> int:
+    """An INT attribute, or ``default`` when absent."""
+    attr = node.attributes.get(name)
+    return default if attr is None else int(attr.as_int())
+
+
+def attr_float(node: ir.Node, name: str, default: float) -> float:
+    """A FLOAT attribute, or ``default`` when absent."""
+    attr = node.attributes.get(name)
+    return default if attr is None else float(attr.as_float())
+
+
+def attr_str(node: ir.Node, name: str, default: str) -> str:
+    """A STRING attribute, or ``default`` when absent."""
+    attr = node.attributes.get(name)
+    return default if attr is None else str(attr.as_string())
+
+
+class NameScope:
+    """Hands out value and node names that do not clash with any existing name.
+
+    Names are derived from a readable base (``conv1_out_quantized``) and made unique with a counter in
+    the order they are requested, so the same model and the same passes give the same names.
+    """
+
+    def __init__(self, graph: ir.Graph) -> None:
+        self._taken: set[str] = set()
+        for g in (graph, *graph.subgraphs()):
+            self._taken.update(v.name for v in g.inputs if v.name)
+            self._taken.update(g.initializers)
+            for node in g:
+                if node.name:
+                    self._taken.add(node.name)
+                self._taken.update(v.name for v in node.outputs if v.name)
+
+    def fresh(self, base: str) -> str:
+        """A name starting with ``base`` that no value or node has yet."""
+        name = base
+        counter = 1
+        while name in self._taken:
+            name = f"{base}_{counter}"
+            counter += 1
+        self._taken.add(name)
+        return name
+
+    def reserve(self, names: Iterable[str]) -> None:
+        """Mark names as used (values created outside this scope)."""
+        self._taken.update(names)
+
+
+def make_initializer(graph: ir.Graph, names: NameScope, base: str, array: np.ndarray) -> ir.Value:
+    """Register ``array`` as a new initializer named after ``base`` and return its value."""
+    name = names.fresh(base)
+    array = np.asarray(array)
+    if not array.flags.c_contiguous:  # (np.ascontiguousarray would turn a scalar into shape [1])
+        array = array.copy(order="C")
+    tensor = ir.tensor(array, name=name)
+    value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(tensor.dtype), const_value=tensor)
+    graph.register_initializer(value)
+    return value

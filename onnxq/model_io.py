@@ -1,0 +1,261 @@
+"""Loading and saving ONNX models.
+
+Models come in as a path, an ``onnx.ModelProto`` or an onnx-ir model and always continue as an onnx-ir
+model that the caller owns (inputs are never mutated). External data stays lazy until saving.
+Saving is atomic (temporary file in the target folder, then ``os.replace``) and byte-identical for
+identical inputs. :func:`normalize_versions` makes the IR version and opsets ones that the installed
+onnxruntime accepts.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import onnx_ir as ir
+
+from onnxq.errors import OnnxqError
+
+if TYPE_CHECKING:
+    import onnx
+
+__all__ = [
+    "EXTERNAL_DATA_THRESHOLD",
+    "MIN_QDQ_PER_AXIS_OPSET",
+    "default_opset",
+    "ModelLike",
+    "load_model",
+    "model_size_bytes",
+    "normalize_versions",
+    "ort_max_versions",
+    "save_model",
+    "serialize_model",
+]
+
+logger = logging.getLogger(__name__)
+
+ModelLike = "str | os.PathLike[str] | onnx.ModelProto | ir.Model"
+
+#: Above this many bytes of tensor data a saved model keeps its weights in a ``.data`` file beside it
+#: (protobuf cannot hold a message over 2 GiB).
+EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+
+#: The lowest default-domain opset at which per-axis QuantizeLinear/DequantizeLinear exist.
+MIN_QDQ_PER_AXIS_OPSET = 13
+#: The lowest default-domain opset that has QuantizeLinear/DequantizeLinear at all.
+MIN_QDQ_OPSET = 10
+
+
+def load_model(model: Any, *, what: str = "model") -> ir.Model:
+    """Load ``model`` (path, ModelProto or onnx-ir Model) as an onnx-ir model the caller may mutate."""
+    if isinstance(model, ir.Model):
+        return model.clone()
+    if isinstance(model, (str, os.PathLike)):
+        return _load_path(Path(model), what)
+    if type(model).__name__ == "ModelProto":
+        try:
+            return ir.from_proto(model)
+        except Exception as exc:
+            raise OnnxqError(f"cannot convert the ModelProto: {_first_line(exc)}") from exc
+    raise OnnxqError(
+        f"{what} must be a path, an onnx.ModelProto or an onnx_ir.Model, got {type(model).__name__}"
+    )
+
+
+def _load_path(path: Path, what: str) -> ir.Model:
+    if not path.exists():
+        raise OnnxqError(f"{what} not found: {path}")
+    if path.is_dir():
+        raise OnnxqError(f"{what} is a directory, expected an .onnx file: {path}")
+    if path.stat().st_size == 0:
+        raise OnnxqError(f"{what} is empty: {path}")
+    try:
+        model = ir.load(path)
+    except Exception as exc:
+        raise OnnxqError(f"cannot read {path}: not a valid ONNX model ({_first_line(exc)})") from exc
+    if len(model.graph) == 0 and not model.graph.outputs:
+        raise OnnxqError(f"cannot read {path}: the file parses but holds no ONNX graph")
+    _check_external_data(model, path)
+    return model
+
+
+def _check_external_data(model: ir.Model, path: Path) -> None:
+    """Refuse external data that points outside the model's folder or is missing.
+
+    A model file is untrusted input: a location like ``../../etc/passwd`` must not be read.
+    """
+    base = path.resolve().parent
+    for graph in (model.graph, *model.graph.subgraphs()):
+        for value in graph.initializers.values():
+            tensor = value.const_value
+            if not isinstance(tensor, ir.ExternalTensor):
+                continue
+            target = (base / tensor.location).resolve()
+            if base != target and base not in target.parents:
+                raise OnnxqError(
+                    f"{path}: initializer '{value.name}' has external data at '{tensor.location}', "
+                    "which is outside the model's folder"
+                )
+            if not target.is_file():
+                raise OnnxqError(
+                    f"{path}: initializer '{value.name}' needs external data file '{tensor.location}', "
+                    "which does not exist"
+                )
+
+
+@functools.lru_cache(maxsize=1)
+def ort_max_versions() -> tuple[int, int]:
+    """The highest (IR version, default-domain opset) the installed onnxruntime loads.
+
+    Probed once with a one-node model because the limits move with each onnxruntime release and
+    onnx's defaults run ahead of them (onnx 1.23 writes IR 14 / opset 28; onnxruntime 1.31 takes 13 / 26).
+    """
+    import onnxruntime as ort
+
+    def loads(ir_version: int, opset: int) -> bool:
+        x = ir.Value(name="x", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([1]))
+        node = ir.Node("", "Relu", [x])
+        node.outputs[0].name = "y"
+        node.outputs[0].type = ir.TensorType(ir.DataType.FLOAT)
+        graph = ir.Graph([x], node.outputs, nodes=[node], opset_imports={"": opset})
+        proto = ir.to_proto(ir.Model(graph, ir_version=ir_version))
+        options = ort.SessionOptions()
+        options.log_severity_level = 4
+        try:
+            ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        except Exception:
+            return False
+        return True
+
+    max_opset = 17
+    for opset in range(30, 17, -1):
+        if loads(9, opset):
+            max_opset = opset
+            break
+    max_ir = 9
+    for ir_version in range(16, 9, -1):
+        if loads(ir_version, 17):
+            max_ir = ir_version
+            break
+    return max_ir, max_opset
+
+
+#: IR version each default-domain opset first appeared with (onnx's release table).
+_IR_FOR_OPSET = {13: 7, 14: 7, 15: 8, 16: 8, 17: 8, 18: 8, 19: 9, 20: 9, 21: 10, 22: 10, 23: 11, 24: 11}
+
+
+def normalize_versions(model: ir.Model) -> list[str]:
+    """Make the model's opsets and IR version ones that the installed onnxruntime accepts.
+
+    Models below opset 13 are upgraded with onnx's version converter (per-channel Q/DQ needs 13);
+    models above what onnxruntime loads are converted down. Returns notes for the report.
+    """
+    notes: list[str] = []
+    max_ir, max_opset = ort_max_versions()
+    opset = default_opset(model)
+    target = opset
+    if opset < MIN_QDQ_PER_AXIS_OPSET:
+        target = MIN_QDQ_PER_AXIS_OPSET
+    elif opset > max_opset:
+        target = max_opset
+    if target != opset:
+        try:
+            _convert_opset(model, target)
+        except OnnxqError as exc:
+            if not MIN_QDQ_OPSET <= opset <= max_opset:
+                raise
+            # Q/DQ still exist at this opset; only per-channel weights are lost.
+            notes.append(f"{exc}; kept opset {opset} (weights per-tensor)")
+            target = opset
+        else:
+            notes.append(f"opset {opset} converted to {target}")
+    opset = target
+    needed_ir = _IR_FOR_OPSET.get(opset, 10 if opset > 24 else 7)
+    ir_version = min(max(model.ir_version, needed_ir), max_ir)
+    if ir_version != model.ir_version:
+        notes.append(f"IR version {model.ir_version} set to {ir_version}")
+        model.ir_version = ir_version
+    return notes
+
+
+def _convert_opset(model: ir.Model, target: int) -> None:
+    import onnx.version_converter
+
+    proto = ir.to_proto(model)
+    try:
+        converted = onnx.version_converter.convert_version(proto, target)
+    except Exception as exc:
+        raise OnnxqError(
+            f"cannot convert the model from opset {model.opset_imports.get('', '?')} to {target}: "
+            f"{_first_line(exc)}"
+        ) from exc
+    new = ir.from_proto(converted)
+    model.graph = new.graph  # opset imports live on the graph
+    model.functions.clear()
+    model.functions.update(new.functions)
+
+
+def default_opset(model: ir.Model) -> int:
+    """The model's default-domain (``ai.onnx``) opset version."""
+    imports = model.opset_imports
+    return int(imports.get("", imports.get("ai.onnx", 1)))
+
+
+def model_size_bytes(model: ir.Model) -> int:
+    """Bytes of tensor data the model holds (initializers, including subgraphs)."""
+    total = 0
+    for graph in (model.graph, *model.graph.subgraphs()):
+        for value in graph.initializers.values():
+            if value.const_value is not None:
+                total += value.const_value.nbytes
+    return total
+
+
+def serialize_model(model: ir.Model) -> bytes:
+    """The model as protobuf bytes (for ONNX Runtime sessions); deterministic for identical models."""
+    return ir.to_proto(model).SerializeToString(deterministic=True)
+
+
+def save_model(model: ir.Model, path: str | os.PathLike[str], *, input_path: Path | None = None) -> Path:
+    """Write ``model`` to ``path`` atomically; refuses to overwrite the input model.
+
+    Large models (tensor data over :data:`EXTERNAL_DATA_THRESHOLD`) keep weights in ``<name>.data``.
+    """
+    out = Path(path)
+    if input_path is not None and _same_file(out, input_path):
+        raise OnnxqError(f"output path is the input model: {out} (choose another -o)")
+    folder = out.resolve().parent
+    if not folder.is_dir():
+        raise OnnxqError(f"cannot write {out}: folder {folder} does not exist")
+    if out.is_dir():
+        raise OnnxqError(f"cannot write {out}: it is a directory")
+    external = model_size_bytes(model) > EXTERNAL_DATA_THRESHOLD
+    try:
+        with tempfile.TemporaryDirectory(dir=folder, prefix=f".{out.name}.") as tmp:
+            tmp_model = Path(tmp) / out.name
+            if external:
+                data_name = out.name + ".data"
+                ir.save(model, tmp_model, external_data=data_name)
+                os.replace(Path(tmp) / data_name, folder / data_name)
+            else:
+                tmp_model.write_bytes(serialize_model(model))
+            os.replace(tmp_model, out)
+    except OSError as exc:
+        raise OnnxqError(f"cannot write {out}: {exc.strerror or exc}") from exc
+    return out
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:300]

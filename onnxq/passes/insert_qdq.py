@@ -1,0 +1,202 @@
+"""Rewriting the graph into QDQ form from a :class:`~onnxq.passes.plan.QuantPlan` and calibrated ranges.
+
+Rewrite rules:
+
+- Each quantized activation tensor ``x`` gets ``QuantizeLinear → DequantizeLinear`` right after its
+  producer and *every* reader of ``x`` reads the dequantized value (the QDQ convention ONNX Runtime's
+  fusions expect: a producer whose only consumer is a ``QuantizeLinear`` fuses into an integer kernel).
+  A graph output keeps its name: the dequantized value takes it over.
+- Constant activation inputs (an Add's bias, a Gather's table, a Concat constant) are stored quantized
+  with their group's parameters and read through a ``DequantizeLinear``.
+- Weights are stored as int8 (per channel along the plan's axis) with a ``DequantizeLinear``.
+- Biases are stored as int32 with scale = input scale × weight scale and zero point 0.
+
+Tensors in one group share one scale/zero-point initializer pair, so ONNX Runtime sees identical
+parameters around pass-through ops and drops the Q/DQ there.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxq.graph import NameScope, const_array, make_initializer
+from onnxq.passes.plan import ActivationGroup, QuantPlan
+from onnxq.qmath import QuantParams, compute_qparams, quantize, quantize_bias, quantize_weight
+
+__all__ = ["InsertQDQPass", "group_params"]
+
+
+def group_params(plan: QuantPlan, ranges: dict[ir.Value, tuple[float, float]]) -> dict[int, QuantParams]:
+    """Scale and zero point per activation group from calibrated ranges (and constant members' data)."""
+    params: dict[int, QuantParams] = {}
+    for group in plan.groups:
+        lo, hi = np.inf, -np.inf
+        for value in group.observed:
+            if value in ranges:
+                rmin, rmax = ranges[value]
+                lo, hi = min(lo, rmin), max(hi, rmax)
+        for value in group.constants:
+            data = const_array(value)
+            if data is not None and data.size:
+                finite = data[np.isfinite(data)]
+                if finite.size:
+                    lo, hi = min(lo, float(finite.min())), max(hi, float(finite.max()))
+        if lo > hi:  # never observed (e.g. a tensor that stayed empty): a harmless unit range
+            lo, hi = 0.0, 1.0
+        params[group.index] = compute_qparams(lo, hi, group.scheme.dtype, group.scheme.symmetric)
+    return params
+
+
+class InsertQDQPass(ir.passes.InPlacePass):
+    """Insert QuantizeLinear/DequantizeLinear according to a plan (see module docstring)."""
+
+    def __init__(self, plan: QuantPlan, params: dict[int, QuantParams]) -> None:
+        super().__init__()
+        self.plan = plan
+        self.params = params
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        if self.plan.empty:
+            return ir.passes.PassResult(model, modified=False)
+        names = NameScope(graph)
+        rewriter = _Rewriter(graph, names, self.plan, self.params)
+        for group in self.plan.groups:
+            rewriter.quantize_group(group)
+        for task in self.plan.weights:
+            rewriter.quantize_weight(task.node, task.input_index, task.axis, task.scheme)
+        for bias in self.plan.biases:
+            rewriter.quantize_bias(bias.node, bias.input_index, bias.activation, bias.weight_index)
+        return ir.passes.PassResult(model, modified=True)
+
+
+class _Rewriter:
+    def __init__(
+        self, graph: ir.Graph, names: NameScope, plan: QuantPlan, params: dict[int, QuantParams]
+    ) -> None:
+        self.graph = graph
+        self.names = names
+        self.plan = plan
+        self.params = params
+        self.quantized_slots = set(plan.quantized_inputs)
+        self.dq_of_weight: dict[tuple[int, int | None, str, bool], tuple[ir.Value, QuantParams]] = {}
+        self.weight_params: dict[tuple[int, int], QuantParams] = {}
+
+    def _param_values(self, base: str, params: QuantParams) -> tuple[ir.Value, ir.Value]:
+        scale = make_initializer(self.graph, self.names, f"{base}_scale", np.asarray(params.scale, np.float32))
+        zero_point = make_initializer(self.graph, self.names, f"{base}_zero_point", np.asarray(params.zero_point))
+        return scale, zero_point
+
+    def _dq_node(
+        self, data: ir.Value, scale: ir.Value, zero_point: ir.Value | None, base: str, axis: int | None
+    ) -> ir.Node:
+        attrs = {"axis": ir.AttrInt64("axis", axis)} if axis is not None else {}
+        inputs = [data, scale] if zero_point is None else [data, scale, zero_point]
+        node = ir.Node("", "DequantizeLinear", inputs, attributes=attrs, name=self.names.fresh(f"{base}_DequantizeLinear"))
+        node.outputs[0].name = self.names.fresh(f"{base}_dequantized")
+        node.outputs[0].type = ir.TensorType(ir.DataType.FLOAT)
+        if data.shape is not None:
+            node.outputs[0].shape = data.shape
+        return node
+
+    def _first_node(self) -> ir.Node | None:
+        return next(iter(self.graph), None)
+
+    def quantize_group(self, group: ActivationGroup) -> None:
+        params = self.params[group.index]
+        scale, zero_point = self._param_values(group.name, params)
+        for value in group.members:
+            if value in group.constants:
+                self._quantize_constant(value, params, scale, zero_point)
+            else:
+                self._insert_qdq(value, scale, zero_point, params)
+
+    def _insert_qdq(self, value: ir.Value, scale: ir.Value, zero_point: ir.Value, params: QuantParams) -> None:
+        base = value.name or "tensor"
+        uses = list(value.uses())  # before the QuantizeLinear becomes a use itself
+        q = ir.Node("", "QuantizeLinear", [value, scale, zero_point], name=self.names.fresh(f"{base}_QuantizeLinear"))
+        q.outputs[0].name = self.names.fresh(f"{base}_quantized")
+        q.outputs[0].type = ir.TensorType(ir.DataType.UINT8 if params.dtype == "uint8" else ir.DataType.INT8)
+        if value.shape is not None:
+            q.outputs[0].shape = value.shape
+        dq = self._dq_node(q.outputs[0], scale, zero_point, base, None)
+        dq_out = dq.outputs[0]
+        producer = value.producer()
+        if producer is not None and producer.graph is self.graph:
+            self.graph.insert_after(producer, [q, dq])
+        else:
+            first = self._first_node()
+            if first is None:
+                self.graph.extend([q, dq])
+            else:
+                self.graph.insert_before(first, [q, dq])
+        for use in uses:
+            use.node.replace_input_with(use.idx, dq_out)
+        if value.is_graph_output():
+            original = value.name
+            value.name = self.names.fresh(f"{original}_float")
+            dq_out.name = original
+            outputs = self.graph.outputs
+            for i, out in enumerate(outputs):
+                if out is value:
+                    outputs[i] = dq_out
+
+    def _quantize_constant(
+        self, value: ir.Value, params: QuantParams, scale: ir.Value, zero_point: ir.Value
+    ) -> None:
+        data = const_array(value)
+        if data is None:
+            return
+        base = value.name or "constant"
+        stored = make_initializer(self.graph, self.names, f"{base}_quantized", quantize(data.astype(np.float32), params))
+        dq: ir.Node | None = None
+        for use in list(value.uses()):
+            if (use.node, use.idx) not in self.quantized_slots:
+                continue
+            if dq is None:
+                dq = self._dq_node(stored, scale, zero_point, base, None)
+                self.graph.insert_before(use.node, [dq])
+            use.node.replace_input_with(use.idx, dq.outputs[0])
+
+    def quantize_weight(self, node: ir.Node, index: int, axis: int | None, scheme: object) -> None:
+        from onnxq.config import WeightScheme
+
+        assert isinstance(scheme, WeightScheme)
+        weight = node.inputs[index]
+        data = const_array(weight)
+        if weight is None or data is None:
+            return
+        key = (id(weight), axis, scheme.dtype, scheme.symmetric)
+        cached = self.dq_of_weight.get(key)
+        if cached is None:
+            q, params = quantize_weight(data, scheme.dtype, scheme.symmetric, axis)
+            base = weight.name or f"{node.name}_weight"
+            stored = make_initializer(self.graph, self.names, f"{base}_quantized", q)
+            scale, zero_point = self._param_values(base, params)
+            dq = self._dq_node(stored, scale, zero_point, base, params.axis)
+            self.graph.insert_before(node, [dq])
+            cached = (dq.outputs[0], params)
+            self.dq_of_weight[key] = cached
+        dq_out, params = cached
+        node.replace_input_with(index, dq_out)
+        self.weight_params[(id(node), index)] = params
+
+    def quantize_bias(self, node: ir.Node, index: int, activation: ir.Value, weight_index: int) -> None:
+        bias = node.inputs[index]
+        data = const_array(bias)
+        weight = self.weight_params.get((id(node), weight_index))
+        group = self.plan.group_of.get(activation)
+        if bias is None or data is None or weight is None or group is None:
+            return
+        input_scale = self.params[group.index].scale
+        q, scale = quantize_bias(data, input_scale, weight.scale)
+        base = bias.name or f"{node.name}_bias"
+        axis = 0 if scale.ndim == 1 and scale.shape[0] > 1 else None
+        if axis is None:  # one scale for every channel: store it per-tensor
+            scale = np.asarray(scale.reshape(-1)[0], np.float32)
+        stored = make_initializer(self.graph, self.names, f"{base}_quantized", q)
+        scale_value = make_initializer(self.graph, self.names, f"{base}_scale", scale)
+        dq = self._dq_node(stored, scale_value, None, base, axis)
+        self.graph.insert_before(node, [dq])
+        node.replace_input_with(index, dq.outputs[0])

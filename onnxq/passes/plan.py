@@ -1,0 +1,385 @@
+"""Deciding what to quantize: which nodes run on integers and which tensors get Q/DQ.
+
+The plan is computed before calibration so that only the tensors that need a range are observed.
+
+Rules (see :mod:`onnxq.passes.op_rules` for the table):
+
+1. Anchors (Conv, ConvTranspose, Gemm, MatMul) are quantized unless excluded or ineligible (weight not
+   a constant for Conv/ConvTranspose, non-float data, an input that is already dequantized).
+2. Integer and pass-through ops are quantized when every float input arrives quantized and some
+   consumer wants their output quantized. This is a greatest fixpoint: start with every eligible op
+   quantized and drop those whose inputs or consumers are float, until nothing changes — so cycles of
+   mutual dependence (a Resize feeding a Concat) stay quantized, and chains that begin or end in float
+   code fall back to float.
+3. Relu/Clip right after a quantized producer (whose output has no other use) are absorbed: no Q/DQ
+   between the two (asymmetric activations only: a zero point at the range's bottom must clamp).
+4. Tensors that must share parameters (pass-through input/output, Concat inputs/output) form groups;
+   each group gets one scale and zero point.
+
+Nodes inside If/Loop/Scan subgraphs are left float and counted in the plan.
+"""
+
+from __future__ import annotations
+
+import collections
+from dataclasses import dataclass, field
+
+import onnx_ir as ir
+
+from onnxq.config import ActivationScheme, QuantConfig, WeightScheme
+from onnxq.graph import attr_int, attr_str, const_array, is_constant, is_float
+from onnxq.passes.op_rules import ABSORBABLE_ACTIVATIONS, FLOAT_REASONS, OP_RULES, OpKind, OpRule
+
+__all__ = ["ActivationGroup", "BiasTask", "QuantPlan", "WeightTask", "plan_quantization"]
+
+_DEFAULT_DOMAINS = ("", "ai.onnx")
+_QDQ_OPS = ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear")
+
+
+@dataclass
+class ActivationGroup:
+    """Tensors that share one scale and zero point.
+
+    ``observed`` are the members whose range calibration must measure; ``constants`` contribute their
+    own min/max and are stored quantized.
+    """
+
+    index: int
+    scheme: ActivationScheme
+    members: list[ir.Value] = field(default_factory=list)
+    observed: list[ir.Value] = field(default_factory=list)
+    constants: list[ir.Value] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return self.members[0].name or f"group{self.index}"
+
+
+@dataclass(frozen=True)
+class WeightTask:
+    """Quantize the constant at ``node.inputs[input_index]`` (per channel along ``axis`` when set)."""
+
+    node: ir.Node
+    input_index: int
+    axis: int | None
+    scheme: WeightScheme
+
+
+@dataclass(frozen=True)
+class BiasTask:
+    """Quantize a bias to int32 with scale = scale of ``activation`` × scale of the weight input."""
+
+    node: ir.Node
+    input_index: int
+    activation: ir.Value
+    weight_index: int
+
+
+@dataclass
+class QuantPlan:
+    """The outcome of planning: what gets quantized, and why the rest does not."""
+
+    quantized_nodes: list[ir.Node] = field(default_factory=list)
+    absorbed_nodes: list[ir.Node] = field(default_factory=list)
+    groups: list[ActivationGroup] = field(default_factory=list)
+    group_of: dict[ir.Value, ActivationGroup] = field(default_factory=dict)
+    weights: list[WeightTask] = field(default_factory=list)
+    biases: list[BiasTask] = field(default_factory=list)
+    #: Values read quantized by each quantized node: (node, input index) pairs.
+    quantized_inputs: list[tuple[ir.Node, int]] = field(default_factory=list)
+    declined: list[str] = field(default_factory=list)
+    float_op_types: collections.Counter[str] = field(default_factory=collections.Counter)
+    subgraph_nodes: int = 0
+
+    @property
+    def empty(self) -> bool:
+        return not self.quantized_nodes
+
+    def observed_values(self) -> list[ir.Value]:
+        """Every tensor calibration must observe, in a deterministic order."""
+        return [v for g in self.groups for v in g.observed]
+
+    def quantized_op_types(self) -> collections.Counter[str]:
+        return collections.Counter(n.op_type for n in self.quantized_nodes)
+
+
+class _Planner:
+    def __init__(self, model: ir.Model, config: QuantConfig) -> None:
+        self.graph = model.graph
+        self.config = config
+        self.nodes = list(self.graph)
+        self.plan = QuantPlan()
+        self.rules: dict[ir.Node, OpRule] = {}
+        self.kept: set[ir.Node] = set()
+        self.absorbed: set[ir.Node] = set()
+
+    # -- eligibility -------------------------------------------------------------------------------
+    def eligible(self, node: ir.Node) -> OpRule | None:
+        """The node's rule if it may be quantized at all; records why an anchor may not."""
+        if node.domain not in _DEFAULT_DOMAINS:
+            return None
+        rule = OP_RULES.get(node.op_type)
+        if rule is None:
+            return None
+        label = node.name or node.op_type
+        settings = self.config.resolve(node.name or "", node.op_type)
+        if not settings.quantize:
+            if rule.kind is OpKind.ANCHOR:
+                self.plan.declined.append(f"{label} not quantized: excluded by configuration")
+            return None
+        data = self.data_inputs(node, rule)
+        if not data or any(not is_float(v) for v in data):
+            if rule.kind is OpKind.ANCHOR:
+                self.plan.declined.append(f"{label} not quantized: input is not float32")
+            return None
+        if any(v.producer() is not None and v.producer().op_type in _QDQ_OPS for v in data):  # type: ignore[union-attr]
+            if rule.kind is OpKind.ANCHOR:
+                self.plan.declined.append(f"{label} not quantized: input is already quantized (Q/DQ)")
+            return None
+        reason = self.specific_check(node)
+        if reason:
+            self.plan.declined.append(f"{label} not quantized: {reason}")
+            return None
+        return rule
+
+    def data_inputs(self, node: ir.Node, rule: OpRule) -> list[ir.Value]:
+        indices = range(len(node.inputs)) if rule.inputs is None else rule.inputs
+        return [node.inputs[i] for i in indices if i < len(node.inputs) and node.inputs[i] is not None]  # type: ignore[misc]
+
+    def specific_check(self, node: ir.Node) -> str | None:
+        """Op-specific conditions; a returned string is the reason the node stays float."""
+        op = node.op_type
+        if op in ("Conv", "ConvTranspose"):
+            weight = node.inputs[1] if len(node.inputs) > 1 else None
+            if not is_constant(weight):
+                return "weight is not a constant"
+            if weight is not None and weight.dtype not in (None, ir.DataType.FLOAT):
+                return "weight is not float32"
+        if op == "MaxPool" and len(node.outputs) > 1 and node.outputs[1].uses():
+            return "MaxPool indices output is used"
+        if op == "Resize" and attr_str(node, "mode", "nearest") not in ("nearest", "linear"):
+            return "Resize mode is not nearest/linear"
+        if op == "Gather" and not is_float(node.inputs[0]):
+            return "gathered data is not float32"
+        if op == "Clip" and len(node.inputs) > 1:
+            for bound in node.inputs[1:]:
+                if bound is not None and not is_constant(bound):
+                    return "Clip bounds are not constants"
+        return None
+
+    # -- fixpoint ----------------------------------------------------------------------------------
+    def scheme_of(self, node: ir.Node) -> ActivationScheme:
+        resolved = self.config.resolve(node.name or "", node.op_type).activations
+        return resolved or self.config.activations
+
+    def absorbable(self, node: ir.Node) -> bool:
+        if node.op_type not in ABSORBABLE_ACTIVATIONS or node not in self.rules:
+            return False
+        x = node.inputs[0]
+        producer = x.producer() if x is not None else None
+        if x is None or producer is None or producer not in self.kept:
+            return False
+        if self.rules[producer].kind is OpKind.PASSTHROUGH:
+            return False
+        if len(x.uses()) != 1 or x.is_graph_output():
+            return False
+        return not self.scheme_of(producer).symmetric
+
+    def available(self, value: ir.Value) -> bool:
+        """Whether ``value`` arrives quantized (constants can always be stored quantized)."""
+        if is_constant(value):
+            return True
+        producer = value.producer()
+        return producer is not None and (producer in self.kept or producer in self.absorbed)
+
+    def wanted(self, value: ir.Value) -> bool:
+        """Whether some consumer reads ``value`` quantized (directly, or through pass-through ops)."""
+        for use in value.uses():
+            consumer, index = use.node, use.idx
+            if consumer.graph is not self.graph:
+                continue
+            if consumer in self.absorbed:
+                if any(self.wanted(out) for out in consumer.outputs):
+                    return True
+                continue
+            if consumer not in self.kept:
+                continue
+            rule = self.rules[consumer]
+            if rule.kind is OpKind.PASSTHROUGH:
+                if index == 0 and any(self.wanted(out) for out in consumer.outputs if is_float(out)):
+                    return True
+                continue
+            if rule.inputs is None or index in rule.inputs:
+                return True
+        return False
+
+    def settle(self) -> None:
+        for node in self.nodes:
+            rule = self.eligible(node)
+            if rule is not None:
+                self.rules[node] = rule
+                self.kept.add(node)
+        changed = True
+        while changed:
+            changed = False
+            for node in self.nodes:
+                if node not in self.rules or self.rules[node].kind is OpKind.ANCHOR:
+                    continue
+                was_kept, was_absorbed = node in self.kept, node in self.absorbed
+                if not (was_kept or was_absorbed):
+                    continue
+                if self.absorbable(node):
+                    new_kept, new_absorbed = False, True
+                else:
+                    rule = self.rules[node]
+                    inputs = [v for v in self.data_inputs(node, rule) if not is_constant(v)]
+                    ok = bool(inputs) and all(self.available(v) for v in inputs)
+                    ok = ok and any(self.wanted(out) for out in node.outputs if is_float(out))
+                    new_kept, new_absorbed = ok, False
+                if (new_kept, new_absorbed) != (was_kept, was_absorbed):
+                    self.kept.discard(node)
+                    self.absorbed.discard(node)
+                    if new_kept:
+                        self.kept.add(node)
+                    if new_absorbed:
+                        self.absorbed.add(node)
+                    changed = True
+
+    # -- groups and tasks --------------------------------------------------------------------------
+    def build(self) -> QuantPlan:
+        self.settle()
+        plan = self.plan
+        parent: dict[ir.Value, ir.Value] = {}
+        scheme: dict[ir.Value, ActivationScheme] = {}
+
+        def find(v: ir.Value) -> ir.Value:
+            parent.setdefault(v, v)
+            while parent[v] is not v:
+                parent[v] = parent[parent[v]]
+                v = parent[v]
+            return v
+
+        def union(a: ir.Value, b: ir.Value) -> None:
+            ra, rb = find(a), find(b)
+            if ra is not rb:
+                parent[rb] = ra
+
+        def add(v: ir.Value, node: ir.Node) -> None:
+            find(v)
+            scheme.setdefault(v, self.scheme_of(v.producer() or node))
+
+        for node in self.nodes:
+            if node not in self.kept:
+                continue
+            rule = self.rules[node]
+            plan.quantized_nodes.append(node)
+            weight_index = self.weight_index(node, rule)
+            for index, value in enumerate(node.inputs):
+                if value is None or (rule.inputs is not None and index not in rule.inputs):
+                    continue
+                if index == weight_index:
+                    continue
+                add(value, node)
+                plan.quantized_inputs.append((node, index))
+                if rule.shared_scale or (rule.kind is OpKind.PASSTHROUGH and index == 0):
+                    for out in node.outputs:
+                        if is_float(out) and out.name:
+                            union(value, out)
+            if weight_index is not None:
+                plan.weights.append(self.weight_task(node, weight_index))
+                bias = self.bias_index(node, rule, weight_index)
+                if bias is not None:
+                    plan.biases.append(BiasTask(node, bias, node.inputs[0], weight_index))  # type: ignore[arg-type]
+            for out in node.outputs:
+                if not is_float(out) or (node.op_type == "MaxPool" and out is not node.outputs[0]):
+                    continue
+                target = out
+                consumers = [u.node for u in out.uses()]
+                if len(consumers) == 1 and consumers[0] in self.absorbed:
+                    target = consumers[0].outputs[0]
+                    plan.absorbed_nodes.append(consumers[0])
+                if rule.output == "always" or self.wanted(target):
+                    add(target, node)
+
+        groups: dict[ir.Value, ActivationGroup] = {}
+        for value in list(parent):
+            root = find(value)
+            group = groups.get(root)
+            if group is None:
+                group = ActivationGroup(index=len(groups), scheme=scheme[root])
+                groups[root] = group
+                plan.groups.append(group)
+            group.members.append(value)
+            plan.group_of[value] = group
+            producer = value.producer()
+            if is_constant(value):
+                group.constants.append(value)
+            elif not (
+                producer is not None
+                and producer in self.kept
+                and (self.rules[producer].kind is OpKind.PASSTHROUGH or self.rules[producer].shared_scale)
+            ):
+                group.observed.append(value)
+
+        for node in self.nodes:
+            if node not in self.kept and node not in self.absorbed:
+                plan.float_op_types[node.op_type] += 1
+                reason = FLOAT_REASONS.get(node.op_type)
+                if reason and f"{node.op_type}: {reason}" not in plan.declined:
+                    plan.declined.append(f"{node.op_type}: {reason}")
+        plan.subgraph_nodes = sum(len(g) for g in self.graph.subgraphs())
+        return plan
+
+    def weight_index(self, node: ir.Node, rule: OpRule) -> int | None:
+        if rule.kind is not OpKind.ANCHOR:
+            return None
+        if node.op_type == "MatMul":
+            b = node.inputs[1]
+            if is_constant(b) and b is not None and len(b.shape or ()) >= 2:
+                return 1
+            return None
+        if rule.weight is not None and is_constant(node.inputs[rule.weight]):
+            return rule.weight
+        return None
+
+    def weight_task(self, node: ir.Node, index: int) -> WeightTask:
+        scheme = self.config.resolve(node.name or "", node.op_type).weights or self.config.weights
+        weight = node.inputs[index]
+        rank = len(weight.shape) if weight is not None and weight.shape is not None else 0
+        axis: int | None = None
+        if scheme.per_channel:
+            if node.op_type == "Conv":
+                axis = 0
+            elif node.op_type == "ConvTranspose":
+                # Weight is (C, M/group, k...): axis 1 is the output channel only without groups.
+                axis = 1 if attr_int(node, "group", 1) == 1 else None
+            elif node.op_type == "Gemm":
+                axis = 0 if attr_int(node, "transB", 0) else 1
+            elif node.op_type == "MatMul":
+                axis = rank - 1 if rank >= 2 else None
+        return WeightTask(node, index, axis, scheme)
+
+    def bias_index(self, node: ir.Node, rule: OpRule, weight_index: int) -> int | None:
+        if rule.bias is None or len(node.inputs) <= rule.bias:
+            return None
+        bias = node.inputs[rule.bias]
+        data = const_array(bias)
+        if data is None or data.dtype != "float32" or data.ndim != 1:
+            return None
+        if node.op_type == "Gemm":
+            alpha = node.attributes.get("alpha")
+            beta = node.attributes.get("beta")
+            if (alpha is not None and alpha.as_float() != 1.0) or (beta is not None and beta.as_float() != 1.0):
+                return None
+            weight = const_array(node.inputs[weight_index])
+            if weight is None:
+                return None
+            n = weight.shape[0] if attr_int(node, "transB", 0) else weight.shape[1]
+            if data.shape[0] != n:
+                return None
+        return rule.bias
+
+
+def plan_quantization(model: ir.Model, config: QuantConfig) -> QuantPlan:
+    """Decide, for the model's main graph, which nodes and tensors to quantize (see module docs)."""
+    return _Planner(model, config).build()

@@ -1,0 +1,184 @@
+"""The quantization report: what was done, what it cost and what it changed, as data and as tables.
+
+Rows are plain data (``to_dict`` / ``to_json``) so that scripts can use them; ``format_table`` renders
+the same data with tabulate for people.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from tabulate import tabulate
+
+__all__ = ["AccuracyRow", "LatencyRow", "QuantReport"]
+
+
+@dataclass
+class AccuracyRow:
+    """Float vs quantized on one model output."""
+
+    output: str
+    sqnr_db: float
+    cosine: float
+    max_abs_error: float
+    top1: float | None
+    samples: int
+
+
+@dataclass
+class LatencyRow:
+    """Median latency of float and quantized model at one thread count (interleaved runs)."""
+
+    threads: int
+    float_ms: float
+    quantized_ms: float
+    runs: int
+
+    @property
+    def speedup(self) -> float:
+        return self.float_ms / self.quantized_ms if self.quantized_ms > 0 else math.nan
+
+
+@dataclass
+class QuantReport:
+    """Everything onnxq knows about one quantization run."""
+
+    model: str
+    output: str | None = None
+    scheme: dict[str, Any] = field(default_factory=dict)
+    version_notes: list[str] = field(default_factory=list)
+    preprocess_notes: list[str] = field(default_factory=list)
+    batchnorms_folded: int = 0
+    nodes_before: int = 0
+    nodes_after: int = 0
+    quantized_op_types: dict[str, int] = field(default_factory=dict)
+    activations_absorbed: int = 0
+    float_op_types: dict[str, int] = field(default_factory=dict)
+    declined: list[str] = field(default_factory=list)
+    subgraph_nodes: int = 0
+    calibration: dict[str, Any] = field(default_factory=dict)
+    size_float_bytes: int = 0
+    size_quantized_bytes: int = 0
+    accuracy: list[AccuracyRow] = field(default_factory=list)
+    accuracy_opt_level: str = ""
+    latency: list[LatencyRow] = field(default_factory=list)
+    provider: str = "CPUExecutionProvider"
+    timings_s: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def nodes_quantized(self) -> int:
+        return sum(self.quantized_op_types.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["nodes_quantized"] = self.nodes_quantized
+        for row, raw in zip(self.latency, data["latency"], strict=True):
+            raw["speedup"] = row.speedup
+        return _finite(data)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    def format_table(self) -> str:
+        """Tables for the terminal: summary, accuracy per output, latency per thread count."""
+        parts = [tabulate(self._summary_rows(), tablefmt="simple_outline")]
+        if self.accuracy:
+            rows = [
+                [
+                    a.output,
+                    _fmt(a.sqnr_db, ".1f"),
+                    _fmt(a.cosine, ".5f"),
+                    _fmt(a.max_abs_error, ".4g"),
+                    "-" if a.top1 is None else f"{100 * a.top1:.1f}%",
+                    a.samples,
+                ]
+                for a in self.accuracy
+            ]
+            parts.append(
+                f"Accuracy vs float ({self.provider}, {self.accuracy_opt_level}):\n"
+                + tabulate(
+                    rows,
+                    headers=["output", "SQNR dB", "cosine", "max |err|", "top-1 agree", "samples"],
+                    tablefmt="simple_outline",
+                )
+            )
+        if self.latency:
+            rows = [
+                [r.threads, f"{r.float_ms:.3f}", f"{r.quantized_ms:.3f}", f"{r.speedup:.2f}x", r.runs]
+                for r in self.latency
+            ]
+            parts.append(
+                "Latency (ORT_ENABLE_ALL, interleaved runs, median):\n"
+                + tabulate(
+                    rows,
+                    headers=["threads", "float ms", "quantized ms", "speed-up", "runs"],
+                    tablefmt="simple_outline",
+                )
+            )
+        if self.declined:
+            shown = self.declined[:12]
+            more = len(self.declined) - len(shown)
+            text = "Not quantized:\n" + "\n".join(f"  - {line}" for line in shown)
+            if more > 0:
+                text += f"\n  ... and {more} more (see --report-json)"
+            parts.append(text)
+        return "\n".join(parts)
+
+    def _summary_rows(self) -> list[list[str]]:
+        quantized = ", ".join(f"{op} {n}" for op, n in sorted(self.quantized_op_types.items()))
+        float_ops = ", ".join(f"{op} {n}" for op, n in sorted(self.float_op_types.items()))
+        rows = [["model", self.model]]
+        if self.output:
+            rows.append(["output", self.output])
+        rows.append(["scheme", ", ".join(f"{k}={v}" for k, v in self.scheme.items())])
+        if self.calibration:
+            c = self.calibration
+            rows.append(
+                [
+                    "calibration",
+                    f"{c.get('method')} on {c.get('samples')} samples ({c.get('runs')} runs, "
+                    f"{c.get('seconds', 0.0):.2f} s)" + ("  RANDOM DATA" if c.get("random") else ""),
+                ]
+            )
+        rows.append(["size", f"{_mb(self.size_float_bytes)} -> {_mb(self.size_quantized_bytes)}"])
+        rows.append(
+            [
+                "nodes quantized",
+                f"{self.nodes_quantized} of {self.nodes_after} ({quantized or 'none'}); "
+                f"{self.activations_absorbed} activations fused",
+            ]
+        )
+        rows.append(["stayed float", float_ops or "none"])
+        if self.batchnorms_folded:
+            rows.append(["preprocess", f"{self.batchnorms_folded} BatchNorm folded"])
+        if self.subgraph_nodes:
+            rows.append(["subgraphs", f"{self.subgraph_nodes} nodes inside If/Loop/Scan bodies left float"])
+        for note in self.version_notes:
+            rows.append(["versions", note])
+        return rows
+
+
+def _mb(size: int) -> str:
+    return f"{size / 1e6:.2f} MB"
+
+
+def _fmt(value: float, spec: str) -> str:
+    if math.isinf(value):
+        return "inf" if value > 0 else "-inf"
+    if math.isnan(value):
+        return "-"
+    return format(value, spec)
+
+
+def _finite(data: Any) -> Any:
+    """JSON has no inf/nan: write them as strings so that the file stays standard JSON."""
+    if isinstance(data, float) and not math.isfinite(data):
+        return str(data)
+    if isinstance(data, dict):
+        return {k: _finite(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_finite(v) for v in data]
+    return data

@@ -1,0 +1,266 @@
+"""Float-versus-quantized comparison: SQNR, cosine similarity, maximum error and top-1 agreement.
+
+The one-shot functions take two numpy arrays of the same shape and accumulate in float64.
+:class:`OutputStats` accumulates the same quantities over a stream of feeds, so that validating on many
+samples needs memory proportional to the number of model outputs, never to the number of samples.
+:func:`compare_models` runs a reference and a candidate model in ONNX Runtime and fills one
+:class:`OutputStats` per output.
+
+Conventions, chosen so that a report never shows an exception for a legal input:
+
+- SQNR is ``10·log10(Σ ref² / Σ (ref − act)²)`` in dB: ``inf`` when the arrays are identical (even
+  when both are zero), ``-inf`` when the reference is all zero but the candidate is not.
+- Cosine similarity of flattened arrays is 1.0 when both are zero and 0.0 when only one is.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
+
+from onnxq.errors import OnnxqError
+from onnxq.validate.runtime import OptLevel, make_session, run
+
+__all__ = [
+    "OutputStats",
+    "compare_models",
+    "cosine_similarity",
+    "looks_like_class_scores",
+    "max_abs_error",
+    "sqnr_db",
+    "top1_agreement",
+]
+
+logger = logging.getLogger(__name__)
+
+
+def _pair(reference: npt.ArrayLike, actual: npt.ArrayLike) -> tuple[np.ndarray, np.ndarray]:
+    ref = np.asarray(reference, dtype=np.float64)
+    act = np.asarray(actual, dtype=np.float64)
+    if ref.shape != act.shape:
+        raise ValueError(f"shape mismatch: reference {ref.shape} vs actual {act.shape}")
+    return ref, act
+
+
+def _sqnr_from_energies(signal: float, noise: float) -> float:
+    if math.isnan(signal) or math.isnan(noise):
+        return math.nan
+    if noise == 0.0:
+        return math.inf
+    if signal == 0.0:
+        return -math.inf
+    return 10.0 * math.log10(signal / noise)
+
+
+def _cosine(ref: np.ndarray, act: np.ndarray) -> float:
+    a = ref.ravel()
+    b = act.ravel()
+    norm_a = float(np.sqrt(np.dot(a, a)))
+    norm_b = float(np.sqrt(np.dot(b, b)))
+    if norm_a == 0.0 and norm_b == 0.0:
+        return 1.0
+    if norm_a == 0.0 or norm_b == 0.0:
+        return 0.0
+    value = float(np.dot(a, b)) / (norm_a * norm_b)
+    return value if math.isnan(value) else min(1.0, max(-1.0, value))
+
+
+def sqnr_db(reference: npt.ArrayLike, actual: npt.ArrayLike) -> float:
+    """Signal-to-quantization-noise ratio of ``actual`` against ``reference``, in dB (higher is better)."""
+    ref, act = _pair(reference, actual)
+    err = ref - act
+    return _sqnr_from_energies(float(np.sum(ref * ref)), float(np.sum(err * err)))
+
+
+def cosine_similarity(a: npt.ArrayLike, b: npt.ArrayLike) -> float:
+    """Cosine similarity of the flattened arrays, in [-1, 1]; 1.0 when both are all zero."""
+    x, y = _pair(a, b)
+    return _cosine(x, y)
+
+
+def max_abs_error(reference: npt.ArrayLike, actual: npt.ArrayLike) -> float:
+    """Largest absolute element-wise difference; 0.0 for empty arrays."""
+    ref, act = _pair(reference, actual)
+    return float(np.max(np.abs(ref - act))) if ref.size else 0.0
+
+
+def top1_agreement(reference: npt.ArrayLike, actual: npt.ArrayLike) -> float:
+    """Fraction of rows whose argmax over the last axis is the same in both arrays."""
+    ref, act = _pair(reference, actual)
+    if ref.ndim == 0:
+        raise ValueError("top-1 agreement needs at least one axis of class scores")
+    same = np.argmax(ref, axis=-1) == np.argmax(act, axis=-1)
+    if same.size == 0:
+        raise ValueError(f"top-1 agreement of an empty array of shape {ref.shape}")
+    return float(np.mean(same))
+
+
+def looks_like_class_scores(array: np.ndarray) -> bool:
+    """Whether an output is plausibly classification scores, for which top-1 agreement is meaningful.
+
+    Accepted: floating point ``[N, C]`` (a batch of score vectors) or ``[C]`` (one unbatched score
+    vector), with ``C >= 2``. The rule is deliberately simple and errs on the side of reporting:
+    a ``[N, hidden]`` embedding also passes, which costs one harmless extra number. Rank 3 and higher is
+    rejected because there the last axis is as often a spatial or feature axis (``[N, C, H, W]``,
+    ``[N, T, hidden]``) as a class axis, and an argmax over it would be noise.
+    """
+    arr = np.asarray(array)
+    if not np.issubdtype(arr.dtype, np.floating):
+        return False
+    if arr.ndim == 2:
+        return arr.shape[1] >= 2
+    if arr.ndim == 1:
+        return arr.shape[0] >= 2
+    return False
+
+
+@dataclass
+class OutputStats:
+    """Streaming comparison of one model output, updated once per feed.
+
+    - ``sqnr_db`` is global: the summed energies of the reference and of the error over all updates,
+      so it equals :func:`sqnr_db` on the concatenated data (up to float64 summation order).
+    - ``cosine`` is the mean over updates of the cosine similarity of each flattened pair, so one
+      badly wrong sample is visible even when the others dominate the energy.
+    - ``max_abs_error`` is the maximum over all elements.
+    - ``top1`` is the fraction of matching argmax rows over all updates whose reference looks like
+      class scores (:func:`looks_like_class_scores`), or ``None`` when none did.
+    - ``samples`` counts updates (feeds), not rows.
+    """
+
+    name: str
+    _ref_energy: float = field(default=0.0, init=False, repr=False)
+    _err_energy: float = field(default=0.0, init=False, repr=False)
+    _cosine_sum: float = field(default=0.0, init=False, repr=False)
+    _max_err: float = field(default=0.0, init=False, repr=False)
+    _top1_matches: int = field(default=0, init=False, repr=False)
+    _top1_rows: int = field(default=0, init=False, repr=False)
+    _samples: int = field(default=0, init=False, repr=False)
+
+    def update(self, reference: np.ndarray, actual: np.ndarray) -> None:
+        """Add one pair of outputs; raises ValueError when their shapes differ."""
+        try:
+            ref, act = _pair(reference, actual)
+        except ValueError as exc:
+            raise ValueError(f"output {self.name!r}: {exc}") from exc
+        err = ref - act
+        self._ref_energy += float(np.sum(ref * ref))
+        self._err_energy += float(np.sum(err * err))
+        if err.size:
+            self._max_err = max(self._max_err, float(np.max(np.abs(err))))
+        self._cosine_sum += _cosine(ref, act)
+        if looks_like_class_scores(np.asarray(reference)):
+            same = np.argmax(ref, axis=-1) == np.argmax(act, axis=-1)
+            self._top1_matches += int(np.sum(same))
+            self._top1_rows += int(same.size)
+        self._samples += 1
+
+    @property
+    def samples(self) -> int:
+        return self._samples
+
+    @property
+    def sqnr_db(self) -> float:
+        """Global SQNR in dB over all updates; NaN before the first update."""
+        if not self._samples:
+            return math.nan
+        return _sqnr_from_energies(self._ref_energy, self._err_energy)
+
+    @property
+    def cosine(self) -> float:
+        """Mean per-update cosine similarity; NaN before the first update."""
+        if not self._samples:
+            return math.nan
+        return self._cosine_sum / self._samples
+
+    @property
+    def max_abs_error(self) -> float:
+        """Largest absolute error seen; NaN before the first update."""
+        return self._max_err if self._samples else math.nan
+
+    @property
+    def top1(self) -> float | None:
+        """Top-1 agreement over class-score rows, or None when the output is not class scores."""
+        if not self._top1_rows:
+            return None
+        return self._top1_matches / self._top1_rows
+
+    def as_dict(self) -> dict[str, float | int | str | None]:
+        """The statistics as a flat, JSON-friendly row."""
+        return {
+            "output": self.name,
+            "samples": self.samples,
+            "sqnr_db": self.sqnr_db,
+            "cosine": self.cosine,
+            "max_abs_error": self.max_abs_error,
+            "top1": self.top1,
+        }
+
+
+def _progress(
+    iterable: Iterable[Mapping[str, np.ndarray]], *, total: int | None, desc: str
+) -> Iterator[Mapping[str, np.ndarray]]:
+    # Imported lazily: onnxq.progress is written separately and may be absent; then iterate plainly.
+    try:
+        from onnxq.progress import progress
+    except ImportError:
+        return iter(iterable)
+    return iter(progress(iterable, total=total, desc=desc))
+
+
+def compare_models(
+    reference: bytes | str | os.PathLike[str],
+    candidate: bytes | str | os.PathLike[str],
+    feeds: Iterable[Mapping[str, np.ndarray]],
+    *,
+    providers: Sequence[str] = ("CPUExecutionProvider",),
+    opt_level: OptLevel = "disable",
+    progress_total: int | None = None,
+    progress_desc: str = "validate",
+) -> list[OutputStats]:
+    """Run both models on every feed and compare the candidate's outputs with the reference's.
+
+    Outputs are matched by name, so the candidate may list them in another order or have extra ones;
+    an output of the reference that the candidate lacks raises :class:`OnnxqError`. Returns one
+    :class:`OutputStats` per reference output, in the reference's order. ``feeds`` is consumed once
+    and may be a generator.
+
+    The default ``opt_level="disable"`` checks what the candidate graph computes. Pass ``"all"`` to
+    measure the accuracy of the deployed model, where ONNX Runtime fuses Q/DQ into QLinear kernels and
+    may lower the accuracy of int4 MatMuls; report which level was used.
+    """
+    ref_session = make_session(reference, providers=providers, opt_level=opt_level)
+    cand_session = make_session(candidate, providers=providers, opt_level=opt_level)
+    names = [arg.name for arg in ref_session.get_outputs()]
+    cand_names = {arg.name for arg in cand_session.get_outputs()}
+    missing = [name for name in names if name not in cand_names]
+    if missing:
+        raise OnnxqError(
+            f"candidate model lacks output(s) {', '.join(repr(n) for n in missing)} of the reference model"
+        )
+
+    stats = [OutputStats(name) for name in names]
+    for feed in _progress(feeds, total=progress_total, desc=progress_desc):
+        try:
+            ref_out = run(ref_session, feed, names)
+        except OnnxqError as exc:
+            raise OnnxqError(f"reference model: {exc}") from exc
+        try:
+            cand_out = run(cand_session, feed, names)
+        except OnnxqError as exc:
+            raise OnnxqError(f"candidate model: {exc}") from exc
+        for stat, ref, act in zip(stats, ref_out, cand_out, strict=True):
+            try:
+                stat.update(ref, act)
+            except ValueError as exc:
+                raise OnnxqError(str(exc)) from exc
+    if stats and stats[0].samples == 0:
+        raise OnnxqError("no input data to compare the models on")
+    logger.debug("compared %d outputs over %d feeds", len(stats), stats[0].samples if stats else 0)
+    return stats
