@@ -1,4 +1,4 @@
-"""Command line: ``python -m onnxq optimize MODEL.onnx -o OUT.onnx [options]`` and ``python -m onnxq example``.
+"""Command line: ``python -m onnxq optimize MODEL.onnx -o OUT.onnx [options]``, ``python -m onnxq example``.
 
 Heavy imports happen inside the command functions so that ``--help`` answers instantly. User mistakes
 (:class:`~onnxq.errors.OnnxqError`) print one line on stderr and exit with status 2; ``--debug`` shows
@@ -59,10 +59,17 @@ def _add_quant_options(parser: argparse.ArgumentParser) -> None:
         help="how activation ranges are chosen (default: minmax)",
     )
     calib.add_argument(
-        "--percentile", type=float, default=99.999, help="percentile kept by --method percentile (default 99.999)"
+        "--percentile",
+        type=float,
+        default=99.999,
+        help="percentile kept by --method percentile (default 99.999)",
     )
     calib.add_argument(
-        "--calib-batch", type=_positive_int, default=1, metavar="N", help="samples per ONNX Runtime run (default 1)"
+        "--calib-batch",
+        type=_positive_int,
+        default=1,
+        metavar="N",
+        help="samples per ONNX Runtime run (default 1)",
     )
     calib.add_argument(
         "--random-samples",
@@ -83,19 +90,33 @@ def _add_quant_options(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="int8 activations with zero point 0 (implies --activation-type int8)",
     )
-    scheme.add_argument("--per-tensor", action="store_true", help="one weight scale per tensor instead of per channel")
-    scheme.add_argument("--exclude-nodes", type=_name_list, default=(), metavar="A,B", help="node names kept float")
+    scheme.add_argument(
+        "--per-tensor", action="store_true", help="one weight scale per tensor instead of per channel"
+    )
+    scheme.add_argument(
+        "--exclude-nodes", type=_name_list, default=(), metavar="A,B", help="node names kept float"
+    )
     scheme.add_argument(
         "--exclude-op-types", type=_name_list, default=(), metavar="OP,OP", help="op types kept float"
     )
     val = parser.add_argument_group("validation")
-    val.add_argument("--eval", metavar="DATA", help="evaluation data (same forms as --calib); default: --calib data")
-    val.add_argument("--no-validate", action="store_true", help="skip the ONNX Runtime comparison")
-    val.add_argument("--provider", choices=("cpu", "cuda"), default="cpu", help="execution provider (default cpu)")
     val.add_argument(
-        "--threads", type=_thread_list, default=(1,), metavar="N[,N]", help="intra-op threads for latency (default 1)"
+        "--eval", metavar="DATA", help="evaluation data (same forms as --calib); default: --calib data"
     )
-    val.add_argument("--runs", type=_positive_int, default=30, metavar="N", help="timed runs per model (default 30)")
+    val.add_argument("--no-validate", action="store_true", help="skip the ONNX Runtime comparison")
+    val.add_argument(
+        "--provider", choices=("cpu", "cuda"), default="cpu", help="execution provider (default cpu)"
+    )
+    val.add_argument(
+        "--threads",
+        type=_thread_list,
+        default=(1,),
+        metavar="N[,N]",
+        help="intra-op threads for latency (default 1)",
+    )
+    val.add_argument(
+        "--runs", type=_positive_int, default=30, metavar="N", help="timed runs per model (default 30)"
+    )
     val.add_argument("--report-json", metavar="PATH", help="also write the report as JSON")
 
 
@@ -137,8 +158,12 @@ def build_parser() -> argparse.ArgumentParser:
             "DIR, quantize it and print the report."
         ),
     )
-    example.add_argument("--out-dir", default="onnxq-example", metavar="DIR", help="where to write (default ./onnxq-example)")
-    example.add_argument("--threads", type=_thread_list, default=(1,), metavar="N[,N]", help="threads for latency")
+    example.add_argument(
+        "--out-dir", default="onnxq-example", metavar="DIR", help="where to write (default ./onnxq-example)"
+    )
+    example.add_argument(
+        "--threads", type=_thread_list, default=(1,), metavar="N[,N]", help="threads for latency"
+    )
     example.add_argument("--runs", type=_positive_int, default=30, metavar="N", help="timed runs per model")
     _add_common(example)
     return parser
@@ -151,9 +176,11 @@ def _config_from_args(args: argparse.Namespace) -> Any:
     dtype = "int8" if symmetric else args.activation_type
     try:
         return QuantConfig(
-            activations=ActivationScheme(dtype=dtype, symmetric=symmetric),
+            activations=ActivationScheme(dtype=dtype, symmetric=symmetric),  # type: ignore[arg-type]
             weights=WeightScheme(per_channel=not args.per_tensor),
-            calibration=CalibrationConfig(method=args.method, percentile=args.percentile, batch_size=args.calib_batch),
+            calibration=CalibrationConfig(
+                method=args.method, percentile=args.percentile, batch_size=args.calib_batch
+            ),
             exclude_nodes=tuple(args.exclude_nodes),
             exclude_op_types=tuple(args.exclude_op_types),
         )
@@ -176,7 +203,9 @@ def run_optimize(
     if calib is None:
         raise OnnxqError("--calib DATA is required (an .npz file, a directory of .npz files, or 'random')")
     if Path(output).suffix == "" and Path(output).is_dir():
-        raise OnnxqError(f"-o {output} is a directory; give a file name such as {Path(output) / 'model.int8.onnx'}")
+        raise OnnxqError(
+            f"-o {output} is a directory; give a file name such as {Path(output) / 'model.int8.onnx'}"
+        )
     config = _config_from_args(args)
     result = quantize(model, calib, config, random_samples=args.random_samples)
     result.save(output)
@@ -213,13 +242,20 @@ def _run_example(args: argparse.Namespace) -> int:
     out_dir = Path(args.out_dir)
     paths = write_example(out_dir)
     if not args.quiet:
-        print(f"example model: {paths.model}\ncalibration data: {paths.calibration}\nevaluation data: {paths.evaluation}")
+        print(
+            f"example model: {paths.model}\ncalibration data: {paths.calibration}\n"
+            f"evaluation data: {paths.evaluation}"
+        )
     defaults = build_parser().parse_args(["optimize", str(paths.model), "-o", "x"])
     for key in ("threads", "runs", "quiet", "debug"):
         setattr(defaults, key, getattr(args, key))
     defaults.report_json = str(out_dir / "report.json")
     return run_optimize(
-        str(paths.model), str(paths.quantized), str(paths.calibration), defaults, eval_data=str(paths.evaluation)
+        str(paths.model),
+        str(paths.quantized),
+        str(paths.calibration),
+        defaults,
+        eval_data=str(paths.evaluation),
     )
 
 
@@ -258,7 +294,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if debug:
             traceback.print_exc()
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        print(f"onnxq: internal error: {type(exc).__name__}: {first} (rerun with --debug for details)", file=sys.stderr)
+        print(
+            f"onnxq: internal error: {type(exc).__name__}: {first} (rerun with --debug for details)",
+            file=sys.stderr,
+        )
         return 1
     parser.print_help()
     return 2

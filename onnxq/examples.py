@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx_ir as ir
@@ -37,7 +38,7 @@ class _Builder:
         self.initializers.append(value)
         return value
 
-    def node(self, op: str, inputs: list[ir.Value], name: str, **attrs: object) -> ir.Value:
+    def node(self, op: str, inputs: list[ir.Value], name: str, **attrs: Any) -> ir.Value:
         self.count += 1
         attributes = [ir.convenience.convert_attribute(k, v) for k, v in attrs.items()]
         node = ir.Node("", op, inputs, attributes=attributes, name=name)
@@ -45,7 +46,9 @@ class _Builder:
         self.nodes.append(node)
         return node.outputs[0]
 
-    def conv_bn(self, x: ir.Value, cin: int, cout: int, name: str, stride: int = 1, relu: bool = True) -> ir.Value:
+    def conv_bn(
+        self, x: ir.Value, cin: int, cout: int, name: str, stride: int = 1, relu: bool = True
+    ) -> ir.Value:
         std = np.sqrt(2.0 / (cin * 9))
         w = self.const(f"{name}.weight", self.rng.normal(0, std, (cout, cin, 3, 3)))
         y = self.node("Conv", [x, w], name, kernel_shape=[3, 3], pads=[1, 1, 1, 1], strides=[stride, stride])
@@ -61,9 +64,7 @@ def build_example_model() -> ir.Model:
     """A residual CNN (about 0.3 M parameters) for 3×64×64 images and 10 classes, dynamic batch."""
     rng = np.random.default_rng(_SEED)
     b = _Builder(rng)
-    x = ir.Value(
-        name="image", shape=ir.Shape(["batch", *_IMAGE]), type=ir.TensorType(ir.DataType.FLOAT)
-    )
+    x = ir.Value(name="image", shape=ir.Shape(["batch", *_IMAGE]), type=ir.TensorType(ir.DataType.FLOAT))
     y = b.conv_bn(x, 3, 32, "stem")
     y = b.node("MaxPool", [y], "pool1", kernel_shape=[2, 2], strides=[2, 2])
     for stage, (cin, cout) in enumerate([(32, 32), (32, 64), (64, 128)], start=1):
@@ -82,13 +83,18 @@ def build_example_model() -> ir.Model:
     logits = b.node("Gemm", [y, w, bias], "head", transB=1)
     logits.name = "logits"
     graph = ir.Graph(
-        [x], [logits], nodes=b.nodes, initializers=b.initializers, opset_imports={"": 17}, name="onnxq_example_cnn"
+        [x],
+        [logits],
+        nodes=b.nodes,
+        initializers=b.initializers,
+        opset_imports={"": 17},
+        name="onnxq_example_cnn",
     )
     return ir.Model(graph, ir_version=8, producer_name="onnxq-example")
 
 
 def example_images(count: int, seed: int) -> np.ndarray:
-    """Smooth, image-like inputs: low-frequency colour patterns plus a little noise, shape (count, 3, 64, 64)."""
+    """Smooth, image-like inputs: low-frequency colour patterns plus noise, shape (count, 3, 64, 64)."""
     rng = np.random.default_rng(seed)
     _, h, w = _IMAGE
     yy, xx = np.meshgrid(np.linspace(0, 1, h), np.linspace(0, 1, w), indexing="ij")
@@ -109,7 +115,9 @@ class ExamplePaths:
     quantized: Path
 
 
-def write_example(out_dir: Path, *, calibration_samples: int = 32, evaluation_samples: int = 32) -> ExamplePaths:
+def write_example(
+    out_dir: Path, *, calibration_samples: int = 32, evaluation_samples: int = 32
+) -> ExamplePaths:
     """Write the example model and its calibration/evaluation ``.npz`` files (samples stacked on axis 0)."""
     from onnxq.errors import OnnxqError
 

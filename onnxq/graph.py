@@ -111,6 +111,8 @@ def make_initializer(graph: ir.Graph, names: NameScope, base: str, array: np.nda
     if not array.flags.c_contiguous:  # (np.ascontiguousarray would turn a scalar into shape [1])
         array = array.copy(order="C")
     tensor = ir.tensor(array, name=name)
-    value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(tensor.dtype), const_value=tensor)
+    value = ir.Value(
+        name=name, shape=ir.Shape(array.shape), type=ir.TensorType(tensor.dtype), const_value=tensor
+    )
     graph.register_initializer(value)
     return value

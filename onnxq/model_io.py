@@ -21,13 +21,13 @@ import onnx_ir as ir
 from onnxq.errors import OnnxqError
 
 if TYPE_CHECKING:
-    import onnx
+    pass
 
 __all__ = [
     "EXTERNAL_DATA_THRESHOLD",
     "MIN_QDQ_PER_AXIS_OPSET",
-    "default_opset",
     "ModelLike",
+    "default_opset",
     "load_model",
     "model_size_bytes",
     "normalize_versions",
@@ -216,8 +216,24 @@ def model_size_bytes(model: ir.Model) -> int:
 
 
 def serialize_model(model: ir.Model) -> bytes:
-    """The model as protobuf bytes (for ONNX Runtime sessions); deterministic for identical models."""
-    return ir.to_proto(model).SerializeToString(deterministic=True)
+    """The model as protobuf bytes (for ONNX Runtime sessions); deterministic for identical models.
+
+    External data is embedded: ONNX Runtime resolves the relative locations of a model given as bytes
+    against the working directory (and refuses them), and a file written from these bytes lives in
+    another folder than the data. ``model`` itself is left unchanged (its tensors stay lazy).
+    """
+    swapped: list[tuple[ir.Value, ir.ExternalTensor]] = []
+    for graph in (model.graph, *model.graph.subgraphs()):
+        for value in graph.initializers.values():
+            tensor = value.const_value
+            if isinstance(tensor, ir.ExternalTensor):
+                swapped.append((value, tensor))
+                value.const_value = ir.Tensor(tensor.numpy().copy(), dtype=tensor.dtype, name=tensor.name)
+    try:
+        return ir.to_proto(model).SerializeToString(deterministic=True)
+    finally:
+        for value, tensor in swapped:
+            value.const_value = tensor
 
 
 def save_model(model: ir.Model, path: str | os.PathLike[str], *, input_path: Path | None = None) -> Path:

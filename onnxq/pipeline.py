@@ -12,7 +12,7 @@ import os
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 import onnx_ir as ir
 
@@ -37,7 +37,7 @@ __all__ = ["QuantizationResult", "quantize"]
 
 logger = logging.getLogger(__name__)
 
-DataSource = "str | os.PathLike[str] | Iterable[Mapping[str, Any]] | Feeds"
+DataSource: TypeAlias = "str | os.PathLike[str] | Iterable[Mapping[str, Any]] | Feeds"
 
 
 class QuantizationResult:
@@ -121,7 +121,9 @@ class QuantizationResult:
                     providers=providers,
                 )
                 self.report.latency.append(
-                    LatencyRow(threads, timing["float"].median_ms, timing["quantized"].median_ms, config.latency_runs)
+                    LatencyRow(
+                        threads, timing["float"].median_ms, timing["quantized"].median_ms, config.latency_runs
+                    )
                 )
         self.report.timings_s["validate"] = time.perf_counter() - start
         return self.report
@@ -161,7 +163,9 @@ def quantize(
         float_source = serialize_model(ir_model)
         report.size_float_bytes = len(float_source)
     if default_opset(ir_model) < MIN_QDQ_PER_AXIS_OPSET and config.weights.per_channel:
-        config = config.replace(weights=type(config.weights)(config.weights.dtype, config.weights.symmetric, False))
+        config = config.replace(
+            weights=type(config.weights)(config.weights.dtype, config.weights.symmetric, False)
+        )
 
     summary = preprocess(ir_model)
     report.preprocess_notes = summary.notes
@@ -194,7 +198,13 @@ def quantize(
     observed = plan.observed_values()
     schemes = {v: plan.group_of[v].scheme for v in observed}
     calibration = collect_ranges(
-        ir_model, observed, schemes, feeds, config.calibration, providers=providers, show_progress=show_progress
+        ir_model,
+        observed,
+        schemes,
+        feeds,
+        config.calibration,
+        providers=providers,
+        show_progress=show_progress,
     )
     timings["calibrate"] = time.perf_counter() - t
     report.calibration = {
@@ -214,7 +224,8 @@ def quantize(
 
     report.scheme = {
         "format": "qdq",
-        "activations": config.activations.dtype + (" symmetric" if config.activations.symmetric else " affine"),
+        "activations": f"{config.activations.dtype} "
+        + ("symmetric" if config.activations.symmetric else "affine"),
         "weights": config.weights.dtype + (" per-channel" if config.weights.per_channel else " per-tensor"),
         "calibration": config.calibration.method,
     }

@@ -46,7 +46,11 @@ class QuantParams:
     __slots__ = ("axis", "dtype", "scale", "zero_point")
 
     def __init__(
-        self, scale: npt.NDArray[np.float32], zero_point: npt.NDArray[np.integer], dtype: str, axis: int | None
+        self,
+        scale: npt.NDArray[np.float32],
+        zero_point: npt.NDArray[np.integer],
+        dtype: str,
+        axis: int | None,
     ) -> None:
         self.scale = scale
         self.zero_point = zero_point
@@ -54,7 +58,10 @@ class QuantParams:
         self.axis = axis
 
     def __repr__(self) -> str:
-        return f"QuantParams(scale={self.scale!r}, zero_point={self.zero_point!r}, dtype={self.dtype}, axis={self.axis})"
+        return (
+            f"QuantParams(scale={self.scale!r}, zero_point={self.zero_point!r}, "
+            f"dtype={self.dtype}, axis={self.axis})"
+        )
 
 
 def compute_qparams(
@@ -82,7 +89,7 @@ def compute_qparams(
     if not symmetric:
         # Recompute the zero point against the float32 scale that will actually be stored.
         zero_point = np.clip(np.rint(qmin - lo / scale.astype(np.float64)), qmin, qmax)
-    return QuantParams(scale, zero_point.astype(np_dtype(dtype)), dtype, axis)
+    return QuantParams(scale.astype(np.float32), zero_point.astype(np_dtype(dtype)), dtype, axis)
 
 
 def _broadcast(param: np.ndarray, ndim: int, axis: int | None) -> np.ndarray:

@@ -84,8 +84,12 @@ class _Rewriter:
         self.weight_params: dict[tuple[int, int], QuantParams] = {}
 
     def _param_values(self, base: str, params: QuantParams) -> tuple[ir.Value, ir.Value]:
-        scale = make_initializer(self.graph, self.names, f"{base}_scale", np.asarray(params.scale, np.float32))
-        zero_point = make_initializer(self.graph, self.names, f"{base}_zero_point", np.asarray(params.zero_point))
+        scale = make_initializer(
+            self.graph, self.names, f"{base}_scale", np.asarray(params.scale, np.float32)
+        )
+        zero_point = make_initializer(
+            self.graph, self.names, f"{base}_zero_point", np.asarray(params.zero_point)
+        )
         return scale, zero_point
 
     def _dq_node(
@@ -93,7 +97,13 @@ class _Rewriter:
     ) -> ir.Node:
         attrs = {"axis": ir.AttrInt64("axis", axis)} if axis is not None else {}
         inputs = [data, scale] if zero_point is None else [data, scale, zero_point]
-        node = ir.Node("", "DequantizeLinear", inputs, attributes=attrs, name=self.names.fresh(f"{base}_DequantizeLinear"))
+        node = ir.Node(
+            "",
+            "DequantizeLinear",
+            inputs,
+            attributes=attrs,
+            name=self.names.fresh(f"{base}_DequantizeLinear"),
+        )
         node.outputs[0].name = self.names.fresh(f"{base}_dequantized")
         node.outputs[0].type = ir.TensorType(ir.DataType.FLOAT)
         if data.shape is not None:
@@ -112,10 +122,14 @@ class _Rewriter:
             else:
                 self._insert_qdq(value, scale, zero_point, params)
 
-    def _insert_qdq(self, value: ir.Value, scale: ir.Value, zero_point: ir.Value, params: QuantParams) -> None:
+    def _insert_qdq(
+        self, value: ir.Value, scale: ir.Value, zero_point: ir.Value, params: QuantParams
+    ) -> None:
         base = value.name or "tensor"
         uses = list(value.uses())  # before the QuantizeLinear becomes a use itself
-        q = ir.Node("", "QuantizeLinear", [value, scale, zero_point], name=self.names.fresh(f"{base}_QuantizeLinear"))
+        q = ir.Node(
+            "", "QuantizeLinear", [value, scale, zero_point], name=self.names.fresh(f"{base}_QuantizeLinear")
+        )
         q.outputs[0].name = self.names.fresh(f"{base}_quantized")
         q.outputs[0].type = ir.TensorType(ir.DataType.UINT8 if params.dtype == "uint8" else ir.DataType.INT8)
         if value.shape is not None:
@@ -149,7 +163,9 @@ class _Rewriter:
         if data is None:
             return
         base = value.name or "constant"
-        stored = make_initializer(self.graph, self.names, f"{base}_quantized", quantize(data.astype(np.float32), params))
+        stored = make_initializer(
+            self.graph, self.names, f"{base}_quantized", quantize(data.astype(np.float32), params)
+        )
         dq: ir.Node | None = None
         for use in list(value.uses()):
             if (use.node, use.idx) not in self.quantized_slots:

@@ -155,8 +155,10 @@ class _Planner:
                 return "weight is not a constant"
             if weight is not None and weight.dtype not in (None, ir.DataType.FLOAT):
                 return "weight is not float32"
-        if op == "MaxPool" and len(node.outputs) > 1 and node.outputs[1].uses():
-            return "MaxPool indices output is used"
+        if op == "MaxPool" and len(node.outputs) > 1:
+            indices = node.outputs[1]
+            if indices.uses() or indices.is_graph_output():
+                return "MaxPool indices output is used"
         if op == "Resize" and attr_str(node, "mode", "nearest") not in ("nearest", "linear"):
             return "Resize mode is not nearest/linear"
         if op == "Gather" and not is_float(node.inputs[0]):
@@ -369,7 +371,9 @@ class _Planner:
         if node.op_type == "Gemm":
             alpha = node.attributes.get("alpha")
             beta = node.attributes.get("beta")
-            if (alpha is not None and alpha.as_float() != 1.0) or (beta is not None and beta.as_float() != 1.0):
+            if (alpha is not None and alpha.as_float() != 1.0) or (
+                beta is not None and beta.as_float() != 1.0
+            ):
                 return None
             weight = const_array(node.inputs[weight_index])
             if weight is None:

@@ -1,0 +1,141 @@
+"""End to end on torch-built models: export, quantize with onnxq, run in ONNX Runtime, compare with float.
+
+Numerics are checked at ORT_DISABLE_ALL (what the QDQ graph means) on evaluation data that calibration
+never saw. The SQNR bounds sit well above what a wrong weight axis, a wrong scale or a missing bias
+produces on these models (the test ``test_bounds_catch_broken_quantization`` shows it on the CNN).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+pytest.importorskip("torch")
+
+import onnxq
+from onnxq.validate.metrics import cosine_similarity, sqnr_db, top1_agreement
+from onnxq.validate.runtime import make_session
+from tools import model_zoo
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("zoo")
+
+
+def _outputs(model: bytes | Path, feeds: list[dict[str, np.ndarray]]) -> np.ndarray:
+    session = make_session(model if isinstance(model, bytes) else str(model), opt_level="disable")
+    return np.concatenate([session.run(None, feed)[0].reshape(1, -1) for feed in feeds])
+
+
+def _quantize(
+    path: Path, name: str, config: onnxq.QuantConfig | None = None
+) -> tuple[onnxq.QuantizationResult, bytes]:
+    result = onnxq.quantize(path, model_zoo.sample_feeds(name, 16, split="calib"), config)
+    return result, _serialized(result)
+
+
+def _serialized(result: onnxq.QuantizationResult) -> bytes:
+    from onnxq.model_io import serialize_model
+
+    return serialize_model(result.model)
+
+
+def _op_counts(data: bytes) -> Counter[str]:
+    model = onnx.load_from_string(data)
+    return Counter(n.op_type for n in model.graph.node)
+
+
+def test_cnn_with_batchnorm_residual_pooling_and_head(zoo: Path) -> None:
+    path = model_zoo.build("small_cnn", zoo)
+    assert any(n.op_type == "BatchNormalization" for n in onnx.load(str(path)).graph.node)
+    result, quantized = _quantize(path, "small_cnn")
+    report = result.report
+    assert report.batchnorms_folded >= 3
+    assert report.quantized_op_types["Conv"] >= 4
+    assert report.quantized_op_types.get("Add", 0) >= 1  # the residual Add runs on integers
+    ops = _op_counts(quantized)
+    assert ops["BatchNormalization"] == 0
+    assert ops["QuantizeLinear"] >= 4 and ops["DequantizeLinear"] > ops["QuantizeLinear"]
+
+    feeds = model_zoo.sample_feeds("small_cnn", 24, split="eval")
+    ref, out = _outputs(path, feeds), _outputs(quantized, feeds)
+    assert sqnr_db(ref, out) > 14.0
+    assert cosine_similarity(ref, out) > 0.98
+    assert top1_agreement(ref, out) >= 0.9
+
+
+def test_bounds_catch_broken_quantization(zoo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CNN bound above fails when the weight scale is wrong or the bias is dropped."""
+    from onnxq.passes import insert_qdq
+
+    path = model_zoo.build("small_cnn", zoo)
+    feeds = model_zoo.sample_feeds("small_cnn", 24, split="eval")
+    ref = _outputs(path, feeds)
+
+    real = insert_qdq.quantize_bias
+    monkeypatch.setattr(insert_qdq, "quantize_bias", lambda b, s_in, s_w: real(b * 0.0, s_in, s_w))
+    _, no_bias = _quantize(path, "small_cnn")
+    assert sqnr_db(ref, _outputs(no_bias, feeds)) < 14.0
+    monkeypatch.undo()
+
+    real_weight = insert_qdq.quantize_weight
+
+    def wrong_scale(w: np.ndarray, dtype: str, symmetric: bool, axis: int | None):  # type: ignore[no-untyped-def]
+        q, params = real_weight(w, dtype, symmetric, axis)
+        params.scale = (params.scale * 1.5).astype(np.float32)
+        return q, params
+
+    monkeypatch.setattr(insert_qdq, "quantize_weight", wrong_scale)
+    _, scaled = _quantize(path, "small_cnn")
+    assert sqnr_db(ref, _outputs(scaled, feeds)) < 14.0
+
+
+def test_mlp(zoo: Path) -> None:
+    path = model_zoo.build("mlp", zoo)
+    result, quantized = _quantize(path, "mlp")
+    assert (
+        result.report.quantized_op_types.get("Gemm", 0) + result.report.quantized_op_types.get("MatMul", 0)
+        >= 3
+    )
+    feeds = model_zoo.sample_feeds("mlp", 32, split="eval")
+    ref, out = _outputs(path, feeds), _outputs(quantized, feeds)
+    assert sqnr_db(ref, out) > 25.0
+    assert top1_agreement(ref, out) >= 0.9
+
+
+def test_transformer_encoder_layer(zoo: Path) -> None:
+    path = model_zoo.build("transformer_encoder", zoo)
+    result, quantized = _quantize(path, "transformer_encoder")
+    assert (
+        result.report.quantized_op_types.get("MatMul", 0) + result.report.quantized_op_types.get("Gemm", 0)
+        >= 4
+    )
+    assert "LayerNormalization" not in result.report.quantized_op_types
+    feeds = model_zoo.sample_feeds("transformer_encoder", 16, split="eval")
+    ref, out = _outputs(path, feeds), _outputs(quantized, feeds)
+    assert sqnr_db(ref, out) > 32.0
+    assert cosine_similarity(ref, out) > 0.995
+
+
+def test_torch_export_pipeline_in_a_few_lines(tmp_path: Path) -> None:
+    """The library call an export pipeline makes right after torch.onnx.export."""
+    import torch
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8)).eval()
+    example = torch.randn(1, 32)
+    model_zoo.export(net, (example,), tmp_path / "net.onnx", input_names=["x"], output_names=["y"])
+    calib = [{"x": np.random.default_rng(i).standard_normal((1, 32), dtype=np.float32)} for i in range(16)]
+
+    result = onnxq.quantize(tmp_path / "net.onnx", calib)
+    result.save(tmp_path / "net.int8.onnx")
+
+    with torch.no_grad():
+        expected = net(torch.from_numpy(calib[0]["x"])).numpy()
+    got = make_session(str(tmp_path / "net.int8.onnx"), opt_level="all").run(None, calib[0])[0]
+    assert sqnr_db(expected, got) > 25.0
