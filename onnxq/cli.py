@@ -206,6 +206,12 @@ def run_optimize(
         raise OnnxqError(
             f"-o {output} is a directory; give a file name such as {Path(output) / 'model.int8.onnx'}"
         )
+    for flag, target in (("-o", output), ("--report-json", args.report_json)):
+        if target and not Path(target).resolve().parent.is_dir():
+            # Checked up front: failing only after minutes of calibration would waste the user's time.
+            raise OnnxqError(
+                f"cannot write {target} ({flag}): folder {Path(target).resolve().parent} does not exist"
+            )
     config = _config_from_args(args)
     result = quantize(model, calib, config, random_samples=args.random_samples)
     result.save(output)
@@ -228,10 +234,12 @@ def _write_text(path: Path, text: str) -> None:
     folder = path.resolve().parent
     if not folder.is_dir():
         raise OnnxqError(f"cannot write {path}: folder {folder} does not exist")
+    # A temporary folder (removed on failure too), and a file created with the user's umask.
     try:
-        with tempfile.NamedTemporaryFile("w", dir=folder, delete=False, prefix=f".{path.name}.") as tmp:
-            tmp.write(text)
-        os.replace(tmp.name, path)
+        with tempfile.TemporaryDirectory(dir=folder, prefix=f".{path.name}.") as tmp:
+            tmp_file = Path(tmp) / path.name
+            tmp_file.write_text(text)
+            os.replace(tmp_file, path)
     except OSError as exc:
         raise OnnxqError(f"cannot write {path}: {exc.strerror or exc}") from exc
 

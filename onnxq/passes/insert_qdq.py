@@ -147,7 +147,9 @@ class _Rewriter:
                 self.graph.insert_before(first, [q, dq])
         for use in uses:
             use.node.replace_input_with(use.idx, dq_out)
-        if value.is_graph_output():
+        # A graph input that is also a graph output keeps both roles and its name: renaming it would
+        # change the model's inputs, and the output is the (exact) float input anyway.
+        if value.is_graph_output() and not value.is_graph_input():
             original = value.name
             value.name = self.names.fresh(f"{original}_float")
             dq_out.name = original

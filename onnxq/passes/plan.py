@@ -188,11 +188,25 @@ class _Planner:
         return not self.scheme_of(producer).symmetric
 
     def available(self, value: ir.Value) -> bool:
-        """Whether ``value`` arrives quantized (constants can always be stored quantized)."""
+        """Whether ``value`` will be quantized anyway, so that reading it quantized costs nothing.
+
+        True for constants (stored quantized), outputs of quantized producers, and tensors an anchor
+        reads quantized (every reader of a quantized tensor sees the same DequantizeLinear).
+        """
         if is_constant(value):
             return True
         producer = value.producer()
-        return producer is not None and (producer in self.kept or producer in self.absorbed)
+        if producer is not None and producer in self.absorbed:
+            return True
+        if producer is not None and producer in self.kept:
+            return True
+        for use in value.uses():
+            consumer = use.node
+            if consumer in self.kept and self.rules[consumer].kind is OpKind.ANCHOR:
+                rule = self.rules[consumer]
+                if rule.inputs is None or use.idx in rule.inputs:
+                    return True
+        return False
 
     def wanted(self, value: ir.Value) -> bool:
         """Whether some consumer reads ``value`` quantized (directly, or through pass-through ops)."""
@@ -234,8 +248,12 @@ class _Planner:
                     new_kept, new_absorbed = False, True
                 else:
                     rule = self.rules[node]
-                    inputs = [v for v in self.data_inputs(node, rule) if not is_constant(v)]
-                    ok = bool(inputs) and all(self.available(v) for v in inputs)
+                    data = self.data_inputs(node, rule)
+                    inputs = [v for v in data if not is_constant(v)]
+                    # A node of constants only is left to constant folding, except a pass-through
+                    # over a constant table (Gather of embeddings), whose table is stored quantized.
+                    ok = bool(inputs or (data and rule.kind is OpKind.PASSTHROUGH))
+                    ok = ok and all(self.available(v) for v in inputs)
                     ok = ok and any(self.wanted(out) for out in node.outputs if is_float(out))
                     new_kept, new_absorbed = ok, False
                 if (new_kept, new_absorbed) != (was_kept, was_absorbed):

@@ -1,0 +1,164 @@
+"""Tiny float models for tests, written in ``onnx.parser`` text with seeded random weights.
+
+Every builder returns an ``onnx.ModelProto`` (IR version 10, default-domain opset 17 unless ``opset``
+is given) whose weights are initializers drawn from ``np.random.default_rng(seed)``, so the same call
+always gives the same bytes.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx.external_data_helper
+import onnx.numpy_helper
+import onnx.parser
+
+__all__ = [
+    "DEFAULT_OPSET",
+    "IR_VERSION",
+    "add_initializers",
+    "conv_calibration",
+    "conv_relu_model",
+    "externalize",
+    "if_conv_model",
+    "matmul_model",
+    "no_quantizable_model",
+    "parse",
+    "save",
+]
+
+IR_VERSION = 10
+DEFAULT_OPSET = 17
+
+
+def _header(opset: int, ir_version: int) -> str:
+    return f'<ir_version: {ir_version}, opset_import: ["" : {opset}]>'
+
+
+def add_initializers(model: onnx.ModelProto, arrays: Mapping[str, np.ndarray]) -> onnx.ModelProto:
+    """Append ``arrays`` to the main graph's initializers (in the given order) and return ``model``."""
+    for name, array in arrays.items():
+        model.graph.initializer.append(onnx.numpy_helper.from_array(np.asarray(array), name))
+    return model
+
+
+def parse(
+    body: str,
+    arrays: Mapping[str, np.ndarray] | None = None,
+    *,
+    opset: int = DEFAULT_OPSET,
+    ir_version: int = IR_VERSION,
+) -> onnx.ModelProto:
+    """A checked model from a graph written in ``onnx.parser`` text plus initializers."""
+    model = onnx.parser.parse_model(f"{_header(opset, ir_version)}\n{body}")
+    add_initializers(model, arrays or {})
+    onnx.checker.check_model(model)
+    return model
+
+
+def _normal(rng: np.random.Generator, shape: tuple[int, ...], std: float) -> np.ndarray:
+    return rng.normal(0.0, std, shape).astype(np.float32)
+
+
+def conv_relu_model(*, opset: int = DEFAULT_OPSET, seed: int = 0) -> onnx.ModelProto:
+    """``x: float[N,3,8,8]`` → Conv (3→4, 3×3, pads 1, bias) → Relu → ``y: float[N,4,8,8]``."""
+    rng = np.random.default_rng(seed)
+    body = """
+    conv_relu (float[N,3,8,8] x) => (float[N,4,8,8] y) {
+        c = Conv <kernel_shape = [3, 3], pads = [1, 1, 1, 1]> (x, w, b)
+        y = Relu (c)
+    }
+    """
+    arrays = {"w": _normal(rng, (4, 3, 3, 3), 0.3), "b": _normal(rng, (4,), 0.1)}
+    return parse(body, arrays, opset=opset)
+
+
+def matmul_model(*, opset: int = DEFAULT_OPSET, seed: int = 0) -> onnx.ModelProto:
+    """``x: float[N,16]`` @ constant ``[16,8]`` → Add bias → ``y: float[N,8]``."""
+    rng = np.random.default_rng(seed)
+    body = """
+    matmul_add (float[N,16] x) => (float[N,8] y) {
+        m = MatMul (x, w)
+        y = Add (m, b)
+    }
+    """
+    arrays = {"w": _normal(rng, (16, 8), 0.25), "b": _normal(rng, (8,), 0.1)}
+    return parse(body, arrays, opset=opset)
+
+
+def no_quantizable_model(*, opset: int = DEFAULT_OPSET) -> onnx.ModelProto:
+    """Only Relu and Sigmoid: nothing onnxq can quantize."""
+    body = """
+    activations (float[N,3,8,8] x) => (float[N,3,8,8] y) {
+        r = Relu (x)
+        y = Sigmoid (r)
+    }
+    """
+    return parse(body, opset=opset)
+
+
+def if_conv_model(*, opset: int = DEFAULT_OPSET, seed: int = 0) -> onnx.ModelProto:
+    """Conv → If(``cond``: a bool graph input) whose then-branch holds a second Conv, else a Relu.
+
+    The outer Conv makes the model quantizable; the Conv inside the subgraph reads its weight ``w2``
+    from the outer scope.
+    """
+    rng = np.random.default_rng(seed)
+    body = """
+    if_conv (float[N,3,8,8] x, bool cond) => (float[N,4,8,8] y) {
+        h = Conv <kernel_shape = [3, 3], pads = [1, 1, 1, 1]> (x, w1, b1)
+        y = If (cond) <
+            then_branch = then_graph () => (float[N,4,8,8] t) {
+                t = Conv <kernel_shape = [3, 3], pads = [1, 1, 1, 1]> (h, w2)
+            },
+            else_branch = else_graph () => (float[N,4,8,8] e) {
+                e = Relu (h)
+            }
+        >
+    }
+    """
+    arrays = {
+        "w1": _normal(rng, (4, 3, 3, 3), 0.3),
+        "b1": _normal(rng, (4,), 0.1),
+        "w2": _normal(rng, (4, 4, 3, 3), 0.3),
+    }
+    return parse(body, arrays, opset=opset)
+
+
+def externalize(model: onnx.ModelProto, name: str, model_dir: str | os.PathLike[str], location: str) -> Path:
+    """Move initializer ``name`` to external data at ``location`` (relative to ``model_dir``).
+
+    The bytes are written to that file, so the reference resolves; ``location`` may deliberately point
+    outside ``model_dir`` (``../outside.bin``) to test that loaders refuse it. Returns the data file.
+    """
+    tensor = next(t for t in model.graph.initializer if t.name == name)
+    data = onnx.numpy_helper.to_array(tensor).tobytes()
+    target = Path(model_dir) / location
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(data)
+    if not tensor.HasField("raw_data"):
+        tensor.raw_data = data
+    onnx.external_data_helper.set_external_data(tensor, location=location, offset=0, length=len(data))
+    tensor.ClearField("raw_data")
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    return target
+
+
+def conv_calibration(samples: int = 8, seed: int = 7) -> np.ndarray:
+    """Stacked calibration inputs for :func:`conv_relu_model`: float32 ``[samples, 1, 3, 8, 8]``.
+
+    ``result[i]`` is the whole feed of sample ``i`` (a batch of one).
+    """
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((samples, 1, 3, 8, 8)).astype(np.float32)
+
+
+def save(model: onnx.ModelProto, path: str | os.PathLike[str]) -> Path:
+    """Write ``model`` to ``path`` (deterministic bytes) and return the path."""
+    out = Path(path)
+    out.write_bytes(model.SerializeToString(deterministic=True))
+    return out

@@ -1,0 +1,556 @@
+"""The command line: user mistakes give exit status 2 and one line naming the problem; success writes
+the model and the report, deterministically and atomically, and never touches the input.
+
+Most cases run ``onnxq.cli.main`` in-process; a few run ``python -m onnxq`` as a subprocess to check
+real exit codes and stderr.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import builders
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from onnxq.cli import main
+
+# Few timed runs: latency numbers are not under test here, only that the rows exist.
+FAST = ("--runs", "2")
+
+CliRunner = Callable[..., tuple[int, str, str]]
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _listing(folder: Path) -> list[str]:
+    """Every entry of ``folder``, hidden temporary files included."""
+    return sorted(os.listdir(folder))
+
+
+@pytest.fixture
+def cli(capsys: pytest.CaptureFixture[str]) -> CliRunner:
+    """``cli(*args)`` runs ``onnxq.cli.main`` in-process and returns (exit code, stdout, stderr)."""
+
+    def run(*args: object) -> tuple[int, str, str]:
+        code = main([str(a) for a in args])
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    return run
+
+
+def _run_module(
+    *args: object, cwd: Path | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "onnxq", *[str(a) for a in args]],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def _assert_user_error(code: int, out: str, err: str, *fragments: str) -> str:
+    """Exit status 2, nothing on stdout, one stderr line without a traceback that has every fragment."""
+    assert code == 2, err
+    assert out == ""
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    line = lines[0]
+    assert line.startswith("onnxq: error: "), line
+    for fragment in fragments:
+        assert fragment.lower() in line.lower(), f"{fragment!r} not in {line!r}"
+    return line
+
+
+# ---------------------------------------------------------------------------------------------------
+# Bad model files
+
+
+def test_missing_model(cli: CliRunner, calib_npz: Path, out_dir: Path, tmp_path: Path) -> None:
+    missing = tmp_path / "nope.onnx"
+    code, out, err = cli("optimize", missing, "-o", out_dir / "q.onnx", "--calib", calib_npz)
+    _assert_user_error(code, out, err, "not found", "nope.onnx")
+    assert _listing(out_dir) == []
+
+
+def test_empty_model(cli: CliRunner, calib_npz: Path, out_dir: Path, tmp_path: Path) -> None:
+    empty = tmp_path / "empty.onnx"
+    empty.write_bytes(b"")
+    code, out, err = cli("optimize", empty, "-o", out_dir / "q.onnx", "--calib", calib_npz)
+    _assert_user_error(code, out, err, "empty", "empty.onnx")
+    assert _listing(out_dir) == []
+
+
+def test_model_is_a_directory(cli: CliRunner, calib_npz: Path, out_dir: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "folder.onnx"
+    folder.mkdir()
+    code, out, err = cli("optimize", folder, "-o", out_dir / "q.onnx", "--calib", calib_npz)
+    _assert_user_error(code, out, err, "directory", "folder.onnx")
+
+
+def test_corrupt_model(cli: CliRunner, calib_npz: Path, out_dir: Path, tmp_path: Path) -> None:
+    corrupt = tmp_path / "corrupt.onnx"
+    corrupt.write_bytes(np.random.default_rng(0).bytes(512))
+    code, out, err = cli("optimize", corrupt, "-o", out_dir / "q.onnx", "--calib", calib_npz)
+    _assert_user_error(code, out, err, "cannot read", "corrupt.onnx")
+    assert _listing(out_dir) == []
+
+
+def test_truncated_model(
+    cli: CliRunner, calib_npz: Path, model_path: Path, out_dir: Path, tmp_path: Path
+) -> None:
+    truncated = tmp_path / "truncated.onnx"
+    truncated.write_bytes(model_path.read_bytes()[:-40])
+    code, out, err = cli("optimize", truncated, "-o", out_dir / "q.onnx", "--calib", calib_npz)
+    _assert_user_error(code, out, err, "truncated.onnx")
+
+
+def test_text_file_as_model(cli: CliRunner, calib_npz: Path, out_dir: Path, tmp_path: Path) -> None:
+    text = tmp_path / "notes.onnx"
+    text.write_text("this is a text file,\nnot an ONNX model\n")
+    code, out, err = cli("optimize", text, "-o", out_dir / "q.onnx", "--calib", calib_npz)
+    _assert_user_error(code, out, err, "cannot read", "notes.onnx")
+
+
+def test_npz_as_model(cli: CliRunner, calib_npz: Path, out_dir: Path) -> None:
+    code, out, err = cli("optimize", calib_npz, "-o", out_dir / "q.onnx", "--calib", calib_npz)
+    _assert_user_error(code, out, err, "cannot read", "calib.npz")
+    assert _listing(out_dir) == []
+
+
+def test_nothing_to_quantize(cli: CliRunner, calib_npz: Path, out_dir: Path, tmp_path: Path) -> None:
+    model = builders.save(builders.no_quantizable_model(), tmp_path / "act.onnx")
+    code, out, err = cli("optimize", model, "-o", out_dir / "q.onnx", "--calib", calib_npz)
+    line = _assert_user_error(code, out, err, "nothing to quantize")
+    assert "Relu" in line and "Sigmoid" in line  # names what it found instead
+    assert _listing(out_dir) == []
+
+
+@pytest.mark.parametrize("location", ["../outside.bin", "../../elsewhere/outside.bin"])
+def test_external_data_outside_model_folder(
+    cli: CliRunner, calib_npz: Path, out_dir: Path, tmp_path: Path, location: str
+) -> None:
+    model_dir = tmp_path / "a" / "models"
+    model_dir.mkdir(parents=True)
+    proto = builders.conv_relu_model()
+    data_file = builders.externalize(proto, "w", model_dir, location)
+    assert data_file.is_file()  # the file exists: the refusal is about where it is, not that it is missing
+    model = builders.save(proto, model_dir / "conv.onnx")
+    code, out, err = cli("optimize", model, "-o", out_dir / "q.onnx", "--calib", calib_npz)
+    _assert_user_error(code, out, err, "outside", "'w'")
+    assert _listing(out_dir) == []
+
+
+def test_external_data_missing_file(cli: CliRunner, calib_npz: Path, out_dir: Path, tmp_path: Path) -> None:
+    proto = builders.conv_relu_model()
+    builders.externalize(proto, "w", tmp_path, "weights/w.bin").unlink()
+    model = builders.save(proto, tmp_path / "conv.onnx")
+    code, out, err = cli("optimize", model, "-o", out_dir / "q.onnx", "--calib", calib_npz)
+    _assert_user_error(code, out, err, "does not exist", "weights/w.bin")
+
+
+def test_external_data_inside_model_folder_is_accepted(
+    cli: CliRunner, calib_npz: Path, out_dir: Path, tmp_path: Path
+) -> None:
+    proto = builders.conv_relu_model()
+    builders.externalize(proto, "w", tmp_path, "weights/w.bin")
+    model = builders.save(proto, tmp_path / "conv.onnx")
+    code, _, err = cli(
+        "optimize", model, "-o", out_dir / "q.onnx", "--calib", calib_npz, "--no-validate", "--quiet"
+    )
+    assert code == 0, err
+    assert (out_dir / "q.onnx").is_file()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Bad calibration data
+
+
+def test_calibration_file_missing(cli: CliRunner, model_path: Path, out_dir: Path, tmp_path: Path) -> None:
+    code, out, err = cli("optimize", model_path, "-o", out_dir / "q.onnx", "--calib", tmp_path / "gone.npz")
+    _assert_user_error(code, out, err, "calibration", "not found", "gone.npz")
+    assert _listing(out_dir) == []
+
+
+def test_calibration_wrong_input_name(
+    cli: CliRunner, model_path: Path, out_dir: Path, write_npz: Callable[..., Path]
+) -> None:
+    data = write_npz("named.npz", image=builders.conv_calibration())
+    code, out, err = cli("optimize", model_path, "-o", out_dir / "q.onnx", "--calib", data)
+    _assert_user_error(code, out, err, "'image'", "'x'")
+    assert _listing(out_dir) == []
+
+
+def test_calibration_wrong_dtype(
+    cli: CliRunner, model_path: Path, out_dir: Path, write_npz: Callable[..., Path]
+) -> None:
+    data = write_npz("ints.npz", x=np.ones((4, 1, 3, 8, 8), dtype=np.int64))
+    code, out, err = cli("optimize", model_path, "-o", out_dir / "q.onnx", "--calib", data)
+    _assert_user_error(code, out, err, "'x'", "float32", "int64")
+    assert _listing(out_dir) == []
+
+
+@pytest.mark.parametrize("shape", [(4, 3, 8), (4, 1, 1, 3, 8, 8)])
+def test_calibration_wrong_rank(
+    cli: CliRunner, model_path: Path, out_dir: Path, write_npz: Callable[..., Path], shape: tuple[int, ...]
+) -> None:
+    data = write_npz("rank.npz", x=np.zeros(shape, dtype=np.float32))
+    code, out, err = cli("optimize", model_path, "-o", out_dir / "q.onnx", "--calib", data)
+    _assert_user_error(code, out, err, "'x'", "rank")
+    assert _listing(out_dir) == []
+
+
+def test_calibration_not_an_npz(cli: CliRunner, model_path: Path, out_dir: Path, tmp_path: Path) -> None:
+    junk = tmp_path / "calib.npz"
+    junk.write_text("not a zip archive\n")
+    code, out, err = cli("optimize", model_path, "-o", out_dir / "q.onnx", "--calib", junk)
+    _assert_user_error(code, out, err, "calib.npz")
+
+
+def test_no_calib(cli: CliRunner, model_path: Path, out_dir: Path) -> None:
+    code, out, err = cli("optimize", model_path, "-o", out_dir / "q.onnx")
+    _assert_user_error(code, out, err, "--calib")
+    assert _listing(out_dir) == []
+
+
+# ---------------------------------------------------------------------------------------------------
+# Bad outputs
+
+
+def test_output_folder_missing(cli: CliRunner, model_path: Path, calib_npz: Path, tmp_path: Path) -> None:
+    target = tmp_path / "no" / "such" / "q.onnx"
+    code, out, err = cli("optimize", model_path, "-o", target, "--calib", calib_npz)
+    _assert_user_error(code, out, err, "cannot write", "does not exist")
+    assert not (tmp_path / "no").exists()
+
+
+@pytest.mark.parametrize("name", ["outdir", "looks_like_a_file.onnx"])
+def test_output_is_a_directory(
+    cli: CliRunner, model_path: Path, calib_npz: Path, tmp_path: Path, name: str
+) -> None:
+    target = tmp_path / name
+    target.mkdir()
+    code, out, err = cli("optimize", model_path, "-o", target, "--calib", calib_npz)
+    _assert_user_error(code, out, err, "directory")
+    assert _listing(target) == []
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+@pytest.mark.parametrize("spelling", ["same", "dotdot", "symlink"])
+def test_output_is_the_input(cli: CliRunner, model_path: Path, calib_npz: Path, spelling: str) -> None:
+    before = model_path.read_bytes()
+    if spelling == "same":
+        target = model_path
+    elif spelling == "dotdot":
+        target = model_path.parent / ".." / model_path.parent.name / model_path.name
+    else:
+        target = model_path.parent / "link.onnx"
+        target.symlink_to(model_path)
+    code, out, err = cli("optimize", model_path, "-o", target, "--calib", calib_npz)
+    _assert_user_error(code, out, err, "input model")
+    assert model_path.read_bytes() == before
+    leftovers = {p.name for p in model_path.parent.iterdir()} - {"conv.onnx", "link.onnx"}
+    assert leftovers == set()
+
+
+def test_report_json_folder_missing(
+    cli: CliRunner, model_path: Path, calib_npz: Path, out_dir: Path, tmp_path: Path
+) -> None:
+    code, out, err = cli(
+        "optimize", model_path, "-o", out_dir / "q.onnx", "--calib", calib_npz, "--no-validate",
+        "--report-json", tmp_path / "missing" / "r.json",
+    )  # fmt: skip
+    _assert_user_error(code, out, err, "r.json", "does not exist")
+
+
+def test_debug_shows_traceback(cli: CliRunner, calib_npz: Path, out_dir: Path, tmp_path: Path) -> None:
+    code, _, err = cli(
+        "optimize", tmp_path / "nope.onnx", "-o", out_dir / "q.onnx", "--calib", calib_npz, "--debug"
+    )
+    assert code == 2
+    assert "Traceback" in err
+    assert "OnnxqError" in err
+    assert err.strip().splitlines()[-1].startswith("onnxq: error: model not found")
+
+
+def test_bad_option_value_is_a_usage_error(cli: CliRunner, model_path: Path, calib_npz: Path) -> None:
+    with pytest.raises(SystemExit) as exc:
+        cli("optimize", model_path, "-o", "q.onnx", "--calib", calib_npz, "--runs", "0")
+    assert exc.value.code == 2
+
+
+# ---------------------------------------------------------------------------------------------------
+# Subprocess: real exit codes and stderr
+
+
+@pytest.mark.parametrize("kind", ["missing", "corrupt"])
+def test_subprocess_user_error_is_one_line(calib_npz: Path, out_dir: Path, tmp_path: Path, kind: str) -> None:
+    model = tmp_path / f"{kind}.onnx"
+    if kind == "corrupt":
+        model.write_bytes(np.random.default_rng(1).bytes(300))
+    proc = _run_module("optimize", model, "-o", out_dir / "q.onnx", "--calib", calib_npz)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stdout == ""
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("onnxq: error: ") and f"{kind}.onnx" in lines[0]
+    assert _listing(out_dir) == []
+
+
+def test_subprocess_output_equals_input(model_path: Path, calib_npz: Path) -> None:
+    digest = _sha256(model_path)
+    proc = _run_module("optimize", model_path, "-o", model_path, "--calib", calib_npz)
+    assert proc.returncode == 2
+    assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+    assert _sha256(model_path) == digest
+
+
+# ---------------------------------------------------------------------------------------------------
+# Success
+
+
+def test_optimize_writes_model_and_tables(
+    cli: CliRunner, model_path: Path, calib_npz: Path, out_dir: Path
+) -> None:
+    digest = _sha256(model_path)
+    target = out_dir / "q.onnx"
+    code, out, err = cli("optimize", model_path, "-o", target, "--calib", calib_npz, *FAST)
+    assert code == 0, err
+    assert "Traceback" not in err
+    for heading in ("nodes quantized", "Accuracy vs float", "SQNR dB", "Latency", "speed-up"):
+        assert heading in out
+    assert _sha256(model_path) == digest  # the input is never modified
+    assert _listing(out_dir) == ["q.onnx"]  # nothing left behind by the atomic write
+
+    quantized = onnx.load(target)
+    ops = [n.op_type for n in quantized.graph.node]
+    assert "QuantizeLinear" in ops and "DequantizeLinear" in ops and "Conv" in ops
+    feed = {"x": builders.conv_calibration()[0]}
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    float_out = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"]).run(
+        None, feed
+    )[0]
+    q_out = ort.InferenceSession(str(target), options, providers=["CPUExecutionProvider"]).run(None, feed)[0]
+    assert q_out.shape == float_out.shape == (1, 4, 8, 8)
+    # int8 quantization of one Conv: error far below the output range, but not zero either.
+    assert np.max(np.abs(q_out - float_out)) < 0.05 * np.max(np.abs(float_out))
+
+
+def test_report_json(cli: CliRunner, model_path: Path, calib_npz: Path, out_dir: Path) -> None:
+    report_path = out_dir / "report.json"
+    code, _, err = cli(
+        "optimize",
+        model_path,
+        "-o",
+        out_dir / "q.onnx",
+        "--calib",
+        calib_npz,
+        "--report-json",
+        report_path,
+        *FAST,
+    )
+    assert code == 0, err
+    report = json.loads(report_path.read_text())
+    assert {"accuracy", "latency", "quantized_op_types"} <= report.keys()
+    assert report["quantized_op_types"] == {"Conv": 1}
+    [row] = report["accuracy"]
+    assert row["output"] == "y"
+    assert row["samples"] == 8
+    assert row["sqnr_db"] > 25.0  # a broken scale or zero point falls far below this
+    [latency] = report["latency"]
+    assert latency["threads"] == 1 and latency["runs"] == 2
+    assert latency["float_ms"] > 0 and latency["quantized_ms"] > 0
+    assert _listing(out_dir) == ["q.onnx", "report.json"]
+
+
+def test_no_validate_skips_accuracy(cli: CliRunner, model_path: Path, calib_npz: Path, out_dir: Path) -> None:
+    report_path = out_dir / "report.json"
+    code, out, err = cli(
+        "optimize", model_path, "-o", out_dir / "q.onnx", "--calib", calib_npz, "--no-validate",
+        "--report-json", report_path,
+    )  # fmt: skip
+    assert code == 0, err
+    assert "SQNR" not in out and "Latency" not in out
+    assert "nodes quantized" in out
+    report = json.loads(report_path.read_text())
+    assert report["accuracy"] == [] and report["latency"] == []
+    assert report["quantized_op_types"] == {"Conv": 1}
+
+
+def test_quiet_prints_nothing(cli: CliRunner, model_path: Path, calib_npz: Path, out_dir: Path) -> None:
+    code, out, err = cli(
+        "optimize", model_path, "-o", out_dir / "q.onnx", "--calib", calib_npz, "--quiet", *FAST
+    )
+    assert code == 0, err
+    assert out == ""
+    assert err == ""
+    assert (out_dir / "q.onnx").is_file()
+
+
+def test_same_inputs_give_identical_bytes(
+    cli: CliRunner, model_path: Path, calib_npz: Path, out_dir: Path
+) -> None:
+    first, second = out_dir / "first.onnx", out_dir / "second.onnx"
+    assert cli("optimize", model_path, "-o", first, "--calib", calib_npz, "--quiet", *FAST)[0] == 0
+    assert cli("optimize", model_path, "-o", second, "--calib", calib_npz, "--quiet", "--no-validate")[0] == 0
+    assert _sha256(first) == _sha256(second)
+    # Overwriting an existing output gives the same bytes again.
+    assert cli("optimize", model_path, "-o", first, "--calib", calib_npz, "--quiet", "--no-validate")[0] == 0
+    assert _sha256(first) == _sha256(second)
+    assert _listing(out_dir) == ["first.onnx", "second.onnx"]
+
+
+def test_failure_keeps_existing_output(
+    cli: CliRunner, model_path: Path, out_dir: Path, write_npz: Callable[..., Path]
+) -> None:
+    target = out_dir / "q.onnx"
+    target.write_bytes(b"previous result")
+    data = write_npz("ints.npz", x=np.ones((2, 1, 3, 8, 8), dtype=np.int32))
+    code, out, err = cli("optimize", model_path, "-o", target, "--calib", data)
+    _assert_user_error(code, out, err, "float32")
+    assert target.read_bytes() == b"previous result"
+    assert _listing(out_dir) == ["q.onnx"]
+
+
+def test_if_subgraph_model(
+    cli: CliRunner, out_dir: Path, tmp_path: Path, write_npz: Callable[..., Path]
+) -> None:
+    model = builders.save(builders.if_conv_model(), tmp_path / "if.onnx")
+    samples = builders.conv_calibration(samples=6)
+    cond = np.array([True, False] * 3)
+    data = write_npz("if.npz", x=samples, cond=cond)
+    report_path = out_dir / "report.json"
+    code, _, err = cli(
+        "optimize", model, "-o", out_dir / "q.onnx", "--calib", data, "--report-json", report_path, *FAST
+    )
+    assert code == 0, err
+    report = json.loads(report_path.read_text())
+    assert report["quantized_op_types"] == {"Conv": 1}  # the outer Conv; the subgraph stays float
+    assert report["subgraph_nodes"] == 2
+    assert report["accuracy"][0]["sqnr_db"] > 20.0
+    onnx.checker.check_model(onnx.load(out_dir / "q.onnx"), full_check=True)
+
+
+def test_matmul_model_random_calibration(cli: CliRunner, out_dir: Path, tmp_path: Path) -> None:
+    model = builders.save(builders.matmul_model(), tmp_path / "mm.onnx")
+    report_path = out_dir / "report.json"
+    code, _, err = cli(
+        "optimize", model, "-o", out_dir / "q.onnx", "--calib", "random", "--random-samples", "4",
+        "--no-validate", "--quiet", "--report-json", report_path,
+    )  # fmt: skip
+    assert code == 0, err
+    report = json.loads(report_path.read_text())
+    assert report["quantized_op_types"] == {"MatMul": 1}
+    assert report["calibration"]["random"] is True
+    assert report["calibration"]["samples"] == 4
+
+
+# ---------------------------------------------------------------------------------------------------
+# Help, version, example
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["optimize", "--help"], ["example", "--help"]])
+def test_help_exits_zero(capsys: pytest.CaptureFixture[str], argv: list[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 0
+    assert "usage:" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["optimize", "--help"]])
+def test_help_subprocess(argv: list[str]) -> None:
+    proc = _run_module(*argv, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("usage: onnxq")
+    assert proc.stderr == ""
+
+
+def test_version(cli: CliRunner) -> None:
+    code, out, _ = cli("--version")
+    assert code == 0
+    assert out.startswith("onnxq ")
+
+
+def test_no_command_prints_help(cli: CliRunner) -> None:
+    code, out, _ = cli()
+    assert code == 2
+    assert "optimize" in out and "example" in out
+
+
+def test_help_does_not_import_heavy_modules() -> None:
+    code = (
+        "import sys, contextlib, io\n"
+        "import onnxq.cli\n"
+        "with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):\n"
+        "    onnxq.cli.main(['optimize', '--help'])\n"
+        "print(','.join(m for m in ('onnx', 'onnx_ir', 'onnxruntime', 'numpy') if m in sys.modules))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == ""
+
+
+def test_example_subprocess(tmp_path: Path) -> None:
+    out_dir = tmp_path / "example"
+    proc = _run_module("example", "--out-dir", out_dir, "--runs", "2", cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "SQNR" in proc.stdout
+    for name in (
+        "example_cnn.onnx",
+        "example_cnn.int8.onnx",
+        "calibration.npz",
+        "evaluation.npz",
+        "report.json",
+    ):
+        assert (out_dir / name).is_file(), name
+    report = json.loads((out_dir / "report.json").read_text())
+    assert report["accuracy"] and report["accuracy"][0]["sqnr_db"] > 15.0
+    assert report["batchnorms_folded"] > 0
+    assert not [name for name in os.listdir(out_dir) if name.startswith(".")]
+
+
+def test_report_json_is_a_directory_leaves_no_temp_file(
+    cli: CliRunner, model_path: Path, calib_npz: Path, out_dir: Path
+) -> None:
+    (out_dir / "report.json").mkdir()
+    code, out, err = cli(
+        "optimize", model_path, "-o", out_dir / "q.onnx", "--calib", calib_npz, "--no-validate", "--quiet",
+        "--report-json", out_dir / "report.json",
+    )  # fmt: skip
+    _assert_user_error(code, out, err, "cannot write", "report.json")
+    assert _listing(out_dir) == ["q.onnx", "report.json"]
+
+
+def test_written_files_respect_the_umask(
+    cli: CliRunner, model_path: Path, calib_npz: Path, out_dir: Path
+) -> None:
+    code, _, err = cli(
+        "optimize", model_path, "-o", out_dir / "q.onnx", "--calib", calib_npz, "--no-validate", "--quiet",
+        "--report-json", out_dir / "report.json",
+    )  # fmt: skip
+    assert code == 0, err
+    umask = os.umask(0)
+    os.umask(umask)
+    expected = 0o666 & ~umask
+    assert (out_dir / "q.onnx").stat().st_mode & 0o777 == expected
+    assert (out_dir / "report.json").stat().st_mode & 0o777 == expected
