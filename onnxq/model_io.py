@@ -9,10 +9,12 @@ onnxruntime accepts.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -32,6 +34,7 @@ __all__ = [
     "model_size_bytes",
     "normalize_versions",
     "ort_max_versions",
+    "runtime_source",
     "save_model",
     "serialize_model",
 ]
@@ -234,6 +237,19 @@ def serialize_model(model: ir.Model) -> bytes:
     finally:
         for value, tensor in swapped:
             value.const_value = tensor
+
+
+@contextlib.contextmanager
+def runtime_source(model: ir.Model) -> Iterator[bytes | Path]:
+    """What an ONNX Runtime session should load for ``model``: its bytes, or for models too large for
+    one protobuf message, a temporary file with external data (removed afterwards)."""
+    if model_size_bytes(model) <= EXTERNAL_DATA_THRESHOLD:
+        yield serialize_model(model)
+        return
+    with tempfile.TemporaryDirectory(prefix="onnxq-") as tmp:
+        path = Path(tmp) / "model.onnx"
+        ir.save(model, path, external_data="model.onnx.data")
+        yield path
 
 
 def save_model(model: ir.Model, path: str | os.PathLike[str], *, input_path: Path | None = None) -> Path:

@@ -7,6 +7,7 @@ report.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -25,6 +26,7 @@ from onnxq.model_io import (
     load_model,
     model_size_bytes,
     normalize_versions,
+    runtime_source,
     save_model,
     serialize_model,
 )
@@ -81,8 +83,7 @@ class QuantizationResult:
         fusions); latency at ``ORT_ENABLE_ALL`` with interleaved runs. ``data`` defaults to the
         calibration data.
         """
-        from onnxq.validate.metrics import compare_models
-        from onnxq.validate.runtime import measure_latency, resolve_providers
+        from onnxq.validate.runtime import resolve_providers
 
         config = config or ValidationConfig()
         start = time.perf_counter()
@@ -93,7 +94,18 @@ class QuantizationResult:
             feeds = data
         else:
             feeds = load_feeds(data, self._calibration.specs, what="evaluation data")
-        quantized: bytes | Path = self._saved if self._saved is not None else serialize_model(self.model)
+        with contextlib.ExitStack() as stack:
+            quantized: bytes | Path = (
+                self._saved if self._saved is not None else stack.enter_context(runtime_source(self.model))
+            )
+            self._compare(quantized, feeds, providers)
+            self._time(quantized, feeds, providers, config)
+        self.report.timings_s["validate"] = time.perf_counter() - start
+        return self.report
+
+    def _compare(self, quantized: bytes | Path, feeds: Feeds, providers: list[str]) -> None:
+        from onnxq.validate.metrics import compare_models
+
         stats = compare_models(
             self._float_source,
             quantized,
@@ -108,25 +120,30 @@ class QuantizationResult:
         self.report.accuracy = [
             AccuracyRow(s.name, s.sqnr_db, s.cosine, s.max_abs_error, s.top1, s.samples) for s in stats
         ]
-        first = next(iter(feeds), None)
+
+    def _time(
+        self, quantized: bytes | Path, feeds: Feeds, providers: list[str], config: ValidationConfig
+    ) -> None:
+        from onnxq.validate.runtime import measure_latency
+
         self.report.latency = []
-        if first is not None:
-            for threads in config.threads:
-                timing = measure_latency(
-                    {"float": self._float_source, "quantized": quantized},
-                    first,
-                    threads=threads,
-                    runs=config.latency_runs,
-                    warmup=config.warmup_runs,
-                    providers=providers,
+        first = next(iter(feeds), None)
+        if first is None:
+            return
+        for threads in config.threads:
+            timing = measure_latency(
+                {"float": self._float_source, "quantized": quantized},
+                first,
+                threads=threads,
+                runs=config.latency_runs,
+                warmup=config.warmup_runs,
+                providers=providers,
+            )
+            self.report.latency.append(
+                LatencyRow(
+                    threads, timing["float"].median_ms, timing["quantized"].median_ms, config.latency_runs
                 )
-                self.report.latency.append(
-                    LatencyRow(
-                        threads, timing["float"].median_ms, timing["quantized"].median_ms, config.latency_runs
-                    )
-                )
-        self.report.timings_s["validate"] = time.perf_counter() - start
-        return self.report
+            )
 
 
 def quantize(

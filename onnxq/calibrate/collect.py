@@ -8,9 +8,10 @@ memory is bounded by the observers' fixed-size state, not by the number of sampl
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,7 +21,7 @@ from onnxq.calibrate.observers import Observer, make_observer
 from onnxq.config import ActivationScheme, CalibrationConfig
 from onnxq.data import Feeds
 from onnxq.errors import OnnxqError
-from onnxq.model_io import serialize_model
+from onnxq.model_io import runtime_source
 from onnxq.progress import progress
 from onnxq.validate.runtime import make_session, run
 
@@ -41,8 +42,9 @@ class CalibrationResult:
     unobserved: tuple[str, ...]
 
 
-def _augmented_model_bytes(model: ir.Model, values: Sequence[ir.Value]) -> bytes:
-    """Serialize ``model`` with ``values`` appended as graph outputs, leaving ``model`` unchanged."""
+@contextlib.contextmanager
+def _with_outputs(model: ir.Model, values: Sequence[ir.Value]) -> Iterator[None]:
+    """Temporarily append ``values`` to the graph outputs (restored on exit)."""
     graph = model.graph
     original = list(graph.outputs)
     added = [v for v in dict.fromkeys(values) if not v.is_graph_output()]
@@ -51,7 +53,7 @@ def _augmented_model_bytes(model: ir.Model, values: Sequence[ir.Value]) -> bytes
         value.type = ir.TensorType(ir.DataType.FLOAT)
     try:
         graph.outputs.extend(added)
-        return serialize_model(model)
+        yield
     finally:
         graph.outputs.clear()
         graph.outputs.extend(original)
@@ -91,7 +93,8 @@ def collect_ranges(
         observers[value.name or ""] = make_observer(config, dtype=scheme.dtype, symmetric=scheme.symmetric)
     names = list(observers)
     # Basic optimisations only: they keep every requested output intact and speed up the runs.
-    session = make_session(_augmented_model_bytes(model, values), providers=providers, opt_level="basic")
+    with _with_outputs(model, values), runtime_source(model) as source:
+        session = make_session(source, providers=providers, opt_level="basic")
     samples = runs = 0
     for feed in progress(feeds, total=feeds.num_batches, desc="calibrate", enabled=show_progress):
         outputs = run(session, feed, names)
