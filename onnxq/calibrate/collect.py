@@ -92,6 +92,10 @@ def collect_ranges(
         scheme = schemes[value]
         observers[value.name or ""] = make_observer(config, dtype=scheme.dtype, symmetric=scheme.symmetric)
     names = list(observers)
+    if not names:  # nothing needs a range (e.g. only constant tables are quantized)
+        return CalibrationResult(
+            {}, config.method, feeds.num_samples or 0, 0, time.perf_counter() - start, ()
+        )
     # Basic optimisations only: they keep every requested output intact and speed up the runs.
     with _with_outputs(model, values), runtime_source(model) as source:
         session = make_session(source, providers=providers, opt_level="basic")

@@ -315,11 +315,13 @@ class _Planner:
                     continue
                 target = out
                 consumers = [u.node for u in out.uses()]
-                if len(consumers) == 1 and consumers[0] in self.absorbed:
+                absorbs = len(consumers) == 1 and consumers[0] in self.absorbed
+                if absorbs:
                     target = consumers[0].outputs[0]
-                    plan.absorbed_nodes.append(consumers[0])
                 if rule.output == "always" or self.wanted(target):
                     add(target, node)
+                    if absorbs:  # (an activation after a float output runs in float: not absorbed)
+                        plan.absorbed_nodes.append(consumers[0])
 
         groups: dict[ir.Value, ActivationGroup] = {}
         for value in list(parent):
@@ -341,8 +343,9 @@ class _Planner:
             ):
                 group.observed.append(value)
 
+        absorbed = set(plan.absorbed_nodes)
         for node in self.nodes:
-            if node not in self.kept and node not in self.absorbed:
+            if node not in self.kept and node not in absorbed:
                 plan.float_op_types[node.op_type] += 1
                 reason = FLOAT_REASONS.get(node.op_type)
                 if reason and f"{node.op_type}: {reason}" not in plan.declined:
