@@ -8,12 +8,13 @@ the affine map is absorbed into the producer's weight and bias and the BatchNorm
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
 import onnx_ir as ir
+
+from onnxq.graph import NameScope
 
 __all__ = ["FoldBatchNormPass"]
 
@@ -38,29 +39,6 @@ class _Fold:
     bias: np.ndarray
     bias_index: int
     drop_attributes: tuple[str, ...] = ()
-
-
-class _Names:
-    """Value names in use anywhere in the model, to give new initializers unique names."""
-
-    def __init__(self, model: ir.Model) -> None:
-        self._used: set[str] = set()
-        for graph in model.graphs():
-            values: Iterable[ir.Value] = (
-                *graph.inputs,
-                *graph.outputs,
-                *graph.initializers.values(),
-                *(out for node in graph for out in node.outputs),
-            )
-            self._used.update(v.name for v in values if v.name)
-
-    def unique(self, base: str) -> str:
-        name, i = base, 0
-        while name in self._used:
-            i += 1
-            name = f"{base}_{i}"
-        self._used.add(name)
-        return name
 
 
 def _label(node: ir.Node) -> str:
@@ -282,7 +260,7 @@ class FoldBatchNormPass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         self.declined = []
         self.folded = []
-        names = _Names(model)
+        names = NameScope(model.graph)
         for graph in list(model.graphs()):
             for node in list(graph):
                 if node.op_type != "BatchNormalization" or node.domain not in _ONNX_DOMAINS:
@@ -297,7 +275,7 @@ class FoldBatchNormPass(ir.passes.InPlacePass):
             logger.info("Folded %d BatchNormalization nodes", len(self.folded))
         return ir.passes.PassResult(model, modified=bool(self.folded))
 
-    def _fold(self, model: ir.Model, graph: ir.Graph, bn: ir.Node, names: _Names) -> None:
+    def _fold(self, model: ir.Model, graph: ir.Graph, bn: ir.Node, names: NameScope) -> None:
         # Match and check: nothing below mutates the graph until every check has passed.
         label = _label(bn)
         _check_inference_mode(bn, _onnx_opset(model, bn))
@@ -327,8 +305,8 @@ class FoldBatchNormPass(ir.passes.InPlacePass):
         old_bias = producer.inputs[fold.bias_index] if len(producer.inputs) > fold.bias_index else None
         weight_base = old_weight.name or f"{producer.name or producer.op_type}_weight"
         bias_base = old_bias.name if old_bias is not None and old_bias.name else f"{weight_base}_bias"
-        new_weight = _new_initializer(graph, names.unique(f"{weight_base}__fold_{suffix}"), fold.weight)
-        new_bias = _new_initializer(graph, names.unique(f"{bias_base}__fold_{suffix}"), fold.bias)
+        new_weight = _new_initializer(graph, names.fresh(f"{weight_base}__fold_{suffix}"), fold.weight)
+        new_bias = _new_initializer(graph, names.fresh(f"{bias_base}__fold_{suffix}"), fold.bias)
         if len(producer.inputs) <= fold.bias_index:
             producer.resize_inputs(fold.bias_index + 1)
         producer.replace_input_with(1, new_weight)
