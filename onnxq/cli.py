@@ -213,7 +213,10 @@ def run_optimize(
                 f"cannot write {target} ({flag}): folder {Path(target).resolve().parent} does not exist"
             )
     config = _config_from_args(args)
-    result = quantize(model, calib, config, random_samples=args.random_samples)
+    from onnxq.validate.runtime import resolve_providers
+
+    providers = resolve_providers(args.provider)  # calibration runs on the same provider
+    result = quantize(model, calib, config, random_samples=args.random_samples, providers=providers)
     result.save(output)
     if not args.no_validate:
         result.validate(
