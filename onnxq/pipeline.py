@@ -191,8 +191,6 @@ def quantize(
     timings["preprocess"] = time.perf_counter() - start
 
     plan = plan_quantization(ir_model, config)
-    report.declined = list(plan.declined)
-    report.subgraph_nodes = plan.subgraph_nodes
     if plan.empty:
         ops = sorted({n.op_type for n in ir_model.graph})
         raise OnnxqError(
@@ -212,17 +210,41 @@ def quantize(
     from onnxq.calibrate.collect import collect_ranges
 
     t = time.perf_counter()
-    observed = plan.observed_values()
-    schemes = {v: plan.group_of[v].scheme for v in observed}
-    calibration = collect_ranges(
-        ir_model,
-        observed,
-        schemes,
-        feeds,
-        config.calibration,
-        providers=providers,
-        show_progress=show_progress,
-    )
+    runtime_declines: list[str] = []
+    runtime_excluded: list[str] = []
+    while True:
+        observed = plan.observed_values()
+        schemes = {v: plan.group_of[v].scheme for v in observed}
+        calibration = collect_ranges(
+            ir_model,
+            observed,
+            schemes,
+            feeds,
+            config.calibration,
+            providers=providers,
+            show_progress=show_progress,
+        )
+        if not calibration.non_float:
+            break
+        # Shape inference could not type these tensors and they turned out not to be float32 at run
+        # time: keep every node that touches them float and plan again.
+        bad = set(calibration.non_float)
+        touching = sorted(
+            n.name or ""
+            for n in plan.quantized_nodes
+            if any(v is not None and v.name in bad for v in (*n.inputs, *n.outputs))
+        )
+        runtime_declines += [
+            f"{name} not quantized: a tensor it reads or writes is not float32" for name in touching
+        ]
+        runtime_excluded += touching
+        config = config.replace(exclude_nodes=(*config.exclude_nodes, *touching))
+        plan = plan_quantization(ir_model, config)
+        if plan.empty:
+            raise OnnxqError(f"nothing to quantize in {label}: every candidate touches non-float tensors")
+    replaced = {f"{name} not quantized: excluded by configuration" for name in runtime_excluded}
+    report.declined = [*runtime_declines, *(d for d in plan.declined if d not in replaced)]
+    report.subgraph_nodes = plan.subgraph_nodes
     timings["calibrate"] = time.perf_counter() - t
     report.calibration = {
         "method": calibration.method,

@@ -40,6 +40,8 @@ class CalibrationResult:
     runs: int
     seconds: float
     unobserved: tuple[str, ...]
+    #: Tensors planned as float that turned out to hold another type at run time.
+    non_float: tuple[str, ...] = ()
 
 
 @contextlib.contextmanager
@@ -48,17 +50,12 @@ def _with_outputs(model: ir.Model, values: Sequence[ir.Value]) -> Iterator[None]
     graph = model.graph
     original = list(graph.outputs)
     added = [v for v in dict.fromkeys(values) if not v.is_graph_output()]
-    missing_type = [v for v in added if v.type is None]
-    for value in missing_type:
-        value.type = ir.TensorType(ir.DataType.FLOAT)
     try:
         graph.outputs.extend(added)
         yield
     finally:
         graph.outputs.clear()
         graph.outputs.extend(original)
-        for value in missing_type:
-            value.type = None
 
 
 def _batch_size(feed: Mapping[str, np.ndarray], per_batch: int) -> int:
@@ -100,11 +97,14 @@ def collect_ranges(
     with _with_outputs(model, values), runtime_source(model) as source:
         session = make_session(source, providers=providers, opt_level="basic")
     samples = runs = 0
+    non_float: dict[str, None] = {}
     for feed in progress(feeds, total=feeds.num_batches, desc="calibrate", enabled=show_progress):
         outputs = run(session, feed, names)
         n = _batch_size(feed, feeds.samples_per_batch)
         for name, array in zip(names, outputs, strict=True):
-            if array.dtype.kind == "f" and array.size:
+            if array.dtype != np.float32:
+                non_float[name] = None
+            elif array.size:
                 observers[name].update(array, num_samples=n)
         samples += n
         runs += 1
@@ -127,4 +127,5 @@ def collect_ranges(
         runs=runs,
         seconds=time.perf_counter() - start,
         unobserved=tuple(unobserved),
+        non_float=tuple(non_float),
     )

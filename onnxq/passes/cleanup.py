@@ -35,6 +35,13 @@ class PreprocessSummary:
     notes: list[str] = field(default_factory=list)
 
 
+class _OpTypeNames(common.naming.SimpleNameGenerator):
+    """Unnamed nodes are named after their op type (``Conv``, ``Conv_1``, …) so reports can name them."""
+
+    def generate_node_name(self, node: ir.Node) -> str:
+        return node.name or node.op_type
+
+
 class RemoveIdentityPass(ir.passes.InPlacePass):
     """Remove Identity nodes in every graph by reading their input directly.
 
@@ -86,6 +93,7 @@ def preprocess(model: ir.Model) -> PreprocessSummary:
     summary = PreprocessSummary(nodes_before=sum(1 for _ in model.graph.all_nodes()))
     common.RemoveInitializersFromInputsPass()(model)
     common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
+    common.NameFixPass(_OpTypeNames())(model)
     common.TopologicalSortPass()(model)
     FoldConstantsPass()(model)
     fold_bn = FoldBatchNormPass()
