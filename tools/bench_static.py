@@ -91,7 +91,8 @@ class BenchModel:
 
 
 BENCH_MODELS: dict[str, BenchModel] = {
-    "cnn": BenchModel("cnn", "small_cnn", "logits", classifier=True),
+    "cnn": BenchModel("cnn", "cnn", "logits", classifier=True),
+    "small_cnn": BenchModel("small_cnn", "small_cnn", "logits", classifier=True),
     "resnet18": BenchModel("resnet18", "resnet18", "logits", classifier=True),
     "minilm": BenchModel(
         "minilm",

@@ -77,6 +77,7 @@ __all__ = [
     "Feed",
     "build",
     "check_export",
+    "cnn",
     "export",
     "image_feeds",
     "load_sentences",
@@ -100,8 +101,8 @@ Exporter = Literal["torchscript", "dynamo"]
 Split = Literal["calib", "eval"]
 
 # Bump when a builder changes: build() rebuilds cached files whose metadata names another version.
-ZOO_VERSION = "3"
-MODEL_NAMES: tuple[str, ...] = ("small_cnn", "mlp", "transformer_encoder", "resnet18", "minilm")
+ZOO_VERSION = "4"
+MODEL_NAMES: tuple[str, ...] = ("small_cnn", "cnn", "mlp", "transformer_encoder", "resnet18", "minilm")
 SENTENCES_PATH = Path(__file__).with_name("sentences.txt")
 
 # onnxruntime 1.31 loads IR versions up to 13; 10 is what the dynamo exporter writes and old runtimes read.
@@ -331,22 +332,25 @@ def _conv_bn_relu(cin: int, cout: int, *, relu: bool = True) -> torch.nn.Sequent
     return nn.Sequential(*layers)
 
 
-def _small_cnn_spec() -> _Spec:
+def _small_cnn_spec(width: int = 16, size: int = 32) -> _Spec:
+    """The test CNN; ``width``/``size`` scale its channels and input for the benchmark's ``cnn``."""
     import torch
     from torch import nn
+
+    w = width
 
     class SmallCNN(nn.Module):
         def __init__(self, num_classes: int = 10) -> None:
             super().__init__()
-            self.stem = _conv_bn_relu(3, 16)
+            self.stem = _conv_bn_relu(3, w)
             self.pool1 = nn.MaxPool2d(2)
-            self.widen = _conv_bn_relu(16, 32)
-            self.res_a = _conv_bn_relu(32, 32)
-            self.res_b = _conv_bn_relu(32, 32, relu=False)
+            self.widen = _conv_bn_relu(w, 2 * w)
+            self.res_a = _conv_bn_relu(2 * w, 2 * w)
+            self.res_b = _conv_bn_relu(2 * w, 2 * w, relu=False)
             self.pool2 = nn.AvgPool2d(2)
-            self.head_conv = _conv_bn_relu(32, 64)
+            self.head_conv = _conv_bn_relu(2 * w, 4 * w)
             self.gap = nn.AdaptiveAvgPool2d(1)
-            self.fc = nn.Linear(64, num_classes)
+            self.fc = nn.Linear(4 * w, num_classes)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             x = self.widen(self.pool1(self.stem(x)))
@@ -357,11 +361,11 @@ def _small_cnn_spec() -> _Spec:
     torch.manual_seed(0)
     model = SmallCNN()
     rng = np.random.default_rng(0)
-    _randomize_batchnorm(model, lambda: _torch_images(rng, 16, 32), passes=4)
-    _center_classifier(model, model.fc, _torch_images(rng, 128, 32))
+    _randomize_batchnorm(model, lambda: _torch_images(rng, 16, size), passes=4)
+    _center_classifier(model, model.fc, _torch_images(rng, 128, size))
     return _Spec(
         module=model,
-        example_inputs=(torch.randn(2, 3, 32, 32),),
+        example_inputs=(torch.randn(2, 3, size, size),),
         input_names=("input",),
         output_names=("logits",),
         dynamic_axes=_batch_axes(["input", "logits"]),
@@ -542,6 +546,7 @@ def _minilm_spec() -> _Spec:
 
 _SPECS: dict[str, Callable[[], _Spec]] = {
     "small_cnn": _small_cnn_spec,
+    "cnn": lambda: _small_cnn_spec(width=64, size=64),
     "mlp": _mlp_spec,
     "transformer_encoder": _transformer_encoder_spec,
     "resnet18": _resnet18_spec,
@@ -587,6 +592,11 @@ def small_cnn(path: str | os.PathLike[str]) -> Path:
     return _export_spec("small_cnn", path)
 
 
+def cnn(path: str | os.PathLike[str]) -> Path:
+    """Write the benchmark CNN: the small CNN at 4× the width on 64×64 inputs ([N, 3, 64, 64] → [N, 10])."""
+    return _export_spec("cnn", path)
+
+
 def mlp(path: str | os.PathLike[str]) -> Path:
     """Write the MLP ([N, 64] → [N, 10], Gemm + Relu) to ``path``."""
     return _export_spec("mlp", path)
@@ -609,6 +619,7 @@ def minilm(path: str | os.PathLike[str]) -> Path:
 
 _BUILDERS: dict[str, Callable[[str | os.PathLike[str]], Path]] = {
     "small_cnn": small_cnn,
+    "cnn": cnn,
     "mlp": mlp,
     "transformer_encoder": transformer_encoder,
     "resnet18": resnet18,
@@ -720,6 +731,8 @@ def sample_feeds(name: str, n: int, *, split: Split = "calib", seq_len: int = 12
     seed = _SEEDS[split]
     if name == "small_cnn":
         return image_feeds(n, (1, 3, 32, 32), seed)
+    if name == "cnn":
+        return image_feeds(n, (1, 3, 64, 64), seed)
     if name == "resnet18":
         return image_feeds(n, (1, 3, 224, 224), seed)
     if name == "mlp":

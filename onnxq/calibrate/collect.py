@@ -13,6 +13,7 @@ import logging
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import onnx_ir as ir
@@ -58,6 +59,13 @@ def _with_outputs(model: ir.Model, values: Sequence[ir.Value]) -> Iterator[None]
         graph.outputs.extend(original)
 
 
+def _open_session(model: ir.Model, providers: Sequence[str]) -> Any:
+    """An ORT session on ``model``; the serialized copy is released as soon as ORT has loaded it."""
+    with runtime_source(model) as source:
+        # Basic optimisations only: they keep every requested output intact and speed up the runs.
+        return make_session(source, providers=providers, opt_level="basic")
+
+
 def _batch_size(feed: Mapping[str, np.ndarray], per_batch: int) -> int:
     if per_batch <= 1:
         return 1
@@ -93,9 +101,8 @@ def collect_ranges(
         return CalibrationResult(
             {}, config.method, feeds.num_samples or 0, 0, time.perf_counter() - start, ()
         )
-    # Basic optimisations only: they keep every requested output intact and speed up the runs.
-    with _with_outputs(model, values), runtime_source(model) as source:
-        session = make_session(source, providers=providers, opt_level="basic")
+    with _with_outputs(model, values):
+        session = _open_session(model, providers)
     samples = runs = 0
     non_float: dict[str, None] = {}
     for feed in progress(feeds, total=feeds.num_batches, desc="calibrate", enabled=show_progress):
