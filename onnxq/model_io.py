@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import onnx_ir as ir
 
 from onnxq.errors import OnnxqError
@@ -36,6 +37,7 @@ __all__ = [
     "ort_max_versions",
     "runtime_source",
     "save_model",
+    "serialize_lean",
     "serialize_model",
 ]
 
@@ -202,6 +204,21 @@ def _convert_opset(model: ir.Model, target: int) -> None:
     model.functions.update(new.functions)
 
 
+#: Tensor types numpy cannot hold natively; they stay inside the protobuf.
+_NON_NUMPY_DTYPES = frozenset(
+    {
+        ir.DataType.STRING,
+        ir.DataType.BFLOAT16,
+        ir.DataType.FLOAT8E4M3FN,
+        ir.DataType.FLOAT8E4M3FNUZ,
+        ir.DataType.FLOAT8E5M2,
+        ir.DataType.FLOAT8E5M2FNUZ,
+        ir.DataType.INT4,
+        ir.DataType.UINT4,
+    }
+)
+
+
 def default_opset(model: ir.Model) -> int:
     """The model's default-domain (``ai.onnx``) opset version."""
     imports = model.opset_imports
@@ -234,6 +251,42 @@ def serialize_model(model: ir.Model) -> bytes:
                 value.const_value = ir.Tensor(tensor.numpy().copy(), dtype=tensor.dtype, name=tensor.name)
     try:
         return ir.to_proto(model).SerializeToString(deterministic=True)
+    finally:
+        for value, tensor in swapped:
+            value.const_value = tensor
+
+
+def serialize_lean(model: ir.Model, *, min_bytes: int = 1024) -> tuple[bytes, dict[str, np.ndarray]]:
+    """Protobuf bytes without the large initializers' data, and those initializers as arrays.
+
+    Pass both to :func:`onnxq.validate.runtime.make_session` (``initializers=``): ONNX Runtime then
+    uses the arrays' memory directly instead of parsing a serialized copy and copying it again, so a
+    session on a 90 MB model costs about its weights once, not three times; and models over protobuf's
+    2 GiB limit need no temporary file. The arrays are views of the model's own tensors where possible.
+    """
+    swapped: list[tuple[ir.Value, ir.TensorProtocol]] = []
+    arrays: dict[str, np.ndarray] = {}
+    for graph in (model.graph, *model.graph.subgraphs()):
+        for name, value in graph.initializers.items():
+            tensor = value.const_value
+            if tensor is None:
+                continue
+            external = isinstance(tensor, ir.ExternalTensor)
+            if tensor.dtype in _NON_NUMPY_DTYPES:
+                if external:  # ONNX Runtime would resolve a bytes model's data paths against the cwd
+                    swapped.append((value, tensor))
+                    value.const_value = ir.Tensor(tensor.numpy().copy(), dtype=tensor.dtype, name=name)
+                continue
+            if tensor.nbytes < min_bytes and not external:
+                continue
+            array = tensor.numpy()
+            arrays[name] = array
+            swapped.append((value, tensor))
+            value.const_value = ir.ExternalTensor(
+                "onnxq-in-memory", 0, tensor.nbytes, tensor.dtype, shape=ir.Shape(array.shape), name=name
+            )
+    try:
+        return ir.to_proto(model).SerializeToString(deterministic=True), arrays
     finally:
         for value, tensor in swapped:
             value.const_value = tensor

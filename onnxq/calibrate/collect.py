@@ -22,7 +22,7 @@ from onnxq.calibrate.observers import Observer, make_observer
 from onnxq.config import ActivationScheme, CalibrationConfig
 from onnxq.data import Feeds
 from onnxq.errors import OnnxqError
-from onnxq.model_io import runtime_source
+from onnxq.model_io import serialize_lean
 from onnxq.progress import progress
 from onnxq.validate.runtime import make_session, run
 
@@ -60,10 +60,12 @@ def _with_outputs(model: ir.Model, values: Sequence[ir.Value]) -> Iterator[None]
 
 
 def _open_session(model: ir.Model, providers: Sequence[str]) -> Any:
-    """An ORT session on ``model``; the serialized copy is released as soon as ORT has loaded it."""
-    with runtime_source(model) as source:
-        # Basic optimisations only: they keep every requested output intact and speed up the runs.
-        return make_session(source, providers=providers, opt_level="basic")
+    """An ORT session on ``model`` that shares the model's weight memory instead of copying it."""
+    data, initializers = serialize_lean(model)
+    # Basic optimisations only: they keep every requested output intact and speed up the runs.
+    return make_session(
+        data, providers=providers, opt_level="basic", initializers=initializers, prepack=False
+    )
 
 
 def _batch_size(feed: Mapping[str, np.ndarray], per_batch: int) -> int:

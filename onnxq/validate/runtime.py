@@ -101,6 +101,8 @@ def make_session(
     opt_level: OptLevel = "all",
     threads: int | None = None,
     spin: bool = True,
+    initializers: Mapping[str, np.ndarray] | None = None,
+    prepack: bool = True,
 ) -> ort.InferenceSession:
     """Open an ONNX Runtime session on a serialized model or a model file.
 
@@ -132,6 +134,14 @@ def make_session(
     options.log_severity_level = 3
     if not spin:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if not prepack:  # no repacked copy of every MatMul/Conv weight: for one-off sessions (calibration)
+        options.add_session_config_entry("session.disable_prepacking", "1")
+    # Initializers handed over as arrays (see onnxq.model_io.serialize_lean): ORT uses their memory.
+    kept_alive = [
+        ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a)) for a in (initializers or {}).values()
+    ]
+    if kept_alive:
+        options.add_external_initializers(list(initializers or {}), kept_alive)
 
     source: bytes | str
     if isinstance(model, bytes | bytearray):
@@ -145,6 +155,7 @@ def make_session(
     except _ORT_ERRORS as exc:
         raise OnnxqError(f"onnxruntime cannot load {_describe(model)}: {_first_line(exc)}") from exc
 
+    session._onnxq_initializers = kept_alive  # must outlive the session
     used = session.get_providers()
     dropped = [p for p in providers if p not in used]
     if dropped:
