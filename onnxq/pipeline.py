@@ -193,9 +193,10 @@ def quantize(
     plan = plan_quantization(ir_model, config)
     if plan.empty:
         ops = sorted({n.op_type for n in ir_model.graph})
+        why = f"; {'; '.join(plan.declined[:2])}" if plan.declined else ""
         raise OnnxqError(
             f"nothing to quantize in {label}: no eligible Conv/ConvTranspose/Gemm/MatMul "
-            f"(op types present: {', '.join(ops) or 'none'})"
+            f"(op types present: {', '.join(ops) or 'none'}){why}"
         )
 
     if isinstance(calibration_data, Feeds):

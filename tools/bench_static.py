@@ -802,7 +802,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--models", default=None, help=f"comma list of {', '.join(BENCH_MODELS)}")
     parser.add_argument("--out-dir", default="bench-out", type=Path)
     parser.add_argument("--calib", type=int, default=None, help="calibration samples (default 32)")
-    parser.add_argument("--eval", type=int, default=None, help="evaluation samples (default 32)")
+    parser.add_argument("--eval", type=int, default=None, help="evaluation samples (default 96)")
     parser.add_argument("--runs", type=int, default=None, help="timed latency runs per model (default 50)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed runs per model (default 5)")
     parser.add_argument("--threads", default="1,2", help="intra-op thread counts for latency")
@@ -851,7 +851,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         calib_models=calib_models,
         out_dir=args.out_dir,
         calib=calib,
-        eval=args.eval or (4 if quick else 32),
+        eval=args.eval or (4 if quick else 96),
         runs=args.runs or (5 if quick else 50),
         warmup=args.warmup if args.warmup is not None else (1 if quick else 5),
         threads=tuple(int(t) for t in _csv(args.threads)),
