@@ -61,13 +61,13 @@ class _Builder:
 
 
 def build_example_model() -> ir.Model:
-    """A residual CNN (about 0.3 M parameters) for 3×64×64 images and 10 classes, dynamic batch."""
+    """A residual CNN (about 1.2 M parameters) for 3×64×64 images and 10 classes, dynamic batch."""
     rng = np.random.default_rng(_SEED)
     b = _Builder(rng)
     x = ir.Value(name="image", shape=ir.Shape(["batch", *_IMAGE]), type=ir.TensorType(ir.DataType.FLOAT))
-    y = b.conv_bn(x, 3, 32, "stem")
+    y = b.conv_bn(x, 3, 64, "stem")
     y = b.node("MaxPool", [y], "pool1", kernel_shape=[2, 2], strides=[2, 2])
-    for stage, (cin, cout) in enumerate([(32, 32), (32, 64), (64, 128)], start=1):
+    for stage, (cin, cout) in enumerate([(64, 64), (64, 128), (128, 256)], start=1):
         stride = 1 if cin == cout else 2
         h = b.conv_bn(y, cin, cout, f"stage{stage}.conv1", stride=stride)
         h = b.conv_bn(h, cout, cout, f"stage{stage}.conv2", relu=False)
@@ -78,7 +78,7 @@ def build_example_model() -> ir.Model:
         y = b.node("Relu", [y], f"stage{stage}.relu")
     y = b.node("GlobalAveragePool", [y], "gap")
     y = b.node("Flatten", [y], "flatten", axis=1)
-    w = b.const("head.weight", rng.normal(0, np.sqrt(1.0 / 128), (10, 128)))
+    w = b.const("head.weight", rng.normal(0, np.sqrt(1.0 / 256), (10, 256)))
     bias = b.const("head.bias", rng.normal(0, 0.05, 10))
     logits = b.node("Gemm", [y, w, bias], "head", transB=1)
     logits.name = "logits"

@@ -84,7 +84,7 @@ class QuantReport:
 
     def format_table(self) -> str:
         """Tables for the terminal: summary, accuracy per output, latency per thread count."""
-        parts = [tabulate(self._summary_rows(), tablefmt="simple_outline")]
+        parts = [tabulate(self._summary_rows(), tablefmt="simple_outline", disable_numparse=True)]
         if self.accuracy:
             rows = [
                 [
@@ -103,6 +103,8 @@ class QuantReport:
                     rows,
                     headers=["output", "SQNR dB", "cosine", "max |err|", "top-1 agree", "samples"],
                     tablefmt="simple_outline",
+                    disable_numparse=True,
+                    colalign=("left", "right", "right", "right", "right", "right"),
                 )
             )
         if self.latency:
@@ -116,6 +118,8 @@ class QuantReport:
                     rows,
                     headers=["threads", "float ms", "quantized ms", "speed-up", "runs"],
                     tablefmt="simple_outline",
+                    disable_numparse=True,
+                    colalign=("right",) * 5,
                 )
             )
         if self.declined:
