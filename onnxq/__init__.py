@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from onnxq.config import (
     ActivationScheme,
     CalibrationConfig,
+    DynamicConfig,
     NodeOverride,
     QuantConfig,
     ValidationConfig,
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
 __all__ = [
     "ActivationScheme",
     "CalibrationConfig",
+    "DynamicConfig",
     "NodeOverride",
     "OnnxqError",
     "QuantConfig",

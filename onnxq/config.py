@@ -16,6 +16,7 @@ __all__ = [
     "CALIBRATION_METHODS",
     "ActivationScheme",
     "CalibrationConfig",
+    "DynamicConfig",
     "NodeOverride",
     "QuantConfig",
     "ValidationConfig",
@@ -110,6 +111,18 @@ class ValidationConfig:
 
 
 @dataclass(frozen=True)
+class DynamicConfig:
+    """Dynamic quantization: int8 weights, activations quantized at run time (no calibration data).
+
+    ``conv`` also quantizes Conv dynamically (ConvInteger is slow in ONNX Runtime, so off by default);
+    ``embeddings`` stores Gather tables (token embeddings) as int8, dequantizing only the gathered rows.
+    """
+
+    conv: bool = False
+    embeddings: bool = False
+
+
+@dataclass(frozen=True)
 class QuantConfig:
     """Everything that decides what the quantized model looks like.
 
@@ -124,6 +137,18 @@ class QuantConfig:
     exclude_nodes: tuple[str, ...] = ()
     op_type_overrides: Mapping[str, NodeOverride] = field(default_factory=dict)
     node_overrides: Mapping[str, NodeOverride] = field(default_factory=dict)
+    #: ``static`` calibrates activation ranges; ``dynamic`` computes them at run time.
+    mode: Literal["static", "dynamic"] = "static"
+    #: ``qdq`` keeps QuantizeLinear/DequantizeLinear around float ops (ONNX Runtime fuses them);
+    #: ``qoperator`` lowers them to integer operators (QLinearConv, QLinearMatMul, ...).
+    format: Literal["qdq", "qoperator"] = "qdq"
+    dynamic: DynamicConfig = field(default_factory=DynamicConfig)
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("static", "dynamic"):
+            raise ValueError(f"mode must be 'static' or 'dynamic', got {self.mode!r}")
+        if self.format not in ("qdq", "qoperator"):
+            raise ValueError(f"format must be 'qdq' or 'qoperator', got {self.format!r}")
 
     def replace(self, **changes: object) -> QuantConfig:
         """A copy with some fields changed (``dataclasses.replace`` spelled as a method)."""
