@@ -80,6 +80,30 @@ def _add_quant_options(parser: argparse.ArgumentParser) -> None:
     )
     scheme = parser.add_argument_group("quantization scheme")
     scheme.add_argument(
+        "--mode",
+        choices=("static", "dynamic"),
+        default="static",
+        help="static: calibrated activation ranges (needs --calib); dynamic: int8 weights, activations "
+        "quantized at run time (transformers, LSTMs; no data needed). Default static",
+    )
+    scheme.add_argument(
+        "--format",
+        choices=("qdq", "qoperator"),
+        default="qdq",
+        help="qdq: QuantizeLinear/DequantizeLinear around float ops (default); qoperator: integer "
+        "operators (QLinearConv, QLinearMatMul, MatMulIntegerToFloat, com.microsoft QLinear ops)",
+    )
+    scheme.add_argument(
+        "--dynamic-conv",
+        action="store_true",
+        help="with --mode dynamic, also Conv (ConvInteger; often slower)",
+    )
+    scheme.add_argument(
+        "--quantize-embeddings",
+        action="store_true",
+        help="with --mode dynamic, store Gather tables (token embeddings) as int8",
+    )
+    scheme.add_argument(
         "--activation-type",
         choices=("uint8", "int8"),
         default="uint8",
@@ -130,10 +154,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     optimize = sub.add_parser(
         "optimize",
-        help="quantize a float model (static INT8 QDQ) and report accuracy and speed",
+        help="quantize a model (static or dynamic INT8, QDQ or QOperator) and report accuracy and speed",
         description=(
-            "Quantize MODEL statically to INT8 in QDQ form using calibration data, write it to OUT, then "
-            "compare it with the float model in ONNX Runtime (accuracy, size, latency)."
+            "Quantize MODEL to INT8 (static with calibration data, or dynamic), in QDQ or QOperator form, "
+            "write it to OUT, then compare it with the input model in ONNX Runtime (accuracy, size, "
+            "latency). A model that already holds Q/DQ (PyTorch QAT export, another tool) is normalized "
+            "and re-emitted or lowered without recalibration."
         ),
     )
     optimize.add_argument("model", metavar="MODEL", help="float ONNX model (.onnx)")
@@ -142,9 +168,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--calib",
         metavar="DATA",
         help=(
-            "calibration data: an .npz with one array per graph input (samples stacked on a new leading "
-            "axis, or split along a dynamic batch axis 0), a directory of .npz files (one feed each), "
-            "or 'random' (smoke tests only)"
+            "calibration data (static mode): an .npz with one array per graph input (samples stacked on a "
+            "new leading axis, or split along a dynamic batch axis 0), a directory of .npz files (one "
+            "feed each), or 'random' (smoke tests only). Not needed with --mode dynamic or for models "
+            "that already hold QuantizeLinear/DequantizeLinear"
         ),
     )
     _add_quant_options(optimize)
@@ -170,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _config_from_args(args: argparse.Namespace) -> Any:
-    from onnxq.config import ActivationScheme, CalibrationConfig, QuantConfig, WeightScheme
+    from onnxq.config import ActivationScheme, CalibrationConfig, DynamicConfig, QuantConfig, WeightScheme
 
     symmetric = bool(args.symmetric_activations)
     dtype = "int8" if symmetric else args.activation_type
@@ -183,6 +210,9 @@ def _config_from_args(args: argparse.Namespace) -> Any:
             ),
             exclude_nodes=tuple(args.exclude_nodes),
             exclude_op_types=tuple(args.exclude_op_types),
+            mode=args.mode,
+            format=args.format,
+            dynamic=DynamicConfig(conv=args.dynamic_conv, embeddings=args.quantize_embeddings),
         )
     except ValueError as exc:
         raise OnnxqError(str(exc)) from exc
@@ -200,8 +230,6 @@ def run_optimize(
     from onnxq.config import ValidationConfig
     from onnxq.pipeline import quantize
 
-    if calib is None:
-        raise OnnxqError("--calib DATA is required (an .npz file, a directory of .npz files, or 'random')")
     if Path(output).suffix == "" and Path(output).is_dir():
         raise OnnxqError(
             f"-o {output} is a directory; give a file name such as {Path(output) / 'model.int8.onnx'}"

@@ -7,6 +7,7 @@ report.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import os
@@ -51,7 +52,7 @@ class QuantizationResult:
         report: QuantReport,
         *,
         float_source: bytes | Path,
-        calibration: Feeds,
+        calibration: Feeds | None,
         input_path: Path | None,
     ) -> None:
         self.model = model
@@ -81,19 +82,22 @@ class QuantizationResult:
 
         Accuracy is measured at ``ORT_ENABLE_ALL`` (what a deployment computes, with ONNX Runtime's QDQ
         fusions); latency at ``ORT_ENABLE_ALL`` with interleaved runs. ``data`` defaults to the
-        calibration data.
+        calibration data, and to random inputs (with a warning) when there was none.
         """
         from onnxq.validate.runtime import resolve_providers
 
         config = config or ValidationConfig()
         start = time.perf_counter()
         providers = resolve_providers(config.provider)
-        if data is None:
-            feeds = self._calibration
-        elif isinstance(data, Feeds):
+        if isinstance(data, Feeds):
             feeds = data
+        elif data is not None:
+            feeds = load_feeds(data, input_specs(self.model), what="evaluation data")
+        elif self._calibration is not None:
+            feeds = self._calibration
         else:
-            feeds = load_feeds(data, self._calibration.specs, what="evaluation data")
+            logger.warning("no evaluation data given: validating on random inputs (pass --eval DATA)")
+            feeds = load_feeds("random", input_specs(self.model), what="evaluation data")
         with contextlib.ExitStack() as stack:
             quantized: bytes | Path = (
                 self._saved if self._saved is not None else stack.enter_context(runtime_source(self.model))
@@ -148,30 +152,39 @@ class QuantizationResult:
 
 def quantize(
     model: Any,
-    calibration_data: DataSource,
+    calibration_data: DataSource | None = None,
     config: QuantConfig | None = None,
     *,
     show_progress: bool | None = None,
     providers: Sequence[str] = ("CPUExecutionProvider",),
     random_samples: int = 16,
 ) -> QuantizationResult:
-    """Quantize a float ONNX model statically (QDQ form) using calibration data.
+    """Quantize an ONNX model and return the result (model, report, ``save``, ``validate``).
 
     ``model`` is a path, an ``onnx.ModelProto`` or an ``onnx_ir.Model`` (never modified).
     ``calibration_data`` is an ``.npz`` file, a directory of ``.npz`` files, an iterable of
-    ``{input_name: array}`` feeds, or ``"random"`` (smoke tests only). Raises :class:`OnnxqError`
-    for input that does not fit.
+    ``{input_name: array}`` feeds, or ``"random"`` (smoke tests only); static quantization of a float
+    model needs it, dynamic quantization and models that already hold Q/DQ do not.
+
+    What happens depends on the model and ``config``:
+
+    - a float model, ``mode="static"``: calibrated Q/DQ (then lowered to QOperator form when
+      ``format="qoperator"``);
+    - a float model, ``mode="dynamic"``: int8 weights, activations quantized at run time;
+    - a model that already holds Q/DQ (PyTorch QAT export, another tool, onnxq): normalized and
+      re-emitted (or lowered) without recalibration.
+
+    Raises :class:`OnnxqError` for input that does not fit.
     """
     config = config or QuantConfig()
-    timings: dict[str, float] = {}
     start = time.perf_counter()
     input_path = Path(model) if isinstance(model, (str, os.PathLike)) else None
     ir_model = load_model(model)
     label = str(input_path) if input_path is not None else (ir_model.graph.name or "<in-memory model>")
-    report = QuantReport(model=label)
+    report = QuantReport(model=label, timings_s={})
     report.version_notes = normalize_versions(ir_model)
-    # The float reference for validation: the user's file when onnxruntime can load it as it is,
-    # else the version-normalized model (same computation).
+    # The reference for validation: the user's file when onnxruntime can load it as it is, else the
+    # version-normalized model (same computation).
     float_source: bytes | Path
     if input_path is not None and not report.version_notes:
         float_source = input_path
@@ -184,40 +197,92 @@ def quantize(
             weights=type(config.weights)(config.weights.dtype, config.weights.symmetric, False)
         )
 
-    summary = preprocess(ir_model)
+    from onnxq.passes.normalize_qdq import is_quantized
+
+    feeds: Feeds | None = None
+    if is_quantized(ir_model):
+        _normalize_existing(ir_model, report)
+        report.mode = "requantize"
+    elif config.mode == "dynamic":
+        _preprocess(ir_model, report)
+        _quantize_dynamic(ir_model, config, report, label)
+        report.mode = "dynamic"
+    else:
+        _preprocess(ir_model, report)
+        feeds = _quantize_static(
+            ir_model, calibration_data, config, report, label, providers, show_progress, random_samples
+        )
+        report.mode = "static"
+    if config.format == "qoperator":
+        _lower_to_qoperator(ir_model, report)
+    cleanup(ir_model)
+
+    report.scheme = _describe_scheme(config, report.mode)
+    report.size_quantized_bytes = _serialized_size(ir_model)
+    report.timings_s["total"] = time.perf_counter() - start
+    return QuantizationResult(
+        ir_model, report, float_source=float_source, calibration=feeds, input_path=input_path
+    )
+
+
+def _preprocess(model: ir.Model, report: QuantReport) -> None:
+    start = time.perf_counter()
+    summary = preprocess(model)
     report.preprocess_notes = summary.notes
     report.batchnorms_folded = summary.batchnorms_folded
     report.nodes_before = summary.nodes_before
-    timings["preprocess"] = time.perf_counter() - start
+    report.nodes_after = summary.nodes_after
+    report.timings_s["preprocess"] = time.perf_counter() - start
 
-    plan = plan_quantization(ir_model, config)
+
+def _nothing_to_quantize(model: ir.Model, label: str, declined: Sequence[str]) -> OnnxqError:
+    ops = sorted({n.op_type for n in model.graph})
+    why = f"; {'; '.join(declined[:2])}" if declined else ""
+    return OnnxqError(
+        f"nothing to quantize in {label}: no eligible Conv/ConvTranspose/Gemm/MatMul "
+        f"(op types present: {', '.join(ops) or 'none'}){why}"
+    )
+
+
+def _quantize_static(
+    model: ir.Model,
+    calibration_data: DataSource | None,
+    config: QuantConfig,
+    report: QuantReport,
+    label: str,
+    providers: Sequence[str],
+    show_progress: bool | None,
+    random_samples: int,
+) -> Feeds:
+    """Plan, calibrate and insert Q/DQ; returns the calibration feeds (validation reuses them)."""
+    from onnxq.calibrate.collect import collect_ranges
+
+    plan = plan_quantization(model, config)
     if plan.empty:
-        ops = sorted({n.op_type for n in ir_model.graph})
-        why = f"; {'; '.join(plan.declined[:2])}" if plan.declined else ""
+        raise _nothing_to_quantize(model, label, plan.declined)
+    if calibration_data is None:
         raise OnnxqError(
-            f"nothing to quantize in {label}: no eligible Conv/ConvTranspose/Gemm/MatMul "
-            f"(op types present: {', '.join(ops) or 'none'}){why}"
+            "static quantization needs calibration data (--calib DATA: an .npz file, a directory of "
+            ".npz files, or 'random' for a smoke test); or use --mode dynamic"
         )
-
     if isinstance(calibration_data, Feeds):
         feeds = calibration_data
     else:
         feeds = load_feeds(
             calibration_data,
-            input_specs(ir_model),
+            input_specs(model),
             batch_size=config.calibration.batch_size,
             random_samples=random_samples,
         )
-    from onnxq.calibrate.collect import collect_ranges
 
-    t = time.perf_counter()
+    start = time.perf_counter()
     runtime_declines: list[str] = []
     runtime_excluded: list[str] = []
     while True:
         observed = plan.observed_values()
         schemes = {v: plan.group_of[v].scheme for v in observed}
         calibration = collect_ranges(
-            ir_model,
+            model,
             observed,
             schemes,
             feeds,
@@ -240,13 +305,13 @@ def quantize(
         ]
         runtime_excluded += touching
         config = config.replace(exclude_nodes=(*config.exclude_nodes, *touching))
-        plan = plan_quantization(ir_model, config)
+        plan = plan_quantization(model, config)
         if plan.empty:
             raise OnnxqError(f"nothing to quantize in {label}: every candidate touches non-float tensors")
     replaced = {f"{name} not quantized: excluded by configuration" for name in runtime_excluded}
     report.declined = [*runtime_declines, *(d for d in plan.declined if d not in replaced)]
     report.subgraph_nodes = plan.subgraph_nodes
-    timings["calibrate"] = time.perf_counter() - t
+    report.timings_s["calibrate"] = time.perf_counter() - start
     report.calibration = {
         "method": calibration.method,
         "samples": calibration.samples,
@@ -256,29 +321,88 @@ def quantize(
         "random": feeds.is_random,
     }
 
-    t = time.perf_counter()
-    params = group_params(plan, calibration.ranges)
-    InsertQDQPass(plan, params)(ir_model)
-    cleanup(ir_model)
-    timings["rewrite"] = time.perf_counter() - t
-
-    report.scheme = {
-        "format": "qdq",
-        "activations": f"{config.activations.dtype} "
-        + ("symmetric" if config.activations.symmetric else "affine"),
-        "weights": config.weights.dtype + (" per-channel" if config.weights.per_channel else " per-tensor"),
-        "calibration": config.calibration.method,
-    }
+    start = time.perf_counter()
+    InsertQDQPass(plan, group_params(plan, calibration.ranges))(model)
+    report.timings_s["rewrite"] = time.perf_counter() - start
     report.quantized_op_types = dict(sorted(plan.quantized_op_types().items()))
     report.activations_absorbed = len(plan.absorbed_nodes)
     report.float_op_types = dict(sorted(plan.float_op_types.items()))
-    report.nodes_after = summary.nodes_after
-    report.size_quantized_bytes = _serialized_size(ir_model)
-    timings["total"] = time.perf_counter() - start
-    report.timings_s = timings
-    return QuantizationResult(
-        ir_model, report, float_source=float_source, calibration=feeds, input_path=input_path
+    return feeds
+
+
+def _quantize_dynamic(model: ir.Model, config: QuantConfig, report: QuantReport, label: str) -> None:
+    """Int8 weights with activations quantized at run time (no calibration)."""
+    from onnxq.passes.dynamic_quant import DynamicQuantizePass
+
+    start = time.perf_counter()
+    rewrite = DynamicQuantizePass(config)
+    rewrite(model)
+    if not rewrite.quantized:
+        raise _nothing_to_quantize(model, label, rewrite.declined)
+    report.quantized_op_types = dict(sorted(rewrite.quantized.items()))
+    report.declined = list(rewrite.declined)
+    report.float_op_types = dict(sorted(_float_ops(model).items()))
+    report.subgraph_nodes = sum(len(g) for g in model.graph.subgraphs())
+    report.timings_s["rewrite"] = time.perf_counter() - start
+
+
+def _normalize_existing(model: ir.Model, report: QuantReport) -> None:
+    """A model that already holds Q/DQ: canonical form, no recalibration."""
+    from onnxq.passes.normalize_qdq import NormalizeQDQPass
+
+    start = time.perf_counter()
+    report.nodes_before = sum(1 for _ in model.graph.all_nodes())
+    normalize = NormalizeQDQPass()
+    normalize(model)
+    report.preprocess_notes = [*normalize.notes, *normalize.missing_ranges]
+    counts = collections.Counter(
+        n.op_type for n in model.graph.all_nodes() if n.op_type in ("QuantizeLinear", "DequantizeLinear")
     )
+    report.quantized_op_types = dict(sorted(counts.items()))
+    report.nodes_after = sum(1 for _ in model.graph.all_nodes())
+    report.timings_s["normalize"] = time.perf_counter() - start
+
+
+def _lower_to_qoperator(model: ir.Model, report: QuantReport) -> None:
+    """QDQ → integer operators; what could not be lowered stays in QDQ form, with the reason."""
+    from onnxq.passes.fuse_qlinear import FuseQLinearPass
+
+    start = time.perf_counter()
+    lower = FuseQLinearPass()
+    lower(model)
+    report.lowered_op_types = dict(sorted(lower.lowered.items()))
+    report.lowering_declined = list(lower.declined)
+    report.timings_s["lower"] = time.perf_counter() - start
+
+
+def _float_ops(model: ir.Model) -> collections.Counter[str]:
+    quantized = {
+        "DynamicQuantizeMatMul",
+        "MatMulInteger",
+        "ConvInteger",
+        "DynamicQuantizeLSTM",
+        "DynamicQuantizeLinear",
+        "DequantizeLinear",
+        "QuantizeLinear",
+        "Cast",
+        "MatMulIntegerToFloat",
+    }
+    return collections.Counter(n.op_type for n in model.graph if n.op_type not in quantized)
+
+
+def _describe_scheme(config: QuantConfig, mode: str) -> dict[str, str]:
+    scheme = {"mode": mode, "format": config.format}
+    if mode == "static":
+        symmetric = "symmetric" if config.activations.symmetric else "affine"
+        scheme["activations"] = f"{config.activations.dtype} {symmetric}"
+        scheme["calibration"] = config.calibration.method
+    elif mode == "dynamic":
+        scheme["activations"] = "uint8 at run time"
+    if mode != "requantize":
+        scheme["weights"] = config.weights.dtype + (
+            " per-channel" if config.weights.per_channel else " per-tensor"
+        )
+    return scheme
 
 
 def _file_size(path: Path) -> int:

@@ -48,6 +48,8 @@ class QuantReport:
 
     model: str
     output: str | None = None
+    #: ``static``, ``dynamic``, or ``requantize`` (the input already held Q/DQ).
+    mode: str = "static"
     scheme: dict[str, Any] = field(default_factory=dict)
     version_notes: list[str] = field(default_factory=list)
     preprocess_notes: list[str] = field(default_factory=list)
@@ -58,6 +60,8 @@ class QuantReport:
     activations_absorbed: int = 0
     float_op_types: dict[str, int] = field(default_factory=dict)
     declined: list[str] = field(default_factory=list)
+    lowered_op_types: dict[str, int] = field(default_factory=dict)
+    lowering_declined: list[str] = field(default_factory=list)
     subgraph_nodes: int = 0
     calibration: dict[str, Any] = field(default_factory=dict)
     size_float_bytes: int = 0

@@ -816,8 +816,11 @@ def test_quantized_model_is_not_quantized_again() -> None:
     plan = plan_quantization(model, QuantConfig())
     assert plan.empty
     assert "conv1 not quantized: input is already quantized (Q/DQ)" in plan.declined
-    with pytest.raises(OnnxqError, match="nothing to quantize"):
-        onnxq.quantize(once, feeds)
+    # The pipeline recognises the Q/DQ model and re-emits it without a second round of Q/DQ.
+    again = onnxq.quantize(once, feeds)
+    assert again.report.mode == "requantize"
+    ops = [n.op_type for n in again.model.graph]
+    assert ops.count("QuantizeLinear") == [n.op_type for n in once.graph.node].count("QuantizeLinear")
 
 
 IF_MODEL = """

@@ -1,0 +1,579 @@
+"""Putting models that already hold QuantizeLinear/DequantizeLinear into one canonical QDQ form.
+
+Such models come from PyTorch QAT (fake-quant exported as ``Q → DQ`` on weights *and* activations, the
+weights still float), from other tools (``onnxruntime.quantization``, NNCF, TensorRT-style symmetric
+int8) or from onnxq itself. :class:`NormalizeQDQPass` rewrites them, without recalibration, into the
+form onnxq's :class:`~onnxq.passes.insert_qdq.InsertQDQPass` writes: integer weights read through a
+``DequantizeLinear``, scale/zero-point initializers shared by name, scalar per-tensor parameters.
+
+Rewrite rules, in the order they run (every graph, subgraphs included):
+
+1. ``com.microsoft`` ``QuantizeLinear``/``DequantizeLinear`` become default-domain ops. Declined (the
+   node stays as it is, with a note) when the default-domain opset cannot express it: opset < 10,
+   per-axis parameters below opset 13, a quantized type the opset lacks (int16/int4 need 21), a
+   float16 scale below 19, an attribute other than ``axis``.
+2. ``Constant`` nodes that feed a scale or zero point of a Q/DQ become initializers (same name).
+3. Constant weight fake-quant: a ``QuantizeLinear`` whose input is a float constant (initializer or
+   ``Constant``, also reached through ``Identity``/``Cast``) and whose scale and zero point are
+   constants is computed once with :func:`onnxq.qmath.quantize` (round half to even, as the runtime
+   does) and replaced by an integer initializer; the ``DequantizeLinear`` after it stays. Declined
+   with a note for block-wise parameters (opset 21 ``block_size``), quantized types other than
+   int8/uint8, non-float32 data, scales or arithmetic (opset 25 ``precision``), scales that do not
+   fit the weight, and a ``QuantizeLinear`` whose output is a graph output.
+4. ``[1]``-shaped scales and zero points of per-tensor Q/DQ (no ``axis`` attribute) become scalars;
+   in place when every reader is such a slot, else through a scalar copy for those slots.
+5. Duplicate scale/zero-point initializers (same data type, shape and bytes) are merged into the first
+   one, so that pairs that are equal by value are equal by name too. A duplicate in a subgraph is
+   merged only into one of the main graph or of its own graph (a name it can see). Written here
+   rather than with onnx-ir's ``DeduplicateInitializersPass``, which merges every initializer
+   (weights and shape tensors too) and never across graph scopes.
+6. ``DequantizeLinear → QuantizeLinear`` with identical constant parameters (scale, zero point,
+   integer type, axis and float type, compared by value) collapses to the integer tensor the
+   ``DequantizeLinear`` reads. This also merges a double fake-quant ``Q → DQ → Q → DQ`` into one pair.
+7. Q/DQ nodes in one graph that read the same tensor with identical parameters (two fake-quants of
+   one tensor) are merged into the first one.
+
+Nodes and initializers that these rewrites leave unused (the float weights, ``Identity``/``Cast``
+chains, the collapsed pairs) are removed; nothing else is. Rules never apply to tensors with
+parameters computed at run time (not constants), and never rename or retarget a graph output.
+
+The pass also lists, in ``missing_ranges``, every float non-constant tensor read as data or weight by
+a Conv/ConvTranspose/MatMul/Gemm that no ``DequantizeLinear`` produces (directly or through
+scale-preserving ops such as Reshape or MaxPool): those nodes have no range and cannot be lowered to
+integer operators. Nothing is changed for them. A model without any Q/DQ is left alone entirely
+(``modified`` False, both lists empty).
+
+Running the pass on its own output changes nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxq.graph import NameScope, attr_int, const_array, is_float, make_initializer
+from onnxq.passes.op_rules import OP_RULES, OpKind
+from onnxq.qmath import QuantParams, quantize
+
+__all__ = ["NormalizeQDQPass", "is_quantized"]
+
+logger = logging.getLogger(__name__)
+
+_DEFAULT_DOMAINS = ("", "ai.onnx")
+_MS_DOMAIN = "com.microsoft"
+_QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
+_ANCHORS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
+_PASSTHROUGH = frozenset(op for op, rule in OP_RULES.items() if rule.kind is OpKind.PASSTHROUGH)
+#: Ops through which a constant weight may reach a QuantizeLinear.
+_CONST_FORWARDING = ("Identity", "Cast")
+_FLOAT_CASTS = (ir.DataType.FLOAT, ir.DataType.DOUBLE, ir.DataType.FLOAT16)
+#: Quantized types each default-domain opset accepts for QuantizeLinear/DequantizeLinear.
+_TYPES_SINCE: dict[ir.DataType, int] = {
+    ir.DataType.UINT8: 10,
+    ir.DataType.INT8: 10,
+    ir.DataType.INT16: 21,
+    ir.DataType.UINT16: 21,
+    ir.DataType.INT4: 21,
+    ir.DataType.UINT4: 21,
+}
+_FOLDABLE_TYPES: dict[ir.DataType, str] = {ir.DataType.UINT8: "uint8", ir.DataType.INT8: "int8"}
+#: Ops that the dead-code sweep may remove once their outputs are unused.
+_SWEEPABLE = frozenset((*_QDQ_OPS, "Constant", *_CONST_FORWARDING))
+
+
+def is_quantized(model: ir.Model) -> bool:
+    """Whether any graph of ``model`` (subgraphs included) holds a QuantizeLinear/DequantizeLinear.
+
+    Default-domain ops and their ``com.microsoft`` variants count.
+    """
+    return any(_is_qdq(node, ms=True) for node in model.graph.all_nodes())
+
+
+def _is_qdq(node: ir.Node, *, ms: bool = False) -> bool:
+    if node.op_type not in _QDQ_OPS:
+        return False
+    return node.domain in _DEFAULT_DOMAINS or (ms and node.domain == _MS_DOMAIN)
+
+
+def _label(node: ir.Node) -> str:
+    return node.name or node.op_type
+
+
+@dataclass(frozen=True)
+class _ParamsKey:
+    """The constant parameters of one Q/DQ node, normalized so that equal computations compare equal.
+
+    Size-1 scales are per-tensor whatever their shape and ``axis``; a missing zero point is zeros of
+    the quantized type.
+    """
+
+    qtype: ir.DataType
+    scale_dtype: ir.DataType
+    #: The float type of the arithmetic: a DQ's ``output_dtype`` or a Q's ``precision`` (opset 25),
+    #: by default the scale's type.
+    float_dtype: ir.DataType
+    axis: int | None
+    block_size: int
+    shape: tuple[int, ...]
+    scale: bytes
+    zero_point: bytes
+
+
+class NormalizeQDQPass(ir.passes.InPlacePass):
+    """Normalize an existing QDQ model without recalibration (rules in the module docstring).
+
+    After a call, ``notes`` says what changed (one line per rule that applied) and why a rewrite was
+    declined; ``missing_ranges`` names the Conv/MatMul/Gemm inputs that have no Q/DQ.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.notes: list[str] = []
+        self.missing_ranges: list[str] = []
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        self.notes = []
+        self.missing_ranges = []
+        if not is_quantized(model):
+            return ir.passes.PassResult(model, modified=False)
+        normalizer = _Normalizer(model)
+        normalizer.run()
+        self.notes = normalizer.notes
+        self.missing_ranges = missing_ranges(model)
+        return ir.passes.PassResult(model, modified=normalizer.modified)
+
+
+def missing_ranges(model: ir.Model) -> list[str]:
+    """One line per float non-constant data/weight input of an anchor op that has no Q/DQ."""
+    lines: list[str] = []
+    for node in model.graph.all_nodes():
+        if node.op_type not in _ANCHORS or node.domain not in _DEFAULT_DOMAINS:
+            continue
+        for value in node.inputs[:2]:
+            if value is None or not is_float(value) or const_array(value) is not None:
+                continue
+            if _has_range(value):
+                continue
+            lines.append(
+                f"{_label(node)}: input '{value.name}' has no QuantizeLinear/DequantizeLinear (no range)"
+            )
+    return lines
+
+
+def _has_range(value: ir.Value) -> bool:
+    """Whether a DequantizeLinear produces ``value``, directly or through scale-preserving ops."""
+    seen: set[int] = set()
+    current: ir.Value | None = value
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        producer = current.producer()
+        if producer is None:
+            return False
+        if _is_qdq(producer, ms=True):
+            return producer.op_type == "DequantizeLinear"
+        if producer.domain not in _DEFAULT_DOMAINS or producer.op_type not in _PASSTHROUGH:
+            return False
+        current = producer.inputs[0] if producer.inputs else None
+    return False
+
+
+class _Normalizer:
+    """The state of one normalization run: names, notes, and nodes left for the dead-code sweep."""
+
+    def __init__(self, model: ir.Model) -> None:
+        self.model = model
+        self.main = model.graph
+        self.names = NameScope(model.graph)
+        self.opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
+        self.notes: list[str] = []
+        self.modified = False
+        self.dead: list[ir.Node] = []
+
+    # -- helpers ---------------------------------------------------------------------------------
+    def graphs(self) -> list[ir.Graph]:
+        return [self.main, *self.main.subgraphs()]
+
+    def qdq_nodes(self) -> list[ir.Node]:
+        return [node for node in self.main.all_nodes() if _is_qdq(node)]
+
+    def note(self, count: int, text: str) -> None:
+        """Record ``count`` changes described by ``text`` (``{s}`` marks the plural endings)."""
+        if count:
+            self.notes.append(f"{count} " + text.replace("{s}", "" if count == 1 else "s"))
+            logger.debug("normalize_qdq: %s", self.notes[-1])
+            self.modified = True
+
+    def qtype(self, node: ir.Node) -> ir.DataType | None:
+        """The integer type a Q writes or a DQ reads."""
+        zero_point = node.inputs[2] if len(node.inputs) > 2 else None
+        if zero_point is not None:
+            return zero_point.dtype
+        if node.op_type == "DequantizeLinear":
+            data = node.inputs[0]
+            return data.dtype if data is not None else None
+        if self.opset >= 21 and "output_dtype" in node.attributes:
+            dtype = attr_int(node, "output_dtype", 0)
+            return ir.DataType(dtype) if dtype else ir.DataType.UINT8
+        return ir.DataType.UINT8
+
+    def params(self, node: ir.Node) -> tuple[np.ndarray, np.ndarray, ir.DataType] | None:
+        """Constant scale and zero point (zeros when absent) and the quantized type, else ``None``."""
+        scale_value = node.inputs[1] if len(node.inputs) > 1 else None
+        scale = const_array(scale_value)
+        qtype = self.qtype(node)
+        if scale is None or qtype is None or scale_value is None:
+            return None
+        zero_value = node.inputs[2] if len(node.inputs) > 2 else None
+        if zero_value is None:
+            try:
+                zero_point = np.zeros(scale.shape, dtype=qtype.numpy())
+            except (TypeError, ValueError):
+                return None
+        else:
+            zp = const_array(zero_value)
+            if zp is None:
+                return None
+            zero_point = zp
+        return scale, zero_point, qtype
+
+    def block_size(self, node: ir.Node) -> int:
+        return attr_int(node, "block_size", 0) if self.opset >= 21 else 0
+
+    def key(self, node: ir.Node) -> _ParamsKey | None:
+        """Comparable parameters of a Q/DQ node, or ``None`` when they are not all constants."""
+        found = self.params(node)
+        if found is None:
+            return None
+        scale, zero_point, qtype = found
+        if zero_point.shape != scale.shape and zero_point.size != scale.size:
+            return None
+        block = self.block_size(node)
+        axis: int | None = None
+        if scale.size == 1 and not block:
+            scale, zero_point = scale.reshape(()), zero_point.reshape(())
+        else:
+            axis = attr_int(node, "axis", 1)
+            data = node.inputs[0]
+            rank = len(data.shape) if data is not None and data.shape is not None else None
+            if axis < 0 and rank:
+                axis += rank
+        scale_dtype = ir.DataType.from_numpy(scale.dtype)
+        float_attr = "output_dtype" if node.op_type == "DequantizeLinear" else "precision"
+        float_dtype = attr_int(node, float_attr, 0) if self.opset >= 21 else 0
+        return _ParamsKey(
+            qtype,
+            scale_dtype,
+            ir.DataType(float_dtype) if float_dtype else scale_dtype,
+            axis,
+            block,
+            tuple(scale.shape),
+            np.ascontiguousarray(scale).tobytes(),
+            np.ascontiguousarray(zero_point).tobytes(),
+        )
+
+    def run(self) -> None:
+        self.convert_ms_ops()
+        self.lift_constant_params()
+        self.fold_constant_quantize()
+        self.scalarize_params()
+        self.merge_duplicate_params()
+        self.collapse_dq_q()
+        self.sweep()
+        self.merge_duplicate_nodes()
+        self.sweep()
+
+    # -- rule 1: com.microsoft → default domain -----------------------------------------------------
+    def convert_ms_ops(self) -> None:
+        converted = 0
+        for node in list(self.main.all_nodes()):
+            if node.op_type not in _QDQ_OPS or node.domain != _MS_DOMAIN:
+                continue
+            reason = self.ms_decline_reason(node)
+            if reason:
+                self.notes.append(f"{_label(node)} kept in com.microsoft: {reason}")
+                continue
+            if "axis" in node.attributes and self.opset < 13:
+                node.attributes.pop("axis")  # per-tensor (checked): the attribute does not exist yet
+            node.domain = ""
+            node.version = None
+            converted += 1
+        self.note(
+            converted, "com.microsoft QuantizeLinear/DequantizeLinear node{s} converted to default-domain ops"
+        )
+
+    def ms_decline_reason(self, node: ir.Node) -> str | None:
+        if self.opset < 10:
+            return f"default-domain opset {self.opset} has no {node.op_type}"
+        extra = sorted(name for name in node.attributes if name != "axis")
+        if extra:
+            return f"attribute {', '.join(extra)} has no default-domain equivalent"
+        qtype = self.qtype(node)
+        if qtype is None:
+            return "quantized type unknown"
+        since = _TYPES_SINCE.get(qtype)
+        if since is None or self.opset < since:
+            return f"{qtype.name.lower()} needs a newer default-domain opset than {self.opset}"
+        scale_value = node.inputs[1] if len(node.inputs) > 1 else None
+        if scale_value is None:
+            return "no scale"
+        if scale_value.dtype not in (None, ir.DataType.FLOAT) and self.opset < 19:
+            return f"{scale_value.dtype.name.lower()} scale needs default-domain opset 19"
+        if self.opset < 13:
+            scale = const_array(scale_value)
+            shape = scale.shape if scale is not None else scale_value.shape
+            if shape is None or int(np.prod(tuple(shape), dtype=np.int64)) != 1:
+                return f"per-axis parameters need default-domain opset 13 (model has {self.opset})"
+        return None
+
+    # -- rule 2: Constant parameters → initializers --------------------------------------------------
+    def lift_constant_params(self) -> None:
+        lifted = 0
+        for node in self.qdq_nodes():
+            for value in node.inputs[1:3]:
+                if value is None or value.is_graph_output():
+                    continue
+                producer = value.producer()
+                if producer is None or producer.op_type != "Constant" or producer.domain != "":
+                    continue
+                tensor = ir.convenience.get_const_tensor(value)
+                if tensor is None:
+                    continue
+                array = tensor.numpy()
+                name = value.name if value.name and value.name not in self.main.initializers else None
+                name = name or self.names.fresh(f"{_label(producer)}_value")
+                lifted_value = ir.Value(
+                    name=name,
+                    shape=ir.Shape(array.shape),
+                    type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
+                    const_value=ir.tensor(array, name=name),
+                )
+                value.replace_all_uses_with(lifted_value)
+                assert producer.graph is not None
+                producer.graph.remove(producer, safe=True)
+                value.name = None
+                self.main.register_initializer(lifted_value)
+                lifted += 1
+        self.note(lifted, "Constant scale/zero-point node{s} lifted to initializer{s}")
+
+    # -- rule 3: constant weight fake-quant ----------------------------------------------------------
+    def fold_constant_quantize(self) -> None:
+        folded: dict[str, int] = {}
+        cache: dict[tuple[int, _ParamsKey], ir.Value] = {}
+        for node in self.qdq_nodes():
+            if node.op_type != "QuantizeLinear" or not node.inputs or node.inputs[0] is None:
+                continue
+            resolved = _resolve_constant(node.inputs[0])
+            if resolved is None:
+                continue
+            data, root = resolved
+            dtype, reason = self.fold_one(node, data, root, cache)
+            if dtype is None:
+                self.notes.append(f"{_label(node)}: weight not folded: {reason}")
+            else:
+                folded[dtype] = folded.get(dtype, 0) + 1
+        for dtype, count in sorted(folded.items()):
+            self.note(count, "weight Q→DQ pair{s} folded into " + dtype + " initializer{s}")
+
+    def fold_one(
+        self,
+        node: ir.Node,
+        data: np.ndarray,
+        root: ir.Value,
+        cache: dict[tuple[int, _ParamsKey], ir.Value],
+    ) -> tuple[str | None, str]:
+        """Fold one constant QuantizeLinear: (quantized type name, "") or (``None``, why it declined)."""
+        key = self.key(node)
+        found = self.params(node)
+        if key is None or found is None:
+            return None, "scale or zero point is not a constant"
+        scale, zero_point, qtype = found
+        if key.block_size:
+            return None, f"block-wise quantization (block_size={key.block_size}) is kept as it is"
+        dtype = _FOLDABLE_TYPES.get(qtype)
+        if dtype is None:
+            return None, f"quantized type {qtype.name.lower()} is not supported"
+        if data.dtype != np.float32:
+            return None, f"weight type {data.dtype} is not float32"
+        if scale.dtype != np.float32 or key.float_dtype != ir.DataType.FLOAT:
+            return None, f"arithmetic type {key.float_dtype.name.lower()} is not float32"
+        output = node.outputs[0]
+        if output.is_graph_output():
+            return None, "its output is a graph output"
+        if key.axis is None:
+            params = QuantParams(scale.reshape(()), zero_point.reshape(()), dtype, None)
+        else:
+            axis = key.axis
+            if not -data.ndim <= axis < data.ndim or scale.ndim != 1:
+                return None, f"axis {axis} does not fit a weight of shape {list(data.shape)}"
+            axis %= data.ndim
+            if data.shape[axis] != scale.shape[0] or zero_point.shape != scale.shape:
+                return None, f"{scale.shape[0]} scales do not fit a weight of shape {list(data.shape)}"
+            params = QuantParams(scale, zero_point, dtype, axis)
+        cached = cache.get((id(node.inputs[0]), key))
+        if cached is None:
+            quantized = quantize(data, params)
+            cached = make_initializer(self.main, self.names, f"{root.name or 'weight'}_quantized", quantized)
+            cache[(id(node.inputs[0]), key)] = cached
+        output.replace_all_uses_with(cached)
+        self.dead.append(node)
+        return dtype, ""
+
+    # -- rule 4: [1]-shaped per-tensor parameters → scalars ------------------------------------------
+    def scalarize_params(self) -> None:
+        slots: dict[ir.Value, list[tuple[ir.Node, int]]] = {}
+        for node in self.qdq_nodes():
+            if "axis" in node.attributes or self.block_size(node):
+                continue
+            for index in (1, 2):
+                value = node.inputs[index] if len(node.inputs) > index else None
+                if value is None or not value.is_initializer() or value.is_graph_input():
+                    continue
+                if value.is_graph_output() or value.const_value is None:
+                    continue
+                if tuple(value.const_value.shape) == (1,):
+                    slots.setdefault(value, []).append((node, index))
+        changed = 0
+        for value, uses in slots.items():
+            assert value.const_value is not None
+            array = value.const_value.numpy().reshape(())
+            if len(list(value.uses())) == len(uses):
+                name = value.name
+                value.const_value = ir.tensor(array, name=name)
+                value.shape = ir.Shape([])
+            else:
+                graph = value.graph if isinstance(value.graph, ir.Graph) else self.main
+                scalar = make_initializer(graph, self.names, f"{value.name}_scalar", array)
+                for node, index in uses:
+                    node.replace_input_with(index, scalar)
+            changed += 1
+        self.note(changed, "[1]-shaped per-tensor scale/zero-point initializer{s} made scalar{s}")
+
+    # -- rule 5: duplicate parameter initializers ----------------------------------------------------
+    def merge_duplicate_params(self) -> None:
+        candidates: dict[ir.Value, None] = {}
+        for node in self.qdq_nodes():
+            for value in node.inputs[1:3]:
+                if value is None or not value.is_initializer() or value.const_value is None:
+                    continue
+                if value.is_graph_input() or value.is_graph_output():
+                    continue
+                candidates[value] = None
+        ordered = sorted(candidates, key=lambda v: 0 if v.graph is self.main else 1)
+        kept: dict[tuple[ir.DataType, tuple[int, ...], bytes], list[ir.Value]] = {}
+        merged = 0
+        for value in ordered:
+            tensor = value.const_value
+            assert tensor is not None
+            key = (tensor.dtype, tuple(tensor.shape.numpy()), tensor.tobytes())
+            same = kept.setdefault(key, [])
+            target = next((v for v in same if v.graph is self.main or v.graph is value.graph), None)
+            if target is None:
+                same.append(value)
+                continue
+            value.replace_all_uses_with(target)
+            graph = value.graph
+            assert isinstance(graph, ir.Graph) and value.name is not None
+            graph.initializers.pop(value.name)
+            merged += 1
+        self.note(merged, "duplicate scale/zero-point initializer{s} merged")
+
+    # -- rule 6: DQ → Q with identical parameters ----------------------------------------------------
+    def collapse_dq_q(self) -> None:
+        collapsed = 0
+        for node in self.qdq_nodes():
+            if node.op_type != "QuantizeLinear" or not node.inputs or node.inputs[0] is None:
+                continue
+            producer = node.inputs[0].producer()
+            if producer is None or not _is_qdq(producer) or producer.op_type != "DequantizeLinear":
+                continue
+            source = producer.inputs[0]
+            output = node.outputs[0]
+            if source is None or output.is_graph_output():
+                continue
+            key = self.key(node)
+            if key is None or key != self.key(producer):
+                continue
+            output.replace_all_uses_with(source)
+            self.dead.append(node)
+            collapsed += 1
+        self.note(collapsed, "DQ→Q pair{s} with identical parameters collapsed to the integer tensor")
+
+    # -- rule 7: identical Q/DQ nodes on one tensor --------------------------------------------------
+    def merge_duplicate_nodes(self) -> None:
+        merged = 0
+        for graph in self.graphs():
+            seen: dict[tuple[str, int, _ParamsKey], ir.Node] = {}
+            for node in list(graph):
+                if not _is_qdq(node) or not node.inputs or node.inputs[0] is None:
+                    continue
+                key = self.key(node)
+                if key is None:
+                    continue
+                signature = (node.op_type, id(node.inputs[0]), key)
+                first = seen.get(signature)
+                if first is None:
+                    seen[signature] = node
+                    continue
+                output = node.outputs[0]
+                if output.is_graph_output():
+                    continue
+                output.replace_all_uses_with(first.outputs[0])
+                self.dead.append(node)
+                merged += 1
+        self.note(merged, "duplicate QuantizeLinear/DequantizeLinear node{s} merged")
+
+    # -- dead code -----------------------------------------------------------------------------------
+    def sweep(self) -> None:
+        """Remove the nodes that rewrites left unused, and what only they read."""
+        work = list(self.dead)
+        self.dead = []
+        while work:
+            node = work.pop()
+            graph = node.graph
+            if graph is None:
+                continue
+            if any(out.uses() or out.is_graph_output() for out in node.outputs):
+                continue
+            inputs = [v for v in node.inputs if v is not None]
+            graph.remove(node, safe=True)
+            for value in inputs:
+                if value.uses() or value.is_graph_output() or value.is_graph_input():
+                    continue
+                if value.is_initializer():
+                    owner = value.graph
+                    if isinstance(owner, ir.Graph) and value.name in owner.initializers:
+                        owner.initializers.pop(value.name)  # type: ignore[arg-type]
+                    continue
+                producer = value.producer()
+                if producer is not None and producer.op_type in _SWEEPABLE:
+                    work.append(producer)
+
+
+def _resolve_constant(value: ir.Value) -> tuple[np.ndarray, ir.Value] | None:
+    """The data of a float constant, possibly reached through Identity/Cast, and the constant's value."""
+    casts: list[ir.DataType] = []
+    current = value
+    for _ in range(16):
+        data = const_array(current)
+        if data is not None:
+            for dtype in reversed(casts):
+                data = data.astype(dtype.numpy())
+            return (data, current) if np.issubdtype(data.dtype, np.floating) else None
+        producer = current.producer()
+        if producer is None or producer.domain not in _DEFAULT_DOMAINS:
+            return None
+        if producer.op_type not in _CONST_FORWARDING or not producer.inputs:
+            return None
+        if producer.op_type == "Cast":
+            target = ir.DataType(attr_int(producer, "to", 0))
+            if target not in _FLOAT_CASTS:
+                return None
+            casts.append(target)
+        source = producer.inputs[0]
+        if source is None:
+            return None
+        current = source
+    return None
