@@ -38,3 +38,29 @@ def test_tensors_that_turn_out_not_float_are_left_float(monkeypatch: pytest.Monk
     rows = {row.output: row for row in result.report.accuracy}
     assert rows["y"].sqnr_db == float("inf")  # the integer path is untouched
     assert rows["z"].sqnr_db > 30.0
+
+
+def test_onnxq_output_is_already_canonical() -> None:
+    """Equal zero points share one initializer, so normalizing onnxq's own output changes nothing."""
+    from builders import conv_calibration
+
+    from onnxq.passes.normalize_qdq import NormalizeQDQPass
+
+    proto = onnx.parser.parse_model(
+        """<ir_version: 10, opset_import: ["" : 17]>
+        g (float[N,3,8,8] x) => (float[N,4,8,8] y) {
+            a = Conv<pads = [1, 1, 1, 1]>(x, w1)
+            b = Relu(a)
+            c = Conv<pads = [1, 1, 1, 1]>(b, w2)
+            d = Relu(c)
+            y = Conv<pads = [1, 1, 1, 1]>(d, w3)
+        }"""
+    )
+    rng = np.random.default_rng(3)
+    for name, shape in (("w1", (4, 3, 3, 3)), ("w2", (4, 4, 3, 3)), ("w3", (4, 4, 3, 3))):
+        proto.graph.initializer.append(
+            onnx.numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
+        )
+    model = onnxq.quantize(proto, [{"x": sample} for sample in conv_calibration(8)]).model
+    result = NormalizeQDQPass()(model)
+    assert not result.modified

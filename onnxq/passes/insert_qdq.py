@@ -82,14 +82,20 @@ class _Rewriter:
         self.quantized_slots = set(plan.quantized_inputs)
         self.dq_of_weight: dict[tuple[int, int | None, str, bool], tuple[ir.Value, QuantParams]] = {}
         self.weight_params: dict[tuple[int, int], QuantParams] = {}
+        self.zero_points: dict[tuple[str, tuple[int, ...], bytes], ir.Value] = {}
 
     def _param_values(self, base: str, params: QuantParams) -> tuple[ir.Value, ir.Value]:
         scale = make_initializer(
             self.graph, self.names, f"{base}_scale", np.asarray(params.scale, np.float32)
         )
-        zero_point = make_initializer(
-            self.graph, self.names, f"{base}_zero_point", np.asarray(params.zero_point)
-        )
+        # Equal zero points (0, 128, the zeros of symmetric weights) share one initializer, so the
+        # output is already in the canonical form NormalizeQDQPass would give it.
+        data = np.asarray(params.zero_point)
+        key = (str(data.dtype), data.shape, data.tobytes())
+        zero_point = self.zero_points.get(key)
+        if zero_point is None:
+            zero_point = make_initializer(self.graph, self.names, f"{base}_zero_point", data)
+            self.zero_points[key] = zero_point
         return scale, zero_point
 
     def _dq_node(
