@@ -126,13 +126,9 @@ class QuantReport:
                     colalign=("right",) * 5,
                 )
             )
-        if self.declined:
-            shown = self.declined[:12]
-            more = len(self.declined) - len(shown)
-            text = "Not quantized:\n" + "\n".join(f"  - {line}" for line in shown)
-            if more > 0:
-                text += f"\n  ... and {more} more (see --report-json)"
-            parts.append(text)
+        for title, lines in (("Not quantized", self.declined), ("Not lowered", self.lowering_declined)):
+            if lines:
+                parts.append(f"{title}:\n" + "\n".join(f"  - {line}" for line in _grouped(lines)))
         return "\n".join(parts)
 
     def _summary_rows(self) -> list[list[str]]:
@@ -160,6 +156,9 @@ class QuantReport:
             ]
         )
         rows.append(["stayed float", float_ops or "none"])
+        if self.lowered_op_types:
+            lowered = ", ".join(f"{op} {n}" for op, n in sorted(self.lowered_op_types.items()))
+            rows.append(["lowered", lowered])
         if self.batchnorms_folded:
             rows.append(["preprocess", f"{self.batchnorms_folded} BatchNorm folded"])
         if self.subgraph_nodes:
@@ -167,6 +166,26 @@ class QuantReport:
         for note in self.version_notes:
             rows.append(["versions", note])
         return rows
+
+
+def _grouped(lines: list[str], limit: int = 12) -> list[str]:
+    """Lines like "<node> not quantized: <reason>" with the same reason folded into one line."""
+    by_reason: dict[str, list[str]] = {}
+    for line in lines:
+        node, sep, reason = line.partition(" not ")
+        key = f"not {reason}" if sep else line
+        by_reason.setdefault(key, []).append(node if sep else "")
+    out = []
+    for reason, nodes in by_reason.items():
+        named = [n for n in nodes if n]
+        if len(named) > 1:
+            listed = ", ".join(named[:4]) + (f" and {len(named) - 4} more" if len(named) > 4 else "")
+            out.append(f"{len(named)} nodes {reason} ({listed})")
+        else:
+            out.append(f"{named[0]} {reason}" if named else reason)
+    if len(out) > limit:
+        out = [*out[:limit], f"... and {len(out) - limit} more (see --report-json)"]
+    return out
 
 
 def _mb(size: int) -> str:
