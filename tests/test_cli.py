@@ -554,3 +554,55 @@ def test_written_files_respect_the_umask(
     expected = 0o666 & ~umask
     assert (out_dir / "q.onnx").stat().st_mode & 0o777 == expected
     assert (out_dir / "report.json").stat().st_mode & 0o777 == expected
+
+
+# ---------------------------------------------------------------------------------------------------
+# Modes and formats
+
+
+def test_qoperator_format_lowers_and_reports(
+    cli: CliRunner, model_path: Path, calib_npz: Path, out_dir: Path
+) -> None:
+    target = out_dir / "qop.onnx"
+    code, out, err = cli(
+        "optimize", model_path, "-o", target, "--calib", calib_npz, "--format", "qoperator", *FAST
+    )
+    assert code == 0, err
+    assert "QLinearConv" in out  # the "lowered" row of the summary
+    ops = [n.op_type for n in onnx.load(str(target)).graph.node]
+    assert "QLinearConv" in ops and "Conv" not in ops
+
+
+def test_dynamic_mode_runs_without_calibration_data(
+    cli: CliRunner, model_path: Path, calib_npz: Path, out_dir: Path
+) -> None:
+    """Conv stays float in dynamic mode unless asked: --dynamic-conv quantizes it."""
+    code, _, err = cli("optimize", model_path, "-o", out_dir / "d.onnx", "--mode", "dynamic", "--no-validate")
+    _assert_user_error(code, "", err, "nothing to quantize")
+    code, out, err = cli(
+        "optimize",
+        model_path,
+        "-o",
+        out_dir / "d.onnx",
+        "--mode",
+        "dynamic",
+        "--dynamic-conv",
+        "--eval",
+        calib_npz,
+        *FAST,
+    )
+    assert code == 0, err
+    assert "ConvInteger" in [n.op_type for n in onnx.load(str(out_dir / "d.onnx")).graph.node]
+    assert "SQNR" in out
+
+
+def test_already_quantized_model_needs_no_calib(
+    cli: CliRunner, model_path: Path, calib_npz: Path, out_dir: Path
+) -> None:
+    qdq = out_dir / "qdq.onnx"
+    assert cli("optimize", model_path, "-o", qdq, "--calib", calib_npz, "--no-validate", "--quiet")[0] == 0
+    code, out, err = cli(
+        "optimize", qdq, "-o", out_dir / "again.onnx", "--format", "qoperator", "--eval", calib_npz, *FAST
+    )
+    assert code == 0, err
+    assert "mode=requantize" in out

@@ -64,3 +64,95 @@ def test_onnxq_output_is_already_canonical() -> None:
     model = onnxq.quantize(proto, [{"x": sample} for sample in conv_calibration(8)]).model
     result = NormalizeQDQPass()(model)
     assert not result.modified
+
+
+def _mlp_model() -> onnx.ModelProto:
+    rng = np.random.default_rng(11)
+    proto = onnx.parser.parse_model(
+        """<ir_version: 10, opset_import: ["" : 17]>
+        g (float[N,32] x) => (float[N,8] y) {
+            h = MatMul(x, w1)
+            hb = Add(h, b1)
+            r = Relu(hb)
+            y = Gemm<transB = 1>(r, w2, b2)
+        }"""
+    )
+    for name, shape in (("w1", (32, 64)), ("b1", (64,)), ("w2", (8, 64)), ("b2", (8,))):
+        proto.graph.initializer.append(
+            onnx.numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32) * 0.3, name)
+        )
+    return proto
+
+
+def _feeds(n: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    return [{"x": rng.standard_normal((1, 32)).astype(np.float32)} for _ in range(n)]
+
+
+def _ops(model: object) -> list[str]:
+    import onnx_ir as ir
+
+    assert isinstance(model, ir.Model)
+    return [n.op_type for n in model.graph]
+
+
+def test_dynamic_mode_needs_no_data_and_matches_float() -> None:
+    result = onnxq.quantize(_mlp_model(), None, onnxq.QuantConfig(mode="dynamic"))
+    assert result.report.mode == "dynamic"
+    assert result.report.quantized_op_types == {"Gemm": 1, "MatMul": 1}
+    assert "QuantizeLinear" not in _ops(result.model)
+    result.validate(_feeds(16, 5))
+    assert result.report.accuracy[0].sqnr_db > 30.0
+
+
+def test_static_qoperator_equals_qdq_to_integer_rounding() -> None:
+    from onnxq.model_io import serialize_model
+    from onnxq.validate.runtime import make_session
+
+    feeds, held_out = _feeds(16), _feeds(8, 9)
+    qdq = onnxq.quantize(_mlp_model(), feeds)
+    qop = onnxq.quantize(_mlp_model(), feeds, onnxq.QuantConfig(format="qoperator"))
+    assert (
+        qop.report.lowered_op_types.get("MatMulIntegerToFloat", 0)
+        + qop.report.lowered_op_types.get("QLinearMatMul", 0)
+        == 1
+    )
+    assert "DequantizeLinear" not in _ops(qop.model)
+    a = make_session(serialize_model(qdq.model), opt_level="disable")
+    b = make_session(serialize_model(qop.model), opt_level="disable")
+    for feed in held_out:
+        np.testing.assert_allclose(a.run(None, feed)[0], b.run(None, feed)[0], rtol=1e-3, atol=1e-3)
+
+
+def test_already_quantized_model_is_lowered_without_calibration(tmp_path: object) -> None:
+    """A QDQ model made by onnxruntime.quantization goes through --format qoperator with no data."""
+    from pathlib import Path
+
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    assert isinstance(tmp_path, Path)
+    float_path, qdq_path = tmp_path / "f.onnx", tmp_path / "q.onnx"
+    onnx.save(_mlp_model(), float_path)
+    feeds = _feeds(16)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.items = iter(feeds)
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self.items, None)
+
+    quantize_static(
+        str(float_path),
+        str(qdq_path),
+        Reader(),
+        quant_format=QuantFormat.QDQ,
+        per_channel=True,
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+    )
+    result = onnxq.quantize(qdq_path, None, onnxq.QuantConfig(format="qoperator"))
+    assert result.report.mode == "requantize"
+    assert result.report.lowered_op_types
+    result.validate(_feeds(8, 3))
+    assert result.report.accuracy[0].sqnr_db > 30.0  # against the QDQ input: same integer arithmetic
