@@ -6,8 +6,8 @@ Run ``python tools/bench_static.py [--models cnn,resnet18,minilm] [--out-dir ben
 Every model is quantized from the same calibration feeds by
 
 - ``onnxq``: ``onnxq.quantize(model, feeds, config=QuantConfig())`` (uint8 activations, per-channel
-  symmetric int8 weights, min-max calibration), with onnxq's own validation turned off so that its
-  time is comparable;
+  symmetric int8 weights, min-max calibration; ``quantize`` does not validate, so its time is
+  comparable);
 - ``ort-int8`` / ``ort-uint8``: ``quant_pre_process`` then ``quantize_static`` (QDQ, per-channel,
   min-max) with int8 weights and int8 (onnxruntime's default) or uint8 activations (what its docs
   recommend on x86). When onnxruntime's symbolic shape inference rejects a model, pre-processing is
@@ -36,6 +36,11 @@ attention mask holds float32 min, and its histogram code raises "Too many bins f
 is run again restricted to MatMul/Gemm/Conv tensors, so that a cost figure still exists.
 
 Results go to ``<out-dir>/bench_static.json`` and ``<out-dir>/bench_static.txt``.
+
+The quantizers, the isolated workers, latency and accuracy are shared with ``tools/bench_dynamic.py``:
+a :class:`Variant` also names a ``mode`` (``static`` / ``dynamic``) and a ``fmt`` (``qdq`` /
+``qoperator``), which :func:`quantize_onnxq` and :func:`quantize_ort` honour; the defaults are this
+benchmark's static QDQ.
 """
 
 from __future__ import annotations
@@ -44,7 +49,6 @@ import argparse
 import dataclasses
 import importlib
 import importlib.metadata
-import inspect
 import json
 import logging
 import os
@@ -67,7 +71,22 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 
 from tools import model_zoo
 
-__all__ = ["BENCH_MODELS", "BenchModel", "Variant", "main", "quantize_onnxq", "quantize_ort"]
+__all__ = [
+    "BENCH_MODELS",
+    "BenchModel",
+    "QuantRun",
+    "Variant",
+    "evaluate",
+    "latency",
+    "loadable",
+    "main",
+    "model_size_mb",
+    "quantize_onnxq",
+    "quantize_ort",
+    "quantize_variants",
+    "run_isolated",
+    "save_feeds",
+]
 
 logger = logging.getLogger("bench_static")
 
@@ -75,6 +94,8 @@ Feed = dict[str, np.ndarray]
 Tool = Literal["onnxq", "ort"]
 Activation = Literal["int8", "uint8"]
 Method = Literal["minmax", "entropy", "percentile"]
+Mode = Literal["static", "dynamic"]
+Format = Literal["qdq", "qoperator"]
 Latencies = dict[int, dict[str, tuple[float, float]]]  # threads → model → (median ms, p90 ms)
 
 
@@ -103,18 +124,37 @@ BENCH_MODELS: dict[str, BenchModel] = {
     ),
     "mlp": BenchModel("mlp", "mlp", "logits", classifier=True),
     "transformer": BenchModel("transformer", "transformer_encoder", "output"),
+    "lstm": BenchModel("lstm", "lstm", "logits", classifier=True),
 }
 
 
 @dataclass(frozen=True)
 class Variant:
-    """One way of quantizing a model."""
+    """One way of quantizing a model.
+
+    ``mode="dynamic"`` needs no calibration data (``activations``, ``method`` and ``op_types`` are then
+    unused: activations are quantized to uint8 at run time); ``fmt="qoperator"`` asks for integer
+    operators (QLinearConv, QLinearMatMul, ...) instead of QuantizeLinear/DequantizeLinear pairs.
+    """
 
     name: str
     tool: Tool
     activations: Activation
     method: Method = "minmax"
     op_types: tuple[str, ...] | None = None  # onnxruntime's op_types_to_quantize; None = its default
+    mode: Mode = "static"
+    fmt: Format = "qdq"
+    embeddings: bool = False  # onnxq dynamic mode: int8 Gather tables (DynamicConfig.embeddings)
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("static", "dynamic"):
+            raise ValueError(f"mode must be 'static' or 'dynamic', got {self.mode!r}")
+        if self.fmt not in ("qdq", "qoperator"):
+            raise ValueError(f"fmt must be 'qdq' or 'qoperator', got {self.fmt!r}")
+
+    @property
+    def static(self) -> bool:
+        return self.mode == "static"
 
     @property
     def label(self) -> str:
@@ -166,57 +206,55 @@ def load_feeds(path: Path) -> list[Feed]:
 
 def quantize_onnxq(
     model_path: str | os.PathLike[str],
-    feeds: Sequence[Mapping[str, np.ndarray]],
+    feeds: Sequence[Mapping[str, np.ndarray]] | None,
     out_path: str | os.PathLike[str],
     *,
     method: Method = "minmax",
+    mode: Mode = "static",
+    fmt: Format = "qdq",
+    embeddings: bool = False,
 ) -> dict[str, Any]:
-    """Quantize with onnxq's default configuration (``method`` picks the calibration) and save.
+    """Quantize with onnxq's default configuration for ``mode`` and ``fmt`` and save.
 
-    onnxq's built-in validation is switched off (when the API offers a switch) so that the measured
-    time is quantization only, like onnxruntime's ``quantize_static``.
+    ``method`` picks the calibration of static mode; dynamic mode takes no data (``feeds`` is
+    ignored). ``onnxq.quantize`` does not validate, so the time is quantization only, like
+    onnxruntime's ``quantize_static`` / ``quantize_dynamic``. Returns onnxq's report as a dict.
     """
     import onnxq
-    from onnxq.config import CalibrationConfig, QuantConfig, ValidationConfig
+    from onnxq.config import CalibrationConfig, DynamicConfig, QuantConfig
 
-    config = QuantConfig(calibration=CalibrationConfig(method=method))
-    kwargs: dict[str, Any] = {}
-    no_validation = ValidationConfig(enabled=False)
-    if "validation" in {f.name for f in dataclasses.fields(QuantConfig)}:
-        config = config.replace(validation=no_validation)
-    else:
-        params = inspect.signature(onnxq.quantize).parameters
-        if "validation" in params:
-            kwargs["validation"] = no_validation
-        if "show_progress" in params:
-            kwargs["show_progress"] = False
-    result = onnxq.quantize(os.fspath(model_path), list(feeds), config=config, **kwargs)
+    config = QuantConfig(
+        mode=mode,
+        format=fmt,
+        calibration=CalibrationConfig(method=method),
+        dynamic=DynamicConfig(embeddings=embeddings),
+    )
+    if mode == "static" and feeds is None:
+        raise ValueError("static quantization needs calibration feeds")
+    data = list(feeds) if mode == "static" and feeds is not None else None
+    result = onnxq.quantize(os.fspath(model_path), data, config=config, show_progress=False)
     result.save(os.fspath(out_path))
-    detail: dict[str, Any] = {}
-    report = getattr(result, "report", None)
-    as_dict = getattr(report, "as_dict", None) or getattr(report, "to_dict", None)
-    if callable(as_dict):
-        try:
-            json.dumps(summary := as_dict())
-            detail["report"] = summary
-        except (TypeError, ValueError):
-            pass
-    return detail
+    return {"report": result.report.to_dict()}
 
 
 def quantize_ort(
     model_path: str | os.PathLike[str],
-    feeds: Sequence[Mapping[str, np.ndarray]],
+    feeds: Sequence[Mapping[str, np.ndarray]] | None,
     out_path: str | os.PathLike[str],
     *,
     activations: Activation = "uint8",
     method: Method = "minmax",
     op_types: Sequence[str] | None = None,
+    mode: Mode = "static",
+    fmt: Format = "qdq",
 ) -> dict[str, Any]:
-    """``quant_pre_process`` then ``quantize_static`` (QDQ, per-channel int8 weights) and save.
+    """``quant_pre_process``, then ``quantize_static`` or ``quantize_dynamic``, and save.
 
-    ``op_types`` is passed as ``op_types_to_quantize`` (``None`` keeps onnxruntime's default, every op
-    type its QDQ quantizer knows).
+    Static (the default): ``quantize_static`` in ``fmt`` (``QuantFormat.QDQ`` or ``QOperator``),
+    per-channel int8 weights, ``activations`` and ``method`` as given; ``op_types`` is passed as
+    ``op_types_to_quantize`` (``None`` keeps onnxruntime's default, every op type its quantizer
+    knows). Dynamic: ``quantize_dynamic`` with per-channel int8 weights (``feeds``, ``activations``,
+    ``method`` and ``fmt`` are unused; its output is always operator-based).
 
     Returns the time of each step and a note when pre-processing had to skip onnxruntime's symbolic
     shape inference.
@@ -226,6 +264,7 @@ def quantize_ort(
         CalibrationMethod,
         QuantFormat,
         QuantType,
+        quantize_dynamic,
         quantize_static,
     )
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -264,11 +303,19 @@ def quantize_ort(
             quant_pre_process(os.fspath(model_path), os.fspath(pre), skip_symbolic_shape=True)
         detail["pre_process_s"] = time.perf_counter() - start
         start = time.perf_counter()
+        if mode == "dynamic":
+            quantize_dynamic(
+                os.fspath(pre), os.fspath(out_path), per_channel=True, weight_type=QuantType.QInt8
+            )
+            detail["quantize_dynamic_s"] = time.perf_counter() - start
+            return detail
+        if feeds is None:
+            raise ValueError("static quantization needs calibration feeds")
         quantize_static(
             os.fspath(pre),
             os.fspath(out_path),
             FeedReader(feeds),
-            quant_format=QuantFormat.QDQ,
+            quant_format=QuantFormat.QOperator if fmt == "qoperator" else QuantFormat.QDQ,
             per_channel=True,
             activation_type=act_type,
             weight_type=QuantType.QInt8,
@@ -290,10 +337,18 @@ _PREIMPORTS: dict[str, tuple[str, ...]] = {
     "onnxq": ("onnxq", "onnxq.config", "onnxq.pipeline", "onnx_ir", "onnx_ir.passes.common", "onnxruntime"),
     "ort": ("onnxruntime.quantization", "onnxruntime.tools.symbolic_shape_infer"),
 }
+# onnxq's passes behind a mode or format that the static QDQ path does not import.
+_ONNXQ_PREIMPORTS: dict[str, tuple[str, ...]] = {
+    "dynamic": ("onnxq.passes.dynamic_quant",),
+    "qoperator": ("onnxq.passes.fuse_qlinear",),
+}
 
 
-def _preimport(tool: str) -> None:
-    for name in _PREIMPORTS[tool]:
+def _preimport(tool: str, mode: str = "static", fmt: str = "qdq") -> None:
+    names = _PREIMPORTS[tool]
+    if tool == "onnxq":
+        names += _ONNXQ_PREIMPORTS.get(mode, ()) + _ONNXQ_PREIMPORTS.get(fmt, ())
+    for name in names:
         try:
             importlib.import_module(name)
         except ImportError as exc:  # a module onnxq does not have (yet) is no reason to fail
@@ -301,14 +356,23 @@ def _preimport(tool: str) -> None:
 
 
 def _worker(job_path: Path) -> int:
-    """Child process: load the feeds, quantize once, write ``<job>.result.json``."""
+    """Child process: load the feeds (static mode), quantize once, write ``<job>.result.json``."""
     job = json.loads(job_path.read_text())
-    _preimport(job["tool"])
-    feeds = load_feeds(Path(job["feeds"]))
+    mode, fmt = job.get("mode", "static"), job.get("fmt", "qdq")
+    _preimport(job["tool"], mode, fmt)
+    feeds = load_feeds(Path(job["feeds"])) if job.get("feeds") else None
     baseline = _max_rss_mib()
     start = time.perf_counter()
     if job["tool"] == "onnxq":
-        detail = quantize_onnxq(job["model"], feeds, job["output"], method=job["method"])
+        detail = quantize_onnxq(
+            job["model"],
+            feeds,
+            job["output"],
+            method=job["method"],
+            mode=mode,
+            fmt=fmt,
+            embeddings=job.get("embeddings", False),
+        )
     else:
         detail = quantize_ort(
             job["model"],
@@ -317,6 +381,8 @@ def _worker(job_path: Path) -> int:
             activations=job["activations"],
             method=job["method"],
             op_types=job["op_types"],
+            mode=mode,
+            fmt=fmt,
         )
     seconds = time.perf_counter() - start
     result = {"quant_s": seconds, "baseline_rss_mib": baseline, "worker_peak_rss_mib": _max_rss_mib()}
@@ -364,13 +430,16 @@ def run_isolated(
     model_key: str,
     variant: Variant,
     model_path: Path,
-    feeds_path: Path,
+    feeds_path: Path | None,
     samples: int,
     work_dir: Path,
     *,
     timeout: float,
 ) -> QuantRun:
     """Quantize in a fresh Python process; its peak RSS comes from ``os.wait4`` in a small launcher.
+
+    ``feeds_path`` is the calibration data of a static variant; a dynamic variant gets none
+    (``None``), whatever is passed, and its run counts 0 samples.
 
     The launcher is there because Linux carries a process's RSS high-water mark into the
     ``ru_maxrss`` of every child it forks, even across ``exec``: a worker started straight from this
@@ -386,13 +455,20 @@ def run_isolated(
     job_path = work_dir / f"{stem}.job.json"
     for stale in (output, result_path):
         stale.unlink(missing_ok=True)
+    if not variant.static:
+        feeds_path, samples = None, 0
+    elif feeds_path is None:
+        raise ValueError(f"{variant.name}: static quantization needs calibration feeds")
     job = {
         "tool": variant.tool,
         "activations": variant.activations,
         "method": variant.method,
         "op_types": list(variant.op_types) if variant.op_types is not None else None,
+        "mode": variant.mode,
+        "fmt": variant.fmt,
+        "embeddings": variant.embeddings,
         "model": str(model_path),
-        "feeds": str(feeds_path),
+        "feeds": str(feeds_path) if feeds_path is not None else None,
         "output": str(output),
         "result": str(result_path),
     }
@@ -574,6 +650,64 @@ def _fmt(value: float | None, digits: int = 2) -> str:
     return f"{value:.{digits}f}"
 
 
+def quantize_variants(
+    bench: BenchModel,
+    variants: Sequence[Variant],
+    float_path: Path,
+    feeds_path: Path | None,
+    samples: int,
+    work: Path,
+    *,
+    timeout: float,
+    notes: list[str],
+) -> tuple[dict[str, QuantRun], dict[str, str]]:
+    """Quantize ``float_path`` with every variant, each in an isolated worker (:func:`run_isolated`).
+
+    Returns the runs by variant name and the outputs that onnxruntime loads; failures, load errors
+    and the quantizers' notes are added to ``notes``.
+    """
+    runs = {
+        v.name: run_isolated(bench.key, v, float_path, feeds_path, samples, work, timeout=timeout)
+        for v in variants
+    }
+    for run in runs.values():
+        if run.status != "ok":
+            notes.append(f"{bench.key} {run.variant}: {run.status}")
+        elif "note" in run.detail:
+            notes.append(f"{bench.key} ({run.variant.split('-')[0]}): {run.detail['note']}")
+    ok = loadable(
+        {name: run.output for name, run in runs.items() if run.output is not None}, notes, bench.key
+    )
+    return runs, ok
+
+
+def quant_row(
+    bench: BenchModel, name: str, float_path: Path, quant: QuantRun | None, evals: int
+) -> dict[str, Any]:
+    """The first columns of a result row: what a variant cost (``quant`` is ``None`` for float)."""
+    path = float_path if quant is None else quant.output
+    return {
+        "model": bench.key,
+        "variant": name,
+        "status": "ok" if quant is None else quant.status,
+        "calib_samples": None if quant is None else quant.samples,
+        "eval_samples": evals,
+        "quant_s": None if quant is None else quant.quant_s,
+        "peak_rss_mib": None if quant is None else quant.peak_rss_mib,
+        "delta_rss_mib": None if quant is None else quant.delta_rss_mib,
+        "size_mb": model_size_mb(path) if path else None,
+        "detail": {} if quant is None else quant.detail,
+    }
+
+
+NO_ACCURACY: dict[str, float | None] = {
+    "sqnr_db": None,
+    "cosine": None,
+    "top1": None,
+    "sentence_cosine": None,
+}
+
+
 def bench_model(bench: BenchModel, settings: Settings, notes: list[str]) -> list[dict[str, Any]]:
     """Quantize one model with every main variant; measure cost, size, latency and accuracy."""
     models_dir = settings.out_dir / "models"
@@ -585,19 +719,15 @@ def bench_model(bench: BenchModel, settings: Settings, notes: list[str]) -> list
     feeds_path = save_feeds(calib, work / f"calib-{settings.calib}.npz")
 
     variants = [v for v in MAIN_VARIANTS if not (settings.only_ort and v.tool == "onnxq")]
-    runs = {
-        v.name: run_isolated(
-            bench.key, v, float_path, feeds_path, settings.calib, work, timeout=settings.worker_timeout
-        )
-        for v in variants
-    }
-    for run in runs.values():
-        if run.status != "ok":
-            notes.append(f"{bench.key} {run.variant}: {run.status}")
-        elif "note" in run.detail:
-            notes.append(f"{bench.key} ({run.variant.split('-')[0]}): {run.detail['note']}")
-    ok = loadable(
-        {name: run.output for name, run in runs.items() if run.output is not None}, notes, bench.key
+    runs, ok = quantize_variants(
+        bench,
+        variants,
+        float_path,
+        feeds_path,
+        settings.calib,
+        work,
+        timeout=settings.worker_timeout,
+        notes=notes,
     )
 
     logger.info("%s: latency (%s threads, %d runs)", bench.key, settings.threads, settings.runs)
@@ -615,26 +745,13 @@ def bench_model(bench: BenchModel, settings: Settings, notes: list[str]) -> list
 
     rows: list[dict[str, Any]] = []
     for name in ("float", *runs):
-        quant = runs.get(name)
-        path = float_path if quant is None else quant.output
-        row: dict[str, Any] = {
-            "model": bench.key,
-            "variant": name,
-            "status": "ok" if quant is None else quant.status,
-            "calib_samples": None if quant is None else quant.samples,
-            "eval_samples": len(evals),
-            "quant_s": None if quant is None else quant.quant_s,
-            "peak_rss_mib": None if quant is None else quant.peak_rss_mib,
-            "delta_rss_mib": None if quant is None else quant.delta_rss_mib,
-            "size_mb": model_size_mb(path) if path else None,
-            "detail": {} if quant is None else quant.detail,
-        }
+        row = quant_row(bench, name, float_path, runs.get(name), len(evals))
         for t in settings.threads:
             ms, p90 = lat[t].get(name, (None, None))
             row[f"ms_{t}t"] = ms
             row[f"p90_ms_{t}t"] = p90
             row[f"x_{t}t"] = lat[t]["float"][0] / ms if ms else None
-        row.update(acc.get(name, {"sqnr_db": None, "cosine": None, "top1": None, "sentence_cosine": None}))
+        row.update(acc.get(name, NO_ACCURACY))
         rows.append(row)
     return rows
 

