@@ -33,8 +33,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import dataclasses
-import json
 import logging
 import re
 import sys
@@ -59,7 +57,6 @@ from tools.bench_static import (
     QuantRun,
     Variant,
     _csv,
-    _environment,
     _fmt,
     _short_status,
     _unstable,
@@ -68,6 +65,7 @@ from tools.bench_static import (
     quant_row,
     quantize_variants,
     save_feeds,
+    write_outputs,
 )
 
 __all__ = ["SECTIONS", "Section", "main", "stack_feeds"]
@@ -394,23 +392,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     text = [header, "", table(rows, settings)]
     if ops:
         text += ["", "quantized operators in each file:", *ops]
-    notes = list(dict.fromkeys(notes))
-    if notes:
-        text += ["", "notes:", *(f"- {note}" for note in notes)]
-    output = "\n".join(text)
-    print(output)
-    (settings.out_dir / "bench_dynamic.txt").write_text(output + "\n")
-    report = {
-        "settings": {
-            k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(settings).items()
-        },
-        "environment": _environment(),
-        "results": rows,
-        "notes": notes,
-        "total_s": time.perf_counter() - started,
-    }
-    (settings.out_dir / "bench_dynamic.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
-    logger.info("wrote %s", settings.out_dir / "bench_dynamic.json")
+    write_outputs(
+        settings, "bench_dynamic", text, notes, {"results": rows, "total_s": time.perf_counter() - started}
+    )
     return 0
 
 

@@ -981,6 +981,29 @@ def settings_from(args: argparse.Namespace) -> Settings:
     )
 
 
+def write_outputs(
+    settings: Any, stem: str, text: list[str], notes: list[str], results: dict[str, Any]
+) -> None:
+    """Print the tables and notes; write them to ``<out_dir>/<stem>.txt`` and, with ``results`` and the
+    settings (a dataclass with ``out_dir``), to ``<stem>.json``."""
+    notes = list(dict.fromkeys(notes))  # the same note from several variants once
+    if notes:
+        text = [*text, "", "notes:", *(f"- {note}" for note in notes)]
+    output = "\n".join(text)
+    print(output)
+    (settings.out_dir / f"{stem}.txt").write_text(output + "\n")
+    report = {
+        "settings": {
+            k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(settings).items()
+        },
+        "environment": _environment(),
+        **results,
+        "notes": notes,
+    }
+    (settings.out_dir / f"{stem}.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
+    logger.info("wrote %s", settings.out_dir / f"{stem}.json")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args._worker is not None:
@@ -1014,24 +1037,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             "",
             calib_table(calib_rows),
         ]
-    notes = list(dict.fromkeys(notes))  # the same note from several variants once
-    if notes:
-        text += ["", "notes:", *(f"- {note}" for note in notes)]
-    output = "\n".join(text)
-    print(output)
-    (settings.out_dir / "bench_static.txt").write_text(output + "\n")
-    report = {
-        "settings": {
-            k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(settings).items()
-        },
-        "environment": _environment(),
-        "results": rows,
-        "calibration_cost": calib_rows,
-        "notes": notes,
-        "total_s": time.perf_counter() - started,
-    }
-    (settings.out_dir / "bench_static.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
-    logger.info("wrote %s", settings.out_dir / "bench_static.json")
+    write_outputs(
+        settings,
+        "bench_static",
+        text,
+        notes,
+        {"results": rows, "calibration_cost": calib_rows, "total_s": time.perf_counter() - started},
+    )
     return 0
 
 
