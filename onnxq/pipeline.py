@@ -201,6 +201,9 @@ def quantize(
 
     feeds: Feeds | None = None
     if is_quantized(ir_model):
+        # Preprocess first: exporters compute fake-quant scales in the graph (Abs → ReduceMax → Div of a
+        # weight); constant folding turns them into the constants normalization needs.
+        _preprocess(ir_model, report)
         _normalize_existing(ir_model, report)
         report.mode = "requantize"
     elif config.mode == "dynamic":
@@ -351,10 +354,9 @@ def _normalize_existing(model: ir.Model, report: QuantReport) -> None:
     from onnxq.passes.normalize_qdq import NormalizeQDQPass
 
     start = time.perf_counter()
-    report.nodes_before = sum(1 for _ in model.graph.all_nodes())
     normalize = NormalizeQDQPass()
     normalize(model)
-    report.preprocess_notes = [*normalize.notes, *normalize.missing_ranges]
+    report.preprocess_notes = [*report.preprocess_notes, *normalize.notes, *normalize.missing_ranges]
     counts = collections.Counter(
         n.op_type for n in model.graph.all_nodes() if n.op_type in ("QuantizeLinear", "DequantizeLinear")
     )

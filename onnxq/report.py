@@ -126,7 +126,12 @@ class QuantReport:
                     colalign=("right",) * 5,
                 )
             )
-        for title, lines in (("Not quantized", self.declined), ("Not lowered", self.lowering_declined)):
+        sections = (
+            ("Preprocessing and normalization", self.preprocess_notes),
+            ("Not quantized", self.declined),
+            ("Not lowered", self.lowering_declined),
+        )
+        for title, lines in sections:
             if lines:
                 parts.append(f"{title}:\n" + "\n".join(f"  - {line}" for line in _grouped(lines)))
         return "\n".join(parts)

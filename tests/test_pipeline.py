@@ -156,3 +156,73 @@ def test_already_quantized_model_is_lowered_without_calibration(tmp_path: object
     assert result.report.lowered_op_types
     result.validate(_feeds(8, 3))
     assert result.report.accuracy[0].sqnr_db > 30.0  # against the QDQ input: same integer arithmetic
+
+
+def test_torch_qat_export_is_lowered_to_qoperator(tmp_path: object) -> None:
+    """The issue's command on a PyTorch QAT-style export: `optimize qat.onnx --format qoperator`."""
+    from pathlib import Path
+
+    import pytest
+
+    torch = pytest.importorskip("torch")
+    from onnxq.cli import main
+    from onnxq.validate.metrics import sqnr_db
+    from onnxq.validate.runtime import make_session
+
+    assert isinstance(tmp_path, Path)
+
+    class QATNet(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+            self.fc = torch.nn.Linear(8 * 8 * 8, 10)
+
+        def forward(self, x: object) -> object:
+            fq_t, fq_c = torch.fake_quantize_per_tensor_affine, torch.fake_quantize_per_channel_affine
+            x = fq_t(x, 0.03, 128, 0, 255)
+            w = fq_c(
+                self.conv.weight,
+                self.conv.weight.detach().abs().amax((1, 2, 3)) / 127,
+                torch.zeros(8, dtype=torch.int32),
+                0,
+                -128,
+                127,
+            )
+            y = torch.relu(torch.nn.functional.conv2d(x, w, self.conv.bias, padding=1))
+            y = fq_t(y, 0.02, 0, 0, 255).flatten(1)
+            w2 = fq_c(
+                self.fc.weight,
+                self.fc.weight.detach().abs().amax(1) / 127,
+                torch.zeros(10, dtype=torch.int32),
+                0,
+                -128,
+                127,
+            )
+            return torch.nn.functional.linear(y, w2, self.fc.bias)
+
+    torch.manual_seed(0)
+    path = tmp_path / "qat.onnx"
+    torch.onnx.export(
+        QATNet().eval(),
+        (torch.randn(1, 3, 8, 8),),
+        str(path),
+        dynamo=False,
+        opset_version=13,
+        input_names=["x"],
+        output_names=["y"],
+    )
+    out = tmp_path / "qat.qop.onnx"
+    assert (
+        main(["optimize", str(path), "-o", str(out), "--format", "qoperator", "--no-validate", "--quiet"])
+        == 0
+    )
+    ops = [n.op_type for n in onnx.load(str(out)).graph.node]
+    assert "QLinearConv" in ops
+    assert "Conv" not in ops
+    feeds = [
+        {"x": np.random.default_rng(i).uniform(-2, 2, (1, 3, 8, 8)).astype(np.float32)} for i in range(8)
+    ]
+    ref, got = make_session(str(path), opt_level="disable"), make_session(str(out), opt_level="disable")
+    expected = np.concatenate([ref.run(None, f)[0] for f in feeds])
+    actual = np.concatenate([got.run(None, f)[0] for f in feeds])
+    assert sqnr_db(expected, actual) > 35.0  # same integer arithmetic, up to rounding
