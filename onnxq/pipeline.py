@@ -13,6 +13,7 @@ import logging
 import os
 import time
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeAlias
 
@@ -36,7 +37,7 @@ from onnxq.passes.insert_qdq import InsertQDQPass, group_params
 from onnxq.passes.plan import plan_quantization
 from onnxq.report import AccuracyRow, LatencyRow, QuantReport
 
-__all__ = ["QuantizationResult", "quantize"]
+__all__ = ["ANCHOR_OPS", "QuantizationResult", "StaticState", "quantize"]
 
 logger = logging.getLogger(__name__)
 
@@ -54,9 +55,12 @@ class QuantizationResult:
         float_source: bytes | Path,
         calibration: Feeds | None,
         input_path: Path | None,
+        static: StaticState | None = None,
     ) -> None:
         self.model = model
         self.report = report
+        #: Set for static quantization of a float model: re-quantize variants without recalibrating.
+        self.static = static
         self._float_source = float_source
         self._calibration = calibration
         self._input_path = input_path
@@ -200,6 +204,7 @@ def quantize(
     from onnxq.passes.normalize_qdq import is_quantized
 
     feeds: Feeds | None = None
+    static: StaticState | None = None
     if is_quantized(ir_model):
         # Preprocess first: exporters compute fake-quant scales in the graph (Abs → ReduceMax → Div of a
         # weight); constant folding turns them into the constants normalization needs.
@@ -212,9 +217,10 @@ def quantize(
         report.mode = "dynamic"
     else:
         _preprocess(ir_model, report)
-        feeds = _quantize_static(
+        static = _quantize_static(
             ir_model, calibration_data, config, report, label, providers, show_progress, random_samples
         )
+        feeds = static.feeds
         report.mode = "static"
     if config.format == "qoperator":
         _lower_to_qoperator(ir_model, report)
@@ -224,7 +230,7 @@ def quantize(
     report.size_quantized_bytes = _serialized_size(ir_model)
     report.timings_s["total"] = time.perf_counter() - start
     return QuantizationResult(
-        ir_model, report, float_source=float_source, calibration=feeds, input_path=input_path
+        ir_model, report, float_source=float_source, calibration=feeds, input_path=input_path, static=static
     )
 
 
@@ -256,8 +262,8 @@ def _quantize_static(
     providers: Sequence[str],
     show_progress: bool | None,
     random_samples: int,
-) -> Feeds:
-    """Plan, calibrate and insert Q/DQ; returns the calibration feeds (validation reuses them)."""
+) -> StaticState:
+    """Plan, calibrate and insert Q/DQ; returns what re-quantizing with other exclusions needs."""
     from onnxq.calibrate.collect import collect_ranges
 
     plan = plan_quantization(model, config)
@@ -325,12 +331,67 @@ def _quantize_static(
     }
 
     start = time.perf_counter()
+    state = StaticState(
+        float_model=model.clone(),
+        config=config,
+        feeds=feeds,
+        ranges={v.name or "": r for v, r in calibration.ranges.items()},
+        providers=tuple(providers),
+        quantized_nodes=tuple(n.name or "" for n in plan.quantized_nodes if n.op_type in ANCHOR_OPS),
+    )
     InsertQDQPass(plan, group_params(plan, calibration.ranges))(model)
     report.timings_s["rewrite"] = time.perf_counter() - start
     report.quantized_op_types = dict(sorted(plan.quantized_op_types().items()))
     report.activations_absorbed = len(plan.absorbed_nodes)
     report.float_op_types = dict(sorted(plan.float_op_types.items()))
-    return feeds
+    return state
+
+
+#: Op types whose quantization decides the speed and the accuracy (what sensitivity analysis ranks).
+ANCHOR_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
+@dataclass
+class StaticState:
+    """What a static quantization learned, kept so that variants cost a rewrite, not a calibration.
+
+    ``float_model`` is the preprocessed float model (before Q/DQ); ``ranges`` the calibrated range
+    of every observed tensor by name; ``quantized_nodes`` the anchor nodes that were quantized.
+    """
+
+    float_model: ir.Model
+    config: QuantConfig
+    feeds: Feeds
+    ranges: dict[str, tuple[float, float]]
+    providers: tuple[str, ...]
+    quantized_nodes: tuple[str, ...]
+
+    def requantize(self, keep_float: Iterable[str] = ()) -> ir.Model:
+        """The same quantization with the nodes named in ``keep_float`` left float.
+
+        Calibrated ranges are reused; only tensors that no earlier run observed are calibrated now.
+        """
+        from onnxq.calibrate.collect import collect_ranges
+
+        model = self.float_model.clone()
+        config = self.config.replace(exclude_nodes=(*self.config.exclude_nodes, *keep_float))
+        plan = plan_quantization(model, config)
+        observed = plan.observed_values()
+        missing = [v for v in observed if (v.name or "") not in self.ranges]
+        if missing:
+            schemes = {v: plan.group_of[v].scheme for v in missing}
+            extra = collect_ranges(
+                model, missing, schemes, self.feeds, config.calibration, providers=self.providers
+            )
+            self.ranges.update({v.name or "": r for v, r in extra.ranges.items()})
+        ranges = {v: self.ranges[v.name or ""] for v in observed if (v.name or "") in self.ranges}
+        InsertQDQPass(plan, group_params(plan, ranges))(model)
+        if config.format == "qoperator":
+            from onnxq.passes.fuse_qlinear import FuseQLinearPass
+
+            FuseQLinearPass()(model)
+        cleanup(model)
+        return model
 
 
 def _quantize_dynamic(model: ir.Model, config: QuantConfig, report: QuantReport, label: str) -> None:
