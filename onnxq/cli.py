@@ -142,6 +142,17 @@ def _add_quant_options(parser: argparse.ArgumentParser) -> None:
         "--runs", type=_positive_int, default=30, metavar="N", help="timed runs per model (default 30)"
     )
     val.add_argument("--report-json", metavar="PATH", help="also write the report as JSON")
+    val.add_argument(
+        "--layers",
+        action="store_true",
+        help="per-layer numeric suite: range, scale, clipping, weight and activation SQNR per tensor",
+    )
+    val.add_argument(
+        "--target",
+        metavar="METRIC>=VALUE",
+        help="accuracy budget (static mode): keep the most sensitive layers float until e.g. 'sqnr>=30', "
+        "'cosine>=0.995' or 'top1>=0.99' holds on the evaluation data",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -176,6 +187,51 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_quant_options(optimize)
     _add_common(optimize)
+
+    compare = sub.add_parser(
+        "compare",
+        help="compare models on the same data: size, latency and accuracy against the first",
+        description=(
+            "Run every MODEL on DATA and print one table with the first model as reference: size, "
+            "latency (interleaved runs, median, ratio) and per output SQNR / cosine / max error / top-1."
+        ),
+    )
+    compare.add_argument("models", nargs="+", metavar="MODEL", help="ONNX models with the same inputs")
+    compare.add_argument(
+        "--data", required=True, metavar="DATA", help="evaluation data (.npz, folder of .npz)"
+    )
+    compare.add_argument("--provider", choices=("cpu", "cuda"), default="cpu", help="execution provider")
+    compare.add_argument(
+        "--threads", type=_thread_list, default=(1,), metavar="N[,N]", help="latency threads"
+    )
+    compare.add_argument("--runs", type=_positive_int, default=30, metavar="N", help="timed runs per model")
+    compare.add_argument(
+        "--json", nargs="?", const="-", metavar="PATH", help="the same data as JSON (to PATH, or stdout)"
+    )
+    _add_common(compare)
+
+    inspect = sub.add_parser(
+        "inspect",
+        help="per-layer numeric suite of a quantized model against its float model",
+        description=(
+            "For every quantized tensor of QUANT: calibrated range, scale, zero point, share of values "
+            "clipped, weight SQNR and activation SQNR against FLOAT on DATA, worst first."
+        ),
+    )
+    inspect.add_argument("model", metavar="QUANT", help="quantized ONNX model (QDQ)")
+    inspect.add_argument(
+        "--float", dest="float_model", required=True, metavar="FLOAT", help="its float model"
+    )
+    inspect.add_argument(
+        "--data", required=True, metavar="DATA", help="evaluation data (.npz, folder of .npz)"
+    )
+    inspect.add_argument(
+        "--limit", type=_positive_int, default=30, metavar="N", help="rows shown (default 30)"
+    )
+    inspect.add_argument(
+        "--json", nargs="?", const="-", metavar="PATH", help="the same data as JSON (to PATH, or stdout)"
+    )
+    _add_common(inspect)
 
     example = sub.add_parser(
         "example",
@@ -244,17 +300,31 @@ def run_optimize(
     from onnxq.validate.runtime import resolve_providers
 
     providers = resolve_providers(args.provider)  # calibration runs on the same provider
+    target = None
+    if args.target:
+        from onnxq.tuning import AccuracyTarget
+
+        target = AccuracyTarget.parse(args.target)
+        if config.mode != "static":
+            raise OnnxqError("--target needs static mode (it keeps layers float within a calibrated model)")
     result = quantize(model, calib, config, random_samples=args.random_samples, providers=providers)
+    if target is not None:
+        result.meet_target(target, eval_data)
     result.save(output)
     if not args.no_validate:
         result.validate(
             eval_data,
             ValidationConfig(provider=args.provider, threads=args.threads, latency_runs=args.runs),
         )
+    layers_table = None
+    if args.layers:
+        layers_table = result.inspect_layers(eval_data)
     if args.report_json:
         _write_text(Path(args.report_json), result.report.to_json() + "\n")
     if not args.quiet:
         print(result.report.format_table())
+        if layers_table:
+            print("Per-layer numeric suite (worst first):\n" + layers_table)
     return 0
 
 
@@ -273,6 +343,51 @@ def _write_text(path: Path, text: str) -> None:
             os.replace(tmp_file, path)
     except OSError as exc:
         raise OnnxqError(f"cannot write {path}: {exc.strerror or exc}") from exc
+
+
+def _emit_json(target: str, data: object) -> None:
+    import json
+
+    text = json.dumps(data, indent=2, sort_keys=True) + "\n"
+    if target == "-":
+        sys.stdout.write(text)
+    else:
+        _write_text(Path(target), text)
+
+
+def _run_compare(args: argparse.Namespace) -> int:
+    from onnxq.data import input_specs, load_feeds
+    from onnxq.model_io import load_model
+    from onnxq.validate.compare import compare_models_table, comparison_to_dict, format_comparison
+    from onnxq.validate.runtime import resolve_providers
+
+    if len(args.models) < 2:
+        raise OnnxqError("compare needs at least two models (the first is the reference)")
+    feeds = load_feeds(args.data, input_specs(load_model(args.models[0])), what="evaluation data")
+    rows = compare_models_table(
+        args.models, feeds, threads=args.threads, runs=args.runs, providers=resolve_providers(args.provider)
+    )
+    if args.json:
+        _emit_json(args.json, comparison_to_dict(rows))
+    if not args.quiet and args.json != "-":
+        print(format_comparison(rows))
+    return 0
+
+
+def _run_inspect(args: argparse.Namespace) -> int:
+    from onnxq.data import input_specs, load_feeds
+    from onnxq.model_io import load_model
+    from onnxq.validate.layers import format_layers, inspect_layers, layers_to_dict
+
+    float_model = load_model(args.float_model, what="float model")
+    quantized = load_model(args.model)
+    feeds = load_feeds(args.data, input_specs(float_model), what="evaluation data")
+    stats = inspect_layers(quantized, float_model, feeds)
+    if args.json:
+        _emit_json(args.json, layers_to_dict(stats))
+    if not args.quiet and args.json != "-":
+        print(format_layers(stats, limit=args.limit))
+    return 0
 
 
 def _run_example(args: argparse.Namespace) -> int:
@@ -321,6 +436,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_optimize(args.model, args.output, args.calib, args, eval_data=args.eval)
         if args.command == "example":
             return _run_example(args)
+        if args.command == "compare":
+            return _run_compare(args)
+        if args.command == "inspect":
+            return _run_inspect(args)
     except OnnxqError as exc:
         if debug:
             traceback.print_exc()

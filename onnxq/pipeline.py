@@ -93,15 +93,7 @@ class QuantizationResult:
         config = config or ValidationConfig()
         start = time.perf_counter()
         providers = resolve_providers(config.provider)
-        if isinstance(data, Feeds):
-            feeds = data
-        elif data is not None:
-            feeds = load_feeds(data, input_specs(self.model), what="evaluation data")
-        elif self._calibration is not None:
-            feeds = self._calibration
-        else:
-            logger.warning("no evaluation data given: validating on random inputs (pass --eval DATA)")
-            feeds = load_feeds("random", input_specs(self.model), what="evaluation data")
+        feeds = self._eval_feeds(data)
         with contextlib.ExitStack() as stack:
             quantized: bytes | Path = (
                 self._saved if self._saved is not None else stack.enter_context(runtime_source(self.model))
@@ -110,6 +102,54 @@ class QuantizationResult:
             self._time(quantized, feeds, providers, config)
         self.report.timings_s["validate"] = time.perf_counter() - start
         return self.report
+
+    def meet_target(self, target: Any, data: DataSource | None = None) -> Any:
+        """Keep the most sensitive layers float until ``target`` holds on ``data`` (an accuracy budget).
+
+        ``target`` is an :class:`onnxq.tuning.AccuracyTarget` (``AccuracyTarget.parse("sqnr>=30")``) or
+        an :class:`onnxq.tuning.CustomTarget` wrapping the user's own evaluation function. Replaces
+        ``model`` with the result and records the search in the report; returns the search outcome.
+        """
+        from onnxq.tuning.budget import meet_target
+
+        if self.static is None:
+            raise OnnxqError("an accuracy target needs static quantization of a float model")
+        start = time.perf_counter()
+        outcome = meet_target(self, target, self._eval_feeds(data))
+        self.model = outcome.model
+        self._saved = None
+        self.report.budget = outcome.as_dict()
+        self.report.timings_s["budget"] = time.perf_counter() - start
+        return outcome
+
+    def inspect_layers(self, data: DataSource | None = None, *, limit: int | None = 30) -> str:
+        """Per-layer numeric suite against the float model; stored in the report, returned as a table."""
+        from onnxq.validate.layers import format_layers, inspect_layers, layers_to_dict
+
+        reference = (
+            self.static.float_model if self.static is not None else load_model(self._float_reference())
+        )
+        stats = inspect_layers(self.model, reference, self._eval_feeds(data))
+        self.report.layers = layers_to_dict(stats)
+        return format_layers(stats, limit=limit)
+
+    def _float_reference(self) -> Any:
+        if isinstance(self._float_source, Path):
+            return self._float_source
+        import onnx
+
+        return onnx.load_model_from_string(self._float_source)
+
+    def _eval_feeds(self, data: DataSource | None) -> Feeds:
+        """Evaluation data: given, else the calibration data, else random inputs with a warning."""
+        if isinstance(data, Feeds):
+            return data
+        if data is not None:
+            return load_feeds(data, input_specs(self.model), what="evaluation data")
+        if self._calibration is not None:
+            return self._calibration
+        logger.warning("no evaluation data given: using random inputs (pass --eval DATA)")
+        return load_feeds("random", input_specs(self.model), what="evaluation data")
 
     def _compare(self, quantized: bytes | Path, feeds: Feeds, providers: list[str]) -> None:
         from onnxq.validate.metrics import compare_models

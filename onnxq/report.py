@@ -71,6 +71,10 @@ class QuantReport:
     latency: list[LatencyRow] = field(default_factory=list)
     provider: str = "CPUExecutionProvider"
     timings_s: dict[str, float] = field(default_factory=dict)
+    #: Per-layer numeric suite rows (``--layers``), worst first.
+    layers: list[dict[str, Any]] = field(default_factory=list)
+    #: The accuracy-budget search (``--target``): target, scores, layers kept float, cost.
+    budget: dict[str, Any] = field(default_factory=dict)
 
     @property
     def nodes_quantized(self) -> int:
@@ -170,6 +174,19 @@ class QuantReport:
             rows.append(["subgraphs", f"{self.subgraph_nodes} nodes inside If/Loop/Scan bodies left float"])
         for note in self.version_notes:
             rows.append(["versions", note])
+        if self.budget:
+            b = self.budget
+            kept = ", ".join(b.get("kept_float", [])) or "none"
+            rows.append(
+                [
+                    "accuracy budget",
+                    f"{b.get('target')}: {b.get('score_before', float('nan')):.4g} -> "
+                    f"{b.get('score_after', float('nan')):.4g} ({'met' if b.get('met') else 'NOT met'}); "
+                    f"kept float: {kept}; {b.get('evaluations')} evaluations in "
+                    f"{b.get('search_seconds', 0.0):.1f} s (one full evaluation "
+                    f"{b.get('full_evaluation_seconds', 0.0):.2f} s)",
+                ]
+            )
         return rows
 
 

@@ -1,0 +1,285 @@
+"""Accuracy-budgeted mixed precision: keep the fewest anchors float that make a target hold.
+
+:func:`meet_target` takes a static quantization result and an accuracy target and returns a model
+with the smallest set of anchor nodes (Conv, ConvTranspose, Gemm, MatMul) left float that it found
+meeting the target on the given evaluation data. It does *not* quantize and evaluate once per layer:
+
+1. evaluate the fully quantized model; if it meets the target, stop (1 evaluation);
+2. rank the anchors with the one-pass :func:`~onnxq.tuning.sensitivity.estimate_sensitivity` (two
+   ONNX Runtime passes over the data, however many layers);
+3. find the smallest ``k`` such that keeping the ``k`` top-ranked anchors float meets the target:
+   ``k = 1, 2, 4, …`` until one passes (``k`` = every anchor last), then bisect between the last
+   failing and the first passing ``k``;
+4. greedy prune (at most ``prune_evaluations`` tries): re-quantize kept nodes one at a time, least
+   sensitive first, keeping each change under which the target still holds. (Removing the least
+   sensitive one gives the ``k − 1`` set the bisection already saw fail, so it is skipped.)
+
+With ``L`` anchors this costs about ``2·log2(k) + 1`` evaluations plus the prune tries, instead of
+``L`` (or ``2·L``) for one-at-a-time analysis. Each variant is a rewrite of the calibrated model
+(:meth:`~onnxq.pipeline.StaticState.requantize`), never a new calibration. When even every anchor
+float misses the target, the outcome has ``met=False`` and the best-scoring model found.
+
+Only int8/uint8 quantization versus float is searched: 16-bit activations (int16/uint16 Q/DQ on the
+sensitive tensors instead of float) are out of scope.
+
+The search runs on the ``feeds`` given — held-out evaluation data, ideally not the calibration data —
+and the chosen set may fit those feeds: leave margin in the target or check the result on other data.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import onnx_ir as ir
+
+from onnxq.data import Feeds
+from onnxq.errors import OnnxqError
+from onnxq.pipeline import QuantizationResult
+from onnxq.tuning.sensitivity import estimate_sensitivity, rank_by_estimate
+from onnxq.tuning.targets import AccuracyTarget, CustomTarget, TargetEvaluator, as_target, evaluation_feeds
+from onnxq.validate.runtime import OptLevel
+
+__all__ = ["BudgetOutcome", "meet_target"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class BudgetOutcome:
+    """What :func:`meet_target` found and what the search cost.
+
+    - ``model``: the chosen model (the input's quantized model when nothing had to be kept float);
+    - ``kept_float``: the anchors left float, most sensitive first; ``kept_estimates`` their one-pass
+      estimate (added noise in dB, the reason they were chosen); ``estimates`` every anchor's;
+    - ``score_before`` / ``score_after``: the target's score of the fully quantized and the chosen
+      model on the evaluation data; ``met``: whether the chosen model meets the target;
+    - ``evaluations``: full evaluations made (the fully quantized model included; the estimate's two
+      passes are not evaluations and are timed in ``estimate_seconds``);
+    - ``search_seconds``: the whole search's wall time; ``full_evaluation_seconds``: the measured time
+      of one re-quantize + evaluate (the mean over the variants evaluated; the evaluation of the fully
+      quantized model when no variant was needed) — what a one-at-a-time analysis pays per layer;
+    - ``history``: ``(number of anchors kept float, score)`` for every evaluation, in order.
+    """
+
+    model: ir.Model
+    target: str
+    kept_float: list[str]
+    kept_estimates: dict[str, float]
+    score_before: float
+    score_after: float
+    met: bool
+    evaluations: int
+    search_seconds: float
+    full_evaluation_seconds: float
+    estimate_seconds: float = 0.0
+    anchors: int = 0
+    estimates: dict[str, float] = field(default_factory=dict)
+    history: list[tuple[int, float]] = field(default_factory=list)
+
+    def summary(self) -> str:
+        """A few lines for people: the verdict, the kept nodes with their estimates, the cost."""
+        verdict = "met" if self.met else "NOT met"
+        lines = [
+            f"target {self.target} {verdict}: {self.score_before:.4g} (all int8) -> {self.score_after:.4g} "
+            f"with {len(self.kept_float)} of {self.anchors} anchors kept float",
+        ]
+        lines += [
+            f"  kept float: {name} (estimated added noise {self.kept_estimates.get(name, math.nan):.1f} dB)"
+            for name in self.kept_float
+        ]
+        lines.append(
+            f"  search: {self.evaluations} evaluations in {_duration(self.search_seconds)} "
+            f"(estimate {_duration(self.estimate_seconds)}; one re-quantize + evaluation "
+            f"{_duration(self.full_evaluation_seconds)})"
+        )
+        return "\n".join(lines)
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-friendly fields (the model left out)."""
+        return {
+            "target": self.target,
+            "met": self.met,
+            "kept_float": list(self.kept_float),
+            "kept_estimates": dict(self.kept_estimates),
+            "score_before": self.score_before,
+            "score_after": self.score_after,
+            "evaluations": self.evaluations,
+            "search_seconds": self.search_seconds,
+            "full_evaluation_seconds": self.full_evaluation_seconds,
+            "estimate_seconds": self.estimate_seconds,
+            "anchors": self.anchors,
+            "history": [list(h) for h in self.history],
+        }
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds * 1e3:.1f} ms" if seconds < 1.0 else f"{seconds:.2f} s"
+
+
+class _Search:
+    """Evaluations of "top-k float" variants and of arbitrary kept sets, remembered and timed."""
+
+    def __init__(self, result: QuantizationResult, evaluator: TargetEvaluator, ranked: list[str]) -> None:
+        assert result.static is not None
+        self.state = result.static
+        self.evaluator = evaluator
+        self.ranked = ranked
+        self.scores: dict[frozenset[str], float] = {}
+        self.history: list[tuple[int, float]] = []
+        self.variant_seconds: list[float] = []
+        self.best_pass: tuple[list[str], float, ir.Model] | None = None  # fewest kept, then best score
+        self.best_any: tuple[list[str], float, ir.Model] | None = None  # best score
+
+    def evaluate(self, kept: list[str], model: ir.Model | None = None) -> float:
+        key = frozenset(kept)
+        if key in self.scores:
+            return self.scores[key]
+        start = time.perf_counter()
+        timed_rewrite = model is None
+        if model is None:
+            model = self.state.requantize(keep_float=kept)
+        score = self.evaluator.score(model)
+        if timed_rewrite:
+            self.variant_seconds.append(time.perf_counter() - start)
+        self.scores[key] = score
+        self.history.append((len(kept), score))
+        logger.info("%d kept float: %s = %.6g", len(kept), self.evaluator.target.name, score)
+        entry = (list(kept), score, model)
+        if self.evaluator.met(score):
+            best = self.best_pass
+            if best is None or (len(kept), -score) < (len(best[0]), -best[1]):
+                self.best_pass = entry
+        if not math.isnan(score) and (self.best_any is None or score > self.best_any[1]):
+            self.best_any = entry
+        return score
+
+    def passes(self, kept: list[str]) -> bool:
+        return self.evaluator.met(self.evaluate(kept))
+
+    def top(self, k: int) -> list[str]:
+        return self.ranked[:k]
+
+
+def meet_target(
+    result: QuantizationResult,
+    target: AccuracyTarget | CustomTarget | str,
+    feeds: Feeds | Iterable[Mapping[str, Any]] | str | None,
+    *,
+    prune_evaluations: int = 3,
+    providers: Sequence[str] | None = None,
+    opt_level: OptLevel = "all",
+) -> BudgetOutcome:
+    """Keep the fewest anchor nodes float that make ``result``'s model meet ``target`` on ``feeds``.
+
+    ``result`` must come from static quantization of a float model (it carries ``result.static``).
+    ``target`` is an :class:`AccuracyTarget`, a ``"sqnr>=30"``-style string or a :class:`CustomTarget`
+    (the user's evaluation function). ``feeds`` is the evaluation data: scores are computed on it
+    (accuracy targets) and the anchors ranked on it; ``None`` falls back to the calibration data, with
+    a warning. Candidates are scored at ``opt_level`` (``"all"``: what a deployment computes).
+    See the module docstring for the search; ``result`` itself is not modified.
+    """
+    start = time.perf_counter()
+    state = result.static
+    if state is None:
+        raise OnnxqError(
+            "accuracy-budgeted search needs the result of static quantization of a float model "
+            f"(this result is {result.report.mode or 'not static'})"
+        )
+    goal = as_target(target)
+    if isinstance(goal, AccuracyTarget) and goal.minimum == -math.inf:
+        raise OnnxqError(f"target {target!r} has no minimum; write e.g. '{goal.metric}>=30'")
+    if prune_evaluations < 0:
+        raise OnnxqError(f"prune_evaluations must be at least 0, got {prune_evaluations}")
+    if feeds is None:
+        logger.warning("no evaluation data given: searching on the calibration data (risk of overfitting)")
+        eval_feeds = state.feeds
+    else:
+        eval_feeds = evaluation_feeds(feeds, state.float_model)
+    providers = tuple(providers or state.providers)
+    evaluator = TargetEvaluator(state.float_model, eval_feeds, goal, providers=providers, opt_level=opt_level)
+    evaluator.prepare()
+    anchors = list(state.quantized_nodes)
+
+    search = _Search(result, evaluator, [])
+    baseline_start = time.perf_counter()
+    score_before = search.evaluate([], result.model)
+    baseline_seconds = time.perf_counter() - baseline_start
+
+    estimates: dict[str, float] = {}
+    estimate_seconds = 0.0
+    if not evaluator.met(score_before) and anchors:
+        estimate_start = time.perf_counter()
+        estimates = estimate_sensitivity(state, result.model, eval_feeds, providers=providers)
+        estimate_seconds = time.perf_counter() - estimate_start
+        search.ranked = rank_by_estimate(estimates, anchors)
+        logger.info("anchors by estimated sensitivity: %s", search.ranked)
+        _search_smallest_k(search, len(anchors))
+        if search.best_pass is not None and prune_evaluations:
+            _prune(search, prune_evaluations)
+
+    chosen = search.best_pass or search.best_any
+    assert chosen is not None  # the baseline was evaluated
+    kept, score_after, model = chosen
+    kept = [n for n in search.ranked if n in set(kept)]
+    seconds = search.variant_seconds
+    outcome = BudgetOutcome(
+        model=model,
+        target=str(goal),
+        kept_float=kept,
+        kept_estimates={n: estimates.get(n, math.nan) for n in kept},
+        score_before=score_before,
+        score_after=score_after,
+        met=evaluator.met(score_after),
+        evaluations=evaluator.evaluations,
+        search_seconds=time.perf_counter() - start,
+        full_evaluation_seconds=sum(seconds) / len(seconds) if seconds else baseline_seconds,
+        estimate_seconds=estimate_seconds,
+        anchors=len(anchors),
+        estimates=estimates,
+        history=list(search.history),
+    )
+    logger.info("%s", outcome.summary())
+    return outcome
+
+
+def _search_smallest_k(search: _Search, n: int) -> None:
+    """Exponential growth of k, then bisection between the last failing and the first passing k."""
+    failing, passing = 0, None
+    k = 1
+    while True:
+        k = min(k, n)
+        if search.passes(search.top(k)):
+            passing = k
+            break
+        failing = k
+        if k == n:
+            logger.warning("the target is not met even with every anchor kept float")
+            return
+        k *= 2
+    while passing - failing > 1:
+        mid = (failing + passing) // 2
+        if search.passes(search.top(mid)):
+            passing = mid
+        else:
+            failing = mid
+
+
+def _prune(search: _Search, budget: int) -> None:
+    """Re-quantize kept nodes, least sensitive first, while the target holds (at most ``budget`` tries)."""
+    assert search.best_pass is not None
+    kept = list(search.best_pass[0])
+    tries = 0
+    for name in reversed(list(kept)):
+        if tries >= budget or len(kept) <= 1:
+            break
+        trial = [n for n in kept if n != name]
+        if frozenset(trial) in search.scores:  # e.g. the k - 1 set the bisection saw fail
+            continue
+        tries += 1
+        if search.passes(trial):
+            kept = trial

@@ -1,0 +1,442 @@
+"""How much each quantized anchor node (Conv, ConvTranspose, Gemm, MatMul) costs in accuracy.
+
+Two analyses:
+
+- :func:`estimate_sensitivity`, a *one-pass* estimate: the float model and the fully quantized model
+  each run once over the feeds, with every anchor's data inputs and output added as graph outputs, and
+  per anchor the error it *adds* is measured (below). Cost: two ONNX Runtime passes, whatever the number
+  of layers; memory: two float64 sums per tensor.
+- :func:`measure_sensitivity`, the exact one-at-a-time analysis: for each anchor, re-quantize with only
+  that anchor quantized (``"only"``) and/or with all but that anchor quantized (``"all_but"``), and
+  score the variant against the float model under the target's metric. Cost: one re-quantization (a
+  rewrite, no calibration) and one full evaluation per node and mode; results are cached as JSON.
+
+The estimate's proxy: *added relative noise*
+---------------------------------------------
+For an anchor ``n`` with float output ``y`` and float data inputs ``x_i``, in the quantized model let
+``ŷ`` be its output (before any output Q/DQ) and ``v̂_i`` the value feeding its input Q/DQ (the
+upstream result *before* ``n``'s own input quantization). With noise-to-signal ratios
+``r(a, â) = Σ(a − â)² / Σa²`` over all feeds::
+
+    added(n) = r(y, ŷ) − Σ_i r(x_i, v̂_i)            estimate(n) = 10·log10(max(added, 0))  [dB]
+
+``r(y, ŷ)`` is all the error at ``n``'s output; the sum is what ``n`` inherited from upstream (relative
+errors of a linear map's input pass to its output about unchanged, and those of a product's two inputs
+add). The difference is what ``n``'s own quantization — its input Q/DQ and its weights — adds. The
+estimate is that added noise power relative to the output's power, in dB: higher means more sensitive
+(−15 dB is a node that adds 3 % noise, −40 dB one that adds 0.01 %; ``-inf`` adds nothing measurable).
+
+Why this ranks an outlier-heavy layer first: when a few channels of an activation are far larger than
+the rest, one per-tensor scale is set by the outliers and the other channels are rounded away. The
+damage is invisible at the quantized tensor itself (its SQNR is dominated by the well-represented
+outliers) but shows at the output of the layer that reads it, whose weights give the small channels
+their weight back. The node reading the outlier tensor therefore shows a large ``r(y, ŷ)`` with a small
+inherited part; downstream nodes inherit that error and add little; upstream nodes add little. A plain
+output SQNR would blame every node after the outlier layer alike, and a difference of dB values
+(``SQNR_in − SQNR_out``) would blame the first layer, whose exact input has an infinite SQNR.
+
+The node that *reads* a quantized tensor is charged for its quantization, matching how onnxq plans:
+a tensor between two MatMuls/Gemms is quantized because its reader is. (A Conv's output is quantized
+whenever the Conv is, so in a Conv chain the tensor stays quantized until both its producer and its
+reader are kept float.)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import tempfile
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxq.calibrate.collect import _with_outputs
+from onnxq.data import Feeds
+from onnxq.errors import OnnxqError
+from onnxq.graph import is_constant, is_float
+from onnxq.model_io import serialize_lean
+from onnxq.pipeline import StaticState
+from onnxq.tuning.targets import AccuracyTarget, CustomTarget, TargetEvaluator, as_target, evaluation_feeds
+from onnxq.validate.runtime import OptLevel, make_session, run
+
+__all__ = ["Mode", "NodeSensitivity", "estimate_sensitivity", "measure_sensitivity", "rank_by_estimate"]
+
+logger = logging.getLogger(__name__)
+
+Mode = Literal["only", "all_but", "both"]
+_MODES = ("only", "all_but", "both")
+_CACHE_VERSION = 1
+
+
+@dataclass
+class NodeSensitivity:
+    """One anchor's sensitivity.
+
+    ``estimate`` is the one-pass estimate (added noise in dB, higher = more sensitive, see the module
+    docstring). ``only_this_quantized`` is the target's score with only this anchor quantized and
+    ``all_but_this_quantized`` with every other anchor quantized (higher = better; ``None`` when that
+    mode was not measured).
+    """
+
+    node: str
+    op_type: str
+    estimate: float
+    only_this_quantized: float | None = None
+    all_but_this_quantized: float | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------------
+# One-pass estimate
+
+
+@dataclass
+class _Energy:
+    """Streaming sums of a reference tensor's energy and of its error."""
+
+    signal: float = 0.0
+    noise: float = 0.0
+    valid: bool = True
+
+    def update(self, ref: np.ndarray, act: np.ndarray) -> None:
+        if ref.shape != act.shape:
+            self.valid = False
+            return
+        r = np.asarray(ref, dtype=np.float64).ravel()
+        e = r - np.asarray(act, dtype=np.float64).ravel()
+        self.signal += float(np.dot(r, r))
+        self.noise += float(np.dot(e, e))
+
+    @property
+    def ratio(self) -> float:
+        """Noise-to-signal power ratio (0 when exact, ``inf`` for noise on a zero signal)."""
+        if not self.valid or math.isnan(self.signal) or math.isnan(self.noise):
+            return math.nan
+        if self.noise == 0.0:
+            return 0.0
+        if self.signal == 0.0:
+            return math.inf
+        return self.noise / self.signal
+
+
+@dataclass
+class _Probe:
+    """The tensors one anchor is judged by: (float name, quantized name) pairs."""
+
+    node: str
+    inputs: list[tuple[str, str]]
+    output: tuple[str, str]
+
+
+def _pre_quantization(value: ir.Value) -> ir.Value:
+    """The value a DequantizeLinear(QuantizeLinear(v)) chain started from, or ``value`` itself."""
+    dq = value.producer()
+    if dq is None or dq.op_type != "DequantizeLinear" or dq.inputs[0] is None:
+        return value
+    q = dq.inputs[0].producer()
+    if q is None or q.op_type != "QuantizeLinear" or q.inputs[0] is None:
+        return value
+    return q.inputs[0]
+
+
+def _has_anchors(model: ir.Model, anchors: Iterable[str]) -> bool:
+    by_name = {n.name: n.op_type for n in model.graph}
+    from onnxq.pipeline import ANCHOR_OPS
+
+    return all(by_name.get(name) in ANCHOR_OPS for name in anchors)
+
+
+def _probes(state: StaticState, quantized: ir.Model) -> list[_Probe]:
+    float_nodes = {n.name: n for n in state.float_model.graph}
+    quant_nodes = {n.name: n for n in quantized.graph}
+    probes = []
+    for name in state.quantized_nodes:
+        f_node, q_node = float_nodes.get(name), quant_nodes.get(name)
+        if f_node is None or q_node is None or not f_node.outputs or not q_node.outputs:
+            continue
+        inputs = []
+        for index, value in enumerate(f_node.inputs):
+            if value is None or is_constant(value) or not is_float(value) or index >= len(q_node.inputs):
+                continue
+            q_value = q_node.inputs[index]
+            if q_value is None or is_constant(q_value):  # a weight, stored quantized
+                continue
+            inputs.append((value.name or "", _pre_quantization(q_value).name or ""))
+        output = (f_node.outputs[0].name or "", q_node.outputs[0].name or "")
+        if all(a and b for a, b in inputs) and all(output):
+            probes.append(_Probe(name, inputs, output))
+    return probes
+
+
+def _fetcher(model: ir.Model, names: Iterable[str], providers: Sequence[str], opt_level: OptLevel) -> Any:
+    """A function ``feed -> {name: array}`` for the named tensors of ``model`` (one run per feed)."""
+    values = {v.name: v for v in model.graph.inputs}
+    for node in model.graph:
+        for out in node.outputs:
+            values.setdefault(out.name, out)
+    graph_inputs = {v.name for v in model.graph.inputs}
+    wanted = [n for n in dict.fromkeys(names) if n not in graph_inputs]
+    unknown = [n for n in wanted if n not in values]
+    if unknown:
+        raise OnnxqError(f"cannot observe tensor(s) {', '.join(unknown[:3])}: not in the model")
+    with _with_outputs(model, [values[n] for n in wanted]):
+        data, initializers = serialize_lean(model)
+    session = make_session(data, providers=providers, opt_level=opt_level, initializers=initializers)
+
+    def fetch(feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        outputs = dict(zip(wanted, run(session, feed, wanted), strict=True))
+        outputs.update({k: v for k, v in feed.items() if k in graph_inputs})
+        return outputs
+
+    return fetch
+
+
+def estimate_sensitivity(
+    state: StaticState,
+    quantized_model: ir.Model | None,
+    feeds: Feeds | Iterable[Mapping[str, Any]] | str,
+    *,
+    providers: Sequence[str] | None = None,
+) -> dict[str, float]:
+    """One-pass estimate of every quantized anchor's added noise, in dB (higher = more sensitive).
+
+    Runs ``state.float_model`` and ``quantized_model`` (the fully quantized model in QDQ form; ``None``,
+    or a QOperator model, makes a QDQ one with ``state.requantize()``) once over ``feeds`` and returns
+    ``{node name: estimate}`` for the anchors it could observe, in graph order. See the module
+    docstring for the proxy and why it ranks an outlier-heavy layer first.
+    """
+    providers = tuple(providers or state.providers)
+    feeds = evaluation_feeds(feeds, state.float_model)
+    if quantized_model is None or not _has_anchors(quantized_model, state.quantized_nodes):
+        qdq_state = dataclasses.replace(state, config=state.config.replace(format="qdq"))
+        quantized_model = qdq_state.requantize()
+    probes = _probes(state, quantized_model)
+    if not probes:
+        return {}
+    float_names = [f for p in probes for f, _ in (*p.inputs, p.output)]
+    quant_names = [q for p in probes for _, q in (*p.inputs, p.output)]
+    # The float model at "basic" (exact; faster); the quantized one at "disable", so that every observed
+    # value is what the QDQ graph itself computes (no QDQ propagation or fusion).
+    fetch_float = _fetcher(state.float_model, float_names, providers, "basic")
+    fetch_quant = _fetcher(quantized_model, quant_names, providers, "disable")
+    energies: dict[tuple[str, str], _Energy] = {}
+    pairs = list(dict.fromkeys(pair for p in probes for pair in (*p.inputs, p.output)))
+    runs = 0
+    for feed in feeds:
+        ref, act = fetch_float(feed), fetch_quant(feed)
+        for pair in pairs:
+            energies.setdefault(pair, _Energy()).update(ref[pair[0]], act[pair[1]])
+        runs += 1
+    if runs == 0:
+        raise OnnxqError("no evaluation data to estimate sensitivity on")
+    estimates: dict[str, float] = {}
+    for probe in probes:
+        out = energies[probe.output].ratio
+        inherited = sum(energies[pair].ratio for pair in probe.inputs)
+        added = out - inherited if not math.isinf(out) else out
+        if math.isnan(added):
+            estimates[probe.node] = math.nan
+        elif added <= 0.0:
+            estimates[probe.node] = -math.inf
+        else:
+            estimates[probe.node] = 10.0 * math.log10(added) if not math.isinf(added) else math.inf
+    logger.debug("sensitivity estimate over %d feeds: %s", runs, estimates)
+    return estimates
+
+
+def rank_by_estimate(estimates: Mapping[str, float], nodes: Sequence[str]) -> list[str]:
+    """``nodes`` by decreasing estimate (unknown or NaN last), ties in the given (graph) order."""
+    order = {name: i for i, name in enumerate(nodes)}
+
+    def key(name: str) -> tuple[float, int]:
+        value = estimates.get(name, math.nan)
+        return (math.inf if math.isnan(value) else -value, order[name])
+
+    return sorted(nodes, key=key)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Exact one-at-a-time analysis, cached
+
+
+def _hash_update_array(digest: Any, name: str, array: np.ndarray) -> None:
+    array = np.ascontiguousarray(array)
+    digest.update(f"{name}|{array.dtype.str}|{array.shape}|".encode())
+    if array.dtype.hasobject:
+        digest.update(repr(array.tolist()).encode())
+    else:
+        digest.update(array.reshape(-1).view(np.uint8).data)
+
+
+def _cache_key(
+    state: StaticState,
+    target: AccuracyTarget | CustomTarget,
+    feeds: Feeds,
+    providers: Sequence[str],
+    opt_level: str,
+) -> str:
+    """A hash of everything the scores depend on (the minimum of the target excepted)."""
+    digest = hashlib.sha256()
+    digest.update(f"onnxq-sensitivity-v{_CACHE_VERSION}|".encode())
+    data, arrays = serialize_lean(state.float_model)
+    digest.update(hashlib.sha256(data).digest())
+    for name in sorted(arrays):
+        _hash_update_array(digest, name, arrays[name])
+    digest.update(repr(state.config).encode())
+    digest.update(repr(sorted(state.ranges.items())).encode())
+    digest.update(repr(state.quantized_nodes).encode())
+    metric = target.cache_key if isinstance(target, CustomTarget) else f"metric:{target.metric}"
+    digest.update(f"|{metric}|{tuple(providers)}|{opt_level}|".encode())
+    if isinstance(target, AccuracyTarget):  # a custom function brings its own data
+        for index, feed in enumerate(feeds):
+            digest.update(f"feed {index}|".encode())
+            for name in sorted(feed):
+                _hash_update_array(digest, name, feed[name])
+    return digest.hexdigest()
+
+
+def _load_cache(path: Path) -> dict[str, dict[str, float]]:
+    empty: dict[str, dict[str, float]] = {"estimate": {}, "only": {}, "all_but": {}}
+    if not path.is_file():
+        return empty
+    try:
+        content = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        logger.warning("ignoring unreadable sensitivity cache %s: %s", path, exc)
+        return empty
+    if not isinstance(content, dict) or content.get("version") != _CACHE_VERSION:
+        return empty
+    for section in empty:
+        entries = content.get(section)
+        if isinstance(entries, dict):
+            empty[section] = {str(k): float(v) for k, v in entries.items()}
+    return empty
+
+
+def _save_cache(path: Path, entries: Mapping[str, Mapping[str, float]], description: str) -> None:
+    content = {"version": _CACHE_VERSION, "target": description, **{k: dict(v) for k, v in entries.items()}}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+        with os.fdopen(fd, "w") as handle:
+            json.dump(content, handle, indent=1, sort_keys=True)
+        os.replace(tmp, path)
+    except OSError as exc:
+        logger.warning("cannot write sensitivity cache %s: %s", path, exc)
+
+
+def _rank(results: list[NodeSensitivity], mode: Mode) -> list[NodeSensitivity]:
+    order = {r.node: i for i, r in enumerate(results)}
+
+    def desc(value: float | None) -> float:
+        return math.inf if value is None or math.isnan(value) else -value
+
+    def asc(value: float | None) -> float:
+        return math.inf if value is None or math.isnan(value) else value
+
+    def key(r: NodeSensitivity) -> tuple[float, float, float, int]:
+        if mode == "only":
+            return (asc(r.only_this_quantized), 0.0, desc(r.estimate), order[r.node])
+        # "all_but" and "both": what keeping the node float recovers decides; "both" breaks ties by the
+        # damage the node does alone.
+        return (desc(r.all_but_this_quantized), asc(r.only_this_quantized), desc(r.estimate), order[r.node])
+
+    return sorted(results, key=key)
+
+
+def measure_sensitivity(
+    state: StaticState,
+    target_metric: AccuracyTarget | CustomTarget | str,
+    feeds: Feeds | Iterable[Mapping[str, Any]] | str,
+    *,
+    nodes: Sequence[str] | None = None,
+    mode: Mode = "all_but",
+    cache_dir: str | os.PathLike[str] | None = None,
+    providers: Sequence[str] | None = None,
+    opt_level: OptLevel = "all",
+) -> list[NodeSensitivity]:
+    """Exact one-at-a-time sensitivity of the quantized anchors, most sensitive first.
+
+    For each node of ``nodes`` (default: every quantized anchor, ``state.quantized_nodes``):
+
+    - ``"only"``: the score with only this anchor quantized
+      (``state.requantize(keep_float=<every other anchor>)``); lower = more sensitive;
+    - ``"all_but"``: the score with every anchor but this one quantized
+      (``state.requantize(keep_float=[node])``); higher = more sensitive (keeping it float helps most);
+    - ``"both"``: both, ranked by ``all_but``, ties broken by ``only``.
+
+    Scores are of ``target_metric`` (an :class:`AccuracyTarget`, a :class:`CustomTarget`, a
+    ``"sqnr>=30"`` string or a bare metric name; the minimum plays no part) against the float model on
+    ``feeds``, at ``opt_level``. Each result also carries the one-pass estimate.
+
+    With ``cache_dir``, scores are kept in ``sensitivity-<hash>.json`` there, the hash covering the
+    float model's bytes, the configuration, the calibrated ranges, the feeds' content, the metric, the
+    providers and the optimisation level; each node and mode is stored separately, so a re-run — or a
+    run over a subset of nodes, or the other mode — only evaluates what is missing.
+    """
+    if mode not in _MODES:
+        raise OnnxqError(f"sensitivity mode must be one of {', '.join(_MODES)}, got {mode!r}")
+    target = as_target(target_metric)
+    providers = tuple(providers or state.providers)
+    feeds = evaluation_feeds(feeds, state.float_model)
+    anchors = list(state.quantized_nodes)
+    selected = list(dict.fromkeys(nodes)) if nodes is not None else anchors
+    unknown = [n for n in selected if n not in anchors]
+    if unknown:
+        raise OnnxqError(
+            f"not a quantized anchor node: {', '.join(repr(n) for n in unknown[:5])} "
+            f"(quantized anchors: {', '.join(anchors[:10])}{', ...' if len(anchors) > 10 else ''})"
+        )
+    modes = ("only", "all_but") if mode == "both" else (mode,)
+
+    cache_path: Path | None = None
+    entries: dict[str, dict[str, float]] = {"estimate": {}, "only": {}, "all_but": {}}
+    if cache_dir is not None:
+        key = _cache_key(state, target, feeds, providers, opt_level)
+        cache_path = Path(cache_dir) / f"sensitivity-{key[:32]}.json"
+        entries = _load_cache(cache_path)
+
+    def save() -> None:
+        if cache_path is not None:
+            _save_cache(cache_path, entries, str(target))
+
+    if any(n not in entries["estimate"] for n in anchors):
+        estimates = estimate_sensitivity(state, None, feeds, providers=providers)
+        entries["estimate"] = {n: estimates.get(n, math.nan) for n in anchors}
+        save()
+
+    evaluator = TargetEvaluator(state.float_model, feeds, target, providers=providers, opt_level=opt_level)
+    for name in selected:
+        for which in modes:
+            if name in entries[which]:
+                continue
+            keep = [a for a in anchors if a != name] if which == "only" else [name]
+            entries[which][name] = evaluator.score(state.requantize(keep_float=keep))
+            save()
+    if evaluator.evaluations:
+        logger.info(
+            "sensitivity: %d evaluations in %.2f s (%s)", evaluator.evaluations, evaluator.seconds, target
+        )
+
+    op_types = {n.name: n.op_type for n in state.float_model.graph}
+    results = [
+        NodeSensitivity(
+            node=name,
+            op_type=op_types.get(name, "?"),
+            estimate=entries["estimate"].get(name, math.nan),
+            only_this_quantized=entries["only"].get(name) if "only" in modes else None,
+            all_but_this_quantized=entries["all_but"].get(name) if "all_but" in modes else None,
+        )
+        for name in selected
+    ]
+    return _rank(results, mode)

@@ -1,0 +1,295 @@
+"""Accuracy-budgeted mixed precision: the search keeps few anchors float, cheaply, and the result holds
+on held-out data.
+
+The test model is the MatMul chain of ``test_sensitivity`` (rebuilt here): one layer reads a tensor with
+a few ×50 outlier channels, which per-tensor activation quantization ruins.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnx
+import onnx.numpy_helper
+import onnx.parser
+import onnx_ir as ir
+import pytest
+
+import onnxq
+from onnxq.data import input_specs, load_feeds
+from onnxq.errors import OnnxqError
+from onnxq.pipeline import QuantizationResult
+from onnxq.tuning import AccuracyTarget, BudgetOutcome, CustomTarget, TargetEvaluator, meet_target
+from onnxq.tuning.sensitivity import estimate_sensitivity, rank_by_estimate
+
+LAYERS = 6
+WIDTH = 32
+
+
+def chain_model(outlier_readers: tuple[int, ...] = (3,), *, seed: int = 0) -> onnx.ModelProto:
+    """``x: float[N,32]`` → 6 × (MatMul → Relu), the last without Relu; layer ``i`` reads ``w{i}``.
+
+    For each ``k`` in ``outlier_readers``, layer ``k − 1``'s output gets three ×50 outlier channels and
+    layer ``k`` the matching ÷50 weight rows (the float function is unchanged).
+    """
+    rng = np.random.default_rng(seed)
+    lines, prev = [], "x"
+    for i in range(LAYERS):
+        out = "y" if i == LAYERS - 1 else f"h{i}"
+        lines.append(f"{out} = MatMul({prev}, w{i})")
+        if i < LAYERS - 1:
+            lines.append(f"r{i} = Relu(h{i})")
+            prev = f"r{i}"
+    text = (
+        '<ir_version: 10, opset_import: ["" : 17]>\n'
+        f"chain (float[N,{WIDTH}] x) => (float[N,{WIDTH}] y) {{\n" + "\n".join(lines) + "\n}"
+    )
+    model = onnx.parser.parse_model(text)
+    weights = [
+        rng.normal(0.0, 1.4 / np.sqrt(WIDTH), (WIDTH, WIDTH)).astype(np.float32) for _ in range(LAYERS)
+    ]
+    for k in outlier_readers:
+        weights[k - 1][:, :3] *= 50.0
+        weights[k][:3, :] /= 50.0
+    for i, w in enumerate(weights):
+        model.graph.initializer.append(onnx.numpy_helper.from_array(w, f"w{i}"))
+    onnx.checker.check_model(model)
+    return model
+
+
+def chain_feeds(count: int, seed: int) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    return [{"x": rng.standard_normal((8, WIDTH)).astype(np.float32)} for _ in range(count)]
+
+
+def node_reading(model: ir.Model, weight: str) -> str:
+    for node in model.graph:
+        if any(v is not None and v.name == weight for v in node.inputs):
+            return node.name or ""
+    raise AssertionError(f"no node reads {weight}")
+
+
+def held_out_score(result: QuantizationResult, model: ir.Model, target: AccuracyTarget, seed: int) -> float:
+    assert result.static is not None
+    float_model = result.static.float_model
+    feeds = load_feeds(chain_feeds(6, seed=seed), input_specs(float_model), what="evaluation")
+    return TargetEvaluator(float_model, feeds, target).score(model)
+
+
+@pytest.fixture(scope="module")
+def outlier_result() -> QuantizationResult:
+    return onnxq.quantize(chain_model(), chain_feeds(4, seed=1))
+
+
+def count_float_anchors(model: ir.Model) -> int:
+    """Anchors whose data input is not dequantized: what a user function might inspect."""
+    count = 0
+    for node in model.graph:
+        if node.op_type == "MatMul":
+            producer = node.inputs[0].producer() if node.inputs[0] is not None else None
+            if producer is None or producer.op_type != "DequantizeLinear":
+                count += 1
+    return count
+
+
+# ---------------------------------------------------------------------------------------------------
+# The search on a real metric
+
+
+def test_meets_the_target_on_held_out_data_keeping_one_layer_float(
+    outlier_result: QuantizationResult,
+) -> None:
+    target = AccuracyTarget.parse("sqnr>=25")
+    outcome = meet_target(outlier_result, target, chain_feeds(6, seed=2))
+    assert isinstance(outcome, BudgetOutcome)
+    assert outcome.met
+    assert outcome.score_before < 20.0 <= 25.0 <= outcome.score_after
+    assert outcome.target == "sqnr>=25"
+    assert outcome.anchors == LAYERS
+    # the outlier layer, and nothing else, stays float; its estimate says why
+    assert outlier_result.static is not None
+    outlier = node_reading(outlier_result.static.float_model, "w3")
+    assert outcome.kept_float == [outlier]
+    assert outcome.kept_estimates[outlier] == max(outcome.estimates.values())
+    assert outcome.kept_estimates[outlier] > -20.0
+    # far fewer evaluations than one per layer, let alone two
+    assert outcome.evaluations <= 3 < LAYERS
+    assert outcome.history[0] == (0, outcome.score_before)
+    assert outcome.history[-1] == (1, outcome.score_after)
+    assert len(outcome.history) == outcome.evaluations
+    # costs are reported
+    assert outcome.search_seconds > 0.0
+    assert 0.0 < outcome.full_evaluation_seconds < outcome.search_seconds
+    assert outcome.estimate_seconds > 0.0
+    # and the result holds on other data, with a little margin
+    assert held_out_score(outlier_result, outcome.model, AccuracyTarget("sqnr", 22.0), seed=3) >= 22.0
+    assert held_out_score(outlier_result, outlier_result.model, AccuracyTarget("sqnr", 22.0), seed=3) < 22.0
+    # the model is a QDQ model with exactly one MatMul left float
+    assert count_float_anchors(outcome.model) == 1
+    assert "kept float" in outcome.summary() and outlier in outcome.summary()
+    assert outcome.as_dict()["kept_float"] == [outlier]
+
+
+def test_two_outlier_layers_need_two_float_layers() -> None:
+    result = onnxq.quantize(chain_model((2, 4)), chain_feeds(4, seed=1))
+    assert result.static is not None
+    outcome = meet_target(result, "sqnr>=25", chain_feeds(6, seed=2))
+    assert outcome.met
+    expected = {node_reading(result.static.float_model, w) for w in ("w2", "w4")}
+    assert set(outcome.kept_float) == expected
+    assert outcome.evaluations <= 4  # k = 0, 1, 2 (and perhaps a prune try)
+    assert held_out_score(result, outcome.model, AccuracyTarget("sqnr", 22.0), seed=3) >= 22.0
+
+
+def test_a_model_that_already_meets_the_target_is_returned_as_is() -> None:
+    result = onnxq.quantize(chain_model(()), chain_feeds(4, seed=1))
+    outcome = meet_target(result, AccuracyTarget.parse("cosine>=0.99"), chain_feeds(4, seed=2))
+    assert outcome.met
+    assert outcome.kept_float == []
+    assert outcome.evaluations == 1
+    assert outcome.model is result.model
+    assert outcome.history == [(0, outcome.score_before)]
+    assert outcome.score_after == outcome.score_before
+    assert outcome.full_evaluation_seconds > 0.0
+    assert outcome.estimates == {}  # no ranking needed
+
+
+def test_custom_target_with_a_user_evaluation_function(outlier_result: QuantizationResult) -> None:
+    """A user function: mean squared error against the float model on the user's own data."""
+    import onnxruntime as ort
+
+    from onnxq.model_io import serialize_model
+
+    assert outlier_result.static is not None
+    data = chain_feeds(4, seed=5)
+    float_session = ort.InferenceSession(
+        serialize_model(outlier_result.static.float_model), providers=["CPUExecutionProvider"]
+    )
+    expected = [float_session.run(None, feed)[0] for feed in data]
+    calls: list[int] = []
+
+    def negative_mse(model: ir.Model) -> float:
+        calls.append(1)
+        session = ort.InferenceSession(serialize_model(model), providers=["CPUExecutionProvider"])
+        errors = [np.mean((session.run(None, f)[0] - e) ** 2) for f, e in zip(data, expected, strict=True)]
+        return -float(np.mean(errors))
+
+    baseline = negative_mse(outlier_result.model)
+    calls.clear()
+    target = CustomTarget(negative_mse, minimum=baseline / 10.0, name="-mse")
+    outcome = meet_target(outlier_result, target, chain_feeds(4, seed=2))
+    assert outcome.met
+    assert len(calls) == outcome.evaluations <= 3
+    assert outcome.score_after >= baseline / 10.0
+    assert len(outcome.kept_float) == 1
+    assert outcome.target.startswith("-mse>=")
+
+
+# ---------------------------------------------------------------------------------------------------
+# The search logic, with user functions that make the answer known
+
+
+def _ranked(result: QuantizationResult, feeds: list[dict[str, np.ndarray]]) -> list[str]:
+    assert result.static is not None
+    estimates = estimate_sensitivity(result.static, result.model, feeds)
+    return rank_by_estimate(estimates, list(result.static.quantized_nodes))
+
+
+def _float_names(model: ir.Model) -> set[str]:
+    names = set()
+    for node in model.graph:
+        if node.op_type == "MatMul":
+            producer = node.inputs[0].producer() if node.inputs[0] is not None else None
+            if producer is None or producer.op_type != "DequantizeLinear":
+                names.add(node.name or "")
+    return names
+
+
+def test_exponential_growth_then_bisection(outlier_result: QuantizationResult) -> None:
+    feeds = chain_feeds(4, seed=2)
+    ranked = _ranked(outlier_result, feeds)
+    needed = set(ranked[:5])  # the target holds once the 5 most sensitive layers are float
+
+    def score(model: ir.Model) -> float:
+        return float(len(needed & _float_names(model)))
+
+    outcome = meet_target(outlier_result, CustomTarget(score, 5.0), feeds)
+    assert outcome.met
+    assert outcome.kept_float == ranked[:5]
+    # 0 (all int8), 1, 2, 4 fail; 6 passes; bisection: 5 passes; then prune tries (4 is known to fail)
+    assert [k for k, _ in outcome.history[:6]] == [0, 1, 2, 4, 6, 5]
+    assert [k for k, _ in outcome.history[6:]] == [4, 4, 4]  # three prune tries, all failing
+    assert outcome.evaluations == 9
+
+
+def test_greedy_prune_drops_nodes_the_ranking_put_too_high(outlier_result: QuantizationResult) -> None:
+    feeds = chain_feeds(4, seed=2)
+    ranked = _ranked(outlier_result, feeds)
+    needed = {ranked[0], ranked[3]}
+
+    def score(model: ir.Model) -> float:
+        return float(len(needed & _float_names(model)))
+
+    outcome = meet_target(outlier_result, CustomTarget(score, 2.0), feeds)
+    assert outcome.met
+    assert outcome.kept_float == [ranked[0], ranked[3]]
+    # 0, 1, 2 fail; 4 passes; 3 fails; prune (ranked[3] is skipped: dropping it gives the failed
+    # top-3): drop ranked[2] (passes), drop ranked[1] (passes), drop ranked[0] (fails)
+    assert [k for k, _ in outcome.history] == [0, 1, 2, 4, 3, 3, 2, 1]
+    assert outcome.evaluations == 8
+
+    no_prune = meet_target(outlier_result, CustomTarget(score, 2.0), feeds, prune_evaluations=0)
+    assert no_prune.kept_float == ranked[:4]
+    assert no_prune.evaluations == 5
+
+
+def test_a_target_that_cannot_be_met(outlier_result: QuantizationResult) -> None:
+    scores = iter(float(i) for i in range(100))
+
+    outcome = meet_target(outlier_result, CustomTarget(lambda model: next(scores), 1000.0), chain_feeds(2, 2))
+    assert not outcome.met
+    assert [k for k, _ in outcome.history] == [0, 1, 2, 4, 6]  # up to every anchor float, then stop
+    assert outcome.score_after == 4.0  # the best found: the last, all-float variant
+    assert outcome.kept_float and len(outcome.kept_float) == LAYERS
+
+
+def test_bad_inputs(outlier_result: QuantizationResult) -> None:
+    feeds = chain_feeds(2, seed=2)
+    dynamic = onnxq.quantize(chain_model(), config=onnxq.QuantConfig(mode="dynamic"))
+    with pytest.raises(OnnxqError, match="static quantization"):
+        meet_target(dynamic, "sqnr>=30", feeds)
+    with pytest.raises(OnnxqError, match="not understood"):
+        meet_target(outlier_result, "sqnr>30", feeds)
+    with pytest.raises(OnnxqError, match="no minimum"):
+        meet_target(outlier_result, "sqnr", feeds)
+    with pytest.raises(OnnxqError, match="top-1"):
+        meet_target(onnxq.quantize(_conv_model(), _conv_feeds()), "top1>=0.9", _conv_feeds())
+
+
+def test_calibration_data_is_used_when_no_evaluation_data_is_given(
+    outlier_result: QuantizationResult, caplog: pytest.LogCaptureFixture
+) -> None:
+    outcome = meet_target(outlier_result, "sqnr>=25", None)
+    assert outcome.met and len(outcome.kept_float) == 1
+    assert "calibration data" in caplog.text
+    assert not math.isnan(outcome.score_after)
+
+
+def _conv_model() -> onnx.ModelProto:
+    rng = np.random.default_rng(0)
+    model = onnx.parser.parse_model(
+        """<ir_version: 10, opset_import: ["" : 17]>
+        g (float[N,3,8,8] x) => (float[N,4,8,8] y) {
+            y = Conv<pads = [1, 1, 1, 1]>(x, w)
+        }"""
+    )
+    model.graph.initializer.append(
+        onnx.numpy_helper.from_array(rng.normal(0, 0.3, (4, 3, 3, 3)).astype(np.float32), "w")
+    )
+    return model
+
+
+def _conv_feeds() -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(1)
+    return [{"x": rng.standard_normal((1, 3, 8, 8)).astype(np.float32)} for _ in range(2)]
