@@ -606,3 +606,71 @@ def test_already_quantized_model_needs_no_calib(
     )
     assert code == 0, err
     assert "mode=requantize" in out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Accuracy tooling
+
+
+def test_compare_prints_one_table_and_json(
+    cli: CliRunner, model_path: Path, calib_npz: Path, out_dir: Path
+) -> None:
+    quantized = out_dir / "q.onnx"
+    assert (
+        cli("optimize", model_path, "-o", quantized, "--calib", calib_npz, "--no-validate", "--quiet")[0] == 0
+    )
+    code, out, err = cli("compare", model_path, quantized, "--data", calib_npz, "--runs", "2")
+    assert code == 0, err
+    assert "reference" in out and "q.onnx" in out and "SQNR" in out
+    code, out, err = cli("compare", model_path, quantized, "--data", calib_npz, "--runs", "2", "--json")
+    assert code == 0, err
+    data = json.loads(out)
+    assert [m["name"] for m in data["models"]][1].endswith("q.onnx")
+
+
+def test_compare_rejects_models_with_other_inputs(
+    cli: CliRunner, model_path: Path, calib_npz: Path, out_dir: Path
+) -> None:
+    other = out_dir / "other.onnx"
+    builders.save(builders.matmul_model(), other)
+    code, out, err = cli("compare", model_path, other, "--data", calib_npz, "--runs", "2")
+    _assert_user_error(code, out, err, "input")
+
+
+def test_inspect_and_layers_report_every_quantized_tensor(
+    cli: CliRunner, model_path: Path, calib_npz: Path, out_dir: Path
+) -> None:
+    quantized = out_dir / "q.onnx"
+    code, out, err = cli(
+        "optimize",
+        model_path,
+        "-o",
+        quantized,
+        "--calib",
+        calib_npz,
+        "--layers",
+        "--report-json",
+        out_dir / "r.json",
+        *FAST,
+    )
+    assert code == 0, err
+    assert "Per-layer numeric suite" in out
+    assert json.loads((out_dir / "r.json").read_text())["layers"]
+    code, out, err = cli("inspect", quantized, "--float", model_path, "--data", calib_npz, "--json")
+    assert code == 0, err
+    rows = json.loads(out)
+    assert {row["kind"] for row in rows} == {"activation", "weight"}
+
+
+def test_target_keeps_layers_float_until_met(
+    cli: CliRunner, model_path: Path, calib_npz: Path, out_dir: Path
+) -> None:
+    code, out, err = cli(
+        "optimize", model_path, "-o", out_dir / "t.onnx", "--calib", calib_npz, "--target", "sqnr>=200", *FAST
+    )
+    assert code == 0, err
+    assert "accuracy budget" in out and "kept float" in out
+    code, out, err = cli(
+        "optimize", model_path, "-o", out_dir / "t.onnx", "--calib", calib_npz, "--target", "fast"
+    )
+    _assert_user_error(code, out, err, "sqnr>=")
