@@ -2,43 +2,37 @@
 
 Two analyses:
 
-- :func:`estimate_sensitivity`, a *one-pass* estimate: the float model and the fully quantized model
-  each run once over the feeds, with every anchor's data inputs and output added as graph outputs, and
-  per anchor the error it *adds* is measured (below). Cost: two ONNX Runtime passes, whatever the number
-  of layers; memory: two float64 sums per tensor.
+- :func:`estimate_sensitivity`, a *one-pass* estimate: the fully quantized model runs once over the
+  feeds with a float shadow of every anchor beside it, and per anchor the error its own quantization
+  adds is measured (below).
 - :func:`measure_sensitivity`, the exact one-at-a-time analysis: for each anchor, re-quantize with only
   that anchor quantized (``"only"``) and/or with all but that anchor quantized (``"all_but"``), and
   score the variant against the float model under the target's metric. Cost: one re-quantization (a
   rewrite, no calibration) and one full evaluation per node and mode; results are cached as JSON.
 
-The estimate's proxy: *added relative noise*
----------------------------------------------
-For an anchor ``n`` with float output ``y`` and float data inputs ``x_i``, in the quantized model let
-``ŷ`` be its output (before any output Q/DQ) and ``v̂_i`` the value feeding its input Q/DQ (the
-upstream result *before* ``n``'s own input quantization). With noise-to-signal ratios
-``r(a, â) = Σ(a − â)² / Σa²`` over all feeds::
+The estimate's proxy: *local added noise*
+-----------------------------------------
+For an anchor ``n`` in the quantized model, let ``ŷ`` be its output and ``y'`` what the float operator
+computes from the same upstream values — the values feeding ``n``'s input Q/DQ, and the float weights
+and bias. A float *shadow* copy of every anchor is added to a copy of the quantized model, so one run
+gives both. Then::
 
-    added(n) = r(y, ŷ) − Σ_i r(x_i, v̂_i)            estimate(n) = 10·log10(max(added, 0))  [dB]
+    estimate(n) = 10·log10( Σ(y' − ŷ)² / Σy'² )      [dB, higher = more sensitive]
 
-``r(y, ŷ)`` is all the error at ``n``'s output; the sum is what ``n`` inherited from upstream (relative
-errors of a linear map's input pass to its output about unchanged, and those of a product's two inputs
-add). The difference is what ``n``'s own quantization — its input Q/DQ and its weights — adds. The
-estimate is that added noise power relative to the output's power, in dB: higher means more sensitive
-(−15 dB is a node that adds 3 % noise, −40 dB one that adds 0.01 %; ``-inf`` adds nothing measurable).
+is the noise that ``n``'s own quantization (its input Q/DQ and its weights) adds, relative to its
+output, on the inputs it really sees. Upstream error cancels out by construction, so the proxy does
+not depend on how errors propagate (an earlier version subtracted inherited noise-to-signal ratios,
+which cancel badly in residual transformers and left most MatMuls unranked). Cost: one ONNX Runtime
+pass over the feeds, whatever the number of layers; memory: two float64 sums per anchor.
 
 Why this ranks an outlier-heavy layer first: when a few channels of an activation are far larger than
 the rest, one per-tensor scale is set by the outliers and the other channels are rounded away. The
 damage is invisible at the quantized tensor itself (its SQNR is dominated by the well-represented
 outliers) but shows at the output of the layer that reads it, whose weights give the small channels
-their weight back. The node reading the outlier tensor therefore shows a large ``r(y, ŷ)`` with a small
-inherited part; downstream nodes inherit that error and add little; upstream nodes add little. A plain
-output SQNR would blame every node after the outlier layer alike, and a difference of dB values
-(``SQNR_in − SQNR_out``) would blame the first layer, whose exact input has an infinite SQNR.
-
-The node that *reads* a quantized tensor is charged for its quantization, matching how onnxq plans:
-a tensor between two MatMuls/Gemms is quantized because its reader is. (A Conv's output is quantized
-whenever the Conv is, so in a Conv chain the tensor stays quantized until both its producer and its
-reader are kept float.)
+their weight back. The node that *reads* a quantized tensor is charged for its quantization, matching
+how onnxq plans: a tensor between two MatMuls/Gemms is quantized because its reader is. (A Conv's
+output is quantized whenever the Conv is, so in a Conv chain the tensor stays quantized until both its
+producer and its reader are kept float.)
 """
 
 from __future__ import annotations
@@ -61,7 +55,7 @@ import onnx_ir as ir
 from onnxq.calibrate.collect import _with_outputs
 from onnxq.data import Feeds
 from onnxq.errors import OnnxqError
-from onnxq.graph import is_constant, is_float
+from onnxq.graph import NameScope, const_array, make_initializer
 from onnxq.model_io import serialize_lean
 from onnxq.pipeline import StaticState
 from onnxq.tuning.targets import AccuracyTarget, CustomTarget, TargetEvaluator, as_target, evaluation_feeds
@@ -129,15 +123,6 @@ class _Energy:
         return self.noise / self.signal
 
 
-@dataclass
-class _Probe:
-    """The tensors one anchor is judged by: (float name, quantized name) pairs."""
-
-    node: str
-    inputs: list[tuple[str, str]]
-    output: tuple[str, str]
-
-
 def _pre_quantization(value: ir.Value) -> ir.Value:
     """The value a DequantizeLinear(QuantizeLinear(v)) chain started from, or ``value`` itself."""
     dq = value.producer()
@@ -156,26 +141,38 @@ def _has_anchors(model: ir.Model, anchors: Iterable[str]) -> bool:
     return all(by_name.get(name) in ANCHOR_OPS for name in anchors)
 
 
-def _probes(state: StaticState, quantized: ir.Model) -> list[_Probe]:
+def _add_shadows(state: StaticState, quantized: ir.Model) -> list[tuple[str, str, str]]:
+    """Add a float twin of every quantized anchor to ``quantized`` (a copy the caller owns).
+
+    The twin reads the values that feed the anchor's input Q/DQ and the float model's weights and bias.
+    Returns ``(node, twin output, anchor output)`` name triples.
+    """
+    graph = quantized.graph
+    names = NameScope(graph)
     float_nodes = {n.name: n for n in state.float_model.graph}
-    quant_nodes = {n.name: n for n in quantized.graph}
-    probes = []
-    for name in state.quantized_nodes:
-        f_node, q_node = float_nodes.get(name), quant_nodes.get(name)
-        if f_node is None or q_node is None or not f_node.outputs or not q_node.outputs:
+    triples = []
+    for node in list(graph):
+        f_node = float_nodes.get(node.name)
+        if node.name not in state.quantized_nodes or f_node is None or not node.outputs:
             continue
-        inputs = []
-        for index, value in enumerate(f_node.inputs):
-            if value is None or is_constant(value) or not is_float(value) or index >= len(q_node.inputs):
-                continue
-            q_value = q_node.inputs[index]
-            if q_value is None or is_constant(q_value):  # a weight, stored quantized
-                continue
-            inputs.append((value.name or "", _pre_quantization(q_value).name or ""))
-        output = (f_node.outputs[0].name or "", q_node.outputs[0].name or "")
-        if all(a and b for a, b in inputs) and all(output):
-            probes.append(_Probe(name, inputs, output))
-    return probes
+        inputs: list[ir.Value | None] = []
+        for index, value in enumerate(node.inputs):
+            f_value = f_node.inputs[index] if index < len(f_node.inputs) else None
+            constant = const_array(f_value) if f_value is not None else None
+            if value is None:
+                inputs.append(None)
+            elif constant is not None:
+                inputs.append(make_initializer(graph, names, f"{node.name}_shadow_input{index}", constant))
+            else:
+                inputs.append(_pre_quantization(value))
+        attributes = [ir.Attr(a.name, a.type, a.value) for a in node.attributes.values()]
+        twin = ir.Node(
+            node.domain, node.op_type, inputs, attributes=attributes, name=names.fresh(f"{node.name}_shadow")
+        )
+        twin.outputs[0].name = names.fresh(f"{node.name}_shadow_output")
+        graph.insert_after(node, [twin])
+        triples.append((node.name or "", twin.outputs[0].name or "", node.outputs[0].name or ""))
+    return triples
 
 
 def _fetcher(model: ir.Model, names: Iterable[str], providers: Sequence[str], opt_level: OptLevel) -> Any:
@@ -220,36 +217,30 @@ def estimate_sensitivity(
     if quantized_model is None or not _has_anchors(quantized_model, state.quantized_nodes):
         qdq_state = dataclasses.replace(state, config=state.config.replace(format="qdq"))
         quantized_model = qdq_state.requantize()
-    probes = _probes(state, quantized_model)
-    if not probes:
+    shadowed = quantized_model.clone()
+    triples = _add_shadows(state, shadowed)
+    if not triples:
         return {}
-    float_names = [f for p in probes for f, _ in (*p.inputs, p.output)]
-    quant_names = [q for p in probes for _, q in (*p.inputs, p.output)]
-    # The float model at "basic" (exact; faster); the quantized one at "disable", so that every observed
-    # value is what the QDQ graph itself computes (no QDQ propagation or fusion).
-    fetch_float = _fetcher(state.float_model, float_names, providers, "basic")
-    fetch_quant = _fetcher(quantized_model, quant_names, providers, "disable")
-    energies: dict[tuple[str, str], _Energy] = {}
-    pairs = list(dict.fromkeys(pair for p in probes for pair in (*p.inputs, p.output)))
+    # At "disable": every observed value is what the QDQ graph itself computes (no fusion).
+    fetch = _fetcher(shadowed, [n for _, a, b in triples for n in (a, b)], providers, "disable")
+    energies = {node: _Energy() for node, _, _ in triples}
     runs = 0
     for feed in feeds:
-        ref, act = fetch_float(feed), fetch_quant(feed)
-        for pair in pairs:
-            energies.setdefault(pair, _Energy()).update(ref[pair[0]], act[pair[1]])
+        values = fetch(feed)
+        for node, twin, anchor in triples:
+            energies[node].update(values[twin], values[anchor])
         runs += 1
     if runs == 0:
         raise OnnxqError("no evaluation data to estimate sensitivity on")
     estimates: dict[str, float] = {}
-    for probe in probes:
-        out = energies[probe.output].ratio
-        inherited = sum(energies[pair].ratio for pair in probe.inputs)
-        added = out - inherited if not math.isinf(out) else out
-        if math.isnan(added):
-            estimates[probe.node] = math.nan
-        elif added <= 0.0:
-            estimates[probe.node] = -math.inf
+    for node, _, _ in triples:
+        ratio = energies[node].ratio
+        if math.isnan(ratio):
+            estimates[node] = math.nan
+        elif ratio <= 0.0:
+            estimates[node] = -math.inf
         else:
-            estimates[probe.node] = 10.0 * math.log10(added) if not math.isinf(added) else math.inf
+            estimates[node] = 10.0 * math.log10(ratio) if not math.isinf(ratio) else math.inf
     logger.debug("sensitivity estimate over %d feeds: %s", runs, estimates)
     return estimates
 
