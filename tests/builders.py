@@ -16,6 +16,8 @@ import onnx
 import onnx.external_data_helper
 import onnx.numpy_helper
 import onnx.parser
+import onnx_ir as ir
+import onnxruntime as ort
 
 __all__ = [
     "DEFAULT_OPSET",
@@ -58,6 +60,27 @@ def parse(
     add_initializers(model, arrays or {})
     onnx.checker.check_model(model)
     return model
+
+
+def normal_arrays(seed: int, **shapes: tuple[int, ...]) -> dict[str, np.ndarray]:
+    """Standard-normal float32 arrays named after the keyword arguments, from one seeded generator."""
+    rng = np.random.default_rng(seed)
+    return {name: rng.normal(0.0, 1.0, shape).astype(np.float32) for name, shape in shapes.items()}
+
+
+def serialize(model: ir.Model | onnx.ModelProto) -> bytes:
+    """Deterministic protobuf bytes of an onnx-ir model or a ModelProto."""
+    proto = ir.to_proto(model) if isinstance(model, ir.Model) else model
+    return proto.SerializeToString(deterministic=True)
+
+
+def run_disabled(model: ir.Model | onnx.ModelProto, feed: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+    """Outputs of ``model`` on one feed in ONNX Runtime with every graph optimization off (what the
+    graph itself computes)."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(serialize(model), options, providers=["CPUExecutionProvider"])
+    return [np.asarray(out) for out in session.run(None, dict(feed))]
 
 
 def _normal(rng: np.random.Generator, shape: tuple[int, ...], std: float) -> np.ndarray:

@@ -43,19 +43,6 @@ Feed = dict[str, np.ndarray]
 # Helpers
 
 
-def _proto(graph_text: str, initializers: dict[str, np.ndarray] | None = None) -> onnx.ModelProto:
-    proto = onnx.parser.parse_model(HEADER + graph_text)
-    for name, array in (initializers or {}).items():
-        proto.graph.initializer.append(onnx.numpy_helper.from_array(array, name))
-    onnx.checker.check_model(proto)
-    return proto
-
-
-def _normal(seed: int, **shapes: tuple[int, ...]) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    return {name: rng.normal(0.0, 1.0, shape).astype(np.float32) for name, shape in shapes.items()}
-
-
 def _feeds(proto: onnx.ModelProto, count: int = 4, seed: int = 1) -> list[Feed]:
     """Standard-normal float inputs of the declared shapes; bool inputs alternate; int64 inputs are
     indices into a table of ``count * 10`` rows, negative ones included."""
@@ -130,14 +117,14 @@ MATMUL_BIAS = {
 @pytest.mark.parametrize("ms_domain", [True, False], ids=["ms", "portable"])
 @pytest.mark.parametrize("order", list(MATMUL_BIAS))
 def test_matmul_bias_is_folded(order: str, ms_domain: bool) -> None:
-    proto = _proto(
+    proto = builders.parse(
         f"""
         g (float[4,8,32] x) => (float[4,8,16] y) {{
             m = MatMul (x, w)
             {MATMUL_BIAS[order]}
         }}
         """,
-        _normal(0, w=(32, 16), b=(16,)),
+        builders.normal_arrays(0, w=(32, 16), b=(16,)),
     )
     model, quantizer, modified = _quantize(proto, ms_domain=ms_domain)
     assert modified
@@ -178,7 +165,7 @@ def test_matmul_bias_is_folded(order: str, ms_domain: bool) -> None:
 
 def test_matmul_without_bias_and_with_shared_output() -> None:
     """A MatMul read by two nodes keeps its Add; a MatMul that is a graph output has nothing to fold."""
-    proto = _proto(
+    proto = builders.parse(
         """
         g (float[8,32] x) => (float[8,16] y, float[8,16] z, float[8,16] u) {
             m = MatMul (x, w)
@@ -187,7 +174,7 @@ def test_matmul_without_bias_and_with_shared_output() -> None:
             u = MatMul (x, w2)
         }
         """,
-        _normal(1, w=(32, 16), b=(16,), w2=(32, 16)),
+        builders.normal_arrays(1, w=(32, 16), b=(16,), w2=(32, 16)),
     )
     model, quantizer, _ = _quantize(proto)
     assert quantizer.quantized == {"MatMul": 2}
@@ -204,7 +191,7 @@ def test_matmul_without_bias_and_with_shared_output() -> None:
 @pytest.mark.parametrize("ms_domain", [True, False], ids=["ms", "portable"])
 def test_shared_activation_is_quantized_once(ms_domain: bool) -> None:
     """Q/K/V-style: three weight MatMuls read one activation; one weight is used twice."""
-    proto = _proto(
+    proto = builders.parse(
         """
         g (float[2,8,32] x) => (float[2,8,16] q, float[2,8,16] k, float[2,8,16] v) {
             q = MatMul (x, wq)
@@ -213,7 +200,7 @@ def test_shared_activation_is_quantized_once(ms_domain: bool) -> None:
             v = MatMul (x, wq)
         }
         """,
-        _normal(2, wq=(32, 16), wk=(32, 16), bk=(16,)),
+        builders.normal_arrays(2, wq=(32, 16), wk=(32, 16), bk=(16,)),
     )
     model, quantizer, _ = _quantize(proto, ms_domain=ms_domain)
     assert quantizer.quantized == {"MatMul": 3}
@@ -238,9 +225,9 @@ def _column_sqnr(proto: onnx.ModelProto, model: ir.Model, feeds: list[Feed]) -> 
 
 def test_per_channel_beats_per_tensor() -> None:
     """Columns whose scales span 1e-3 … 1: one scale for the whole matrix drowns the small columns."""
-    weights = _normal(3, w=(64, 32))
+    weights = builders.normal_arrays(3, w=(64, 32))
     weights["w"] *= np.geomspace(1e-3, 1.0, 32, dtype=np.float32)
-    proto = _proto("g (float[16,64] x) => (float[16,32] y) { y = MatMul (x, w) }", weights)
+    proto = builders.parse("g (float[16,64] x) => (float[16,32] y) { y = MatMul (x, w) }", weights)
     feeds = _feeds(proto)
     per_channel, _, _ = _quantize(proto)
     per_tensor, _, _ = _quantize(proto, QuantConfig(weights=WeightScheme(per_channel=False)))
@@ -253,7 +240,7 @@ def test_per_channel_beats_per_tensor() -> None:
 
 
 def test_matmul_declines() -> None:
-    proto = _proto(
+    proto = builders.parse(
         """
         g (float[4,16] x, float[16,8] h, float[2,4,16] x3) => (float[4,8] y, float[4,8] z, float[2,4,8] t) {
             y = MatMul (x, h)
@@ -261,7 +248,7 @@ def test_matmul_declines() -> None:
             t = MatMul (x3, w3)
         }
         """,
-        _normal(4, c=(4, 16), w3=(2, 16, 8)),
+        builders.normal_arrays(4, c=(4, 16), w3=(2, 16, 8)),
     )
     model, quantizer, modified = _quantize(proto)
     assert not modified
@@ -282,7 +269,7 @@ def test_opset_10_has_no_dynamic_quantize_linear() -> None:
         }
         """
     proto = onnx.parser.parse_model(HEADER.replace('"" : 17', '"" : 10') + text)
-    for name, array in _normal(11, w1=(16, 8), w2=(16, 8)).items():
+    for name, array in builders.normal_arrays(11, w1=(16, 8), w2=(16, 8)).items():
         proto.graph.initializer.append(onnx.numpy_helper.from_array(array, name))
     model, quantizer, _ = _quantize(proto)
     assert _ops(model) == {"DynamicQuantizeMatMul": 2}
@@ -314,7 +301,7 @@ def test_no_match() -> None:
 
 
 def test_subgraph_matmul_stays_float() -> None:
-    proto = _proto(
+    proto = builders.parse(
         """
         g (float[4,16] x, bool cond) => (float[4,8] y) {
             h = MatMul (x, w1)
@@ -328,7 +315,7 @@ def test_subgraph_matmul_stays_float() -> None:
             >
         }
         """,
-        _normal(5, w1=(16, 8), w2=(8, 8)),
+        builders.normal_arrays(5, w1=(16, 8), w2=(8, 8)),
     )
     model, quantizer, modified = _quantize(proto)
     assert modified and quantizer.quantized == {"MatMul": 1}
@@ -370,14 +357,14 @@ def test_gemm(case: str) -> None:
         shapes["c"] = c_shape
     gemm_inputs = "x, w, c" if c_shape is not None else "x, w"
     tail = "y = Add (g, b)" if bias_add else "y = Identity (g)"
-    proto = _proto(
+    proto = builders.parse(
         f"""
         gemm (float[8,32] x) => (float[8,16] y) {{
             g = Gemm {attributes} ({gemm_inputs})
             {tail}
         }}
         """,
-        _normal(6, **shapes),
+        builders.normal_arrays(6, **shapes),
     )
     model, quantizer, modified = _quantize(proto)
     assert modified and quantizer.quantized == {"Gemm": 1}
@@ -394,14 +381,14 @@ def test_gemm(case: str) -> None:
 
 
 def test_gemm_declines() -> None:
-    proto = _proto(
+    proto = builders.parse(
         """
         gemm (float[32,8] x, float[16] c2, float[8,32] x2) => (float[8,16] y, float[8,16] z) {
             y = Gemm <transA = 1> (x, w)
             z = Gemm (x2, w, c2)
         }
         """,
-        _normal(7, w=(32, 16)),
+        builders.normal_arrays(7, w=(32, 16)),
     )
     _, quantizer, modified = _quantize(proto)
     assert not modified
@@ -464,13 +451,13 @@ def test_lstm(bidirectional: bool, per_channel: bool) -> None:
 
 
 def test_lstm_batch_first_is_declined() -> None:
-    proto = _proto(
+    proto = builders.parse(
         """
         g (float[2,5,8] x) => (float[2,5,1,4] y) {
             y = LSTM <hidden_size = 4, layout = 1> (x, w, r)
         }
         """,
-        _normal(8, w=(1, 16, 8), r=(1, 16, 4)),
+        builders.normal_arrays(8, w=(1, 16, 8), r=(1, 16, 4)),
     )
     _, quantizer, modified = _quantize(proto)
     assert not modified and "layout = 1" in quantizer.declined[0]
@@ -487,7 +474,7 @@ conv (float[2,4,10,10] x) => (float[2,8,10,10] y) {
 
 
 def test_conv_stays_float_by_default() -> None:
-    proto = _proto(CONV, _normal(9, w=(8, 4, 3, 3), b=(8,)))
+    proto = builders.parse(CONV, builders.normal_arrays(9, w=(8, 4, 3, 3), b=(8,)))
     model, quantizer, modified = _quantize(proto)
     assert not modified and _ops(model) == {"Conv": 1}
     assert quantizer.declined == [
@@ -498,9 +485,9 @@ def test_conv_stays_float_by_default() -> None:
 
 @pytest.mark.parametrize("per_channel", [True, False], ids=["per_channel", "per_tensor"])
 def test_conv_with_flag(per_channel: bool) -> None:
-    weights = _normal(9, w=(8, 4, 3, 3), b=(8,))
+    weights = builders.normal_arrays(9, w=(8, 4, 3, 3), b=(8,))
     weights["w"] *= np.linspace(0.05, 1.0, 8, dtype=np.float32).reshape(8, 1, 1, 1)
-    proto = _proto(CONV, weights)
+    proto = builders.parse(CONV, weights)
     config = QuantConfig(dynamic=DynamicConfig(conv=True), weights=WeightScheme(per_channel=per_channel))
     model, quantizer, modified = _quantize(proto, config)
     assert modified and quantizer.quantized == {"Conv": 1}
@@ -528,9 +515,9 @@ embed (int64[3,7] ids) => (float[3,7,24] y) {
 
 
 def _embedding_proto() -> onnx.ModelProto:
-    table = _normal(10, table=(40, 24))
+    table = builders.normal_arrays(10, table=(40, 24))
     table["table"] *= np.geomspace(1e-3, 1.0, 40, dtype=np.float32).reshape(40, 1)
-    return _proto(EMBEDDING, table)
+    return builders.parse(EMBEDDING, table)
 
 
 def _token_sqnr(proto: onnx.ModelProto, model: ir.Model, feeds: list[Feed]) -> np.ndarray:
@@ -574,7 +561,7 @@ def test_embeddings_per_tensor_is_worse() -> None:
 
 
 def test_non_embedding_gather_is_ignored() -> None:
-    proto = _proto(
+    proto = builders.parse(
         """
         g (int64[2] i, float[4,8] x) => (float[2,8] y, int64[2] s) {
             y = Gather (x, i)

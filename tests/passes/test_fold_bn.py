@@ -5,12 +5,12 @@ from __future__ import annotations
 import collections
 import hashlib
 
+import builders
 import numpy as np
 import onnx
 import onnx.numpy_helper
 import onnx.parser
 import onnx_ir as ir
-import onnxruntime as ort
 import pytest
 
 from onnxq.passes.fold_bn import FoldBatchNormPass
@@ -40,17 +40,6 @@ def _build(text: str, initializers: dict[str, np.ndarray]) -> ir.Model:
     return ir.from_proto(proto)
 
 
-def _serialize(model: ir.Model) -> bytes:
-    return ir.to_proto(model).SerializeToString(deterministic=True)
-
-
-def _run(model: ir.Model, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(_serialize(model), options, providers=["CPUExecutionProvider"])
-    return [np.asarray(out) for out in session.run(None, feeds)]
-
-
 def _op_counts(model: ir.Model) -> collections.Counter[str]:
     return collections.Counter(node.op_type for node in model.graph.all_nodes())
 
@@ -67,22 +56,22 @@ def _fold_and_compare(
     model: ir.Model, feeds: dict[str, np.ndarray]
 ) -> tuple[ir.passes.PassResult, FoldBatchNormPass]:
     """Fold, check the result folded something and computes what the original computed."""
-    expected = _run(model, feeds)
+    expected = builders.run_disabled(model, feeds)
     fold = FoldBatchNormPass()
     result = fold(model)
     assert result.modified
     assert result.model is model
     onnx.checker.check_model(ir.to_proto(model))
-    _assert_close(expected, _run(model, feeds))
+    _assert_close(expected, builders.run_disabled(model, feeds))
     return result, fold
 
 
 def _assert_unchanged(model: ir.Model, reason: str) -> FoldBatchNormPass:
-    before = _serialize(model)
+    before = builders.serialize(model)
     fold = FoldBatchNormPass()
     result = fold(model)
     assert not result.modified
-    assert _serialize(model) == before
+    assert builders.serialize(model) == before
     assert len(fold.declined) == 1
     assert reason in fold.declined[0]
     assert fold.declined[0].startswith("BatchNorm bn not folded: ")
@@ -164,7 +153,7 @@ def test_fold_is_deterministic() -> None:
     for _ in range(2):
         model, _ = _conv_bn_model(bias=False, group=2)
         FoldBatchNormPass()(model)
-        digests.append(hashlib.sha256(_serialize(model)).hexdigest())
+        digests.append(hashlib.sha256(builders.serialize(model)).hexdigest())
     assert digests[0] == digests[1]
 
 
@@ -521,10 +510,10 @@ def test_bn_inside_if_branch_folded() -> None:
     alt = rng.normal(0, 1, (1, 3, 4, 4)).astype(np.float32)
     feeds_true = {"cond": np.array(True), "x": x, "alt": alt}
     feeds_false = {"cond": np.array(False), "x": x, "alt": alt}
-    expected_false = _run(model, feeds_false)
+    expected_false = builders.run_disabled(model, feeds_false)
 
     _, fold = _fold_and_compare(model, feeds_true)
-    _assert_close(expected_false, _run(model, feeds_false))
+    _assert_close(expected_false, builders.run_disabled(model, feeds_false))
 
     assert fold.folded == ["bn"]
     assert _op_counts(model) == {"If": 1, "Conv": 1, "Identity": 1}
@@ -605,4 +594,4 @@ def test_torch_conv_bn_folded() -> None:
         reference = net(x).numpy()
     _fold_and_compare(model, {"x": x.numpy()})
     assert _op_counts(model)["BatchNormalization"] == 0
-    _assert_close([reference], _run(model, {"x": x.numpy()}))
+    _assert_close([reference], builders.run_disabled(model, {"x": x.numpy()}))

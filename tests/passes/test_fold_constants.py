@@ -5,13 +5,13 @@ from __future__ import annotations
 import collections
 import hashlib
 
+import builders
 import numpy as np
 import onnx
 import onnx.numpy_helper
 import onnx.parser
 import onnx.shape_inference
 import onnx_ir as ir
-import onnxruntime as ort
 import pytest
 
 from onnxq.passes.fold_constants import FoldConstantsPass
@@ -31,17 +31,6 @@ def _build(text: str, initializers: dict[str, np.ndarray] | None = None, *, infe
     return ir.from_proto(proto)
 
 
-def _serialize(model: ir.Model) -> bytes:
-    return ir.to_proto(model).SerializeToString(deterministic=True)
-
-
-def _run(model: ir.Model, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(_serialize(model), options, providers=["CPUExecutionProvider"])
-    return [np.asarray(out) for out in session.run(None, feeds)]
-
-
 def _op_counts(model: ir.Model) -> collections.Counter[str]:
     return collections.Counter(node.op_type for node in model.graph.all_nodes())
 
@@ -59,7 +48,7 @@ def _fold_and_compare(
     model: ir.Model, feeds: dict[str, np.ndarray], fold: FoldConstantsPass | None = None
 ) -> FoldConstantsPass:
     """Fold, check something changed, the outputs kept their names and the numerics held."""
-    expected = _run(model, feeds)
+    expected = builders.run_disabled(model, feeds)
     output_names = [v.name for v in model.graph.outputs]
     fold = fold or FoldConstantsPass()
     result = fold(model)
@@ -67,16 +56,16 @@ def _fold_and_compare(
     assert result.model is model
     onnx.checker.check_model(ir.to_proto(model))
     assert [v.name for v in model.graph.outputs] == output_names
-    _assert_close(expected, _run(model, feeds))
+    _assert_close(expected, builders.run_disabled(model, feeds))
     return fold
 
 
 def _assert_unchanged(model: ir.Model, fold: FoldConstantsPass | None = None) -> FoldConstantsPass:
-    before = _serialize(model)
+    before = builders.serialize(model)
     fold = fold or FoldConstantsPass()
     result = fold(model)
     assert not result.modified
-    assert _serialize(model) == before
+    assert builders.serialize(model) == before
     return fold
 
 
@@ -320,7 +309,7 @@ def test_folding_is_deterministic() -> None:
         }"""
         model = _build(text, {"W": rng.normal(0, 1, (5, 3)).astype(np.float32)})
         FoldConstantsPass()(model)
-        digests.append(hashlib.sha256(_serialize(model)).hexdigest())
+        digests.append(hashlib.sha256(builders.serialize(model)).hexdigest())
     assert digests[0] == digests[1]
 
 
@@ -406,7 +395,7 @@ def test_size_limit_respected(infer: bool) -> None:
 
     # The Tile result has 1200 elements: over a limit of 1000 it stays (Constant lifting still counts).
     model = _build(_tile_text(), {"C": c}, infer=infer)
-    expected = _run(model, feeds)
+    expected = builders.run_disabled(model, feeds)
     fold = FoldConstantsPass(size_limit=1000)
     assert fold(model).modified  # the Constant node became an initializer
     assert _op_counts(model) == {"Tile": 1, "Add": 1}
@@ -415,7 +404,7 @@ def test_size_limit_respected(infer: bool) -> None:
     assert "1000" in fold.declined[0]
     # With static shapes known up front the big tensor is never computed.
     assert fold.sessions == (0 if infer else 1)
-    _assert_close(expected, _run(model, feeds))
+    _assert_close(expected, builders.run_disabled(model, feeds))
 
     model = _build(_tile_text(), {"C": c}, infer=infer)
     _fold_and_compare(model, feeds)
@@ -464,7 +453,7 @@ def test_string_constant_lifted_but_not_evaluated() -> None:
     assert fold(model).modified  # the Constant became an initializer
     assert _op_counts(model) == {"Identity": 1, "Equal": 1}
     assert fold.declined == ["Identity y not folded: input s has data type STRING"]
-    y, e = _run(model, {"x": np.array(["a", "c"], dtype=object)})
+    y, e = builders.run_disabled(model, {"x": np.array(["a", "c"], dtype=object)})
     assert list(y) == ["a", "b"]
     assert list(e) == [True, False]
 
@@ -565,12 +554,12 @@ def test_subgraph_constants_folded_and_dynamic_nodes_left_alone() -> None:
     }"""
     model = _build(text, {"W": rng.normal(0, 1, 3).astype(np.float32)})
     x = rng.normal(0, 1, 3).astype(np.float32)
-    expected = {c: _run(model, {"cond": np.array(c), "x": x}) for c in (True, False)}
+    expected = {c: builders.run_disabled(model, {"cond": np.array(c), "x": x}) for c in (True, False)}
     fold = FoldConstantsPass()
     assert fold(model).modified
     onnx.checker.check_model(ir.to_proto(model))
     for c in (True, False):
-        _assert_close(expected[c], _run(model, {"cond": np.array(c), "x": x}))
+        _assert_close(expected[c], builders.run_disabled(model, {"cond": np.array(c), "x": x}))
 
     if_node = model.graph.node(0)
     then_branch = if_node.attributes.get_graph("then_branch")
@@ -603,9 +592,9 @@ def test_outer_constant_consumed_in_subgraph_is_materialized() -> None:
     }"""
     model = _build(text, {"W": rng.normal(0, 1, 3).astype(np.float32)})
     x = rng.normal(0, 1, 3).astype(np.float32)
-    expected = _run(model, {"cond": np.array(True), "x": x})
+    expected = builders.run_disabled(model, {"cond": np.array(True), "x": x})
     assert FoldConstantsPass()(model).modified
-    _assert_close(expected, _run(model, {"cond": np.array(True), "x": x}))
+    _assert_close(expected, builders.run_disabled(model, {"cond": np.array(True), "x": x}))
     assert [n.op_type for n in model.graph] == ["If"]
     assert "c" in model.graph.initializers
     add = model.graph.node(0).attributes.get_graph("then_branch").node(0)
@@ -629,7 +618,7 @@ def test_node_with_subgraph_not_folded() -> None:
     # and are folded in place, so the branches end up returning initializers.
     assert _op_counts(model) == {"If": 1, "Add": 1}
     x = np.zeros(3, np.float32)
-    np.testing.assert_allclose(_run(model, {"x": x})[0], np.ones(3, np.float32))
+    np.testing.assert_allclose(builders.run_disabled(model, {"x": x})[0], np.ones(3, np.float32))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -677,4 +666,4 @@ def test_torch_dynamo_export_folds_zero_bias_and_batchnorm() -> None:
     fold_bn = FoldBatchNormPass()
     assert fold_bn(model).modified, fold_bn.declined
     assert _op_counts(model) == {"Conv": 1, "Relu": 1}
-    _assert_close([reference], _run(model, feeds))
+    _assert_close([reference], builders.run_disabled(model, feeds))

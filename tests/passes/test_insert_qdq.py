@@ -12,6 +12,7 @@ import collections
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 
+import builders
 import numpy as np
 import onnx
 import onnx.numpy_helper
@@ -44,19 +45,6 @@ Feed = dict[str, np.ndarray]
 # Helpers
 
 
-def _proto(graph_text: str, initializers: dict[str, np.ndarray] | None = None) -> onnx.ModelProto:
-    proto = onnx.parser.parse_model(HEADER + graph_text)
-    for name, array in (initializers or {}).items():
-        proto.graph.initializer.append(onnx.numpy_helper.from_array(array, name))
-    onnx.checker.check_model(proto)
-    return proto
-
-
-def _normal(seed: int, **shapes: tuple[int, ...]) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    return {name: rng.normal(0.0, 1.0, shape).astype(np.float32) for name, shape in shapes.items()}
-
-
 def _random_feeds(proto: onnx.ModelProto, count: int, seed: int) -> list[Feed]:
     """Standard-normal float inputs of the declared (fixed) shapes; bool inputs alternate, int64
     inputs (indices) are drawn from [0, 10)."""
@@ -77,16 +65,11 @@ def _random_feeds(proto: onnx.ModelProto, count: int, seed: int) -> list[Feed]:
     return feeds
 
 
-def _serialize(model: ir.Model | onnx.ModelProto) -> bytes:
-    proto = ir.to_proto(model) if isinstance(model, ir.Model) else model
-    return proto.SerializeToString(deterministic=True)
-
-
 def _session(model: ir.Model | onnx.ModelProto) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.log_severity_level = 3
-    return ort.InferenceSession(_serialize(model), options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(builders.serialize(model), options, providers=["CPUExecutionProvider"])
 
 
 def _outputs(model: ir.Model | onnx.ModelProto, feeds: list[Feed]) -> dict[str, np.ndarray]:
@@ -242,11 +225,11 @@ g (float[1, 3, 8, 8] x) => (float[1, 4, 8, 8] y) {
 
 
 def _conv_relu_conv_weights(seed: int = 0) -> dict[str, np.ndarray]:
-    return _normal(seed, W1=(4, 3, 3, 3), B1=(4,), W2=(4, 4, 3, 3), B2=(4,))
+    return builders.normal_arrays(seed, W1=(4, 3, 3, 3), B1=(4,), W2=(4, 4, 3, 3), B2=(4,))
 
 
 def _conv_relu_conv() -> onnx.ModelProto:
-    return _proto(CONV_RELU_CONV, _conv_relu_conv_weights())
+    return builders.parse(CONV_RELU_CONV, _conv_relu_conv_weights())
 
 
 def test_conv_relu_conv_structure() -> None:
@@ -309,7 +292,7 @@ def test_conv_relu_conv_numerics() -> None:
 
 
 def test_graph_output_read_by_another_node_keeps_its_name() -> None:
-    proto = _proto(
+    proto = builders.parse(
         """
         g (float[1, 3, 8, 8] x) => (float[1, 4, 8, 8] y, float[1, 4, 8, 8] r) {
             [conv1] c = Conv <pads = [1, 1, 1, 1]> (x, W1, B1)
@@ -330,12 +313,12 @@ def test_graph_output_read_by_another_node_keeps_its_name() -> None:
 
 
 def test_graph_input_that_is_also_a_graph_output_keeps_its_name() -> None:
-    proto = _proto(
+    proto = builders.parse(
         """
         g (float[1, 3, 8, 8] x) => (float[1, 4, 8, 8] y, float[1, 3, 8, 8] x) {
             [conv] y = Conv <pads = [1, 1, 1, 1]> (x, W, B)
         }""",
-        _normal(0, W=(4, 3, 3, 3), B=(4,)),
+        builders.normal_arrays(0, W=(4, 3, 3, 3), B=(4,)),
     )
     q = _quantize(proto)
     graph = q.model.graph
@@ -349,13 +332,13 @@ def test_graph_input_that_is_also_a_graph_output_keeps_its_name() -> None:
 
 
 def test_tensor_read_by_two_quantized_nodes_gets_one_qdq_pair() -> None:
-    proto = _proto(
+    proto = builders.parse(
         """
         g (float[1, 3, 8, 8] x) => (float[1, 4, 8, 8] y, float[1, 4, 8, 8] z) {
             [conv1] y = Conv <pads = [1, 1, 1, 1]> (x, W1)
             [conv2] z = Conv <pads = [1, 1, 1, 1]> (x, W2)
         }""",
-        _normal(0, W1=(4, 3, 3, 3), W2=(4, 3, 3, 3)),
+        builders.normal_arrays(0, W1=(4, 3, 3, 3), W2=(4, 3, 3, 3)),
     )
     q = _quantize(proto)
     assert _counts(q.model)["QuantizeLinear"] == 3  # x, y, z
@@ -404,10 +387,10 @@ class Case:
     min_sqnr: float = SQNR_BOUND_DB
 
     def proto(self) -> onnx.ModelProto:
-        initializers = _normal(7, **self.shapes)
+        initializers = builders.normal_arrays(7, **self.shapes)
         for name, values, dtype in self.consts:
             initializers[name] = np.array(values, dtype=dtype)
-        return _proto(self.text, initializers)
+        return builders.parse(self.text, initializers)
 
 
 _CONV_IN = "[conv_in] c = Conv <pads = [1, 1, 1, 1]> (x, Wi, Bi)"
@@ -745,13 +728,13 @@ def test_activation_matmul_reads_both_inputs_quantized() -> None:
 
 
 def test_shared_weight_is_quantized_once() -> None:
-    proto = _proto(
+    proto = builders.parse(
         """
         g (float[1, 4, 8, 8] x) => (float[1, 4, 8, 8] y) {
             [conv1] a = Conv <pads = [1, 1, 1, 1]> (x, W)
             [conv2] y = Conv <pads = [1, 1, 1, 1]> (a, W)
         }""",
-        _normal(3, W=(4, 4, 3, 3)),
+        builders.normal_arrays(3, W=(4, 4, 3, 3)),
     )
     q = _quantize(proto)
     int8 = [
@@ -768,13 +751,13 @@ def test_shared_weight_is_quantized_once() -> None:
 
 
 def test_weight_shared_with_a_float_consumer_stays_available_to_it() -> None:
-    proto = _proto(
+    proto = builders.parse(
         """
         g (float[1, 4, 8, 8] x) => (float[1, 4, 8, 8] y, float[1, 4, 8, 8] z) {
             [conv1] y = Conv <pads = [1, 1, 1, 1]> (x, W)
             [conv_float] z = Conv <pads = [1, 1, 1, 1]> (x, W)
         }""",
-        _normal(3, W=(4, 4, 3, 3)),
+        builders.normal_arrays(3, W=(4, 4, 3, 3)),
     )
     q = _quantize(proto, QuantConfig(exclude_nodes=("conv_float",)))
     conv1, conv_float = _node(q.model, "conv1"), _node(q.model, "conv_float")
@@ -794,15 +777,17 @@ def test_weight_shared_with_a_float_consumer_stays_available_to_it() -> None:
 
 
 def test_model_without_anchors_is_left_unchanged() -> None:
-    proto = _proto("g (float[1, 8] x) => (float[1, 8] y) { s = Sigmoid (x)\n y = Softmax <axis = -1> (s) }")
+    proto = builders.parse(
+        "g (float[1, 8] x) => (float[1, 8] y) { s = Sigmoid (x)\n y = Softmax <axis = -1> (s) }"
+    )
     model = ir.from_proto(proto)
     preprocess(model)
     plan = plan_quantization(model, QuantConfig())
     assert plan.empty
-    before = _serialize(model)
+    before = builders.serialize(model)
     result = InsertQDQPass(plan, group_params(plan, {}))(model)
     assert not result.modified
-    assert _serialize(model) == before
+    assert builders.serialize(model) == before
     with pytest.raises(OnnxqError, match="nothing to quantize"):
         onnxq.quantize(proto, _random_feeds(proto, 2, 0))
 
@@ -838,7 +823,7 @@ g (float[1, 3, 8, 8] x, bool cond) => (float[1, 4, 8, 8] y) {
 
 
 def test_if_subgraph_stays_float_and_both_branches_match() -> None:
-    proto = _proto(IF_MODEL, _conv_relu_conv_weights())
+    proto = builders.parse(IF_MODEL, _conv_relu_conv_weights())
     q = _quantize(proto)
     assert q.modified and q.plan.subgraph_nodes == 2
     branch = _node(q.model, "branch")
@@ -859,10 +844,10 @@ def test_if_subgraph_stays_float_and_both_branches_match() -> None:
 def test_pipeline_output_is_byte_identical_across_runs() -> None:
     proto = CASES["Add"].proto()
     feeds = _random_feeds(proto, 4, 0)
-    first = _serialize(onnxq.quantize(proto, feeds).model)
-    second = _serialize(onnxq.quantize(proto, feeds).model)
+    first = builders.serialize(onnxq.quantize(proto, feeds).model)
+    second = builders.serialize(onnxq.quantize(proto, feeds).model)
     assert first == second
-    assert _serialize(_quantize(proto).model) == _serialize(_quantize(proto).model)
+    assert builders.serialize(_quantize(proto).model) == builders.serialize(_quantize(proto).model)
 
 
 def test_pipeline_with_nothing_to_observe() -> None:
@@ -879,7 +864,7 @@ def test_quantize_end_to_end_matches_the_pieces() -> None:
     result = onnxq.quantize(proto, feeds)
     assert result.report.quantized_op_types == {"Conv": 2}
     assert result.report.activations_absorbed == 1
-    assert _serialize(result.model) == _serialize(_quantize(proto).model)
+    assert builders.serialize(result.model) == builders.serialize(_quantize(proto).model)
     assert _min_sqnr(proto, result.model) >= SQNR_BOUND_DB
 
 
@@ -895,7 +880,7 @@ def _spread_columns(seed: int, k: int, n: int, *, transposed: bool) -> np.ndarra
 
 
 def _spread_gemm(trans_b: int) -> onnx.ModelProto:
-    return _proto(
+    return builders.parse(
         f"g (float[8, 16] x) => (float[8, 5] y) {{ [gemm] y = Gemm <transB = {trans_b}> (x, W) }}",
         {"W": _spread_columns(5, 16, 5, transposed=bool(trans_b))},
     )
@@ -937,7 +922,7 @@ def _bias_heavy_conv_relu_conv() -> onnx.ModelProto:
     weights = _conv_relu_conv_weights()
     weights["B1"] = weights["B1"] * 3
     weights["B2"] = weights["B2"] * 3
-    return _proto(CONV_RELU_CONV, weights)
+    return builders.parse(CONV_RELU_CONV, weights)
 
 
 def test_bias_bound_holds_for_a_bias_heavy_model() -> None:

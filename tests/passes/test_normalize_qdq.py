@@ -20,7 +20,6 @@ import onnx
 import onnx.numpy_helper
 import onnx.parser
 import onnx_ir as ir
-import onnxruntime as ort
 import pytest
 
 import onnxq
@@ -36,18 +35,6 @@ def _proto(text: str, arrays: Mapping[str, Any] | None = None) -> onnx.ModelProt
         proto.graph.initializer.append(onnx.numpy_helper.from_array(np.asarray(array), name))
     onnx.checker.check_model(proto)
     return proto
-
-
-def _serialize(model: ir.Model | onnx.ModelProto) -> bytes:
-    proto = ir.to_proto(model) if isinstance(model, ir.Model) else model
-    return proto.SerializeToString(deterministic=True)
-
-
-def _run(model: ir.Model | onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(_serialize(model), options, providers=["CPUExecutionProvider"])
-    return [np.asarray(out) for out in session.run(None, feeds)]
 
 
 def _op_counts(model: ir.Model) -> collections.Counter[str]:
@@ -99,11 +86,11 @@ def _normalize(model: ir.Model) -> tuple[ir.passes.PassResult, NormalizeQDQPass]
 
 def _assert_idempotent(model: ir.Model) -> None:
     """A second run changes nothing: not ``modified``, no change notes, identical bytes."""
-    before = _serialize(model)
+    before = builders.serialize(model)
     result, normalize = _normalize(model)
     assert not result.modified
     assert normalize.notes == []
-    assert _serialize(model) == before
+    assert builders.serialize(model) == before
 
 
 def _assert_same_outputs(expected: list[np.ndarray], actual: list[np.ndarray]) -> None:
@@ -192,7 +179,7 @@ def test_torch_qat_export_folds_weight_fake_quant(tmp_path: Path) -> None:
     weight_qs = _constant_quantize_nodes(model)
     assert sorted(str(node.inputs[0].name) for node in weight_qs) == ["conv.weight", "fc.weight"]  # type: ignore[union-attr]
     feeds = {"x": x}
-    before = _run(proto, feeds)
+    before = builders.run_disabled(proto, feeds)
 
     result, normalize = _normalize(model)
 
@@ -217,7 +204,7 @@ def test_torch_qat_export_folds_weight_fake_quant(tmp_path: Path) -> None:
         # torch's own integer weights: equal up to ties rounded differently (one step at most).
         diff = np.abs(stored.const_value.numpy().astype(np.int32) - torch_integers[weight_name])
         assert int(diff.max()) <= 1
-    after = _run(model, feeds)
+    after = builders.run_disabled(model, feeds)
     _assert_same_outputs(before, after)
     # And the ONNX model still computes what torch computed (output step is 0.005).
     assert float(np.max(np.abs(after[0] - expected_torch))) <= 0.005 + 1e-6
@@ -286,7 +273,7 @@ def test_ort_quantize_static_output_is_deduplicated_and_unchanged(tmp_path: Path
     assert duplicates, "the fixture should hold equal zero points under different names"
     counts_before = _op_counts(model)
     feeds = {"x": np.random.default_rng(9).normal(size=(3, 3, 8, 8)).astype(np.float32)}
-    before = _run(proto, feeds)
+    before = builders.run_disabled(proto, feeds)
 
     result, normalize = _normalize(model)
 
@@ -300,7 +287,7 @@ def test_ort_quantize_static_output_is_deduplicated_and_unchanged(tmp_path: Path
     assert _op_counts(model) == counts_before  # ORT's weights are already integers
     assert _constant_quantize_nodes(model) == []
     assert normalize.missing_ranges == []
-    _assert_same_outputs(before, _run(model, feeds))
+    _assert_same_outputs(before, builders.run_disabled(model, feeds))
     _assert_idempotent(model)
 
 
@@ -310,14 +297,14 @@ def test_onnxq_output_is_already_canonical() -> None:
     feeds = [{"x": calibration[i]} for i in range(len(calibration))]
     model = onnxq.quantize(builders.conv_relu_model(), feeds).model
     assert is_quantized(model)
-    before = _serialize(model)
+    before = builders.serialize(model)
 
     result, normalize = _normalize(model)
 
     assert not result.modified
     assert normalize.notes == []
     assert normalize.missing_ranges == []
-    assert _serialize(model) == before
+    assert builders.serialize(model) == before
 
 
 # -- hand-written graph: every rule at once --------------------------------------------------------
@@ -368,7 +355,7 @@ def _hand_feeds() -> dict[str, np.ndarray]:
 def test_hand_written_graph_every_rule() -> None:
     model = _hand_model()
     feeds = _hand_feeds()
-    before = _run(model, feeds)
+    before = builders.run_disabled(model, feeds)
 
     result, normalize = _normalize(model)
 
@@ -406,7 +393,7 @@ def test_hand_written_graph_every_rule() -> None:
     notes = "\n".join(normalize.notes)
     for expected in ("com.microsoft", "[1]-shaped", "duplicate scale/zero-point", "2 DQ→Q pairs"):
         assert expected in notes
-    _assert_same_outputs(before, _run(model, feeds))
+    _assert_same_outputs(before, builders.run_disabled(model, feeds))
     _assert_idempotent(model)
 
 
@@ -415,7 +402,7 @@ def test_normalization_is_deterministic() -> None:
     for _ in range(2):
         model = _hand_model()
         NormalizeQDQPass()(model)
-        digests.add(hashlib.sha256(_serialize(model)).hexdigest())
+        digests.add(hashlib.sha256(builders.serialize(model)).hexdigest())
     assert len(digests) == 1
 
 
@@ -443,7 +430,7 @@ def test_weight_through_cast_and_identity_is_folded() -> None:
     }
     model = ir.from_proto(_proto(text, arrays))
     feeds = {"x": rng.normal(size=(2, 8)).astype(np.float32)}
-    before = _run(model, feeds)
+    before = builders.run_disabled(model, feeds)
 
     result, normalize = _normalize(model)
 
@@ -458,7 +445,7 @@ def test_weight_through_cast_and_identity_is_folded() -> None:
     stored = matmul.inputs[1].producer().inputs[0]  # type: ignore[union-attr]
     assert stored is not None and stored.name == "w16_quantized"
     assert stored.const_value is not None and stored.const_value.dtype == ir.DataType.INT8
-    _assert_same_outputs(before, _run(model, feeds))
+    _assert_same_outputs(before, builders.run_disabled(model, feeds))
     _assert_idempotent(model)
 
 
@@ -475,7 +462,7 @@ def test_weight_in_a_constant_node_is_folded() -> None:
     arrays = {"s": np.array(0.01, np.float32), "z": np.array(0, np.int8)}
     model = ir.from_proto(_proto(text, arrays))
     feeds = {"x": np.random.default_rng(1).normal(size=(2, 2)).astype(np.float32)}
-    before = _run(model, feeds)
+    before = builders.run_disabled(model, feeds)
 
     result, _ = _normalize(model)
 
@@ -485,7 +472,7 @@ def test_weight_in_a_constant_node_is_folded() -> None:
     stored = dq.inputs[0]
     assert stored is not None and stored.const_value is not None
     np.testing.assert_array_equal(stored.const_value.numpy(), np.array([[50, -25], [100, 13]], np.int8))
-    _assert_same_outputs(before, _run(model, feeds))
+    _assert_same_outputs(before, builders.run_disabled(model, feeds))
     _assert_idempotent(model)
 
 
@@ -512,7 +499,7 @@ def test_parallel_identical_fake_quants_merge() -> None:
     }
     model = ir.from_proto(_proto(text, arrays))
     feeds = {"x": rng.normal(size=(2, 8)).astype(np.float32)}
-    before = _run(model, feeds)
+    before = builders.run_disabled(model, feeds)
 
     result, normalize = _normalize(model)
 
@@ -522,7 +509,7 @@ def test_parallel_identical_fake_quants_merge() -> None:
     matmuls = [node for node in model.graph if node.op_type == "MatMul"]
     assert matmuls[0].inputs[0] is matmuls[1].inputs[0]
     assert any("2 duplicate QuantizeLinear/DequantizeLinear nodes merged" in note for note in normalize.notes)
-    _assert_same_outputs(before, _run(model, feeds))
+    _assert_same_outputs(before, builders.run_disabled(model, feeds))
     _assert_idempotent(model)
 
 
@@ -538,7 +525,7 @@ def test_shared_one_element_scale_gets_a_scalar_copy() -> None:
     arrays = {"s": np.array([0.1], np.float32), "z": np.array([0], np.uint8)}
     model = ir.from_proto(_proto(text, arrays))
     feeds = {"x": np.random.default_rng(6).normal(size=(2, 8)).astype(np.float32)}
-    before = _run(model, feeds)
+    before = builders.run_disabled(model, feeds)
 
     result, _ = _normalize(model)
 
@@ -552,7 +539,7 @@ def test_shared_one_element_scale_gets_a_scalar_copy() -> None:
             assert scale is not None and scale.const_value is not None
             assert zero_point is not None and zero_point.const_value is not None
             assert tuple(scale.const_value.shape) == () == tuple(zero_point.const_value.shape)
-    _assert_same_outputs(before, _run(model, feeds))
+    _assert_same_outputs(before, builders.run_disabled(model, feeds))
     _assert_idempotent(model)
 
 
@@ -577,13 +564,13 @@ def test_block_wise_and_unsupported_types_are_declined_with_notes() -> None:
     proto = onnx.parser.parse_model(text)
     proto.graph.initializer.extend(onnx.numpy_helper.from_array(a, n) for n, a in arrays.items())
     model = ir.from_proto(proto)
-    before = _serialize(model)
+    before = builders.serialize(model)
 
     normalize = NormalizeQDQPass()
     result = normalize(model)
 
     assert not result.modified
-    assert _serialize(model) == before
+    assert builders.serialize(model) == before
     notes = "\n".join(normalize.notes)
     assert "block-wise quantization (block_size=2)" in notes
     assert "kept in com.microsoft: attribute unknown" in notes
@@ -600,14 +587,14 @@ def test_ms_int16_below_opset_21_is_kept() -> None:
     arrays = {"s": np.array(0.001, np.float32), "z": np.array(0, np.int16)}
     model = ir.from_proto(_proto(text, arrays))
     feeds = {"x": np.random.default_rng(10).normal(size=(2, 4)).astype(np.float32)}
-    before = _run(model, feeds)
+    before = builders.run_disabled(model, feeds)
 
     result, normalize = _normalize(model)
 
     assert not result.modified
     assert all(node.domain == "com.microsoft" for node in model.graph)
     assert sum("int16 needs a newer default-domain opset" in note for note in normalize.notes) == 2
-    _assert_same_outputs(before, _run(model, feeds))
+    _assert_same_outputs(before, builders.run_disabled(model, feeds))
 
 
 def test_range_through_pass_through_ops_is_not_missing() -> None:
@@ -637,7 +624,7 @@ def test_range_through_pass_through_ops_is_not_missing() -> None:
 # -- no match and subgraphs ------------------------------------------------------------------------
 def test_float_model_is_not_touched() -> None:
     model = ir.from_proto(builders.matmul_model())
-    before = _serialize(model)
+    before = builders.serialize(model)
     assert not is_quantized(model)
 
     normalize = NormalizeQDQPass()
@@ -645,7 +632,7 @@ def test_float_model_is_not_touched() -> None:
 
     assert not result.modified
     assert normalize.notes == [] and normalize.missing_ranges == []
-    assert _serialize(model) == before
+    assert builders.serialize(model) == before
 
 
 _IF_TEXT = """
@@ -681,7 +668,7 @@ def test_weight_fake_quant_inside_if_branch_is_folded() -> None:
     assert not any(node.op_type in _QDQ for node in model.graph)
     assert is_quantized(model)  # only the subgraph holds Q/DQ
     x = rng.normal(size=(2, 3, 8, 8)).astype(np.float32)
-    before = [_run(model, {"x": x, "cond": np.array(flag)}) for flag in (True, False)]
+    before = [builders.run_disabled(model, {"x": x, "cond": np.array(flag)}) for flag in (True, False)]
 
     result, normalize = _normalize(model)
 
@@ -697,7 +684,7 @@ def test_weight_fake_quant_inside_if_branch_is_folded() -> None:
     # The float weight is still read by the else branch: it stays.
     assert "w" in model.graph.initializers
     assert normalize.missing_ranges == ["Conv: input 'h' has no QuantizeLinear/DequantizeLinear (no range)"]
-    after = [_run(model, {"x": x, "cond": np.array(flag)}) for flag in (True, False)]
+    after = [builders.run_disabled(model, {"x": x, "cond": np.array(flag)}) for flag in (True, False)]
     for expected, actual in zip(before, after, strict=True):
         _assert_same_outputs(expected, actual)
     _assert_idempotent(model)
