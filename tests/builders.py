@@ -185,3 +185,53 @@ def save(model: onnx.ModelProto, path: str | os.PathLike[str]) -> Path:
     out = Path(path)
     out.write_bytes(model.SerializeToString(deterministic=True))
     return out
+
+
+# MatMul chain with outlier channels (sensitivity analysis and accuracy-budget tests)
+
+CHAIN_LAYERS = 6
+CHAIN_WIDTH = 32
+
+
+def outlier_chain_model(outlier_readers: tuple[int, ...] = (3,), *, seed: int = 0) -> onnx.ModelProto:
+    """``x: float[N,32]`` → 6 × (MatMul → Relu), the last without Relu; layer ``i`` reads ``w{i}``.
+
+    For each ``k`` in ``outlier_readers``, layer ``k − 1``'s output gets three ×50 outlier channels and
+    layer ``k`` the matching ÷50 weight rows (the float function is unchanged).
+    """
+    rng = np.random.default_rng(seed)
+    lines, prev = [], "x"
+    for i in range(CHAIN_LAYERS):
+        out = "y" if i == CHAIN_LAYERS - 1 else f"h{i}"
+        lines.append(f"{out} = MatMul({prev}, w{i})")
+        if i < CHAIN_LAYERS - 1:
+            lines.append(f"r{i} = Relu(h{i})")
+            prev = f"r{i}"
+    text = (
+        '<ir_version: 10, opset_import: ["" : 17]>\n'
+        f"chain (float[N,{CHAIN_WIDTH}] x) => (float[N,{CHAIN_WIDTH}] y) {{\n" + "\n".join(lines) + "\n}"
+    )
+    model = onnx.parser.parse_model(text)
+    weights = [
+        rng.normal(0.0, 1.4 / np.sqrt(CHAIN_WIDTH), (CHAIN_WIDTH, CHAIN_WIDTH)).astype(np.float32)
+        for _ in range(CHAIN_LAYERS)
+    ]
+    for k in outlier_readers:
+        weights[k - 1][:, :3] *= 50.0
+        weights[k][:3, :] /= 50.0
+    for i, w in enumerate(weights):
+        model.graph.initializer.append(onnx.numpy_helper.from_array(w, f"w{i}"))
+    onnx.checker.check_model(model)
+    return model
+
+
+def chain_feeds(count: int, seed: int) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    return [{"x": rng.standard_normal((8, CHAIN_WIDTH)).astype(np.float32)} for _ in range(count)]
+
+
+def node_reading(model: ir.Model, weight: str) -> str:
+    for node in model.graph:
+        if any(v is not None and v.name == weight for v in node.inputs):
+            return node.name or ""
+    raise AssertionError(f"no node reads {weight}")

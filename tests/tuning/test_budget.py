@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 
+import builders
 import numpy as np
 import onnx
 import onnx.numpy_helper
@@ -23,63 +24,20 @@ from onnxq.pipeline import QuantizationResult
 from onnxq.tuning import AccuracyTarget, BudgetOutcome, CustomTarget, TargetEvaluator, meet_target
 from onnxq.tuning.sensitivity import estimate_sensitivity, rank_by_estimate
 
-LAYERS = 6
-WIDTH = 32
-
-
-def chain_model(outlier_readers: tuple[int, ...] = (3,), *, seed: int = 0) -> onnx.ModelProto:
-    """``x: float[N,32]`` → 6 × (MatMul → Relu), the last without Relu; layer ``i`` reads ``w{i}``.
-
-    For each ``k`` in ``outlier_readers``, layer ``k − 1``'s output gets three ×50 outlier channels and
-    layer ``k`` the matching ÷50 weight rows (the float function is unchanged).
-    """
-    rng = np.random.default_rng(seed)
-    lines, prev = [], "x"
-    for i in range(LAYERS):
-        out = "y" if i == LAYERS - 1 else f"h{i}"
-        lines.append(f"{out} = MatMul({prev}, w{i})")
-        if i < LAYERS - 1:
-            lines.append(f"r{i} = Relu(h{i})")
-            prev = f"r{i}"
-    text = (
-        '<ir_version: 10, opset_import: ["" : 17]>\n'
-        f"chain (float[N,{WIDTH}] x) => (float[N,{WIDTH}] y) {{\n" + "\n".join(lines) + "\n}"
-    )
-    model = onnx.parser.parse_model(text)
-    weights = [
-        rng.normal(0.0, 1.4 / np.sqrt(WIDTH), (WIDTH, WIDTH)).astype(np.float32) for _ in range(LAYERS)
-    ]
-    for k in outlier_readers:
-        weights[k - 1][:, :3] *= 50.0
-        weights[k][:3, :] /= 50.0
-    for i, w in enumerate(weights):
-        model.graph.initializer.append(onnx.numpy_helper.from_array(w, f"w{i}"))
-    onnx.checker.check_model(model)
-    return model
-
-
-def chain_feeds(count: int, seed: int) -> list[dict[str, np.ndarray]]:
-    rng = np.random.default_rng(seed)
-    return [{"x": rng.standard_normal((8, WIDTH)).astype(np.float32)} for _ in range(count)]
-
-
-def node_reading(model: ir.Model, weight: str) -> str:
-    for node in model.graph:
-        if any(v is not None and v.name == weight for v in node.inputs):
-            return node.name or ""
-    raise AssertionError(f"no node reads {weight}")
+LAYERS = builders.CHAIN_LAYERS
+WIDTH = builders.CHAIN_WIDTH
 
 
 def held_out_score(result: QuantizationResult, model: ir.Model, target: AccuracyTarget, seed: int) -> float:
     assert result.static is not None
     float_model = result.static.float_model
-    feeds = load_feeds(chain_feeds(6, seed=seed), input_specs(float_model), what="evaluation")
+    feeds = load_feeds(builders.chain_feeds(6, seed=seed), input_specs(float_model), what="evaluation")
     return TargetEvaluator(float_model, feeds, target).score(model)
 
 
 @pytest.fixture(scope="module")
 def outlier_result() -> QuantizationResult:
-    return onnxq.quantize(chain_model(), chain_feeds(4, seed=1))
+    return onnxq.quantize(builders.outlier_chain_model(), builders.chain_feeds(4, seed=1))
 
 
 def count_float_anchors(model: ir.Model) -> int:
@@ -101,7 +59,7 @@ def test_meets_the_target_on_held_out_data_keeping_one_layer_float(
     outlier_result: QuantizationResult,
 ) -> None:
     target = AccuracyTarget.parse("sqnr>=25")
-    outcome = meet_target(outlier_result, target, chain_feeds(6, seed=2))
+    outcome = meet_target(outlier_result, target, builders.chain_feeds(6, seed=2))
     assert isinstance(outcome, BudgetOutcome)
     assert outcome.met
     assert outcome.score_before < 20.0 <= 25.0 <= outcome.score_after
@@ -109,7 +67,7 @@ def test_meets_the_target_on_held_out_data_keeping_one_layer_float(
     assert outcome.anchors == LAYERS
     # the outlier layer, and nothing else, stays float; its estimate says why
     assert outlier_result.static is not None
-    outlier = node_reading(outlier_result.static.float_model, "w3")
+    outlier = builders.node_reading(outlier_result.static.float_model, "w3")
     assert outcome.kept_float == [outlier]
     assert outcome.kept_estimates[outlier] == max(outcome.estimates.values())
     assert outcome.kept_estimates[outlier] > -20.0
@@ -132,19 +90,19 @@ def test_meets_the_target_on_held_out_data_keeping_one_layer_float(
 
 
 def test_two_outlier_layers_need_two_float_layers() -> None:
-    result = onnxq.quantize(chain_model((2, 4)), chain_feeds(4, seed=1))
+    result = onnxq.quantize(builders.outlier_chain_model((2, 4)), builders.chain_feeds(4, seed=1))
     assert result.static is not None
-    outcome = meet_target(result, "sqnr>=25", chain_feeds(6, seed=2))
+    outcome = meet_target(result, "sqnr>=25", builders.chain_feeds(6, seed=2))
     assert outcome.met
-    expected = {node_reading(result.static.float_model, w) for w in ("w2", "w4")}
+    expected = {builders.node_reading(result.static.float_model, w) for w in ("w2", "w4")}
     assert set(outcome.kept_float) == expected
     assert outcome.evaluations <= 4  # k = 0, 1, 2 (and perhaps a prune try)
     assert held_out_score(result, outcome.model, AccuracyTarget("sqnr", 22.0), seed=3) >= 22.0
 
 
 def test_a_model_that_already_meets_the_target_is_returned_as_is() -> None:
-    result = onnxq.quantize(chain_model(()), chain_feeds(4, seed=1))
-    outcome = meet_target(result, AccuracyTarget.parse("cosine>=0.99"), chain_feeds(4, seed=2))
+    result = onnxq.quantize(builders.outlier_chain_model(()), builders.chain_feeds(4, seed=1))
+    outcome = meet_target(result, AccuracyTarget.parse("cosine>=0.99"), builders.chain_feeds(4, seed=2))
     assert outcome.met
     assert outcome.kept_float == []
     assert outcome.evaluations == 1
@@ -162,7 +120,7 @@ def test_custom_target_with_a_user_evaluation_function(outlier_result: Quantizat
     from onnxq.model_io import serialize_model
 
     assert outlier_result.static is not None
-    data = chain_feeds(4, seed=5)
+    data = builders.chain_feeds(4, seed=5)
     float_session = ort.InferenceSession(
         serialize_model(outlier_result.static.float_model), providers=["CPUExecutionProvider"]
     )
@@ -178,7 +136,7 @@ def test_custom_target_with_a_user_evaluation_function(outlier_result: Quantizat
     baseline = negative_mse(outlier_result.model)
     calls.clear()
     target = CustomTarget(negative_mse, minimum=baseline / 10.0, name="-mse")
-    outcome = meet_target(outlier_result, target, chain_feeds(4, seed=2))
+    outcome = meet_target(outlier_result, target, builders.chain_feeds(4, seed=2))
     assert outcome.met
     assert len(calls) == outcome.evaluations <= 3
     assert outcome.score_after >= baseline / 10.0
@@ -207,7 +165,7 @@ def _float_names(model: ir.Model) -> set[str]:
 
 
 def test_exponential_growth_then_bisection(outlier_result: QuantizationResult) -> None:
-    feeds = chain_feeds(4, seed=2)
+    feeds = builders.chain_feeds(4, seed=2)
     ranked = _ranked(outlier_result, feeds)
     needed = set(ranked[:5])  # the target holds once the 5 most sensitive layers are float
 
@@ -224,7 +182,7 @@ def test_exponential_growth_then_bisection(outlier_result: QuantizationResult) -
 
 
 def test_greedy_prune_drops_nodes_the_ranking_put_too_high(outlier_result: QuantizationResult) -> None:
-    feeds = chain_feeds(4, seed=2)
+    feeds = builders.chain_feeds(4, seed=2)
     ranked = _ranked(outlier_result, feeds)
     needed = {ranked[0], ranked[3]}
 
@@ -247,7 +205,9 @@ def test_greedy_prune_drops_nodes_the_ranking_put_too_high(outlier_result: Quant
 def test_a_target_that_cannot_be_met(outlier_result: QuantizationResult) -> None:
     scores = iter(float(i) for i in range(100))
 
-    outcome = meet_target(outlier_result, CustomTarget(lambda model: next(scores), 1000.0), chain_feeds(2, 2))
+    outcome = meet_target(
+        outlier_result, CustomTarget(lambda model: next(scores), 1000.0), builders.chain_feeds(2, 2)
+    )
     assert not outcome.met
     assert [k for k, _ in outcome.history] == [0, 1, 2, 4, 6]  # up to every anchor float, then stop
     assert outcome.score_after == 4.0  # the best found: the last, all-float variant
@@ -255,8 +215,8 @@ def test_a_target_that_cannot_be_met(outlier_result: QuantizationResult) -> None
 
 
 def test_bad_inputs(outlier_result: QuantizationResult) -> None:
-    feeds = chain_feeds(2, seed=2)
-    dynamic = onnxq.quantize(chain_model(), config=onnxq.QuantConfig(mode="dynamic"))
+    feeds = builders.chain_feeds(2, seed=2)
+    dynamic = onnxq.quantize(builders.outlier_chain_model(), config=onnxq.QuantConfig(mode="dynamic"))
     with pytest.raises(OnnxqError, match="static quantization"):
         meet_target(dynamic, "sqnr>=30", feeds)
     with pytest.raises(OnnxqError, match="not understood"):
