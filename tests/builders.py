@@ -56,10 +56,37 @@ def parse(
     ir_version: int = IR_VERSION,
 ) -> onnx.ModelProto:
     """A checked model from a graph written in ``onnx.parser`` text plus initializers."""
-    model = onnx.parser.parse_model(f"{_header(opset, ir_version)}\n{body}")
+    return parse_model_text(f"{_header(opset, ir_version)}\n{body}", arrays)
+
+
+def parse_model_text(text: str, arrays: Mapping[str, np.ndarray] | None = None) -> onnx.ModelProto:
+    """Like :func:`parse`, for text that carries its own ``<ir_version, opset_import>`` header."""
+    model = onnx.parser.parse_model(text)
     add_initializers(model, arrays or {})
     onnx.checker.check_model(model)
     return model
+
+
+def random_feeds(
+    model: onnx.ModelProto, count: int, seed: int, *, index_range: tuple[int, int] = (0, 10)
+) -> list[dict[str, np.ndarray]]:
+    """``count`` feeds for the declared (fixed) input shapes: standard-normal floats, bools that
+    alternate between feeds, int64 indices drawn from ``index_range``."""
+    rng = np.random.default_rng(seed)
+    feeds = []
+    for i in range(count):
+        feed: dict[str, np.ndarray] = {}
+        for value in model.graph.input:
+            tensor = value.type.tensor_type
+            shape = [d.dim_value for d in tensor.shape.dim]
+            if tensor.elem_type == onnx.TensorProto.BOOL:
+                feed[value.name] = np.full(shape, i % 2 == 0)
+            elif tensor.elem_type == onnx.TensorProto.INT64:
+                feed[value.name] = rng.integers(*index_range, shape).astype(np.int64)
+            else:
+                feed[value.name] = rng.normal(0.0, 1.0, shape).astype(np.float32)
+        feeds.append(feed)
+    return feeds
 
 
 def normal_arrays(seed: int, **shapes: tuple[int, ...]) -> dict[str, np.ndarray]:

@@ -43,26 +43,6 @@ Feed = dict[str, np.ndarray]
 # Helpers
 
 
-def _feeds(proto: onnx.ModelProto, count: int = 4, seed: int = 1) -> list[Feed]:
-    """Standard-normal float inputs of the declared shapes; bool inputs alternate; int64 inputs are
-    indices into a table of ``count * 10`` rows, negative ones included."""
-    rng = np.random.default_rng(seed)
-    feeds: list[Feed] = []
-    for i in range(count):
-        feed: Feed = {}
-        for value in proto.graph.input:
-            tensor = value.type.tensor_type
-            shape = [d.dim_value for d in tensor.shape.dim]
-            if tensor.elem_type == onnx.TensorProto.BOOL:
-                feed[value.name] = np.full(shape, i % 2 == 0)
-            elif tensor.elem_type == onnx.TensorProto.INT64:
-                feed[value.name] = rng.integers(-40, 40, shape).astype(np.int64)
-            else:
-                feed[value.name] = rng.normal(0.0, 1.0, shape).astype(np.float32)
-        feeds.append(feed)
-    return feeds
-
-
 def _quantize(
     proto: onnx.ModelProto, config: QuantConfig | None = None, *, ms_domain: bool = True
 ) -> tuple[ir.Model, DynamicQuantizePass, bool]:
@@ -72,6 +52,11 @@ def _quantize(
     result = quantizer(model)
     cleanup(model)
     return model, quantizer, result.modified
+
+
+def _feeds(proto: onnx.ModelProto, count: int = 4, seed: int = 1) -> list[Feed]:
+    """Random feeds; int64 inputs index a table of ``count * 10`` rows, negative indices included."""
+    return builders.random_feeds(proto, count, seed, index_range=(-40, 40))
 
 
 def _run(model: ir.Model | onnx.ModelProto, feeds: list[Feed]) -> list[list[np.ndarray]]:

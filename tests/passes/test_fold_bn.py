@@ -33,11 +33,7 @@ def _bn_params(rng: np.random.Generator, channels: int, prefix: str = "bn") -> d
 
 
 def _build(text: str, initializers: dict[str, np.ndarray]) -> ir.Model:
-    proto = onnx.parser.parse_model(text)
-    for name, array in initializers.items():
-        proto.graph.initializer.append(onnx.numpy_helper.from_array(array, name))
-    onnx.checker.check_model(proto)
-    return ir.from_proto(proto)
+    return ir.from_proto(builders.parse_model_text(text, initializers))
 
 
 def _op_counts(model: ir.Model) -> collections.Counter[str]:

@@ -22,10 +22,7 @@ def _rng() -> np.random.Generator:
 
 
 def _build(text: str, initializers: dict[str, np.ndarray] | None = None, *, infer: bool = False) -> ir.Model:
-    proto = onnx.parser.parse_model(text)
-    for name, array in (initializers or {}).items():
-        proto.graph.initializer.append(onnx.numpy_helper.from_array(array, name))
-    onnx.checker.check_model(proto)
+    proto = builders.parse_model_text(text, initializers)
     if infer:
         proto = onnx.shape_inference.infer_shapes(proto, strict_mode=True)
     return ir.from_proto(proto)

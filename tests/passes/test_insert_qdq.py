@@ -45,26 +45,6 @@ Feed = dict[str, np.ndarray]
 # Helpers
 
 
-def _random_feeds(proto: onnx.ModelProto, count: int, seed: int) -> list[Feed]:
-    """Standard-normal float inputs of the declared (fixed) shapes; bool inputs alternate, int64
-    inputs (indices) are drawn from [0, 10)."""
-    rng = np.random.default_rng(seed)
-    feeds: list[Feed] = []
-    for i in range(count):
-        feed: Feed = {}
-        for value in proto.graph.input:
-            tensor = value.type.tensor_type
-            shape = [d.dim_value for d in tensor.shape.dim]
-            if tensor.elem_type == onnx.TensorProto.BOOL:
-                feed[value.name] = np.full(shape, i % 2 == 0)
-            elif tensor.elem_type == onnx.TensorProto.INT64:
-                feed[value.name] = rng.integers(0, 10, shape).astype(np.int64)
-            else:
-                feed[value.name] = rng.normal(0.0, 1.0, shape).astype(np.float32)
-        feeds.append(feed)
-    return feeds
-
-
 def _session(model: ir.Model | onnx.ModelProto) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
@@ -117,7 +97,7 @@ def _quantize(
     plan = plan_quantization(model, config)
     if edit_plan is not None:
         edit_plan(plan)
-    feeds = load_feeds(_random_feeds(proto, CALIBRATION_SAMPLES, seed), input_specs(model))
+    feeds = load_feeds(builders.random_feeds(proto, CALIBRATION_SAMPLES, seed), input_specs(model))
     observed = plan.observed_values()
     schemes = {v: plan.group_of[v].scheme for v in observed}
     ranges: dict[ir.Value, tuple[float, float]] = {}
@@ -134,7 +114,7 @@ def _quantize(
 def _float_vs_quantized(
     proto: onnx.ModelProto, quantized: ir.Model, *, seed: int = 99
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    feeds = _random_feeds(proto, EVAL_SAMPLES, seed)  # held out: not the calibration seed
+    feeds = builders.random_feeds(proto, EVAL_SAMPLES, seed)  # held out: not the calibration seed
     return _outputs(proto, feeds), _outputs(quantized, feeds)
 
 
@@ -789,12 +769,12 @@ def test_model_without_anchors_is_left_unchanged() -> None:
     assert not result.modified
     assert builders.serialize(model) == before
     with pytest.raises(OnnxqError, match="nothing to quantize"):
-        onnxq.quantize(proto, _random_feeds(proto, 2, 0))
+        onnxq.quantize(proto, builders.random_feeds(proto, 2, 0))
 
 
 def test_quantized_model_is_not_quantized_again() -> None:
     proto = _conv_relu_conv()
-    feeds = _random_feeds(proto, 4, 0)
+    feeds = builders.random_feeds(proto, 4, 0)
     once = ir.to_proto(onnxq.quantize(proto, feeds).model)
     model = ir.from_proto(once)
     preprocess(model)
@@ -836,14 +816,14 @@ def test_if_subgraph_stays_float_and_both_branches_match() -> None:
     assert inner_conv.inputs[1] is not None and inner_conv.inputs[1].name == "W2"  # float weight kept
 
     for cond in (True, False):
-        feeds = [{**f, "cond": np.array(cond)} for f in _random_feeds(proto, EVAL_SAMPLES, 99)]
+        feeds = [{**f, "cond": np.array(cond)} for f in builders.random_feeds(proto, EVAL_SAMPLES, 99)]
         expected, actual = _outputs(proto, feeds)["y"], _outputs(q.model, feeds)["y"]
         assert _sqnr(expected, actual) >= SQNR_BOUND_DB, f"cond={cond}"
 
 
 def test_pipeline_output_is_byte_identical_across_runs() -> None:
     proto = CASES["Add"].proto()
-    feeds = _random_feeds(proto, 4, 0)
+    feeds = builders.random_feeds(proto, 4, 0)
     first = builders.serialize(onnxq.quantize(proto, feeds).model)
     second = builders.serialize(onnxq.quantize(proto, feeds).model)
     assert first == second
@@ -853,14 +833,14 @@ def test_pipeline_output_is_byte_identical_across_runs() -> None:
 def test_pipeline_with_nothing_to_observe() -> None:
     # Embedding Gather → MatMul: the only quantized activation group holds the constant table.
     proto = CASES["Gather_embedding"].proto()
-    result = onnxq.quantize(proto, _random_feeds(proto, 4, 0))
+    result = onnxq.quantize(proto, builders.random_feeds(proto, 4, 0))
     assert result.report.calibration["tensors"] == 0
     assert _min_sqnr(proto, result.model) >= SQNR_BOUND_DB
 
 
 def test_quantize_end_to_end_matches_the_pieces() -> None:
     proto = _conv_relu_conv()
-    feeds = _random_feeds(proto, CALIBRATION_SAMPLES, 1)
+    feeds = builders.random_feeds(proto, CALIBRATION_SAMPLES, 1)
     result = onnxq.quantize(proto, feeds)
     assert result.report.quantized_op_types == {"Conv": 2}
     assert result.report.activations_absorbed == 1
