@@ -60,6 +60,8 @@ from tools.bench_static import (
     _fmt,
     _short_status,
     _unstable,
+    accuracy_columns,
+    cost_columns,
     evaluate,
     latency,
     quant_row,
@@ -279,14 +281,7 @@ def table(rows: Sequence[Mapping[str, Any]], settings: Settings) -> str:
     failed = any(r["status"] != "ok" for r in rows)
     lines = []
     for r in rows:
-        line = {
-            "model": r["model"],
-            "variant": r["variant"],
-            "quant s": _fmt(r["quant_s"], 2),
-            "peak RSS MiB": _fmt(r["peak_rss_mib"], 0),
-            "Δ RSS MiB": _fmt(r["delta_rss_mib"], 0),
-            "size MB": _fmt(r["size_mb"], 2),
-        }
+        line = cost_columns(r)
         for b in batches:
             for t in settings.threads:
                 line[f"b{b} ms {t}t"] = _fmt(r.get(f"ms_b{b}_{t}t"), 3)
@@ -294,14 +289,7 @@ def table(rows: Sequence[Mapping[str, Any]], settings: Settings) -> str:
         if with_base:
             for t in settings.threads:
                 line[f"x/QDQ {t}t"] = _fmt(r.get(f"x_base_b1_{t}t"), 2)
-        line.update(
-            {
-                "SQNR dB": _fmt(r["sqnr_db"], 1),
-                "cosine": _fmt(r["cosine"], 5),
-                "top-1": _fmt(r["top1"], 3),
-                "sent. cos": _fmt(r["sentence_cosine"], 5),
-            }
-        )
+        line.update(accuracy_columns(r))
         if failed:
             line["status"] = _short_status(r["status"])
         lines.append(line)

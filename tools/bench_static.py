@@ -832,30 +832,38 @@ def _short_status(status: str, width: int = 48) -> str:
     return status if len(status) <= width else status[: width - 1] + "…"
 
 
+def cost_columns(r: Mapping[str, Any]) -> dict[str, str]:
+    """The first columns of a results row: which model and variant, and what quantizing it cost."""
+    return {
+        "model": r["model"],
+        "variant": r["variant"],
+        "quant s": _fmt(r["quant_s"], 2),
+        "peak RSS MiB": _fmt(r["peak_rss_mib"], 0),
+        "Δ RSS MiB": _fmt(r["delta_rss_mib"], 0),
+        "size MB": _fmt(r["size_mb"], 2),
+    }
+
+
+def accuracy_columns(r: Mapping[str, Any]) -> dict[str, str]:
+    """The last columns of a results row: accuracy against the float model."""
+    return {
+        "SQNR dB": _fmt(r["sqnr_db"], 1),
+        "cosine": _fmt(r["cosine"], 5),
+        "top-1": _fmt(r["top1"], 3),
+        "sent. cos": _fmt(r["sentence_cosine"], 5),
+    }
+
+
 def main_table(rows: Sequence[Mapping[str, Any]], threads: Sequence[int]) -> str:
     from tabulate import tabulate
 
     table = []
     for r in rows:
-        line = {
-            "model": r["model"],
-            "variant": r["variant"],
-            "quant s": _fmt(r["quant_s"], 2),
-            "peak RSS MiB": _fmt(r["peak_rss_mib"], 0),
-            "Δ RSS MiB": _fmt(r["delta_rss_mib"], 0),
-            "size MB": _fmt(r["size_mb"], 2),
-        }
+        line = cost_columns(r)
         for t in threads:
             line[f"ms {t}t"] = _fmt(r[f"ms_{t}t"], 3)
             line[f"x {t}t"] = _fmt(r[f"x_{t}t"], 2)
-        line.update(
-            {
-                "SQNR dB": _fmt(r["sqnr_db"], 1),
-                "cosine": _fmt(r["cosine"], 5),
-                "top-1": _fmt(r["top1"], 3),
-                "sent. cos": _fmt(r["sentence_cosine"], 5),
-            }
-        )
+        line.update(accuracy_columns(r))
         if any(row["status"] != "ok" for row in rows):
             line["status"] = _short_status(r["status"])
         table.append(line)
