@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import traceback
 from collections.abc import Sequence
@@ -170,7 +171,13 @@ def build_parser() -> argparse.ArgumentParser:
             "Quantize MODEL to INT8 (static with calibration data, or dynamic), in QDQ or QOperator form, "
             "write it to OUT, then compare it with the input model in ONNX Runtime (accuracy, size, "
             "latency). A model that already holds Q/DQ (PyTorch QAT export, another tool) is normalized "
-            "and re-emitted or lowered without recalibration."
+            "and re-emitted or lowered without recalibration. OUT is written only after the model ran in "
+            "ONNX Runtime; on any error nothing is written."
+        ),
+        epilog=(
+            "exit status: 0 success; 2 a problem with the input, the data or an output path (one line on "
+            "stderr, nothing written); 3 --target not met (the best model found is written, and the "
+            "report says so); 1 an internal error (a bug in onnxq)."
         ),
     )
     optimize.add_argument("model", metavar="MODEL", help="float ONNX model (.onnx)")
@@ -282,7 +289,13 @@ def run_optimize(
     *,
     eval_data: str | None = None,
 ) -> int:
-    """The optimize job, shared by ``optimize`` and ``example``."""
+    """The optimize job, shared by ``optimize`` and ``example``.
+
+    Order matters for what is left on disk: every output path is checked before any work; the model
+    is validated (or at least run once) before it is written; the JSON report is written last. A
+    failure at any step leaves no output behind. Returns 0, or :data:`EXIT_TARGET_NOT_MET` when an
+    accuracy target could not be met (the best model found is written and the report says so).
+    """
     from onnxq.config import ValidationConfig
     from onnxq.pipeline import quantize
 
@@ -290,12 +303,11 @@ def run_optimize(
         raise OnnxqError(
             f"-o {output} is a directory; give a file name such as {Path(output) / 'model.int8.onnx'}"
         )
-    for flag, target in (("-o", output), ("--report-json", args.report_json)):
-        if target and not Path(target).resolve().parent.is_dir():
-            # Checked up front: failing only after minutes of calibration would waste the user's time.
-            raise OnnxqError(
-                f"cannot write {target} ({flag}): folder {Path(target).resolve().parent} does not exist"
-            )
+    # Checked up front: failing only after minutes of calibration would waste the user's time.
+    check_output_paths(
+        inputs={"the input model": model, "--calib": calib, "--eval": eval_data},
+        outputs={"-o": output, "--report-json": args.report_json},
+    )
     config = _config_from_args(args)
     from onnxq.validate.runtime import resolve_providers
 
@@ -308,14 +320,15 @@ def run_optimize(
         if config.mode != "static":
             raise OnnxqError("--target needs static mode (it keeps layers float within a calibrated model)")
     result = quantize(model, calib, config, random_samples=args.random_samples, providers=providers)
+    met = True
     if target is not None:
-        result.meet_target(target, eval_data)
-    result.save(output)
+        met = result.meet_target(target, eval_data).met
     if not args.no_validate:
         result.validate(
             eval_data,
             ValidationConfig(provider=args.provider, threads=args.threads, latency_runs=args.runs),
         )
+    result.save(output)
     layers_table = None
     if args.layers:
         layers_table = result.inspect_layers(eval_data)
@@ -325,11 +338,61 @@ def run_optimize(
         print(result.report.format_table())
         if layers_table:
             print("Per-layer numeric suite (worst first):\n" + layers_table)
+    if not met:
+        budget = result.report.budget
+        print(
+            f"onnxq: target {budget.get('target')} NOT met: the best model found scores "
+            f"{budget.get('score_after', float('nan')):.4g} (written to {output}); exit status "
+            f"{EXIT_TARGET_NOT_MET}",
+            file=sys.stderr,
+        )
+        return EXIT_TARGET_NOT_MET
     return 0
 
 
+#: Exit status of ``optimize --target`` when the target is not met (the best model found is written).
+EXIT_TARGET_NOT_MET = 3
+
+
+def _resolved(path: str) -> Path:
+    """The path as the file system will see it: absolute, ``..`` and symlinks resolved."""
+    return Path(os.path.realpath(os.path.expanduser(path)))
+
+
+def check_output_paths(inputs: dict[str, str | None], outputs: dict[str, str | None]) -> None:
+    """Refuse, before any work, outputs that would overwrite an input or each other, or cannot be written.
+
+    Paths are compared resolved (through ``..`` and symlinks) and, where both exist, as the same file
+    on disk (hard links). An output's folder must exist and the output must not be a directory.
+    """
+    given_inputs = {flag: path for flag, path in inputs.items() if path and path != "random"}
+    seen: dict[Path, str] = {}
+    for flag, path in outputs.items():
+        if not path:
+            continue
+        target = _resolved(path)
+        if target.is_dir():
+            raise OnnxqError(f"cannot write {path} ({flag}): it is a directory")
+        if not target.parent.is_dir():
+            raise OnnxqError(f"cannot write {path} ({flag}): folder {target.parent} does not exist")
+        for what, source in given_inputs.items():
+            if _same_path(target, _resolved(source)):
+                raise OnnxqError(f"{flag} {path} is {what} ({source}); choose another path")
+        if target in seen:
+            raise OnnxqError(f"{flag} {path} is also the path of {seen[target]}; choose another path")
+        seen[target] = flag
+
+
+def _same_path(a: Path, b: Path) -> bool:
+    if a == b:
+        return True
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
 def _write_text(path: Path, text: str) -> None:
-    import os
     import tempfile
 
     folder = path.resolve().parent
@@ -343,6 +406,11 @@ def _write_text(path: Path, text: str) -> None:
             os.replace(tmp_file, path)
     except OSError as exc:
         raise OnnxqError(f"cannot write {path}: {exc.strerror or exc}") from exc
+
+
+def _json_path(target: str | None) -> str | None:
+    """The file a ``--json`` option writes (``None`` for stdout or no JSON)."""
+    return None if target in (None, "-") else target
 
 
 def _emit_json(target: str, data: object) -> None:
@@ -363,6 +431,8 @@ def _run_compare(args: argparse.Namespace) -> int:
 
     if len(args.models) < 2:
         raise OnnxqError("compare needs at least two models (the first is the reference)")
+    inputs: dict[str, str | None] = {f"model {i + 1}": m for i, m in enumerate(args.models)}
+    check_output_paths({**inputs, "--data": args.data}, {"--json": _json_path(args.json)})
     feeds = load_feeds(args.data, input_specs(load_model(args.models[0])), what="evaluation data")
     rows = compare_models_table(
         args.models, feeds, threads=args.threads, runs=args.runs, providers=resolve_providers(args.provider)
@@ -379,6 +449,10 @@ def _run_inspect(args: argparse.Namespace) -> int:
     from onnxq.model_io import load_model
     from onnxq.validate.layers import format_layers, inspect_layers, layers_to_dict
 
+    check_output_paths(
+        {"the quantized model": args.model, "--float": args.float_model, "--data": args.data},
+        {"--json": _json_path(args.json)},
+    )
     float_model = load_model(args.float_model, what="float model")
     quantized = load_model(args.model)
     feeds = load_feeds(args.data, input_specs(float_model), what="evaluation data")

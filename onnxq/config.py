@@ -8,9 +8,12 @@ observed. Overrides apply with the precedence global < op type < node name.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+import difflib
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
+
+from onnxq.errors import OnnxqError
 
 __all__ = [
     "CALIBRATION_METHODS",
@@ -154,6 +157,34 @@ class QuantConfig:
         """A copy with some fields changed (``dataclasses.replace`` spelled as a method)."""
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
 
+    def check_names(
+        self,
+        *,
+        node_names: Collection[str],
+        model_op_types: Collection[str],
+        known_op_types: Collection[str],
+    ) -> None:
+        """Raise :class:`OnnxqError` for a node name not in the model or an op type that no op has.
+
+        A misspelt exclusion (``conv`` for ``Conv``, a typo in a node name) would otherwise be ignored
+        without a word and the node quantized. Op types that exist but not in this model are fine (one
+        configuration serves many models). The message names the closest matches.
+        """
+        nodes = {*self.exclude_nodes, *self.node_overrides}
+        for name in sorted(nodes):
+            if name not in node_names:
+                raise OnnxqError(
+                    f"node {name!r} (excluded or overridden in the configuration) is not in the model"
+                    + _closest(name, node_names)
+                )
+        op_types = {*self.exclude_op_types, *self.op_type_overrides}
+        for op_type in sorted(op_types):
+            if op_type not in model_op_types and op_type not in known_op_types:
+                raise OnnxqError(
+                    f"op type {op_type!r} (excluded or overridden in the configuration) is not an "
+                    "ONNX op type" + _closest(op_type, [*model_op_types, *known_op_types])
+                )
+
     def resolve(self, node_name: str, op_type: str) -> NodeOverride:
         """The effective settings for one node: global < op type < node name."""
         quantize = op_type not in self.exclude_op_types and node_name not in self.exclude_nodes
@@ -168,3 +199,17 @@ class QuantConfig:
         if node_name in self.exclude_nodes:
             quantize = False
         return NodeOverride(quantize=quantize, activations=activations, weights=weights)
+
+
+def _closest(name: str, candidates: Iterable[str]) -> str:
+    """``"; did you mean 'Conv'?"`` for the closest candidates (case-insensitive), or ``""``."""
+    pool = sorted(set(candidates))
+    by_lower: dict[str, list[str]] = {}
+    for candidate in pool:
+        by_lower.setdefault(candidate.lower(), []).append(candidate)
+    matches = [c for c in by_lower.get(name.lower(), []) if c != name]
+    for lowered in difflib.get_close_matches(name.lower(), list(by_lower), n=3, cutoff=0.6):
+        matches += [c for c in by_lower[lowered] if c not in matches and c != name]
+    if not matches:
+        return ""
+    return "; did you mean " + " or ".join(repr(m) for m in matches[:3]) + "?"

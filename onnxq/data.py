@@ -43,6 +43,7 @@ if TYPE_CHECKING:
 __all__ = [
     "ONE_SHOT_CACHE_LIMIT",
     "Feed",
+    "FeedFingerprint",
     "FeedSource",
     "Feeds",
     "InputSpec",
@@ -273,7 +274,30 @@ class _Checker:
         self.check_names(names, where)
         feed = {spec.name: self.convert(spec, raw[spec.name], where) for spec in self.specs}
         self.check_symbols(feed, where)
+        self.check_finite(feed, where)
         return feed
+
+    def check_finite(self, feed: Mapping[str, np.ndarray], where: str) -> None:
+        """Fail on NaN or ±inf in a float input: a range or an accuracy figure computed from it is void."""
+        for name, array in feed.items():
+            if array.dtype.kind != "f" or not array.size:
+                continue
+            finite = np.isfinite(array)
+            if finite.all():
+                continue
+            bad = int(array.size - np.count_nonzero(finite))
+            kinds = " and ".join(
+                kind
+                for kind, present in (
+                    ("NaN", bool(np.isnan(array).any())),
+                    ("inf", bool(np.isinf(array).any())),
+                )
+                if present
+            )
+            raise self.fail(
+                where,
+                f"input {name!r} holds {kinds} ({bad} of {array.size} values); pass finite data",
+            )
 
     def check_symbols(self, feed: Mapping[str, np.ndarray], where: str) -> None:
         """Fail when one named symbolic dimension takes two sizes in the same feed."""
@@ -794,6 +818,38 @@ def _concat(samples: Sequence[Feed]) -> Feed:
     if len(samples) == 1:
         return samples[0]
     return {name: np.concatenate([s[name] for s in samples], axis=0) for name in samples[0]}
+
+
+class FeedFingerprint:
+    """A fingerprint of the data fed to a model: ``sha256:<hex>`` over every input's bytes, in order.
+
+    Each input is hashed as one stream of its values, so the fingerprint does not depend on how the
+    samples were batched (a batch's bytes are its samples' bytes, concatenated along axis 0).
+    """
+
+    def __init__(self) -> None:
+        self._hashes: dict[str, Any] = {}
+        self._dtypes: dict[str, str] = {}
+
+    def update(self, feed: Mapping[str, np.ndarray]) -> None:
+        import hashlib
+
+        for name, array in feed.items():
+            data = np.ascontiguousarray(array)
+            self._dtypes.setdefault(name, data.dtype.str)
+            hasher = self._hashes.setdefault(name, hashlib.sha256())
+            if data.dtype.hasobject:
+                hasher.update(repr(data.tolist()).encode())
+            else:
+                hasher.update(data.reshape(-1).view(np.uint8).data)
+
+    def hexdigest(self) -> str:
+        import hashlib
+
+        total = hashlib.sha256()
+        for name in sorted(self._hashes):
+            total.update(f"{name}:{self._dtypes[name]}:{self._hashes[name].hexdigest()};".encode())
+        return "sha256:" + total.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ __all__ = [
     "is_constant",
     "is_float",
     "make_initializer",
+    "node_label",
 ]
 
 
@@ -52,6 +53,14 @@ def is_float(value: ir.Value | None) -> bool:
     if value is None:
         return False
     return value.dtype is None or value.dtype == ir.DataType.FLOAT
+
+
+def node_label(node: ir.Node) -> str:
+    """How reports and errors name a node: its name, else ``<Conv -> conv_out>`` (op and first output)."""
+    if node.name:
+        return node.name
+    out = node.outputs[0].name if node.outputs else None
+    return f"<{node.op_type} -> {out}>" if out else f"<unnamed {node.op_type}>"
 
 
 def attr_int(node: ir.Node, name: str, default: int) -> int:

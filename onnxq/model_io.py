@@ -27,9 +27,12 @@ if TYPE_CHECKING:
     pass
 
 __all__ = [
+    "EMITTED_OPS",
     "EXTERNAL_DATA_THRESHOLD",
     "MIN_QDQ_PER_AXIS_OPSET",
     "ModelLike",
+    "check_runtime_ops",
+    "check_tensor_sizes",
     "default_opset",
     "load_model",
     "model_size_bytes",
@@ -63,9 +66,11 @@ def load_model(model: Any, *, what: str = "model") -> ir.Model:
         return _load_path(Path(model), what)
     if type(model).__name__ == "ModelProto":
         try:
-            return ir.from_proto(model)
+            converted = ir.from_proto(model)
         except Exception as exc:
             raise OnnxqError(f"cannot convert the ModelProto: {_first_line(exc)}") from exc
+        check_tensor_sizes(converted, "the ModelProto")
+        return converted
     raise OnnxqError(
         f"{what} must be a path, an onnx.ModelProto or an onnx_ir.Model, got {type(model).__name__}"
     )
@@ -85,7 +90,64 @@ def _load_path(path: Path, what: str) -> ir.Model:
     if len(model.graph) == 0 and not model.graph.outputs:
         raise OnnxqError(f"cannot read {path}: the file parses but holds no ONNX graph")
     _check_external_data(model, path)
+    check_tensor_sizes(model, str(path))
     return model
+
+
+#: ``TensorProto`` fields that hold values when ``raw_data`` is empty.
+_TYPED_FIELDS = ("float_data", "int32_data", "string_data", "int64_data", "double_data", "uint64_data")
+
+
+def _stored_values(tensor: ir.TensorProtoTensor) -> tuple[int, int]:
+    """(values the proto declares by its dims, values it actually stores), in the units it stores."""
+    proto = tensor.raw
+    declared = tensor.size
+    if proto.HasField("raw_data") or not any(len(getattr(proto, f)) for f in _TYPED_FIELDS):
+        return tensor.nbytes, len(proto.raw_data)
+    stored = sum(len(getattr(proto, f)) for f in _TYPED_FIELDS)
+    if tensor.dtype in (ir.DataType.COMPLEX64, ir.DataType.COMPLEX128):
+        declared *= 2
+    elif tensor.dtype.bitwidth == 4:
+        declared = (declared + 1) // 2
+    return declared, stored
+
+
+def check_tensor_sizes(model: ir.Model, label: str) -> None:
+    """Refuse tensors whose data does not match their declared shape (a damaged or hostile file).
+
+    Without this, a tensor declaring 10^12 elements over 64 bytes of data fails deep inside a pass.
+    Only sizes are compared: no tensor data is read or copied.
+    """
+    for value, tensor in _all_tensors(model):
+        if isinstance(tensor, ir.TensorProtoTensor):
+            declared, stored = _stored_values(tensor)
+            unit = "bytes" if tensor.raw.HasField("raw_data") or declared == tensor.nbytes else "values"
+        elif isinstance(tensor, ir.ExternalTensor):
+            declared, stored, unit = tensor.nbytes, tensor.length or 0, "bytes"
+            if tensor.length is None:
+                continue
+        else:
+            continue
+        if declared != stored:
+            dims = ", ".join(str(d) for d in tensor.shape)
+            raise OnnxqError(
+                f"{label}: tensor '{value}' declares shape [{dims}] of {tensor.dtype.name.lower()} "
+                f"({declared} {unit}) but holds {stored} {unit}"
+            )
+
+
+def _all_tensors(model: ir.Model) -> Iterator[tuple[str, ir.TensorProtocol]]:
+    """Every initializer and Constant-node tensor, with a name for messages, subgraphs included."""
+    for graph in (model.graph, *model.graph.subgraphs()):
+        for name, value in graph.initializers.items():
+            if value.const_value is not None:
+                yield name, value.const_value
+        for node in graph:
+            if node.op_type != "Constant":
+                continue
+            attr = node.attributes.get("value")
+            if attr is not None and attr.type == ir.AttributeType.TENSOR:
+                yield (node.outputs[0].name or node.name or "Constant"), attr.as_tensor()
 
 
 def _check_external_data(model: ir.Model, path: Path) -> None:
@@ -110,14 +172,22 @@ def _check_external_data(model: ir.Model, path: Path) -> None:
                     f"{path}: initializer '{value.name}' needs external data file '{tensor.location}', "
                     "which does not exist"
                 )
+            end = (tensor.offset or 0) + (tensor.length if tensor.length is not None else tensor.nbytes)
+            if target.stat().st_size < end:
+                raise OnnxqError(
+                    f"{path}: initializer '{value.name}' needs bytes up to {end} of '{tensor.location}', "
+                    f"which holds {target.stat().st_size}"
+                )
 
 
 @functools.lru_cache(maxsize=1)
 def ort_max_versions() -> tuple[int, int]:
-    """The highest (IR version, default-domain opset) the installed onnxruntime loads.
+    """The highest (IR version, default-domain opset import) the installed onnxruntime loads at all.
 
     Probed once with a one-node model because the limits move with each onnxruntime release and
     onnx's defaults run ahead of them (onnx 1.23 writes IR 14 / opset 28; onnxruntime 1.31 takes 13 / 26).
+    Loading the import is not enough for a node to run: which ops have kernels at that opset is the
+    kernel table's question (:mod:`onnxq.runtime.kernels`).
     """
     import onnxruntime as ort
 
@@ -152,26 +222,73 @@ def ort_max_versions() -> tuple[int, int]:
 #: IR version each default-domain opset first appeared with (onnx's release table).
 _IR_FOR_OPSET = {13: 7, 14: 7, 15: 8, 16: 8, 17: 8, 18: 8, 19: 9, 20: 9, 21: 10, 22: 10, 23: 11, 24: 11}
 
+#: Default-domain ops that quantization adds to a model (Q/DQ form, QOperator form, dynamic form): the
+#: output opset must be one at which the installed onnxruntime has kernels for all of them.
+EMITTED_OPS = (
+    "QuantizeLinear",
+    "DequantizeLinear",
+    "DynamicQuantizeLinear",
+    "QLinearConv",
+    "QLinearMatMul",
+    "ConvInteger",
+    "MatMulInteger",
+    "Cast",
+    "Mul",
+    "Add",
+)
+
+
+def check_runtime_ops(model: ir.Model, label: str) -> None:
+    """Refuse a model with ops onnxruntime does not know at all (training ops, unregistered custom ops).
+
+    Such a model cannot be calibrated or validated; one line names the first op, its domain and node.
+    Calls of the model's own functions are fine (onnxruntime inlines them).
+    """
+    from onnxq.graph import node_label
+    from onnxq.runtime.kernels import kernel_table
+
+    table = kernel_table()
+    local = {(f.domain, f.name) for f in model.functions.values()}
+    for graph in (model.graph, *model.graph.subgraphs()):
+        for node in graph:
+            if (node.domain, node.op_type) in local or table.knows(node.domain, node.op_type):
+                continue
+            domain = node.domain or "ai.onnx"
+            raise OnnxqError(
+                f"{label}: node {node_label(node)} uses {node.op_type} of domain '{domain}', which "
+                f"onnxruntime {table.version} cannot run (training and custom ops are not supported)"
+            )
+
 
 def normalize_versions(model: ir.Model) -> list[str]:
-    """Make the model's opsets and IR version ones that the installed onnxruntime accepts.
+    """Make the model's opsets and IR version ones that the installed onnxruntime runs.
 
-    Models below opset 13 are upgraded with onnx's version converter (per-channel Q/DQ needs 13);
-    models above what onnxruntime loads are converted down. Returns notes for the report.
+    The default-domain opset becomes the highest one, at most the model's own (at least 13, where
+    per-channel Q/DQ exist), at which every op of the model and every op quantization adds has a
+    kernel in the installed onnxruntime; the version converter moves the model there. Models below 13
+    that cannot be upgraded keep their opset (weights per tensor). Returns notes for the report.
     """
+    from onnxq.runtime.kernels import kernel_table
+
     notes: list[str] = []
     max_ir, max_opset = ort_max_versions()
+    if "" not in model.opset_imports and "ai.onnx" not in model.opset_imports:
+        if any(node.domain in ("", "ai.onnx") for node in model.graph.all_nodes()):
+            raise OnnxqError("the model has ONNX operators but no opset import for the default domain")
+        model.opset_imports[""] = MIN_QDQ_PER_AXIS_OPSET  # nothing to convert: Q/DQ may be added
+        notes.append(f"default-domain opset {MIN_QDQ_PER_AXIS_OPSET} imported")
+    table = kernel_table()
     opset = default_opset(model)
-    target = opset
-    if opset < MIN_QDQ_PER_AXIS_OPSET:
-        target = MIN_QDQ_PER_AXIS_OPSET
-    elif opset > max_opset:
-        target = max_opset
+    model_ops = {node.op_type for node in model.graph.all_nodes() if node.domain in ("", "ai.onnx")}
+    upper = min(max(opset, MIN_QDQ_PER_AXIS_OPSET), max_opset)
+    target = table.highest_opset(model_ops | set(EMITTED_OPS), upper, MIN_QDQ_PER_AXIS_OPSET)
+    if target is None:  # some op of the model runs at no such opset: onnxruntime will name it
+        target = table.highest_opset(EMITTED_OPS, upper, MIN_QDQ_PER_AXIS_OPSET) or upper
     if target != opset:
         try:
             _convert_opset(model, target)
         except OnnxqError as exc:
-            if not MIN_QDQ_OPSET <= opset <= max_opset:
+            if not (MIN_QDQ_OPSET <= opset < MIN_QDQ_PER_AXIS_OPSET):
                 raise
             # Q/DQ still exist at this opset; only per-channel weights are lost.
             notes.append(f"{exc}; kept opset {opset} (weights per-tensor)")

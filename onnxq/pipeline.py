@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import logging
 import os
 import time
@@ -24,6 +25,7 @@ from onnxq.data import Feeds, input_specs, load_feeds
 from onnxq.errors import OnnxqError
 from onnxq.model_io import (
     MIN_QDQ_PER_AXIS_OPSET,
+    check_runtime_ops,
     default_opset,
     load_model,
     model_size_bytes,
@@ -34,8 +36,10 @@ from onnxq.model_io import (
 )
 from onnxq.passes.cleanup import cleanup, preprocess
 from onnxq.passes.insert_qdq import InsertQDQPass, group_params
-from onnxq.passes.plan import plan_quantization
+from onnxq.passes.plan import QuantPlan, plan_quantization
+from onnxq.provenance import stamp_provenance
 from onnxq.report import AccuracyRow, LatencyRow, QuantReport
+from onnxq.runtime.kernels import onnxruntime_version
 
 __all__ = ["ANCHOR_OPS", "QuantizationResult", "StaticState", "quantize"]
 
@@ -65,10 +69,21 @@ class QuantizationResult:
         self._calibration = calibration
         self._input_path = input_path
         self._saved: Path | None = None
+        #: Whether ``model`` (as it is now) has run in ONNX Runtime at ORT_ENABLE_ALL.
+        self._ran = False
 
     def save(self, path: str | os.PathLike[str]) -> Path:
-        """Write the quantized model atomically; never overwrites the input model."""
+        """Write the quantized model atomically; never overwrites the input model.
+
+        A model is written only once it has run in ONNX Runtime at ``ORT_ENABLE_ALL``: by
+        :meth:`validate`, or else by a smoke run on one feed here (:meth:`check_runs`). The file records
+        its provenance in ``metadata_props`` (onnxq version, settings, calibration data fingerprint,
+        the ONNX Runtime it was validated with), deterministically.
+        """
         start = time.perf_counter()
+        if not self._ran:
+            self.check_runs()
+        stamp_provenance(self.model, self.report)
         self._saved = save_model(self.model, path, input_path=self._input_path)
         self.report.output = str(self._saved)
         self.report.size_quantized_bytes = _file_size(self._saved)
@@ -99,9 +114,43 @@ class QuantizationResult:
                 self._saved if self._saved is not None else stack.enter_context(runtime_source(self.model))
             )
             self._compare(quantized, feeds, providers)
+            self._ran = True
             self._time(quantized, feeds, providers, config)
+        self.report.validated_with = f"onnxruntime {onnxruntime_version()} {providers[0]}"
         self.report.timings_s["validate"] = time.perf_counter() - start
+        slower = [row for row in self.report.latency if row.speedup < 1.0]
+        for row in slower:
+            logger.warning(
+                "the quantized model is SLOWER than the input at %d thread(s): %.3f ms vs %.3f ms (%.2fx)",
+                row.threads,
+                row.quantized_ms,
+                row.float_ms,
+                row.speedup,
+            )
         return self.report
+
+    def check_runs(self) -> None:
+        """Load the model in ONNX Runtime at ``ORT_ENABLE_ALL`` and run it once; raise if it fails.
+
+        The feed is the first calibration sample, else random inputs from the declared shapes (when
+        the float model runs on them). A failure raises :class:`OnnxqError` naming the node.
+        """
+        from onnxq.validate.smoke import check_runs
+
+        feeds = self._calibration
+        if feeds is None:
+            with contextlib.suppress(OnnxqError):
+                feeds = load_feeds(
+                    "random", input_specs(self.model), random_samples=1, what="smoke-test data"
+                )
+        first = next(iter(feeds), None) if feeds is not None else None
+        random = feeds is None or feeds.is_random
+        providers = ("CPUExecutionProvider",)
+        with runtime_source(self.model) as quantized:
+            check_runs(quantized, self._float_source, first, random_feed=random, providers=providers)
+        self._ran = True
+        if not self.report.validated_with:
+            self.report.validated_with = f"onnxruntime {onnxruntime_version()} {providers[0]}"
 
     def meet_target(self, target: Any, data: DataSource | None = None) -> Any:
         """Keep the most sensitive layers float until ``target`` holds on ``data`` (an accuracy budget).
@@ -118,7 +167,14 @@ class QuantizationResult:
         outcome = meet_target(self, target, self._eval_feeds(data))
         self.model = outcome.model
         self._saved = None
+        self._ran = False
         self.report.budget = outcome.as_dict()
+        # The report counts what the chosen model quantizes, not what the first plan did.
+        plan = self.static.plan(keep_float=outcome.kept_float)
+        self.report.quantized_op_types = dict(sorted(plan.quantized_op_types().items()))
+        self.report.activations_absorbed = len(plan.absorbed_nodes)
+        self.report.float_op_types = dict(sorted(plan.float_op_types.items()))
+        self.report.size_quantized_bytes = _serialized_size(self.model)
         self.report.timings_s["budget"] = time.perf_counter() - start
         return outcome
 
@@ -225,7 +281,9 @@ def quantize(
     input_path = Path(model) if isinstance(model, (str, os.PathLike)) else None
     ir_model = load_model(model)
     label = str(input_path) if input_path is not None else (ir_model.graph.name or "<in-memory model>")
-    report = QuantReport(model=label, timings_s={})
+    check_runtime_ops(ir_model, label)
+    input_names = _node_names(ir_model)
+    report = QuantReport(model=label, timings_s={}, source_producer=_producer(ir_model))
     report.version_notes = normalize_versions(ir_model)
     # The reference for validation: the user's file when onnxruntime can load it as it is, else the
     # version-normalized model (same computation).
@@ -253,10 +311,12 @@ def quantize(
         report.mode = "requantize"
     elif config.mode == "dynamic":
         _preprocess(ir_model, report)
+        _check_config_names(config, input_names, ir_model)
         _quantize_dynamic(ir_model, config, report, label)
         report.mode = "dynamic"
     else:
         _preprocess(ir_model, report)
+        _check_config_names(config, input_names, ir_model)
         static = _quantize_static(
             ir_model, calibration_data, config, report, label, providers, show_progress, random_samples
         )
@@ -267,11 +327,38 @@ def quantize(
     cleanup(ir_model)
 
     report.scheme = _describe_scheme(config, report.mode)
+    report.settings = _settings(config, report.mode)
     report.size_quantized_bytes = _serialized_size(ir_model)
     report.timings_s["total"] = time.perf_counter() - start
     return QuantizationResult(
         ir_model, report, float_source=float_source, calibration=feeds, input_path=input_path, static=static
     )
+
+
+def _node_names(model: ir.Model) -> tuple[set[str], set[str]]:
+    """(node names, op types) of every graph of the model."""
+    nodes = list(model.graph.all_nodes())
+    return {n.name for n in nodes if n.name}, {n.op_type for n in nodes}
+
+
+def _check_config_names(config: QuantConfig, before: tuple[set[str], set[str]], model: ir.Model) -> None:
+    """Names in the configuration must exist: a typo would otherwise be ignored without a word.
+
+    Node names may be those of the input model or of the preprocessed one (unnamed nodes get their
+    op type as name); op types must be ONNX or ONNX Runtime op types (absent ones are fine).
+    """
+    from onnxq.runtime.kernels import kernel_table
+
+    after = _node_names(model)
+    config.check_names(
+        node_names=before[0] | after[0],
+        model_op_types=before[1] | after[1],
+        known_op_types=kernel_table().op_types(),
+    )
+
+
+def _producer(model: ir.Model) -> str:
+    return " ".join(p for p in (model.producer_name, model.producer_version) if p)
 
 
 def _preprocess(model: ir.Model, report: QuantReport) -> None:
@@ -368,6 +455,7 @@ def _quantize_static(
         "seconds": calibration.seconds,
         "tensors": len(observed),
         "random": feeds.is_random,
+        "fingerprint": calibration.fingerprint,
     }
 
     start = time.perf_counter()
@@ -405,6 +493,11 @@ class StaticState:
     ranges: dict[str, tuple[float, float]]
     providers: tuple[str, ...]
     quantized_nodes: tuple[str, ...]
+
+    def plan(self, keep_float: Iterable[str] = ()) -> QuantPlan:
+        """The plan of :meth:`requantize` for the same ``keep_float`` (what it would quantize)."""
+        config = self.config.replace(exclude_nodes=(*self.config.exclude_nodes, *keep_float))
+        return plan_quantization(self.float_model.clone(), config)
 
     def requantize(self, keep_float: Iterable[str] = ()) -> ir.Model:
         """The same quantization with the nodes named in ``keep_float`` left float.
@@ -491,6 +584,29 @@ def _float_ops(model: ir.Model) -> collections.Counter[str]:
         "MatMulIntegerToFloat",
     }
     return collections.Counter(n.op_type for n in model.graph if n.op_type not in quantized)
+
+
+def _settings(config: QuantConfig, mode: str) -> dict[str, Any]:
+    """The configuration that shaped the model, as JSON-friendly data (recorded in the output file)."""
+    settings: dict[str, Any] = {"mode": mode, "format": config.format}
+    if mode == "requantize":
+        return settings
+    settings["weights"] = dataclasses.asdict(config.weights)
+    if mode == "static":
+        settings["activations"] = dataclasses.asdict(config.activations)
+        calibration = dataclasses.asdict(config.calibration)
+        settings["calibration"] = {k: v for k, v in calibration.items() if k != "batch_size"}
+    else:
+        settings["dynamic"] = dataclasses.asdict(config.dynamic)
+    settings["exclude_nodes"] = sorted(config.exclude_nodes)
+    settings["exclude_op_types"] = sorted(config.exclude_op_types)
+    for key, overrides in (
+        ("op_type_overrides", config.op_type_overrides),
+        ("node_overrides", config.node_overrides),
+    ):
+        if overrides:
+            settings[key] = {name: dataclasses.asdict(o) for name, o in sorted(overrides.items())}
+    return settings
 
 
 def _describe_scheme(config: QuantConfig, mode: str) -> dict[str, str]:

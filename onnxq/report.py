@@ -75,6 +75,22 @@ class QuantReport:
     layers: list[dict[str, Any]] = field(default_factory=list)
     #: The accuracy-budget search (``--target``): target, scores, layers kept float, cost.
     budget: dict[str, Any] = field(default_factory=dict)
+    #: The input model's producer (``"pytorch 2.13.0"``), kept in the output's provenance.
+    source_producer: str = ""
+    #: The configuration as data (what the output file records in its metadata).
+    settings: dict[str, Any] = field(default_factory=dict)
+    #: ``"onnxruntime 1.32.0 CPUExecutionProvider"`` once validated.
+    validated_with: str = ""
+
+    @property
+    def requantized(self) -> bool:
+        """The input already held Q/DQ: accuracy is against that input, not against a float model."""
+        return self.mode == "requantize"
+
+    @property
+    def slower_threads(self) -> list[int]:
+        """Thread counts at which the quantized model measured slower than the input."""
+        return [row.threads for row in self.latency if row.speedup < 1.0]
 
     @property
     def nodes_quantized(self) -> int:
@@ -83,6 +99,7 @@ class QuantReport:
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["nodes_quantized"] = self.nodes_quantized
+        data["slower_than_input_at_threads"] = self.slower_threads
         for row, raw in zip(self.latency, data["latency"], strict=True):
             raw["speedup"] = row.speedup
         return _finite(data)
@@ -105,8 +122,11 @@ class QuantReport:
                 ]
                 for a in self.accuracy
             ]
+            reference = (
+                "the input model (already quantized, not a float reference)" if self.requantized else "float"
+            )
             parts.append(
-                f"Accuracy vs float ({self.provider}, {self.accuracy_opt_level}):\n"
+                f"Accuracy vs {reference} ({self.provider}, {self.accuracy_opt_level}):\n"
                 + tabulate(
                     rows,
                     headers=["output", "SQNR dB", "cosine", "max |err|", "top-1 agree", "samples"],
@@ -120,16 +140,23 @@ class QuantReport:
                 [r.threads, f"{r.float_ms:.3f}", f"{r.quantized_ms:.3f}", f"{r.speedup:.2f}x", r.runs]
                 for r in self.latency
             ]
+            reference = "input ms" if self.requantized else "float ms"
             parts.append(
                 "Latency (ORT_ENABLE_ALL, interleaved runs, median):\n"
                 + tabulate(
                     rows,
-                    headers=["threads", "float ms", "quantized ms", "speed-up", "runs"],
+                    headers=["threads", reference, "quantized ms", "speed-up", "runs"],
                     tablefmt="simple_outline",
                     disable_numparse=True,
                     colalign=("right",) * 5,
                 )
             )
+            if self.slower_threads:
+                threads = ", ".join(str(t) for t in self.slower_threads)
+                parts.append(
+                    f"WARNING: the quantized model is SLOWER than the input at {threads} thread(s): "
+                    "it does not pay to deploy it on this machine"
+                )
         sections = (
             ("Preprocessing and normalization", self.preprocess_notes),
             ("Not quantized", self.declined),
@@ -157,14 +184,17 @@ class QuantReport:
                 ]
             )
         rows.append(["size", f"{_mb(self.size_float_bytes)} -> {_mb(self.size_quantized_bytes)}"])
-        rows.append(
-            [
-                "nodes quantized",
-                f"{self.nodes_quantized} of {self.nodes_after} ({quantized or 'none'}); "
-                f"{self.activations_absorbed} activations fused",
-            ]
-        )
-        rows.append(["stayed float", float_ops or "none"])
+        if self.requantized:
+            rows.append(["Q/DQ nodes", f"{quantized or 'none'} (already in the input; no calibration)"])
+        else:
+            rows.append(
+                [
+                    "nodes quantized",
+                    f"{self.nodes_quantized} of {self.nodes_after} ({quantized or 'none'}); "
+                    f"{self.activations_absorbed} activations fused",
+                ]
+            )
+            rows.append(["stayed float", float_ops or "none"])
         if self.lowered_op_types:
             lowered = ", ".join(f"{op} {n}" for op, n in sorted(self.lowered_op_types.items()))
             rows.append(["lowered", lowered])

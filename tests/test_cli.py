@@ -529,7 +529,7 @@ def test_example_subprocess(tmp_path: Path) -> None:
     assert not [name for name in os.listdir(out_dir) if name.startswith(".")]
 
 
-def test_report_json_is_a_directory_leaves_no_temp_file(
+def test_report_json_is_a_directory_is_refused_before_any_work(
     cli: CliRunner, model_path: Path, calib_npz: Path, out_dir: Path
 ) -> None:
     (out_dir / "report.json").mkdir()
@@ -538,7 +538,7 @@ def test_report_json_is_a_directory_leaves_no_temp_file(
         "--report-json", out_dir / "report.json",
     )  # fmt: skip
     _assert_user_error(code, out, err, "cannot write", "report.json")
-    assert _listing(out_dir) == ["q.onnx", "report.json"]
+    assert _listing(out_dir) == ["report.json"]  # checked up front: no model, no temporary file
 
 
 def test_written_files_respect_the_umask(
@@ -662,15 +662,84 @@ def test_inspect_and_layers_report_every_quantized_tensor(
     assert {row["kind"] for row in rows} == {"activation", "weight"}
 
 
-def test_target_keeps_layers_float_until_met(
+def test_target_keeps_layers_float_until_met(cli: CliRunner, tmp_path: Path, out_dir: Path) -> None:
+    model = builders.save(builders.outlier_chain_model(), tmp_path / "chain.onnx")
+    data = tmp_path / "chain.npz"
+    np.savez(data, x=np.stack([f["x"] for f in builders.chain_feeds(8, seed=1)]))
+    report_path = out_dir / "r.json"
+    code, out, err = cli(
+        "optimize", model, "-o", out_dir / "t.onnx", "--calib", data, "--target", "sqnr>=1",
+        "--report-json", report_path, *FAST,
+    )  # fmt: skip
+    assert code == 0, err
+    assert "accuracy budget" in out and "(met)" in out
+    budget = json.loads(report_path.read_text())["budget"]
+    assert budget["met"] and budget["kept_float"] == []
+
+
+def test_unreachable_target_says_not_met_and_exits_3(
     cli: CliRunner, model_path: Path, calib_npz: Path, out_dir: Path
 ) -> None:
+    """sqnr>=200 holds only for the float model itself, which is not an answer: not met, exit 3."""
+    target, report_path = out_dir / "t.onnx", out_dir / "r.json"
     code, out, err = cli(
-        "optimize", model_path, "-o", out_dir / "t.onnx", "--calib", calib_npz, "--target", "sqnr>=200", *FAST
+        "optimize", model_path, "-o", target, "--calib", calib_npz, "--target", "sqnr>=200",
+        "--report-json", report_path, *FAST,
+    )  # fmt: skip
+    assert code == 3, err
+    assert "NOT met" in out and "(met)" not in out
+    assert "target sqnr>=200 NOT met" in err and "exit status 3" in err
+    report = json.loads(report_path.read_text())
+    assert report["budget"]["met"] is False
+    assert report["nodes_quantized"] == 1 and report["quantized_op_types"] == {"Conv": 1}
+    ops = [n.op_type for n in onnx.load(target).graph.node]
+    assert "QuantizeLinear" in ops  # the best model found is written: still quantized, and it runs
+    ort.InferenceSession(str(target), providers=["CPUExecutionProvider"]).run(
+        None, {"x": builders.conv_calibration(samples=1)[0]}
     )
-    assert code == 0, err
-    assert "accuracy budget" in out and "kept float" in out
     code, out, err = cli(
         "optimize", model_path, "-o", out_dir / "t.onnx", "--calib", calib_npz, "--target", "fast"
     )
     _assert_user_error(code, out, err, "sqnr>=")
+
+
+def test_output_records_its_provenance(
+    cli: CliRunner, model_path: Path, calib_npz: Path, out_dir: Path
+) -> None:
+    target = out_dir / "q.onnx"
+    code, _, err = cli("optimize", model_path, "-o", target, "--calib", calib_npz, "--quiet", *FAST)
+    assert code == 0, err
+    model = onnx.load(target)
+    assert model.producer_name == "onnxq"
+    props = {p.key: p.value for p in model.metadata_props}
+    import onnxq
+
+    assert props["onnxq.version"] == onnxq.__version__
+    assert props["onnxq.validated_with"] == f"onnxruntime {ort.__version__} CPUExecutionProvider"
+    settings = json.loads(props["onnxq.settings"])
+    assert settings["mode"] == "static" and settings["weights"]["per_channel"] is True
+    assert settings["calibration"]["method"] == "minmax"
+    calibration = json.loads(props["onnxq.calibration"])
+    assert calibration["samples"] == 8 and calibration["fingerprint"].startswith("sha256:")
+    # The fingerprint is the data's: other data, another fingerprint; the same data, the same one.
+    other = out_dir / "other.npz"
+    np.savez(other, x=builders.conv_calibration(seed=8))
+    code, _, err = cli("optimize", model_path, "-o", out_dir / "o.onnx", "--calib", other, "--quiet", *FAST)
+    assert code == 0, err
+    other_props = {p.key: p.value for p in onnx.load(out_dir / "o.onnx").metadata_props}
+    assert json.loads(other_props["onnxq.calibration"])["fingerprint"] != calibration["fingerprint"]
+    assert other_props["onnxq.settings"] == props["onnxq.settings"]
+
+
+def test_batching_the_calibration_changes_no_byte(
+    cli: CliRunner, model_path: Path, calib_npz: Path, out_dir: Path
+) -> None:
+    """Ranges, provenance and all: how the samples are grouped into runs must not show in the output."""
+    one, four = out_dir / "b1.onnx", out_dir / "b4.onnx"
+    for target, batch in ((one, "1"), (four, "4")):
+        code, _, err = cli(
+            "optimize", model_path, "-o", target, "--calib", calib_npz, "--calib-batch", batch, "--quiet",
+            "--no-validate",
+        )  # fmt: skip
+        assert code == 0, err
+    assert _sha256(one) == _sha256(four)

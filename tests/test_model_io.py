@@ -8,6 +8,7 @@ from pathlib import Path
 import builders
 import numpy as np
 import onnx
+import onnx.defs
 import onnx.helper
 import onnx_ir as ir
 import onnxruntime as ort
@@ -17,6 +18,7 @@ import onnxq
 import onnxq.model_io as model_io
 from onnxq.errors import OnnxqError
 from onnxq.model_io import (
+    EMITTED_OPS,
     default_opset,
     load_model,
     model_size_bytes,
@@ -25,6 +27,7 @@ from onnxq.model_io import (
     save_model,
     serialize_model,
 )
+from onnxq.runtime.kernels import kernel_table
 
 
 def _session(source: bytes | Path) -> ort.InferenceSession:
@@ -223,33 +226,64 @@ def test_opset_11_model_keeps_per_channel_weights_after_quantize() -> None:
 def test_onnx_default_versions_are_brought_into_ort_range() -> None:
     graph = builders.matmul_model().graph
     proto = onnx.helper.make_model(graph)  # what onnx writes by default (IR 14 / opset 28 for onnx 1.23)
-    proto_opset = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
-    max_ir, max_opset = ort_max_versions()
-    if proto.ir_version <= max_ir and proto_opset <= max_opset:
-        pytest.skip("the installed onnxruntime already loads onnx's default versions")
-
     model = ir.from_proto(proto)
-    notes = normalize_versions(model)
+    normalize_versions(model)
 
-    assert notes
+    max_ir, max_opset = ort_max_versions()
     assert model.ir_version <= max_ir
-    assert default_opset(model) <= max_opset
+    opset = default_opset(model)
+    assert opset <= max_opset
+    # Not only the model's ops: every op quantization adds must have a kernel at the chosen opset.
+    table = kernel_table()
+    for op in (*EMITTED_OPS, *(n.op_type for n in model.graph)):
+        assert table.runs("", op, opset), table.problem("", op, opset)
     x = np.random.default_rng(5).standard_normal((2, 16)).astype(np.float32)
     weights = {t.name: onnx.numpy_helper.to_array(t) for t in graph.initializer}
     [y] = _run(serialize_model(model), {"x": x})
     np.testing.assert_allclose(y, x @ weights["w"] + weights["b"], rtol=1e-5, atol=1e-5)
 
 
-def test_quantize_accepts_onnx_default_versions(tmp_path: Path) -> None:
+def test_already_quantized_model_at_an_opset_without_qdq_kernels_is_converted() -> None:
+    """A Q/DQ model at onnx's newest opset lands on an opset where its Q/DQ nodes have kernels."""
+    proto = builders.parse(
+        """
+        g (float[2,4] x) => (float[2,4] y) {
+            s = Constant <value = float {0.1}> ()
+            z = Constant <value = uint8 {128}> ()
+            q = QuantizeLinear (x, s, z)
+            y = DequantizeLinear (q, s, z)
+        }
+        """,
+        opset=onnx.defs.onnx_opset_version(),
+        ir_version=10,
+    )
+    model = ir.from_proto(proto)
+    normalize_versions(model)
+    assert kernel_table().runs("", "QuantizeLinear", default_opset(model))
+    x = np.linspace(-3, 3, 8, dtype=np.float32).reshape(2, 4)
+    [y] = _run(serialize_model(model), {"x": x})
+    np.testing.assert_allclose(
+        y, np.clip(np.round(x / 0.1) + 128, 0, 255).astype(np.float32) * 0.1 - 12.8, atol=1e-6
+    )
+
+
+@pytest.mark.parametrize("mode", ["static", "qoperator", "dynamic"])
+def test_quantize_accepts_onnx_default_versions(tmp_path: Path, mode: str) -> None:
     proto = onnx.helper.make_model(builders.conv_relu_model().graph)
     path = builders.save(proto, tmp_path / "new.onnx")
-    result = onnxq.quantize(path, [{"x": s} for s in builders.conv_calibration(samples=4)])
+    config = onnxq.QuantConfig(
+        mode="dynamic" if mode == "dynamic" else "static",
+        format="qoperator" if mode == "qoperator" else "qdq",
+        dynamic=onnxq.DynamicConfig(conv=True),
+    )
+    calibration = [{"x": s} for s in builders.conv_calibration(samples=4)]
+    result = onnxq.quantize(path, calibration if mode != "dynamic" else None, config)
     saved = result.save(tmp_path / "q.onnx")
     max_ir, max_opset = ort_max_versions()
     written = onnx.load(saved)
     assert written.ir_version <= max_ir
     assert all(o.version <= max_opset for o in written.opset_import if o.domain in ("", "ai.onnx"))
-    report = result.validate()  # onnxruntime loads both the float reference and the result
+    report = result.validate(calibration)  # onnxruntime loads and runs both, at ORT_ENABLE_ALL
     assert report.accuracy[0].sqnr_db > 25.0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builders
 import numpy as np
 import onnx
 import pytest
@@ -226,3 +227,18 @@ def test_torch_qat_export_is_lowered_to_qoperator(tmp_path: object) -> None:
     expected = np.concatenate([ref.run(None, f)[0] for f in feeds])
     actual = np.concatenate([got.run(None, f)[0] for f in feeds])
     assert sqnr_db(expected, actual) > 35.0  # same integer arithmetic, up to rounding
+
+
+@pytest.mark.parametrize("output_format", ["qdq", "qoperator"])
+def test_batched_matmul_weight_runs_at_enable_all(output_format: str) -> None:
+    """A [2, 16, 8] weight: per-column scales would load but fail at the first run at ORT_ENABLE_ALL."""
+    rng = np.random.default_rng(0)
+    proto = builders.parse(
+        "g (float[2,4,16] x) => (float[2,4,8] y) { y = MatMul (x, w) }",
+        {"w": rng.standard_normal((2, 16, 8)).astype(np.float32)},
+    )
+    feeds = [{"x": rng.standard_normal((2, 4, 16)).astype(np.float32)} for _ in range(8)]
+    result = onnxq.quantize(proto, feeds, onnxq.QuantConfig(format=output_format))  # type: ignore[arg-type]
+    report = result.validate(feeds)  # ORT_ENABLE_ALL: fails on an unsupported form
+    assert report.accuracy[0].sqnr_db > 30.0
+    assert result.report.quantized_op_types == {"MatMul": 1}

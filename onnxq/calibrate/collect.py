@@ -20,7 +20,7 @@ import onnx_ir as ir
 
 from onnxq.calibrate.observers import Observer, make_observer
 from onnxq.config import ActivationScheme, CalibrationConfig
-from onnxq.data import Feeds
+from onnxq.data import FeedFingerprint, Feeds
 from onnxq.errors import OnnxqError
 from onnxq.model_io import serialize_lean
 from onnxq.progress import progress
@@ -43,6 +43,8 @@ class CalibrationResult:
     unobserved: tuple[str, ...]
     #: Tensors planned as float that turned out to hold another type at run time.
     non_float: tuple[str, ...] = ()
+    #: :class:`~onnxq.data.FeedFingerprint` of the calibration data (``""`` when nothing was run).
+    fingerprint: str = ""
 
 
 @contextlib.contextmanager
@@ -107,7 +109,9 @@ def collect_ranges(
         session = _open_session(model, providers)
     samples = runs = 0
     non_float: dict[str, None] = {}
+    fingerprint = FeedFingerprint()
     for feed in progress(feeds, total=feeds.num_batches, desc="calibrate", enabled=show_progress):
+        fingerprint.update(feed)
         outputs = run(session, feed, names)
         n = _batch_size(feed, feeds.samples_per_batch)
         for name, array in zip(names, outputs, strict=True):
@@ -137,4 +141,5 @@ def collect_ranges(
         seconds=time.perf_counter() - start,
         unobserved=tuple(unobserved),
         non_float=tuple(non_float),
+        fingerprint=fingerprint.hexdigest(),
     )

@@ -62,8 +62,18 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common
 
 from onnxq.graph import NameScope, attr_float, attr_int, attr_str, const_array, make_initializer
+from onnxq.runtime.kernels import kernel_table
 
-__all__ = ["MS_DOMAIN", "PASS_THROUGH_OPS", "RULES", "FuseQLinearPass", "Match", "QTensor", "Rule"]
+__all__ = [
+    "MS_DOMAIN",
+    "PASS_THROUGH_OPS",
+    "RULES",
+    "FuseQLinearPass",
+    "Kernel",
+    "Match",
+    "QTensor",
+    "Rule",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -604,6 +614,21 @@ def _channel_shape(channels: int, rank: int) -> tuple[int, ...]:
 # Rules
 
 
+@dataclass(frozen=True)
+class Kernel:
+    """An op a rule emits, with the element types of the inputs (by index) that select its kernel."""
+
+    op_type: str
+    types: dict[int, ir.DataType | None]
+    domain: str = ""
+
+    def problem(self, opset: int) -> str | None:
+        """Why the installed ONNX Runtime cannot run it (``None`` when it can)."""
+        known = {i: t for i, t in self.types.items() if t is not None}
+        opset = opset if self.domain == "" else 1
+        return kernel_table().problem(self.domain, self.op_type, opset, known)
+
+
 @dataclass(frozen=True, kw_only=True)
 class Rule:
     """Lowers nodes of ``op_types``: ``match`` → ``check`` (a failure reason) → ``rewrite``.
@@ -635,6 +660,10 @@ class Rule:
 
     def check(self, m: Match) -> str | None:
         raise NotImplementedError
+
+    def kernel(self, m: Match) -> Kernel | None:
+        """The integer kernel ``rewrite`` would emit, so the pass can ask whether ONNX Runtime has it."""
+        return None
 
     def rewrite(self, m: Match) -> str:
         """Rewrite the graph; return the op type the node became (for ``lowered``)."""
@@ -668,6 +697,13 @@ class ConvRule(Rule):
         if np.unique(w.zero_points).size > 1:
             return "ConvInteger takes one weight zero point, the weight has one per channel"
         return _float_bias(m, 2, channels)
+
+    def kernel(self, m: Match) -> Kernel | None:
+        x, w, y = m.input(0), m.input(1), m.output
+        assert x is not None and w is not None
+        if y is None:
+            return Kernel("ConvInteger", {0: x.dtype, 1: w.dtype})
+        return Kernel("QLinearConv", {0: x.dtype, 3: w.dtype, 7: y.dtype})
 
     def rewrite(self, m: Match) -> str:
         x, w, y = m.input(0), m.input(1), m.output
@@ -771,6 +807,15 @@ class MatMulRule(Rule):
             return problem
         return _output_problem(m, a)
 
+    def kernel(self, m: Match) -> Kernel | None:
+        a, b, y = m.input(0), m.input(1), m.output
+        assert a is not None and b is not None
+        if y is not None:
+            return Kernel("QLinearMatMul", {0: a.dtype, 3: b.dtype, 7: y.dtype})
+        if m.ctx.ms_domain:
+            return Kernel("MatMulIntegerToFloat", {0: a.dtype, 1: b.dtype}, MS_DOMAIN)
+        return Kernel("MatMulInteger", {0: a.dtype, 1: b.dtype})
+
     def rewrite(self, m: Match) -> str:
         a, b, y = m.input(0), m.input(1), m.output
         assert a is not None and b is not None
@@ -848,6 +893,14 @@ class GemmRule(Rule):
             return problem
         return _output_problem(m, a)
 
+    def kernel(self, m: Match) -> Kernel | None:
+        a, b, y = m.input(0), m.input(1), m.output
+        assert a is not None and b is not None
+        types = {0: a.dtype, 3: b.dtype}
+        if y is not None:
+            types[8] = y.dtype
+        return Kernel("QGemm", types, MS_DOMAIN)
+
     def rewrite(self, m: Match) -> str:
         a, b, y = m.input(0), m.input(1), m.output
         assert a is not None and b is not None
@@ -884,6 +937,11 @@ class BinaryRule(Rule):
             )
         return _output_problem(m, a)
 
+    def kernel(self, m: Match) -> Kernel | None:
+        a, b = m.input(0), m.input(1)
+        assert a is not None and b is not None
+        return Kernel(self.qop, {0: a.dtype, 3: b.dtype}, MS_DOMAIN)
+
     def rewrite(self, m: Match) -> str:
         a, b, y = m.input(0), m.input(1), m.output
         assert a is not None and b is not None and y is not None and y.dtype is not None
@@ -914,6 +972,10 @@ class ConcatRule(Rule):
                 return f"input {k} is {_type_name(q.dtype)}, the output {_type_name(m.output.dtype)}"
         assert m.inputs[0] is not None
         return _output_problem(m, m.inputs[0])
+
+    def kernel(self, m: Match) -> Kernel | None:
+        assert m.output is not None
+        return Kernel("QLinearConcat", {1: m.output.dtype}, MS_DOMAIN)
 
     def rewrite(self, m: Match) -> str:
         y, ctx = m.output, m.ctx
@@ -980,6 +1042,11 @@ class UnaryRule(Rule):
         assert x is not None
         return _output_problem(m, x) or self.problem(m)
 
+    def kernel(self, m: Match) -> Kernel | None:
+        x = m.input(0)
+        assert x is not None
+        return Kernel(self.qop, {0: x.dtype}, MS_DOMAIN)
+
     def rewrite(self, m: Match) -> str:
         x, y, ctx = m.input(0), m.output, m.ctx
         assert x is not None and y is not None and y.dtype is not None
@@ -1019,6 +1086,11 @@ class PassThroughRule(Rule):
             mode = attr_str(m.node, "mode", "nearest")
             return f"Resize mode is {mode}; only nearest runs unchanged on integers"
         return None
+
+    def kernel(self, m: Match) -> Kernel | None:
+        x = m.input(0)
+        assert x is not None
+        return Kernel(m.node.op_type, {0: x.dtype})
 
     def rewrite(self, m: Match) -> str:
         x = m.input(0)
@@ -1149,6 +1221,9 @@ class FuseQLinearPass(ir.passes.InPlacePass):
                 if match is None:
                     continue
                 reason = rule.check(match)
+                if reason is None:
+                    kernel = rule.kernel(match)
+                    reason = kernel.problem(ctx.opset) if kernel is not None else None
                 if reason is not None:
                     self.declined.append(f"{node.name or node.op_type} not lowered: {reason}")
                     continue

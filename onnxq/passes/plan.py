@@ -379,7 +379,9 @@ class _Planner:
             elif node.op_type == "Gemm":
                 axis = 0 if attr_int(node, "transB", 0) else 1
             elif node.op_type == "MatMul":
-                axis = rank - 1 if rank >= 2 else None
+                # Per column only for a 2-D weight: ONNX Runtime's integer MatMul kernels (what its QDQ
+                # fusion makes of a batched [B, K, N] weight) reject a 1-D per-column scale there.
+                axis = rank - 1 if rank == 2 else None
         return WeightTask(node, index, axis, scheme)
 
     def bias_index(self, node: ir.Node, rule: OpRule, weight_index: int) -> int | None:

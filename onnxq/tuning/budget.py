@@ -8,16 +8,17 @@ meeting the target on the given evaluation data. It does *not* quantize and eval
 2. rank the anchors with the one-pass :func:`~onnxq.tuning.sensitivity.estimate_sensitivity` (two
    ONNX Runtime passes over the data, however many layers);
 3. find the smallest ``k`` such that keeping the ``k`` top-ranked anchors float meets the target:
-   ``k = 1, 2, 4, …`` until one passes (``k`` = every anchor last), then bisect between the last
-   failing and the first passing ``k``;
+   ``k = 1, 2, 4, …`` until one passes (``k`` = every anchor but one last: a model with every anchor
+   float is the float model, not an answer), then bisect between the last failing and the first
+   passing ``k``;
 4. greedy prune (at most ``prune_evaluations`` tries): re-quantize kept nodes one at a time, least
    sensitive first, keeping each change under which the target still holds. (Removing the least
    sensitive one gives the ``k − 1`` set the bisection already saw fail, so it is skipped.)
 
 With ``L`` anchors this costs about ``2·log2(k) + 1`` evaluations plus the prune tries, instead of
 ``L`` (or ``2·L``) for one-at-a-time analysis. Each variant is a rewrite of the calibrated model
-(:meth:`~onnxq.pipeline.StaticState.requantize`), never a new calibration. When even every anchor
-float misses the target, the outcome has ``met=False`` and the best-scoring model found.
+(:meth:`~onnxq.pipeline.StaticState.requantize`), never a new calibration. When even one anchor left
+quantized misses the target, the outcome has ``met=False`` and the best-scoring model found.
 
 Only int8/uint8 quantization versus float is searched: 16-bit activations (int16/uint16 Q/DQ on the
 sensitive tensors instead of float) are out of scope.
@@ -218,7 +219,7 @@ def meet_target(
         estimate_seconds = time.perf_counter() - estimate_start
         search.ranked = rank_by_estimate(estimates, anchors)
         logger.info("anchors by estimated sensitivity: %s", search.ranked)
-        _search_smallest_k(search, len(anchors))
+        _search_smallest_k(search, len(anchors) - 1)
         if search.best_pass is not None and prune_evaluations:
             _prune(search, prune_evaluations)
 
@@ -248,7 +249,10 @@ def meet_target(
 
 
 def _search_smallest_k(search: _Search, n: int) -> None:
-    """Exponential growth of k, then bisection between the last failing and the first passing k."""
+    """Exponential growth of k up to ``n``, then bisection between the last failing and first passing k."""
+    if n < 1:
+        logger.warning("the target is not met, and the model has one anchor: nothing to keep float")
+        return
     failing, passing = 0, None
     k = 1
     while True:
@@ -258,7 +262,7 @@ def _search_smallest_k(search: _Search, n: int) -> None:
             break
         failing = k
         if k == n:
-            logger.warning("the target is not met even with every anchor kept float")
+            logger.warning("the target is not met even with every anchor but one kept float")
             return
         k *= 2
     while passing - failing > 1:

@@ -2,7 +2,9 @@
 
 Every session is created the same way, so that numbers taken by different parts of onnxq are
 comparable: sequential execution, one inter-op thread, a chosen number of intra-op threads, and
-ONNX Runtime's own logging turned down to errors (``log_severity_level=3``).
+ONNX Runtime's own logging silenced (``log_severity_level=4``, fatal only): a model that fails at run
+time must reach the user as onnxq's one line naming the node, not as ONNX Runtime's colored log
+followed by that line.
 
 The optimisation level is an explicit argument because it changes the numbers, not just the speed:
 from ``"extended"`` on, ONNX Runtime fuses QuantizeLinear/DequantizeLinear pairs into QLinear kernels
@@ -29,6 +31,7 @@ from onnxq.errors import OnnxqError
 __all__ = [
     "LatencyResult",
     "OptLevel",
+    "describe_failure",
     "make_session",
     "measure_latency",
     "resolve_providers",
@@ -55,6 +58,16 @@ _ORT_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 _ORT_PREFIX = re.compile(r"^\s*\[ONNXRuntimeError\]\s*:\s*\d+\s*:\s*[A-Z_]+\s*:\s*")
+#: "Non-zero status code returned while running Conv node. Name:'conv1' Status Message: ..."
+_NODE_FAILURE = re.compile(
+    r"Non-zero status code returned while running (?P<op>\S+) node\. Name:'(?P<name>[^']*)' "
+    r"Status Message: (?P<message>.*)",
+    re.DOTALL,
+)
+#: A C++ source location, and the signature after it, that ONNX Runtime puts before its message.
+_SOURCE_LOCATION = re.compile(r"^\S+\.(?:cc|cpp|h):\d+ (?:[^()]*\([^()]*\)(?: const)? )?")
+#: Session log severity: fatal only.
+_SILENT = 4
 
 ModelSource = bytes | str | os.PathLike[str]
 
@@ -66,6 +79,20 @@ def _first_line(exc: BaseException) -> str:
         if line.strip():
             return line.strip()
     return type(exc).__name__
+
+
+def describe_failure(exc: BaseException) -> str:
+    """One line for an ONNX Runtime error; a node that failed at run time is named with its op type."""
+    text = _ORT_PREFIX.sub("", str(exc)).strip()
+    found = _NODE_FAILURE.search(text)
+    if found is None:
+        return _first_line(exc)
+    message = found["message"].strip()
+    if " was false." in message:  # "<condition> was false. <message>": the condition is noise
+        message = message.rsplit(" was false.", 1)[1]
+    message = _SOURCE_LOCATION.sub("", message.strip())
+    message = next((line.strip() for line in message.splitlines() if line.strip()), "no message")
+    return f"node '{found['name']}' ({found['op']}) failed: {message}"
 
 
 def _describe(model: ModelSource) -> str:
@@ -131,7 +158,7 @@ def make_session(
     options.inter_op_num_threads = 1
     if threads is not None:
         options.intra_op_num_threads = threads
-    options.log_severity_level = 3
+    options.log_severity_level = _SILENT
     if not spin:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if not prepack:  # no repacked copy of every MatMul/Conv weight: for one-off sessions (calibration)
@@ -186,6 +213,8 @@ def run(
     try:
         outputs: list[Any] = session.run(names, dict(feed))
     except _ORT_ERRORS as exc:
+        if _NODE_FAILURE.search(str(exc)):
+            raise OnnxqError(f"onnxruntime: {describe_failure(exc)}") from exc
         raise OnnxqError(
             f"onnxruntime rejected the input: {_first_line(exc)} (model inputs: {_describe_inputs(session)})"
         ) from exc

@@ -15,6 +15,7 @@ import hashlib
 from collections.abc import Mapping
 from pathlib import Path
 
+import builders
 import numpy as np
 import onnx
 import onnx.helper
@@ -27,6 +28,7 @@ import pytest
 import onnxq
 from onnxq.config import ActivationScheme, QuantConfig, WeightScheme
 from onnxq.passes.fuse_qlinear import MS_DOMAIN, FuseQLinearPass
+from onnxq.runtime.kernels import kernel_table
 
 Feed = dict[str, np.ndarray]
 
@@ -533,6 +535,12 @@ def test_conv_without_output_q_declined_by_default() -> None:
 
 def test_conv_without_output_q_to_conv_integer() -> None:
     proto = _conv_float_output(np.zeros(4, np.int8))
+    if not kernel_table().runs("", "ConvInteger", 17, {0: ir.DataType.UINT8, 1: ir.DataType.INT8}):
+        # onnxruntime before 1.20 has ConvInteger for uint8 weights only: declined, never emitted.
+        _, fuse, modified = _lower(ir.from_proto(proto), conv_integer=True)
+        assert not modified
+        assert len(fuse.declined) == 1 and "no CPU kernel for ConvInteger-10 with" in fuse.declined[0]
+        return
     lowered, fuse, modified = _lower(ir.from_proto(proto), conv_integer=True)
     assert modified and fuse.lowered == {"ConvInteger": 1} and not fuse.declined
     counts = _counts(lowered)
@@ -545,6 +553,28 @@ def test_conv_without_output_q_to_conv_integer() -> None:
     add = _only(lowered, "Add")
     assert lowered.graph.outputs[0] is add.outputs[0] and add.outputs[0].name == "y"
     _assert_equivalent(proto, lowered)
+
+
+def test_rules_decline_what_the_installed_runtime_cannot_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every rule asks the kernel table before rewriting: a runtime without the kernel gets QDQ kept."""
+    real = kernel_table()
+
+    class WithoutQLinearConv:
+        def problem(self, domain: str, op_type: str, opset: int, types: object = None) -> str | None:
+            if op_type == "QLinearConv":
+                return "onnxruntime 0.0 has no CPU kernel for QLinearConv-10 with T1=uint8"
+            return real.problem(domain, op_type, opset, types)  # type: ignore[arg-type]
+
+    monkeypatch.setattr("onnxq.passes.fuse_qlinear.kernel_table", WithoutQLinearConv)
+    model = onnxq.quantize(
+        builders.conv_relu_model(), [{"x": s} for s in builders.conv_calibration(samples=4)]
+    ).model
+    lowered, fuse, _ = _lower(model)
+    assert _counts(lowered)["QLinearConv"] == 0 and _counts(lowered)["Conv"] == 1
+    assert any(
+        line.endswith("not lowered: onnxruntime 0.0 has no CPU kernel for QLinearConv-10 with T1=uint8")
+        for line in fuse.declined
+    )
 
 
 def test_conv_integer_declines_per_channel_weight_zero_points() -> None:

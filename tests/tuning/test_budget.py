@@ -175,10 +175,11 @@ def test_exponential_growth_then_bisection(outlier_result: QuantizationResult) -
     outcome = meet_target(outlier_result, CustomTarget(score, 5.0), feeds)
     assert outcome.met
     assert outcome.kept_float == ranked[:5]
-    # 0 (all int8), 1, 2, 4 fail; 6 passes; bisection: 5 passes; then prune tries (4 is known to fail)
-    assert [k for k, _ in outcome.history[:6]] == [0, 1, 2, 4, 6, 5]
-    assert [k for k, _ in outcome.history[6:]] == [4, 4, 4]  # three prune tries, all failing
-    assert outcome.evaluations == 9
+    # 0 (all int8), 1, 2, 4 fail; 8 is capped at 5 (one anchor must stay quantized) and passes;
+    # nothing left to bisect; then prune tries (4 is known to fail)
+    assert [k for k, _ in outcome.history[:5]] == [0, 1, 2, 4, 5]
+    assert [k for k, _ in outcome.history[5:]] == [4, 4, 4]  # three prune tries, all failing
+    assert outcome.evaluations == 8
 
 
 def test_greedy_prune_drops_nodes_the_ranking_put_too_high(outlier_result: QuantizationResult) -> None:
@@ -209,9 +210,10 @@ def test_a_target_that_cannot_be_met(outlier_result: QuantizationResult) -> None
         outlier_result, CustomTarget(lambda model: next(scores), 1000.0), builders.chain_feeds(2, 2)
     )
     assert not outcome.met
-    assert [k for k, _ in outcome.history] == [0, 1, 2, 4, 6]  # up to every anchor float, then stop
-    assert outcome.score_after == 4.0  # the best found: the last, all-float variant
-    assert outcome.kept_float and len(outcome.kept_float) == LAYERS
+    # Up to every anchor but one float (all float would be the float model, not an answer), then stop.
+    assert [k for k, _ in outcome.history] == [0, 1, 2, 4, 5]
+    assert outcome.score_after == 4.0  # the best found: the last variant
+    assert outcome.kept_float and len(outcome.kept_float) == LAYERS - 1
 
 
 def test_bad_inputs(outlier_result: QuantizationResult) -> None:

@@ -137,7 +137,7 @@ def test_make_session_options() -> None:
     assert options.intra_op_num_threads == 2
     assert options.inter_op_num_threads == 1
     assert options.execution_mode == ort.ExecutionMode.ORT_SEQUENTIAL
-    assert options.log_severity_level == 3
+    assert options.log_severity_level == 4  # fatal only: run-time failures reach the user as one line
 
 
 # --- run -----------------------------------------------------------------------------------------

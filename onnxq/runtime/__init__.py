@@ -1,0 +1,1 @@
+"""The one layer between onnxq and ONNX Runtime: what it can run (kernel table)."""

@@ -1,0 +1,85 @@
+"""The report: what the tables say, as data and as text, for each kind of run."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import builders
+import pytest
+
+import onnxq
+from onnxq.report import AccuracyRow, LatencyRow, QuantReport
+from onnxq.validate.runtime import LatencyResult
+
+
+def _report(**fields: object) -> QuantReport:
+    report = QuantReport(model="m.onnx", timings_s={})
+    for name, value in fields.items():
+        setattr(report, name, value)
+    return report
+
+
+def test_static_report_counts_quantized_nodes_and_compares_with_float() -> None:
+    report = _report(
+        mode="static",
+        quantized_op_types={"Conv": 2, "Add": 1},
+        nodes_after=5,
+        accuracy=[AccuracyRow("y", 31.5, 0.9993, 0.02, 0.98, 16)],
+    )
+    text = report.format_table()
+    assert "nodes quantized │ 3 of 5 (Add 1, Conv 2)" in text
+    assert "Accuracy vs float (" in text
+    assert report.to_dict()["nodes_quantized"] == 3
+
+
+def test_requantized_input_is_labelled_as_what_it_is() -> None:
+    """An already-quantized input is the reference: no 'vs float', no 'nodes quantized' count."""
+    report = _report(
+        mode="requantize",
+        quantized_op_types={"QuantizeLinear": 3, "DequantizeLinear": 5},
+        accuracy=[AccuracyRow("y", float("inf"), 1.0, 0.0, None, 4)],
+        latency=[LatencyRow(1, 2.0, 1.0, 10)],
+    )
+    text = report.format_table()
+    assert "vs float" not in text and "nodes quantized" not in text
+    assert "Accuracy vs the input model (already quantized, not a float reference)" in text
+    assert "Q/DQ nodes" in text and "already in the input; no calibration" in text
+    assert "input ms" in text and "float ms" not in text
+
+
+def test_slower_than_input_is_said_loudly() -> None:
+    report = _report(latency=[LatencyRow(1, 1.0, 1.5, 10), LatencyRow(2, 1.0, 0.5, 10)])
+    assert report.slower_threads == [1]
+    assert "WARNING: the quantized model is SLOWER than the input at 1 thread(s)" in report.format_table()
+    assert report.to_dict()["slower_than_input_at_threads"] == [1]
+    assert "SLOWER" not in _report(latency=[LatencyRow(1, 1.0, 0.5, 10)]).format_table()
+
+
+def test_validate_warns_on_stderr_when_slower(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def slow(
+        models: dict[str, object], feed: object, *, threads: int, **_: object
+    ) -> dict[str, LatencyResult]:
+        return {
+            "float": LatencyResult("float", threads, 1.0, 1.1, 3),
+            "quantized": LatencyResult("quantized", threads, 3.0, 3.1, 3),
+        }
+
+    monkeypatch.setattr("onnxq.validate.runtime.measure_latency", slow)
+    feeds = [{"x": s} for s in builders.conv_calibration(samples=4)]
+    result = onnxq.quantize(builders.conv_relu_model(), feeds)
+    with caplog.at_level(logging.WARNING):
+        result.validate(feeds, onnxq.ValidationConfig(threads=(1, 2), latency_runs=3))
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == [
+        "the quantized model is SLOWER than the input at 1 thread(s): 3.000 ms vs 1.000 ms (0.33x)",
+        "the quantized model is SLOWER than the input at 2 thread(s): 3.000 ms vs 1.000 ms (0.33x)",
+    ]
+
+
+def test_report_json_is_standard_json() -> None:
+    report = _report(accuracy=[AccuracyRow("y", float("inf"), 1.0, 0.0, None, 1)])
+    data = json.loads(report.to_json())
+    assert data["accuracy"][0]["sqnr_db"] == "inf"
