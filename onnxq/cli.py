@@ -499,12 +499,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     debug = bool(getattr(args, "debug", False))
-    logging.basicConfig(
-        level=logging.DEBUG if debug else logging.WARNING, format="onnxq: %(levelname)s: %(message)s"
-    )
+    quiet = bool(getattr(args, "quiet", False))
+    level = logging.DEBUG if debug else logging.ERROR if quiet else logging.WARNING
+    logging.basicConfig(level=level, format="onnxq: %(levelname)s: %(message)s")
+    root = logging.getLogger()
+    previous_level = root.level
+    root.setLevel(level)  # (basicConfig does nothing once a handler exists, e.g. a second call)
     from onnxq.progress import set_quiet
 
     set_quiet(bool(args.quiet))
+    try:
+        return _dispatch(parser, args, debug)
+    finally:
+        root.setLevel(previous_level)
+
+
+def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace, debug: bool) -> int:
+    """Run the command; user mistakes become one line and exit status 2."""
     try:
         if args.command == "optimize":
             return run_optimize(args.model, args.output, args.calib, args, eval_data=args.eval)

@@ -179,6 +179,12 @@ class _Checker:
     """Checks and converts feeds against the graph inputs; ``label`` starts every message."""
 
     def __init__(self, specs: Sequence[InputSpec], label: str) -> None:
+        for spec in specs:
+            if spec.dtype.isbuiltin != 1:  # ml_dtypes (bfloat16, float8, int4): ORT takes none from numpy
+                raise OnnxqError(
+                    f"input {spec.name!r} has type {_dtype_name(spec.dtype)}, which onnxruntime cannot take "
+                    "from numpy: the model cannot be fed data from Python"
+                )
         self.specs = list(specs)
         self.by_name = {s.name: s for s in self.specs}
         self.label = label
@@ -294,9 +300,10 @@ class _Checker:
                 )
                 if present
             )
+            hint = " (for a mask, use a large finite value such as -1e9)" if "inf" in kinds else ""
             raise self.fail(
                 where,
-                f"input {name!r} holds {kinds} ({bad} of {array.size} values); pass finite data",
+                f"input {name!r} holds {kinds} ({bad} of {array.size} values); pass finite data{hint}",
             )
 
     def check_symbols(self, feed: Mapping[str, np.ndarray], where: str) -> None:
@@ -864,6 +871,7 @@ def load_feeds(
     random_samples: int = 16,
     seed: int = 0,
     what: str = "calibration",
+    quiet: bool = False,
 ) -> Feeds:
     """Feeds for the graph inputs ``specs`` from ``source``.
 
@@ -883,7 +891,8 @@ def load_feeds(
     not fit an input raises :class:`OnnxqError`. With ``batch_size > 1`` consecutive samples are
     concatenated along axis 0, which needs every input to have a dynamic axis 0 and samples of equal
     shape otherwise; if not, a warning is logged and batch size 1 is used. ``what`` names the data in
-    messages (``"calibration"``, ``"evaluation"``; a trailing ``" data"`` is not repeated).
+    messages (``"calibration"``, ``"evaluation"``; a trailing ``" data"`` is not repeated). ``quiet``
+    drops the warning about random data (for internal smoke runs, whose figures nobody reads).
     """
     label = what if what.endswith(" data") else f"{what} data"  # "evaluation data" is accepted too
     if batch_size < 1:
@@ -897,11 +906,12 @@ def load_feeds(
             raise OnnxqError(f"the number of random samples must be at least 1, got {random_samples}")
         src = _RandomSource(checker, random_samples, seed)
         is_random = True
-        logger.warning(
-            "using RANDOM %s: for smoke tests only. Activation ranges and accuracy figures computed "
-            "from it are meaningless; pass real data for a usable result",
-            label,
-        )
+        if not quiet:
+            logger.warning(
+                "using RANDOM %s: for smoke tests only. Activation ranges and accuracy figures computed "
+                "from it are meaningless; pass real data (--calib/--eval DATA) for a usable result",
+                label,
+            )
     elif isinstance(source, (str, os.PathLike)):
         path = Path(source)
         if not path.exists():

@@ -13,6 +13,7 @@ import contextlib
 import functools
 import logging
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -288,10 +289,13 @@ def normalize_versions(model: ir.Model) -> list[str]:
         try:
             _convert_opset(model, target)
         except OnnxqError as exc:
-            if not (MIN_QDQ_OPSET <= opset < MIN_QDQ_PER_AXIS_OPSET):
+            if opset < MIN_QDQ_OPSET:
                 raise
-            # Q/DQ still exist at this opset; only per-channel weights are lost.
-            notes.append(f"{exc}; kept opset {opset} (weights per-tensor)")
+            # Keep the model as it is. Below 13, Q/DQ still exist (weights per tensor); above, a model
+            # that gets Q/DQ fails the final check in onnxruntime with this note beside it, and one
+            # that gets none (nothing to quantize) never needed the conversion.
+            consequence = "weights per-tensor" if opset < MIN_QDQ_PER_AXIS_OPSET else "not converted"
+            notes.append(f"{exc}; kept opset {opset} ({consequence})")
             target = opset
         else:
             notes.append(f"opset {opset} converted to {target}")
@@ -312,8 +316,8 @@ def _convert_opset(model: ir.Model, target: int) -> None:
         converted = onnx.version_converter.convert_version(proto, target)
     except Exception as exc:
         raise OnnxqError(
-            f"cannot convert the model from opset {model.opset_imports.get('', '?')} to {target}: "
-            f"{_first_line(exc)}"
+            f"cannot convert the model from opset {default_opset(model)} to {target}: "
+            f"{_converter_reason(exc)}"
         ) from exc
     new = ir.from_proto(converted)
     model.graph = new.graph  # opset imports live on the graph
@@ -456,6 +460,16 @@ def _same_file(a: Path, b: Path) -> bool:
         return a.exists() and b.exists() and os.path.samefile(a, b)
     except OSError:
         return False
+
+
+#: "/project/onnx/version_converter/adapters/x.h:48: fn: Assertion `...` failed: " before the reason.
+_CONVERTER_ASSERTION = re.compile(r"^.*?\.h:\d+: [^:]*: Assertion `.*?` failed: ", re.DOTALL)
+
+
+def _converter_reason(exc: BaseException) -> str:
+    """The version converter's message without its C++ location and assertion text."""
+    text = (str(exc).strip() or type(exc).__name__).splitlines()[0]
+    return _CONVERTER_ASSERTION.sub("", text)[:300]
 
 
 def _first_line(exc: BaseException) -> str:

@@ -141,7 +141,7 @@ class QuantizationResult:
         if feeds is None:
             with contextlib.suppress(OnnxqError):
                 feeds = load_feeds(
-                    "random", input_specs(self.model), random_samples=1, what="smoke-test data"
+                    "random", input_specs(self.model), random_samples=1, what="smoke-test data", quiet=True
                 )
         first = next(iter(feeds), None) if feeds is not None else None
         random = feeds is None or feeds.is_random
@@ -204,7 +204,6 @@ class QuantizationResult:
             return load_feeds(data, input_specs(self.model), what="evaluation data")
         if self._calibration is not None:
             return self._calibration
-        logger.warning("no evaluation data given: using random inputs (pass --eval DATA)")
         return load_feeds("random", input_specs(self.model), what="evaluation data")
 
     def _compare(self, quantized: bytes | Path, feeds: Feeds, providers: list[str]) -> None:
@@ -309,11 +308,13 @@ def quantize(
         _preprocess(ir_model, report)
         _normalize_existing(ir_model, report)
         report.mode = "requantize"
+        feeds = _reference_feeds(ir_model, calibration_data)
     elif config.mode == "dynamic":
         _preprocess(ir_model, report)
         _check_config_names(config, input_names, ir_model)
         _quantize_dynamic(ir_model, config, report, label)
         report.mode = "dynamic"
+        feeds = _reference_feeds(ir_model, calibration_data)
     else:
         _preprocess(ir_model, report)
         _check_config_names(config, input_names, ir_model)
@@ -333,6 +334,13 @@ def quantize(
     return QuantizationResult(
         ir_model, report, float_source=float_source, calibration=feeds, input_path=input_path, static=static
     )
+
+
+def _reference_feeds(model: ir.Model, data: DataSource | None) -> Feeds | None:
+    """Data given to a mode that needs none (dynamic, already quantized): the default evaluation data."""
+    if data is None or isinstance(data, Feeds):
+        return data
+    return load_feeds(data, input_specs(model), what="calibration data")
 
 
 def _node_names(model: ir.Model) -> tuple[set[str], set[str]]:

@@ -743,3 +743,18 @@ def test_batching_the_calibration_changes_no_byte(
         )  # fmt: skip
         assert code == 0, err
     assert _sha256(one) == _sha256(four)
+
+
+def test_already_quantized_input_is_evaluated_on_the_given_data(
+    cli: CliRunner, model_path: Path, calib_npz: Path, out_dir: Path
+) -> None:
+    """--calib with an already-quantized model is its evaluation data: no random data, no warning."""
+    first = out_dir / "q.onnx"
+    assert cli("optimize", model_path, "-o", first, "--calib", calib_npz, "--quiet", *FAST)[0] == 0
+    report = out_dir / "r.json"
+    code, out, err = cli("optimize", first, "-o", out_dir / "qop.onnx", "--calib", calib_npz, "--format",
+                         "qoperator", "--report-json", report, *FAST)  # fmt: skip
+    assert code == 0, err
+    assert "RANDOM" not in err and "random" not in err
+    assert "Accuracy vs the input model (already quantized" in out and "Q/DQ nodes" in out
+    assert json.loads(report.read_text())["accuracy"][0]["samples"] == 8  # the calibration file's samples

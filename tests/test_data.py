@@ -780,3 +780,61 @@ def test_feeds_run_in_onnxruntime(tmp_path: Path, dyn_specs: list[InputSpec], ba
         np.testing.assert_array_equal(z, feed["ids"])
         runs += 1
     assert runs == (4 if batch_size == 1 else 2)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Values and types the data must not hold
+
+
+@pytest.mark.parametrize(
+    ("bad", "match"),
+    [
+        (np.nan, r"input 'x' holds NaN \(1 of 48 values\); pass finite data$"),
+        (-np.inf, r"input 'x' holds inf \(1 of 48 values\); pass finite data \(for a mask"),
+    ],
+)
+def test_non_finite_float_values_are_refused(dyn_specs: list[InputSpec], bad: float, match: str) -> None:
+    rng = np.random.default_rng(0)
+    samples = [_dyn_sample(rng) for _ in range(3)]
+    samples[2]["x"][0, 1, 2, 3] = bad
+    feeds = load_feeds(samples, dyn_specs)
+    with _raises(r"calibration data item 2: " + match):
+        list(feeds)
+
+
+def test_integer_inputs_are_not_checked_for_finiteness(dyn_specs: list[InputSpec]) -> None:
+    rng = np.random.default_rng(0)
+    sample = _dyn_sample(rng)
+    assert len(list(load_feeds([sample], dyn_specs))) == 1
+
+
+def test_types_onnxruntime_cannot_take_from_numpy_are_refused_up_front() -> None:
+    """float8/bfloat16/int4 inputs (ml_dtypes) cannot be fed from Python: say so before any data is read."""
+    for dtype in (ir.DataType.BFLOAT16, ir.DataType.FLOAT8E5M2, ir.DataType.INT4):
+        specs = [InputSpec("x", np.dtype(dtype.numpy()), ("N", 4))]
+        name = np.dtype(dtype.numpy()).name
+        with _raises(f"input 'x' has type {name}, which onnxruntime cannot take from numpy"):
+            load_feeds("random", specs)
+
+
+def test_quiet_random_data_logs_nothing(dyn_specs: list[InputSpec], caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="onnxq.data"):
+        load_feeds("random", dyn_specs, quiet=True)
+    assert caplog.text == ""
+
+
+def test_fingerprint_is_the_datas_and_not_the_batching(dyn_specs: list[InputSpec]) -> None:
+    rng = np.random.default_rng(0)
+    samples = [_dyn_sample(rng) for _ in range(4)]
+
+    def fingerprint(feeds: Feeds) -> str:
+        fp = data.FeedFingerprint()
+        for feed in feeds:
+            fp.update(feed)
+        return fp.hexdigest()
+
+    one = fingerprint(load_feeds(samples, dyn_specs))
+    assert one == fingerprint(load_feeds(samples, dyn_specs, batch_size=2))
+    assert one.startswith("sha256:") and len(one) == 7 + 64
+    samples[3]["x"] = samples[3]["x"] + 1e-3
+    assert fingerprint(load_feeds(samples, dyn_specs)) != one

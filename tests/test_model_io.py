@@ -418,3 +418,24 @@ def test_external_input_to_external_output(
     assert sorted(os.listdir(out_dir)) == ["copy.onnx", "copy.onnx.data"]
     x = builders.conv_calibration()[0]
     np.testing.assert_array_equal(_run(target, {"x": x})[0], _run(path, {"x": x})[0])
+
+
+def test_failed_conversion_keeps_the_opset_with_a_short_note(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A model the converter cannot move keeps its opset; what needs Q/DQ there fails later, clearly."""
+    assertion = (
+        "/project/onnx/version_converter/convert.h:1054: operator(): Assertion `std::find(a, b, t) == b` "
+        "failed: Mod with floating-point inputs and fmod=0 cannot be down-converted"
+    )
+
+    def refuse(proto: object, target: int) -> object:
+        raise RuntimeError(assertion)
+
+    monkeypatch.setattr("onnx.version_converter.convert_version", refuse)
+    monkeypatch.setattr(model_io, "ort_max_versions", lambda: (10, 16))
+    model = ir.from_proto(builders.conv_relu_model(opset=17))
+    notes = normalize_versions(model)
+    assert default_opset(model) == 17
+    assert notes[0] == (
+        "cannot convert the model from opset 17 to 16: Mod with floating-point inputs and fmod=0 cannot "
+        "be down-converted; kept opset 17 (not converted)"
+    )

@@ -41,10 +41,16 @@ logger = logging.getLogger(__name__)
 
 
 def _pair(reference: npt.ArrayLike, actual: npt.ArrayLike) -> tuple[np.ndarray, np.ndarray]:
+    """Both as float64 of one shape. Equal infinities (a masked score, -inf in both) are exact
+    agreement and count as zeros; other non-finite values stay and make the metrics NaN or inf."""
     ref = np.asarray(reference, dtype=np.float64)
     act = np.asarray(actual, dtype=np.float64)
     if ref.shape != act.shape:
         raise ValueError(f"shape mismatch: reference {ref.shape} vs actual {act.shape}")
+    agreeing_infinities = np.isinf(ref) & (ref == act)
+    if agreeing_infinities.any():
+        ref = np.where(agreeing_infinities, 0.0, ref)
+        act = np.where(agreeing_infinities, 0.0, act)
     return ref, act
 
 
@@ -61,21 +67,24 @@ def _sqnr_from_energies(signal: float, noise: float) -> float:
 def _cosine(ref: np.ndarray, act: np.ndarray) -> float:
     a = ref.ravel()
     b = act.ravel()
-    norm_a = float(np.sqrt(np.dot(a, a)))
-    norm_b = float(np.sqrt(np.dot(b, b)))
+    with np.errstate(invalid="ignore", over="ignore"):
+        norm_a = float(np.sqrt(np.dot(a, a)))
+        norm_b = float(np.sqrt(np.dot(b, b)))
     if norm_a == 0.0 and norm_b == 0.0:
         return 1.0
     if norm_a == 0.0 or norm_b == 0.0:
         return 0.0
-    value = float(np.dot(a, b)) / (norm_a * norm_b)
+    with np.errstate(invalid="ignore", over="ignore"):
+        value = float(np.dot(a, b)) / (norm_a * norm_b)
     return value if math.isnan(value) else min(1.0, max(-1.0, value))
 
 
 def sqnr_db(reference: npt.ArrayLike, actual: npt.ArrayLike) -> float:
     """Signal-to-quantization-noise ratio of ``actual`` against ``reference``, in dB (higher is better)."""
     ref, act = _pair(reference, actual)
-    err = ref - act
-    return _sqnr_from_energies(float(np.sum(ref * ref)), float(np.sum(err * err)))
+    with np.errstate(invalid="ignore", over="ignore"):
+        err = ref - act
+        return _sqnr_from_energies(float(np.sum(ref * ref)), float(np.sum(err * err)))
 
 
 def cosine_similarity(a: npt.ArrayLike, b: npt.ArrayLike) -> float:
@@ -87,7 +96,8 @@ def cosine_similarity(a: npt.ArrayLike, b: npt.ArrayLike) -> float:
 def max_abs_error(reference: npt.ArrayLike, actual: npt.ArrayLike) -> float:
     """Largest absolute element-wise difference; 0.0 for empty arrays."""
     ref, act = _pair(reference, actual)
-    return float(np.max(np.abs(ref - act))) if ref.size else 0.0
+    with np.errstate(invalid="ignore"):
+        return float(np.max(np.abs(ref - act))) if ref.size else 0.0
 
 
 def top1_agreement(reference: npt.ArrayLike, actual: npt.ArrayLike) -> float:
@@ -149,12 +159,13 @@ class OutputStats:
             ref, act = _pair(reference, actual)
         except ValueError as exc:
             raise ValueError(f"output {self.name!r}: {exc}") from exc
-        err = ref - act
-        self._ref_energy += float(np.sum(ref * ref))
-        self._err_energy += float(np.sum(err * err))
-        if err.size:
-            self._max_err = max(self._max_err, float(np.max(np.abs(err))))
-        self._cosine_sum += _cosine(ref, act)
+        with np.errstate(invalid="ignore", over="ignore"):
+            err = ref - act
+            self._ref_energy += float(np.sum(ref * ref))
+            self._err_energy += float(np.sum(err * err))
+            if err.size:
+                self._max_err = max(self._max_err, float(np.max(np.abs(err))))
+            self._cosine_sum += _cosine(ref, act)
         if looks_like_class_scores(np.asarray(reference)):
             same = np.argmax(ref, axis=-1) == np.argmax(act, axis=-1)
             self._top1_matches += int(np.sum(same))

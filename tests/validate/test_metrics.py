@@ -280,3 +280,20 @@ def test_compare_models_uses_progress(monkeypatch: pytest.MonkeyPatch, rng: np.r
     compare_models(IDENTITY, SHIFTED, feeds(rng, 3), progress_total=3, progress_desc="check")
     assert seen == {"total": 3, "desc": "check"}
     assert len(yielded) == 3
+
+
+def test_agreeing_infinities_are_exact_and_other_non_finite_values_show(
+    recwarn: pytest.WarningsRecorder,
+) -> None:
+    """A masked score is -inf in both models: exact agreement, and no numpy warning on stderr."""
+    ref = np.array([[1.0, -np.inf, 2.0]], np.float32)
+    act = np.array([[1.1, -np.inf, 2.0]], np.float32)
+    assert sqnr_db(ref, act) == pytest.approx(10 * math.log10(5.0 / 0.01), rel=1e-4)
+    assert cosine_similarity(ref, act) > 0.99
+    assert max_abs_error(ref, act) == pytest.approx(0.1, rel=1e-5)
+    stats = OutputStats("y")
+    stats.update(ref, act)
+    assert math.isfinite(stats.sqnr_db)
+    diverging = np.array([[1.0, np.inf, 2.0]], np.float32)
+    assert math.isnan(sqnr_db(ref, diverging)) or sqnr_db(ref, diverging) == -math.inf
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
