@@ -309,7 +309,7 @@ def run_optimize(
         outputs={"-o": output, "--report-json": args.report_json},
     )
     config = _config_from_args(args)
-    from onnxq.validate.runtime import resolve_providers
+    from onnxq.runtime.session import resolve_providers
 
     providers = resolve_providers(args.provider)  # calibration runs on the same provider
     target = None
@@ -425,9 +425,9 @@ def _emit_json(target: str, data: object) -> None:
 
 def _run_compare(args: argparse.Namespace) -> int:
     from onnxq.data import input_specs, load_feeds
-    from onnxq.model_io import load_model
+    from onnxq.load.files import load_model
+    from onnxq.runtime.session import resolve_providers
     from onnxq.validate.compare import compare_models_table, comparison_to_dict, format_comparison
-    from onnxq.validate.runtime import resolve_providers
 
     if len(args.models) < 2:
         raise OnnxqError("compare needs at least two models (the first is the reference)")
@@ -446,7 +446,7 @@ def _run_compare(args: argparse.Namespace) -> int:
 
 def _run_inspect(args: argparse.Namespace) -> int:
     from onnxq.data import input_specs, load_feeds
-    from onnxq.model_io import load_model
+    from onnxq.load.files import load_model
     from onnxq.validate.layers import format_layers, inspect_layers, layers_to_dict
 
     check_output_paths(

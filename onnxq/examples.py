@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from onnxq.model_io import save_model
+from onnxq.load.files import save_model
 
 __all__ = ["ExamplePaths", "build_example_model", "example_images", "write_example"]
 

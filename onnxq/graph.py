@@ -13,16 +13,28 @@ import numpy as np
 import onnx_ir as ir
 
 __all__ = [
+    "DEFAULT_DOMAINS",
     "NameScope",
     "attr_float",
     "attr_int",
     "attr_str",
     "const_array",
+    "default_opset",
     "is_constant",
     "is_float",
     "make_initializer",
     "node_label",
 ]
+
+
+#: The default (``ai.onnx``) domain, as nodes and opset imports may spell it.
+DEFAULT_DOMAINS = ("", "ai.onnx")
+
+
+def default_opset(model: ir.Model) -> int:
+    """The model's default-domain (``ai.onnx``) opset version (1 when it imports none)."""
+    imports = model.opset_imports
+    return int(imports.get("", imports.get("ai.onnx", 1)))
 
 
 def const_array(value: ir.Value | None) -> np.ndarray | None:

@@ -23,23 +23,17 @@ import onnx_ir as ir
 from onnxq.config import QuantConfig, ValidationConfig
 from onnxq.data import Feeds, input_specs, load_feeds
 from onnxq.errors import OnnxqError
-from onnxq.model_io import (
-    MIN_QDQ_PER_AXIS_OPSET,
-    check_runtime_ops,
-    default_opset,
-    load_model,
-    model_size_bytes,
-    normalize_versions,
-    runtime_source,
-    save_model,
-    serialize_model,
-)
-from onnxq.passes.cleanup import cleanup, preprocess
-from onnxq.passes.insert_qdq import InsertQDQPass, group_params
-from onnxq.passes.plan import QuantPlan, plan_quantization
+from onnxq.graph import default_opset
+from onnxq.load.files import load_model, model_size_bytes, save_model, serialize_model
+from onnxq.load.versions import MIN_QDQ_PER_AXIS_OPSET, check_runtime_ops, normalize_versions
+from onnxq.plan.planner import QuantPlan, plan_quantization
+from onnxq.preprocess import preprocess
 from onnxq.provenance import stamp_provenance
 from onnxq.report import AccuracyRow, LatencyRow, QuantReport
+from onnxq.rewrite.cleanup import cleanup
+from onnxq.rewrite.insert_qdq import InsertQDQPass, group_params
 from onnxq.runtime.kernels import onnxruntime_version
+from onnxq.runtime.session import runtime_source
 
 __all__ = ["ANCHOR_OPS", "QuantizationResult", "StaticState", "quantize"]
 
@@ -103,7 +97,7 @@ class QuantizationResult:
         fusions); latency at ``ORT_ENABLE_ALL`` with interleaved runs. ``data`` defaults to the
         calibration data, and to random inputs (with a warning) when there was none.
         """
-        from onnxq.validate.runtime import resolve_providers
+        from onnxq.runtime.session import resolve_providers
 
         config = config or ValidationConfig()
         start = time.perf_counter()
@@ -227,7 +221,7 @@ class QuantizationResult:
     def _time(
         self, quantized: bytes | Path, feeds: Feeds, providers: list[str], config: ValidationConfig
     ) -> None:
-        from onnxq.validate.runtime import measure_latency
+        from onnxq.runtime.latency import measure_latency
 
         self.report.latency = []
         first = next(iter(feeds), None)
@@ -298,7 +292,7 @@ def quantize(
             weights=type(config.weights)(config.weights.dtype, config.weights.symmetric, False)
         )
 
-    from onnxq.passes.normalize_qdq import is_quantized
+    from onnxq.rewrite.normalize_qdq import is_quantized
 
     feeds: Feeds | None = None
     static: StaticState | None = None
@@ -528,7 +522,7 @@ class StaticState:
         ranges = {v: self.ranges[v.name or ""] for v in observed if (v.name or "") in self.ranges}
         InsertQDQPass(plan, group_params(plan, ranges))(model)
         if config.format == "qoperator":
-            from onnxq.passes.fuse_qlinear import FuseQLinearPass
+            from onnxq.rewrite.fuse_qlinear import FuseQLinearPass
 
             FuseQLinearPass()(model)
         cleanup(model)
@@ -537,7 +531,7 @@ class StaticState:
 
 def _quantize_dynamic(model: ir.Model, config: QuantConfig, report: QuantReport, label: str) -> None:
     """Int8 weights with activations quantized at run time (no calibration)."""
-    from onnxq.passes.dynamic_quant import DynamicQuantizePass
+    from onnxq.rewrite.dynamic_quant import DynamicQuantizePass
 
     start = time.perf_counter()
     rewrite = DynamicQuantizePass(config)
@@ -553,7 +547,7 @@ def _quantize_dynamic(model: ir.Model, config: QuantConfig, report: QuantReport,
 
 def _normalize_existing(model: ir.Model, report: QuantReport) -> None:
     """A model that already holds Q/DQ: canonical form, no recalibration."""
-    from onnxq.passes.normalize_qdq import NormalizeQDQPass
+    from onnxq.rewrite.normalize_qdq import NormalizeQDQPass
 
     start = time.perf_counter()
     normalize = NormalizeQDQPass()
@@ -569,7 +563,7 @@ def _normalize_existing(model: ir.Model, report: QuantReport) -> None:
 
 def _lower_to_qoperator(model: ir.Model, report: QuantReport) -> None:
     """QDQ → integer operators; what could not be lowered stays in QDQ form, with the reason."""
-    from onnxq.passes.fuse_qlinear import FuseQLinearPass
+    from onnxq.rewrite.fuse_qlinear import FuseQLinearPass
 
     start = time.perf_counter()
     lower = FuseQLinearPass()

@@ -8,7 +8,7 @@ import onnx
 import pytest
 
 import onnxq
-from onnxq.passes import cleanup
+from onnxq import preprocess as cleanup
 
 
 def _int_matmul_model() -> onnx.ModelProto:
@@ -45,7 +45,7 @@ def test_onnxq_output_is_already_canonical() -> None:
     """Equal zero points share one initializer, so normalizing onnxq's own output changes nothing."""
     from builders import conv_calibration
 
-    from onnxq.passes.normalize_qdq import NormalizeQDQPass
+    from onnxq.rewrite.normalize_qdq import NormalizeQDQPass
 
     proto = onnx.parser.parse_model(
         """<ir_version: 10, opset_import: ["" : 17]>
@@ -107,8 +107,8 @@ def test_dynamic_mode_needs_no_data_and_matches_float() -> None:
 
 
 def test_static_qoperator_equals_qdq_to_integer_rounding() -> None:
-    from onnxq.model_io import serialize_model
-    from onnxq.validate.runtime import make_session
+    from onnxq.load.files import serialize_model
+    from onnxq.runtime.session import make_session
 
     feeds, held_out = _feeds(16), _feeds(8, 9)
     qdq = onnxq.quantize(_mlp_model(), feeds)
@@ -167,8 +167,8 @@ def test_torch_qat_export_is_lowered_to_qoperator(tmp_path: object) -> None:
 
     torch = pytest.importorskip("torch")
     from onnxq.cli import main
+    from onnxq.runtime.session import make_session
     from onnxq.validate.metrics import sqnr_db
-    from onnxq.validate.runtime import make_session
 
     assert isinstance(tmp_path, Path)
 

@@ -10,7 +10,7 @@ import pytest
 
 import onnxq
 from onnxq.report import AccuracyRow, LatencyRow, QuantReport
-from onnxq.validate.runtime import LatencyResult
+from onnxq.runtime.latency import LatencyResult
 
 
 def _report(**fields: object) -> QuantReport:
@@ -67,7 +67,7 @@ def test_validate_warns_on_stderr_when_slower(
             "quantized": LatencyResult("quantized", threads, 3.0, 3.1, 3),
         }
 
-    monkeypatch.setattr("onnxq.validate.runtime.measure_latency", slow)
+    monkeypatch.setattr("onnxq.runtime.latency.measure_latency", slow)
     feeds = [{"x": s} for s in builders.conv_calibration(samples=4)]
     result = onnxq.quantize(builders.conv_relu_model(), feeds)
     with caplog.at_level(logging.WARNING):

@@ -17,8 +17,8 @@ import pytest
 pytest.importorskip("torch")
 
 import onnxq
+from onnxq.runtime.session import make_session
 from onnxq.validate.metrics import cosine_similarity, sqnr_db, top1_agreement
-from onnxq.validate.runtime import make_session
 from tools import model_zoo
 
 
@@ -40,7 +40,7 @@ def _quantize(
 
 
 def _serialized(result: onnxq.QuantizationResult) -> bytes:
-    from onnxq.model_io import serialize_model
+    from onnxq.load.files import serialize_model
 
     return serialize_model(result.model)
 
@@ -71,7 +71,7 @@ def test_cnn_with_batchnorm_residual_pooling_and_head(zoo: Path) -> None:
 
 def test_bounds_catch_broken_quantization(zoo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The CNN bound above fails when the weight scale is wrong or the bias is dropped."""
-    from onnxq.passes import insert_qdq
+    from onnxq.rewrite import insert_qdq
 
     path = model_zoo.build("small_cnn", zoo)
     feeds = model_zoo.sample_feeds("small_cnn", 24, split="eval")

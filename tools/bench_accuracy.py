@@ -51,7 +51,7 @@ class Settings:
 
 def _score(target: Any, reference: Path, candidate: Path, feeds: list[dict[str, np.ndarray]]) -> float:
     """The target's metric of ``candidate`` against ``reference`` on ``feeds`` (ORT_ENABLE_ALL)."""
-    from onnxq.validate.runtime import make_session, run
+    from onnxq.runtime.session import make_session, run
 
     ref = make_session(str(reference), opt_level="all")
     cand = make_session(str(candidate), opt_level="all")

@@ -339,8 +339,8 @@ _PREIMPORTS: dict[str, tuple[str, ...]] = {
 }
 # onnxq's passes behind a mode or format that the static QDQ path does not import.
 _ONNXQ_PREIMPORTS: dict[str, tuple[str, ...]] = {
-    "dynamic": ("onnxq.passes.dynamic_quant",),
-    "qoperator": ("onnxq.passes.fuse_qlinear",),
+    "dynamic": ("onnxq.rewrite.dynamic_quant",),
+    "qoperator": ("onnxq.rewrite.fuse_qlinear",),
 }
 
 
@@ -528,7 +528,7 @@ def model_size_mb(path: str | os.PathLike[str]) -> float:
 def loadable(models: Mapping[str, str], notes: list[str], key: str) -> dict[str, str]:
     """The models that onnxruntime opens at ``ORT_ENABLE_ALL``; the others are noted and dropped."""
     from onnxq.errors import OnnxqError
-    from onnxq.validate.runtime import make_session
+    from onnxq.runtime.session import make_session
 
     kept = {}
     for name, path in models.items():
@@ -545,8 +545,8 @@ def evaluate(
     bench: BenchModel, float_path: Path, candidates: Mapping[str, str], feeds: Sequence[Feed], threads: int
 ) -> dict[str, dict[str, float | None]]:
     """Accuracy of each candidate against the float model at ``ORT_ENABLE_ALL`` (deployed numerics)."""
+    from onnxq.runtime.session import make_session, run
     from onnxq.validate.metrics import cosine_similarity, sqnr_db, top1_agreement
-    from onnxq.validate.runtime import make_session, run
 
     def outputs(path: str | os.PathLike[str]) -> list[dict[str, np.ndarray]]:
         session = make_session(path, opt_level="all", threads=threads)
@@ -600,9 +600,9 @@ def latency(
     warmup: int,
     spin: bool = False,
 ) -> Latencies:
-    """``(median ms, p90 ms)`` per thread count and model: :func:`onnxq.validate.runtime.measure_latency`
+    """``(median ms, p90 ms)`` per thread count and model: :func:`onnxq.runtime.latency.measure_latency`
     (all models interleaved in rotating order, ``ORT_ENABLE_ALL``, no spin-waiting unless ``spin``)."""
-    from onnxq.validate.runtime import measure_latency
+    from onnxq.runtime.latency import measure_latency
 
     results: Latencies = {}
     for t in threads:

@@ -22,9 +22,8 @@ from onnxq.calibrate.observers import Observer, make_observer
 from onnxq.config import ActivationScheme, CalibrationConfig
 from onnxq.data import FeedFingerprint, Feeds
 from onnxq.errors import OnnxqError
-from onnxq.model_io import serialize_lean
 from onnxq.progress import progress
-from onnxq.validate.runtime import make_session, run
+from onnxq.runtime.session import make_session, run, serialize_lean
 
 __all__ = ["CalibrationResult", "collect_ranges"]
 

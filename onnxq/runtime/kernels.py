@@ -22,9 +22,10 @@ from dataclasses import dataclass
 
 import onnx_ir as ir
 
+from onnxq.errors import OnnxqError
 from onnxq.graph import node_label
 
-__all__ = ["KernelTable", "Unsupported", "kernel_table", "onnxruntime_version"]
+__all__ = ["KernelTable", "Unsupported", "kernel_table", "onnxruntime_version", "ort_max_versions"]
 
 logger = logging.getLogger(__name__)
 
@@ -271,3 +272,40 @@ def kernel_table() -> KernelTable:
     return KernelTable(
         ort_state.get_all_operator_schema(), ort_state.get_all_opkernel_def(), onnxruntime_version()
     )
+
+
+@functools.lru_cache(maxsize=1)
+def ort_max_versions() -> tuple[int, int]:
+    """The highest (IR version, default-domain opset import) the installed onnxruntime loads at all.
+
+    Probed once with a one-node model because the limits move with each onnxruntime release and
+    onnx's defaults run ahead of them (onnx 1.23 writes IR 14 / opset 28; onnxruntime 1.31 takes 13 / 26).
+    Loading the import is not enough for a node to run: which ops have kernels at that opset is the
+    kernel table's question (:meth:`KernelTable.highest_opset`).
+    """
+    from onnxq.runtime.session import make_session
+
+    def loads(ir_version: int, opset: int) -> bool:
+        x = ir.Value(name="x", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([1]))
+        node = ir.Node("", "Relu", [x])
+        node.outputs[0].name = "y"
+        node.outputs[0].type = ir.TensorType(ir.DataType.FLOAT)
+        graph = ir.Graph([x], node.outputs, nodes=[node], opset_imports={"": opset})
+        proto = ir.to_proto(ir.Model(graph, ir_version=ir_version))
+        try:
+            make_session(proto.SerializeToString(), opt_level="disable")
+        except OnnxqError:
+            return False
+        return True
+
+    max_opset = 17
+    for opset in range(30, 17, -1):
+        if loads(9, opset):
+            max_opset = opset
+            break
+    max_ir = 9
+    for ir_version in range(16, 9, -1):
+        if loads(ir_version, 17):
+            max_ir = ir_version
+            break
+    return max_ir, max_opset

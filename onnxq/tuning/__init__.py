@@ -10,7 +10,7 @@ MatMul) left float by rewriting, reusing the calibrated ranges::
     result = onnxq.quantize("model.onnx", calibration_feeds)
     outcome = meet_target(result, AccuracyTarget.parse("sqnr>=30"), evaluation_feeds)
     print(outcome.summary())          # which nodes stayed float, and why; what the search cost
-    onnxq.model_io.save_model(outcome.model, "model.int8.onnx")
+    onnxq.load.files.save_model(outcome.model, "model.int8.onnx")
 
 - :mod:`~onnxq.tuning.targets`: :class:`AccuracyTarget` (``"sqnr>=30"``, ``"cosine>=0.995"``,
   ``"top1>=0.99"`` against the float model) and :class:`CustomTarget` (the user's evaluation function

@@ -41,9 +41,9 @@ import onnx_ir as ir
 from onnxq.data import Feeds
 from onnxq.errors import OnnxqError
 from onnxq.pipeline import QuantizationResult
+from onnxq.runtime.session import OptLevel
 from onnxq.tuning.sensitivity import estimate_sensitivity, rank_by_estimate
 from onnxq.tuning.targets import AccuracyTarget, CustomTarget, TargetEvaluator, as_target, evaluation_feeds
-from onnxq.validate.runtime import OptLevel
 
 __all__ = ["BudgetOutcome", "meet_target"]
 

@@ -56,10 +56,9 @@ from onnxq.calibrate.collect import _with_outputs
 from onnxq.data import Feeds
 from onnxq.errors import OnnxqError
 from onnxq.graph import NameScope, const_array, make_initializer
-from onnxq.model_io import serialize_lean
 from onnxq.pipeline import StaticState
+from onnxq.runtime.session import OptLevel, make_session, run, serialize_lean
 from onnxq.tuning.targets import AccuracyTarget, CustomTarget, TargetEvaluator, as_target, evaluation_feeds
-from onnxq.validate.runtime import OptLevel, make_session, run
 
 __all__ = ["Mode", "NodeSensitivity", "estimate_sensitivity", "measure_sensitivity", "rank_by_estimate"]
 

@@ -37,9 +37,8 @@ import onnx_ir as ir
 
 from onnxq.data import Feeds, input_specs, load_feeds
 from onnxq.errors import OnnxqError
-from onnxq.model_io import serialize_lean
+from onnxq.runtime.session import OptLevel, make_session, run, serialize_lean
 from onnxq.validate.metrics import OutputStats
-from onnxq.validate.runtime import OptLevel, make_session, run
 
 __all__ = [
     "METRICS",
@@ -172,7 +171,7 @@ class CustomTarget:
     """The user's evaluation function: ``fn(model)`` returns a score (higher is better) to reach ``minimum``.
 
     ``fn`` gets the candidate :class:`onnx_ir.Model` (serialize it with
-    :func:`onnxq.model_io.serialize_model` for an ONNX Runtime session) and must not modify it. ``name``
+    :func:`onnxq.load.files.serialize_model` for an ONNX Runtime session) and must not modify it. ``name``
     labels the score in reports and, with the function's qualified name, keys cached sensitivity
     results: rename the target (or clear the cache) when the function's meaning changes.
     """

@@ -26,8 +26,9 @@ from tabulate import tabulate
 
 from onnxq.data import Feeds
 from onnxq.errors import OnnxqError
+from onnxq.runtime.latency import measure_latency
+from onnxq.runtime.session import OptLevel, make_session, run
 from onnxq.validate.metrics import OutputStats
-from onnxq.validate.runtime import OptLevel, make_session, measure_latency, run
 
 __all__ = ["ModelComparison", "compare_models_table", "comparison_to_dict", "format_comparison"]
 

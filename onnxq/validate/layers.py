@@ -52,9 +52,10 @@ from onnxq.calibrate.collect import _with_outputs
 from onnxq.data import Feeds
 from onnxq.errors import OnnxqError
 from onnxq.graph import const_array
-from onnxq.model_io import load_model, normalize_versions, serialize_lean
+from onnxq.load.files import load_model
+from onnxq.load.versions import normalize_versions
+from onnxq.runtime.session import make_session, run, serialize_lean
 from onnxq.validate.metrics import OutputStats, sqnr_db
-from onnxq.validate.runtime import make_session, run
 
 __all__ = ["LayerReport", "LayerStats", "format_layers", "inspect_layers", "layers_to_dict"]
 
@@ -481,7 +482,7 @@ def _sort_key(row: LayerStats) -> tuple[int, float]:
 
 
 def _preprocessed(fmodel: ir.Model) -> ir.Model | None:
-    from onnxq.passes.cleanup import preprocess
+    from onnxq.preprocess import preprocess
 
     model = fmodel.clone()
     try:

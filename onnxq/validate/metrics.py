@@ -25,7 +25,7 @@ import numpy as np
 import numpy.typing as npt
 
 from onnxq.errors import OnnxqError
-from onnxq.validate.runtime import OptLevel, make_session, run
+from onnxq.runtime.session import OptLevel, make_session, run
 
 __all__ = [
     "OutputStats",

@@ -18,7 +18,7 @@ import numpy as np
 
 from onnxq.errors import OnnxqError
 from onnxq.runtime.kernels import onnxruntime_version
-from onnxq.validate.runtime import make_session, run
+from onnxq.runtime.session import make_session, run
 
 __all__ = ["check_runs"]
 

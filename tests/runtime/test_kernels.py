@@ -18,8 +18,8 @@ import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 
-from onnxq.model_io import EMITTED_OPS, ort_max_versions
-from onnxq.runtime.kernels import KernelTable, kernel_table, onnxruntime_version
+from onnxq.load.versions import EMITTED_OPS
+from onnxq.runtime.kernels import KernelTable, kernel_table, onnxruntime_version, ort_max_versions
 
 U8, I8, F32 = ir.DataType.UINT8, ir.DataType.INT8, ir.DataType.FLOAT
 

@@ -117,7 +117,7 @@ def test_custom_target_with_a_user_evaluation_function(outlier_result: Quantizat
     """A user function: mean squared error against the float model on the user's own data."""
     import onnxruntime as ort
 
-    from onnxq.model_io import serialize_model
+    from onnxq.load.files import serialize_model
 
     assert outlier_result.static is not None
     data = builders.chain_feeds(4, seed=5)

@@ -15,7 +15,8 @@ import pytest
 
 import onnxq
 from onnxq.errors import OnnxqError
-from onnxq.model_io import save_model
+from onnxq.load.files import save_model
+from onnxq.runtime.session import make_session, run
 from onnxq.validate.compare import (
     ModelComparison,
     compare_models_table,
@@ -23,7 +24,6 @@ from onnxq.validate.compare import (
     format_comparison,
 )
 from onnxq.validate.metrics import sqnr_db
-from onnxq.validate.runtime import make_session, run
 
 RUNS = 3
 

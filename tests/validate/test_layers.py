@@ -17,9 +17,9 @@ import pytest
 import onnxq
 from onnxq.errors import OnnxqError
 from onnxq.qmath import QuantParams, dequantize, quantize
+from onnxq.runtime.session import make_session, run
 from onnxq.validate.layers import LayerReport, LayerStats, format_layers, inspect_layers, layers_to_dict
 from onnxq.validate.metrics import sqnr_db
-from onnxq.validate.runtime import make_session, run
 
 TWO_CONV = """
 two_conv (float[N,3,8,8] x) => (float[N,4,8,8] y) {

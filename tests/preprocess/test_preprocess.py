@@ -7,7 +7,8 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 
-from onnxq.passes.cleanup import RemoveIdentityPass, preprocess
+from onnxq.preprocess import preprocess
+from onnxq.preprocess.identity import RemoveIdentityPass
 
 _HEADER = '<ir_version: 10, opset_import: ["" : 17]>'
 

@@ -1,4 +1,4 @@
-"""Loading, version normalization and saving of models (``onnxq.model_io``)."""
+"""Loading, version normalization and saving of models (``onnxq.load``)."""
 
 from __future__ import annotations
 
@@ -15,19 +15,13 @@ import onnxruntime as ort
 import pytest
 
 import onnxq
-import onnxq.model_io as model_io
+import onnxq.load.files as model_io
+import onnxq.load.versions as versions
 from onnxq.errors import OnnxqError
-from onnxq.model_io import (
-    EMITTED_OPS,
-    default_opset,
-    load_model,
-    model_size_bytes,
-    normalize_versions,
-    ort_max_versions,
-    save_model,
-    serialize_model,
-)
-from onnxq.runtime.kernels import kernel_table
+from onnxq.graph import default_opset
+from onnxq.load.files import load_model, model_size_bytes, save_model, serialize_model
+from onnxq.load.versions import EMITTED_OPS, normalize_versions
+from onnxq.runtime.kernels import kernel_table, ort_max_versions
 
 
 def _session(source: bytes | Path) -> ort.InferenceSession:
@@ -431,7 +425,7 @@ def test_failed_conversion_keeps_the_opset_with_a_short_note(monkeypatch: pytest
         raise RuntimeError(assertion)
 
     monkeypatch.setattr("onnx.version_converter.convert_version", refuse)
-    monkeypatch.setattr(model_io, "ort_max_versions", lambda: (10, 16))
+    monkeypatch.setattr(versions, "ort_max_versions", lambda: (10, 16))
     model = ir.from_proto(builders.conv_relu_model(opset=17))
     notes = normalize_versions(model)
     assert default_opset(model) == 17

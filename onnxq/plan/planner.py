@@ -2,7 +2,7 @@
 
 The plan is computed before calibration so that only the tensors that need a range are observed.
 
-Rules (see :mod:`onnxq.passes.op_rules` for the table):
+Rules (see :mod:`onnxq.plan.op_rules` for the table):
 
 1. Anchors (Conv, ConvTranspose, Gemm, MatMul) are quantized unless excluded or ineligible (weight not
    a constant for Conv/ConvTranspose, non-float data, an input that is already dequantized).
@@ -28,7 +28,7 @@ import onnx_ir as ir
 
 from onnxq.config import ActivationScheme, QuantConfig, WeightScheme
 from onnxq.graph import attr_int, attr_str, const_array, is_constant, is_float
-from onnxq.passes.op_rules import ABSORBABLE_ACTIVATIONS, FLOAT_REASONS, OP_RULES, OpKind, OpRule
+from onnxq.plan.op_rules import ABSORBABLE_ACTIVATIONS, FLOAT_REASONS, OP_RULES, OpKind, OpRule
 
 __all__ = ["ActivationGroup", "BiasTask", "QuantPlan", "WeightTask", "plan_quantization"]
 

@@ -16,8 +16,8 @@ import onnx_ir as ir
 import pytest
 
 from onnxq.config import ActivationScheme, NodeOverride, QuantConfig, WeightScheme
-from onnxq.passes.cleanup import preprocess
-from onnxq.passes.plan import QuantPlan, WeightTask, plan_quantization
+from onnxq.plan.planner import QuantPlan, WeightTask, plan_quantization
+from onnxq.preprocess import preprocess
 
 HEADER = '<ir_version: 10, opset_import: ["" : 17]>\n'
 SYMMETRIC_INT8 = ActivationScheme("int8", symmetric=True)

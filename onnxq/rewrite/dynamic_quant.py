@@ -149,7 +149,7 @@ class DynamicQuantizePass(ir.passes.InPlacePass):
     ``config`` gives exclusions and weight schemes (:meth:`QuantConfig.resolve`) and the Conv and
     embedding flags (:attr:`QuantConfig.dynamic`); ``ms_domain`` picks the ``com.microsoft`` ops
     (default: ``DynamicQuantizeMatMul``/``MatMulIntegerToFloat``) or the portable default-domain form
-    for MatMul/Gemm. Expects a preprocessed model (:func:`onnxq.passes.cleanup.preprocess`). After
+    for MatMul/Gemm. Expects a preprocessed model (:func:`onnxq.preprocess.preprocess`). After
     a call, :attr:`quantized` counts the rewritten nodes by their original op type and
     :attr:`declined` says why others were not.
     """

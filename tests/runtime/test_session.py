@@ -7,14 +7,10 @@ import pytest
 from onnx import parser
 
 from onnxq.errors import OnnxqError
-from onnxq.validate import runtime
-from onnxq.validate.runtime import (
-    LatencyResult,
-    make_session,
-    measure_latency,
-    resolve_providers,
-    run,
-)
+from onnxq.runtime import latency
+from onnxq.runtime import session as runtime
+from onnxq.runtime.latency import LatencyResult, measure_latency
+from onnxq.runtime.session import make_session, resolve_providers, run
 
 HAS_CUDA = "CUDAExecutionProvider" in ort.get_available_providers()
 
@@ -207,7 +203,7 @@ def test_measure_latency_interleaves_in_rotating_order(monkeypatch: pytest.Monke
         calls.append(session.get_outputs()[0].name)
         return real_run(session, feed, output_names)
 
-    monkeypatch.setattr(runtime, "run", recording_run)
+    monkeypatch.setattr(latency, "run", recording_run)
     results = measure_latency(models, {"x": np.ones((2, 4), np.float32)}, threads=1, runs=4, warmup=2)
     assert all(r.runs == 4 for r in results.values())
     warmup, timed = calls[:6], calls[6:]

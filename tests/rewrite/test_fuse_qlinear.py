@@ -27,7 +27,7 @@ import pytest
 
 import onnxq
 from onnxq.config import ActivationScheme, QuantConfig, WeightScheme
-from onnxq.passes.fuse_qlinear import MS_DOMAIN, FuseQLinearPass
+from onnxq.rewrite.fuse_qlinear import MS_DOMAIN, FuseQLinearPass
 from onnxq.runtime.kernels import kernel_table
 
 Feed = dict[str, np.ndarray]
@@ -565,7 +565,7 @@ def test_rules_decline_what_the_installed_runtime_cannot_run(monkeypatch: pytest
                 return "onnxruntime 0.0 has no CPU kernel for QLinearConv-10 with T1=uint8"
             return real.problem(domain, op_type, opset, types)  # type: ignore[arg-type]
 
-    monkeypatch.setattr("onnxq.passes.fuse_qlinear.kernel_table", WithoutQLinearConv)
+    monkeypatch.setattr("onnxq.rewrite.fuse_qlinear.kernel_table", WithoutQLinearConv)
     model = onnxq.quantize(
         builders.conv_relu_model(), [{"x": s} for s in builders.conv_calibration(samples=4)]
     ).model

@@ -13,7 +13,7 @@ import onnx.parser
 import onnx_ir as ir
 import pytest
 
-from onnxq.passes.fold_bn import FoldBatchNormPass
+from onnxq.preprocess.fold_bn import FoldBatchNormPass
 
 RNG_SEED = 1234
 

@@ -24,11 +24,12 @@ import onnx_ir as ir
 import pytest
 
 from onnxq.config import DynamicConfig, NodeOverride, QuantConfig, WeightScheme
-from onnxq.model_io import serialize_model
-from onnxq.passes.cleanup import cleanup, preprocess
-from onnxq.passes.dynamic_quant import MS_DOMAIN, DynamicQuantizePass
+from onnxq.load.files import serialize_model
+from onnxq.preprocess import preprocess
+from onnxq.rewrite.cleanup import cleanup
+from onnxq.rewrite.dynamic_quant import MS_DOMAIN, DynamicQuantizePass
+from onnxq.runtime.session import make_session
 from onnxq.validate.metrics import cosine_similarity, sqnr_db
-from onnxq.validate.runtime import make_session
 
 HEADER = '<ir_version: 10, opset_import: ["" : 17]>\n'
 #: Every MatMul/Gemm/Conv/Gather case below reaches this with per-channel int8 weights.

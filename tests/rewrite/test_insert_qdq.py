@@ -26,11 +26,12 @@ from onnxq.calibrate.collect import collect_ranges
 from onnxq.config import ActivationScheme, QuantConfig, WeightScheme
 from onnxq.data import input_specs, load_feeds
 from onnxq.errors import OnnxqError
-from onnxq.passes import insert_qdq
-from onnxq.passes.cleanup import cleanup, preprocess
-from onnxq.passes.insert_qdq import InsertQDQPass, group_params
-from onnxq.passes.plan import QuantPlan, plan_quantization
+from onnxq.plan.planner import QuantPlan, plan_quantization
+from onnxq.preprocess import preprocess
 from onnxq.qmath import QuantParams
+from onnxq.rewrite import insert_qdq
+from onnxq.rewrite.cleanup import cleanup
+from onnxq.rewrite.insert_qdq import InsertQDQPass, group_params
 
 HEADER = '<ir_version: 10, opset_import: ["" : 17]>\n'
 CALIBRATION_SAMPLES = 64

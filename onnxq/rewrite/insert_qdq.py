@@ -1,4 +1,4 @@
-"""Rewriting the graph into QDQ form from a :class:`~onnxq.passes.plan.QuantPlan` and calibrated ranges.
+"""Rewriting the graph into QDQ form from a :class:`~onnxq.plan.planner.QuantPlan` and calibrated ranges.
 
 Rewrite rules:
 
@@ -21,7 +21,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxq.graph import NameScope, const_array, make_initializer
-from onnxq.passes.plan import ActivationGroup, QuantPlan
+from onnxq.plan.planner import ActivationGroup, QuantPlan
 from onnxq.qmath import QuantParams, compute_qparams, quantize, quantize_bias, quantize_weight
 
 __all__ = ["InsertQDQPass", "group_params"]

@@ -1,8 +1,10 @@
-"""ONNX Runtime sessions, runs with one-line errors, and interleaved latency measurement.
+"""ONNX Runtime sessions and runs: the one module that creates sessions, for every stage of onnxq.
 
-Every session is created the same way, so that numbers taken by different parts of onnxq are
-comparable: sequential execution, one inter-op thread, a chosen number of intra-op threads, and
-ONNX Runtime's own logging silenced (``log_severity_level=4``, fatal only): a model that fails at run
+Calibration, validation, tuning and constant folding all open their sessions here (:func:`open_model`
+for a model they hold, :func:`make_session` for a file or bytes), so every session is made the same
+way (numbers taken by different parts of onnxq are comparable) and every ONNX Runtime error reaches
+the user as one line: sequential execution, one inter-op thread, a chosen number of intra-op threads,
+and ONNX Runtime's own logging silenced (``log_severity_level=4``, fatal only): a model that fails at run
 time must reach the user as onnxq's one line naming the node, not as ONNX Runtime's colored log
 followed by that line.
 
@@ -14,28 +16,33 @@ semantics at ``"disable"``; measure deployed accuracy and latency at ``"all"``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
-import time
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+import onnx_ir as ir
 import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as _ort_state
 
 from onnxq.errors import OnnxqError
+from onnxq.load import files
 
 __all__ = [
-    "LatencyResult",
+    "ModelSource",
     "OptLevel",
     "describe_failure",
     "make_session",
-    "measure_latency",
+    "open_model",
     "resolve_providers",
     "run",
+    "runtime_source",
+    "serialize_lean",
 ]
 
 logger = logging.getLogger(__name__)
@@ -163,7 +170,7 @@ def make_session(
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if not prepack:  # no repacked copy of every MatMul/Conv weight: for one-off sessions (calibration)
         options.add_session_config_entry("session.disable_prepacking", "1")
-    # Initializers handed over as arrays (see onnxq.model_io.serialize_lean): ORT uses their memory.
+    # Initializers handed over as arrays (see onnxq.runtime.session.serialize_lean): ORT uses their memory.
     kept_alive = [
         ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a)) for a in (initializers or {}).values()
     ]
@@ -221,74 +228,101 @@ def run(
     return [np.asarray(out) for out in outputs]
 
 
-@dataclass(frozen=True)
-class LatencyResult:
-    """Latency of one model: median and 90th percentile over ``runs`` timed runs, in milliseconds."""
+#: Tensor types numpy cannot hold natively; they stay inside the protobuf.
+_NON_NUMPY_DTYPES = frozenset(
+    {
+        ir.DataType.STRING,
+        ir.DataType.BFLOAT16,
+        ir.DataType.FLOAT8E4M3FN,
+        ir.DataType.FLOAT8E4M3FNUZ,
+        ir.DataType.FLOAT8E5M2,
+        ir.DataType.FLOAT8E5M2FNUZ,
+        ir.DataType.INT4,
+        ir.DataType.UINT4,
+    }
+)
 
-    name: str
-    threads: int
-    median_ms: float
-    p90_ms: float
-    runs: int
+
+def serialize_lean(model: ir.Model, *, min_bytes: int = 1024) -> tuple[bytes, dict[str, np.ndarray]]:
+    """Protobuf bytes without the large initializers' data, and those initializers as arrays.
+
+    Pass both to :func:`make_session` (``initializers=``): ONNX Runtime then
+    uses the arrays' memory directly instead of parsing a serialized copy and copying it again, so a
+    session on a 90 MB model costs about its weights once, not three times; and models over protobuf's
+    2 GiB limit need no temporary file. The arrays are views of the model's own tensors where possible.
+    """
+    swapped: list[tuple[ir.Value, ir.TensorProtocol]] = []
+    arrays: dict[str, np.ndarray] = {}
+    for graph in (model.graph, *model.graph.subgraphs()):
+        for name, value in graph.initializers.items():
+            tensor = value.const_value
+            if tensor is None:
+                continue
+            external = isinstance(tensor, ir.ExternalTensor)
+            if tensor.dtype in _NON_NUMPY_DTYPES:
+                if external:  # ONNX Runtime would resolve a bytes model's data paths against the cwd
+                    swapped.append((value, tensor))
+                    value.const_value = ir.Tensor(tensor.numpy().copy(), dtype=tensor.dtype, name=name)
+                continue
+            if tensor.nbytes < min_bytes and not external:
+                continue
+            array = tensor.numpy()
+            arrays[name] = array
+            swapped.append((value, tensor))
+            value.const_value = ir.ExternalTensor(
+                "onnxq-in-memory", 0, tensor.nbytes, tensor.dtype, shape=ir.Shape(array.shape), name=name
+            )
+    try:
+        return ir.to_proto(model).SerializeToString(deterministic=True), arrays
+    finally:
+        for value, tensor in swapped:
+            value.const_value = tensor
 
 
-def measure_latency(
-    models: Mapping[str, ModelSource],
-    feed: Mapping[str, np.ndarray],
+@contextlib.contextmanager
+def runtime_source(model: ir.Model) -> Iterator[bytes | Path]:
+    """What an ONNX Runtime session should load for ``model``: its bytes, or for models too large for
+    one protobuf message, a temporary file with external data (removed afterwards)."""
+    if files.model_size_bytes(model) <= files.EXTERNAL_DATA_THRESHOLD:
+        yield files.serialize_model(model)
+        return
+    with tempfile.TemporaryDirectory(prefix="onnxq-") as tmp:
+        path = Path(tmp) / "model.onnx"
+        ir.save(model, path, external_data="model.onnx.data")
+        yield path
+
+
+def open_model(
+    model: ir.Model,
     *,
-    threads: int,
-    runs: int = 30,
-    warmup: int = 3,
+    outputs: Sequence[ir.Value] = (),
     providers: Sequence[str] = ("CPUExecutionProvider",),
     opt_level: OptLevel = "all",
-    spin: bool = False,
-) -> dict[str, LatencyResult]:
-    """Time each model on the same feed, interleaving the models so that none is favoured.
+    threads: int | None = None,
+    prepack: bool = True,
+) -> ort.InferenceSession:
+    """A session on an in-memory onnx-ir model, optionally with extra graph ``outputs``.
 
-    One session is opened per model and run ``warmup`` times untimed. Then, for ``runs`` rounds, every
-    model runs once; the order rotates each round, so no model is always first (after an idle
-    period) or always right after another model (sharing its warm caches). Each run is timed with
-    :func:`time.perf_counter`. Latency is a deployment number, hence ``opt_level="all"`` by default.
-
-    Worker threads do not spin-wait unless ``spin``: with several sessions interleaved, the idle
-    sessions' workers would otherwise keep spinning after their run and take the cores from the
-    session being timed (a 2-thread ResNet-18 measured 24-34 ms that way on 2 cores, 11-12 ms alone).
-    Every model gets the same setting, so ratios stay fair.
+    The one way the pipeline's stages (calibration, validation, tuning, constant folding) open a
+    session over a model they hold: the large weights are handed to ONNX Runtime as arrays that share
+    the model's memory (:func:`serialize_lean`), and the extra outputs are added to a serialized copy
+    only (``model`` is left as it was). Ask for outputs at ``opt_level="disable"`` or ``"basic"`` when
+    every requested tensor must survive as it is in the graph.
     """
-    if runs < 1:
-        raise OnnxqError(f"latency runs must be at least 1, got {runs}")
-    if warmup < 0:
-        raise OnnxqError(f"latency warmup runs must be at least 0, got {warmup}")
-    sessions = {
-        name: make_session(model, providers=providers, opt_level=opt_level, threads=threads, spin=spin)
-        for name, model in models.items()
-    }
-    feed_dict = dict(feed)
-    for session in sessions.values():
-        for _ in range(warmup):
-            run(session, feed_dict)
-
-    names = list(sessions)
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for round_index in range(runs):
-        shift = round_index % len(names) if names else 0
-        for name in names[shift:] + names[:shift]:
-            session = sessions[name]
-            start = time.perf_counter()
-            run(session, feed_dict)
-            times[name].append(time.perf_counter() - start)
-
-    results = {}
-    for name in names:
-        ms = np.asarray(times[name], dtype=np.float64) * 1e3
-        results[name] = LatencyResult(
-            name=name,
-            threads=threads,
-            median_ms=float(np.median(ms)),
-            p90_ms=float(np.percentile(ms, 90)),
-            runs=len(ms),
-        )
-        logger.debug(
-            "latency %s: median %.3f ms, p90 %.3f ms", name, results[name].median_ms, results[name].p90_ms
-        )
-    return results
+    graph = model.graph
+    original = list(graph.outputs)
+    added = [v for v in dict.fromkeys(outputs) if not v.is_graph_output()]
+    try:
+        graph.outputs.extend(added)
+        data, initializers = serialize_lean(model)
+    finally:
+        graph.outputs.clear()
+        graph.outputs.extend(original)
+    return make_session(
+        data,
+        providers=providers,
+        opt_level=opt_level,
+        threads=threads,
+        initializers=initializers,
+        prepack=prepack,
+    )

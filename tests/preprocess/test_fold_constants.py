@@ -14,7 +14,7 @@ import onnx.shape_inference
 import onnx_ir as ir
 import pytest
 
-from onnxq.passes.fold_constants import FoldConstantsPass
+from onnxq.preprocess.fold_constants import FoldConstantsPass
 
 
 def _rng() -> np.random.Generator:
@@ -628,7 +628,7 @@ def test_torch_dynamo_export_folds_zero_bias_and_batchnorm() -> None:
     pytest.importorskip("onnxscript")
     import warnings
 
-    from onnxq.passes.fold_bn import FoldBatchNormPass
+    from onnxq.preprocess.fold_bn import FoldBatchNormPass
 
     torch.manual_seed(0)
     net = torch.nn.Sequential(

@@ -23,7 +23,7 @@ import onnx_ir as ir
 import pytest
 
 import onnxq
-from onnxq.passes.normalize_qdq import NormalizeQDQPass, is_quantized
+from onnxq.rewrite.normalize_qdq import NormalizeQDQPass, is_quantized
 
 _QDQ = ("QuantizeLinear", "DequantizeLinear")
 

@@ -3,7 +3,7 @@
 Such models come from PyTorch QAT (fake-quant exported as ``Q → DQ`` on weights *and* activations, the
 weights still float), from other tools (``onnxruntime.quantization``, NNCF, TensorRT-style symmetric
 int8) or from onnxq itself. :class:`NormalizeQDQPass` rewrites them, without recalibration, into the
-form onnxq's :class:`~onnxq.passes.insert_qdq.InsertQDQPass` writes: integer weights read through a
+form onnxq's :class:`~onnxq.rewrite.insert_qdq.InsertQDQPass` writes: integer weights read through a
 ``DequantizeLinear``, scale/zero-point initializers shared by name, scalar per-tensor parameters.
 
 Rewrite rules, in the order they run (every graph, subgraphs included):
@@ -55,7 +55,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxq.graph import NameScope, attr_int, const_array, is_float, make_initializer
-from onnxq.passes.op_rules import OP_RULES, OpKind
+from onnxq.plan.op_rules import OP_RULES, OpKind
 from onnxq.qmath import QuantParams, quantize
 
 __all__ = ["NormalizeQDQPass", "is_quantized"]

@@ -1,0 +1,147 @@
+"""Versions: the opset and IR version a model must have for the installed ONNX Runtime to run it.
+
+onnx's defaults run ahead of onnxruntime, and not evenly per op: the output opset must be one at which
+every op of the model *and every op quantization adds* has a kernel (:mod:`onnxq.runtime.kernels`).
+Models below opset 13 are upgraded (per-channel Q/DQ need 13); models above what onnxruntime runs are
+converted down with onnx's version converter.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+
+import onnx_ir as ir
+
+from onnxq.errors import OnnxqError
+from onnxq.graph import DEFAULT_DOMAINS, default_opset, node_label
+from onnxq.runtime.kernels import kernel_table, ort_max_versions
+
+__all__ = [
+    "EMITTED_OPS",
+    "MIN_QDQ_OPSET",
+    "MIN_QDQ_PER_AXIS_OPSET",
+    "check_runtime_ops",
+    "normalize_versions",
+]
+
+logger = logging.getLogger(__name__)
+
+#: The lowest default-domain opset at which per-axis QuantizeLinear/DequantizeLinear exist.
+MIN_QDQ_PER_AXIS_OPSET = 13
+#: The lowest default-domain opset that has QuantizeLinear/DequantizeLinear at all.
+MIN_QDQ_OPSET = 10
+
+#: IR version each default-domain opset first appeared with (onnx's release table).
+_IR_FOR_OPSET = {13: 7, 14: 7, 15: 8, 16: 8, 17: 8, 18: 8, 19: 9, 20: 9, 21: 10, 22: 10, 23: 11, 24: 11}
+
+#: Default-domain ops that quantization adds to a model (Q/DQ form, QOperator form, dynamic form): the
+#: output opset must be one at which the installed onnxruntime has kernels for all of them.
+EMITTED_OPS = (
+    "QuantizeLinear",
+    "DequantizeLinear",
+    "DynamicQuantizeLinear",
+    "QLinearConv",
+    "QLinearMatMul",
+    "ConvInteger",
+    "MatMulInteger",
+    "Cast",
+    "Mul",
+    "Add",
+)
+
+
+def check_runtime_ops(model: ir.Model, label: str) -> None:
+    """Refuse a model with ops onnxruntime does not know at all (training ops, unregistered custom ops).
+
+    Such a model cannot be calibrated or validated; one line names the first op, its domain and node.
+    Calls of the model's own functions are fine (onnxruntime inlines them).
+    """
+    table = kernel_table()
+    local = {(f.domain, f.name) for f in model.functions.values()}
+    for graph in (model.graph, *model.graph.subgraphs()):
+        for node in graph:
+            if (node.domain, node.op_type) in local or table.knows(node.domain, node.op_type):
+                continue
+            domain = node.domain or "ai.onnx"
+            raise OnnxqError(
+                f"{label}: node {node_label(node)} uses {node.op_type} of domain '{domain}', which "
+                f"onnxruntime {table.version} cannot run (training and custom ops are not supported)"
+            )
+
+
+def normalize_versions(model: ir.Model) -> list[str]:
+    """Make the model's opsets and IR version ones that the installed onnxruntime runs.
+
+    The default-domain opset becomes the highest one, at most the model's own (at least 13, where
+    per-channel Q/DQ exist), at which every op of the model and every op quantization adds has a
+    kernel in the installed onnxruntime; the version converter moves the model there. Models below 13
+    that cannot be upgraded keep their opset (weights per tensor). Returns notes for the report.
+    """
+    notes: list[str] = []
+    max_ir, max_opset = ort_max_versions()
+    if "" not in model.opset_imports and "ai.onnx" not in model.opset_imports:
+        if any(node.domain in DEFAULT_DOMAINS for node in model.graph.all_nodes()):
+            raise OnnxqError("the model has ONNX operators but no opset import for the default domain")
+        model.opset_imports[""] = MIN_QDQ_PER_AXIS_OPSET  # nothing to convert: Q/DQ may be added
+        notes.append(f"default-domain opset {MIN_QDQ_PER_AXIS_OPSET} imported")
+    table = kernel_table()
+    opset = default_opset(model)
+    model_ops = {node.op_type for node in model.graph.all_nodes() if node.domain in DEFAULT_DOMAINS}
+    upper = min(max(opset, MIN_QDQ_PER_AXIS_OPSET), max_opset)
+    target = table.highest_opset(model_ops | set(EMITTED_OPS), upper, MIN_QDQ_PER_AXIS_OPSET)
+    if target is None:  # some op of the model runs at no such opset: onnxruntime will name it
+        target = table.highest_opset(EMITTED_OPS, upper, MIN_QDQ_PER_AXIS_OPSET) or upper
+    if target != opset:
+        try:
+            _convert_opset(model, target)
+        except OnnxqError as exc:
+            if opset < MIN_QDQ_OPSET:
+                raise
+            # Keep the model as it is. Below 13, Q/DQ still exist (weights per tensor); above, a model
+            # that gets Q/DQ fails the final check in onnxruntime with this note beside it, and one
+            # that gets none (nothing to quantize) never needed the conversion.
+            consequence = "weights per-tensor" if opset < MIN_QDQ_PER_AXIS_OPSET else "not converted"
+            notes.append(f"{exc}; kept opset {opset} ({consequence})")
+            target = opset
+        else:
+            notes.append(f"opset {opset} converted to {target}")
+    opset = target
+    needed_ir = _IR_FOR_OPSET.get(opset, 10 if opset > 24 else 7)
+    ir_version = min(max(model.ir_version, needed_ir), max_ir)
+    if ir_version != model.ir_version:
+        notes.append(f"IR version {model.ir_version} set to {ir_version}")
+        model.ir_version = ir_version
+    return notes
+
+
+def _convert_opset(model: ir.Model, target: int) -> None:
+    import onnx.version_converter
+
+    proto = ir.to_proto(model)
+    try:
+        converted = onnx.version_converter.convert_version(proto, target)
+    except Exception as exc:
+        raise OnnxqError(
+            f"cannot convert the model from opset {default_opset(model)} to {target}: "
+            f"{_converter_reason(exc)}"
+        ) from exc
+    new = ir.from_proto(converted)
+    model.graph = new.graph  # opset imports live on the graph
+    model.functions.clear()
+    model.functions.update(new.functions)
+
+
+#: "/project/onnx/version_converter/adapters/x.h:48: fn: Assertion `...` failed: " before the reason.
+_CONVERTER_ASSERTION = re.compile(r"^.*?\.h:\d+: [^:]*: Assertion `.*?` failed: ", re.DOTALL)
+
+
+def _converter_reason(exc: BaseException) -> str:
+    """The version converter's message without its C++ location and assertion text."""
+    text = (str(exc).strip() or type(exc).__name__).splitlines()[0]
+    return _CONVERTER_ASSERTION.sub("", text)[:300]
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:300]

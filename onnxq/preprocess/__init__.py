@@ -1,0 +1,73 @@
+"""Preprocess: put a float model into the form planning expects, composed from onnx-ir's common passes
+and onnxq's folding passes.
+
+Initializers stop being overridable graph inputs, Constant nodes become initializers (so weights
+written as Constant nodes are seen as weights), constant subgraphs are folded
+(:mod:`~onnxq.preprocess.fold_constants`), BatchNorm is folded into Conv/ConvTranspose/Gemm
+(:mod:`~onnxq.preprocess.fold_bn`), Identity (:mod:`~onnxq.preprocess.identity`) and dead nodes are
+removed, shapes are inferred and nodes sorted topologically.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import onnx_ir as ir
+import onnx_ir.passes.common as common
+
+from onnxq.preprocess.fold_bn import FoldBatchNormPass
+from onnxq.preprocess.fold_constants import FoldConstantsPass
+from onnxq.preprocess.identity import RemoveIdentityPass
+
+__all__ = ["PreprocessSummary", "infer_shapes", "preprocess"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PreprocessSummary:
+    """What preprocessing changed, for the report."""
+
+    nodes_before: int = 0
+    nodes_after: int = 0
+    batchnorms_folded: int = 0
+    notes: list[str] = field(default_factory=list)
+
+
+class _OpTypeNames(common.naming.SimpleNameGenerator):
+    """Unnamed nodes are named after their op type (``Conv``, ``Conv_1``, …) so reports can name them."""
+
+    def generate_node_name(self, node: ir.Node) -> str:
+        return node.name or node.op_type
+
+
+def infer_shapes(model: ir.Model) -> bool:
+    """Run ONNX shape inference leniently; a model it cannot handle keeps the shapes it has."""
+    try:
+        common.ShapeInferencePass(strict_mode=False)(model)
+    except Exception as exc:
+        logger.warning("shape inference failed, continuing without it: %s", str(exc).splitlines()[0])
+        return False
+    return True
+
+
+def preprocess(model: ir.Model) -> PreprocessSummary:
+    """Normalize a float model in place before planning (see module docstring)."""
+    summary = PreprocessSummary(nodes_before=sum(1 for _ in model.graph.all_nodes()))
+    common.RemoveInitializersFromInputsPass()(model)
+    common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
+    common.NameFixPass(_OpTypeNames())(model)
+    common.TopologicalSortPass()(model)
+    FoldConstantsPass()(model)
+    fold_bn = FoldBatchNormPass()
+    fold_bn(model)
+    summary.batchnorms_folded = len(fold_bn.folded)
+    summary.notes.extend(fold_bn.declined)
+    RemoveIdentityPass()(model)
+    common.RemoveUnusedNodesPass()(model)
+    if not infer_shapes(model):
+        summary.notes.append("shape inference failed; tensors of unknown type are treated as float")
+    common.TopologicalSortPass()(model)
+    summary.nodes_after = sum(1 for _ in model.graph.all_nodes())
+    return summary
