@@ -42,6 +42,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ONE_SHOT_CACHE_LIMIT",
+    "DataSource",
     "Feed",
     "FeedFingerprint",
     "FeedSource",
@@ -55,6 +56,8 @@ logger = logging.getLogger(__name__)
 
 Feed: TypeAlias = "dict[str, np.ndarray]"
 FeedSource: TypeAlias = "str | os.PathLike[str] | Iterable[Mapping[str, Any]]"
+#: What the library accepts as calibration or evaluation data: a source for :func:`load_feeds`, or feeds.
+DataSource: TypeAlias = "str | os.PathLike[str] | Iterable[Mapping[str, Any]] | Feeds"
 Dim: TypeAlias = "int | str | None"
 
 #: How many samples of a one-shot iterator (a generator) are kept so that it can be iterated again.

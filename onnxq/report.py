@@ -13,6 +13,8 @@ from typing import Any
 
 from tabulate import tabulate
 
+from onnxq.declines import Decline, group_declines
+
 __all__ = ["AccuracyRow", "LatencyRow", "QuantReport"]
 
 
@@ -59,9 +61,9 @@ class QuantReport:
     quantized_op_types: dict[str, int] = field(default_factory=dict)
     activations_absorbed: int = 0
     float_op_types: dict[str, int] = field(default_factory=dict)
-    declined: list[str] = field(default_factory=list)
+    #: What each stage left as it was, and why (typed: stage, reason code, message, node).
+    declines: list[Decline] = field(default_factory=list)
     lowered_op_types: dict[str, int] = field(default_factory=dict)
-    lowering_declined: list[str] = field(default_factory=list)
     subgraph_nodes: int = 0
     calibration: dict[str, Any] = field(default_factory=dict)
     size_float_bytes: int = 0
@@ -158,13 +160,16 @@ class QuantReport:
                     "it does not pay to deploy it on this machine"
                 )
         sections = (
-            ("Preprocessing and normalization", self.preprocess_notes),
-            ("Not quantized", self.declined),
-            ("Not lowered", self.lowering_declined),
+            ("Preprocessing and normalization", ("fold", "normalize")),
+            ("Not quantized", ("plan", "calibrate", "dynamic")),
+            ("Not lowered", ("lower",)),
         )
-        for title, lines in sections:
+        for title, stages in sections:
+            lines = group_declines(d for d in self.declines if d.stage in stages)
+            if stages[0] == "fold":
+                lines = [*self.preprocess_notes, *lines]
             if lines:
-                parts.append(f"{title}:\n" + "\n".join(f"  - {line}" for line in _grouped(lines)))
+                parts.append(f"{title}:\n" + "\n".join(f"  - {line}" for line in _limited(lines)))
         return "\n".join(parts)
 
     def _summary_rows(self) -> list[list[str]]:
@@ -220,24 +225,11 @@ class QuantReport:
         return rows
 
 
-def _grouped(lines: list[str], limit: int = 12) -> list[str]:
-    """Lines like "<node> not quantized: <reason>" with the same reason folded into one line."""
-    by_reason: dict[str, list[str]] = {}
-    for line in lines:
-        node, sep, reason = line.partition(" not ")
-        key = f"not {reason}" if sep else line
-        by_reason.setdefault(key, []).append(node if sep else "")
-    out = []
-    for reason, nodes in by_reason.items():
-        named = [n for n in nodes if n]
-        if len(named) > 1:
-            listed = ", ".join(named[:4]) + (f" and {len(named) - 4} more" if len(named) > 4 else "")
-            out.append(f"{len(named)} nodes {reason} ({listed})")
-        else:
-            out.append(f"{named[0]} {reason}" if named else reason)
-    if len(out) > limit:
-        out = [*out[:limit], f"... and {len(out) - limit} more (see --report-json)"]
-    return out
+def _limited(lines: list[str], limit: int = 12) -> list[str]:
+    """At most ``limit`` lines, and a pointer to the JSON report for the rest."""
+    if len(lines) > limit:
+        return [*lines[:limit], f"... and {len(lines) - limit} more (see --report-json)"]
+    return lines
 
 
 def _mb(size: int) -> str:

@@ -8,7 +8,7 @@ always gives the same bytes.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +27,7 @@ __all__ = [
     "conv_relu_model",
     "externalize",
     "if_conv_model",
+    "lines",
     "matmul_model",
     "no_quantizable_model",
     "parse",
@@ -262,3 +263,8 @@ def node_reading(model: ir.Model, weight: str) -> str:
         if any(v is not None and v.name == weight for v in node.inputs):
             return node.name or ""
     raise AssertionError(f"no node reads {weight}")
+
+
+def lines(declines: Iterable[object]) -> list[str]:
+    """Typed declines (or any records) as the one-line strings the report shows."""
+    return [str(d) for d in declines]

@@ -8,12 +8,10 @@ memory is bounded by the observers' fixed-size state, not by the number of sampl
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import onnx_ir as ir
@@ -23,7 +21,7 @@ from onnxq.config import ActivationScheme, CalibrationConfig
 from onnxq.data import FeedFingerprint, Feeds
 from onnxq.errors import OnnxqError
 from onnxq.progress import progress
-from onnxq.runtime.session import make_session, run, serialize_lean
+from onnxq.runtime.session import open_model, run
 
 __all__ = ["CalibrationResult", "collect_ranges"]
 
@@ -44,29 +42,6 @@ class CalibrationResult:
     non_float: tuple[str, ...] = ()
     #: :class:`~onnxq.data.FeedFingerprint` of the calibration data (``""`` when nothing was run).
     fingerprint: str = ""
-
-
-@contextlib.contextmanager
-def _with_outputs(model: ir.Model, values: Sequence[ir.Value]) -> Iterator[None]:
-    """Temporarily append ``values`` to the graph outputs (restored on exit)."""
-    graph = model.graph
-    original = list(graph.outputs)
-    added = [v for v in dict.fromkeys(values) if not v.is_graph_output()]
-    try:
-        graph.outputs.extend(added)
-        yield
-    finally:
-        graph.outputs.clear()
-        graph.outputs.extend(original)
-
-
-def _open_session(model: ir.Model, providers: Sequence[str]) -> Any:
-    """An ORT session on ``model`` that shares the model's weight memory instead of copying it."""
-    data, initializers = serialize_lean(model)
-    # Basic optimisations only: they keep every requested output intact and speed up the runs.
-    return make_session(
-        data, providers=providers, opt_level="basic", initializers=initializers, prepack=False
-    )
 
 
 def _batch_size(feed: Mapping[str, np.ndarray], per_batch: int) -> int:
@@ -104,8 +79,9 @@ def collect_ranges(
         return CalibrationResult(
             {}, config.method, feeds.num_samples or 0, 0, time.perf_counter() - start, ()
         )
-    with _with_outputs(model, values):
-        session = _open_session(model, providers)
+    # Basic optimisations only: they keep every requested output intact and speed up the runs; no
+    # prepacking: a one-off session needs no repacked copy of every weight.
+    session = open_model(model, outputs=values, providers=providers, opt_level="basic", prepack=False)
     samples = runs = 0
     non_float: dict[str, None] = {}
     fingerprint = FeedFingerprint()

@@ -24,10 +24,12 @@ __all__ = [
     "EXTERNAL_DATA_THRESHOLD",
     "ModelLike",
     "check_tensor_sizes",
+    "file_size",
     "load_model",
     "model_size_bytes",
     "save_model",
     "serialize_model",
+    "serialized_size",
 ]
 
 logger = logging.getLogger(__name__)
@@ -169,6 +171,21 @@ def model_size_bytes(model: ir.Model) -> int:
             if value.const_value is not None:
                 total += value.const_value.nbytes
     return total
+
+
+def file_size(path: Path) -> int:
+    """Bytes on disk of a model file plus the external data file beside it that it references."""
+    return path.stat().st_size + sum(
+        p.stat().st_size for p in path.parent.glob(path.name + ".data") if p.is_file()
+    )
+
+
+def serialized_size(model: ir.Model) -> int:
+    """Bytes the model takes serialized (the tensor data alone for models over protobuf's 2 GiB)."""
+    try:
+        return len(serialize_model(model))
+    except ValueError:
+        return model_size_bytes(model)
 
 
 def serialize_model(model: ir.Model) -> bytes:

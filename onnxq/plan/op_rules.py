@@ -24,7 +24,15 @@ import enum
 from dataclasses import dataclass
 from typing import Literal
 
-__all__ = ["ABSORBABLE_ACTIVATIONS", "FLOAT_REASONS", "OP_RULES", "OpKind", "OpRule"]
+__all__ = [
+    "ABSORBABLE_ACTIVATIONS",
+    "ANCHOR_OPS",
+    "FLOAT_REASONS",
+    "OP_RULES",
+    "PASSTHROUGH_OPS",
+    "OpKind",
+    "OpRule",
+]
 
 
 class OpKind(enum.Enum):
@@ -86,6 +94,14 @@ OP_RULES: dict[str, OpRule] = {
     "DepthToSpace": OpRule(_PASS),
     "SpaceToDepth": OpRule(_PASS),
 }
+
+#: Op types whose quantization decides the speed and the accuracy (what sensitivity analysis ranks).
+ANCHOR_OPS: tuple[str, ...] = tuple(op for op, rule in OP_RULES.items() if rule.kind is OpKind.ANCHOR)
+
+#: Op types that move or select values without arithmetic (they reuse their input's scale).
+PASSTHROUGH_OPS: tuple[str, ...] = tuple(
+    op for op, rule in OP_RULES.items() if rule.kind is OpKind.PASSTHROUGH
+)
 
 #: Activations fused into the range of a quantized producer instead of getting their own Q/DQ.
 ABSORBABLE_ACTIVATIONS = ("Relu", "Clip")

@@ -27,12 +27,12 @@ from dataclasses import dataclass, field
 import onnx_ir as ir
 
 from onnxq.config import ActivationScheme, QuantConfig, WeightScheme
-from onnxq.graph import attr_int, attr_str, const_array, is_constant, is_float
+from onnxq.declines import Decline, Reason
+from onnxq.graph import DEFAULT_DOMAINS, attr_int, attr_str, const_array, is_constant, is_float, node_label
 from onnxq.plan.op_rules import ABSORBABLE_ACTIVATIONS, FLOAT_REASONS, OP_RULES, OpKind, OpRule
 
 __all__ = ["ActivationGroup", "BiasTask", "QuantPlan", "WeightTask", "plan_quantization"]
 
-_DEFAULT_DOMAINS = ("", "ai.onnx")
 _QDQ_OPS = ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear")
 
 
@@ -87,7 +87,7 @@ class QuantPlan:
     biases: list[BiasTask] = field(default_factory=list)
     #: Values read quantized by each quantized node: (node, input index) pairs.
     quantized_inputs: list[tuple[ir.Node, int]] = field(default_factory=list)
-    declined: list[str] = field(default_factory=list)
+    declined: list[Decline] = field(default_factory=list)
     float_op_types: collections.Counter[str] = field(default_factory=collections.Counter)
     subgraph_nodes: int = 0
 
@@ -116,29 +116,29 @@ class _Planner:
     # -- eligibility -------------------------------------------------------------------------------
     def eligible(self, node: ir.Node) -> OpRule | None:
         """The node's rule if it may be quantized at all; records why an anchor may not."""
-        if node.domain not in _DEFAULT_DOMAINS:
+        if node.domain not in DEFAULT_DOMAINS:
             return None
         rule = OP_RULES.get(node.op_type)
         if rule is None:
             return None
-        label = node.name or node.op_type
+        label = node_label(node)
         settings = self.config.resolve(node.name or "", node.op_type)
         if not settings.quantize:
             if rule.kind is OpKind.ANCHOR:
-                self.plan.declined.append(f"{label} not quantized: excluded by configuration")
+                self.decline(label, "excluded", "excluded by configuration")
             return None
         data = self.data_inputs(node, rule)
         if not data or any(not is_float(v) for v in data):
             if rule.kind is OpKind.ANCHOR:
-                self.plan.declined.append(f"{label} not quantized: input is not float32")
+                self.decline(label, "not_float", "input is not float32")
             return None
         if any(v.producer() is not None and v.producer().op_type in _QDQ_OPS for v in data):  # type: ignore[union-attr]
             if rule.kind is OpKind.ANCHOR:
-                self.plan.declined.append(f"{label} not quantized: input is already quantized (Q/DQ)")
+                self.decline(label, "already_quantized", "input is already quantized (Q/DQ)")
             return None
         reason = self.specific_check(node)
         if reason:
-            self.plan.declined.append(f"{label} not quantized: {reason}")
+            self.plan.declined.append(Decline.of("plan", label, reason))
             return None
         return rule
 
@@ -146,27 +146,30 @@ class _Planner:
         indices = range(len(node.inputs)) if rule.inputs is None else rule.inputs
         return [node.inputs[i] for i in indices if i < len(node.inputs) and node.inputs[i] is not None]  # type: ignore[misc]
 
-    def specific_check(self, node: ir.Node) -> str | None:
-        """Op-specific conditions; a returned string is the reason the node stays float."""
+    def decline(self, label: str, code: str, message: str) -> None:
+        self.plan.declined.append(Decline("plan", code, message, label))
+
+    def specific_check(self, node: ir.Node) -> Reason | None:
+        """Op-specific conditions; a returned reason is why the node stays float."""
         op = node.op_type
         if op in ("Conv", "ConvTranspose"):
             weight = node.inputs[1] if len(node.inputs) > 1 else None
             if not is_constant(weight):
-                return "weight is not a constant"
+                return Reason("weight_not_constant", "weight is not a constant")
             if weight is not None and weight.dtype not in (None, ir.DataType.FLOAT):
-                return "weight is not float32"
+                return Reason("not_float", "weight is not float32")
         if op == "MaxPool" and len(node.outputs) > 1:
             indices = node.outputs[1]
             if indices.uses() or indices.is_graph_output():
-                return "MaxPool indices output is used"
+                return Reason("indices_used", "MaxPool indices output is used")
         if op == "Resize" and attr_str(node, "mode", "nearest") not in ("nearest", "linear"):
-            return "Resize mode is not nearest/linear"
+            return Reason("resize_mode", "Resize mode is not nearest/linear")
         if op == "Gather" and not is_float(node.inputs[0]):
-            return "gathered data is not float32"
+            return Reason("not_float", "gathered data is not float32")
         if op == "Clip" and len(node.inputs) > 1:
             for bound in node.inputs[1:]:
                 if bound is not None and not is_constant(bound):
-                    return "Clip bounds are not constants"
+                    return Reason("clip_bounds", "Clip bounds are not constants")
         return None
 
     # -- fixpoint ----------------------------------------------------------------------------------
@@ -348,8 +351,9 @@ class _Planner:
             if node not in self.kept and node not in absorbed:
                 plan.float_op_types[node.op_type] += 1
                 reason = FLOAT_REASONS.get(node.op_type)
-                if reason and f"{node.op_type}: {reason}" not in plan.declined:
-                    plan.declined.append(f"{node.op_type}: {reason}")
+                decline = Decline("plan", "kept_float", reason or "", op_type=node.op_type)
+                if reason and decline not in plan.declined:
+                    plan.declined.append(decline)
         plan.subgraph_nodes = sum(len(g) for g in self.graph.subgraphs())
         return plan
 

@@ -11,11 +11,13 @@ removed, shapes are inferred and nodes sorted topologically.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 
 import onnx_ir as ir
 import onnx_ir.passes.common as common
 
+from onnxq.declines import Decline
 from onnxq.preprocess.fold_bn import FoldBatchNormPass
 from onnxq.preprocess.fold_constants import FoldConstantsPass
 from onnxq.preprocess.identity import RemoveIdentityPass
@@ -33,6 +35,8 @@ class PreprocessSummary:
     nodes_after: int = 0
     batchnorms_folded: int = 0
     notes: list[str] = field(default_factory=list)
+    declines: list[Decline] = field(default_factory=list)
+    seconds: float = 0.0
 
 
 class _OpTypeNames(common.naming.SimpleNameGenerator):
@@ -54,6 +58,7 @@ def infer_shapes(model: ir.Model) -> bool:
 
 def preprocess(model: ir.Model) -> PreprocessSummary:
     """Normalize a float model in place before planning (see module docstring)."""
+    start = time.perf_counter()
     summary = PreprocessSummary(nodes_before=sum(1 for _ in model.graph.all_nodes()))
     common.RemoveInitializersFromInputsPass()(model)
     common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
@@ -63,11 +68,12 @@ def preprocess(model: ir.Model) -> PreprocessSummary:
     fold_bn = FoldBatchNormPass()
     fold_bn(model)
     summary.batchnorms_folded = len(fold_bn.folded)
-    summary.notes.extend(fold_bn.declined)
+    summary.declines.extend(fold_bn.declined)
     RemoveIdentityPass()(model)
     common.RemoveUnusedNodesPass()(model)
     if not infer_shapes(model):
         summary.notes.append("shape inference failed; tensors of unknown type are treated as float")
     common.TopologicalSortPass()(model)
     summary.nodes_after = sum(1 for _ in model.graph.all_nodes())
+    summary.seconds = time.perf_counter() - start
     return summary

@@ -14,21 +14,26 @@ import numpy as np
 import numpy.typing as npt
 import onnx_ir as ir
 
-from onnxq.graph import NameScope
+from onnxq import rules
+from onnxq.declines import Decline, Reason
+from onnxq.graph import DEFAULT_DOMAINS, NameScope, default_opset, node_label
 
-__all__ = ["FoldBatchNormPass"]
+__all__ = ["RULES", "FoldBatchNormPass", "FoldBatchNormRule"]
 
 logger = logging.getLogger(__name__)
 
 _PRODUCERS = frozenset({"Conv", "ConvTranspose", "Gemm"})
 _FLOAT_TYPES = frozenset({ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE, ir.DataType.BFLOAT16})
-_ONNX_DOMAINS = frozenset({"", "ai.onnx"})
 
 Array = npt.NDArray[np.float64]
 
 
 class _Decline(Exception):
-    """Raised by a check; its message is the reason recorded in ``FoldBatchNormPass.declined``."""
+    """Raised by a check helper; becomes the :class:`~onnxq.declines.Reason` the rule returns."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = Reason(code, message)
 
 
 @dataclass(frozen=True)
@@ -39,13 +44,6 @@ class _Fold:
     bias: np.ndarray
     bias_index: int
     drop_attributes: tuple[str, ...] = ()
-
-
-def _label(node: ir.Node) -> str:
-    if node.name:
-        return node.name
-    out = node.outputs[0].name if node.outputs else None
-    return f"<{node.op_type} -> {out}>" if out else f"<unnamed {node.op_type}>"
 
 
 def _onnx_opset(model: ir.Model, node: ir.Node) -> int:
@@ -69,36 +67,38 @@ def _const_array(value: ir.Value | None) -> np.ndarray | None:
 
 def _check_inference_mode(bn: ir.Node, opset: int) -> None:
     if opset < 7:
-        raise _Decline(f"BatchNormalization opset {opset} < 7 is not supported")
+        raise _Decline("opset", f"BatchNormalization opset {opset} < 7 is not supported")
     spatial = bn.attributes.get("spatial")
     if spatial is not None and (spatial.is_ref() or spatial.as_int() != 1):
-        raise _Decline("spatial=0 (per-activation statistics) is not supported")
+        raise _Decline("spatial", "spatial=0 (per-activation statistics) is not supported")
     training = bn.attributes.get("training_mode")
     if training is not None and (training.is_ref() or training.as_int() != 0):
-        raise _Decline("training_mode is set")
+        raise _Decline("training_mode", "training_mode is set")
     extra = [out for out in bn.outputs[1:] if out.name]
     if extra and opset < 14:
         # Before opset 14 the number of outputs selects training mode (batch statistics).
-        raise _Decline("training-mode outputs present (opset < 14 computes batch statistics)")
+        raise _Decline(
+            "training_mode", "training-mode outputs present (opset < 14 computes batch statistics)"
+        )
     for out in extra:
         if out.uses() or out.is_graph_output():
-            raise _Decline(f"training-mode output '{out.name}' is used")
+            raise _Decline("training_mode", f"training-mode output '{out.name}' is used")
 
 
 def _bn_affine(bn: ir.Node) -> tuple[Array, Array]:
     """``(s, t)`` with ``BN(x) = s * x + t`` per channel, in float64."""
     if len(bn.inputs) < 5:
-        raise _Decline("BatchNormalization has fewer than 5 inputs")
+        raise _Decline("structure", "BatchNormalization has fewer than 5 inputs")
     arrays = []
     for role, value in zip(("scale", "B", "mean", "var"), bn.inputs[1:5], strict=True):
         array = _const_array(value)
         if array is None:
-            raise _Decline(f"{role} is not a constant")
+            raise _Decline("not_constant", f"{role} is not a constant")
         arrays.append(array.astype(np.float64))
     scale, shift, mean, var = arrays
     channels = scale.size
     if any(a.shape != (channels,) for a in arrays):
-        raise _Decline("scale/B/mean/var are not 1-D tensors of the same length")
+        raise _Decline("shape", "scale/B/mean/var are not 1-D tensors of the same length")
     epsilon = bn.attributes.get_float("epsilon", 1e-5)
     s = scale / np.sqrt(var + epsilon)
     return s, shift - mean * s
@@ -107,22 +107,22 @@ def _bn_affine(bn: ir.Node) -> tuple[Array, Array]:
 def _weight_and_bias(producer: ir.Node, bias_index: int) -> tuple[np.ndarray, np.ndarray | None]:
     weight_value = producer.inputs[1] if len(producer.inputs) > 1 else None
     if weight_value is None:
-        raise _Decline(f"{producer.op_type} has no weight input")
+        raise _Decline("structure", f"{producer.op_type} has no weight input")
     weight = _const_array(weight_value)
     if weight is None:
-        raise _Decline(f"{producer.op_type} weight is not a constant")
+        raise _Decline("not_constant", f"{producer.op_type} weight is not a constant")
     try:
         dtype = ir.DataType.from_numpy(weight.dtype)
     except TypeError:
         dtype = None
     if dtype not in _FLOAT_TYPES:
-        raise _Decline(f"{producer.op_type} weight has data type {weight.dtype}")
+        raise _Decline("weight_type", f"{producer.op_type} weight has data type {weight.dtype}")
     bias_value = producer.inputs[bias_index] if len(producer.inputs) > bias_index else None
     bias = None
     if bias_value is not None:
         bias = _const_array(bias_value)
         if bias is None:
-            raise _Decline(f"{producer.op_type} bias is not a constant")
+            raise _Decline("not_constant", f"{producer.op_type} bias is not a constant")
     return weight, bias
 
 
@@ -130,9 +130,9 @@ def _fold_conv(producer: ir.Node, s: Array, t: Array) -> _Fold:
     weight, bias = _weight_and_bias(producer, 2)
     channels = s.size
     if weight.ndim < 3 or weight.shape[0] != channels:
-        raise _Decline(f"Conv weight shape {weight.shape} does not have {channels} output channels")
+        raise _Decline("shape", f"Conv weight shape {weight.shape} does not have {channels} output channels")
     if bias is not None and bias.shape != (channels,):
-        raise _Decline(f"Conv bias shape {bias.shape} is not ({channels},)")
+        raise _Decline("shape", f"Conv bias shape {bias.shape} is not ({channels},)")
     w = weight.astype(np.float64) * s.reshape((channels,) + (1,) * (weight.ndim - 1))
     b = np.zeros(channels) if bias is None else bias.astype(np.float64)
     return _Fold(weight=w.astype(weight.dtype), bias=(b * s + t).astype(weight.dtype), bias_index=2)
@@ -144,11 +144,12 @@ def _fold_conv_transpose(producer: ir.Node, s: Array, t: Array) -> _Fold:
     group = producer.attributes.get_int("group", 1)
     if weight.ndim < 3 or group < 1 or weight.shape[0] % group or weight.shape[1] * group != channels:
         raise _Decline(
+            "shape",
             f"ConvTranspose weight shape {weight.shape} with group={group} "
-            f"does not have {channels} output channels"
+            f"does not have {channels} output channels",
         )
     if bias is not None and bias.shape != (channels,):
-        raise _Decline(f"ConvTranspose bias shape {bias.shape} is not ({channels},)")
+        raise _Decline("shape", f"ConvTranspose bias shape {bias.shape} is not ({channels},)")
     # Weight (C, M/g, k...): input channel c in group g feeds output channel o = g * (M/g) + m.
     c_in, m_per_group = weight.shape[0], weight.shape[1]
     kernel = weight.shape[2:]
@@ -164,10 +165,12 @@ def _fold_gemm(producer: ir.Node, s: Array, t: Array) -> _Fold:
     channels = s.size
     trans_b = producer.attributes.get_int("transB", 0)
     if weight.ndim != 2:
-        raise _Decline(f"Gemm weight has rank {weight.ndim}")
+        raise _Decline("shape", f"Gemm weight has rank {weight.ndim}")
     n_out = weight.shape[0] if trans_b else weight.shape[1]
     if n_out != channels:
-        raise _Decline(f"Gemm output has {n_out} columns, BatchNormalization has {channels} channels")
+        raise _Decline(
+            "shape", f"Gemm output has {n_out} columns, BatchNormalization has {channels} channels"
+        )
     alpha = producer.attributes.get_float("alpha", 1.0)
     beta = producer.attributes.get_float("beta", 1.0)
     # Y = alpha * A' B' + beta * C; the BN scales column j of Y by s[j].
@@ -177,11 +180,11 @@ def _fold_gemm(producer: ir.Node, s: Array, t: Array) -> _Fold:
         b = t
     else:
         if bias.ndim > 2:
-            raise _Decline(f"Gemm bias C has rank {bias.ndim}")
+            raise _Decline("shape", f"Gemm bias C has rank {bias.ndim}")
         try:
             np.broadcast_shapes(bias.shape, (channels,))
         except ValueError as e:
-            raise _Decline(f"Gemm bias C shape {bias.shape} does not broadcast to the output") from e
+            raise _Decline("shape", f"Gemm bias C shape {bias.shape} does not broadcast to the output") from e
         # Broadcasting keeps row-dependent C (shape (M, 1) or (M, N)) exact.
         b = beta * bias.astype(np.float64) * s + t
     return _Fold(
@@ -216,6 +219,112 @@ def _drop_if_unused(value: ir.Value | None) -> None:
     producer = value.producer()
     if producer is not None and producer.op_type == "Constant" and producer.graph is not None:
         producer.graph.remove(producer, safe=True)
+
+
+@dataclass
+class _Match:
+    """A BatchNormalization and, once ``check`` passed, the fold computed for its producer."""
+
+    bn: ir.Node
+    ctx: _FoldContext
+    producer: ir.Node | None = None
+    fold: _Fold | None = None
+
+
+@dataclass
+class _FoldContext:
+    model: ir.Model
+    names: NameScope
+    folded: list[str]
+
+
+class FoldBatchNormRule(rules.Rule[_Match, _FoldContext]):
+    """``BN(P(x, W, b)) -> P(x, W', b')`` for P in Conv, ConvTranspose, Gemm (see the pass)."""
+
+    op_types = ("BatchNormalization",)
+
+    def match(self, node: ir.Node, ctx: _FoldContext) -> _Match | None:
+        return _Match(node, ctx)
+
+    def check(self, m: _Match) -> Reason | None:
+        try:
+            m.producer, m.fold = _check(m.ctx.model, m.bn)
+        except _Decline as decline:
+            return decline.reason
+        return None
+
+    def rewrite(self, m: _Match) -> str:
+        assert m.producer is not None and m.fold is not None
+        _rewrite(m.bn, m.producer, m.fold, m.ctx.names)
+        m.ctx.folded.append(node_label(m.bn))
+        logger.debug(
+            "Folded BatchNorm %s into %s %s", node_label(m.bn), m.producer.op_type, node_label(m.producer)
+        )
+        return m.producer.op_type
+
+
+def _check(model: ir.Model, bn: ir.Node) -> tuple[ir.Node, _Fold]:
+    """The producer and the fold, or :class:`_Decline`; nothing here changes the graph."""
+    graph = bn.graph
+    _check_inference_mode(bn, _onnx_opset(model, bn))
+    x = bn.inputs[0] if bn.inputs else None
+    if x is None:
+        raise _Decline("structure", "input X is missing")
+    producer = x.producer()
+    if producer is None:
+        kind = "a graph input" if x.is_graph_input() else "an initializer or outer-scope value"
+        raise _Decline("producer", f"input X is {kind}")
+    if producer.domain not in DEFAULT_DOMAINS or producer.op_type not in _PRODUCERS:
+        raise _Decline("producer", f"input X comes from {producer.op_type}, not Conv/ConvTranspose/Gemm")
+    if producer.graph is not graph:
+        raise _Decline("producer", f"{producer.op_type} is in another graph")
+    what = producer.op_type.lower()
+    if len(x.uses()) != 1:
+        raise _Decline("shared_output", f"{what} output has {len(x.uses())} uses")
+    if x.is_graph_output():
+        raise _Decline("shared_output", f"{what} output is a graph output")
+    s, t = _bn_affine(bn)
+    return producer, _FOLDERS[producer.op_type](producer, s, t)
+
+
+def _rewrite(bn: ir.Node, producer: ir.Node, fold: _Fold, names: NameScope) -> None:
+    graph = bn.graph
+    assert graph is not None
+    x = bn.inputs[0]
+    assert x is not None
+    suffix = bn.name or "bn"
+    old_weight = producer.inputs[1]
+    assert old_weight is not None
+    old_bias = producer.inputs[fold.bias_index] if len(producer.inputs) > fold.bias_index else None
+    weight_base = old_weight.name or f"{producer.name or producer.op_type}_weight"
+    bias_base = old_bias.name if old_bias is not None and old_bias.name else f"{weight_base}_bias"
+    new_weight = _new_initializer(graph, names.fresh(f"{weight_base}__fold_{suffix}"), fold.weight)
+    new_bias = _new_initializer(graph, names.fresh(f"{bias_base}__fold_{suffix}"), fold.bias)
+    if len(producer.inputs) <= fold.bias_index:
+        producer.resize_inputs(fold.bias_index + 1)
+    producer.replace_input_with(1, new_weight)
+    producer.replace_input_with(fold.bias_index, new_bias)
+    for attribute in fold.drop_attributes:
+        producer.attributes.pop(attribute, None)
+
+    y = bn.outputs[0]
+    y_name = y.name
+    bn_params = list(bn.inputs[1:])
+    y.replace_all_uses_with(x, replace_graph_outputs=True)
+    graph.remove(bn, safe=True)
+    if x.type is None and y.type is not None:
+        x.type = y.type
+    if x.shape is None and y.shape is not None:
+        x.shape = y.shape
+    if y_name:
+        y.name = None
+        x.name = y_name
+    for value in (old_weight, old_bias, *bn_params):
+        _drop_if_unused(value)
+
+
+#: The pass's rule table.
+RULES: tuple[FoldBatchNormRule, ...] = (FoldBatchNormRule(),)
 
 
 class FoldBatchNormPass(ir.passes.InPlacePass):
@@ -254,79 +363,14 @@ class FoldBatchNormPass(ir.passes.InPlacePass):
 
     def __init__(self) -> None:
         super().__init__()
-        self.declined: list[str] = []
+        self.declined: list[Decline] = []
         self.folded: list[str] = []
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        self.declined = []
-        self.folded = []
-        names = NameScope(model.graph)
-        for graph in list(model.graphs()):
-            for node in list(graph):
-                if node.op_type != "BatchNormalization" or node.domain not in _ONNX_DOMAINS:
-                    continue
-                try:
-                    self._fold(model, graph, node, names)
-                except _Decline as reason:
-                    message = f"BatchNorm {_label(node)} not folded: {reason}"
-                    self.declined.append(message)
-                    logger.debug(message)
+        ctx = _FoldContext(model, NameScope(model.graph), [])
+        outcome = rules.apply_rules(model, RULES, ctx, stage="fold", opset=default_opset(model))
+        self.declined = outcome.declines
+        self.folded = ctx.folded
         if self.folded:
             logger.info("Folded %d BatchNormalization nodes", len(self.folded))
         return ir.passes.PassResult(model, modified=bool(self.folded))
-
-    def _fold(self, model: ir.Model, graph: ir.Graph, bn: ir.Node, names: NameScope) -> None:
-        # Match and check: nothing below mutates the graph until every check has passed.
-        label = _label(bn)
-        _check_inference_mode(bn, _onnx_opset(model, bn))
-        x = bn.inputs[0] if bn.inputs else None
-        if x is None:
-            raise _Decline("input X is missing")
-        producer = x.producer()
-        if producer is None:
-            kind = "a graph input" if x.is_graph_input() else "an initializer or outer-scope value"
-            raise _Decline(f"input X is {kind}")
-        if producer.domain not in _ONNX_DOMAINS or producer.op_type not in _PRODUCERS:
-            raise _Decline(f"input X comes from {producer.op_type}, not Conv/ConvTranspose/Gemm")
-        if producer.graph is not graph:
-            raise _Decline(f"{producer.op_type} is in another graph")
-        what = producer.op_type.lower()
-        if len(x.uses()) != 1:
-            raise _Decline(f"{what} output has {len(x.uses())} uses")
-        if x.is_graph_output():
-            raise _Decline(f"{what} output is a graph output")
-        s, t = _bn_affine(bn)
-        fold = _FOLDERS[producer.op_type](producer, s, t)
-
-        # Rewrite.
-        suffix = bn.name or "bn"
-        old_weight = producer.inputs[1]
-        assert old_weight is not None
-        old_bias = producer.inputs[fold.bias_index] if len(producer.inputs) > fold.bias_index else None
-        weight_base = old_weight.name or f"{producer.name or producer.op_type}_weight"
-        bias_base = old_bias.name if old_bias is not None and old_bias.name else f"{weight_base}_bias"
-        new_weight = _new_initializer(graph, names.fresh(f"{weight_base}__fold_{suffix}"), fold.weight)
-        new_bias = _new_initializer(graph, names.fresh(f"{bias_base}__fold_{suffix}"), fold.bias)
-        if len(producer.inputs) <= fold.bias_index:
-            producer.resize_inputs(fold.bias_index + 1)
-        producer.replace_input_with(1, new_weight)
-        producer.replace_input_with(fold.bias_index, new_bias)
-        for attribute in fold.drop_attributes:
-            producer.attributes.pop(attribute, None)
-
-        y = bn.outputs[0]
-        y_name = y.name
-        bn_params = list(bn.inputs[1:])
-        y.replace_all_uses_with(x, replace_graph_outputs=True)
-        graph.remove(bn, safe=True)
-        if x.type is None and y.type is not None:
-            x.type = y.type
-        if x.shape is None and y.shape is not None:
-            x.shape = y.shape
-        if y_name:
-            y.name = None
-            x.name = y_name
-        for value in (old_weight, old_bias, *bn_params):
-            _drop_if_unused(value)
-        self.folded.append(label)
-        logger.debug("Folded BatchNorm %s into %s %s", label, producer.op_type, _label(producer))

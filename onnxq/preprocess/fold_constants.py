@@ -9,6 +9,10 @@ from collections.abc import Sequence
 import numpy as np
 import onnx_ir as ir
 
+from onnxq.declines import Decline
+from onnxq.graph import node_label
+from onnxq.runtime.session import RuntimeFailure, make_session, run
+
 __all__ = ["FoldConstantsPass"]
 
 logger = logging.getLogger(__name__)
@@ -184,7 +188,7 @@ class FoldConstantsPass(ir.passes.InPlacePass):
             raise ValueError(f"size_limit must be >= 0, got {size_limit}")
         self.size_limit = size_limit
         self.fold_shapes = fold_shapes
-        self.declined: list[str] = []
+        self.declined: list[Decline] = []
         self.folded_nodes = 0
         self.sessions = 0
         self._declined_nodes: set[ir.Node] = set()
@@ -285,12 +289,14 @@ class FoldConstantsPass(ir.passes.InPlacePass):
             if unfeedable:
                 value = unfeedable[0]
                 assert value.const_value is not None
-                self._decline(node, f"input {value.name} has data type {value.const_value.dtype.name}")
+                self._decline(
+                    node, "type", f"input {value.name} has data type {value.const_value.dtype.name}"
+                )
                 excluded.add(node)
                 continue
             too_big = [out.name for out in node.outputs if (_static_size(out) or 0) > self.size_limit]
             if too_big:
-                self._decline(node, f"output {too_big[0]} has more than {self.size_limit} elements")
+                self._decline(node, "size", f"output {too_big[0]} has more than {self.size_limit} elements")
                 excluded.add(node)
                 continue
             plan.append(node)
@@ -320,7 +326,7 @@ class FoldConstantsPass(ir.passes.InPlacePass):
                     logger.debug("Batched constant evaluation failed (%s); evaluating node by node", e)
                     values.update(self._evaluate_each(plan, values, opset, excluded))
                     break
-                self._decline(e.node, f"ONNX Runtime could not evaluate it: {e}")
+                self._decline(e.node, "evaluation", f"ONNX Runtime could not evaluate it: {e}")
                 excluded.add(e.node)
                 plan = self._plan(graph, excluded, shapes)
         else:
@@ -334,7 +340,7 @@ class FoldConstantsPass(ir.passes.InPlacePass):
             for node in plan:
                 reason = self._result_problem(node, values)
                 if reason is not None:
-                    self._decline(node, reason)
+                    self._decline(node, "result", reason)
                     excluded.add(node)
                     newly_excluded = True
             if not newly_excluded:
@@ -382,13 +388,13 @@ class FoldConstantsPass(ir.passes.InPlacePass):
         self.folded_nodes += len(plan)
         logger.debug("Folded %d nodes into %d initializers", len(plan), len(replacements))
 
-    def _decline(self, node: ir.Node, reason: str) -> None:
+    def _decline(self, node: ir.Node, code: str, reason: str) -> None:
         if node in self._declined_nodes:
             return
         self._declined_nodes.add(node)
-        message = f"{node.op_type} {node.name or node.outputs[0].name} not folded: {reason}"
-        self.declined.append(message)
-        logger.debug(message)
+        decline = Decline("fold", code, reason, node_label(node))
+        self.declined.append(decline)
+        logger.debug("%s", decline)
 
     # ------------------------------------------------------------------------------------------------
     # Evaluation in ONNX Runtime
@@ -492,24 +498,14 @@ class FoldConstantsPass(ir.passes.InPlacePass):
             try:
                 values.update(self._evaluate([node], values, opset))
             except _EvaluationError as e:
-                self._decline(node, f"ONNX Runtime could not evaluate it: {e}")
+                self._decline(node, "evaluation", f"ONNX Runtime could not evaluate it: {e}")
                 excluded.add(node)
         return values
 
     def _run(self, model: ir.Model, feeds: dict[str, np.ndarray], outputs: list[str]) -> list[np.ndarray]:
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        options.log_severity_level = 4
-        run_options = ort.RunOptions()
-        run_options.log_severity_level = 4
         try:
-            data = ir.to_proto(model).SerializeToString()
             self.sessions += 1
-            session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
-            results = session.run(outputs, feeds, run_options)
-        except Exception as e:  # ORT raises several unrelated types (Fail, InvalidGraph, ...)
-            message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise _EvaluationError(message) from e
-        return [r if isinstance(r, np.ndarray) else np.asarray(r, dtype=object) for r in results]
+            session = make_session(ir.to_proto(model).SerializeToString(), opt_level="disable")
+            return run(session, feeds, outputs)
+        except RuntimeFailure as e:
+            raise _EvaluationError(e.reason) from e

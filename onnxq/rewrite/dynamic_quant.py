@@ -80,8 +80,11 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
+from onnxq import rules
 from onnxq.config import QuantConfig, WeightScheme
+from onnxq.declines import Decline, Reason
 from onnxq.graph import (
+    DEFAULT_DOMAINS,
     NameScope,
     attr_float,
     attr_int,
@@ -91,13 +94,27 @@ from onnxq.graph import (
     make_initializer,
 )
 from onnxq.qmath import QuantParams, quantize_weight
+from onnxq.rules import Kernel
 
-__all__ = ["MS_DOMAIN", "DynamicQuantizePass"]
+__all__ = ["MS_DOMAIN", "QUANTIZED_OP_TYPES", "RULES", "DynamicQuantizePass"]
 
 logger = logging.getLogger(__name__)
 
 MS_DOMAIN = "com.microsoft"
-_DEFAULT_DOMAINS = ("", "ai.onnx")
+#: Op types the dynamic rewrite writes (everything else in its output stayed float).
+QUANTIZED_OP_TYPES = frozenset(
+    {
+        "DynamicQuantizeMatMul",
+        "MatMulInteger",
+        "ConvInteger",
+        "DynamicQuantizeLSTM",
+        "DynamicQuantizeLinear",
+        "DequantizeLinear",
+        "QuantizeLinear",
+        "Cast",
+        "MatMulIntegerToFloat",
+    }
+)
 #: DynamicQuantizeLinear exists from this default-domain opset on.
 _MIN_DQL_OPSET = 11
 #: Attributes of ONNX LSTM that com.microsoft.DynamicQuantizeLSTM also has.
@@ -159,82 +176,161 @@ class DynamicQuantizePass(ir.passes.InPlacePass):
         self.config = config or QuantConfig()
         self.ms_domain = ms_domain
         self.quantized: collections.Counter[str] = collections.Counter()
-        self.declined: list[str] = []
+        self.declined: list[Decline] = []
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        self.quantized = collections.Counter()
-        self.declined = []
-        rewriter = _Rewriter(model, self.config, self.ms_domain)
+        ctx = _Rewriter(model, self.config, self.ms_domain)
         # MatMul/Gemm are matched first: the rewrite of one needs to know which other readers of
         # its activation will be rewritten too (they share one run-time quantization).
-        products: dict[ir.Node, _Product | str] = {
-            node: rewriter.match_product(node)
+        ctx.products = {
+            node: ctx.match_product(node)
             for node in model.graph
             if node.op_type in ("MatMul", "Gemm")
-            and node.domain in _DEFAULT_DOMAINS
+            and node.domain in DEFAULT_DOMAINS
             and self.config.resolve(node.name or "", node.op_type).quantize
         }
-        rewritable = {node for node, match in products.items() if isinstance(match, _Product)}
+        ctx.rewritable = {node for node, match in ctx.products.items() if isinstance(match, _Product)}
+        table: list[_Rule] = [PRODUCT_RULE, LSTM_RULE]
+        if self.config.dynamic.conv:
+            table.append(CONV_RULE)
+        if self.config.dynamic.embeddings:
+            table.append(GATHER_RULE)
+        outcome = rules.apply_rules(model, table, ctx, stage="dynamic", opset=ctx.opset, scope="main")
+        self.quantized = outcome.rewritten
+        self.declined = outcome.declines + self._left_float(model)
+        modified = bool(self.quantized)
+        if modified:
+            ctx.drop_replaced_initializers()
+            if ctx.used_ms_domain:
+                model.opset_imports.setdefault(MS_DOMAIN, 1)
+        for decline in self.declined:
+            logger.debug("%s", decline)
+        return ir.passes.PassResult(model, modified=modified)
 
-        def product(node: ir.Node) -> str | None:
-            match = products[node]
-            if isinstance(match, str):
-                return match
-            rewriter.rewrite_product(match, rewritable)
-            return None
-
-        handlers = {
-            "MatMul": product,
-            "Gemm": product,
-            "LSTM": rewriter.lstm,
-            "Conv": rewriter.conv,
-            "Gather": rewriter.gather,
-        }
-        off: collections.Counter[str] = collections.Counter()
-        for node in list(model.graph):
-            if node.graph is None or node.domain not in _DEFAULT_DOMAINS or node.op_type not in handlers:
-                continue  # (removed: an Add folded into an earlier node)
-            if node.op_type == "Conv" and not self.config.dynamic.conv:
-                off["Conv"] += 1
-                continue
-            if node.op_type == "Gather":
-                if _embedding_table(node) is None:
-                    continue  # (not an embedding: a shape or index lookup)
-                if not self.config.dynamic.embeddings:
-                    off["Gather"] += 1
-                    continue
-            name = node.name or node.op_type
-            if not self.config.resolve(node.name or "", node.op_type).quantize:
-                self.declined.append(f"{name} not quantized: excluded by configuration")
-                continue
-            reason = handlers[node.op_type](node)
-            if reason is None:
-                self.quantized[node.op_type] += 1
-            else:
-                self.declined.append(f"{name} not quantized: {reason}")
-        if off["Conv"]:
-            self.declined.append(
-                f"{off['Conv']} Conv node(s) left float: dynamic Conv is off (DynamicConfig.conv; "
+    def _left_float(self, model: ir.Model) -> list[Decline]:
+        """One line per kind of node this pass leaves float without looking at it: flags off, subgraphs."""
+        main = [n for n in model.graph if n.domain in DEFAULT_DOMAINS]
+        lines: list[Decline] = []
+        conv = sum(1 for n in main if n.op_type == "Conv")
+        if conv and not self.config.dynamic.conv:
+            message = (
+                f"{conv} Conv node(s) left float: dynamic Conv is off (DynamicConfig.conv; "
                 "ConvInteger is slower than float Conv in ONNX Runtime)"
             )
-        if off["Gather"]:
-            self.declined.append(
-                f"{off['Gather']} embedding Gather node(s) left float: DynamicConfig.embeddings is off"
-            )
+            lines.append(Decline("dynamic", "option_off", message, op_type=""))
+        gather = sum(1 for n in main if n.op_type == "Gather" and _embedding_table(n) is not None)
+        if gather and not self.config.dynamic.embeddings:
+            message = f"{gather} embedding Gather node(s) left float: DynamicConfig.embeddings is off"
+            lines.append(Decline("dynamic", "option_off", message))
         inner = _subgraph_candidates(model.graph, self.config)
         if inner:
             counts = ", ".join(f"{op_type} ×{count}" for op_type, count in sorted(inner.items()))
-            self.declined.append(
-                f"{sum(inner.values())} node(s) inside If/Loop/Scan subgraphs left float ({counts})"
-            )
-        modified = bool(self.quantized)
-        if modified:
-            rewriter.drop_replaced_initializers()
-            if rewriter.used_ms_domain:
-                model.opset_imports.setdefault(MS_DOMAIN, 1)
-        for line in self.declined:
-            logger.debug("%s", line)
-        return ir.passes.PassResult(model, modified=modified)
+            message = f"{sum(inner.values())} node(s) inside If/Loop/Scan subgraphs left float ({counts})"
+            lines.append(Decline("dynamic", "subgraph", message))
+        return lines
+
+
+@dataclass
+class _Match:
+    """A node a rule looks at; ``product`` is set by the MatMul/Gemm rule's check."""
+
+    node: ir.Node
+    ctx: _Rewriter
+    product: _Product | None = None
+
+
+def _excluded(m: _Match) -> Reason | None:
+    if m.ctx.config.resolve(m.node.name or "", m.node.op_type).quantize:
+        return None
+    return Reason("excluded", "excluded by configuration")
+
+
+class _Rule(rules.Rule[_Match, "_Rewriter"]):
+    """The rules of this pass all match every node of their op types; ``check`` decides."""
+
+    def match(self, node: ir.Node, ctx: _Rewriter) -> _Match | None:
+        return _Match(node, ctx)
+
+
+class _ProductRule(_Rule):
+    """Rules 1 and 2: MatMul/Gemm with a constant weight → DynamicQuantizeMatMul (or its forms)."""
+
+    op_types = ("MatMul", "Gemm")
+
+    def check(self, m: _Match) -> Reason | None:
+        found = _excluded(m) or m.ctx.products.get(m.node) or m.ctx.match_product(m.node)
+        if isinstance(found, Reason):
+            return found
+        m.product = found
+        return None
+
+    def kernel(self, m: _Match) -> Kernel | None:
+        weight = ir.DataType.INT8 if m.ctx.scheme(m.node).dtype == "int8" else ir.DataType.UINT8
+        if m.ctx.ms_domain:
+            return Kernel("MatMulIntegerToFloat", {0: ir.DataType.UINT8, 1: weight}, MS_DOMAIN)
+        return Kernel("MatMulInteger", {0: ir.DataType.UINT8, 1: weight})
+
+    def rewrite(self, m: _Match) -> str:
+        assert m.product is not None
+        m.ctx.rewrite_product(m.product, m.ctx.rewritable)
+        return m.node.op_type
+
+
+class _LSTMRule(_Rule):
+    """Rule 3: LSTM → com.microsoft.DynamicQuantizeLSTM."""
+
+    op_types = ("LSTM",)
+
+    def check(self, m: _Match) -> Reason | None:
+        return _excluded(m) or m.ctx.lstm_problem(m.node)
+
+    def kernel(self, m: _Match) -> Kernel | None:
+        weight = ir.DataType.INT8 if m.ctx.scheme(m.node).dtype == "int8" else ir.DataType.UINT8
+        return Kernel("DynamicQuantizeLSTM", {1: weight}, MS_DOMAIN)
+
+    def rewrite(self, m: _Match) -> str:
+        m.ctx.lstm(m.node)
+        return "LSTM"
+
+
+class _ConvRule(_Rule):
+    """Rule 4 (``DynamicConfig.conv``): Conv → DynamicQuantizeLinear → ConvInteger (uint8 weights)."""
+
+    op_types = ("Conv",)
+
+    def check(self, m: _Match) -> Reason | None:
+        return _excluded(m) or m.ctx.conv_problem(m.node)
+
+    def kernel(self, m: _Match) -> Kernel | None:
+        return Kernel("ConvInteger", {0: ir.DataType.UINT8, 1: ir.DataType.UINT8})
+
+    def rewrite(self, m: _Match) -> str:
+        m.ctx.conv(m.node)
+        return "Conv"
+
+
+class _GatherRule(_Rule):
+    """Rule 5 (``DynamicConfig.embeddings``): a Gather of a constant [V, D] table → int8 table."""
+
+    op_types = ("Gather",)
+
+    def match(self, node: ir.Node, ctx: _Rewriter) -> _Match | None:
+        return _Match(node, ctx) if _embedding_table(node) is not None else None
+
+    def check(self, m: _Match) -> Reason | None:
+        return _excluded(m)
+
+    def rewrite(self, m: _Match) -> str:
+        m.ctx.gather(m.node)
+        return "Gather"
+
+
+PRODUCT_RULE = _ProductRule()
+LSTM_RULE = _LSTMRule()
+CONV_RULE = _ConvRule()
+GATHER_RULE = _GatherRule()
+#: Every rule of the pass (the pass uses the flagged ones only when their flag is on).
+RULES: tuple[_Rule, ...] = (PRODUCT_RULE, LSTM_RULE, CONV_RULE, GATHER_RULE)
 
 
 def _embedding_table(node: ir.Node) -> np.ndarray | None:
@@ -259,7 +355,7 @@ def _subgraph_candidates(graph: ir.Graph, config: QuantConfig) -> collections.Co
     found: collections.Counter[str] = collections.Counter()
     for sub in graph.subgraphs():
         for node in sub:
-            if node.domain in _DEFAULT_DOMAINS and node.op_type in types:
+            if node.domain in DEFAULT_DOMAINS and node.op_type in types:
                 found[node.op_type] += 1
     return found
 
@@ -305,11 +401,14 @@ class _Rewriter:
         self.replaced: list[ir.Value] = []
         self._weights: dict[tuple[object, ...], _QuantizedWeight] = {}
         self._activations: dict[ir.Value, tuple[ir.Value, ir.Value, ir.Value]] = {}
+        #: MatMul/Gemm nodes of the main graph matched before any rewrite, and those that will be.
+        self.products: dict[ir.Node, _Product | Reason] = {}
+        self.rewritable: set[ir.Node] = set()
 
     # ------------------------------------------------------------------------------------------
     # Helpers
 
-    def _scheme(self, node: ir.Node) -> WeightScheme:
+    def scheme(self, node: ir.Node) -> WeightScheme:
         weights = self.config.resolve(node.name or "", node.op_type).weights
         return weights if weights is not None else self.config.weights
 
@@ -404,7 +503,7 @@ class _Rewriter:
         if len(uses) != 1:
             return None
         add = uses[0].node
-        if add.op_type != "Add" or add.domain not in _DEFAULT_DOMAINS or add.graph is not self.graph:
+        if add.op_type != "Add" or add.domain not in DEFAULT_DOMAINS or add.graph is not self.graph:
             return None
         if len(add.inputs) != 2 or add.inputs[0] is add.inputs[1]:
             return None
@@ -424,41 +523,47 @@ class _Rewriter:
     # ------------------------------------------------------------------------------------------
     # MatMul / Gemm
 
-    def _check_activation(self, a: ir.Value | None) -> str | None:
+    def _check_activation(self, a: ir.Value | None) -> Reason | None:
         if a is None:
-            return "input A is missing"
+            return Reason("activation_form", "input A is missing")
         if is_constant(a):
-            return "input A is a constant (nothing to quantize at run time)"
+            return Reason("activation_form", "input A is a constant (nothing to quantize at run time)")
         if not is_float(a):
-            return f"input A is {a.dtype}, not float32"
+            return Reason("activation_form", f"input A is {a.dtype}, not float32")
         return None
 
-    def _check_weight(self, b: ir.Value | None, what: str) -> np.ndarray | str:
+    def _check_weight(self, b: ir.Value | None, what: str) -> np.ndarray | Reason:
         if b is None:
-            return f"{what} is missing"
+            return Reason("weight_form", f"{what} is missing")
         data = const_array(b)
         if data is None:
-            return f"{what} is not a constant (activation × activation products stay float)"
+            return Reason(
+                "weight_form", f"{what} is not a constant (activation × activation products stay float)"
+            )
         if data.dtype != np.float32:
-            return f"{what} is {data.dtype}, not float32"
+            return Reason("weight_form", f"{what} is {data.dtype}, not float32")
         if data.ndim != 2:
-            return f"{what} has rank {data.ndim}; DynamicQuantizeMatMul needs a 2-D weight"
+            return Reason(
+                "weight_form", f"{what} has rank {data.ndim}; DynamicQuantizeMatMul needs a 2-D weight"
+            )
         return data
 
-    def _check_form(self) -> str | None:
+    def _check_form(self) -> Reason | None:
         if not self.ms_domain and self.opset < _MIN_DQL_OPSET:
-            return f"opset {self.opset} has no DynamicQuantizeLinear (needs {_MIN_DQL_OPSET})"
+            return Reason(
+                "opset", f"opset {self.opset} has no DynamicQuantizeLinear (needs {_MIN_DQL_OPSET})"
+            )
         return None
 
-    def match_product(self, node: ir.Node) -> _Product | str:
+    def match_product(self, node: ir.Node) -> _Product | Reason:
         """Check a MatMul or Gemm (rules 1 and 2); the graph is not touched."""
         a, b, c = _inputs(node, 3)
         if node.op_type == "Gemm" and attr_int(node, "transA", 0) != 0:
-            return "Gemm with transA = 1"
+            return Reason("form", "Gemm with transA = 1")
         if (reason := self._check_activation(a)) is not None:
             return reason
         w = self._check_weight(b, "weight B")
-        if isinstance(w, str):
+        if isinstance(w, Reason):
             return w
         if (reason := self._check_form()) is not None:
             return reason
@@ -475,9 +580,9 @@ class _Rewriter:
         product.consumed = (c,)
         c_data = const_array(c)
         if c_data is None:
-            return "input C is not a constant"
+            return Reason("form", "input C is not a constant")
         if c_data.dtype != np.float32:
-            return f"input C is {c_data.dtype}, not float32"
+            return Reason("form", f"input C is {c_data.dtype}, not float32")
         if beta == 0.0:
             return product
         n = product.n
@@ -506,7 +611,7 @@ class _Rewriter:
         assert a is not None
         base = node.name or node.op_type
         n = product.n
-        qw = self._matrix_weight(product.b, self._scheme(node), product.trans_b, product.alpha)
+        qw = self._matrix_weight(product.b, self.scheme(node), product.trans_b, product.alpha)
         self.replaced.extend(product.consumed)
         old_nodes = [node]
         final = node.outputs[0]
@@ -585,26 +690,34 @@ class _Rewriter:
     # ------------------------------------------------------------------------------------------
     # LSTM
 
-    def lstm(self, node: ir.Node) -> str | None:
+    def lstm_problem(self, node: ir.Node) -> Reason | None:
+        """Rule 3's check: why this LSTM cannot become DynamicQuantizeLSTM."""
         inputs = _inputs(node, 8)
         x, w_value, r_value = inputs[:3]
         if attr_int(node, "layout", 0) != 0:
-            return "LSTM with layout = 1 (DynamicQuantizeLSTM has no batch-first layout)"
+            return Reason("form", "LSTM with layout = 1 (DynamicQuantizeLSTM has no batch-first layout)")
         if (reason := self._check_activation(x)) is not None:
-            return reason.replace("input A", "input X")
+            return Reason(reason.code, reason.message.replace("input A", "input X"))
         w = const_array(w_value)
         r = const_array(r_value)
         if w is None or r is None:
-            return "weights W and R must both be constants"
+            return Reason("weight_form", "weights W and R must both be constants")
         if w.dtype != np.float32 or r.dtype != np.float32:
-            return "weights W and R must be float32"
+            return Reason("weight_form", "weights W and R must be float32")
         if w.ndim != 3 or r.ndim != 3 or w.shape[:2] != r.shape[:2] or r.shape[1] != 4 * r.shape[2]:
-            return f"unexpected weight shapes W {list(w.shape)}, R {list(r.shape)}"
+            return Reason("weight_form", f"unexpected weight shapes W {list(w.shape)}, R {list(r.shape)}")
+        if attr_int(node, "hidden_size", r.shape[2]) != r.shape[2]:
+            return Reason("form", "hidden_size does not match R")
+        return None
+
+    def lstm(self, node: ir.Node) -> None:
+        """Rule 3's rewrite (after :meth:`lstm_problem` found nothing)."""
+        inputs = _inputs(node, 8)
+        x, w_value, r_value = inputs[:3]
+        w, r = const_array(w_value), const_array(r_value)
+        assert w is not None and r is not None and w_value is not None and r_value is not None
         hidden = r.shape[2]
-        if attr_int(node, "hidden_size", hidden) != hidden:
-            return "hidden_size does not match R"
-        assert w_value is not None and r_value is not None
-        scheme = self._scheme(node)
+        scheme = self.scheme(node)
         base = node.name or "LSTM"
         qw = self._lstm_weight(w_value, w, scheme)
         qr = self._lstm_weight(r_value, r, scheme)
@@ -627,7 +740,6 @@ class _Rewriter:
         for old, fresh in zip(node.outputs, new.outputs, strict=True):
             _take_name(old, fresh)
         self.used_ms_domain = True
-        return None
 
     def _lstm_weight(self, source: ir.Value, w: np.ndarray, scheme: WeightScheme) -> _QuantizedWeight:
         """``[D, 4H, X]`` → transposed ``[D, X, 4H]``, quantized per direction (and per gate column)."""
@@ -650,24 +762,33 @@ class _Rewriter:
     # ------------------------------------------------------------------------------------------
     # Conv
 
-    def conv(self, node: ir.Node) -> str | None:
+    def conv_problem(self, node: ir.Node) -> Reason | None:
+        """Rule 4's check: why this Conv cannot become DynamicQuantizeLinear → ConvInteger."""
         x, w_value, b_value = _inputs(node, 3)
         if (reason := self._check_activation(x)) is not None:
-            return reason.replace("input A", "input X")
+            return Reason(reason.code, reason.message.replace("input A", "input X"))
         w = const_array(w_value)
         if w is None:
-            return "weight is not a constant"
+            return Reason("weight_form", "weight is not a constant")
         if w.dtype != np.float32 or w.ndim < 3:
-            return f"weight must be a float32 tensor of rank >= 3, got {w.dtype} rank {w.ndim}"
-        bias = None
-        if b_value is not None:
-            bias = const_array(b_value)
-            if bias is None:
-                return "bias is not a constant"
+            return Reason(
+                "weight_form", f"weight must be a float32 tensor of rank >= 3, got {w.dtype} rank {w.ndim}"
+            )
+        if b_value is not None and const_array(b_value) is None:
+            return Reason("bias_form", "bias is not a constant")
         if self.opset < _MIN_DQL_OPSET:
-            return f"opset {self.opset} has no DynamicQuantizeLinear (needs {_MIN_DQL_OPSET})"
-        assert x is not None and w_value is not None
-        scheme = self._scheme(node)
+            return Reason(
+                "opset", f"opset {self.opset} has no DynamicQuantizeLinear (needs {_MIN_DQL_OPSET})"
+            )
+        return None
+
+    def conv(self, node: ir.Node) -> None:
+        """Rule 4's rewrite (after :meth:`conv_problem` found nothing)."""
+        x, w_value, b_value = _inputs(node, 3)
+        w = const_array(w_value)
+        bias = const_array(b_value) if b_value is not None else None
+        assert x is not None and w_value is not None and w is not None
+        scheme = self.scheme(node)
         base = node.name or "Conv"
         qw = self._conv_weight(w_value, w, scheme)
         x_q, x_scale, x_zero = self._quantize_activation(x, node)
@@ -691,7 +812,6 @@ class _Rewriter:
             result = add.outputs[0]
         self.graph.insert_before(node, new_nodes)
         self._replace([node], node.outputs[0], result)
-        return None
 
     def _conv_weight(self, source: ir.Value, w: np.ndarray, scheme: WeightScheme) -> _QuantizedWeight:
         """Symmetric int8 grid shifted to uint8 (zero point 128), or affine uint8 per-tensor."""
@@ -714,13 +834,13 @@ class _Rewriter:
     # ------------------------------------------------------------------------------------------
     # Gather (embeddings)
 
-    def gather(self, node: ir.Node) -> str | None:
+    def gather(self, node: ir.Node) -> None:
+        """Rule 5's rewrite: the table stored int8, only the gathered rows dequantized."""
         table = _embedding_table(node)
-        if table is None:
-            return "not a constant float32 [V, D] table gathered on axis 0"
+        assert table is not None
         source, indices = node.inputs[0], node.inputs[1]
         assert source is not None and indices is not None
-        scheme = self._scheme(node)
+        scheme = self.scheme(node)
         base = node.name or "Gather"
         key = (source, "Gather", scheme.per_channel)
         if key not in self._weights:
@@ -778,4 +898,3 @@ class _Rewriter:
             result = dq.outputs[0]
         self.graph.insert_before(node, new_nodes)
         self._replace([node], node.outputs[0], result)
-        return None

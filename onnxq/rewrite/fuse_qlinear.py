@@ -61,8 +61,18 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common
 
-from onnxq.graph import NameScope, attr_float, attr_int, attr_str, const_array, make_initializer
-from onnxq.runtime.kernels import kernel_table
+from onnxq import rules
+from onnxq.declines import Decline, Reason
+from onnxq.graph import (
+    DEFAULT_DOMAINS,
+    NameScope,
+    attr_float,
+    attr_int,
+    attr_str,
+    const_array,
+    make_initializer,
+)
+from onnxq.rules import Kernel
 
 __all__ = [
     "MS_DOMAIN",
@@ -78,7 +88,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 MS_DOMAIN = "com.microsoft"
-_DEFAULT_DOMAINS = ("", "ai.onnx")
 _QRANGE: dict[ir.DataType, tuple[int, int]] = {ir.DataType.UINT8: (0, 255), ir.DataType.INT8: (-128, 127)}
 _BIAS_RTOL = 1e-6
 #: Ops that move or select values: on integers they compute exactly what DQ → op → Q computes.
@@ -90,7 +99,7 @@ _INT32_MAX = float(np.iinfo(np.int32).max)
 
 
 def _is_op(node: ir.Node | None, *op_types: str) -> TypeGuard[ir.Node]:
-    return node is not None and node.op_type in op_types and node.domain in _DEFAULT_DOMAINS
+    return node is not None and node.op_type in op_types and node.domain in DEFAULT_DOMAINS
 
 
 def _type_name(dtype: ir.DataType | None) -> str:
@@ -304,62 +313,75 @@ class Match:
         return self.node.inputs[index] if index < len(self.node.inputs) else None
 
 
-def _activation_problem(q: QTensor | None, what: str) -> str | None:
+def _activation_problem(q: QTensor | None, what: str) -> Reason | None:
     """Why ``q`` is no per-tensor int8/uint8 activation with constant parameters (``None`` if it is)."""
     if q is None:
-        return f"{what} is not dequantized"
+        return Reason("activation_form", f"{what} is not dequantized")
     if q.scales is None or q.zero_points is None:
-        return f"{what}'s scale or zero point is not a constant"
+        return Reason("activation_form", f"{what}'s scale or zero point is not a constant")
     if q.dtype not in _QRANGE:
-        return f"{what} is {_type_name(q.dtype)}; the integer kernels take int8 or uint8"
+        return Reason(
+            "activation_form", f"{what} is {_type_name(q.dtype)}; the integer kernels take int8 or uint8"
+        )
     if not q.per_tensor:
-        return f"{what} is quantized per axis; the integer kernels need per-tensor activations"
+        return Reason(
+            "activation_form",
+            f"{what} is quantized per axis; the integer kernels need per-tensor activations",
+        )
     if q.scales.dtype != np.float32:
-        return f"{what}'s scale is {q.scales.dtype}, not float32"
+        return Reason("activation_form", f"{what}'s scale is {q.scales.dtype}, not float32")
     return None
 
 
-def _weight_problem(q: QTensor | None, what: str, axis: int, *, constant: bool = True) -> str | None:
+def _weight_problem(q: QTensor | None, what: str, axis: int, *, constant: bool = True) -> Reason | None:
     """Why ``q`` is no int8/uint8 weight quantized per tensor or per channel along ``axis``."""
     if q is None:
-        return f"{what} is not dequantized"
+        return Reason("weight_form", f"{what} is not dequantized")
     if constant and const_array(q.data) is None:
-        return f"{what} is not a constant"
+        return Reason("weight_form", f"{what} is not a constant")
     if q.scales is None or q.zero_points is None:
-        return f"{what}'s scale or zero point is not a constant"
+        return Reason("weight_form", f"{what}'s scale or zero point is not a constant")
     if q.dtype not in _QRANGE:
-        return f"{what} is {_type_name(q.dtype)}; the integer kernels take int8 or uint8"
+        return Reason(
+            "weight_form", f"{what} is {_type_name(q.dtype)}; the integer kernels take int8 or uint8"
+        )
     if q.scales.dtype != np.float32:
-        return f"{what}'s scale is {q.scales.dtype}, not float32"
+        return Reason("weight_form", f"{what}'s scale is {q.scales.dtype}, not float32")
     if q.block_size:
-        return f"{what} is quantized block-wise (block_size {q.block_size})"
+        return Reason("weight_form", f"{what} is quantized block-wise (block_size {q.block_size})")
     if q.per_tensor:
         return None
     rank = _rank(q.data)
     if rank is None:
-        return f"{what} is quantized per axis and its rank is unknown"
+        return Reason("weight_form", f"{what} is quantized per axis and its rank is unknown")
     if q.axis % rank != axis % rank:
-        return (
-            f"{what} is quantized along axis {q.axis}; the integer kernel needs axis {axis} (output channels)"
+        return Reason(
+            "weight_form",
+            f"{what} is quantized along axis {q.axis}; the integer kernel needs axis {axis} "
+            "(output channels)",
         )
     return None
 
 
-def _kernel_types_problem(x: QTensor, w: QTensor) -> str | None:
+def _kernel_types_problem(x: QTensor, w: QTensor) -> Reason | None:
     if x.dtype == ir.DataType.INT8 and w.dtype == ir.DataType.UINT8:
-        return "int8 activations with uint8 weights have no kernel in ONNX Runtime"
+        return Reason("no_kernel", "int8 activations with uint8 weights have no kernel in ONNX Runtime")
     return None
 
 
-def _output_problem(m: Match, x: QTensor) -> str | None:
+def _output_problem(m: Match, x: QTensor) -> Reason | None:
     """Why the output Q cannot be the integer kernel's output (same type as its input, per tensor)."""
     y = m.output
     if y is None:
-        return "its output is not quantized"
+        return Reason("output_form", "its output is not quantized")
     problem = _activation_problem(y, "the output")
-    if problem is None and y.dtype != x.dtype:
-        problem = f"the output is {_type_name(y.dtype)} but the input {_type_name(x.dtype)}"
-    return problem or _absorb_problem(m)
+    if problem is not None:
+        return Reason("output_form", problem.message)
+    if y.dtype != x.dtype:
+        return Reason(
+            "output_form", f"the output is {_type_name(y.dtype)} but the input {_type_name(x.dtype)}"
+        )
+    return _absorb_problem(m)
 
 
 def _clip_bounds(node: ir.Node, opset: int) -> tuple[float, float] | None:
@@ -381,7 +403,7 @@ def _clip_bounds(node: ir.Node, opset: int) -> tuple[float, float] | None:
     return bounds[0], bounds[1]
 
 
-def _absorb_problem(m: Match) -> str | None:
+def _absorb_problem(m: Match) -> Reason | None:
     """Rule 8: why the Relu/Clip before the output Q cannot be dropped."""
     act, y = m.activation, m.output
     if act is None or y is None:
@@ -389,27 +411,31 @@ def _absorb_problem(m: Match) -> str | None:
     label = f"{act.op_type} {act.name}" if act.name else act.op_type
     bounds = _clip_bounds(act, m.ctx.opset)
     if bounds is None:
-        return f"{label} before the output has bounds that are not constants"
+        return Reason(
+            "activation_not_absorbed", f"{label} before the output has bounds that are not constants"
+        )
     lo, hi = bounds
     qlo, qhi = y.float_range()
     half_step = _scalar(y.scales) / 2.0
     if qlo >= lo - half_step and qhi <= hi + half_step:
         return None
     if act.op_type == "Relu":
-        return (
+        return Reason(
+            "activation_not_absorbed",
             f"{label} cannot be absorbed: the output's zero point {_scalar(y.zero_points):g} is not the "
-            f"lowest {_type_name(y.dtype)} value, so its range [{qlo:.4g}, {qhi:.4g}] does not clamp at 0"
+            f"lowest {_type_name(y.dtype)} value, so its range [{qlo:.4g}, {qhi:.4g}] does not clamp at 0",
         )
-    return (
+    return Reason(
+        "activation_not_absorbed",
         f"{label} cannot be absorbed: the output's range [{qlo:.4g}, {qhi:.4g}] is not inside "
-        f"[{lo:.4g}, {hi:.4g}]"
+        f"[{lo:.4g}, {hi:.4g}]",
     )
 
 
-def _ms_problem(m: Match, op_type: str) -> str | None:
+def _ms_problem(m: Match, op_type: str) -> Reason | None:
     if m.ctx.ms_domain:
         return None
-    return f"{op_type} is a com.microsoft op and ms_domain=False"
+    return Reason("ms_domain_off", f"{op_type} is a com.microsoft op and ms_domain=False")
 
 
 def _accumulator_scale(x: QTensor, w: QTensor, channels: int) -> np.ndarray:
@@ -419,7 +445,7 @@ def _accumulator_scale(x: QTensor, w: QTensor, channels: int) -> np.ndarray:
     return np.broadcast_to(product.astype(np.float32), (channels,))
 
 
-def _integer_bias(m: Match, index: int, accumulator: np.ndarray, *, alpha: float = 1.0) -> str | None:
+def _integer_bias(m: Match, index: int, accumulator: np.ndarray, *, alpha: float = 1.0) -> Reason | None:
     """Sets ``m.bias`` to the int32 bias at scale ``alpha × accumulator``; returns why it cannot."""
     value = m.operand(index)
     if value is None:
@@ -429,22 +455,23 @@ def _integer_bias(m: Match, index: int, accumulator: np.ndarray, *, alpha: float
     if dq is not None:
         data = const_array(dq.data)
         if dq.dtype != ir.DataType.INT32:
-            return f"bias is dequantized from {_type_name(dq.dtype)}, not int32"
+            return Reason("bias_form", f"bias is dequantized from {_type_name(dq.dtype)}, not int32")
         if data is None:
-            return "bias is not a constant"
+            return Reason("bias_form", "bias is not a constant")
         if dq.scales is None or dq.zero_points is None:
-            return "bias scale or zero point is not a constant"
+            return Reason("bias_form", "bias scale or zero point is not a constant")
         if np.any(dq.zero_points != 0):
-            return "bias has a non-zero zero point"
+            return Reason("bias_form", "bias has a non-zero zero point")
         if data.size != channels or dq.scales.size not in (1, channels):
-            return f"bias has {data.size} values for {channels} output channels"
+            return Reason("bias_form", f"bias has {data.size} values for {channels} output channels")
         scales = np.broadcast_to(dq.scales.astype(np.float32).reshape(-1), (channels,))
         gap = np.abs(scales.astype(np.float64) - accumulator) > _BIAS_RTOL * np.abs(accumulator)
         if np.any(gap):
             i = int(np.argmax(gap))
-            return (
+            return Reason(
+                "bias_form",
                 f"bias scale {scales[i]:.6g} is not input scale × weight scale {accumulator[i]:.6g} "
-                f"(channel {i})"
+                f"(channel {i})",
             )
         if alpha == 1.0:
             m.bias = dq.data if data.ndim == 1 else data.reshape(channels).astype(np.int32)
@@ -453,20 +480,20 @@ def _integer_bias(m: Match, index: int, accumulator: np.ndarray, *, alpha: float
     else:
         data = const_array(value)
         if data is None:
-            return "bias is neither a constant nor dequantized from one"
+            return Reason("bias_form", "bias is neither a constant nor dequantized from one")
         if data.dtype != np.float32:
-            return f"bias is {data.dtype}, not float32"
+            return Reason("bias_form", f"bias is {data.dtype}, not float32")
         if data.size != channels:
-            return f"bias has {data.size} values for {channels} output channels"
+            return Reason("bias_form", f"bias has {data.size} values for {channels} output channels")
         real = data.reshape(channels).astype(np.float64)
     quantized = np.rint(real / (accumulator.astype(np.float64) * alpha))
     if np.any(np.abs(quantized) > _INT32_MAX):
-        return "bias does not fit int32 at scale input scale × weight scale"
+        return Reason("bias_form", "bias does not fit int32 at scale input scale × weight scale")
     m.bias = quantized.astype(np.int32)
     return None
 
 
-def _float_bias(m: Match, index: int, channels: int) -> str | None:
+def _float_bias(m: Match, index: int, channels: int) -> Reason | None:
     """Sets ``m.float_bias`` to the bias as the QDQ graph computes it; returns why it cannot."""
     value = m.operand(index)
     if value is None:
@@ -475,16 +502,19 @@ def _float_bias(m: Match, index: int, channels: int) -> str | None:
     if dq is not None:
         data = const_array(dq.data)
         if data is None or dq.scales is None or dq.zero_points is None:
-            return "bias is not dequantized from constants"
+            return Reason("bias_form", "bias is not dequantized from constants")
         if data.size != channels:
-            return f"bias has {data.size} values for {channels} output channels"
+            return Reason("bias_form", f"bias has {data.size} values for {channels} output channels")
         real = (data.astype(np.int32) - dq.zero_points.astype(np.int32)).astype(
             np.float32
         ) * dq.scales.astype(np.float32)
     else:
         data = const_array(value)
         if data is None or data.dtype != np.float32 or data.size != channels:
-            return "bias is neither a float constant of one value per channel nor dequantized from one"
+            return Reason(
+                "bias_form",
+                "bias is neither a float constant of one value per channel nor dequantized from one",
+            )
         real = data
     m.float_bias = np.asarray(real, np.float32).reshape(channels)
     return None
@@ -614,23 +644,8 @@ def _channel_shape(channels: int, rank: int) -> tuple[int, ...]:
 # Rules
 
 
-@dataclass(frozen=True)
-class Kernel:
-    """An op a rule emits, with the element types of the inputs (by index) that select its kernel."""
-
-    op_type: str
-    types: dict[int, ir.DataType | None]
-    domain: str = ""
-
-    def problem(self, opset: int) -> str | None:
-        """Why the installed ONNX Runtime cannot run it (``None`` when it can)."""
-        known = {i: t for i, t in self.types.items() if t is not None}
-        opset = opset if self.domain == "" else 1
-        return kernel_table().problem(self.domain, self.op_type, opset, known)
-
-
 @dataclass(frozen=True, kw_only=True)
-class Rule:
+class Rule(rules.Rule[Match, _Context]):
     """Lowers nodes of ``op_types``: ``match`` → ``check`` (a failure reason) → ``rewrite``.
 
     ``data_inputs`` are the inputs read through a DequantizeLinear (``None``: all); a node matches when
@@ -658,12 +673,8 @@ class Rule:
             return None
         return Match(self, node, ctx, inputs, outputs, activation)
 
-    def check(self, m: Match) -> str | None:
+    def check(self, m: Match) -> Reason | None:
         raise NotImplementedError
-
-    def kernel(self, m: Match) -> Kernel | None:
-        """The integer kernel ``rewrite`` would emit, so the pass can ask whether ONNX Runtime has it."""
-        return None
 
     def rewrite(self, m: Match) -> str:
         """Rewrite the graph; return the op type the node became (for ``lowered``)."""
@@ -679,7 +690,7 @@ class ConvRule(Rule):
     anchor: bool = True
     absorbs: bool = True
 
-    def check(self, m: Match) -> str | None:
+    def check(self, m: Match) -> Reason | None:
         x, w = m.input(0), m.input(1)
         problem = _activation_problem(x, "input X") or _weight_problem(w, "weight", 0)
         if problem:
@@ -693,9 +704,14 @@ class ConvRule(Rule):
                 or _integer_bias(m, 2, _accumulator_scale(x, w, channels))
             )
         if not m.ctx.conv_integer:
-            return "its output is not quantized (ConvInteger lowering is off: conv_integer=False)"
+            return Reason(
+                "conv_integer_form",
+                "its output is not quantized (ConvInteger lowering is off: conv_integer=False)",
+            )
         if np.unique(w.zero_points).size > 1:
-            return "ConvInteger takes one weight zero point, the weight has one per channel"
+            return Reason(
+                "conv_integer_form", "ConvInteger takes one weight zero point, the weight has one per channel"
+            )
         return _float_bias(m, 2, channels)
 
     def kernel(self, m: Match) -> Kernel | None:
@@ -749,17 +765,18 @@ class ConvRule(Rule):
         return "ConvInteger"
 
 
-def _matmul_b_problem(b: QTensor | None) -> str | None:
+def _matmul_b_problem(b: QTensor | None) -> Reason | None:
     if b is None:
-        return "input B is not dequantized"
+        return Reason("weight_form", "input B is not dequantized")
     problem = _weight_problem(b, "input B", -1, constant=False)
     if problem or b.per_tensor:
         return problem
     rank = _rank(b.data)
     if rank != 2:
-        return (
+        return Reason(
+            "weight_form",
             f"input B is quantized per column but has rank {rank}; ONNX Runtime's integer MatMul kernels "
-            "take per-column scales only for a 2-D B"
+            "take per-column scales only for a 2-D B",
         )
     return None
 
@@ -794,7 +811,7 @@ class MatMulRule(Rule):
     anchor: bool = True
     absorbs: bool = True
 
-    def check(self, m: Match) -> str | None:
+    def check(self, m: Match) -> Reason | None:
         a, b = m.input(0), m.input(1)
         problem = _activation_problem(a, "input A") or _matmul_b_problem(b)
         if problem:
@@ -870,7 +887,7 @@ class GemmRule(Rule):
     anchor: bool = True
     absorbs: bool = True
 
-    def check(self, m: Match) -> str | None:
+    def check(self, m: Match) -> Reason | None:
         a, b = m.input(0), m.input(1)
         trans_b = attr_int(m.node, "transB", 0)
         problem = (
@@ -885,7 +902,7 @@ class GemmRule(Rule):
         if problem:
             return problem
         if m.operand(2) is not None and attr_float(m.node, "beta", 1.0) != 1.0:
-            return "beta is not 1"
+            return Reason("gemm_form", "beta is not 1")
         columns = _const_shape(b.data)[0 if trans_b else 1]
         alpha = attr_float(m.node, "alpha", 1.0)
         problem = _integer_bias(m, 2, _accumulator_scale(a, b, columns), alpha=alpha)
@@ -923,7 +940,7 @@ class BinaryRule(Rule):
     data_inputs: tuple[int, ...] | None = (0, 1)
     absorbs: bool = True
 
-    def check(self, m: Match) -> str | None:
+    def check(self, m: Match) -> Reason | None:
         a, b = m.input(0), m.input(1)
         problem = (
             _ms_problem(m, self.qop) or _activation_problem(a, "input A") or _activation_problem(b, "input B")
@@ -932,8 +949,9 @@ class BinaryRule(Rule):
             return problem
         assert a is not None and b is not None
         if a.dtype != b.dtype:
-            return (
-                f"the inputs are {_type_name(a.dtype)} and {_type_name(b.dtype)}; {self.qop} takes one type"
+            return Reason(
+                "mixed_types",
+                f"the inputs are {_type_name(a.dtype)} and {_type_name(b.dtype)}; {self.qop} takes one type",
             )
         return _output_problem(m, a)
 
@@ -959,7 +977,7 @@ class ConcatRule(Rule):
     op_types: tuple[str, ...] = ("Concat",)
     data_inputs: tuple[int, ...] | None = None
 
-    def check(self, m: Match) -> str | None:
+    def check(self, m: Match) -> Reason | None:
         problem = _ms_problem(m, "QLinearConcat")
         if problem:
             return problem
@@ -969,7 +987,10 @@ class ConcatRule(Rule):
                 return problem
             assert q is not None and m.output is not None
             if q.dtype != m.output.dtype:
-                return f"input {k} is {_type_name(q.dtype)}, the output {_type_name(m.output.dtype)}"
+                return Reason(
+                    "mixed_types",
+                    f"input {k} is {_type_name(q.dtype)}, the output {_type_name(m.output.dtype)}",
+                )
         assert m.inputs[0] is not None
         return _output_problem(m, m.inputs[0])
 
@@ -1005,10 +1026,10 @@ def _average_pool_attributes(m: Match) -> list[ir.Attr]:
     return _copy_attributes(m.node, _AVERAGE_POOL_ATTRIBUTES)
 
 
-def _average_pool_problem(m: Match) -> str | None:
+def _average_pool_problem(m: Match) -> Reason | None:
     dilations = m.node.attributes.get("dilations")
     if dilations is not None and any(d != 1 for d in dilations.as_ints()):
-        return "QLinearAveragePool has no dilations"
+        return Reason("attributes", "QLinearAveragePool has no dilations")
     return None
 
 
@@ -1022,7 +1043,7 @@ def _softmax_attributes(m: Match) -> list[ir.Attr]:
     return [ir.AttrInt64("axis", axis), ir.AttrInt64("opset", opset)]
 
 
-def _no_problem(m: Match) -> str | None:
+def _no_problem(m: Match) -> Reason | None:
     return None
 
 
@@ -1032,9 +1053,9 @@ class UnaryRule(Rule):
 
     qop: str
     attributes: Callable[[Match], list[ir.Attr]] = _no_attributes
-    problem: Callable[[Match], str | None] = _no_problem
+    problem: Callable[[Match], Reason | None] = _no_problem
 
-    def check(self, m: Match) -> str | None:
+    def check(self, m: Match) -> Reason | None:
         x = m.input(0)
         problem = _ms_problem(m, self.qop) or _activation_problem(x, "the input")
         if problem:
@@ -1062,7 +1083,7 @@ class PassThroughRule(Rule):
 
     op_types: tuple[str, ...] = PASS_THROUGH_OPS
 
-    def check(self, m: Match) -> str | None:
+    def check(self, m: Match) -> Reason | None:
         x = m.input(0)
         problem = _activation_problem(x, "the input")
         if problem:
@@ -1072,19 +1093,22 @@ class PassThroughRule(Rule):
             q = m.outputs[k]
             if q is None:
                 if value.is_graph_output() or list(value.uses()):
-                    return f"output {value.name} is read as float"
+                    return Reason("pass_through_form", f"output {value.name} is read as float")
                 continue
             if not q.same_params(x):
-                return (
+                return Reason(
+                    "pass_through_form",
                     f"output {value.name} is quantized with other parameters than the input "
                     f"(scale {_scalar(q.scales):.6g}, zero point {_scalar(q.zero_points):g} vs "
-                    f"{_scalar(x.scales):.6g}, {_scalar(x.zero_points):g})"
+                    f"{_scalar(x.scales):.6g}, {_scalar(x.zero_points):g})",
                 )
         if m.node.op_type == "MaxPool" and m.ctx.opset < 12:
-            return "MaxPool runs on int8/uint8 from opset 12 on"
+            return Reason("pass_through_form", "MaxPool runs on int8/uint8 from opset 12 on")
         if m.node.op_type == "Resize" and attr_str(m.node, "mode", "nearest") != "nearest":
             mode = attr_str(m.node, "mode", "nearest")
-            return f"Resize mode is {mode}; only nearest runs unchanged on integers"
+            return Reason(
+                "pass_through_form", f"Resize mode is {mode}; only nearest runs unchanged on integers"
+            )
         return None
 
     def kernel(self, m: Match) -> Kernel | None:
@@ -1112,8 +1136,8 @@ class UnsupportedRule(Rule):
     reason: str
     anchor: bool = True
 
-    def check(self, m: Match) -> str | None:
-        return self.reason
+    def check(self, m: Match) -> Reason | None:
+        return Reason("no_kernel", self.reason)
 
     def rewrite(self, m: Match) -> str:  # pragma: no cover - check always declines
         raise AssertionError("unreachable")
@@ -1204,37 +1228,26 @@ class FuseQLinearPass(ir.passes.InPlacePass):
         self.conv_integer = conv_integer
         self.ms_domain = ms_domain
         self.lowered: collections.Counter[str] = collections.Counter()
-        self.declined: list[str] = []
+        self.declined: list[Decline] = []
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        self.lowered = collections.Counter()
-        self.declined = []
         ctx = _Context(model, conv_integer=self.conv_integer, ms_domain=self.ms_domain)
-        table = {op_type: rule for rule in RULES for op_type in rule.op_types}
+        outcome = rules.RuleOutcome()
         modified = False
-        for graph in list(model.graphs()):
-            for node in list(graph):
-                rule = table.get(node.op_type)
-                if rule is None or node.graph is not graph or node.domain not in _DEFAULT_DOMAINS:
-                    continue
-                match = rule.match(node, ctx)
-                if match is None:
-                    continue
-                reason = rule.check(match)
-                if reason is None:
-                    kernel = rule.kernel(match)
-                    reason = kernel.problem(ctx.opset) if kernel is not None else None
-                if reason is not None:
-                    self.declined.append(f"{node.name or node.op_type} not lowered: {reason}")
-                    continue
-                self.lowered[rule.rewrite(match)] += 1
-                modified = True
+        for graph in list(rules.graphs_of(model)):
+            # Per graph, so that Q/DQ pairs collapse before the next graph's rules look at them.
+            outcome.extend(
+                rules.apply_rules(model, RULES, ctx, stage="lower", opset=ctx.opset, nodes=list(graph))
+            )
             while _collapse_once(graph):
                 modified = True
+        self.lowered = outcome.rewritten
+        self.declined = outcome.declines
+        modified = modified or outcome.modified
         if ctx.used_ms_domain and MS_DOMAIN not in model.opset_imports:
             model.opset_imports[MS_DOMAIN] = 1
         if modified:
             common.RemoveUnusedNodesPass()(model)
-        for line in self.declined:
-            logger.debug(line)
+        for decline in self.declined:
+            logger.debug("%s", decline)
         return ir.passes.PassResult(model, modified=modified)

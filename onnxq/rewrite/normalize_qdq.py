@@ -48,25 +48,35 @@ Running the pass on its own output changes nothing.
 
 from __future__ import annotations
 
+import collections
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import onnx_ir as ir
 
-from onnxq.graph import NameScope, attr_int, const_array, is_float, make_initializer
-from onnxq.plan.op_rules import OP_RULES, OpKind
+from onnxq import rules
+from onnxq.declines import Decline, Reason
+from onnxq.graph import (
+    DEFAULT_DOMAINS,
+    NameScope,
+    attr_int,
+    const_array,
+    is_float,
+    make_initializer,
+    node_label,
+)
+from onnxq.plan.op_rules import ANCHOR_OPS, PASSTHROUGH_OPS
 from onnxq.qmath import QuantParams, quantize
 
-__all__ = ["NormalizeQDQPass", "is_quantized"]
+__all__ = ["PHASES", "NormalizeQDQPass", "Phase", "is_quantized"]
 
 logger = logging.getLogger(__name__)
 
-_DEFAULT_DOMAINS = ("", "ai.onnx")
 _MS_DOMAIN = "com.microsoft"
 _QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
-_ANCHORS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
-_PASSTHROUGH = frozenset(op for op, rule in OP_RULES.items() if rule.kind is OpKind.PASSTHROUGH)
+_PASSTHROUGH = frozenset(PASSTHROUGH_OPS)
 #: Ops through which a constant weight may reach a QuantizeLinear.
 _CONST_FORWARDING = ("Identity", "Cast")
 _FLOAT_CASTS = (ir.DataType.FLOAT, ir.DataType.DOUBLE, ir.DataType.FLOAT16)
@@ -95,11 +105,7 @@ def is_quantized(model: ir.Model) -> bool:
 def _is_qdq(node: ir.Node, *, ms: bool = False) -> bool:
     if node.op_type not in _QDQ_OPS:
         return False
-    return node.domain in _DEFAULT_DOMAINS or (ms and node.domain == _MS_DOMAIN)
-
-
-def _label(node: ir.Node) -> str:
-    return node.name or node.op_type
+    return node.domain in DEFAULT_DOMAINS or (ms and node.domain == _MS_DOMAIN)
 
 
 @dataclass(frozen=True)
@@ -125,32 +131,37 @@ class _ParamsKey:
 class NormalizeQDQPass(ir.passes.InPlacePass):
     """Normalize an existing QDQ model without recalibration (rules in the module docstring).
 
-    After a call, ``notes`` says what changed (one line per rule that applied) and why a rewrite was
-    declined; ``missing_ranges`` names the Conv/MatMul/Gemm inputs that have no Q/DQ.
+    After a call, ``notes`` says what changed (one line per rule that applied), ``declined`` which
+    nodes a rule left as they were and why, and ``missing_ranges`` names the Conv/MatMul/Gemm inputs
+    that have no Q/DQ.
     """
 
     def __init__(self) -> None:
         super().__init__()
         self.notes: list[str] = []
+        self.declined: list[Decline] = []
         self.missing_ranges: list[str] = []
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         self.notes = []
+        self.declined = []
         self.missing_ranges = []
         if not is_quantized(model):
             return ir.passes.PassResult(model, modified=False)
-        normalizer = _Normalizer(model)
-        normalizer.run()
-        self.notes = normalizer.notes
+        ctx = _Normalizer(model)
+        for phase in PHASES:
+            phase.apply(ctx)
+        self.notes = ctx.notes
+        self.declined = ctx.declined
         self.missing_ranges = missing_ranges(model)
-        return ir.passes.PassResult(model, modified=normalizer.modified)
+        return ir.passes.PassResult(model, modified=ctx.modified)
 
 
 def missing_ranges(model: ir.Model) -> list[str]:
     """One line per float non-constant data/weight input of an anchor op that has no Q/DQ."""
     lines: list[str] = []
     for node in model.graph.all_nodes():
-        if node.op_type not in _ANCHORS or node.domain not in _DEFAULT_DOMAINS:
+        if node.op_type not in ANCHOR_OPS or node.domain not in DEFAULT_DOMAINS:
             continue
         for value in node.inputs[:2]:
             if value is None or not is_float(value) or const_array(value) is not None:
@@ -158,7 +169,7 @@ def missing_ranges(model: ir.Model) -> list[str]:
             if _has_range(value):
                 continue
             lines.append(
-                f"{_label(node)}: input '{value.name}' has no QuantizeLinear/DequantizeLinear (no range)"
+                f"{node_label(node)}: input '{value.name}' has no QuantizeLinear/DequantizeLinear (no range)"
             )
     return lines
 
@@ -174,7 +185,7 @@ def _has_range(value: ir.Value) -> bool:
             return False
         if _is_qdq(producer, ms=True):
             return producer.op_type == "DequantizeLinear"
-        if producer.domain not in _DEFAULT_DOMAINS or producer.op_type not in _PASSTHROUGH:
+        if producer.domain not in DEFAULT_DOMAINS or producer.op_type not in _PASSTHROUGH:
             return False
         current = producer.inputs[0] if producer.inputs else None
     return False
@@ -189,8 +200,17 @@ class _Normalizer:
         self.names = NameScope(model.graph)
         self.opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
         self.notes: list[str] = []
+        self.declined: list[Decline] = []
         self.modified = False
         self.dead: list[ir.Node] = []
+        #: Counters the rules of a phase fill and the phase reports (``note``).
+        self.counts: collections.Counter[str] = collections.Counter()
+        #: Per-phase plans made before its rules run (values to make scalar or merge, by value).
+        self.scalar_in_place: set[ir.Value] = set()
+        self.scalar_copies: dict[ir.Value, ir.Value] = {}
+        self.merge_into: dict[ir.Value, ir.Value] = {}
+        self.fold_cache: dict[tuple[int, _ParamsKey], ir.Value] = {}
+        self.first_reader: dict[int, dict[tuple[str, int, _ParamsKey], ir.Node]] = {}
 
     # -- helpers ---------------------------------------------------------------------------------
     def graphs(self) -> list[ir.Graph]:
@@ -274,35 +294,16 @@ class _Normalizer:
             np.ascontiguousarray(zero_point).tobytes(),
         )
 
-    def run(self) -> None:
-        self.convert_ms_ops()
-        self.lift_constant_params()
-        self.fold_constant_quantize()
-        self.scalarize_params()
-        self.merge_duplicate_params()
-        self.collapse_dq_q()
-        self.sweep()
-        self.merge_duplicate_nodes()
-        self.sweep()
-
-    # -- rule 1: com.microsoft → default domain -----------------------------------------------------
-    def convert_ms_ops(self) -> None:
-        converted = 0
-        for node in list(self.main.all_nodes()):
-            if node.op_type not in _QDQ_OPS or node.domain != _MS_DOMAIN:
-                continue
-            reason = self.ms_decline_reason(node)
-            if reason:
-                self.notes.append(f"{_label(node)} kept in com.microsoft: {reason}")
-                continue
-            if "axis" in node.attributes and self.opset < 13:
-                node.attributes.pop("axis")  # per-tensor (checked): the attribute does not exist yet
-            node.domain = ""
-            node.version = None
-            converted += 1
-        self.note(
-            converted, "com.microsoft QuantizeLinear/DequantizeLinear node{s} converted to default-domain ops"
+    def run_phase(self, phase: Phase) -> None:
+        """Apply one phase's rules to the Q/DQ nodes as they are now, then note what changed."""
+        self.counts = collections.Counter()
+        nodes = [n for n in self.main.all_nodes() if n.op_type in _QDQ_OPS]
+        outcome = rules.apply_rules(
+            self.model, phase.rules, self, stage="normalize", opset=self.opset, nodes=nodes
         )
+        self.declined.extend(outcome.declines)
+        for key, text in phase.notes:
+            self.note(self.counts[key], text)
 
     def ms_decline_reason(self, node: ir.Node) -> str | None:
         if self.opset < 10:
@@ -328,131 +329,77 @@ class _Normalizer:
                 return f"per-axis parameters need default-domain opset 13 (model has {self.opset})"
         return None
 
-    # -- rule 2: Constant parameters → initializers --------------------------------------------------
-    def lift_constant_params(self) -> None:
-        lifted = 0
-        for node in self.qdq_nodes():
-            for value in node.inputs[1:3]:
-                if value is None or value.is_graph_output():
-                    continue
-                producer = value.producer()
-                if producer is None or producer.op_type != "Constant" or producer.domain != "":
-                    continue
-                tensor = ir.convenience.get_const_tensor(value)
-                if tensor is None:
-                    continue
-                array = tensor.numpy()
-                name = value.name if value.name and value.name not in self.main.initializers else None
-                name = name or self.names.fresh(f"{_label(producer)}_value")
-                lifted_value = ir.Value(
-                    name=name,
-                    shape=ir.Shape(array.shape),
-                    type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
-                    const_value=ir.tensor(array, name=name),
-                )
-                value.replace_all_uses_with(lifted_value)
-                assert producer.graph is not None
-                producer.graph.remove(producer, safe=True)
-                value.name = None
-                self.main.register_initializer(lifted_value)
-                lifted += 1
-        self.note(lifted, "Constant scale/zero-point node{s} lifted to initializer{s}")
-
-    # -- rule 3: constant weight fake-quant ----------------------------------------------------------
-    def fold_constant_quantize(self) -> None:
-        folded: dict[str, int] = {}
-        cache: dict[tuple[int, _ParamsKey], ir.Value] = {}
-        for node in self.qdq_nodes():
-            if node.op_type != "QuantizeLinear" or not node.inputs or node.inputs[0] is None:
-                continue
-            resolved = _resolve_constant(node.inputs[0])
-            if resolved is None:
-                continue
-            data, root = resolved
-            dtype, reason = self.fold_one(node, data, root, cache)
-            if dtype is None:
-                self.notes.append(f"{_label(node)}: weight not folded: {reason}")
-            else:
-                folded[dtype] = folded.get(dtype, 0) + 1
-        for dtype, count in sorted(folded.items()):
-            self.note(count, "weight Q→DQ pair{s} folded into " + dtype + " initializer{s}")
-
-    def fold_one(
-        self,
-        node: ir.Node,
-        data: np.ndarray,
-        root: ir.Value,
-        cache: dict[tuple[int, _ParamsKey], ir.Value],
-    ) -> tuple[str | None, str]:
-        """Fold one constant QuantizeLinear: (quantized type name, "") or (``None``, why it declined)."""
+    def fold_problem(self, m: _Match) -> Reason | None:
+        """Rule 3's check for one constant QuantizeLinear; leaves the quantization in ``m.params``."""
+        node, data = m.node, m.data
+        assert data is not None
         key = self.key(node)
         found = self.params(node)
         if key is None or found is None:
-            return None, "scale or zero point is not a constant"
+            return _not_folded("not_constant", "scale or zero point is not a constant")
         scale, zero_point, qtype = found
         if key.block_size:
-            return None, f"block-wise quantization (block_size={key.block_size}) is kept as it is"
+            return _not_folded(
+                "block_wise", f"block-wise quantization (block_size={key.block_size}) is kept as it is"
+            )
         dtype = _FOLDABLE_TYPES.get(qtype)
         if dtype is None:
-            return None, f"quantized type {qtype.name.lower()} is not supported"
+            return _not_folded("type", f"quantized type {qtype.name.lower()} is not supported")
         if data.dtype != np.float32:
-            return None, f"weight type {data.dtype} is not float32"
+            return _not_folded("type", f"weight type {data.dtype} is not float32")
         if scale.dtype != np.float32 or key.float_dtype != ir.DataType.FLOAT:
-            return None, f"arithmetic type {key.float_dtype.name.lower()} is not float32"
-        output = node.outputs[0]
-        if output.is_graph_output():
-            return None, "its output is a graph output"
+            return _not_folded("type", f"arithmetic type {key.float_dtype.name.lower()} is not float32")
+        if node.outputs[0].is_graph_output():
+            return _not_folded("graph_output", "its output is a graph output")
         if key.axis is None:
-            params = QuantParams(scale.reshape(()), zero_point.reshape(()), dtype, None)
+            m.params = QuantParams(scale.reshape(()), zero_point.reshape(()), dtype, None)
         else:
             axis = key.axis
             if not -data.ndim <= axis < data.ndim or scale.ndim != 1:
-                return None, f"axis {axis} does not fit a weight of shape {list(data.shape)}"
+                return _not_folded("shape", f"axis {axis} does not fit a weight of shape {list(data.shape)}")
             axis %= data.ndim
             if data.shape[axis] != scale.shape[0] or zero_point.shape != scale.shape:
-                return None, f"{scale.shape[0]} scales do not fit a weight of shape {list(data.shape)}"
-            params = QuantParams(scale, zero_point, dtype, axis)
-        cached = cache.get((id(node.inputs[0]), key))
+                return _not_folded(
+                    "shape", f"{scale.shape[0]} scales do not fit a weight of shape {list(data.shape)}"
+                )
+            m.params = QuantParams(scale, zero_point, dtype, axis)
+        m.key = key
+        return None
+
+    def fold(self, m: _Match) -> str:
+        """Rule 3's rewrite: the weight stored quantized, read by the DequantizeLinear(s) after it."""
+        assert m.params is not None and m.key is not None and m.data is not None and m.root is not None
+        node = m.node
+        cached = self.fold_cache.get((id(node.inputs[0]), m.key))
         if cached is None:
-            quantized = quantize(data, params)
-            cached = make_initializer(self.main, self.names, f"{root.name or 'weight'}_quantized", quantized)
-            cache[(id(node.inputs[0]), key)] = cached
-        output.replace_all_uses_with(cached)
+            quantized = quantize(m.data, m.params)
+            cached = make_initializer(
+                self.main, self.names, f"{m.root.name or 'weight'}_quantized", quantized
+            )
+            self.fold_cache[(id(node.inputs[0]), m.key)] = cached
+        node.outputs[0].replace_all_uses_with(cached)
         self.dead.append(node)
-        return dtype, ""
+        self.counts[f"folded_{m.params.dtype}"] += 1
+        return node.op_type
 
-    # -- rule 4: [1]-shaped per-tensor parameters → scalars ------------------------------------------
-    def scalarize_params(self) -> None:
-        slots: dict[ir.Value, list[tuple[ir.Node, int]]] = {}
+    # -- rule 4: plan which [1]-shaped parameters become scalars ----------------------------------
+    def plan_scalars(self) -> None:
+        """Decide, per [1]-shaped per-tensor parameter initializer, in place (every reader is such a
+        slot) or through one scalar copy for those slots."""
+        slots: collections.Counter[ir.Value] = collections.Counter()
         for node in self.qdq_nodes():
-            if "axis" in node.attributes or self.block_size(node):
-                continue
-            for index in (1, 2):
-                value = node.inputs[index] if len(node.inputs) > index else None
-                if value is None or not value.is_initializer() or value.is_graph_input():
-                    continue
-                if value.is_graph_output() or value.const_value is None:
-                    continue
-                if tuple(value.const_value.shape) == (1,):
-                    slots.setdefault(value, []).append((node, index))
-        changed = 0
-        for value, uses in slots.items():
-            assert value.const_value is not None
-            array = value.const_value.numpy().reshape(())
-            if len(list(value.uses())) == len(uses):
-                name = value.name
-                value.const_value = ir.tensor(array, name=name)
-                value.shape = ir.Shape([])
-            else:
-                graph = value.graph if isinstance(value.graph, ir.Graph) else self.main
-                scalar = make_initializer(graph, self.names, f"{value.name}_scalar", array)
-                for node, index in uses:
-                    node.replace_input_with(index, scalar)
-            changed += 1
-        self.note(changed, "[1]-shaped per-tensor scale/zero-point initializer{s} made scalar{s}")
+            for _, value in _scalar_slots(self, node):
+                slots[value] += 1
+        self.scalar_in_place = {value for value, count in slots.items() if len(list(value.uses())) == count}
+        self.scalar_copies = {}
 
-    # -- rule 5: duplicate parameter initializers ----------------------------------------------------
-    def merge_duplicate_params(self) -> None:
+    # -- rule 5: plan which duplicate parameter initializers merge into which --------------------------
+    def plan_merges(self) -> None:
+        """Map each duplicate scale/zero-point initializer to the first equal one it can see.
+
+        Main-graph values are considered first, so a duplicate in a subgraph merges into one of the main
+        graph (visible everywhere) or of its own graph.
+        """
         candidates: dict[ir.Value, None] = {}
         for node in self.qdq_nodes():
             for value in node.inputs[1:3]:
@@ -463,7 +410,7 @@ class _Normalizer:
                 candidates[value] = None
         ordered = sorted(candidates, key=lambda v: 0 if v.graph is self.main else 1)
         kept: dict[tuple[ir.DataType, tuple[int, ...], bytes], list[ir.Value]] = {}
-        merged = 0
+        self.merge_into = {}
         for value in ordered:
             tensor = value.const_value
             assert tensor is not None
@@ -472,58 +419,8 @@ class _Normalizer:
             target = next((v for v in same if v.graph is self.main or v.graph is value.graph), None)
             if target is None:
                 same.append(value)
-                continue
-            value.replace_all_uses_with(target)
-            graph = value.graph
-            assert isinstance(graph, ir.Graph) and value.name is not None
-            graph.initializers.pop(value.name)
-            merged += 1
-        self.note(merged, "duplicate scale/zero-point initializer{s} merged")
-
-    # -- rule 6: DQ → Q with identical parameters ----------------------------------------------------
-    def collapse_dq_q(self) -> None:
-        collapsed = 0
-        for node in self.qdq_nodes():
-            if node.op_type != "QuantizeLinear" or not node.inputs or node.inputs[0] is None:
-                continue
-            producer = node.inputs[0].producer()
-            if producer is None or not _is_qdq(producer) or producer.op_type != "DequantizeLinear":
-                continue
-            source = producer.inputs[0]
-            output = node.outputs[0]
-            if source is None or output.is_graph_output():
-                continue
-            key = self.key(node)
-            if key is None or key != self.key(producer):
-                continue
-            output.replace_all_uses_with(source)
-            self.dead.append(node)
-            collapsed += 1
-        self.note(collapsed, "DQ→Q pair{s} with identical parameters collapsed to the integer tensor")
-
-    # -- rule 7: identical Q/DQ nodes on one tensor --------------------------------------------------
-    def merge_duplicate_nodes(self) -> None:
-        merged = 0
-        for graph in self.graphs():
-            seen: dict[tuple[str, int, _ParamsKey], ir.Node] = {}
-            for node in list(graph):
-                if not _is_qdq(node) or not node.inputs or node.inputs[0] is None:
-                    continue
-                key = self.key(node)
-                if key is None:
-                    continue
-                signature = (node.op_type, id(node.inputs[0]), key)
-                first = seen.get(signature)
-                if first is None:
-                    seen[signature] = node
-                    continue
-                output = node.outputs[0]
-                if output.is_graph_output():
-                    continue
-                output.replace_all_uses_with(first.outputs[0])
-                self.dead.append(node)
-                merged += 1
-        self.note(merged, "duplicate QuantizeLinear/DequantizeLinear node{s} merged")
+            else:
+                self.merge_into[value] = target
 
     # -- dead code -----------------------------------------------------------------------------------
     def sweep(self) -> None:
@@ -552,6 +449,289 @@ class _Normalizer:
                     work.append(producer)
 
 
+@dataclass
+class _Match:
+    """A Q/DQ node a rule looks at, and what its check found for the rewrite."""
+
+    node: ir.Node
+    ctx: _Normalizer
+    data: np.ndarray | None = None
+    root: ir.Value | None = None
+    params: QuantParams | None = None
+    key: _ParamsKey | None = None
+
+
+def _not_folded(code: str, message: str) -> Reason:
+    return Reason(code, f"weight not folded: {message}")
+
+
+def _scalar_slots(ctx: _Normalizer, node: ir.Node) -> list[tuple[int, ir.Value]]:
+    """The [1]-shaped constant scale/zero-point inputs of a per-tensor Q/DQ (rule 4's slots)."""
+    if "axis" in node.attributes or ctx.block_size(node):
+        return []
+    slots = []
+    for index in (1, 2):
+        value = node.inputs[index] if len(node.inputs) > index else None
+        if value is None or not value.is_initializer() or value.is_graph_input():
+            continue
+        if value.is_graph_output() or value.const_value is None:
+            continue
+        if tuple(value.const_value.shape) == (1,):
+            slots.append((index, value))
+    return slots
+
+
+class _Rule(rules.Rule[_Match, "_Normalizer"]):
+    """Rules over default-domain Q/DQ nodes; ``match`` narrows, ``check`` passes unless overridden."""
+
+    op_types: tuple[str, ...] = _QDQ_OPS
+
+    def match(self, node: ir.Node, ctx: _Normalizer) -> _Match | None:
+        return _Match(node, ctx)
+
+    def check(self, m: _Match) -> Reason | None:
+        return None
+
+
+class ConvertMsRule(_Rule):
+    """Rule 1: a com.microsoft QuantizeLinear/DequantizeLinear becomes the default-domain op."""
+
+    domain = _MS_DOMAIN
+
+    def check(self, m: _Match) -> Reason | None:
+        reason = m.ctx.ms_decline_reason(m.node)
+        return Reason("ms_domain", f"kept in com.microsoft: {reason}") if reason else None
+
+    def rewrite(self, m: _Match) -> str:
+        node = m.node
+        if "axis" in node.attributes and m.ctx.opset < 13:
+            node.attributes.pop("axis")  # per-tensor (checked): the attribute does not exist yet
+        node.domain = ""
+        node.version = None
+        m.ctx.counts["converted"] += 1
+        return node.op_type
+
+
+class LiftParamsRule(_Rule):
+    """Rule 2: Constant nodes feeding a scale or zero point become initializers (same name)."""
+
+    def match(self, node: ir.Node, ctx: _Normalizer) -> _Match | None:
+        return _Match(node, ctx) if self._constants(node) else None
+
+    @staticmethod
+    def _constants(node: ir.Node) -> list[ir.Value]:
+        found = []
+        for value in node.inputs[1:3]:
+            if value is None or value.is_graph_output():
+                continue
+            producer = value.producer()
+            if producer is None or producer.op_type != "Constant" or producer.domain != "":
+                continue
+            if ir.convenience.get_const_tensor(value) is not None:
+                found.append(value)
+        return found
+
+    def rewrite(self, m: _Match) -> str:
+        ctx = m.ctx
+        for value in self._constants(m.node):
+            producer = value.producer()
+            tensor = ir.convenience.get_const_tensor(value)
+            assert producer is not None and tensor is not None
+            array = tensor.numpy()
+            name = value.name if value.name and value.name not in ctx.main.initializers else None
+            name = name or ctx.names.fresh(f"{node_label(producer)}_value")
+            lifted = ir.Value(
+                name=name,
+                shape=ir.Shape(array.shape),
+                type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
+                const_value=ir.tensor(array, name=name),
+            )
+            value.replace_all_uses_with(lifted)
+            assert producer.graph is not None
+            producer.graph.remove(producer, safe=True)
+            value.name = None
+            ctx.main.register_initializer(lifted)
+            ctx.counts["lifted"] += 1
+        return m.node.op_type
+
+
+class FoldWeightRule(_Rule):
+    """Rule 3: a QuantizeLinear of a float constant is computed once into an integer initializer."""
+
+    op_types = ("QuantizeLinear",)
+
+    def match(self, node: ir.Node, ctx: _Normalizer) -> _Match | None:
+        if not node.inputs or node.inputs[0] is None:
+            return None
+        resolved = _resolve_constant(node.inputs[0])
+        if resolved is None:
+            return None
+        return _Match(node, ctx, data=resolved[0], root=resolved[1])
+
+    def check(self, m: _Match) -> Reason | None:
+        return m.ctx.fold_problem(m)
+
+    def rewrite(self, m: _Match) -> str:
+        return m.ctx.fold(m)
+
+
+class ScalarizeRule(_Rule):
+    """Rule 4: [1]-shaped per-tensor parameters become scalars (in place, or a scalar copy)."""
+
+    def match(self, node: ir.Node, ctx: _Normalizer) -> _Match | None:
+        return _Match(node, ctx) if _scalar_slots(ctx, node) else None
+
+    def rewrite(self, m: _Match) -> str:
+        ctx = m.ctx
+        for index, value in _scalar_slots(ctx, m.node):
+            assert value.const_value is not None
+            if value in ctx.scalar_in_place:
+                array = value.const_value.numpy().reshape(())
+                value.const_value = ir.tensor(array, name=value.name)
+                value.shape = ir.Shape([])
+                ctx.counts["scalar"] += 1
+                continue
+            copy = ctx.scalar_copies.get(value)
+            if copy is None:
+                array = value.const_value.numpy().reshape(())
+                graph = value.graph if isinstance(value.graph, ir.Graph) else ctx.main
+                copy = make_initializer(graph, ctx.names, f"{value.name}_scalar", array)
+                ctx.scalar_copies[value] = copy
+                ctx.counts["scalar"] += 1
+            m.node.replace_input_with(index, copy)
+        return m.node.op_type
+
+
+class MergeParamsRule(_Rule):
+    """Rule 5: duplicate scale/zero-point initializers are merged into the first equal one."""
+
+    def match(self, node: ir.Node, ctx: _Normalizer) -> _Match | None:
+        return _Match(node, ctx) if any(v in ctx.merge_into for v in node.inputs[1:3]) else None
+
+    def rewrite(self, m: _Match) -> str:
+        ctx = m.ctx
+        for value in [v for v in m.node.inputs[1:3] if v is not None and v in ctx.merge_into]:
+            graph = value.graph
+            assert isinstance(graph, ir.Graph) and value.name is not None
+            value.replace_all_uses_with(ctx.merge_into.pop(value))  # (every reader: done once)
+            graph.initializers.pop(value.name)
+            ctx.counts["merged_params"] += 1
+        return m.node.op_type
+
+
+class CollapseRule(_Rule):
+    """Rule 6: DequantizeLinear → QuantizeLinear with identical parameters: the integer tensor itself."""
+
+    op_types = ("QuantizeLinear",)
+
+    def match(self, node: ir.Node, ctx: _Normalizer) -> _Match | None:
+        if not node.inputs or node.inputs[0] is None or node.outputs[0].is_graph_output():
+            return None
+        producer = node.inputs[0].producer()
+        if producer is None or not _is_qdq(producer) or producer.op_type != "DequantizeLinear":
+            return None
+        if producer.inputs[0] is None:
+            return None
+        key = ctx.key(node)
+        return _Match(node, ctx) if key is not None and key == ctx.key(producer) else None
+
+    def rewrite(self, m: _Match) -> str:
+        source = m.node.inputs[0].producer().inputs[0]  # type: ignore[union-attr]
+        assert source is not None
+        m.node.outputs[0].replace_all_uses_with(source)
+        m.ctx.dead.append(m.node)
+        m.ctx.counts["collapsed"] += 1
+        return m.node.op_type
+
+
+class MergeNodesRule(_Rule):
+    """Rule 7: Q/DQ nodes of one graph reading one tensor with identical parameters: the first one."""
+
+    def match(self, node: ir.Node, ctx: _Normalizer) -> _Match | None:
+        if not node.inputs or node.inputs[0] is None:
+            return None
+        key = ctx.key(node)
+        if key is None:
+            return None
+        seen = ctx.first_reader.setdefault(id(node.graph), {})
+        signature = (node.op_type, id(node.inputs[0]), key)
+        first = seen.get(signature)
+        if first is None:
+            seen[signature] = node
+            return None
+        return _Match(node, ctx) if not node.outputs[0].is_graph_output() else None
+
+    def rewrite(self, m: _Match) -> str:
+        node = m.node
+        assert node.inputs[0] is not None
+        key = m.ctx.key(node)
+        assert key is not None
+        first = m.ctx.first_reader[id(node.graph)][(node.op_type, id(node.inputs[0]), key)]
+        node.outputs[0].replace_all_uses_with(first.outputs[0])
+        m.ctx.dead.append(node)
+        m.ctx.counts["merged_nodes"] += 1
+        return node.op_type
+
+
+@dataclass(frozen=True)
+class Phase:
+    """Rules applied together over the Q/DQ nodes, with what to do before and after, and the notes."""
+
+    rules: tuple[_Rule, ...]
+    notes: tuple[tuple[str, str], ...]
+    before: Callable[[_Normalizer], None] | None = None
+    after: Callable[[_Normalizer], None] | None = None
+
+    def apply(self, ctx: _Normalizer) -> None:
+        if self.before is not None:
+            self.before(ctx)
+        ctx.run_phase(self)
+        if self.after is not None:
+            self.after(ctx)
+
+
+#: The pass's rule tables, in the order of the module docstring (each phase sees the one before done).
+PHASES: tuple[Phase, ...] = (
+    Phase(
+        (ConvertMsRule(),),
+        (
+            (
+                "converted",
+                "com.microsoft QuantizeLinear/DequantizeLinear node{s} converted to default-domain ops",
+            ),
+        ),
+    ),
+    Phase((LiftParamsRule(),), (("lifted", "Constant scale/zero-point node{s} lifted to initializer{s}"),)),
+    Phase(
+        (FoldWeightRule(),),
+        tuple(
+            (f"folded_{dtype}", f"weight Q→DQ pair{{s}} folded into {dtype} initializer{{s}}")
+            for dtype in sorted(_FOLDABLE_TYPES.values())
+        ),
+    ),
+    Phase(
+        (ScalarizeRule(),),
+        (("scalar", "[1]-shaped per-tensor scale/zero-point initializer{s} made scalar{s}"),),
+        before=_Normalizer.plan_scalars,
+    ),
+    Phase(
+        (MergeParamsRule(),),
+        (("merged_params", "duplicate scale/zero-point initializer{s} merged"),),
+        before=_Normalizer.plan_merges,
+    ),
+    Phase(
+        (CollapseRule(),),
+        (("collapsed", "DQ→Q pair{s} with identical parameters collapsed to the integer tensor"),),
+        after=_Normalizer.sweep,
+    ),
+    Phase(
+        (MergeNodesRule(),),
+        (("merged_nodes", "duplicate QuantizeLinear/DequantizeLinear node{s} merged"),),
+        after=_Normalizer.sweep,
+    ),
+)
+
+
 def _resolve_constant(value: ir.Value) -> tuple[np.ndarray, ir.Value] | None:
     """The data of a float constant, possibly reached through Identity/Cast, and the constant's value."""
     casts: list[ir.DataType] = []
@@ -563,7 +743,7 @@ def _resolve_constant(value: ir.Value) -> tuple[np.ndarray, ir.Value] | None:
                 data = data.astype(dtype.numpy())
             return (data, current) if np.issubdtype(data.dtype, np.floating) else None
         producer = current.producer()
-        if producer is None or producer.domain not in _DEFAULT_DOMAINS:
+        if producer is None or producer.domain not in DEFAULT_DOMAINS:
             return None
         if producer.op_type not in _CONST_FORWARDING or not producer.inputs:
             return None

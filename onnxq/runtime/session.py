@@ -36,6 +36,7 @@ from onnxq.load import files
 __all__ = [
     "ModelSource",
     "OptLevel",
+    "RuntimeFailure",
     "describe_failure",
     "make_session",
     "open_model",
@@ -77,6 +78,14 @@ _SOURCE_LOCATION = re.compile(r"^\S+\.(?:cc|cpp|h):\d+ (?:[^()]*\([^()]*\)(?: co
 _SILENT = 4
 
 ModelSource = bytes | str | os.PathLike[str]
+
+
+class RuntimeFailure(OnnxqError):
+    """ONNX Runtime could not load or run a model; ``reason`` is its one line without onnxq's framing."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 def _first_line(exc: BaseException) -> str:
@@ -187,7 +196,8 @@ def make_session(
     try:
         session = ort.InferenceSession(source, sess_options=options, providers=list(providers))
     except _ORT_ERRORS as exc:
-        raise OnnxqError(f"onnxruntime cannot load {_describe(model)}: {_first_line(exc)}") from exc
+        reason = _first_line(exc)
+        raise RuntimeFailure(f"onnxruntime cannot load {_describe(model)}: {reason}", reason) from exc
 
     session._onnxq_initializers = kept_alive  # must outlive the session
     used = session.get_providers()
@@ -221,9 +231,11 @@ def run(
         outputs: list[Any] = session.run(names, dict(feed))
     except _ORT_ERRORS as exc:
         if _NODE_FAILURE.search(str(exc)):
-            raise OnnxqError(f"onnxruntime: {describe_failure(exc)}") from exc
-        raise OnnxqError(
-            f"onnxruntime rejected the input: {_first_line(exc)} (model inputs: {_describe_inputs(session)})"
+            reason = describe_failure(exc)
+            raise RuntimeFailure(f"onnxruntime: {reason}", reason) from exc
+        reason = _first_line(exc)
+        raise RuntimeFailure(
+            f"onnxruntime rejected the input: {reason} (model inputs: {_describe_inputs(session)})", reason
         ) from exc
     return [np.asarray(out) for out in outputs]
 

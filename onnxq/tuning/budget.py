@@ -40,8 +40,8 @@ import onnx_ir as ir
 
 from onnxq.data import Feeds
 from onnxq.errors import OnnxqError
-from onnxq.pipeline import QuantizationResult
 from onnxq.runtime.session import OptLevel
+from onnxq.tuning.interfaces import StaticResult
 from onnxq.tuning.sensitivity import estimate_sensitivity, rank_by_estimate
 from onnxq.tuning.targets import AccuracyTarget, CustomTarget, TargetEvaluator, as_target, evaluation_feeds
 
@@ -125,7 +125,7 @@ def _duration(seconds: float) -> str:
 class _Search:
     """Evaluations of "top-k float" variants and of arbitrary kept sets, remembered and timed."""
 
-    def __init__(self, result: QuantizationResult, evaluator: TargetEvaluator, ranked: list[str]) -> None:
+    def __init__(self, result: StaticResult, evaluator: TargetEvaluator, ranked: list[str]) -> None:
         assert result.static is not None
         self.state = result.static
         self.evaluator = evaluator
@@ -167,7 +167,7 @@ class _Search:
 
 
 def meet_target(
-    result: QuantizationResult,
+    result: StaticResult,
     target: AccuracyTarget | CustomTarget | str,
     feeds: Feeds | Iterable[Mapping[str, Any]] | str | None,
     *,
@@ -189,7 +189,7 @@ def meet_target(
     if state is None:
         raise OnnxqError(
             "accuracy-budgeted search needs the result of static quantization of a float model "
-            f"(this result is {result.report.mode or 'not static'})"
+            "(this result has no static state: dynamic mode, or an input that was already quantized)"
         )
     goal = as_target(target)
     if isinstance(goal, AccuracyTarget) and goal.minimum == -math.inf:

@@ -52,12 +52,12 @@ from typing import Any, Literal
 import numpy as np
 import onnx_ir as ir
 
-from onnxq.calibrate.collect import _with_outputs
 from onnxq.data import Feeds
 from onnxq.errors import OnnxqError
 from onnxq.graph import NameScope, const_array, make_initializer
-from onnxq.pipeline import StaticState
-from onnxq.runtime.session import OptLevel, make_session, run, serialize_lean
+from onnxq.plan.op_rules import ANCHOR_OPS
+from onnxq.runtime.session import OptLevel, open_model, run, serialize_lean
+from onnxq.tuning.interfaces import RequantizableState
 from onnxq.tuning.targets import AccuracyTarget, CustomTarget, TargetEvaluator, as_target, evaluation_feeds
 
 __all__ = ["Mode", "NodeSensitivity", "estimate_sensitivity", "measure_sensitivity", "rank_by_estimate"]
@@ -135,12 +135,10 @@ def _pre_quantization(value: ir.Value) -> ir.Value:
 
 def _has_anchors(model: ir.Model, anchors: Iterable[str]) -> bool:
     by_name = {n.name: n.op_type for n in model.graph}
-    from onnxq.pipeline import ANCHOR_OPS
-
     return all(by_name.get(name) in ANCHOR_OPS for name in anchors)
 
 
-def _add_shadows(state: StaticState, quantized: ir.Model) -> list[tuple[str, str, str]]:
+def _add_shadows(state: RequantizableState, quantized: ir.Model) -> list[tuple[str, str, str]]:
     """Add a float twin of every quantized anchor to ``quantized`` (a copy the caller owns).
 
     The twin reads the values that feed the anchor's input Q/DQ and the float model's weights and bias.
@@ -185,9 +183,7 @@ def _fetcher(model: ir.Model, names: Iterable[str], providers: Sequence[str], op
     unknown = [n for n in wanted if n not in values]
     if unknown:
         raise OnnxqError(f"cannot observe tensor(s) {', '.join(unknown[:3])}: not in the model")
-    with _with_outputs(model, [values[n] for n in wanted]):
-        data, initializers = serialize_lean(model)
-    session = make_session(data, providers=providers, opt_level=opt_level, initializers=initializers)
+    session = open_model(model, outputs=[values[n] for n in wanted], providers=providers, opt_level=opt_level)
 
     def fetch(feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         outputs = dict(zip(wanted, run(session, feed, wanted), strict=True))
@@ -198,7 +194,7 @@ def _fetcher(model: ir.Model, names: Iterable[str], providers: Sequence[str], op
 
 
 def estimate_sensitivity(
-    state: StaticState,
+    state: RequantizableState,
     quantized_model: ir.Model | None,
     feeds: Feeds | Iterable[Mapping[str, Any]] | str,
     *,
@@ -214,8 +210,7 @@ def estimate_sensitivity(
     providers = tuple(providers or state.providers)
     feeds = evaluation_feeds(feeds, state.float_model)
     if quantized_model is None or not _has_anchors(quantized_model, state.quantized_nodes):
-        qdq_state = dataclasses.replace(state, config=state.config.replace(format="qdq"))
-        quantized_model = qdq_state.requantize()
+        quantized_model = state.requantize(output_format="qdq")
     shadowed = quantized_model.clone()
     triples = _add_shadows(state, shadowed)
     if not triples:
@@ -269,7 +264,7 @@ def _hash_update_array(digest: Any, name: str, array: np.ndarray) -> None:
 
 
 def _cache_key(
-    state: StaticState,
+    state: RequantizableState,
     target: AccuracyTarget | CustomTarget,
     feeds: Feeds,
     providers: Sequence[str],
@@ -345,7 +340,7 @@ def _rank(results: list[NodeSensitivity], mode: Mode) -> list[NodeSensitivity]:
 
 
 def measure_sensitivity(
-    state: StaticState,
+    state: RequantizableState,
     target_metric: AccuracyTarget | CustomTarget | str,
     feeds: Feeds | Iterable[Mapping[str, Any]] | str,
     *,

@@ -37,7 +37,7 @@ import onnx_ir as ir
 
 from onnxq.data import Feeds, input_specs, load_feeds
 from onnxq.errors import OnnxqError
-from onnxq.runtime.session import OptLevel, make_session, run, serialize_lean
+from onnxq.runtime.session import OptLevel, open_model, run
 from onnxq.validate.metrics import OutputStats
 
 __all__ = [
@@ -239,8 +239,7 @@ def evaluation_feeds(
 
 
 def _open(model: ir.Model, providers: Sequence[str], opt_level: OptLevel) -> Any:
-    data, initializers = serialize_lean(model)
-    return make_session(data, providers=providers, opt_level=opt_level, initializers=initializers)
+    return open_model(model, providers=providers, opt_level=opt_level)
 
 
 class TargetEvaluator:

@@ -48,13 +48,12 @@ import numpy as np
 import onnx_ir as ir
 from tabulate import tabulate
 
-from onnxq.calibrate.collect import _with_outputs
 from onnxq.data import Feeds
 from onnxq.errors import OnnxqError
 from onnxq.graph import const_array
 from onnxq.load.files import load_model
 from onnxq.load.versions import normalize_versions
-from onnxq.runtime.session import make_session, run, serialize_lean
+from onnxq.runtime.session import open_model, run
 from onnxq.validate.metrics import OutputStats, sqnr_db
 
 __all__ = ["LayerReport", "LayerStats", "format_layers", "inspect_layers", "layers_to_dict"]
@@ -353,11 +352,7 @@ def _float_weight_candidates(
 
 
 def _session(model: ir.Model, values: Sequence[ir.Value], providers: Sequence[str]) -> Any:
-    with _with_outputs(model, values):
-        data, initializers = serialize_lean(model)
-    return make_session(
-        data, providers=providers, opt_level="disable", initializers=initializers, prepack=False
-    )
+    return open_model(model, outputs=values, providers=providers, opt_level="disable", prepack=False)
 
 
 def _progress(feeds: Iterable[Mapping[str, np.ndarray]], show: bool | None) -> Iterable[Any]:

@@ -10,7 +10,6 @@ model runs) from the data's (it does not).
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import numpy as np
 
 from onnxq.errors import OnnxqError
 from onnxq.runtime.kernels import onnxruntime_version
-from onnxq.runtime.session import make_session, run
+from onnxq.runtime.session import RuntimeFailure, make_session, run
 
 __all__ = ["check_runs"]
 
@@ -58,9 +57,6 @@ def check_runs(
         raise OnnxqError(f"the quantized model fails in {where}: {_reason(exc)}") from exc
 
 
-_PREFIX = re.compile(r"^onnxruntime(?: cannot load (?:the in-memory model \(\d+ bytes\)|\S+))?: ")
-
-
 def _reason(exc: OnnxqError) -> str:
-    """The message without the "onnxruntime cannot load ...:" prefix (the caller says what failed)."""
-    return _PREFIX.sub("", str(exc))
+    """ONNX Runtime's reason, without onnxq's framing (the caller says what failed)."""
+    return exc.reason if isinstance(exc, RuntimeFailure) else str(exc)

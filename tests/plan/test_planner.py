@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 
+import builders
 import numpy as np
 import onnx
 import onnx.numpy_helper
@@ -115,7 +116,7 @@ def test_relu_after_conv_is_absorbed() -> None:
     assert _slots(plan) == {("conv1", 0), ("conv2", 0)}
     assert plan.quantized_op_types() == collections.Counter({"Conv": 2})
     assert plan.float_op_types == collections.Counter()
-    assert plan.declined == []
+    assert builders.lines(plan.declined) == []
     # Each Conv: weight per output channel, bias against that Conv's own input.
     assert [(t.node.name, t.input_index, t.axis) for t in plan.weights] == [("conv1", 1, 0), ("conv2", 1, 0)]
     assert [(b.node.name, b.input_index, b.weight_index) for b in plan.biases] == [
@@ -172,7 +173,7 @@ def test_clip_after_conv_is_absorbed_unless_bounds_are_variable() -> None:
     model = _model(text.format(extra=", float hi_in", hi="hi_in"), weights)
     plan = _plan(model)
     assert "clip" not in _names(plan.quantized_nodes) + _names(plan.absorbed_nodes)
-    assert "clip not quantized: Clip bounds are not constants" in plan.declined
+    assert "clip not quantized: Clip bounds are not constants" in builders.lines(plan.declined)
     assert _value(model, "c") in plan.group_of  # conv1's output is still quantized ("always")
 
 
@@ -219,7 +220,7 @@ def test_maxpool_with_used_indices_stays_float(reader: str, out: str) -> None:
     )
     plan = _plan(model)
     assert _names(plan.quantized_nodes) == ["conv1", "conv2"]
-    assert "pool not quantized: MaxPool indices output is used" in plan.declined
+    assert "pool not quantized: MaxPool indices output is used" in builders.lines(plan.declined)
     assert not _same_group(plan, _value(model, "c"), _value(model, "p"))
 
 
@@ -241,7 +242,7 @@ def test_passthrough_at_the_edges_of_quantized_code_stays_float() -> None:
     assert _value(model, "p") in plan.group_of
     assert _value(model, "q") not in plan.group_of
     assert plan.float_op_types == collections.Counter({"MaxPool": 2, "Softmax": 1})
-    assert any(d.startswith("Softmax: ") for d in plan.declined)
+    assert any(d.startswith("Softmax: ") for d in builders.lines(plan.declined))
 
 
 def test_residual_add_between_conv_paths_is_quantized() -> None:
@@ -457,7 +458,7 @@ def test_resize_cubic_is_declined() -> None:
     )
     plan = _plan(model)
     assert _names(plan.quantized_nodes) == ["conv_a", "conv_b"]
-    assert "resize not quantized: Resize mode is not nearest/linear" in plan.declined
+    assert "resize not quantized: Resize mode is not nearest/linear" in builders.lines(plan.declined)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -482,7 +483,7 @@ def test_exclude_op_types() -> None:
     assert plan.empty
     assert plan.groups == [] and plan.weights == [] and plan.observed_values() == []
     for name in ("conv1", "conv2", "conv3"):
-        assert f"{name} not quantized: excluded by configuration" in plan.declined
+        assert f"{name} not quantized: excluded by configuration" in builders.lines(plan.declined)
     assert plan.float_op_types == collections.Counter({"Conv": 3, "Relu": 2})
 
 
@@ -490,7 +491,7 @@ def test_exclude_nodes() -> None:
     model = _three_convs()
     plan = _plan(model, QuantConfig(exclude_nodes=("conv2",)))
     assert _names(plan.quantized_nodes) == ["conv1", "conv3"]
-    assert plan.declined == ["conv2 not quantized: excluded by configuration"]
+    assert builders.lines(plan.declined) == ["conv2 not quantized: excluded by configuration"]
     # conv1's output is always quantized, taken after relu1 (absorbed) even though conv2 reads it
     # in float; relu2 reads the float conv2 and stays float, its output quantized for conv3.
     assert _names(plan.absorbed_nodes) == ["relu1"]
@@ -509,9 +510,9 @@ def test_node_override_re_enables_a_node_of_an_excluded_op_type() -> None:
     )
     plan = _plan(_three_convs(), config)
     assert _names(plan.quantized_nodes) == ["conv2"]
-    assert "conv1 not quantized: excluded by configuration" in plan.declined
-    assert "conv3 not quantized: excluded by configuration" in plan.declined
-    assert not any(d.startswith("conv2") for d in plan.declined)
+    assert "conv1 not quantized: excluded by configuration" in builders.lines(plan.declined)
+    assert "conv3 not quantized: excluded by configuration" in builders.lines(plan.declined)
+    assert not any(d.startswith("conv2") for d in builders.lines(plan.declined))
 
 
 def test_node_override_disables_one_node_of_an_enabled_op_type() -> None:
@@ -522,14 +523,14 @@ def test_node_override_disables_one_node_of_an_enabled_op_type() -> None:
     )
     plan = _plan(_three_convs(), config)
     assert _names(plan.quantized_nodes) == ["conv1", "conv2"]
-    assert plan.declined == ["conv3 not quantized: excluded by configuration"]
+    assert builders.lines(plan.declined) == ["conv3 not quantized: excluded by configuration"]
 
 
 def test_exclude_nodes_wins_over_a_node_override() -> None:
     config = QuantConfig(exclude_nodes=("conv2",), node_overrides={"conv2": NodeOverride(quantize=True)})
     plan = _plan(_three_convs(), config)
     assert "conv2" not in _names(plan.quantized_nodes)
-    assert "conv2 not quantized: excluded by configuration" in plan.declined
+    assert "conv2 not quantized: excluded by configuration" in builders.lines(plan.declined)
 
 
 def test_scheme_overrides_by_op_type_and_node() -> None:
@@ -565,7 +566,7 @@ def test_conv_with_weight_from_graph_input_is_declined() -> None:
     )
     plan = _plan(model)
     assert plan.empty
-    assert plan.declined == ["conv1 not quantized: weight is not a constant"]
+    assert builders.lines(plan.declined) == ["conv1 not quantized: weight is not a constant"]
     assert plan.float_op_types == collections.Counter({"Conv": 1})
 
 
@@ -581,7 +582,7 @@ def test_conv_fed_by_dequantize_linear_is_declined() -> None:
     )
     plan = _plan(model)
     assert plan.empty
-    assert plan.declined == ["conv1 not quantized: input is already quantized (Q/DQ)"]
+    assert builders.lines(plan.declined) == ["conv1 not quantized: input is already quantized (Q/DQ)"]
 
 
 def test_unnamed_declined_node_is_reported_by_op_type() -> None:
@@ -591,7 +592,7 @@ def test_unnamed_declined_node_is_reported_by_op_type() -> None:
             y = Conv <pads = [1, 1, 1, 1]> (x, W)
         }"""
     )
-    assert _plan(model).declined == ["Conv not quantized: weight is not a constant"]
+    assert builders.lines(_plan(model).declined) == ["Conv not quantized: weight is not a constant"]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -612,7 +613,7 @@ def test_model_without_anchors_gives_an_empty_plan() -> None:
     assert plan.observed_values() == []
     assert plan.float_op_types == collections.Counter({"Sigmoid": 1, "Softmax": 1})
     assert plan.subgraph_nodes == 0
-    assert [d.split(":")[0] for d in plan.declined] == ["Softmax"]
+    assert [d.split(":")[0] for d in builders.lines(plan.declined)] == ["Softmax"]
 
 
 IF_MODEL = """

@@ -115,7 +115,7 @@ def test_matmul_bias_is_folded(order: str, ms_domain: bool) -> None:
     model, quantizer, modified = _quantize(proto, ms_domain=ms_domain)
     assert modified
     assert quantizer.quantized == {"MatMul": 1}
-    assert quantizer.declined == []
+    assert builders.lines(quantizer.declined) == []
     ops = _ops(model)
     assert ops["MatMul"] == 0
     assert "w" not in model.graph.initializers  # the float weight is gone
@@ -239,8 +239,8 @@ def test_matmul_declines() -> None:
     model, quantizer, modified = _quantize(proto)
     assert not modified
     assert _ops(model) == {"MatMul": 3}
-    reasons = "\n".join(quantizer.declined)
-    assert len(quantizer.declined) == 3
+    reasons = "\n".join(builders.lines(quantizer.declined))
+    assert len(builders.lines(quantizer.declined)) == 3
     assert "weight B is not a constant" in reasons
     assert "input A is a constant" in reasons
     assert "rank 3" in reasons
@@ -263,17 +263,17 @@ def test_opset_10_has_no_dynamic_quantize_linear() -> None:
     assert min(_sqnr(proto, model, feeds, i) for i in range(2)) > SQNR_BOUND_DB
     _, quantizer, modified = _quantize(proto, ms_domain=False)
     assert not modified
-    assert quantizer.declined[0].endswith("opset 10 has no DynamicQuantizeLinear (needs 11)")
+    assert builders.lines(quantizer.declined)[0].endswith("opset 10 has no DynamicQuantizeLinear (needs 11)")
 
 
 def test_exclusions() -> None:
     proto = builders.matmul_model()
     model, quantizer, modified = _quantize(proto, QuantConfig(exclude_op_types=("MatMul",)))
     assert not modified and _ops(model)["MatMul"] == 1
-    assert quantizer.declined == ["MatMul not quantized: excluded by configuration"]
+    assert builders.lines(quantizer.declined) == ["MatMul not quantized: excluded by configuration"]
     # by node name, and through an op-type override
     _, quantizer, modified = _quantize(proto, QuantConfig(exclude_nodes=("MatMul",)))
-    assert not modified and len(quantizer.declined) == 1
+    assert not modified and len(builders.lines(quantizer.declined)) == 1
     override = QuantConfig(op_type_overrides={"MatMul": NodeOverride(quantize=False)})
     _, quantizer, modified = _quantize(proto, override)
     assert not modified
@@ -282,7 +282,7 @@ def test_exclusions() -> None:
 def test_no_match() -> None:
     model, quantizer, modified = _quantize(builders.no_quantizable_model())
     assert not modified
-    assert quantizer.quantized == {} and quantizer.declined == []
+    assert quantizer.quantized == {} and builders.lines(quantizer.declined) == []
     assert MS_DOMAIN not in model.opset_imports
 
 
@@ -308,7 +308,7 @@ def test_subgraph_matmul_stays_float() -> None:
     (if_node,) = _nodes(model, "If")
     then_branch = if_node.attributes["then_branch"].as_graph()
     assert [n.op_type for n in then_branch] == ["MatMul"]
-    assert any("subgraphs left float (MatMul ×1)" in line for line in quantizer.declined)
+    assert any("subgraphs left float (MatMul ×1)" in line for line in builders.lines(quantizer.declined))
     feeds = _feeds(proto)  # cond alternates: both branches run
     assert _sqnr(proto, model, feeds) > SQNR_BOUND_DB
 
@@ -378,7 +378,7 @@ def test_gemm_declines() -> None:
     )
     _, quantizer, modified = _quantize(proto)
     assert not modified
-    reasons = "\n".join(quantizer.declined)
+    reasons = "\n".join(builders.lines(quantizer.declined))
     assert "transA = 1" in reasons and "input C is not a constant" in reasons
 
 
@@ -446,7 +446,7 @@ def test_lstm_batch_first_is_declined() -> None:
         builders.normal_arrays(8, w=(1, 16, 8), r=(1, 16, 4)),
     )
     _, quantizer, modified = _quantize(proto)
-    assert not modified and "layout = 1" in quantizer.declined[0]
+    assert not modified and "layout = 1" in builders.lines(quantizer.declined)[0]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -463,7 +463,7 @@ def test_conv_stays_float_by_default() -> None:
     proto = builders.parse(CONV, builders.normal_arrays(9, w=(8, 4, 3, 3), b=(8,)))
     model, quantizer, modified = _quantize(proto)
     assert not modified and _ops(model) == {"Conv": 1}
-    assert quantizer.declined == [
+    assert builders.lines(quantizer.declined) == [
         "1 Conv node(s) left float: dynamic Conv is off (DynamicConfig.conv; "
         "ConvInteger is slower than float Conv in ONNX Runtime)"
     ]
@@ -517,7 +517,9 @@ def test_embeddings_stay_float_by_default() -> None:
     proto = _embedding_proto()
     model, quantizer, modified = _quantize(proto)
     assert not modified and _ops(model) == {"Gather": 1}
-    assert quantizer.declined == ["1 embedding Gather node(s) left float: DynamicConfig.embeddings is off"]
+    assert builders.lines(quantizer.declined) == [
+        "1 embedding Gather node(s) left float: DynamicConfig.embeddings is off"
+    ]
 
 
 def test_embeddings_per_row() -> None:
@@ -557,7 +559,7 @@ def test_non_embedding_gather_is_ignored() -> None:
         {"shape": np.array([4, 8, 16], np.int64)},
     )
     _, quantizer, modified = _quantize(proto, QuantConfig(dynamic=DynamicConfig(embeddings=True)))
-    assert not modified and quantizer.declined == []
+    assert not modified and builders.lines(quantizer.declined) == []
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -611,5 +613,5 @@ def test_minilm(minilm: tuple[Path, list[Feed], list[np.ndarray]], embeddings: b
     remaining = _nodes(model, "MatMul")
     assert len(remaining) == 12
     assert all(not v.is_initializer() for n in remaining for v in n.inputs if v is not None)
-    assert sum("weight B is not a constant" in line for line in quantizer.declined) == 12
+    assert sum("weight B is not a constant" in line for line in builders.lines(quantizer.declined)) == 12
     assert _minilm_cosine(model, feeds, reference) >= 0.99

@@ -214,7 +214,7 @@ def test_conv_relu_lowered_for_every_scheme(scheme: str) -> None:
     lowered, fuse, modified = _lower(qdq)
 
     assert modified
-    assert fuse.lowered["QLinearConv"] == 1 and not fuse.declined
+    assert fuse.lowered["QLinearConv"] == 1 and not builders.lines(fuse.declined)
     counts = _counts(lowered)
     assert counts["Conv"] == 0
     qconv = _only(lowered, "QLinearConv")
@@ -254,7 +254,7 @@ def test_conv_without_bias_and_clip_absorbed() -> None:
     assert _counts(qdq)["Clip"] == 1
     lowered, fuse, modified = _lower(qdq)
 
-    assert modified and fuse.lowered == {"QLinearConv": 2} and not fuse.declined
+    assert modified and fuse.lowered == {"QLinearConv": 2} and not builders.lines(fuse.declined)
     counts = _counts(lowered)
     assert counts["Clip"] == 0 and counts["Conv"] == 0
     first, second = [n for n in lowered.graph if n.op_type == "QLinearConv"]
@@ -356,7 +356,7 @@ def test_activation_absorbed_when_the_output_range_clamps(
     proto = _conv_qdq(activation, y=y, dtype=dtype, extra=bounds)
     lowered, fuse, modified = _lower(ir.from_proto(proto))
 
-    assert modified and fuse.lowered == {"QLinearConv": 1} and not fuse.declined
+    assert modified and fuse.lowered == {"QLinearConv": 1} and not builders.lines(fuse.declined)
     counts = _counts(lowered)
     assert counts["Relu"] == 0 and counts["Clip"] == 0 and counts["Conv"] == 0
     qconv = _only(lowered, "QLinearConv")
@@ -388,9 +388,9 @@ def test_activation_not_covered_by_the_output_range_is_declined(
     lowered, fuse, modified = _lower(ir.from_proto(proto))
 
     assert not modified and not fuse.lowered
-    assert len(fuse.declined) == 1
-    assert fuse.declined[0].startswith("Conv_3 not lowered: ")
-    assert reason in fuse.declined[0]
+    assert len(builders.lines(fuse.declined)) == 1
+    assert builders.lines(fuse.declined)[0].startswith("Conv_3 not lowered: ")
+    assert reason in builders.lines(fuse.declined)[0]
     assert _counts(lowered)["Conv"] == 1 and _counts(lowered)["QLinearConv"] == 0
 
 
@@ -440,7 +440,8 @@ def test_conv_bias_with_wrong_scale_is_declined() -> None:
     _, fuse, modified = _lower(ir.from_proto(proto))
     assert not modified
     assert (
-        len(fuse.declined) == 1 and "bias scale 0.0001 is not input scale × weight scale" in fuse.declined[0]
+        len(builders.lines(fuse.declined)) == 1
+        and "bias scale 0.0001 is not input scale × weight scale" in builders.lines(fuse.declined)[0]
     )
 
 
@@ -459,7 +460,7 @@ def test_conv_weight_not_constant_is_declined() -> None:
     proto = _proto(body, arrays)
     lowered, fuse, modified = _lower(ir.from_proto(proto))
     assert not modified
-    assert fuse.declined == ["Conv_3 not lowered: weight is not a constant"]
+    assert builders.lines(fuse.declined) == ["Conv_3 not lowered: weight is not a constant"]
     assert fuse.lowered == {}
     assert _counts(lowered) == _counts(ir.from_proto(proto))
 
@@ -483,7 +484,7 @@ def test_conv_int8_input_with_uint8_weight_is_declined() -> None:
     }
     _, fuse, modified = _lower(ir.from_proto(_proto(body, arrays)))
     assert not modified
-    assert fuse.declined == [
+    assert builders.lines(fuse.declined) == [
         "Conv_3 not lowered: int8 activations with uint8 weights have no kernel in ONNX Runtime"
     ]
 
@@ -528,7 +529,7 @@ def test_conv_without_output_q_declined_by_default() -> None:
     proto = _conv_float_output(np.zeros(4, np.int8))
     _, fuse, modified = _lower(ir.from_proto(proto))
     assert not modified
-    assert fuse.declined == [
+    assert builders.lines(fuse.declined) == [
         "Conv_4 not lowered: its output is not quantized (ConvInteger lowering is off: conv_integer=False)"
     ]
 
@@ -539,10 +540,13 @@ def test_conv_without_output_q_to_conv_integer() -> None:
         # onnxruntime before 1.20 has ConvInteger for uint8 weights only: declined, never emitted.
         _, fuse, modified = _lower(ir.from_proto(proto), conv_integer=True)
         assert not modified
-        assert len(fuse.declined) == 1 and "no CPU kernel for ConvInteger-10 with" in fuse.declined[0]
+        assert (
+            len(builders.lines(fuse.declined)) == 1
+            and "no CPU kernel for ConvInteger-10 with" in builders.lines(fuse.declined)[0]
+        )
         return
     lowered, fuse, modified = _lower(ir.from_proto(proto), conv_integer=True)
-    assert modified and fuse.lowered == {"ConvInteger": 1} and not fuse.declined
+    assert modified and fuse.lowered == {"ConvInteger": 1} and not builders.lines(fuse.declined)
     counts = _counts(lowered)
     assert counts["Conv"] == 0 and counts["DequantizeLinear"] == 0
     assert counts["ConvInteger"] == counts["Cast"] == counts["Mul"] == counts["Add"] == 1
@@ -565,7 +569,7 @@ def test_rules_decline_what_the_installed_runtime_cannot_run(monkeypatch: pytest
                 return "onnxruntime 0.0 has no CPU kernel for QLinearConv-10 with T1=uint8"
             return real.problem(domain, op_type, opset, types)  # type: ignore[arg-type]
 
-    monkeypatch.setattr("onnxq.rewrite.fuse_qlinear.kernel_table", WithoutQLinearConv)
+    monkeypatch.setattr("onnxq.rules.kernel_table", WithoutQLinearConv)
     model = onnxq.quantize(
         builders.conv_relu_model(), [{"x": s} for s in builders.conv_calibration(samples=4)]
     ).model
@@ -573,7 +577,7 @@ def test_rules_decline_what_the_installed_runtime_cannot_run(monkeypatch: pytest
     assert _counts(lowered)["QLinearConv"] == 0 and _counts(lowered)["Conv"] == 1
     assert any(
         line.endswith("not lowered: onnxruntime 0.0 has no CPU kernel for QLinearConv-10 with T1=uint8")
-        for line in fuse.declined
+        for line in builders.lines(fuse.declined)
     )
 
 
@@ -581,7 +585,7 @@ def test_conv_integer_declines_per_channel_weight_zero_points() -> None:
     proto = _conv_float_output(np.array([0, 1, 2, 3], np.int8))
     _, fuse, modified = _lower(ir.from_proto(proto), conv_integer=True)
     assert not modified
-    assert fuse.declined == [
+    assert builders.lines(fuse.declined) == [
         "Conv_4 not lowered: ConvInteger takes one weight zero point, the weight has one per channel"
     ]
 
@@ -604,7 +608,7 @@ def test_matmul_lowered_to_qlinear_and_integer_to_float_with_bias(scheme: str) -
     qdq = _quantize(proto, CONFIGS[scheme])
     lowered, fuse, modified = _lower(qdq)
 
-    assert modified and not fuse.declined
+    assert modified and not builders.lines(fuse.declined)
     assert fuse.lowered == {"QLinearMatMul": 1, "MatMulIntegerToFloat": 1}
     counts = _counts(lowered)
     assert counts["MatMul"] == 0 and counts["Add"] == 0 and counts["DequantizeLinear"] == 0
@@ -688,7 +692,9 @@ def test_matmul_per_axis_b_that_runtime_rejects_is_declined(
     proto = _proto(MATMUL_WEIGHT.format(axis=axis), arrays)
     _, fuse, modified = _lower(ir.from_proto(proto))
     assert not modified
-    assert len(fuse.declined) == 1 and fuse.declined[0].startswith("MatMul_3 not lowered: " + reason)
+    assert len(builders.lines(fuse.declined)) == 1 and builders.lines(fuse.declined)[0].startswith(
+        "MatMul_3 not lowered: " + reason
+    )
 
 
 def test_matmul_per_column_2d_b_lowered() -> None:
@@ -723,7 +729,7 @@ def test_gemm_lowered_to_qgemm_with_and_without_output_q(scheme: str) -> None:
     qdq = _quantize(proto, CONFIGS[scheme])
     lowered, fuse, modified = _lower(qdq)
 
-    assert modified and fuse.lowered == {"QGemm": 2} and not fuse.declined
+    assert modified and fuse.lowered == {"QGemm": 2} and not builders.lines(fuse.declined)
     counts = _counts(lowered)
     assert counts["Gemm"] == 0 and counts["Relu"] == 0 and counts["DequantizeLinear"] == 0
     first, second = [n for n in lowered.graph if n.op_type == "QGemm"]
@@ -763,11 +769,13 @@ def _gemm_qdq(beta: float) -> onnx.ModelProto:
 
 def test_gemm_declines() -> None:
     _, fuse, modified = _lower(ir.from_proto(_gemm_qdq(0.5)))
-    assert not modified and fuse.declined == ["Gemm_3 not lowered: beta is not 1"]
+    assert not modified and builders.lines(fuse.declined) == ["Gemm_3 not lowered: beta is not 1"]
 
     _, fuse, modified = _lower(ir.from_proto(_gemm_qdq(1.0)), ms_domain=False)
     assert not modified
-    assert fuse.declined == ["Gemm_3 not lowered: QGemm is a com.microsoft op and ms_domain=False"]
+    assert builders.lines(fuse.declined) == [
+        "Gemm_3 not lowered: QGemm is a com.microsoft op and ms_domain=False"
+    ]
 
     proto = _gemm_qdq(1.0)
     lowered, fuse, modified = _lower(ir.from_proto(proto))
@@ -818,7 +826,9 @@ def test_add_of_mixed_types_is_declined() -> None:
     arrays = {**_q("a", 0.03, 128), **_q("b", 0.02, 0, np.int8), **_q("y", 0.05, 100)}
     _, fuse, modified = _lower(ir.from_proto(_proto(BINARY.format(op="Add"), arrays)))
     assert not modified
-    assert fuse.declined == ["Add_4 not lowered: the inputs are uint8 and int8; QLinearAdd takes one type"]
+    assert builders.lines(fuse.declined) == [
+        "Add_4 not lowered: the inputs are uint8 and int8; QLinearAdd takes one type"
+    ]
 
 
 def test_add_mul_concat_from_onnxq() -> None:
@@ -836,7 +846,7 @@ def test_add_mul_concat_from_onnxq() -> None:
     qdq = _quantize(_proto(body, arrays))
     lowered, fuse, modified = _lower(qdq)
 
-    assert modified and not fuse.declined
+    assert modified and not builders.lines(fuse.declined)
     assert fuse.lowered == {"QLinearConv": 3, "QLinearAdd": 1, "QLinearMul": 1, "QLinearConcat": 1}
     counts = _counts(lowered)
     assert counts["Add"] == counts["Mul"] == counts["Concat"] == counts["Conv"] == 0
@@ -875,7 +885,7 @@ def test_pools_and_activations_lowered(scheme: str) -> None:
     qdq = _quantize(_proto(POOLS, arrays), CONFIGS[scheme])
     lowered, fuse, modified = _lower(qdq)
 
-    assert modified and not fuse.declined
+    assert modified and not builders.lines(fuse.declined)
     assert fuse.lowered == {
         "QLinearConv": 3,
         "QLinearSigmoid": 1,
@@ -933,7 +943,7 @@ def test_unary_op_without_output_q_is_left_alone() -> None:
     }
     """
     _, fuse, modified = _lower(ir.from_proto(_proto(body, _q("x", 0.05, 128))))
-    assert not modified and not fuse.declined and not fuse.lowered
+    assert not modified and not builders.lines(fuse.declined) and not fuse.lowered
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -998,7 +1008,7 @@ def test_pass_through_op_runs_on_integers(op: str) -> None:
     proto = _pass_through(op)
     lowered, fuse, modified = _lower(ir.from_proto(proto))
 
-    assert modified and fuse.lowered == {op: 1} and not fuse.declined
+    assert modified and fuse.lowered == {op: 1} and not builders.lines(fuse.declined)
     node = _only(lowered, op)
     assert node.inputs[0] is _quantized_input(lowered, "x")
     for value in node.outputs:
@@ -1025,7 +1035,9 @@ def test_pass_through_declines(op: str, options: dict[str, object], reason: str)
     proto = _pass_through(op, **options)  # type: ignore[arg-type]
     _, fuse, modified = _lower(ir.from_proto(proto))
     assert not modified
-    assert len(fuse.declined) == 1 and fuse.declined[0].startswith(f"{op}_2 not lowered: {reason}")
+    assert len(builders.lines(fuse.declined)) == 1 and builders.lines(fuse.declined)[0].startswith(
+        f"{op}_2 not lowered: {reason}"
+    )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -1090,7 +1102,7 @@ def test_float_model_is_not_modified() -> None:
     proto = _proto(CONV_RELU, _weights(0, w=(4, 3, 3, 3), b=(4,)))
     model = ir.from_proto(proto)
     lowered, fuse, modified = _lower(model)
-    assert not modified and not fuse.lowered and not fuse.declined
+    assert not modified and not fuse.lowered and not builders.lines(fuse.declined)
     assert _counts(lowered) == _counts(model)
     assert MS_DOMAIN not in lowered.opset_imports
 
@@ -1108,7 +1120,7 @@ def test_lowering_is_deterministic_and_idempotent() -> None:
     }
     assert len(digests) == 1
     again, fuse, modified = _lower(first)
-    assert not modified and not fuse.lowered and not fuse.declined
+    assert not modified and not fuse.lowered and not builders.lines(fuse.declined)
     assert _counts(again) == _counts(first)
 
 
@@ -1144,7 +1156,7 @@ def test_conv_inside_if_branch_is_lowered() -> None:
     proto = _proto(IF_CONV, arrays)
     lowered, fuse, modified = _lower(ir.from_proto(proto))
 
-    assert modified and fuse.lowered == {"QLinearConv": 1} and not fuse.declined
+    assert modified and fuse.lowered == {"QLinearConv": 1} and not builders.lines(fuse.declined)
     if_node = _only(lowered, "If")
     then_graph = if_node.attributes["then_branch"].as_graph()
     else_graph = if_node.attributes["else_branch"].as_graph()
@@ -1166,7 +1178,7 @@ def test_small_cnn_from_the_model_zoo_is_fully_lowered(tmp_path: Path) -> None:
     convs = _counts(qdq)["Conv"]
     lowered, fuse, modified = _lower(qdq)
 
-    assert modified and not fuse.declined
+    assert modified and not builders.lines(fuse.declined)
     assert convs > 0 and fuse.lowered["QLinearConv"] == convs
     counts = _counts(lowered)
     assert counts["Conv"] == 0 and counts["Relu"] == 0 and counts["DequantizeLinear"] == 0

@@ -571,9 +571,9 @@ def test_block_wise_and_unsupported_types_are_declined_with_notes() -> None:
 
     assert not result.modified
     assert builders.serialize(model) == before
-    notes = "\n".join(normalize.notes)
-    assert "block-wise quantization (block_size=2)" in notes
-    assert "kept in com.microsoft: attribute unknown" in notes
+    declines = "\n".join(builders.lines(normalize.declined))
+    assert "block-wise quantization (block_size=2)" in declines
+    assert "kept in com.microsoft: attribute unknown" in declines
 
 
 def test_ms_int16_below_opset_21_is_kept() -> None:
@@ -593,7 +593,8 @@ def test_ms_int16_below_opset_21_is_kept() -> None:
 
     assert not result.modified
     assert all(node.domain == "com.microsoft" for node in model.graph)
-    assert sum("int16 needs a newer default-domain opset" in note for note in normalize.notes) == 2
+    declines = builders.lines(normalize.declined)
+    assert sum("int16 needs a newer default-domain opset" in line for line in declines) == 2
     _assert_same_outputs(before, builders.run_disabled(model, feeds))
 
 
@@ -615,7 +616,7 @@ def test_range_through_pass_through_ops_is_not_missing() -> None:
     _, normalize = _normalize(model)
     # input 1 of both MatMuls is a float graph input: no range either.
     assert normalize.missing_ranges == [
-        "MatMul: input 'w' has no QuantizeLinear/DequantizeLinear (no range)",
+        "<MatMul -> y>: input 'w' has no QuantizeLinear/DequantizeLinear (no range)",
         "mm_exp: input 're' has no QuantizeLinear/DequantizeLinear (no range)",
         "mm_exp: input 'w' has no QuantizeLinear/DequantizeLinear (no range)",
     ]
@@ -683,7 +684,9 @@ def test_weight_fake_quant_inside_if_branch_is_folded() -> None:
     assert stored.const_value.dtype == ir.DataType.INT8
     # The float weight is still read by the else branch: it stays.
     assert "w" in model.graph.initializers
-    assert normalize.missing_ranges == ["Conv: input 'h' has no QuantizeLinear/DequantizeLinear (no range)"]
+    assert normalize.missing_ranges == [
+        "<Conv -> e>: input 'h' has no QuantizeLinear/DequantizeLinear (no range)"
+    ]
     after = [builders.run_disabled(model, {"x": x, "cond": np.array(flag)}) for flag in (True, False)]
     for expected, actual in zip(before, after, strict=True):
         _assert_same_outputs(expected, actual)

@@ -1,0 +1,196 @@
+"""The library entry point, :func:`quantize`: load, normalize versions, preprocess, run one mode.
+
+load → versions → preprocess → (static | dynamic | requantize) → (lower) → cleanup. Each stage lives
+in its own package and returns a typed summary; this module only orders them and builds the report
+(:func:`~onnxq.pipeline.summary.build_report`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import onnx_ir as ir
+
+from onnxq.config import QuantConfig, WeightScheme
+from onnxq.data import DataSource, Feeds, input_specs, load_feeds
+from onnxq.graph import default_opset
+from onnxq.load.files import file_size, load_model, serialize_model, serialized_size
+from onnxq.load.versions import MIN_QDQ_PER_AXIS_OPSET, check_runtime_ops, normalize_versions
+from onnxq.pipeline.dynamic import quantize_dynamic
+from onnxq.pipeline.lower import lower_to_qoperator
+from onnxq.pipeline.requantize import normalize_existing
+from onnxq.pipeline.result import QuantizationResult
+from onnxq.pipeline.state import StaticState
+from onnxq.pipeline.static import quantize_static
+from onnxq.pipeline.summary import Mode, ModeSummary, build_report
+from onnxq.preprocess import preprocess
+from onnxq.rewrite.cleanup import cleanup
+from onnxq.rewrite.normalize_qdq import is_quantized
+from onnxq.runtime.kernels import kernel_table
+
+__all__ = ["quantize"]
+
+
+def quantize(
+    model: Any,
+    calibration_data: DataSource | None = None,
+    config: QuantConfig | None = None,
+    *,
+    show_progress: bool | None = None,
+    providers: Sequence[str] = ("CPUExecutionProvider",),
+    random_samples: int = 16,
+) -> QuantizationResult:
+    """Quantize an ONNX model and return the result (model, report, ``save``, ``validate``).
+
+    ``model`` is a path, an ``onnx.ModelProto`` or an ``onnx_ir.Model`` (never modified).
+    ``calibration_data`` is an ``.npz`` file, a directory of ``.npz`` files, an iterable of
+    ``{input_name: array}`` feeds, or ``"random"`` (smoke tests only); static quantization of a float
+    model needs it, dynamic quantization and models that already hold Q/DQ do not (given, it is their
+    default evaluation data).
+
+    What happens depends on the model and ``config``:
+
+    - a float model, ``mode="static"``: calibrated Q/DQ (then lowered to QOperator form when
+      ``format="qoperator"``);
+    - a float model, ``mode="dynamic"``: int8 weights, activations quantized at run time;
+    - a model that already holds Q/DQ (PyTorch QAT export, another tool, onnxq): normalized and
+      re-emitted (or lowered) without recalibration.
+
+    Raises :class:`~onnxq.errors.OnnxqError` for input that does not fit.
+    """
+    start = time.perf_counter()
+    config = config or QuantConfig()
+    input_path = Path(model) if isinstance(model, (str, os.PathLike)) else None
+    ir_model = load_model(model)
+    label = str(input_path) if input_path is not None else (ir_model.graph.name or "<in-memory model>")
+    check_runtime_ops(ir_model, label)
+    input_names = _node_names(ir_model)
+    source_producer = " ".join(p for p in (ir_model.producer_name, ir_model.producer_version) if p)
+    version_notes = normalize_versions(ir_model)
+    # The reference for validation: the user's file when onnxruntime can load it as it is, else the
+    # version-normalized model (same computation).
+    float_source: bytes | Path
+    if input_path is not None and not version_notes:
+        float_source = input_path
+        size_float = file_size(input_path)
+    else:
+        float_source = serialize_model(ir_model)
+        size_float = len(float_source)
+    if default_opset(ir_model) < MIN_QDQ_PER_AXIS_OPSET and config.weights.per_channel:
+        config = config.replace(weights=WeightScheme(config.weights.dtype, config.weights.symmetric, False))
+
+    already_quantized = is_quantized(ir_model)
+    # Preprocess first, for every mode: exporters compute fake-quant scales in the graph (Abs →
+    # ReduceMax → Div of a weight); constant folding turns them into the constants normalization needs.
+    preprocessed = preprocess(ir_model)
+    static: StaticState | None = None
+    feeds: Feeds | None
+    summary: ModeSummary
+    if already_quantized:
+        summary = normalize_existing(ir_model)
+        feeds = _reference_feeds(ir_model, calibration_data)
+    elif config.mode == "dynamic":
+        _check_config_names(config, input_names, ir_model)
+        summary = quantize_dynamic(ir_model, config, label=label)
+        feeds = _reference_feeds(ir_model, calibration_data)
+    else:
+        _check_config_names(config, input_names, ir_model)
+        static, summary = quantize_static(
+            ir_model,
+            calibration_data,
+            config,
+            label=label,
+            providers=providers,
+            show_progress=show_progress,
+            random_samples=random_samples,
+        )
+        feeds = static.feeds
+    lowering = lower_to_qoperator(ir_model) if config.format == "qoperator" else None
+    cleanup(ir_model)
+
+    report = build_report(
+        label=label,
+        source_producer=source_producer,
+        version_notes=version_notes,
+        preprocessed=preprocessed,
+        mode=summary,
+        lowering=lowering,
+        scheme=_describe_scheme(config, summary.mode),
+        settings=_settings(config, summary.mode),
+        size_float_bytes=size_float,
+        size_quantized_bytes=serialized_size(ir_model),
+    )
+    report.timings_s["total"] = time.perf_counter() - start
+    return QuantizationResult(
+        ir_model, report, float_source=float_source, calibration=feeds, input_path=input_path, static=static
+    )
+
+
+def _reference_feeds(model: ir.Model, data: DataSource | None) -> Feeds | None:
+    """Data given to a mode that needs none (dynamic, already quantized): the default evaluation data."""
+    if data is None or isinstance(data, Feeds):
+        return data
+    return load_feeds(data, input_specs(model), what="calibration data")
+
+
+def _node_names(model: ir.Model) -> tuple[set[str], set[str]]:
+    """(node names, op types) of every graph of the model."""
+    nodes = list(model.graph.all_nodes())
+    return {n.name for n in nodes if n.name}, {n.op_type for n in nodes}
+
+
+def _check_config_names(config: QuantConfig, before: tuple[set[str], set[str]], model: ir.Model) -> None:
+    """Names in the configuration must exist: a typo would otherwise be ignored without a word.
+
+    Node names may be those of the input model or of the preprocessed one (unnamed nodes get their
+    op type as name); op types must be ONNX or ONNX Runtime op types (absent ones are fine).
+    """
+    after = _node_names(model)
+    config.check_names(
+        node_names=before[0] | after[0],
+        model_op_types=before[1] | after[1],
+        known_op_types=kernel_table().op_types(),
+    )
+
+
+def _settings(config: QuantConfig, mode: Mode) -> dict[str, Any]:
+    """The configuration that shaped the model, as JSON-friendly data (recorded in the output file)."""
+    settings: dict[str, Any] = {"mode": mode, "format": config.format}
+    if mode == "requantize":
+        return settings
+    settings["weights"] = dataclasses.asdict(config.weights)
+    if mode == "static":
+        settings["activations"] = dataclasses.asdict(config.activations)
+        calibration = dataclasses.asdict(config.calibration)
+        settings["calibration"] = {k: v for k, v in calibration.items() if k != "batch_size"}
+    else:
+        settings["dynamic"] = dataclasses.asdict(config.dynamic)
+    settings["exclude_nodes"] = sorted(config.exclude_nodes)
+    settings["exclude_op_types"] = sorted(config.exclude_op_types)
+    for key, overrides in (
+        ("op_type_overrides", config.op_type_overrides),
+        ("node_overrides", config.node_overrides),
+    ):
+        if overrides:
+            settings[key] = {name: dataclasses.asdict(o) for name, o in sorted(overrides.items())}
+    return settings
+
+
+def _describe_scheme(config: QuantConfig, mode: Mode) -> dict[str, str]:
+    scheme: dict[str, str] = {"mode": mode, "format": config.format}
+    if mode == "static":
+        symmetric = "symmetric" if config.activations.symmetric else "affine"
+        scheme["activations"] = f"{config.activations.dtype} {symmetric}"
+        scheme["calibration"] = config.calibration.method
+    elif mode == "dynamic":
+        scheme["activations"] = "uint8 at run time"
+    if mode != "requantize":
+        scheme["weights"] = config.weights.dtype + (
+            " per-channel" if config.weights.per_channel else " per-tensor"
+        )
+    return scheme

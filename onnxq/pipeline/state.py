@@ -1,0 +1,66 @@
+"""What a static quantization learned, kept so that variants cost a rewrite, not a calibration."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Literal
+
+import onnx_ir as ir
+
+from onnxq.calibrate.collect import collect_ranges
+from onnxq.config import QuantConfig
+from onnxq.data import Feeds
+from onnxq.plan.planner import QuantPlan, plan_quantization
+from onnxq.rewrite.cleanup import cleanup
+from onnxq.rewrite.fuse_qlinear import FuseQLinearPass
+from onnxq.rewrite.insert_qdq import InsertQDQPass, group_params
+
+__all__ = ["StaticState"]
+
+
+@dataclass
+class StaticState:
+    """What a static quantization learned, kept so that variants cost a rewrite, not a calibration.
+
+    ``float_model`` is the preprocessed float model (before Q/DQ); ``ranges`` the calibrated range
+    of every observed tensor by name; ``quantized_nodes`` the anchor nodes that were quantized.
+    """
+
+    float_model: ir.Model
+    config: QuantConfig
+    feeds: Feeds
+    ranges: dict[str, tuple[float, float]]
+    providers: tuple[str, ...]
+    quantized_nodes: tuple[str, ...]
+
+    def plan(self, keep_float: Iterable[str] = ()) -> QuantPlan:
+        """The plan of :meth:`requantize` for the same ``keep_float`` (what it would quantize)."""
+        config = self.config.replace(exclude_nodes=(*self.config.exclude_nodes, *keep_float))
+        return plan_quantization(self.float_model.clone(), config)
+
+    def requantize(
+        self, keep_float: Iterable[str] = (), *, output_format: Literal["qdq", "qoperator"] | None = None
+    ) -> ir.Model:
+        """The same quantization with the nodes named in ``keep_float`` left float.
+
+        Calibrated ranges are reused; only tensors that no earlier run observed are calibrated now.
+        ``output_format`` overrides the configuration's format (analyses want QDQ form).
+        """
+        model = self.float_model.clone()
+        config = self.config.replace(exclude_nodes=(*self.config.exclude_nodes, *keep_float))
+        plan = plan_quantization(model, config)
+        observed = plan.observed_values()
+        missing = [v for v in observed if (v.name or "") not in self.ranges]
+        if missing:
+            schemes = {v: plan.group_of[v].scheme for v in missing}
+            extra = collect_ranges(
+                model, missing, schemes, self.feeds, config.calibration, providers=self.providers
+            )
+            self.ranges.update({v.name or "": r for v, r in extra.ranges.items()})
+        ranges = {v: self.ranges[v.name or ""] for v in observed if (v.name or "") in self.ranges}
+        InsertQDQPass(plan, group_params(plan, ranges))(model)
+        if (output_format or config.format) == "qoperator":
+            FuseQLinearPass()(model)
+        cleanup(model)
+        return model

@@ -1,0 +1,150 @@
+"""The one shape of every graph rewrite in onnxq: a table of rules, each match → check → rewrite.
+
+A :class:`Rule` names the op types it looks at and answers three questions about a node:
+
+- ``match(node, ctx)``: is this a pattern the rule is about? (``None``: not its business, nothing is
+  recorded);
+- ``check(match)``: can it be rewritten? A :class:`~onnxq.declines.Reason` when not — the decline the
+  report shows;
+- ``rewrite(match)``: do it, and return the op type the node became (what the pass counts).
+
+Rules that emit an integer kernel also say which one (``kernel(match)``): :func:`apply_rules` asks the
+installed ONNX Runtime's kernel table whether it exists before rewriting, so no rule ever writes a node
+the runtime cannot run. :func:`apply_rules` is the one traversal: the main graph, then every If/Loop/Scan
+body, each node visited once in graph order (nodes removed by an earlier rewrite are skipped), with
+match, check and rewrite interleaved so a rule sees the graph as the rules before it left it.
+"""
+
+from __future__ import annotations
+
+import abc
+import collections
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Generic, Literal, TypeVar
+
+import onnx_ir as ir
+
+from onnxq.declines import Decline, Reason, Stage
+from onnxq.graph import DEFAULT_DOMAINS, node_label
+from onnxq.runtime.kernels import kernel_table
+
+__all__ = ["Kernel", "Rule", "RuleOutcome", "apply_rules", "graphs_of"]
+
+MatchT = TypeVar("MatchT")
+ContextT = TypeVar("ContextT")
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """An op a rule emits, with the element types of the inputs (by index) that select its kernel."""
+
+    op_type: str
+    types: dict[int, ir.DataType | None]
+    domain: str = ""
+
+    def problem(self, opset: int) -> str | None:
+        """Why the installed ONNX Runtime cannot run it (``None`` when it can)."""
+        known = {i: t for i, t in self.types.items() if t is not None}
+        opset = opset if self.domain in DEFAULT_DOMAINS else 1
+        return kernel_table().problem(self.domain, self.op_type, opset, known)
+
+
+class Rule(abc.ABC, Generic[MatchT, ContextT]):
+    """One rewrite: ``match`` → ``check`` → ``rewrite`` (see the module docstring).
+
+    ``op_types`` (default domain unless ``domain`` says otherwise) are the nodes the rule is asked about.
+    """
+
+    op_types: tuple[str, ...] = ()
+    domain: str = ""
+
+    @abc.abstractmethod
+    def match(self, node: ir.Node, ctx: ContextT) -> MatchT | None:
+        """The pattern around ``node``, or ``None`` when the rule is not about it."""
+
+    @abc.abstractmethod
+    def check(self, match: MatchT) -> Reason | None:
+        """Why the match cannot be rewritten (``None``: it can). Never changes the graph."""
+
+    def kernel(self, match: MatchT) -> Kernel | None:
+        """The integer kernel ``rewrite`` would emit (``None``: none that needs checking)."""
+        return None
+
+    @abc.abstractmethod
+    def rewrite(self, match: MatchT) -> str:
+        """Rewrite the graph; return the op type the node became."""
+
+
+@dataclass
+class RuleOutcome:
+    """What :func:`apply_rules` did: rewrites counted by resulting op type, and the declines."""
+
+    rewritten: collections.Counter[str] = field(default_factory=collections.Counter)
+    declines: list[Decline] = field(default_factory=list)
+
+    @property
+    def modified(self) -> bool:
+        return bool(self.rewritten)
+
+    def extend(self, other: RuleOutcome) -> None:
+        self.rewritten.update(other.rewritten)
+        self.declines.extend(other.declines)
+
+
+def graphs_of(model: ir.Model, scope: Literal["all", "main"] = "all") -> Iterator[ir.Graph]:
+    """The graphs a pass visits: the main graph, then (``"all"``) every If/Loop/Scan body, nested ones too."""
+    if scope == "main":
+        yield model.graph
+        return
+    yield from model.graphs()
+
+
+def apply_rules(
+    model: ir.Model,
+    rules: Sequence[Rule[MatchT, ContextT]],
+    ctx: ContextT,
+    *,
+    stage: Stage,
+    opset: int,
+    scope: Literal["all", "main"] = "all",
+    nodes: Iterable[ir.Node] | None = None,
+) -> RuleOutcome:
+    """Apply a rule table to every node of ``model``'s graphs (see the module docstring).
+
+    ``opset`` is the default-domain opset kernels are looked up at. ``nodes`` restricts the visit to
+    those nodes (in the order given); by default every node of the graphs in ``scope``. The first rule
+    of the table whose ``op_types`` hold a node's op type (in its domain) is the one asked.
+    """
+    table: dict[tuple[str, str], Rule[MatchT, ContextT]] = {}
+    for entry in rules:
+        domain = "" if entry.domain in DEFAULT_DOMAINS else entry.domain
+        for op_type in entry.op_types:
+            table.setdefault((domain, op_type), entry)
+    outcome = RuleOutcome()
+    if nodes is None:
+        visits: Iterable[tuple[ir.Graph | None, ir.Node]] = (
+            (graph, node) for graph in list(graphs_of(model, scope)) for node in list(graph)
+        )
+    else:
+        visits = ((node.graph, node) for node in list(nodes))
+    for graph, node in visits:
+        if graph is None or node.graph is not graph:
+            continue  # removed by an earlier rewrite
+        domain = "" if node.domain in DEFAULT_DOMAINS else node.domain
+        rule = table.get((domain, node.op_type))
+        if rule is None:
+            continue
+        match = rule.match(node, ctx)
+        if match is None:
+            continue
+        reason = rule.check(match)
+        if reason is None:
+            kernel = rule.kernel(match)
+            problem = kernel.problem(opset) if kernel is not None else None
+            reason = Reason("no_kernel", problem) if problem is not None else None
+        if reason is not None:
+            outcome.declines.append(Decline.of(stage, node_label(node), reason))
+            continue
+        outcome.rewritten[rule.rewrite(match)] += 1
+    return outcome
