@@ -25,6 +25,7 @@ from onnxq.config import (
     WeightScheme,
 )
 from onnxq.errors import OnnxqError
+from onnxq.version import __version__
 
 if TYPE_CHECKING:
     from onnxq.pipeline import QuantizationResult, quantize
@@ -39,10 +40,9 @@ __all__ = [
     "QuantizationResult",
     "ValidationConfig",
     "WeightScheme",
+    "__version__",
     "quantize",
 ]
-
-__version__ = "0.1.0"
 
 
 def __getattr__(name: str) -> Any:

@@ -491,7 +491,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.version:
-        from onnxq import __version__
+        from onnxq.version import __version__
 
         print(f"onnxq {__version__}")
         return 0

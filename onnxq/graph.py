@@ -57,7 +57,7 @@ def is_constant(value: ir.Value | None) -> bool:
     if value.const_value is not None:
         return True
     producer = value.producer()
-    return producer is not None and producer.op_type == "Constant" and producer.domain in ("", "ai.onnx")
+    return producer is not None and producer.op_type == "Constant" and producer.domain in DEFAULT_DOMAINS
 
 
 def is_float(value: ir.Value | None) -> bool:

@@ -16,6 +16,7 @@ from typing import Any
 import onnx_ir as ir
 
 from onnxq.report import QuantReport
+from onnxq.version import __version__
 
 __all__ = ["PROVENANCE_KEYS", "provenance", "stamp_provenance"]
 
@@ -32,8 +33,6 @@ PROVENANCE_KEYS = (
 
 def provenance(report: QuantReport) -> dict[str, str]:
     """The ``onnxq.*`` metadata for a model described by ``report``."""
-    from onnxq import __version__
-
     props = {
         "onnxq.version": __version__,
         "onnxq.source_producer": report.source_producer or "unknown",
@@ -59,8 +58,6 @@ def provenance(report: QuantReport) -> dict[str, str]:
 
 def stamp_provenance(model: ir.Model, report: QuantReport) -> None:
     """Set onnxq as the producer and write :func:`provenance` into ``model.metadata_props``."""
-    from onnxq import __version__
-
     model.producer_name = "onnxq"
     model.producer_version = __version__
     for key in PROVENANCE_KEYS:

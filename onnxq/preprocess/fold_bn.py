@@ -49,7 +49,7 @@ class _Fold:
 def _onnx_opset(model: ir.Model, node: ir.Node) -> int:
     if node.version is not None:
         return node.version
-    return model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
+    return default_opset(model)
 
 
 def _const_array(value: ir.Value | None) -> np.ndarray | None:

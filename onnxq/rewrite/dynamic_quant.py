@@ -89,6 +89,7 @@ from onnxq.graph import (
     attr_float,
     attr_int,
     const_array,
+    default_opset,
     is_constant,
     is_float,
     make_initializer,
@@ -382,11 +383,6 @@ def _trim(inputs: Sequence[ir.Value | None]) -> list[ir.Value | None]:
     return trimmed
 
 
-def _opset(model: ir.Model) -> int:
-    version = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
-    return int(version or 0)
-
-
 class _Rewriter:
     """Match → check → rewrite for each op type; each handler returns ``None`` or a decline reason."""
 
@@ -396,7 +392,7 @@ class _Rewriter:
         self.config = config
         self.ms_domain = ms_domain
         self.names = NameScope(self.graph)
-        self.opset = _opset(model)
+        self.opset = default_opset(model)
         self.used_ms_domain = False
         self.replaced: list[ir.Value] = []
         self._weights: dict[tuple[object, ...], _QuantizedWeight] = {}

@@ -70,6 +70,7 @@ from onnxq.graph import (
     attr_int,
     attr_str,
     const_array,
+    default_opset,
     make_initializer,
 )
 from onnxq.rules import Kernel
@@ -530,7 +531,7 @@ class _Context:
     def __init__(self, model: ir.Model, *, conv_integer: bool, ms_domain: bool) -> None:
         self.model = model
         self.names = NameScope(model.graph)
-        self.opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 1))
+        self.opset = default_opset(model)
         self.conv_integer = conv_integer
         self.ms_domain = ms_domain
         self.used_ms_domain = False

@@ -63,6 +63,7 @@ from onnxq.graph import (
     NameScope,
     attr_int,
     const_array,
+    default_opset,
     is_float,
     make_initializer,
     node_label,
@@ -198,7 +199,7 @@ class _Normalizer:
         self.model = model
         self.main = model.graph
         self.names = NameScope(model.graph)
-        self.opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
+        self.opset = default_opset(model)
         self.notes: list[str] = []
         self.declined: list[Decline] = []
         self.modified = False

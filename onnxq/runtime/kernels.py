@@ -23,21 +23,20 @@ from dataclasses import dataclass
 import onnx_ir as ir
 
 from onnxq.errors import OnnxqError
-from onnxq.graph import node_label
+from onnxq.graph import DEFAULT_DOMAINS, node_label
 
 __all__ = ["KernelTable", "Unsupported", "kernel_table", "onnxruntime_version", "ort_max_versions"]
 
 logger = logging.getLogger(__name__)
 
 _OPEN_END = 2**31 - 1
-_DEFAULT_DOMAINS = ("", "ai.onnx")
 _CPU = "CPUExecutionProvider"
 #: Ops onnxruntime resolves while loading the graph, without a kernel (a Constant becomes an initializer).
 _NO_KERNEL_NEEDED = frozenset({("", "Constant")})
 
 
 def _domain(domain: str) -> str:
-    return "" if domain in _DEFAULT_DOMAINS else domain
+    return "" if domain in DEFAULT_DOMAINS else domain
 
 
 @dataclass(frozen=True)

@@ -50,7 +50,7 @@ from tabulate import tabulate
 
 from onnxq.data import Feeds
 from onnxq.errors import OnnxqError
-from onnxq.graph import const_array
+from onnxq.graph import DEFAULT_DOMAINS, const_array
 from onnxq.load.files import load_model
 from onnxq.load.versions import normalize_versions
 from onnxq.runtime.session import open_model, run
@@ -60,7 +60,6 @@ __all__ = ["LayerReport", "LayerStats", "format_layers", "inspect_layers", "laye
 
 logger = logging.getLogger(__name__)
 
-_ONNX_DOMAINS = ("", "ai.onnx")
 
 #: Integer types Q/DQ use, with their full ranges (what QuantizeLinear saturates to).
 _INT_RANGES: dict[ir.DataType, tuple[int, int]] = {
@@ -249,7 +248,7 @@ def _readers(values: Iterable[ir.Value]) -> str:
 
 
 def _is_qdq(node: ir.Node, op_type: str) -> bool:
-    return node.op_type == op_type and node.domain in (*_ONNX_DOMAINS, "com.microsoft")
+    return node.op_type == op_type and node.domain in (*DEFAULT_DOMAINS, "com.microsoft")
 
 
 @dataclass
