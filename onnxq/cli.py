@@ -157,6 +157,7 @@ def _add_quant_options(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``onnxq`` command line: ``optimize``, ``compare``, ``inspect`` and ``example``."""
     parser = argparse.ArgumentParser(
         prog="onnxq",
         description="Quantize ONNX models with calibrated Q/DQ and validate them in ONNX Runtime.",
@@ -488,6 +489,7 @@ def _run_example(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status (0, 2 for a user mistake, 3 target not met, 1 bug)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.version:

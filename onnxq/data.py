@@ -367,7 +367,7 @@ def _npz_members(path: Path, label: str) -> dict[str, _Member]:
             raise OnnxqError(f"{label} {path} is not an .npz archive (expected one array per input)")
         with zipfile.ZipFile(path) as archive:
             for member in archive.namelist():
-                key = member[:-4] if member.endswith(".npy") else member
+                key = member.removesuffix(".npy")
                 with archive.open(member) as stream:
                     shape, dtype, streamable = _read_header(stream)
                 if not streamable:

@@ -109,6 +109,8 @@ def example_images(count: int, seed: int) -> np.ndarray:
 
 @dataclass(frozen=True)
 class ExamplePaths:
+    """Where :func:`write_example` put the model, its data and the quantized model's path."""
+
     model: Path
     calibration: Path
     evaluation: Path

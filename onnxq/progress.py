@@ -4,8 +4,9 @@
 
     calibrate  37/120 [=========>                    ]  3.1 it/s
 
-redrawn in place with ``\\r`` at most ten times a second and finished with a newline. By default it is
-shown only when stderr is a terminal and :func:`set_quiet` has not silenced it (the CLI's ``--quiet``).
+redrawn in place (a carriage return before each state) at most ten times a second and finished with
+a newline. By default it is shown only when stderr is a terminal and :func:`set_quiet` has not
+silenced it (the CLI's ``--quiet``).
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ def _format_rate(count: int, elapsed: float) -> str:
 
 
 def format_line(desc: str, count: int, total: int | None, elapsed: float) -> str:
-    """One state of the bar, without the leading ``\\r``."""
+    """One state of the bar, without the leading carriage return."""
     rate = _format_rate(count, elapsed)
     if total is None or total <= 0:
         return f"{desc}  {count}  {rate}"

@@ -106,14 +106,18 @@ def quantize(x: npt.NDArray[np.floating], params: QuantParams) -> npt.NDArray[np
     zero_point = _broadcast(params.zero_point.astype(np.float32), x.ndim, params.axis)
     lo, hi = _QRANGE[params.dtype]
     q = np.rint(x.astype(np.float32) / scale) + zero_point
-    return np.clip(q, lo, hi).astype(np_dtype(params.dtype))
+    clipped: npt.NDArray[np.integer] = np.clip(q, lo, hi).astype(np_dtype(params.dtype))
+    return clipped
 
 
 def dequantize(q: npt.NDArray[np.integer], params: QuantParams) -> npt.NDArray[np.float32]:
     """``DequantizeLinear`` in numpy."""
     scale = _broadcast(params.scale.astype(np.float32), q.ndim, params.axis)
     zero_point = _broadcast(params.zero_point.astype(np.int32), q.ndim, params.axis)
-    return ((q.astype(np.int32) - zero_point).astype(np.float32) * scale).astype(np.float32)
+    real: npt.NDArray[np.float32] = ((q.astype(np.int32) - zero_point).astype(np.float32) * scale).astype(
+        np.float32
+    )
+    return real
 
 
 def quantize_weight(

@@ -104,7 +104,8 @@ class QuantReport:
         data["slower_than_input_at_threads"] = self.slower_threads
         for row, raw in zip(self.latency, data["latency"], strict=True):
             raw["speedup"] = row.speedup
-        return _finite(data)
+        finite: dict[str, Any] = _finite(data)
+        return finite
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
@@ -195,8 +196,10 @@ class QuantReport:
             rows.append(
                 [
                     "nodes quantized",
-                    f"{self.nodes_quantized} of {self.nodes_after} ({quantized or 'none'}); "
-                    f"{self.activations_absorbed} activations fused",
+                    (
+                        f"{self.nodes_quantized} of {self.nodes_after} ({quantized or 'none'}); "
+                        f"{self.activations_absorbed} activations fused"
+                    ),
                 ]
             )
             rows.append(["stayed float", float_ops or "none"])
@@ -207,19 +210,20 @@ class QuantReport:
             rows.append(["preprocess", f"{self.batchnorms_folded} BatchNorm folded"])
         if self.subgraph_nodes:
             rows.append(["subgraphs", f"{self.subgraph_nodes} nodes inside If/Loop/Scan bodies left float"])
-        for note in self.version_notes:
-            rows.append(["versions", note])
+        rows.extend(["versions", note] for note in self.version_notes)
         if self.budget:
             b = self.budget
             kept = ", ".join(b.get("kept_float", [])) or "none"
             rows.append(
                 [
                     "accuracy budget",
-                    f"{b.get('target')}: {b.get('score_before', float('nan')):.4g} -> "
-                    f"{b.get('score_after', float('nan')):.4g} ({'met' if b.get('met') else 'NOT met'}); "
-                    f"kept float: {kept}; {b.get('evaluations')} evaluations in "
-                    f"{b.get('search_seconds', 0.0):.1f} s (one full evaluation "
-                    f"{b.get('full_evaluation_seconds', 0.0):.2f} s)",
+                    (
+                        f"{b.get('target')}: {b.get('score_before', float('nan')):.4g} -> "
+                        f"{b.get('score_after', float('nan')):.4g} ({'met' if b.get('met') else 'NOT met'}); "
+                        f"kept float: {kept}; {b.get('evaluations')} evaluations in "
+                        f"{b.get('search_seconds', 0.0):.1f} s (one full evaluation "
+                        f"{b.get('full_evaluation_seconds', 0.0):.2f} s)"
+                    ),
                 ]
             )
         return rows

@@ -131,9 +131,9 @@ def test_one_module_creates_onnxruntime_sessions() -> None:
     creators = []
     for module, tree in MODULES.items():
         for node in ast.walk(tree):
-            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
-                if node.func.attr == "InferenceSession":
-                    creators.append(module)
+            call = isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+            if call and node.func.attr == "InferenceSession":  # type: ignore[attr-defined]
+                creators.append(module)
     assert sorted(set(creators)) == ["onnxq.runtime.session"]
 
 

@@ -149,8 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-acc-") as tmp:
-        for name in settings.models:
-            rows.append(bench(name, settings, Path(tmp)))
+        rows.extend(bench(name, settings, Path(tmp)) for name in settings.models)
     header = (
         f"accuracy budget: calibration {settings.calib}, search on {settings.search} evaluation samples, "
         f"scores on {settings.held_out} held-out samples (ORT_ENABLE_ALL); latency median of {settings.runs} "

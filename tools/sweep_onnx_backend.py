@@ -144,10 +144,7 @@ def collect_cases(name_filter: str | None, limit: int | None) -> list[Task]:
         cases = [c for c in cases if any(part in c.name for part in wanted)]
     if limit is not None:
         cases = cases[:limit]
-    tasks = []
-    for case in cases:
-        tasks.append(make_task(case))
-    return tasks
+    return [make_task(case) for case in cases]
 
 
 def make_task(case: Any) -> Task:

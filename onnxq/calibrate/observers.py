@@ -364,7 +364,7 @@ class PercentileObserver(HistogramObserver):
         v0, v1 = _order_statistics(counts, origin, width, np.array([k0, k1], dtype=np.int64)).tolist()
         exact = {n - 1: last} if first is None else {0: first, n - 1: last}
         v0, v1 = exact.get(k0, v0), exact.get(k1, v1)
-        return v0 + (rank - k0) * (v1 - v0)
+        return float(v0 + (rank - k0) * (v1 - v0))
 
 
 def _entropy_candidates(hist: IntArray, levels: int) -> tuple[IntArray, FloatArray]:

@@ -49,7 +49,7 @@ def load_model(model: Any, *, what: str = "model") -> ir.Model:
         return _load_path(Path(model), what)
     if type(model).__name__ == "ModelProto":
         try:
-            converted = ir.from_proto(model)
+            converted: ir.Model = ir.from_proto(model)
         except Exception as exc:
             raise OnnxqError(f"cannot convert the ModelProto: {_first_line(exc)}") from exc
         check_tensor_sizes(converted, "the ModelProto")
@@ -203,7 +203,8 @@ def serialize_model(model: ir.Model) -> bytes:
                 swapped.append((value, tensor))
                 value.const_value = ir.Tensor(tensor.numpy().copy(), dtype=tensor.dtype, name=tensor.name)
     try:
-        return ir.to_proto(model).SerializeToString(deterministic=True)
+        data: bytes = ir.to_proto(model).SerializeToString(deterministic=True)
+        return data
     finally:
         for value, tensor in swapped:
             value.const_value = tensor

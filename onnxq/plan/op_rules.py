@@ -36,6 +36,8 @@ __all__ = [
 
 
 class OpKind(enum.Enum):
+    """How an op takes part in quantization (see the module docstring)."""
+
     ANCHOR = "anchor"
     INTEGER = "integer"
     PASSTHROUGH = "passthrough"

@@ -1,8 +1,8 @@
-"""Preprocess: put a float model into the form planning expects, composed from onnx-ir's common passes
-and onnxq's folding passes.
+"""Preprocess: put a float model into the form planning expects.
 
-Initializers stop being overridable graph inputs, Constant nodes become initializers (so weights
-written as Constant nodes are seen as weights), constant subgraphs are folded
+Composed from onnx-ir's common passes and onnxq's folding passes. Initializers stop being overridable
+graph inputs, Constant nodes become initializers (so weights written as Constant nodes are seen as
+weights), constant subgraphs are folded
 (:mod:`~onnxq.preprocess.fold_constants`), BatchNorm is folded into Conv/ConvTranspose/Gemm
 (:mod:`~onnxq.preprocess.fold_bn`), Identity (:mod:`~onnxq.preprocess.identity`) and dead nodes are
 removed, shapes are inferred and nodes sorted topologically.

@@ -28,7 +28,7 @@ _FLOAT_TYPES = frozenset({ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DO
 Array = npt.NDArray[np.float64]
 
 
-class _Decline(Exception):
+class _DeclineError(Exception):
     """Raised by a check helper; becomes the :class:`~onnxq.declines.Reason` the rule returns."""
 
     def __init__(self, code: str, message: str) -> None:
@@ -67,38 +67,38 @@ def _const_array(value: ir.Value | None) -> np.ndarray | None:
 
 def _check_inference_mode(bn: ir.Node, opset: int) -> None:
     if opset < 7:
-        raise _Decline("opset", f"BatchNormalization opset {opset} < 7 is not supported")
+        raise _DeclineError("opset", f"BatchNormalization opset {opset} < 7 is not supported")
     spatial = bn.attributes.get("spatial")
     if spatial is not None and (spatial.is_ref() or spatial.as_int() != 1):
-        raise _Decline("spatial", "spatial=0 (per-activation statistics) is not supported")
+        raise _DeclineError("spatial", "spatial=0 (per-activation statistics) is not supported")
     training = bn.attributes.get("training_mode")
     if training is not None and (training.is_ref() or training.as_int() != 0):
-        raise _Decline("training_mode", "training_mode is set")
+        raise _DeclineError("training_mode", "training_mode is set")
     extra = [out for out in bn.outputs[1:] if out.name]
     if extra and opset < 14:
         # Before opset 14 the number of outputs selects training mode (batch statistics).
-        raise _Decline(
+        raise _DeclineError(
             "training_mode", "training-mode outputs present (opset < 14 computes batch statistics)"
         )
     for out in extra:
         if out.uses() or out.is_graph_output():
-            raise _Decline("training_mode", f"training-mode output '{out.name}' is used")
+            raise _DeclineError("training_mode", f"training-mode output '{out.name}' is used")
 
 
 def _bn_affine(bn: ir.Node) -> tuple[Array, Array]:
     """``(s, t)`` with ``BN(x) = s * x + t`` per channel, in float64."""
     if len(bn.inputs) < 5:
-        raise _Decline("structure", "BatchNormalization has fewer than 5 inputs")
+        raise _DeclineError("structure", "BatchNormalization has fewer than 5 inputs")
     arrays = []
     for role, value in zip(("scale", "B", "mean", "var"), bn.inputs[1:5], strict=True):
         array = _const_array(value)
         if array is None:
-            raise _Decline("not_constant", f"{role} is not a constant")
+            raise _DeclineError("not_constant", f"{role} is not a constant")
         arrays.append(array.astype(np.float64))
     scale, shift, mean, var = arrays
     channels = scale.size
     if any(a.shape != (channels,) for a in arrays):
-        raise _Decline("shape", "scale/B/mean/var are not 1-D tensors of the same length")
+        raise _DeclineError("shape", "scale/B/mean/var are not 1-D tensors of the same length")
     epsilon = bn.attributes.get_float("epsilon", 1e-5)
     s = scale / np.sqrt(var + epsilon)
     return s, shift - mean * s
@@ -107,22 +107,22 @@ def _bn_affine(bn: ir.Node) -> tuple[Array, Array]:
 def _weight_and_bias(producer: ir.Node, bias_index: int) -> tuple[np.ndarray, np.ndarray | None]:
     weight_value = producer.inputs[1] if len(producer.inputs) > 1 else None
     if weight_value is None:
-        raise _Decline("structure", f"{producer.op_type} has no weight input")
+        raise _DeclineError("structure", f"{producer.op_type} has no weight input")
     weight = _const_array(weight_value)
     if weight is None:
-        raise _Decline("not_constant", f"{producer.op_type} weight is not a constant")
+        raise _DeclineError("not_constant", f"{producer.op_type} weight is not a constant")
     try:
         dtype = ir.DataType.from_numpy(weight.dtype)
     except TypeError:
         dtype = None
     if dtype not in _FLOAT_TYPES:
-        raise _Decline("weight_type", f"{producer.op_type} weight has data type {weight.dtype}")
+        raise _DeclineError("weight_type", f"{producer.op_type} weight has data type {weight.dtype}")
     bias_value = producer.inputs[bias_index] if len(producer.inputs) > bias_index else None
     bias = None
     if bias_value is not None:
         bias = _const_array(bias_value)
         if bias is None:
-            raise _Decline("not_constant", f"{producer.op_type} bias is not a constant")
+            raise _DeclineError("not_constant", f"{producer.op_type} bias is not a constant")
     return weight, bias
 
 
@@ -130,9 +130,11 @@ def _fold_conv(producer: ir.Node, s: Array, t: Array) -> _Fold:
     weight, bias = _weight_and_bias(producer, 2)
     channels = s.size
     if weight.ndim < 3 or weight.shape[0] != channels:
-        raise _Decline("shape", f"Conv weight shape {weight.shape} does not have {channels} output channels")
+        raise _DeclineError(
+            "shape", f"Conv weight shape {weight.shape} does not have {channels} output channels"
+        )
     if bias is not None and bias.shape != (channels,):
-        raise _Decline("shape", f"Conv bias shape {bias.shape} is not ({channels},)")
+        raise _DeclineError("shape", f"Conv bias shape {bias.shape} is not ({channels},)")
     w = weight.astype(np.float64) * s.reshape((channels,) + (1,) * (weight.ndim - 1))
     b = np.zeros(channels) if bias is None else bias.astype(np.float64)
     return _Fold(weight=w.astype(weight.dtype), bias=(b * s + t).astype(weight.dtype), bias_index=2)
@@ -143,13 +145,13 @@ def _fold_conv_transpose(producer: ir.Node, s: Array, t: Array) -> _Fold:
     channels = s.size
     group = producer.attributes.get_int("group", 1)
     if weight.ndim < 3 or group < 1 or weight.shape[0] % group or weight.shape[1] * group != channels:
-        raise _Decline(
+        raise _DeclineError(
             "shape",
             f"ConvTranspose weight shape {weight.shape} with group={group} "
             f"does not have {channels} output channels",
         )
     if bias is not None and bias.shape != (channels,):
-        raise _Decline("shape", f"ConvTranspose bias shape {bias.shape} is not ({channels},)")
+        raise _DeclineError("shape", f"ConvTranspose bias shape {bias.shape} is not ({channels},)")
     # Weight (C, M/g, k...): input channel c in group g feeds output channel o = g * (M/g) + m.
     c_in, m_per_group = weight.shape[0], weight.shape[1]
     kernel = weight.shape[2:]
@@ -165,10 +167,10 @@ def _fold_gemm(producer: ir.Node, s: Array, t: Array) -> _Fold:
     channels = s.size
     trans_b = producer.attributes.get_int("transB", 0)
     if weight.ndim != 2:
-        raise _Decline("shape", f"Gemm weight has rank {weight.ndim}")
+        raise _DeclineError("shape", f"Gemm weight has rank {weight.ndim}")
     n_out = weight.shape[0] if trans_b else weight.shape[1]
     if n_out != channels:
-        raise _Decline(
+        raise _DeclineError(
             "shape", f"Gemm output has {n_out} columns, BatchNormalization has {channels} channels"
         )
     alpha = producer.attributes.get_float("alpha", 1.0)
@@ -180,11 +182,13 @@ def _fold_gemm(producer: ir.Node, s: Array, t: Array) -> _Fold:
         b = t
     else:
         if bias.ndim > 2:
-            raise _Decline("shape", f"Gemm bias C has rank {bias.ndim}")
+            raise _DeclineError("shape", f"Gemm bias C has rank {bias.ndim}")
         try:
             np.broadcast_shapes(bias.shape, (channels,))
         except ValueError as e:
-            raise _Decline("shape", f"Gemm bias C shape {bias.shape} does not broadcast to the output") from e
+            raise _DeclineError(
+                "shape", f"Gemm bias C shape {bias.shape} does not broadcast to the output"
+            ) from e
         # Broadcasting keeps row-dependent C (shape (M, 1) or (M, N)) exact.
         b = beta * bias.astype(np.float64) * s + t
     return _Fold(
@@ -249,7 +253,7 @@ class FoldBatchNormRule(rules.Rule[_Match, _FoldContext]):
     def check(self, m: _Match) -> Reason | None:
         try:
             m.producer, m.fold = _check(m.ctx.model, m.bn)
-        except _Decline as decline:
+        except _DeclineError as decline:
             return decline.reason
         return None
 
@@ -264,25 +268,25 @@ class FoldBatchNormRule(rules.Rule[_Match, _FoldContext]):
 
 
 def _check(model: ir.Model, bn: ir.Node) -> tuple[ir.Node, _Fold]:
-    """The producer and the fold, or :class:`_Decline`; nothing here changes the graph."""
+    """The producer and the fold, or :class:`_DeclineError`; nothing here changes the graph."""
     graph = bn.graph
     _check_inference_mode(bn, _onnx_opset(model, bn))
     x = bn.inputs[0] if bn.inputs else None
     if x is None:
-        raise _Decline("structure", "input X is missing")
+        raise _DeclineError("structure", "input X is missing")
     producer = x.producer()
     if producer is None:
         kind = "a graph input" if x.is_graph_input() else "an initializer or outer-scope value"
-        raise _Decline("producer", f"input X is {kind}")
+        raise _DeclineError("producer", f"input X is {kind}")
     if producer.domain not in DEFAULT_DOMAINS or producer.op_type not in _PRODUCERS:
-        raise _Decline("producer", f"input X comes from {producer.op_type}, not Conv/ConvTranspose/Gemm")
+        raise _DeclineError("producer", f"input X comes from {producer.op_type}, not Conv/ConvTranspose/Gemm")
     if producer.graph is not graph:
-        raise _Decline("producer", f"{producer.op_type} is in another graph")
+        raise _DeclineError("producer", f"{producer.op_type} is in another graph")
     what = producer.op_type.lower()
     if len(x.uses()) != 1:
-        raise _Decline("shared_output", f"{what} output has {len(x.uses())} uses")
+        raise _DeclineError("shared_output", f"{what} output has {len(x.uses())} uses")
     if x.is_graph_output():
-        raise _Decline("shared_output", f"{what} output is a graph output")
+        raise _DeclineError("shared_output", f"{what} output is a graph output")
     s, t = _bn_affine(bn)
     return producer, _FOLDERS[producer.op_type](producer, s, t)
 

@@ -11,7 +11,7 @@ import onnx_ir as ir
 
 from onnxq.declines import Decline
 from onnxq.graph import node_label
-from onnxq.runtime.session import RuntimeFailure, make_session, run
+from onnxq.runtime.session import SessionError, make_session, run
 
 __all__ = ["FoldConstantsPass"]
 
@@ -119,7 +119,7 @@ def _constant_node_tensor(node: ir.Node) -> ir.TensorProtocol | None:
     if len(node.outputs) != 1 or len(node.attributes) != 1:
         return None
     attr = next(iter(node.attributes.values()))
-    if attr.is_ref() or attr.name in ("sparse_value",):
+    if attr.is_ref() or attr.name == "sparse_value":
         return None
     try:
         return ir.convenience.get_const_tensor(node.outputs[0])
@@ -507,5 +507,5 @@ class FoldConstantsPass(ir.passes.InPlacePass):
             self.sessions += 1
             session = make_session(ir.to_proto(model).SerializeToString(), opt_level="disable")
             return run(session, feeds, outputs)
-        except RuntimeFailure as e:
+        except SessionError as e:
             raise _EvaluationError(e.reason) from e

@@ -444,8 +444,11 @@ class _Rewriter:
     def _matrix_weight(
         self, source: ir.Value, scheme: WeightScheme, trans_b: bool, alpha: float
     ) -> _QuantizedWeight:
-        """The constant ``source`` as ``[K, N]`` (transposed when ``trans_b``, times ``alpha``),
-        quantized per column; one copy per distinct weight and transform."""
+        """The constant ``source`` as ``[K, N]``, quantized per column.
+
+        Transposed when ``trans_b`` and multiplied by ``alpha`` first; one copy per distinct weight and
+        transform.
+        """
         key = (source, "matrix", trans_b, alpha, scheme)
         if key not in self._weights:
             w = const_array(source)

@@ -385,8 +385,10 @@ class _Normalizer:
 
     # -- rule 4: plan which [1]-shaped parameters become scalars ----------------------------------
     def plan_scalars(self) -> None:
-        """Decide, per [1]-shaped per-tensor parameter initializer, in place (every reader is such a
-        slot) or through one scalar copy for those slots."""
+        """Decide how each [1]-shaped per-tensor parameter initializer becomes a scalar.
+
+        In place when every reader is such a slot; else through one scalar copy for those slots.
+        """
         slots: collections.Counter[ir.Value] = collections.Counter()
         for node in self.qdq_nodes():
             for _, value in _scalar_slots(self, node):

@@ -71,6 +71,7 @@ class Unsupported:
 
 
 def onnxruntime_version() -> str:
+    """The installed onnxruntime's version string."""
     import onnxruntime
 
     return str(onnxruntime.__version__)

@@ -36,7 +36,7 @@ from onnxq.load import files
 __all__ = [
     "ModelSource",
     "OptLevel",
-    "RuntimeFailure",
+    "SessionError",
     "describe_failure",
     "make_session",
     "open_model",
@@ -80,7 +80,7 @@ _SILENT = 4
 ModelSource = bytes | str | os.PathLike[str]
 
 
-class RuntimeFailure(OnnxqError):
+class SessionError(OnnxqError):
     """ONNX Runtime could not load or run a model; ``reason`` is its one line without onnxq's framing."""
 
     def __init__(self, message: str, reason: str) -> None:
@@ -197,7 +197,7 @@ def make_session(
         session = ort.InferenceSession(source, sess_options=options, providers=list(providers))
     except _ORT_ERRORS as exc:
         reason = _first_line(exc)
-        raise RuntimeFailure(f"onnxruntime cannot load {_describe(model)}: {reason}", reason) from exc
+        raise SessionError(f"onnxruntime cannot load {_describe(model)}: {reason}", reason) from exc
 
     session._onnxq_initializers = kept_alive  # must outlive the session
     used = session.get_providers()
@@ -232,9 +232,9 @@ def run(
     except _ORT_ERRORS as exc:
         if _NODE_FAILURE.search(str(exc)):
             reason = describe_failure(exc)
-            raise RuntimeFailure(f"onnxruntime: {reason}", reason) from exc
+            raise SessionError(f"onnxruntime: {reason}", reason) from exc
         reason = _first_line(exc)
-        raise RuntimeFailure(
+        raise SessionError(
             f"onnxruntime rejected the input: {reason} (model inputs: {_describe_inputs(session)})", reason
         ) from exc
     return [np.asarray(out) for out in outputs]
@@ -293,8 +293,11 @@ def serialize_lean(model: ir.Model, *, min_bytes: int = 1024) -> tuple[bytes, di
 
 @contextlib.contextmanager
 def runtime_source(model: ir.Model) -> Iterator[bytes | Path]:
-    """What an ONNX Runtime session should load for ``model``: its bytes, or for models too large for
-    one protobuf message, a temporary file with external data (removed afterwards)."""
+    """What an ONNX Runtime session should load for ``model``.
+
+    Its bytes, or for models too large for one protobuf message, a temporary file with external data
+    (removed afterwards).
+    """
     if files.model_size_bytes(model) <= files.EXTERNAL_DATA_THRESHOLD:
         yield files.serialize_model(model)
         return

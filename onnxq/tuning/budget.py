@@ -86,8 +86,10 @@ class BudgetOutcome:
         """A few lines for people: the verdict, the kept nodes with their estimates, the cost."""
         verdict = "met" if self.met else "NOT met"
         lines = [
-            f"target {self.target} {verdict}: {self.score_before:.4g} (all int8) -> {self.score_after:.4g} "
-            f"with {len(self.kept_float)} of {self.anchors} anchors kept float",
+            (
+                f"target {self.target} {verdict}: {self.score_before:.4g} (all int8) -> "
+                f"{self.score_after:.4g} with {len(self.kept_float)} of {self.anchors} anchors kept float"
+            ),
         ]
         lines += [
             f"  kept float: {name} (estimated added noise {self.kept_estimates.get(name, math.nan):.1f} dB)"

@@ -133,8 +133,11 @@ def _accuracy(
     providers: Sequence[str],
     opt_level: OptLevel,
 ) -> tuple[list[str], list[list[OutputStats]], dict[str, np.ndarray], int]:
-    """Output names, stats per (model, output) of every model after the first, the first feed, and the
-    number of feeds."""
+    """Run every model on the feeds.
+
+    Returns the output names, the stats per (model, output) of every model after the first, the first
+    feed, and the number of feeds.
+    """
     from onnxq.progress import progress
 
     sessions = [make_session(p, providers=providers, opt_level=opt_level) for p in paths]
@@ -324,8 +327,10 @@ def format_comparison(rows: Sequence[ModelComparison]) -> str:
 
 
 def _finite(data: Any) -> Any:
-    """JSON has no inf/nan and only string keys: inf/nan become strings (as in :mod:`onnxq.report`),
-    thread-count keys become strings."""
+    """Make ``data`` standard JSON: inf/nan and thread-count keys become strings.
+
+    JSON has no inf/nan and only string keys (inf/nan are written as in :mod:`onnxq.report`).
+    """
     if isinstance(data, float) and not math.isfinite(data):
         return str(data)
     if isinstance(data, dict):

@@ -203,7 +203,8 @@ def _dequantize(q: np.ndarray, params: _Params) -> np.ndarray:
     length = q.shape[params.axis] if params.axis is not None and q.ndim else None
     scale = params.expand(params.scale, q.ndim, length)
     zp = params.expand(params.zero_point, q.ndim, length)
-    return ((q.astype(np.int64) - zp).astype(np.float32) * scale).astype(np.float32)
+    real: np.ndarray = ((q.astype(np.int64) - zp).astype(np.float32) * scale).astype(np.float32)
+    return real
 
 
 def _describe_params(params: _Params) -> dict[str, Any]:

@@ -41,8 +41,11 @@ logger = logging.getLogger(__name__)
 
 
 def _pair(reference: npt.ArrayLike, actual: npt.ArrayLike) -> tuple[np.ndarray, np.ndarray]:
-    """Both as float64 of one shape. Equal infinities (a masked score, -inf in both) are exact
-    agreement and count as zeros; other non-finite values stay and make the metrics NaN or inf."""
+    """Both as float64 of one shape.
+
+    Equal infinities (a masked score, -inf in both) are exact agreement and count as zeros; other
+    non-finite values stay and make the metrics NaN or inf.
+    """
     ref = np.asarray(reference, dtype=np.float64)
     act = np.asarray(actual, dtype=np.float64)
     if ref.shape != act.shape:
@@ -124,9 +127,9 @@ def looks_like_class_scores(array: np.ndarray) -> bool:
     if not np.issubdtype(arr.dtype, np.floating):
         return False
     if arr.ndim == 2:
-        return arr.shape[1] >= 2
+        return bool(arr.shape[1] >= 2)
     if arr.ndim == 1:
-        return arr.shape[0] >= 2
+        return bool(arr.shape[0] >= 2)
     return False
 
 

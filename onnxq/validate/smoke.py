@@ -17,7 +17,7 @@ import numpy as np
 
 from onnxq.errors import OnnxqError
 from onnxq.runtime.kernels import onnxruntime_version
-from onnxq.runtime.session import RuntimeFailure, make_session, run
+from onnxq.runtime.session import SessionError, make_session, run
 
 __all__ = ["check_runs"]
 
@@ -59,4 +59,4 @@ def check_runs(
 
 def _reason(exc: OnnxqError) -> str:
     """ONNX Runtime's reason, without onnxq's framing (the caller says what failed)."""
-    return exc.reason if isinstance(exc, RuntimeFailure) else str(exc)
+    return exc.reason if isinstance(exc, SessionError) else str(exc)

@@ -651,8 +651,10 @@ def _single_anchor(op: str) -> ir.Model:
     """One anchor named ``anchor`` with a constant weight ``W`` (and bias ``B`` where it has one)."""
     cases: dict[str, tuple[str, dict[str, tuple[int, ...]]]] = {
         "Conv": (
-            "g (float[1, 4, 8, 8] x) => (float[1, 6, 8, 8] y) "
-            "{ [anchor] y = Conv <pads = [1, 1, 1, 1]> (x, W, B) }",
+            (
+                "g (float[1, 4, 8, 8] x) => (float[1, 6, 8, 8] y) "
+                "{ [anchor] y = Conv <pads = [1, 1, 1, 1]> (x, W, B) }"
+            ),
             {"W": (6, 4, 3, 3), "B": (6,)},
         ),
         "ConvTranspose": (
@@ -660,8 +662,10 @@ def _single_anchor(op: str) -> ir.Model:
             {"W": (4, 6, 3, 3), "B": (6,)},
         ),
         "ConvTranspose_group2": (
-            "g (float[1, 4, 8, 8] x) => (float[1, 6, 10, 10] y) "
-            "{ [anchor] y = ConvTranspose <group = 2> (x, W, B) }",
+            (
+                "g (float[1, 4, 8, 8] x) => (float[1, 6, 10, 10] y) "
+                "{ [anchor] y = ConvTranspose <group = 2> (x, W, B) }"
+            ),
             {"W": (4, 3, 3, 3), "B": (6,)},
         ),
         "Gemm_transB1": (

@@ -464,8 +464,10 @@ def test_conv_stays_float_by_default() -> None:
     model, quantizer, modified = _quantize(proto)
     assert not modified and _ops(model) == {"Conv": 1}
     assert builders.lines(quantizer.declined) == [
-        "1 Conv node(s) left float: dynamic Conv is off (DynamicConfig.conv; "
-        "ConvInteger is slower than float Conv in ONNX Runtime)"
+        (
+            "1 Conv node(s) left float: dynamic Conv is off (DynamicConfig.conv; "
+            "ConvInteger is slower than float Conv in ONNX Runtime)"
+        )
     ]
 
 

@@ -937,7 +937,7 @@ def test_group_params_cover_the_observed_range_and_fall_back_to_a_unit_range() -
     assert all(
         float(p.scale) == pytest.approx(1.0 / 255.0) and int(p.zero_point) == 0 for p in params.values()
     )
-    ranges = {v: (-1.0, 3.0) for v in plan.observed_values()}
+    ranges = dict.fromkeys(plan.observed_values(), (-1.0, 3.0))
     params = group_params(plan, ranges)
     for group in plan.groups:
         p = params[group.index]

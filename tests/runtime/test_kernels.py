@@ -113,7 +113,7 @@ def test_function_ops_without_kernels_count_as_runnable() -> None:
 
 @dataclass
 class _Param:
-    typeStr: str  # onnxruntime's attribute name
+    typeStr: str  # noqa: N815 - onnxruntime's attribute name
     option: str = "FormalParameterOption.Single"
 
 
