@@ -7,6 +7,7 @@ always gives the same bytes.
 
 from __future__ import annotations
 
+import collections
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -30,6 +31,7 @@ __all__ = [
     "lines",
     "matmul_model",
     "no_quantizable_model",
+    "op_counts",
     "parse",
     "save",
 ]
@@ -263,6 +265,18 @@ def node_reading(model: ir.Model, weight: str) -> str:
         if any(v is not None and v.name == weight for v in node.inputs):
             return node.name or ""
     raise AssertionError(f"no node reads {weight}")
+
+
+def op_counts(
+    model: ir.Model | onnx.ModelProto | bytes, *, subgraphs: bool = True
+) -> collections.Counter[str]:
+    """How many nodes of each op type the model has (in If/Loop/Scan bodies too, unless ``subgraphs``)."""
+    if isinstance(model, bytes):
+        model = onnx.load_model_from_string(model)
+    if isinstance(model, onnx.ModelProto):
+        model = ir.from_proto(model)
+    nodes = model.graph.all_nodes() if subgraphs else iter(model.graph)
+    return collections.Counter(node.op_type for node in nodes)
 
 
 def lines(declines: Iterable[object]) -> list[str]:

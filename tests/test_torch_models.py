@@ -7,9 +7,9 @@ produces on these models (the test ``test_bounds_catch_broken_quantization`` sho
 
 from __future__ import annotations
 
-from collections import Counter
 from pathlib import Path
 
+import builders
 import numpy as np
 import onnx
 import pytest
@@ -45,11 +45,6 @@ def _serialized(result: onnxq.QuantizationResult) -> bytes:
     return serialize_model(result.model)
 
 
-def _op_counts(data: bytes) -> Counter[str]:
-    model = onnx.load_from_string(data)
-    return Counter(n.op_type for n in model.graph.node)
-
-
 def test_cnn_with_batchnorm_residual_pooling_and_head(zoo: Path) -> None:
     path = model_zoo.build("small_cnn", zoo)
     assert any(n.op_type == "BatchNormalization" for n in onnx.load(str(path)).graph.node)
@@ -58,7 +53,7 @@ def test_cnn_with_batchnorm_residual_pooling_and_head(zoo: Path) -> None:
     assert report.batchnorms_folded >= 3
     assert report.quantized_op_types["Conv"] >= 4
     assert report.quantized_op_types.get("Add", 0) >= 1  # the residual Add runs on integers
-    ops = _op_counts(quantized)
+    ops = builders.op_counts(quantized, subgraphs=False)
     assert ops["BatchNormalization"] == 0
     assert ops["QuantizeLinear"] >= 4 and ops["DequantizeLinear"] > ops["QuantizeLinear"]
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import collections
 import hashlib
 
 import builders
@@ -34,10 +33,6 @@ def _bn_params(rng: np.random.Generator, channels: int, prefix: str = "bn") -> d
 
 def _build(text: str, initializers: dict[str, np.ndarray]) -> ir.Model:
     return ir.from_proto(builders.parse_model_text(text, initializers))
-
-
-def _op_counts(model: ir.Model) -> collections.Counter[str]:
-    return collections.Counter(node.op_type for node in model.graph.all_nodes())
 
 
 def _assert_close(expected: list[np.ndarray], actual: list[np.ndarray]) -> None:
@@ -103,10 +98,10 @@ def _conv_bn_model(
 @pytest.mark.parametrize("group", [1, 2])
 def test_conv_bn_folded(bias: bool, group: int) -> None:
     model, feeds = _conv_bn_model(bias=bias, group=group, epsilon=1e-3)
-    assert _op_counts(model) == {"Conv": 1, "BatchNormalization": 1, "Relu": 1}
+    assert builders.op_counts(model) == {"Conv": 1, "BatchNormalization": 1, "Relu": 1}
     _, fold = _fold_and_compare(model, feeds)
 
-    assert _op_counts(model) == {"Conv": 1, "Relu": 1}
+    assert builders.op_counts(model) == {"Conv": 1, "Relu": 1}
     assert builders.lines(fold.declined) == []
     assert len(fold.folded) == 1
     relu = model.graph.node(-1)
@@ -127,7 +122,7 @@ def test_conv_bn_folded(bias: bool, group: int) -> None:
 def test_conv_bn_folded_across_opsets(opset: int) -> None:
     model, feeds = _conv_bn_model(bias=True, group=1, opset=opset)
     _fold_and_compare(model, feeds)
-    assert _op_counts(model) == {"Conv": 1, "Relu": 1}
+    assert builders.op_counts(model) == {"Conv": 1, "Relu": 1}
 
 
 def test_training_mode_zero_is_folded() -> None:
@@ -141,7 +136,7 @@ def test_training_mode_zero_is_folded() -> None:
     }"""
     model = _build(text, inits)
     _fold_and_compare(model, {"x": rng.normal(0, 1, (1, 2, 4, 4)).astype(np.float32)})
-    assert _op_counts(model) == {"Conv": 1}
+    assert builders.op_counts(model) == {"Conv": 1}
 
 
 def test_fold_is_deterministic() -> None:
@@ -169,7 +164,7 @@ def test_constant_node_parameters_are_folded() -> None:
     }"""
     model = _build(text, inits)
     _fold_and_compare(model, {"x": rng.normal(0, 1, (1, 2, 3, 3)).astype(np.float32)})
-    assert _op_counts(model) == {"Conv": 1}  # the Constant nodes became unused and were removed
+    assert builders.op_counts(model) == {"Conv": 1}  # the Constant nodes became unused and were removed
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -197,7 +192,7 @@ def test_conv_transpose_bn_folded(group: int, bias: bool) -> None:
     model = _build(text, inits)
     _fold_and_compare(model, {"x": rng.normal(0, 1, (2, c_in, 5, 5)).astype(np.float32)})
 
-    assert _op_counts(model) == {"ConvTranspose": 1}
+    assert builders.op_counts(model) == {"ConvTranspose": 1}
     out = model.graph.outputs[0]
     assert out.name == "y"
     producer = out.producer()
@@ -232,7 +227,7 @@ def test_gemm_bn_folded(trans_b: int, bias_shape: tuple[int, ...] | None) -> Non
     model = _build(text, inits)
     _fold_and_compare(model, {"x": rng.normal(0, 1, (3, k)).astype(np.float32)})
 
-    assert _op_counts(model) == {"Gemm": 1}
+    assert builders.op_counts(model) == {"Gemm": 1}
     gemm = model.graph.outputs[0].producer()
     assert gemm is not None and gemm.op_type == "Gemm"
     assert gemm.attributes.get_int("transB", 0) == trans_b
@@ -292,7 +287,7 @@ def test_shared_weight_gets_separate_folded_weights() -> None:
     _, fold = _fold_and_compare(model, feeds)
 
     assert len(fold.folded) == 2
-    assert _op_counts(model) == {"Conv": 2}
+    assert builders.op_counts(model) == {"Conv": 2}
     convs = [out.producer() for out in model.graph.outputs]
     assert all(c is not None and c.op_type == "Conv" for c in convs)
     weights = [c.inputs[1] for c in convs if c is not None]
@@ -512,7 +507,7 @@ def test_bn_inside_if_branch_folded() -> None:
     _assert_close(expected_false, builders.run_disabled(model, feeds_false))
 
     assert fold.folded == ["bn"]
-    assert _op_counts(model) == {"If": 1, "Conv": 1, "Identity": 1}
+    assert builders.op_counts(model) == {"If": 1, "Conv": 1, "Identity": 1}
     assert [n.op_type for n in then_branch] == ["Conv"]
     branch_out = then_branch.outputs[0]
     assert branch_out.name == "y"
@@ -584,10 +579,10 @@ def test_torch_conv_bn_folded() -> None:
     proto = onnx.load_from_string(buffer.getvalue())
     proto.ir_version = min(proto.ir_version, 10)
     model = ir.from_proto(proto)
-    if _op_counts(model)["BatchNormalization"] != 1:
+    if builders.op_counts(model)["BatchNormalization"] != 1:
         pytest.skip("the exporter already folded BatchNormalization")
     with torch.no_grad():
         reference = net(x).numpy()
     _fold_and_compare(model, {"x": x.numpy()})
-    assert _op_counts(model)["BatchNormalization"] == 0
+    assert builders.op_counts(model)["BatchNormalization"] == 0
     _assert_close([reference], builders.run_disabled(model, {"x": x.numpy()}))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import collections
 import hashlib
 
 import builders
@@ -26,10 +25,6 @@ def _build(text: str, initializers: dict[str, np.ndarray] | None = None, *, infe
     if infer:
         proto = onnx.shape_inference.infer_shapes(proto, strict_mode=True)
     return ir.from_proto(proto)
-
-
-def _op_counts(model: ir.Model) -> collections.Counter[str]:
-    return collections.Counter(node.op_type for node in model.graph.all_nodes())
 
 
 def _assert_close(expected: list[np.ndarray], actual: list[np.ndarray]) -> None:
@@ -87,7 +82,7 @@ def test_transposed_weight_folded_into_initializer() -> None:
     model = _build(text, {"W": w})
     fold = _fold_and_compare(model, {"x": rng.normal(0, 1, (2, 3)).astype(np.float32)})
 
-    assert _op_counts(model) == {"MatMul": 1}
+    assert builders.op_counts(model) == {"MatMul": 1}
     matmul = model.graph.node(0)
     assert _is_initializer_input(matmul, 1)
     folded = matmul.inputs[1]
@@ -111,7 +106,7 @@ def test_weight_still_used_elsewhere_is_kept() -> None:
     }"""
     model = _build(text, {"W": rng.normal(0, 1, (3, 3)).astype(np.float32)})
     _fold_and_compare(model, {"x": rng.normal(0, 1, (3, 3)).astype(np.float32)})
-    assert _op_counts(model) == {"MatMul": 2}
+    assert builders.op_counts(model) == {"MatMul": 2}
     assert set(model.graph.initializers) == {"W", "wt"}
 
 
@@ -131,10 +126,10 @@ def test_constant_node_chain_folded_in_one_session() -> None:
         y = Add(x, r)
     }"""
     model = _build(text)
-    assert _op_counts(model)["Constant"] == 4
+    assert builders.op_counts(model)["Constant"] == 4
     fold = _fold_and_compare(model, {"x": rng.normal(0, 1, (2, 3)).astype(np.float32)})
 
-    assert _op_counts(model) == {"Add": 1}
+    assert builders.op_counts(model) == {"Add": 1}
     add = model.graph.node(0)
     assert _is_initializer_input(add, 1)
     folded = add.inputs[1]
@@ -169,7 +164,7 @@ def test_many_constant_chains_share_one_session() -> None:
     }}"""
     model = _build(text, inits)
     fold = _fold_and_compare(model, {"x": rng.normal(0, 1, (2, 4)).astype(np.float32)})
-    assert _op_counts(model) == {"MatMul": 40}
+    assert builders.op_counts(model) == {"MatMul": 40}
     assert fold.folded_nodes == 80
     assert fold.sessions == 1
 
@@ -192,7 +187,7 @@ def test_graph_output_produced_by_constant_nodes_keeps_name() -> None:
     assert model.graph.outputs[2].is_initializer()
     add = model.graph.node(0)
     assert add.inputs[1] is k  # the Add reads the folded graph output
-    assert _op_counts(model) == {"Add": 1}
+    assert builders.op_counts(model) == {"Add": 1}
 
 
 def test_integer_and_bool_results() -> None:
@@ -212,7 +207,7 @@ def test_integer_and_bool_results() -> None:
     }"""
     model = _build(text)
     _fold_and_compare(model, {"x": rng.normal(0, 1, (2, 6)).astype(np.float32)})
-    assert _op_counts(model) == {"Reshape": 1}
+    assert builders.op_counts(model) == {"Reshape": 1}
     shape = model.graph.node(0).inputs[1]
     assert shape is not None and shape.const_value is not None
     np.testing.assert_array_equal(shape.const_value.numpy(), [3, 4])
@@ -234,7 +229,7 @@ def test_castlike_of_constant_folded_with_non_constant_target() -> None:
     model = _build(text, {"W": rng.normal(0, 1, (3, 2, 1, 1)).astype(np.float32)})
     model.graph.node(0).outputs[0].dtype = ir.DataType.FLOAT  # as after shape inference
     fold = _fold_and_compare(model, {"x": rng.normal(0, 1, (1, 2, 4, 4)).astype(np.float32)})
-    assert _op_counts(model) == {"Relu": 1, "Conv": 1}
+    assert builders.op_counts(model) == {"Relu": 1, "Conv": 1}
     conv = model.graph.node(1)
     assert _is_initializer_input(conv, 2)
     assert conv.inputs[2] is not None and conv.inputs[2].dtype == ir.DataType.FLOAT
@@ -265,7 +260,7 @@ def test_static_shape_folded() -> None:
     }"""
     model = _build(text)
     fold = _fold_and_compare(model, {"x": rng.normal(0, 1, (2, 3, 4)).astype(np.float32)})
-    assert _op_counts(model) == {"Reshape": 1}
+    assert builders.op_counts(model) == {"Reshape": 1}
     target = model.graph.node(0).inputs[1]
     assert target is not None and target.const_value is not None
     np.testing.assert_array_equal(target.const_value.numpy(), [6, 4])
@@ -325,7 +320,7 @@ def test_random_ops_not_folded() -> None:
     }"""
     model = _build(text, {"W": np.ones((2, 3), np.float32)})
     _assert_unchanged(model)
-    assert _op_counts(model) == {"RandomNormalLike": 1, "RandomUniform": 1, "Add": 2}
+    assert builders.op_counts(model) == {"RandomNormalLike": 1, "RandomUniform": 1, "Add": 2}
 
 
 def test_qdq_not_folded() -> None:
@@ -349,7 +344,7 @@ def test_qdq_not_folded() -> None:
     }
     model = _build(text, inits)
     _assert_unchanged(model)
-    assert _op_counts(model) == {"DequantizeLinear": 2, "QuantizeLinear": 1, "MatMul": 2}
+    assert builders.op_counts(model) == {"DequantizeLinear": 2, "QuantizeLinear": 1, "MatMul": 2}
 
 
 def test_transpose_of_int8_weight_before_dq_folded_and_dq_kept() -> None:
@@ -368,7 +363,7 @@ def test_transpose_of_int8_weight_before_dq_folded_and_dq_kept() -> None:
     }
     model = _build(text, inits)
     _fold_and_compare(model, {"x": rng.normal(0, 1, (2, 3)).astype(np.float32)})
-    assert _op_counts(model) == {"DequantizeLinear": 1, "MatMul": 1}
+    assert builders.op_counts(model) == {"DequantizeLinear": 1, "MatMul": 1}
     dq = model.graph.node(0)
     assert dq.op_type == "DequantizeLinear" and _is_initializer_input(dq, 0)
     assert dq.inputs[0] is not None and dq.inputs[0].dtype == ir.DataType.INT8
@@ -395,7 +390,7 @@ def test_size_limit_respected(infer: bool) -> None:
     expected = builders.run_disabled(model, feeds)
     fold = FoldConstantsPass(size_limit=1000)
     assert fold(model).modified  # the Constant node became an initializer
-    assert _op_counts(model) == {"Tile": 1, "Add": 1}
+    assert builders.op_counts(model) == {"Tile": 1, "Add": 1}
     assert len(builders.lines(fold.declined)) == 1
     assert builders.lines(fold.declined)[0].startswith("<Tile -> big> not folded: ")
     assert "1000" in builders.lines(fold.declined)[0]
@@ -405,7 +400,7 @@ def test_size_limit_respected(infer: bool) -> None:
 
     model = _build(_tile_text(), {"C": c}, infer=infer)
     _fold_and_compare(model, feeds)
-    assert _op_counts(model) == {"Add": 1}
+    assert builders.op_counts(model) == {"Add": 1}
 
 
 def test_oversized_node_keeps_its_consumers() -> None:
@@ -422,7 +417,7 @@ def test_oversized_node_keeps_its_consumers() -> None:
     model = _build(text, {"C": rng.normal(0, 1, (2, 3)).astype(np.float32)})
     fold = FoldConstantsPass(size_limit=100)
     fold(model)
-    assert _op_counts(model) == {"Tile": 1, "ReduceSum": 1, "Add": 1}
+    assert builders.op_counts(model) == {"Tile": 1, "ReduceSum": 1, "Add": 1}
 
 
 def test_non_default_domain_not_folded() -> None:
@@ -448,7 +443,7 @@ def test_string_constant_lifted_but_not_evaluated() -> None:
     model = _build(text)
     fold = FoldConstantsPass()
     assert fold(model).modified  # the Constant became an initializer
-    assert _op_counts(model) == {"Identity": 1, "Equal": 1}
+    assert builders.op_counts(model) == {"Identity": 1, "Equal": 1}
     assert builders.lines(fold.declined) == ["<Identity -> y> not folded: input s has data type STRING"]
     y, e = builders.run_disabled(model, {"x": np.array(["a", "c"], dtype=object)})
     assert list(y) == ["a", "b"]
@@ -489,7 +484,7 @@ def test_ort_failure_declines_only_the_failing_node() -> None:
     model = _build(text, {"W": rng.normal(0, 1, (5, 3)).astype(np.float32), "I": np.arange(-1, 2)})
     fold = FoldConstantsPass()
     assert fold(model).modified
-    assert _op_counts(model) == {"MatMul": 1, "Relu": 1, "Cast": 1, "Add": 1}
+    assert builders.op_counts(model) == {"MatMul": 1, "Relu": 1, "Cast": 1, "Add": 1}
     assert _is_initializer_input(model.graph.node(0), 1)
     assert len(builders.lines(fold.declined)) == 1
     assert builders.lines(fold.declined)[0].startswith(
@@ -526,7 +521,7 @@ def test_ort_failure_without_node_name_falls_back_to_single_nodes() -> None:
     model = _build(text, {"W": rng.normal(0, 1, (5, 3)).astype(np.float32), "I": np.arange(-1, 2)})
     fold = _NamelessErrors()
     assert fold(model).modified
-    assert _op_counts(model) == {"MatMul": 1, "Relu": 1, "Cast": 1, "Add": 1}
+    assert builders.op_counts(model) == {"MatMul": 1, "Relu": 1, "Cast": 1, "Add": 1}
     assert _is_initializer_input(model.graph.node(0), 1)
     assert builders.lines(fold.declined) == [
         "<Relu -> r> not folded: ONNX Runtime could not evaluate it: evaluation failed"
@@ -619,7 +614,7 @@ def test_node_with_subgraph_not_folded() -> None:
     fold(model)
     # The If stays (subgraph attribute); the nodes inside its branches read only outer constants
     # and are folded in place, so the branches end up returning initializers.
-    assert _op_counts(model) == {"If": 1, "Add": 1}
+    assert builders.op_counts(model) == {"If": 1, "Add": 1}
     x = np.zeros(3, np.float32)
     np.testing.assert_allclose(builders.run_disabled(model, {"x": x})[0], np.ones(3, np.float32))
 
@@ -668,5 +663,5 @@ def test_torch_dynamo_export_folds_zero_bias_and_batchnorm() -> None:
     _fold_and_compare(model, feeds)
     fold_bn = FoldBatchNormPass()
     assert fold_bn(model).modified, builders.lines(fold_bn.declined)
-    assert _op_counts(model) == {"Conv": 1, "Relu": 1}
+    assert builders.op_counts(model) == {"Conv": 1, "Relu": 1}
     _assert_close([reference], builders.run_disabled(model, feeds))

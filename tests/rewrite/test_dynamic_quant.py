@@ -9,7 +9,6 @@ whose columns differ 1000× in scale fall far below them, see ``test_per_channel
 
 from __future__ import annotations
 
-import collections
 import importlib.util
 import io
 import warnings
@@ -72,10 +71,6 @@ def _sqnr(proto: onnx.ModelProto, model: ir.Model, feeds: list[Feed], output: in
     return sqnr_db(reference, actual)
 
 
-def _ops(model: ir.Model) -> collections.Counter[str]:
-    return collections.Counter(node.op_type for node in model.graph)
-
-
 def _nodes(model: ir.Model, op_type: str) -> list[ir.Node]:
     return [node for node in model.graph if node.op_type == op_type]
 
@@ -116,7 +111,7 @@ def test_matmul_bias_is_folded(order: str, ms_domain: bool) -> None:
     assert modified
     assert quantizer.quantized == {"MatMul": 1}
     assert builders.lines(quantizer.declined) == []
-    ops = _ops(model)
+    ops = builders.op_counts(model, subgraphs=False)
     assert ops["MatMul"] == 0
     assert "w" not in model.graph.initializers  # the float weight is gone
     (output,) = model.graph.outputs
@@ -164,7 +159,7 @@ def test_matmul_without_bias_and_with_shared_output() -> None:
     )
     model, quantizer, _ = _quantize(proto)
     assert quantizer.quantized == {"MatMul": 2}
-    ops = _ops(model)
+    ops = builders.op_counts(model, subgraphs=False)
     assert ops["Add"] == 1 and ops["Relu"] == 1
     # x feeds both: it is quantized once and both products read the shared result.
     assert ops["DynamicQuantizeLinear"] == 1 and ops["MatMulIntegerToFloat"] == 2
@@ -190,7 +185,7 @@ def test_shared_activation_is_quantized_once(ms_domain: bool) -> None:
     )
     model, quantizer, _ = _quantize(proto, ms_domain=ms_domain)
     assert quantizer.quantized == {"MatMul": 3}
-    ops = _ops(model)
+    ops = builders.op_counts(model, subgraphs=False)
     assert ops["DynamicQuantizeLinear"] == 1
     product = "MatMulIntegerToFloat" if ms_domain else "MatMulInteger"
     assert ops[product] == 3
@@ -238,7 +233,7 @@ def test_matmul_declines() -> None:
     )
     model, quantizer, modified = _quantize(proto)
     assert not modified
-    assert _ops(model) == {"MatMul": 3}
+    assert builders.op_counts(model, subgraphs=False) == {"MatMul": 3}
     reasons = "\n".join(builders.lines(quantizer.declined))
     assert len(builders.lines(quantizer.declined)) == 3
     assert "weight B is not a constant" in reasons
@@ -258,7 +253,7 @@ def test_opset_10_has_no_dynamic_quantize_linear() -> None:
     for name, array in builders.normal_arrays(11, w1=(16, 8), w2=(16, 8)).items():
         proto.graph.initializer.append(onnx.numpy_helper.from_array(array, name))
     model, quantizer, _ = _quantize(proto)
-    assert _ops(model) == {"DynamicQuantizeMatMul": 2}
+    assert builders.op_counts(model, subgraphs=False) == {"DynamicQuantizeMatMul": 2}
     feeds = _feeds(proto)
     assert min(_sqnr(proto, model, feeds, i) for i in range(2)) > SQNR_BOUND_DB
     _, quantizer, modified = _quantize(proto, ms_domain=False)
@@ -269,7 +264,7 @@ def test_opset_10_has_no_dynamic_quantize_linear() -> None:
 def test_exclusions() -> None:
     proto = builders.matmul_model()
     model, quantizer, modified = _quantize(proto, QuantConfig(exclude_op_types=("MatMul",)))
-    assert not modified and _ops(model)["MatMul"] == 1
+    assert not modified and builders.op_counts(model, subgraphs=False)["MatMul"] == 1
     assert builders.lines(quantizer.declined) == ["MatMul not quantized: excluded by configuration"]
     # by node name, and through an op-type override
     _, quantizer, modified = _quantize(proto, QuantConfig(exclude_nodes=("MatMul",)))
@@ -354,7 +349,7 @@ def test_gemm(case: str) -> None:
     )
     model, quantizer, modified = _quantize(proto)
     assert modified and quantizer.quantized == {"Gemm": 1}
-    ops = _ops(model)
+    ops = builders.op_counts(model, subgraphs=False)
     assert ops["Gemm"] == 0 and ops["DynamicQuantizeMatMul"] == 1
     assert ops["Add"] == (1 if case == "full_C" else 0)
     (node,) = _nodes(model, "DynamicQuantizeMatMul")
@@ -416,7 +411,7 @@ def test_lstm(bidirectional: bool, per_channel: bool) -> None:
     model, quantizer, modified = _quantize(proto, config)
     assert modified and quantizer.quantized == {"LSTM": 1}
     (node,) = _nodes(model, "DynamicQuantizeLSTM")
-    assert node.domain == MS_DOMAIN and _ops(model)["LSTM"] == 0
+    assert node.domain == MS_DOMAIN and builders.op_counts(model, subgraphs=False)["LSTM"] == 0
     directions = 2 if bidirectional else 1
     w, w_scale, r, r_scale = (_data(node.inputs[i]) for i in (1, 8, 2, 10))
     assert w.dtype == np.int8 and w.shape == (directions, 16, 128)  # [D, input, 4*hidden]
@@ -462,7 +457,7 @@ conv (float[2,4,10,10] x) => (float[2,8,10,10] y) {
 def test_conv_stays_float_by_default() -> None:
     proto = builders.parse(CONV, builders.normal_arrays(9, w=(8, 4, 3, 3), b=(8,)))
     model, quantizer, modified = _quantize(proto)
-    assert not modified and _ops(model) == {"Conv": 1}
+    assert not modified and builders.op_counts(model, subgraphs=False) == {"Conv": 1}
     assert builders.lines(quantizer.declined) == [
         (
             "1 Conv node(s) left float: dynamic Conv is off (DynamicConfig.conv; "
@@ -479,7 +474,13 @@ def test_conv_with_flag(per_channel: bool) -> None:
     config = QuantConfig(dynamic=DynamicConfig(conv=True), weights=WeightScheme(per_channel=per_channel))
     model, quantizer, modified = _quantize(proto, config)
     assert modified and quantizer.quantized == {"Conv": 1}
-    assert _ops(model) == {"DynamicQuantizeLinear": 1, "ConvInteger": 1, "Cast": 1, "Mul": 2, "Add": 1}
+    assert builders.op_counts(model, subgraphs=False) == {
+        "DynamicQuantizeLinear": 1,
+        "ConvInteger": 1,
+        "Cast": 1,
+        "Mul": 2,
+        "Add": 1,
+    }
     (node,) = _nodes(model, "ConvInteger")
     assert list(node.attributes["pads"].as_ints()) == [1, 1, 1, 1]
     weight, zero_point = _data(node.inputs[1]), _data(node.inputs[3])
@@ -518,7 +519,7 @@ def _token_sqnr(proto: onnx.ModelProto, model: ir.Model, feeds: list[Feed]) -> n
 def test_embeddings_stay_float_by_default() -> None:
     proto = _embedding_proto()
     model, quantizer, modified = _quantize(proto)
-    assert not modified and _ops(model) == {"Gather": 1}
+    assert not modified and builders.op_counts(model, subgraphs=False) == {"Gather": 1}
     assert builders.lines(quantizer.declined) == [
         "1 embedding Gather node(s) left float: DynamicConfig.embeddings is off"
     ]
@@ -528,7 +529,7 @@ def test_embeddings_per_row() -> None:
     proto = _embedding_proto()
     model, quantizer, modified = _quantize(proto, QuantConfig(dynamic=DynamicConfig(embeddings=True)))
     assert modified and quantizer.quantized == {"Gather": 1}
-    assert _ops(model) == {"Gather": 2, "Cast": 1, "Mul": 1}
+    assert builders.op_counts(model, subgraphs=False) == {"Gather": 2, "Cast": 1, "Mul": 1}
     ids = model.graph.inputs[0]
     tables = sorted((_data(n.inputs[0]) for n in _nodes(model, "Gather")), key=lambda a: a.dtype.name)
     assert all(n.inputs[1] is ids for n in _nodes(model, "Gather"))
@@ -546,7 +547,7 @@ def test_embeddings_per_tensor_is_worse() -> None:
         op_type_overrides={"Gather": NodeOverride(weights=WeightScheme(per_channel=False))},
     )
     model, _, modified = _quantize(proto, config)
-    assert modified and _ops(model) == {"Gather": 1, "DequantizeLinear": 1}
+    assert modified and builders.op_counts(model, subgraphs=False) == {"Gather": 1, "DequantizeLinear": 1}
     assert _token_sqnr(proto, model, _feeds(proto)).min() < 10.0
 
 
@@ -607,7 +608,7 @@ def test_minilm(minilm: tuple[Path, list[Feed], list[np.ndarray]], embeddings: b
     assert quantizer(model).modified
     cleanup(model)
     assert quantizer.quantized == ({"MatMul": 36, "Gather": 3} if embeddings else {"MatMul": 36})
-    ops = _ops(model)
+    ops = builders.op_counts(model, subgraphs=False)
     # Q/K/V share their input: one DynamicQuantizeLinear per layer feeds three MatMulIntegerToFloat.
     assert ops["DynamicQuantizeMatMul"] == 18 and ops["MatMulIntegerToFloat"] == 18
     assert ops["DynamicQuantizeLinear"] == 6

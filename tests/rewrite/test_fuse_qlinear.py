@@ -10,7 +10,6 @@ by one), float outputs within a tight relative tolerance.
 
 from __future__ import annotations
 
-import collections
 import hashlib
 from collections.abc import Mapping
 from pathlib import Path
@@ -162,10 +161,6 @@ def _assert_equivalent(
         assert diff <= bound, f"output {name}: max abs diff {diff:.3g} > {bound:.3g}"
 
 
-def _counts(model: ir.Model) -> collections.Counter[str]:
-    return collections.Counter(node.op_type for node in model.graph.all_nodes())
-
-
 def _only(model: ir.Model, op_type: str) -> ir.Node:
     found = [node for node in model.graph.all_nodes() if node.op_type == op_type]
     assert len(found) == 1, f"expected one {op_type}, found {len(found)}"
@@ -215,7 +210,7 @@ def test_conv_relu_lowered_for_every_scheme(scheme: str) -> None:
 
     assert modified
     assert fuse.lowered["QLinearConv"] == 1 and not builders.lines(fuse.declined)
-    counts = _counts(lowered)
+    counts = builders.op_counts(lowered)
     assert counts["Conv"] == 0
     qconv = _only(lowered, "QLinearConv")
     # Rewiring: the integer kernel reads the quantized input and shares its scale/zero point.
@@ -251,11 +246,11 @@ def test_conv_without_bias_and_clip_absorbed() -> None:
         "hi": np.array(0.5, np.float32),
     }
     qdq = _quantize(_proto(body, arrays))
-    assert _counts(qdq)["Clip"] == 1
+    assert builders.op_counts(qdq)["Clip"] == 1
     lowered, fuse, modified = _lower(qdq)
 
     assert modified and fuse.lowered == {"QLinearConv": 2} and not builders.lines(fuse.declined)
-    counts = _counts(lowered)
+    counts = builders.op_counts(lowered)
     assert counts["Clip"] == 0 and counts["Conv"] == 0
     first, second = [n for n in lowered.graph if n.op_type == "QLinearConv"]
     assert len(first.inputs) == 8  # no bias
@@ -357,7 +352,7 @@ def test_activation_absorbed_when_the_output_range_clamps(
     lowered, fuse, modified = _lower(ir.from_proto(proto))
 
     assert modified and fuse.lowered == {"QLinearConv": 1} and not builders.lines(fuse.declined)
-    counts = _counts(lowered)
+    counts = builders.op_counts(lowered)
     assert counts["Relu"] == 0 and counts["Clip"] == 0 and counts["Conv"] == 0
     qconv = _only(lowered, "QLinearConv")
     assert _producer(lowered.graph.outputs[0]).inputs[0] is qconv.outputs[0]
@@ -391,7 +386,7 @@ def test_activation_not_covered_by_the_output_range_is_declined(
     assert len(builders.lines(fuse.declined)) == 1
     assert builders.lines(fuse.declined)[0].startswith("Conv_3 not lowered: ")
     assert reason in builders.lines(fuse.declined)[0]
-    assert _counts(lowered)["Conv"] == 1 and _counts(lowered)["QLinearConv"] == 0
+    assert builders.op_counts(lowered)["Conv"] == 1 and builders.op_counts(lowered)["QLinearConv"] == 0
 
 
 def test_input_dq_still_read_as_float_stays() -> None:
@@ -402,7 +397,7 @@ def test_input_dq_still_read_as_float_stays() -> None:
     lowered, fuse, modified = _lower(ir.from_proto(proto))
 
     assert modified and fuse.lowered == {"QLinearConv": 1}
-    counts = _counts(lowered)
+    counts = builders.op_counts(lowered)
     assert counts["DequantizeLinear"] == 2  # x's DQ (read by the Sigmoid) and the output's
     x_dq = _producer(_only(lowered, "Sigmoid").inputs[0])
     assert x_dq.op_type == "DequantizeLinear" and x_dq.inputs[0] is _quantized_input(lowered, "x")
@@ -418,7 +413,7 @@ def test_conv_bias_int32_reused_and_float_bias_quantized() -> None:
     assert modified and fuse.lowered == {"QLinearConv": 1}
     qconv = _only(lowered, "QLinearConv")
     assert qconv.inputs[8] is not None and qconv.inputs[8].name == "bq"  # the int32 tensor as it was
-    assert _counts(lowered)["DequantizeLinear"] == 1  # the bias and weight DQs are gone
+    assert builders.op_counts(lowered)["DequantizeLinear"] == 1  # the bias and weight DQs are gone
     _assert_equivalent(proto, lowered)
 
     float_bias = np.array([0.3, -0.2, 0.05, 0.0], np.float32)
@@ -462,7 +457,7 @@ def test_conv_weight_not_constant_is_declined() -> None:
     assert not modified
     assert builders.lines(fuse.declined) == ["Conv_3 not lowered: weight is not a constant"]
     assert fuse.lowered == {}
-    assert _counts(lowered) == _counts(ir.from_proto(proto))
+    assert builders.op_counts(lowered) == builders.op_counts(ir.from_proto(proto))
 
 
 def test_conv_int8_input_with_uint8_weight_is_declined() -> None:
@@ -547,7 +542,7 @@ def test_conv_without_output_q_to_conv_integer() -> None:
         return
     lowered, fuse, modified = _lower(ir.from_proto(proto), conv_integer=True)
     assert modified and fuse.lowered == {"ConvInteger": 1} and not builders.lines(fuse.declined)
-    counts = _counts(lowered)
+    counts = builders.op_counts(lowered)
     assert counts["Conv"] == 0 and counts["DequantizeLinear"] == 0
     assert counts["ConvInteger"] == counts["Cast"] == counts["Mul"] == counts["Add"] == 1
     conv = _only(lowered, "ConvInteger")
@@ -574,7 +569,7 @@ def test_rules_decline_what_the_installed_runtime_cannot_run(monkeypatch: pytest
         builders.conv_relu_model(), [{"x": s} for s in builders.conv_calibration(samples=4)]
     ).model
     lowered, fuse, _ = _lower(model)
-    assert _counts(lowered)["QLinearConv"] == 0 and _counts(lowered)["Conv"] == 1
+    assert builders.op_counts(lowered)["QLinearConv"] == 0 and builders.op_counts(lowered)["Conv"] == 1
     assert any(
         line.endswith("not lowered: onnxruntime 0.0 has no CPU kernel for QLinearConv-10 with T1=uint8")
         for line in builders.lines(fuse.declined)
@@ -610,7 +605,7 @@ def test_matmul_lowered_to_qlinear_and_integer_to_float_with_bias(scheme: str) -
 
     assert modified and not builders.lines(fuse.declined)
     assert fuse.lowered == {"QLinearMatMul": 1, "MatMulIntegerToFloat": 1}
-    counts = _counts(lowered)
+    counts = builders.op_counts(lowered)
     assert counts["MatMul"] == 0 and counts["Add"] == 0 and counts["DequantizeLinear"] == 0
     qmatmul = _only(lowered, "QLinearMatMul")
     assert _const(qmatmul.inputs[4]).size == (1 if scheme == "per-tensor-weights" else 8)  # per column
@@ -628,7 +623,7 @@ def test_matmul_without_ms_domain_uses_matmul_integer() -> None:
     lowered, fuse, modified = _lower(qdq, ms_domain=False)
 
     assert modified and fuse.lowered == {"QLinearMatMul": 1, "MatMulInteger": 1}
-    counts = _counts(lowered)
+    counts = builders.op_counts(lowered)
     assert counts["MatMulInteger"] == counts["Cast"] == counts["Mul"] == 1
     assert counts["Add"] == 1  # the float bias Add stays
     assert MS_DOMAIN not in lowered.opset_imports
@@ -730,7 +725,7 @@ def test_gemm_lowered_to_qgemm_with_and_without_output_q(scheme: str) -> None:
     lowered, fuse, modified = _lower(qdq)
 
     assert modified and fuse.lowered == {"QGemm": 2} and not builders.lines(fuse.declined)
-    counts = _counts(lowered)
+    counts = builders.op_counts(lowered)
     assert counts["Gemm"] == 0 and counts["Relu"] == 0 and counts["DequantizeLinear"] == 0
     first, second = [n for n in lowered.graph if n.op_type == "QGemm"]
     assert first.domain == second.domain == MS_DOMAIN
@@ -818,7 +813,7 @@ def test_add_and_mul_lowered(op: str, dtype: type[np.integer]) -> None:
     assert node.inputs[0] is _quantized_input(lowered, "a") and node.inputs[3] is _quantized_input(
         lowered, "b"
     )
-    assert _counts(lowered)[op] == 0
+    assert builders.op_counts(lowered)[op] == 0
     _assert_equivalent(proto, lowered)
 
 
@@ -848,7 +843,7 @@ def test_add_mul_concat_from_onnxq() -> None:
 
     assert modified and not builders.lines(fuse.declined)
     assert fuse.lowered == {"QLinearConv": 3, "QLinearAdd": 1, "QLinearMul": 1, "QLinearConcat": 1}
-    counts = _counts(lowered)
+    counts = builders.op_counts(lowered)
     assert counts["Add"] == counts["Mul"] == counts["Concat"] == counts["Conv"] == 0
     concat = _only(lowered, "QLinearConcat")
     assert concat.attributes["axis"].as_int() == 1
@@ -896,7 +891,7 @@ def test_pools_and_activations_lowered(scheme: str) -> None:
         "Flatten": 1,
         "QGemm": 1,
     }
-    counts = _counts(lowered)
+    counts = builders.op_counts(lowered)
     assert counts["DequantizeLinear"] == 0 and counts["QuantizeLinear"] == 1  # only the input's Q is left
     pool = _only(lowered, "QLinearAveragePool")
     assert pool.attributes["kernel_shape"].as_ints() == (2, 2) and pool.attributes["strides"].as_ints() == (
@@ -1015,7 +1010,7 @@ def test_pass_through_op_runs_on_integers(op: str) -> None:
         assert value.dtype == ir.DataType.UINT8
         (use,) = value.uses()
         assert use.node.op_type == "DequantizeLinear"
-    counts = _counts(lowered)
+    counts = builders.op_counts(lowered)
     assert counts["QuantizeLinear"] == 1 and counts["DequantizeLinear"] == len(node.outputs)
     feeds = _feeds(proto, EVAL_SAMPLES, seed=5)
     expected, actual = _outputs(proto, feeds), _outputs(lowered, feeds)
@@ -1065,7 +1060,7 @@ def test_dq_q_with_identical_parameters_collapses() -> None:
     proto = _chain([0.02, 0.02])
     lowered, fuse, modified = _lower(ir.from_proto(proto))
     assert modified and not fuse.lowered
-    counts = _counts(lowered)
+    counts = builders.op_counts(lowered)
     assert counts["QuantizeLinear"] == counts["DequantizeLinear"] == 1
     assert _producer(lowered.graph.outputs[0]).inputs[0] is _quantized_input(lowered, "x")
     feeds = _feeds(proto, EVAL_SAMPLES, seed=3)
@@ -1081,7 +1076,7 @@ def test_dq_q_dq_q_chain_collapses_to_last_parameters() -> None:
     proto = _chain([0.01, 0.015, 0.03])  # the middle range covers the first: it never clips
     lowered, _, modified = _lower(ir.from_proto(proto))
     assert modified
-    counts = _counts(lowered)
+    counts = builders.op_counts(lowered)
     assert counts["QuantizeLinear"] == 2 and counts["DequantizeLinear"] == 2
     last_q = _producer(_producer(lowered.graph.outputs[0]).inputs[0])
     assert last_q.inputs[1] is not None and last_q.inputs[1].name == "s2"
@@ -1103,7 +1098,7 @@ def test_float_model_is_not_modified() -> None:
     model = ir.from_proto(proto)
     lowered, fuse, modified = _lower(model)
     assert not modified and not fuse.lowered and not builders.lines(fuse.declined)
-    assert _counts(lowered) == _counts(model)
+    assert builders.op_counts(lowered) == builders.op_counts(model)
     assert MS_DOMAIN not in lowered.opset_imports
 
 
@@ -1121,7 +1116,7 @@ def test_lowering_is_deterministic_and_idempotent() -> None:
     assert len(digests) == 1
     again, fuse, modified = _lower(first)
     assert not modified and not fuse.lowered and not builders.lines(fuse.declined)
-    assert _counts(again) == _counts(first)
+    assert builders.op_counts(again) == builders.op_counts(first)
 
 
 IF_CONV = """
@@ -1175,12 +1170,12 @@ def test_small_cnn_from_the_model_zoo_is_fully_lowered(tmp_path: Path) -> None:
     path = model_zoo.build("small_cnn", tmp_path)
     result = onnxq.quantize(str(path), model_zoo.sample_feeds("small_cnn", 8))
     qdq = result.model
-    convs = _counts(qdq)["Conv"]
+    convs = builders.op_counts(qdq)["Conv"]
     lowered, fuse, modified = _lower(qdq)
 
     assert modified and not builders.lines(fuse.declined)
     assert convs > 0 and fuse.lowered["QLinearConv"] == convs
-    counts = _counts(lowered)
+    counts = builders.op_counts(lowered)
     assert counts["Conv"] == 0 and counts["Relu"] == 0 and counts["DequantizeLinear"] == 0
     assert fuse.lowered["QGemm"] == 1
     feeds = model_zoo.sample_feeds("small_cnn", 8, split="eval")

@@ -125,10 +125,6 @@ def _min_sqnr(proto: onnx.ModelProto, quantized: ir.Model) -> float:
     return min(_sqnr(expected[name], actual[name]) for name in expected)
 
 
-def _counts(model: ir.Model) -> collections.Counter[str]:
-    return collections.Counter(node.op_type for node in model.graph.all_nodes())
-
-
 def _node(model: ir.Model, name: str) -> ir.Node:
     found = [n for n in model.graph if n.name == name]
     assert len(found) == 1, f"no single node named {name!r}"
@@ -219,7 +215,7 @@ def test_conv_relu_conv_structure() -> None:
     model = q.model
     assert q.modified
     # Activations x, r (after the absorbed Relu) and y; plus two weights and two biases.
-    counts = _counts(model)
+    counts = builders.op_counts(model)
     assert counts["QuantizeLinear"] == 3
     assert counts["DequantizeLinear"] == 3 + 2 + 2
     assert counts["Conv"] == 2 and counts["Relu"] == 1
@@ -322,7 +318,7 @@ def test_tensor_read_by_two_quantized_nodes_gets_one_qdq_pair() -> None:
         builders.normal_arrays(0, W1=(4, 3, 3, 3), W2=(4, 3, 3, 3)),
     )
     q = _quantize(proto)
-    assert _counts(q.model)["QuantizeLinear"] == 3  # x, y, z
+    assert builders.op_counts(q.model)["QuantizeLinear"] == 3  # x, y, z
     assert _node(q.model, "conv1").inputs[0] is _node(q.model, "conv2").inputs[0]
     assert _min_sqnr(proto, q.model) >= SQNR_BOUND_DB
 
@@ -331,7 +327,7 @@ def test_symmetric_int8_activations() -> None:
     proto = _conv_relu_conv()
     q = _quantize(proto, QuantConfig(activations=ActivationScheme("int8", symmetric=True)))
     # The Relu is not absorbed: Q/DQ on x, c, r and y.
-    assert _counts(q.model)["QuantizeLinear"] == 4
+    assert builders.op_counts(q.model)["QuantizeLinear"] == 4
     relu = _node(q.model, "relu")
     assert _dequantized_from(relu.inputs[0]) is _node(q.model, "conv1").outputs[0]
     for node in q.model.graph:
@@ -587,7 +583,7 @@ def test_op_numerics(case: str) -> None:
     planned = q.plan.quantized_op_types() + collections.Counter(n.op_type for n in q.plan.absorbed_nodes)
     for op in spec.ops.split(","):
         assert planned[op] >= 1, f"{op} was not quantized: {q.plan.declined}"
-    counts = _counts(q.model)
+    counts = builders.op_counts(q.model)
     assert counts["QuantizeLinear"] >= 1 and counts["DequantizeLinear"] > counts["QuantizeLinear"]
     _assert_rewired(q)
     sqnr = _min_sqnr(proto, q.model)
@@ -690,7 +686,7 @@ def test_matmul_weight_is_per_column_and_output_stays_float() -> None:
     data, scale, _, axis = _stored_weight(mm, 1)
     assert data.dtype == np.int8 and axis == 1 and scale.shape == (8,)
     assert q.model.graph.outputs[0] is mm.outputs[0]
-    assert _counts(q.model)["QuantizeLinear"] == 1
+    assert builders.op_counts(q.model)["QuantizeLinear"] == 1
 
 
 def test_activation_matmul_reads_both_inputs_quantized() -> None:

@@ -7,7 +7,6 @@ rules only move work from run time to save time (a fake-quantized weight) or dro
 
 from __future__ import annotations
 
-import collections
 import hashlib
 import warnings
 from collections.abc import Mapping
@@ -35,10 +34,6 @@ def _proto(text: str, arrays: Mapping[str, Any] | None = None) -> onnx.ModelProt
         proto.graph.initializer.append(onnx.numpy_helper.from_array(np.asarray(array), name))
     onnx.checker.check_model(proto)
     return proto
-
-
-def _op_counts(model: ir.Model) -> collections.Counter[str]:
-    return collections.Counter(node.op_type for node in model.graph.all_nodes())
 
 
 def _node(model: ir.Model, name: str) -> ir.Node:
@@ -174,7 +169,7 @@ def test_torch_qat_export_folds_weight_fake_quant(tmp_path: Path) -> None:
     model = ir.from_proto(proto)
     # The export: Q → DQ on the input, the ReLU output, the output, and on both float weights.
     assert is_quantized(model)
-    counts = _op_counts(model)
+    counts = builders.op_counts(model)
     assert counts["QuantizeLinear"] == counts["DequantizeLinear"] == 5
     weight_qs = _constant_quantize_nodes(model)
     assert sorted(str(node.inputs[0].name) for node in weight_qs) == ["conv.weight", "fc.weight"]  # type: ignore[union-attr]
@@ -185,7 +180,7 @@ def test_torch_qat_export_folds_weight_fake_quant(tmp_path: Path) -> None:
 
     assert result.modified
     assert _constant_quantize_nodes(model) == []
-    counts = _op_counts(model)
+    counts = builders.op_counts(model)
     assert counts["QuantizeLinear"] == 3
     assert counts["DequantizeLinear"] == 5
     assert counts["Constant"] == 0  # scales/zero points became initializers
@@ -271,7 +266,7 @@ def test_ort_quantize_static_output_is_deduplicated_and_unchanged(tmp_path: Path
     assert is_quantized(model)
     duplicates = _param_duplicates(model)
     assert duplicates, "the fixture should hold equal zero points under different names"
-    counts_before = _op_counts(model)
+    counts_before = builders.op_counts(model)
     feeds = {"x": np.random.default_rng(9).normal(size=(3, 3, 8, 8)).astype(np.float32)}
     before = builders.run_disabled(proto, feeds)
 
@@ -284,7 +279,7 @@ def test_ort_quantize_static_output_is_deduplicated_and_unchanged(tmp_path: Path
     for kept, merged in duplicates:
         assert merged not in model.graph.initializers
         assert kept in model.graph.initializers
-    assert _op_counts(model) == counts_before  # ORT's weights are already integers
+    assert builders.op_counts(model) == counts_before  # ORT's weights are already integers
     assert _constant_quantize_nodes(model) == []
     assert normalize.missing_ranges == []
     _assert_same_outputs(before, builders.run_disabled(model, feeds))
@@ -383,7 +378,7 @@ def test_hand_written_graph_every_rule() -> None:
     assert dq_b_again.inputs[0] is model.graph.initializers["bq"]
     names = {node.name for node in model.graph}
     assert names.isdisjoint({"q_x_again", "dq_x", "q_b", "dq_b"})
-    assert _op_counts(model)["QuantizeLinear"] == 1
+    assert builders.op_counts(model)["QuantizeLinear"] == 1
     # The float MatMul has no range; nothing changed for it.
     assert normalize.missing_ranges == [
         "mm_float: input 'z' has no QuantizeLinear/DequantizeLinear (no range)"
@@ -437,7 +432,7 @@ def test_weight_through_cast_and_identity_is_folded() -> None:
     assert result.modified
     assert "1 weight Q→DQ pair folded into int8 initializer" in normalize.notes
     assert _constant_quantize_nodes(model) == []
-    counts = _op_counts(model)
+    counts = builders.op_counts(model)
     assert counts["Cast"] == counts["Identity"] == 0
     assert counts["QuantizeLinear"] == 1
     assert "w16" not in model.graph.initializers
@@ -467,7 +462,7 @@ def test_weight_in_a_constant_node_is_folded() -> None:
     result, _ = _normalize(model)
 
     assert result.modified
-    assert _op_counts(model) == {"DequantizeLinear": 1, "MatMul": 1}
+    assert builders.op_counts(model) == {"DequantizeLinear": 1, "MatMul": 1}
     dq = next(node for node in model.graph if node.op_type == "DequantizeLinear")
     stored = dq.inputs[0]
     assert stored is not None and stored.const_value is not None
@@ -504,7 +499,7 @@ def test_parallel_identical_fake_quants_merge() -> None:
     result, normalize = _normalize(model)
 
     assert result.modified
-    counts = _op_counts(model)
+    counts = builders.op_counts(model)
     assert counts["QuantizeLinear"] == counts["DequantizeLinear"] == 1
     matmuls = [node for node in model.graph if node.op_type == "MatMul"]
     assert matmuls[0].inputs[0] is matmuls[1].inputs[0]
