@@ -145,6 +145,9 @@ class Variant:
     mode: Mode = "static"
     fmt: Format = "qdq"
     embeddings: bool = False  # onnxq dynamic mode: int8 Gather tables (DynamicConfig.embeddings)
+    #: onnxruntime only: convert models below this opset up to it first (per-channel Q/DQ need 13; its
+    #: quantizer writes an ``axis`` that older DequantizeLinear lacks). 0: leave the opset alone.
+    min_opset: int = 0
 
     def __post_init__(self) -> None:
         if self.mode not in ("static", "dynamic"):
@@ -247,6 +250,7 @@ def quantize_ort(
     op_types: Sequence[str] | None = None,
     mode: Mode = "static",
     fmt: Format = "qdq",
+    min_opset: int = 0,
 ) -> dict[str, Any]:
     """``quant_pre_process``, then ``quantize_static`` or ``quantize_dynamic``, and save.
 
@@ -293,13 +297,16 @@ def quantize_ort(
     with tempfile.TemporaryDirectory(prefix="bench-ort-") as tmp:
         pre = Path(tmp) / "pre.onnx"
         start = time.perf_counter()
+        if min_opset:
+            model_path = _upgrade_opset(Path(model_path), min_opset, Path(tmp) / "upgraded.onnx", detail)
         try:
             quant_pre_process(os.fspath(model_path), os.fspath(pre))
         except Exception as exc:
-            detail["note"] = (
+            retried = (
                 f"quant_pre_process failed ({str(exc).strip().splitlines()[-1]}); "
                 "retried with skip_symbolic_shape=True"
             )
+            detail["note"] = "; ".join(filter(None, (detail.get("note"), retried)))
             quant_pre_process(os.fspath(model_path), os.fspath(pre), skip_symbolic_shape=True)
         detail["pre_process_s"] = time.perf_counter() - start
         start = time.perf_counter()
@@ -324,6 +331,21 @@ def quantize_ort(
         )
         detail["quantize_static_s"] = time.perf_counter() - start
     return detail
+
+
+def _upgrade_opset(path: Path, minimum: int, out: Path, detail: dict[str, Any]) -> Path:
+    """``path`` converted to opset ``minimum`` with onnx's version converter when it is below (what an
+    onnxruntime user does first: its per-channel output is invalid below opset 13)."""
+    import onnx
+    import onnx.version_converter
+
+    model = onnx.load(str(path))
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), minimum)
+    if opset >= minimum:
+        return path
+    onnx.save(onnx.version_converter.convert_version(model, minimum), str(out))
+    detail["note"] = f"opset {opset} converted to {minimum} first (onnx.version_converter)"
+    return out
 
 
 def _max_rss_mib() -> float:
@@ -383,6 +405,7 @@ def _worker(job_path: Path) -> int:
             op_types=job["op_types"],
             mode=mode,
             fmt=fmt,
+            min_opset=job.get("min_opset", 0),
         )
     seconds = time.perf_counter() - start
     result = {"quant_s": seconds, "baseline_rss_mib": baseline, "worker_peak_rss_mib": _max_rss_mib()}
@@ -467,6 +490,7 @@ def run_isolated(
         "mode": variant.mode,
         "fmt": variant.fmt,
         "embeddings": variant.embeddings,
+        "min_opset": variant.min_opset,
         "model": str(model_path),
         "feeds": str(feeds_path) if feeds_path is not None else None,
         "output": str(output),

@@ -1,8 +1,9 @@
 """Validation of quantized models in ONNX Runtime: accuracy against the float model, and latency.
 
-- :mod:`onnxq.validate.runtime` opens ONNX Runtime sessions (CPU always, CUDA when installed), runs
-  them with one-line errors, and measures latency with interleaved runs so that drifting clocks and
-  caches affect every model alike.
+- :mod:`onnxq.validate.smoke`: the check every output passes before it is written (it loads and runs
+  at ``ORT_ENABLE_ALL``).
+- :mod:`onnxq.validate.compare` and :mod:`onnxq.validate.layers`: the ``compare`` and ``inspect``
+  tables (sessions and latency come from :mod:`onnxq.runtime`).
 - :mod:`onnxq.validate.metrics` compares the outputs of a reference (float) model and a candidate
   (quantized) model: SQNR, cosine similarity, maximum absolute error and top-1 agreement, accumulated
   over a stream of feeds in memory bounded by the number of outputs.

