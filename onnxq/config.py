@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import types
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
@@ -148,6 +149,9 @@ class QuantConfig:
     dynamic: DynamicConfig = field(default_factory=DynamicConfig)
 
     def __post_init__(self) -> None:
+        # Frozen means frozen: a copy of the caller's mappings that nobody can change afterwards.
+        for name in ("op_type_overrides", "node_overrides"):
+            object.__setattr__(self, name, types.MappingProxyType(dict(getattr(self, name))))
         if self.mode not in ("static", "dynamic"):
             raise ValueError(f"mode must be 'static' or 'dynamic', got {self.mode!r}")
         if self.format not in ("qdq", "qoperator"):

@@ -78,9 +78,8 @@ def group_declines(declines: Iterable[Decline], *, shown: int = 4) -> list[str]:
     lines = []
     for (stage, code, message, op_type), nodes in groups.items():
         if len(nodes) > 1:
-            listed = ", ".join(nodes[:shown]) + (
-                f" and {len(nodes) - shown} more" if len(nodes) > shown else ""
-            )
+            more = f"and {len(nodes) - shown} more" if len(nodes) > shown else ""
+            listed = " ".join(part for part in (", ".join(nodes[:shown]), more) if part)
             lines.append(f"{len(nodes)} nodes {STAGE_VERBS[stage]}: {message} ({listed})")
         else:
             node = nodes[0] if nodes else ""

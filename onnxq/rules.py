@@ -100,6 +100,29 @@ def graphs_of(model: ir.Model, scope: Literal["all", "main"] = "all") -> Iterato
     yield from model.graphs()
 
 
+def _owners(model: ir.Model) -> dict[int, ir.Node]:
+    """The node that holds each subgraph (by ``id`` of the graph), for every body in the model."""
+    owners: dict[int, ir.Node] = {}
+    for node in model.graph.all_nodes():
+        for attr in node.attributes.values():
+            if attr.type == ir.AttributeType.GRAPH:
+                owners[id(attr.as_graph())] = node
+            elif attr.type == ir.AttributeType.GRAPHS:
+                for sub in attr.as_graphs():
+                    owners[id(sub)] = node
+    return owners
+
+
+def _attached(graph: ir.Graph, model: ir.Model, owners: dict[int, ir.Node]) -> bool:
+    """Whether ``graph`` is still part of ``model``: the main graph, or a body whose holder still is."""
+    while graph is not model.graph:
+        owner = owners.get(id(graph))
+        if owner is None or owner.graph is None:
+            return False
+        graph = owner.graph
+    return True
+
+
 def apply_rules(
     model: ir.Model,
     rules: Sequence[Rule[MatchT, ContextT]],
@@ -122,6 +145,7 @@ def apply_rules(
         for op_type in entry.op_types:
             table.setdefault((domain, op_type), entry)
     outcome = RuleOutcome()
+    owners = _owners(model)
     if nodes is None:
         visits: Iterable[tuple[ir.Graph | None, ir.Node]] = (
             (graph, node) for graph in list(graphs_of(model, scope)) for node in list(graph)
@@ -129,8 +153,8 @@ def apply_rules(
     else:
         visits = ((node.graph, node) for node in list(nodes))
     for graph, node in visits:
-        if graph is None or node.graph is not graph:
-            continue  # removed by an earlier rewrite
+        if graph is None or node.graph is not graph or not _attached(graph, model, owners):
+            continue  # removed by an earlier rewrite, itself or with the If/Loop/Scan that held it
         domain = "" if node.domain in DEFAULT_DOMAINS else node.domain
         rule = table.get((domain, node.op_type))
         if rule is None:
