@@ -32,8 +32,16 @@ MIN_QDQ_PER_AXIS_OPSET = 13
 #: The lowest default-domain opset that has QuantizeLinear/DequantizeLinear at all.
 MIN_QDQ_OPSET = 10
 
-#: IR version each default-domain opset first appeared with (onnx's release table).
-_IR_FOR_OPSET = {13: 7, 14: 7, 15: 8, 16: 8, 17: 8, 18: 8, 19: 9, 20: 9, 21: 10, 22: 10, 23: 11, 24: 11}
+
+def _ir_for_opset(opset: int) -> int:
+    """The IR version onnx released the default-domain ``opset`` with (its own release table)."""
+    import onnx.helper
+
+    for _release, ir_version, ai_onnx, *_ in onnx.helper.VERSION_TABLE:
+        if ai_onnx >= opset:
+            return int(ir_version)
+    return int(onnx.helper.VERSION_TABLE[-1][1])
+
 
 #: Default-domain ops that quantization adds to a model (Q/DQ form, QOperator form, dynamic form): the
 #: output opset must be one at which the installed onnxruntime has kernels for all of them.
@@ -107,7 +115,7 @@ def normalize_versions(model: ir.Model) -> list[str]:
         else:
             notes.append(f"opset {opset} converted to {target}")
     opset = target
-    needed_ir = _IR_FOR_OPSET.get(opset, 10 if opset > 24 else 7)
+    needed_ir = _ir_for_opset(opset)
     ir_version = min(max(model.ir_version, needed_ir), max_ir)
     if ir_version != model.ir_version:
         notes.append(f"IR version {model.ir_version} set to {ir_version}")

@@ -24,6 +24,7 @@ searches can report what they cost.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import re
@@ -149,7 +150,13 @@ class AccuracyTarget:
         in step and never held whole (generators are fine). ``names`` labels outputs in messages.
         """
         stats: list[OutputStats] = []
-        for ref, cand in zip(reference_outputs, candidate_outputs, strict=True):
+        pairs = itertools.zip_longest(reference_outputs, candidate_outputs)
+        for feed, (ref, cand) in enumerate(pairs):
+            if ref is None or cand is None:
+                which = "candidate" if cand is None else "reference"
+                raise OnnxqError(
+                    f"the {which} model gave no outputs for feed {feed}: the feeds differ in number"
+                )
             if not stats:
                 labels = list(names) if names is not None else [f"output {i}" for i in range(len(ref))]
                 stats = [OutputStats(label) for label in labels]
