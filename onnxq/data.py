@@ -282,7 +282,6 @@ class _Checker:
                 raise self.fail(where, f"input names must be strings, got {name!r}")
         self.check_names(names, where)
         feed = {spec.name: self.convert(spec, raw[spec.name], where) for spec in self.specs}
-        self.check_symbols(feed, where)
         self.check_finite(feed, where)
         return feed
 
@@ -308,28 +307,6 @@ class _Checker:
                 where,
                 f"input {name!r} holds {kinds} ({bad} of {array.size} values); pass finite data{hint}",
             )
-
-    def check_symbols(self, feed: Mapping[str, np.ndarray], where: str) -> None:
-        """Fail when one named symbolic dimension takes two sizes in the same feed."""
-        seen: dict[str, tuple[int, str, int]] = {}
-        for spec in self.specs:
-            if spec.shape is None:
-                continue
-            shape = feed[spec.name].shape
-            for axis, dim in enumerate(spec.shape):
-                if not isinstance(dim, str):
-                    continue
-                size = shape[axis]
-                if dim not in seen:
-                    seen[dim] = (size, spec.name, axis)
-                    continue
-                first_size, first_name, first_axis = seen[dim]
-                if size != first_size:
-                    raise self.fail(
-                        where,
-                        f"input {spec.name!r} axis {axis} ({dim}) is {size} but input {first_name!r} "
-                        f"axis {first_axis} ({dim}) is {first_size}",
-                    )
 
 
 # ---------------------------------------------------------------------------------------------------
