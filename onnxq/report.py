@@ -56,6 +56,7 @@ class QuantReport:
     version_notes: list[str] = field(default_factory=list)
     preprocess_notes: list[str] = field(default_factory=list)
     batchnorms_folded: int = 0
+    affine_folded: int = 0
     nodes_before: int = 0
     nodes_after: int = 0
     quantized_op_types: dict[str, int] = field(default_factory=dict)
@@ -206,8 +207,16 @@ class QuantReport:
         if self.lowered_op_types:
             lowered = ", ".join(f"{op} {n}" for op, n in sorted(self.lowered_op_types.items()))
             rows.append(["lowered", lowered])
-        if self.batchnorms_folded:
-            rows.append(["preprocess", f"{self.batchnorms_folded} BatchNorm folded"])
+        folded = [
+            f"{count} {what} folded"
+            for count, what in (
+                (self.batchnorms_folded, "BatchNorm"),
+                (self.affine_folded, "per-channel Mul/Add/Pad"),
+            )
+            if count
+        ]
+        if folded:
+            rows.append(["preprocess", ", ".join(folded)])
         if self.subgraph_nodes:
             rows.append(["subgraphs", f"{self.subgraph_nodes} nodes inside If/Loop/Scan bodies left float"])
         rows.extend(["versions", note] for note in self.version_notes)

@@ -4,7 +4,8 @@ Composed from onnx-ir's common passes and onnxq's folding passes. Initializers s
 graph inputs, Constant nodes become initializers (so weights written as Constant nodes are seen as
 weights), constant subgraphs are folded
 (:mod:`~onnxq.preprocess.fold_constants`), BatchNorm is folded into Conv/ConvTranspose/Gemm
-(:mod:`~onnxq.preprocess.fold_bn`), Identity (:mod:`~onnxq.preprocess.identity`) and dead nodes are
+(:mod:`~onnxq.preprocess.fold_bn`), per-channel Mul/Add and zero Pads next to a Conv are folded into
+it (:mod:`~onnxq.preprocess.fold_affine`), Identity (:mod:`~onnxq.preprocess.identity`) and dead nodes are
 removed, shapes are inferred and nodes sorted topologically.
 """
 
@@ -18,6 +19,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common
 
 from onnxq.declines import Decline
+from onnxq.preprocess.fold_affine import FoldAffinePass
 from onnxq.preprocess.fold_bn import FoldBatchNormPass
 from onnxq.preprocess.fold_constants import FoldConstantsPass
 from onnxq.preprocess.identity import RemoveIdentityPass
@@ -34,6 +36,8 @@ class PreprocessSummary:
     nodes_before: int = 0
     nodes_after: int = 0
     batchnorms_folded: int = 0
+    #: Per-channel Mul/Add/Sub and zero Pads folded into a neighbouring Conv/ConvTranspose/Gemm.
+    affine_folded: int = 0
     notes: list[str] = field(default_factory=list)
     declines: list[Decline] = field(default_factory=list)
     seconds: float = 0.0
@@ -69,6 +73,10 @@ def preprocess(model: ir.Model) -> PreprocessSummary:
     fold_bn(model)
     summary.batchnorms_folded = len(fold_bn.folded)
     summary.declines.extend(fold_bn.declined)
+    fold_affine = FoldAffinePass()
+    fold_affine(model)
+    summary.affine_folded = sum(fold_affine.folded.values())
+    summary.declines.extend(fold_affine.declined)
     RemoveIdentityPass()(model)
     common.RemoveUnusedNodesPass()(model)
     if not infer_shapes(model):

@@ -457,7 +457,8 @@ CASES: dict[str, Case] = {
         min_sqnr=_TWO_STAGE_BOUND_DB,
     ),
     "Add_constant": Case(
-        _conv_sandwich("[add] m = Add (c, offset)"),
+        # (After a MaxPool: right after the Conv, preprocessing would fold the offset into its bias.)
+        _conv_sandwich("[pool] p = MaxPool <kernel_shape = [1, 1]> (c)\n[add] m = Add (p, offset)"),
         {**_sandwich_shapes(), "offset": (1, 4, 1, 1)},
         "Add",
     ),
