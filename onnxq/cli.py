@@ -142,6 +142,12 @@ def _add_quant_options(parser: argparse.ArgumentParser) -> None:
     val.add_argument(
         "--runs", type=_positive_int, default=30, metavar="N", help="timed runs per model (default 30)"
     )
+    val.add_argument(
+        "--no-latency-guard",
+        action="store_true",
+        help="keep every quantizable layer int8 even where it measures slower than float here "
+        "(the guard times variants at the first --threads value; off also makes outputs byte-reproducible)",
+    )
     val.add_argument("--report-json", metavar="PATH", help="also write the report as JSON")
     val.add_argument(
         "--layers",
@@ -261,7 +267,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _config_from_args(args: argparse.Namespace) -> Any:
-    from onnxq.config import ActivationScheme, CalibrationConfig, DynamicConfig, QuantConfig, WeightScheme
+    from onnxq.config import (
+        ActivationScheme,
+        CalibrationConfig,
+        DynamicConfig,
+        LatencyGuardConfig,
+        QuantConfig,
+        WeightScheme,
+        guard_enabled_by_default,
+    )
 
     symmetric = bool(args.symmetric_activations)
     dtype = "int8" if symmetric else args.activation_type
@@ -277,6 +291,10 @@ def _config_from_args(args: argparse.Namespace) -> Any:
             mode=args.mode,
             format=args.format,
             dynamic=DynamicConfig(conv=args.dynamic_conv, embeddings=args.quantize_embeddings),
+            latency_guard=LatencyGuardConfig(
+                enabled=guard_enabled_by_default() and not getattr(args, "no_latency_guard", False),
+                threads=min(getattr(args, "threads", (1,))),
+            ),
         )
     except ValueError as exc:
         raise OnnxqError(str(exc)) from exc

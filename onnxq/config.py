@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import types
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -18,9 +19,11 @@ from onnxq.errors import OnnxqError
 
 __all__ = [
     "CALIBRATION_METHODS",
+    "LATENCY_GUARD_ENV",
     "ActivationScheme",
     "CalibrationConfig",
     "DynamicConfig",
+    "LatencyGuardConfig",
     "NodeOverride",
     "QuantConfig",
     "ValidationConfig",
@@ -114,6 +117,44 @@ class ValidationConfig:
     warmup_runs: int = 3
 
 
+#: Environment variable that turns the latency guard off by default (``off``/``0``/``false``/``no``):
+#: for byte-reproducible builds and CI, where the guard's timing-based choices are not wanted.
+LATENCY_GUARD_ENV = "ONNXQ_LATENCY_GUARD"
+
+
+def guard_enabled_by_default() -> bool:
+    """Whether the latency guard runs when the configuration does not say (see :data:`LATENCY_GUARD_ENV`)."""
+    return os.environ.get(LATENCY_GUARD_ENV, "on").strip().lower() not in ("off", "0", "false", "no")
+
+
+@dataclass(frozen=True)
+class LatencyGuardConfig:
+    """The latency guard of static quantization (:mod:`onnxq.tuning.latency_guard`).
+
+    Kinds of layers whose int8 version measures slower than float on this machine are kept float, and
+    a model that no quantized variant makes faster stays float. ``threads`` is the intra-op thread
+    count timed; ``min_gain`` the fraction a change must save to count (below it, it is noise);
+    ``budget_s`` roughly bounds each timing round set (at least ``min_runs`` rounds). The guard's
+    choices follow this machine's timings, so two runs may differ where candidates are within noise;
+    turn it off (``enabled=False``, ``--no-latency-guard``, :data:`LATENCY_GUARD_ENV`) for byte-identical
+    outputs.
+    """
+
+    enabled: bool = field(default_factory=lambda: guard_enabled_by_default())
+    threads: int = 1
+    min_gain: float = 0.03
+    budget_s: float = 1.0
+    min_runs: int = 3
+    max_runs: int = 30
+    providers: tuple[str, ...] = ("CPUExecutionProvider",)
+
+    def __post_init__(self) -> None:
+        if self.threads < 1:
+            raise ValueError(f"latency guard threads must be at least 1, got {self.threads}")
+        if not 0.0 <= self.min_gain < 1.0:
+            raise ValueError(f"latency guard min_gain must be in [0, 1), got {self.min_gain}")
+
+
 @dataclass(frozen=True)
 class DynamicConfig:
     """Dynamic quantization: int8 weights, activations quantized at run time (no calibration data).
@@ -147,6 +188,7 @@ class QuantConfig:
     #: ``qoperator`` lowers them to integer operators (QLinearConv, QLinearMatMul, ...).
     format: Literal["qdq", "qoperator"] = "qdq"
     dynamic: DynamicConfig = field(default_factory=DynamicConfig)
+    latency_guard: LatencyGuardConfig = field(default_factory=LatencyGuardConfig)
 
     def __post_init__(self) -> None:
         # Frozen means frozen: a copy of the caller's mappings that nobody can change afterwards.

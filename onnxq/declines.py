@@ -15,11 +15,12 @@ from typing import Literal
 
 __all__ = ["STAGE_VERBS", "Decline", "Reason", "Stage", "group_declines"]
 
-Stage = Literal["fold", "plan", "calibrate", "dynamic", "normalize", "lower"]
+Stage = Literal["fold", "canonicalize", "plan", "calibrate", "dynamic", "normalize", "lower"]
 
 #: How a decline of each stage reads after the node's label.
 STAGE_VERBS: dict[Stage, str] = {
     "fold": "not folded",
+    "canonicalize": "not canonicalized",
     "plan": "not quantized",
     "calibrate": "not quantized",
     "dynamic": "not quantized",

@@ -57,6 +57,7 @@ class QuantReport:
     preprocess_notes: list[str] = field(default_factory=list)
     batchnorms_folded: int = 0
     affine_folded: int = 0
+    canonicalized: dict[str, int] = field(default_factory=dict)
     nodes_before: int = 0
     nodes_after: int = 0
     quantized_op_types: dict[str, int] = field(default_factory=dict)
@@ -78,6 +79,8 @@ class QuantReport:
     layers: list[dict[str, Any]] = field(default_factory=list)
     #: The accuracy-budget search (``--target``): target, scores, layers kept float, cost.
     budget: dict[str, Any] = field(default_factory=dict)
+    #: The latency guard: candidates timed, kinds of layers kept float, gain (empty when it did not run).
+    latency_guard: dict[str, Any] = field(default_factory=dict)
     #: The input model's producer (``"pytorch 2.13.0"``), kept in the output's provenance.
     source_producer: str = ""
     #: The configuration as data (what the output file records in its metadata).
@@ -215,6 +218,7 @@ class QuantReport:
             )
             if count
         ]
+        folded += [f"{count} decomposed {op} made one op" for op, count in sorted(self.canonicalized.items())]
         if folded:
             rows.append(["preprocess", ", ".join(folded)])
         if self.subgraph_nodes:
@@ -235,7 +239,25 @@ class QuantReport:
                     ),
                 ]
             )
+        if self.latency_guard:
+            rows.append(["latency guard", _guard_line(self.latency_guard)])
         return rows
+
+
+def _guard_line(guard: dict[str, Any]) -> str:
+    """What the latency guard chose, in one line."""
+    ms = guard.get("latency_ms", {})
+    timed = f"float {ms.get('float', math.nan):.3g} ms, int8 {ms.get('quantized', math.nan):.3g} ms"
+    threads, runs, seconds = guard.get("threads", 1), guard.get("runs", 0), guard.get("seconds", 0.0)
+    where = f"{threads} thread(s), {runs} rounds, {seconds:.1f} s"
+    if guard.get("all_float"):
+        return f"no int8 variant beat float ({timed}; {where}): every layer kept float"
+    reverted = guard.get("reverted", {})
+    if not reverted:
+        return f"every kind of layer is faster in int8 ({timed}; {where})"
+    kinds = ", ".join(f"{len(names)} {kind}" for kind, names in reverted.items())
+    chosen = ms.get(guard.get("chosen", ""), math.nan)
+    return f"kept float: {kinds} (int8 slower here); {timed} -> {chosen:.3g} ms ({where})"
 
 
 def _limited(lines: list[str], limit: int = 12) -> list[str]:

@@ -100,6 +100,16 @@ def graphs_of(model: ir.Model, scope: Literal["all", "main"] = "all") -> Iterato
     yield from model.graphs()
 
 
+def _first_match(
+    candidates: Sequence[Rule[MatchT, ContextT]], node: ir.Node, ctx: ContextT
+) -> tuple[Rule[MatchT, ContextT], MatchT] | None:
+    for rule in candidates:
+        match = rule.match(node, ctx)
+        if match is not None:
+            return rule, match
+    return None
+
+
 def _owners(model: ir.Model) -> dict[int, ir.Node]:
     """The node that holds each subgraph (by ``id`` of the graph), for every body in the model."""
     owners: dict[int, ir.Node] = {}
@@ -136,14 +146,15 @@ def apply_rules(
     """Apply a rule table to every node of ``model``'s graphs (see the module docstring).
 
     ``opset`` is the default-domain opset kernels are looked up at. ``nodes`` restricts the visit to
-    those nodes (in the order given); by default every node of the graphs in ``scope``. The first rule
-    of the table whose ``op_types`` hold a node's op type (in its domain) is the one asked.
+    those nodes (in the order given); by default every node of the graphs in ``scope``. The rules whose
+    ``op_types`` hold a node's op type (in its domain) are asked in table order; the first that matches
+    decides (checks it, and rewrites or declines), the later ones are not asked.
     """
-    table: dict[tuple[str, str], Rule[MatchT, ContextT]] = {}
+    table: dict[tuple[str, str], list[Rule[MatchT, ContextT]]] = {}
     for entry in rules:
         domain = "" if entry.domain in DEFAULT_DOMAINS else entry.domain
         for op_type in entry.op_types:
-            table.setdefault((domain, op_type), entry)
+            table.setdefault((domain, op_type), []).append(entry)
     outcome = RuleOutcome()
     owners = _owners(model)
     if nodes is None:
@@ -156,12 +167,10 @@ def apply_rules(
         if graph is None or node.graph is not graph or not _attached(graph, model, owners):
             continue  # removed by an earlier rewrite, itself or with the If/Loop/Scan that held it
         domain = "" if node.domain in DEFAULT_DOMAINS else node.domain
-        rule = table.get((domain, node.op_type))
-        if rule is None:
+        found = _first_match(table.get((domain, node.op_type), ()), node, ctx)
+        if found is None:
             continue
-        match = rule.match(node, ctx)
-        if match is None:
-            continue
+        rule, match = found
         reason = rule.check(match)
         if reason is None:
             kernel = rule.kernel(match)

@@ -6,12 +6,17 @@ The model is :func:`builders.conv_relu_model` (input ``x: float[N,3,8,8]``). Cal
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 
 import builders
 import numpy as np
 import pytest
+
+# The latency guard's choices follow timings: tests turn it on explicitly where they test it. Set at
+# import, before test modules build their configurations (and inherited by CLI subprocesses).
+os.environ["ONNXQ_LATENCY_GUARD"] = "off"
 
 
 @pytest.fixture

@@ -26,6 +26,7 @@ def test_every_stage_has_a_verb() -> None:
     assert set(STAGE_VERBS) == set(STAGES)
     assert STAGE_VERBS == {
         "fold": "not folded",
+        "canonicalize": "not canonicalized",
         "plan": "not quantized",
         "calibrate": "not quantized",
         "dynamic": "not quantized",

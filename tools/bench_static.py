@@ -334,17 +334,30 @@ def quantize_ort(
 
 
 def _upgrade_opset(path: Path, minimum: int, out: Path, detail: dict[str, Any]) -> Path:
-    """``path`` converted to opset ``minimum`` with onnx's version converter when it is below (what an
-    onnxruntime user does first: its per-channel output is invalid below opset 13)."""
+    """``path`` made ready for onnxruntime's quantizer the way its users must do it by hand: models
+    below opset ``minimum`` converted up with onnx's version converter (its per-channel output is
+    invalid below opset 13), and initializers removed from the graph inputs (IR < 4 models list them
+    there, and its quantizer then demands them as inputs)."""
     import onnx
     import onnx.version_converter
 
     model = onnx.load(str(path))
+    notes = []
+    weights = {t.name for t in model.graph.initializer}
+    as_inputs = [v for v in model.graph.input if v.name in weights]
+    if as_inputs:
+        for value in as_inputs:
+            model.graph.input.remove(value)
+        model.ir_version = max(model.ir_version, 4)
+        notes.append(f"{len(as_inputs)} initializers removed from the graph inputs")
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), minimum)
-    if opset >= minimum:
+    if opset < minimum:
+        model = onnx.version_converter.convert_version(model, minimum)
+        notes.append(f"opset {opset} converted to {minimum} first (onnx.version_converter)")
+    if not notes:
         return path
-    onnx.save(onnx.version_converter.convert_version(model, minimum), str(out))
-    detail["note"] = f"opset {opset} converted to {minimum} first (onnx.version_converter)"
+    onnx.save(model, str(out))
+    detail["note"] = "; ".join(notes)
     return out
 
 

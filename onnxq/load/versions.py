@@ -21,6 +21,7 @@ __all__ = [
     "EMITTED_OPS",
     "MIN_QDQ_OPSET",
     "MIN_QDQ_PER_AXIS_OPSET",
+    "PREFERRED_OPSET",
     "check_runtime_ops",
     "normalize_versions",
 ]
@@ -31,6 +32,9 @@ logger = logging.getLogger(__name__)
 MIN_QDQ_PER_AXIS_OPSET = 13
 #: The lowest default-domain opset that has QuantizeLinear/DequantizeLinear at all.
 MIN_QDQ_OPSET = 10
+#: Older models are upgraded to this opset when the converter and onnxruntime allow: it has the single
+#: ops canonicalization writes (HardSwish since 14, LayerNormalization since 17).
+PREFERRED_OPSET = 17
 
 
 def _ir_for_opset(opset: int) -> int:
@@ -81,25 +85,40 @@ def check_runtime_ops(model: ir.Model, label: str) -> None:
 def normalize_versions(model: ir.Model) -> list[str]:
     """Make the model's opsets and IR version ones that the installed onnxruntime runs.
 
-    The default-domain opset becomes the highest one, at most the model's own (at least 13, where
-    per-channel Q/DQ exist), at which every op of the model and every op quantization adds has a
-    kernel in the installed onnxruntime; the version converter moves the model there. Models below 13
-    that cannot be upgraded keep their opset (weights per tensor). Returns notes for the report.
+    The default-domain opset becomes the highest one, at most the model's own or
+    :data:`PREFERRED_OPSET` (whichever is higher), at which every op of the model and every op
+    quantization adds has a kernel in the installed onnxruntime; the version converter moves the model
+    there. Older models are upgraded because per-channel Q/DQ need 13 and the single ops that
+    canonicalization writes need up to 17 (HardSwish 14, LayerNormalization 17); when that conversion
+    fails, opset 13 is tried, and a model that cannot reach 13 keeps its opset (weights per tensor).
+    Returns notes for the report.
     """
     notes: list[str] = []
     max_ir, max_opset = ort_max_versions()
     if "" not in model.opset_imports and "ai.onnx" not in model.opset_imports:
         if any(node.domain in DEFAULT_DOMAINS for node in model.graph.all_nodes()):
             raise OnnxqError("the model has ONNX operators but no opset import for the default domain")
-        model.opset_imports[""] = MIN_QDQ_PER_AXIS_OPSET  # nothing to convert: Q/DQ may be added
-        notes.append(f"default-domain opset {MIN_QDQ_PER_AXIS_OPSET} imported")
+        imported = min(PREFERRED_OPSET, max_opset)  # nothing to convert: Q/DQ may be added
+        model.opset_imports[""] = imported
+        notes.append(f"default-domain opset {imported} imported")
     table = kernel_table()
     opset = default_opset(model)
     model_ops = {node.op_type for node in model.graph.all_nodes() if node.domain in DEFAULT_DOMAINS}
-    upper = min(max(opset, MIN_QDQ_PER_AXIS_OPSET), max_opset)
+    upper = min(max(opset, PREFERRED_OPSET), max_opset)
     target = table.highest_opset(model_ops | set(EMITTED_OPS), upper, MIN_QDQ_PER_AXIS_OPSET)
     if target is None:  # some op of the model runs at no such opset: onnxruntime will name it
         target = table.highest_opset(EMITTED_OPS, upper, MIN_QDQ_PER_AXIS_OPSET) or upper
+    if target > opset and target > MIN_QDQ_PER_AXIS_OPSET:
+        # An upgrade for canonical ops is a bonus: when the converter cannot do it, the least upgrade
+        # that still allows per-channel Q/DQ (or none) will do.
+        try:
+            _convert_opset(model, target)
+        except OnnxqError as exc:
+            logger.info("%s; trying a smaller upgrade", exc)
+            target = max(opset, MIN_QDQ_PER_AXIS_OPSET)
+        else:
+            notes.append(f"opset {opset} converted to {target}")
+            opset = target
     if target != opset:
         try:
             _convert_opset(model, target)

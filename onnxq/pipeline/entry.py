@@ -32,6 +32,7 @@ from onnxq.preprocess import preprocess
 from onnxq.rewrite.cleanup import cleanup
 from onnxq.rewrite.normalize_qdq import is_quantized
 from onnxq.runtime.kernels import kernel_table
+from onnxq.tuning.latency_guard import GuardOutcome, guard_latency
 
 __all__ = ["quantize"]
 
@@ -112,6 +113,9 @@ def quantize(
         feeds = static.feeds
     lowering = lower_to_qoperator(ir_model) if config.format == "qoperator" else None
     cleanup(ir_model)
+    guard = None
+    if static is not None and config.latency_guard.enabled:
+        ir_model, guard = _guard_latency(static, ir_model, config)
 
     report = build_report(
         label=label,
@@ -125,10 +129,34 @@ def quantize(
         size_float_bytes=size_float,
         size_quantized_bytes=serialized_size(ir_model),
     )
+    if guard is not None and static is not None:
+        report.latency_guard = guard.as_dict()
+        report.timings_s["latency_guard"] = guard.seconds
+        if guard.reverted:
+            plan = static.plan()
+            report.quantized_op_types = dict(sorted(plan.quantized_op_types().items()))
+            report.activations_absorbed = len(plan.absorbed_nodes)
+            report.float_op_types = dict(sorted(plan.float_op_types.items()))
     report.timings_s["total"] = time.perf_counter() - start
     return QuantizationResult(
         ir_model, report, float_source=float_source, calibration=feeds, input_path=input_path, static=static
     )
+
+
+def _guard_latency(state: StaticState, model: ir.Model, config: QuantConfig) -> tuple[ir.Model, GuardOutcome]:
+    """Run the latency guard; the anchors it keeps float stay float in later variants (``--target``)."""
+    feed = next(iter(state.feeds))
+    outcome = guard_latency(state, model, dict(feed), config.latency_guard)
+    if outcome.all_float:
+        state.config = state.config.replace(
+            exclude_nodes=(*state.config.exclude_nodes, *state.quantized_nodes)
+        )
+        state.quantized_nodes = ()
+    elif outcome.kept_float:
+        kept = set(outcome.kept_float)
+        state.config = state.config.replace(exclude_nodes=(*state.config.exclude_nodes, *sorted(kept)))
+        state.quantized_nodes = tuple(n for n in state.quantized_nodes if n not in kept)
+    return outcome.model, outcome
 
 
 def _reference_feeds(model: ir.Model, data: DataSource | None) -> Feeds | None:

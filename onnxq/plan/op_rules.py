@@ -109,8 +109,15 @@ PASSTHROUGH_OPS: tuple[str, ...] = tuple(
 ABSORBABLE_ACTIVATIONS = ("Relu", "Clip")
 
 #: Op types deliberately left float, with the reason shown in the report.
+_FLOAT_ISLAND = (
+    "no integer kernel in ONNX Runtime CPU: runs in float between one DequantizeLinear and one QuantizeLinear"
+)
+
 FLOAT_REASONS: dict[str, str] = {
-    "HardSigmoid": "no integer kernel in ONNX Runtime CPU: Q/DQ around it would only add conversions",
+    "HardSigmoid": _FLOAT_ISLAND,
+    "HardSwish": _FLOAT_ISLAND,
+    "Gelu": _FLOAT_ISLAND,
+    "FastGelu": _FLOAT_ISLAND,
     "Softmax": "kept float for accuracy; its output is quantized where a MatMul consumes it",
     "LayerNormalization": "normalisation needs float range; quantizing it costs accuracy for no speed",
     "BatchNormalization": "not folded into a Conv/Gemm (see preprocess notes); runs in float",

@@ -5,12 +5,15 @@ graph inputs, Constant nodes become initializers (so weights written as Constant
 weights), constant subgraphs are folded
 (:mod:`~onnxq.preprocess.fold_constants`), BatchNorm is folded into Conv/ConvTranspose/Gemm
 (:mod:`~onnxq.preprocess.fold_bn`), per-channel Mul/Add and zero Pads next to a Conv are folded into
-it (:mod:`~onnxq.preprocess.fold_affine`), Identity (:mod:`~onnxq.preprocess.identity`) and dead nodes are
+or into the Conv/Gemm/MatMul that reads them (:mod:`~onnxq.preprocess.fold_affine`), decomposed GELU and
+LayerNorm (before the folds) and hard-swish (after them, where its ``/ 6`` did not fold) become single
+ops (:mod:`~onnxq.preprocess.canonicalize`), Identity (:mod:`~onnxq.preprocess.identity`) and dead nodes are
 removed, shapes are inferred and nodes sorted topologically.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 import time
 from dataclasses import dataclass, field
@@ -19,6 +22,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common
 
 from onnxq.declines import Decline
+from onnxq.preprocess.canonicalize import FLOAT_ISLAND_RULES, LATE_RULES, CanonicalizePass
 from onnxq.preprocess.fold_affine import FoldAffinePass
 from onnxq.preprocess.fold_bn import FoldBatchNormPass
 from onnxq.preprocess.fold_constants import FoldConstantsPass
@@ -38,6 +42,8 @@ class PreprocessSummary:
     batchnorms_folded: int = 0
     #: Per-channel Mul/Add/Sub and zero Pads folded into a neighbouring Conv/ConvTranspose/Gemm.
     affine_folded: int = 0
+    #: Decomposed activations/normalizations rewritten into one op, by the op they became.
+    canonicalized: dict[str, int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     declines: list[Decline] = field(default_factory=list)
     seconds: float = 0.0
@@ -73,10 +79,17 @@ def preprocess(model: ir.Model) -> PreprocessSummary:
     fold_bn(model)
     summary.batchnorms_folded = len(fold_bn.folded)
     summary.declines.extend(fold_bn.declined)
+    canonical = CanonicalizePass(FLOAT_ISLAND_RULES)
+    canonical(model)
     fold_affine = FoldAffinePass()
     fold_affine(model)
     summary.affine_folded = sum(fold_affine.folded.values())
-    summary.declines.extend(fold_affine.declined)
+    late = CanonicalizePass(LATE_RULES)
+    late(model)
+    summary.canonicalized = dict(
+        collections.Counter(canonical.rewritten) + collections.Counter(late.rewritten)
+    )
+    summary.declines.extend([*canonical.declined, *fold_affine.declined, *late.declined])
     RemoveIdentityPass()(model)
     common.RemoveUnusedNodesPass()(model)
     if not infer_shapes(model):

@@ -17,6 +17,13 @@ Rewrite rules (:data:`RULES`, run by :func:`onnxq.rules.apply_rules` in every gr
 3. ``Pad(x, pads, 0)`` in ``constant`` mode whose only reader is a Conv with explicit pads (``auto_pad``
    ``NOTSET``), padding spatial axes only, by non-negative amounts ⇒ the Conv with those pads added to
    its own.
+4. The input side: a chain ``y = a·x + b`` of Mul/Div/Add/Sub by constants that are scalars or one value
+   per *input* channel (PP-LCNetV3's learnable affine after each activation, torch's ``x * scale``),
+   every reader of ``y`` a Conv (data input), a Gemm (``A``, not transposed) or a MatMul with a 2-D
+   constant weight ⇒ the readers read ``x`` with ``W' = a·W`` along their input channels and, for ``b``,
+   ``bias' = bias + W·b``. An offset folds only into readers without padding (a padded border would see
+   ``b`` where the original saw 0) and with a bias input (not MatMul); otherwise the chain becomes one
+   ``Add(x, b/a)`` and only ``a`` is folded (when no element of ``a`` is 0).
 
 Each rule declines (reason in the report) when a constant does not broadcast per channel, the weight or
 bias is not a float constant, or the producer's output is read elsewhere. New weights are new
@@ -36,6 +43,7 @@ from onnxq.declines import Decline, Reason
 from onnxq.graph import (
     DEFAULT_DOMAINS,
     NameScope,
+    attr_float,
     attr_int,
     attr_str,
     const_array,
@@ -301,8 +309,265 @@ class _PadRule(rules.Rule[_PadMatch, _Context]):
         return "Conv"
 
 
-#: The pass's rule table.
-RULES: tuple[rules.Rule, ...] = (_AffineRule(), _PadRule())  # type: ignore[type-arg]
+@dataclass
+class _InputMatch:
+    node: ir.Node
+    ctx: _Context
+    #: The chain's input and its nodes, earliest first.
+    source: ir.Value
+    chain: list[ir.Node]
+    readers: list[ir.Node]
+    channels: int
+    #: ``y = scale · x + offset`` per input channel (float64), set by ``check``.
+    scale: np.ndarray | None = None
+    offset: np.ndarray | None = None
+    fold_offset: bool = True
+
+
+_LINEAR_READERS = ("Conv", "Gemm", "MatMul")
+
+
+def _input_channels(reader: ir.Node) -> tuple[int, int] | None:
+    """(input channels, data rank or 0 when unknown) of a foldable reader, or ``None``."""
+    weight = const_array(reader.inputs[1] if len(reader.inputs) > 1 else None)
+    if weight is None or weight.dtype != np.float32 or weight.ndim < 2:
+        return None
+    if reader.op_type == "Conv":
+        return int(weight.shape[1]) * attr_int(reader, "group", 1), weight.ndim
+    if reader.op_type == "Gemm":
+        if attr_int(reader, "transA", 0):
+            return None
+        return int(weight.shape[1] if attr_int(reader, "transB", 0) else weight.shape[0]), 2
+    if weight.ndim != 2:
+        return None
+    return int(weight.shape[0]), 0
+
+
+def _channel_vector(constant: np.ndarray, channels: int, rank: int, axis_from_end: int) -> np.ndarray | None:
+    """``constant`` as one value per input channel (channel axis ``axis_from_end`` from the right)."""
+    if constant.size == 1:
+        return np.full(channels, float(constant.reshape(-1)[0]))
+    if rank and constant.ndim > rank:
+        return None
+    for index, size in enumerate(reversed(constant.shape)):
+        wanted = channels if index == axis_from_end else 1
+        if size != wanted:
+            return None
+    if constant.ndim <= axis_from_end:
+        return None
+    return constant.reshape(channels).astype(np.float64)
+
+
+def _unpadded(conv: ir.Node) -> bool:
+    if attr_str(conv, "auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
+        return False
+    pads = conv.attributes.get("pads")
+    return pads is None or not any(pads.as_ints())
+
+
+def _per_reader_channels(reader: ir.Node, weight: np.ndarray, vector: np.ndarray) -> np.ndarray:
+    """``vector`` (one value per input channel) laid out to multiply ``reader``'s weight."""
+    if reader.op_type == "Conv":
+        out_channels, per_group = weight.shape[0], weight.shape[1]
+        group = attr_int(reader, "group", 1)
+        first = (np.arange(out_channels) // (out_channels // group)) * per_group
+        index = first[:, None] + np.arange(per_group)[None, :]
+        laid_out: np.ndarray = vector[index].reshape((out_channels, per_group) + (1,) * (weight.ndim - 2))
+        return laid_out
+    if reader.op_type == "Gemm" and attr_int(reader, "transB", 0):
+        return vector.reshape(1, -1)
+    return vector.reshape(-1, 1)
+
+
+class _InputAffineRule(rules.Rule[_InputMatch, _Context]):
+    """Rule 4: a constant affine chain whose readers are all Conv/Gemm/MatMul data inputs."""
+
+    op_types = ("Mul", "Div", "Add", "Sub")
+
+    @staticmethod
+    def _step(node: ir.Node) -> tuple[ir.Value, np.ndarray] | None:
+        """(the non-constant input, the constant) of an affine-by-constant node."""
+        if node.domain not in DEFAULT_DOMAINS or len(node.inputs) != 2:
+            return None
+        a, b = node.inputs
+        ca, cb = const_array(a), const_array(b)
+        if cb is not None and ca is None and a is not None:
+            return a, cb
+        if ca is not None and cb is None and b is not None and node.op_type in ("Mul", "Add", "Sub"):
+            return b, ca
+        return None
+
+    def match(self, node: ir.Node, ctx: _Context) -> _InputMatch | None:
+        out = node.outputs[0]
+        if out.is_graph_output() or not out.uses() or self._step(node) is None:
+            return None
+        readers = []
+        for use in out.uses():
+            reader = use.node
+            if (
+                reader.op_type not in _LINEAR_READERS
+                or reader.domain not in DEFAULT_DOMAINS
+                or use.idx != 0
+                or reader.graph is not node.graph
+            ):
+                return None
+            readers.append(reader)
+        layouts = [_input_channels(r) for r in readers]
+        if any(layout is None for layout in layouts):
+            return None
+        channels = {layout[0] for layout in layouts if layout is not None}
+        if len(channels) != 1:
+            return None
+        chain = [node]
+        source = self._step(node)
+        assert source is not None
+        while True:
+            producer = source[0].producer()
+            if (
+                producer is None
+                or producer.op_type not in self.op_types
+                or source[0].is_graph_output()
+                or len(source[0].uses()) != 1
+                or producer.graph is not node.graph
+            ):
+                break
+            step = self._step(producer)
+            if step is None:
+                break
+            chain.insert(0, producer)
+            source = step
+        return _InputMatch(node, ctx, source[0], chain, list(dict.fromkeys(readers)), channels.pop())
+
+    def check(self, m: _InputMatch) -> Reason | None:
+        readers = m.readers
+        rank = max((_input_channels(r) or (0, 0))[1] for r in readers)
+        axis_from_end = 0 if all(r.op_type != "Conv" for r in readers) else None
+        if axis_from_end is None:
+            if any(r.op_type != "Conv" for r in readers) or rank < 3:
+                return Reason("readers", "the readers mix Conv with Gemm/MatMul")
+            axis_from_end = rank - 2
+        # A constant of higher rank than the data would broadcast the data itself: not an affine map.
+        shape = m.source.shape
+        if shape is not None:
+            data_rank = len(shape)
+        elif axis_from_end or all(r.op_type == "Gemm" for r in readers):
+            data_rank = rank  # a Conv's data has the weight's rank, a Gemm's A is 2-D
+        else:
+            data_rank = 1  # a MatMul's data of unknown rank: only scalars and [K] constants are safe
+        scale, offset = np.ones(m.channels), np.zeros(m.channels)
+        for node in m.chain:
+            step = self._step(node)
+            assert step is not None
+            constant = step[1]
+            if constant.ndim > data_rank:
+                of = f"rank {data_rank}" if shape is not None else "unknown rank"
+                return Reason("broadcast", f"a constant of rank {constant.ndim} may widen data of {of}")
+            if not np.issubdtype(constant.dtype, np.floating):
+                return Reason("type", f"the constant of {node.name} is {constant.dtype}, not float")
+            values = _channel_vector(constant, m.channels, rank, axis_from_end)
+            if values is None:
+                return Reason(
+                    "broadcast", f"a constant of shape {list(constant.shape)} is not per input channel"
+                )
+            first = node.inputs[0] is step[0]
+            if node.op_type == "Mul":
+                scale, offset = scale * values, offset * values
+            elif node.op_type == "Div":
+                if np.any(values == 0):
+                    return Reason("division", "division by zero")
+                scale, offset = scale / values, offset / values
+            elif node.op_type == "Add":
+                offset = offset + values
+            elif first:
+                offset = offset - values
+            else:
+                scale, offset = -scale, values - offset
+        m.scale, m.offset = scale, offset
+        if not np.any(offset):
+            return None
+        m.fold_offset = all(
+            ((r.op_type == "Conv" and _unpadded(r)) or (r.op_type == "Gemm" and attr_float_beta(r) == 1.0))
+            and (len(r.inputs) < 3 or r.inputs[2] is None or const_array(r.inputs[2]) is not None)
+            for r in readers
+        )
+        if m.fold_offset:
+            return None
+        if np.all(scale == 1.0):
+            return Reason("offset", "an offset before a padded Conv or a MatMul cannot be folded exactly")
+        if np.any(scale == 0.0):
+            return Reason("offset", "a zero scale with an offset before a padded Conv or a MatMul")
+        return None
+
+    def rewrite(self, m: _InputMatch) -> str:
+        assert m.scale is not None and m.offset is not None
+        ctx, graph = m.ctx, m.node.graph
+        assert graph is not None
+        source = m.source
+        if np.any(m.offset) and not m.fold_offset:
+            shift = (m.offset / m.scale).astype(np.float32)
+            first = m.readers[0]
+            spatial = (_input_channels(first) or (0, 2))[1] - 2 if first.op_type == "Conv" else 0
+            shape = (m.channels,) + (1,) * spatial
+            add = ir.Node(
+                "",
+                "Add",
+                [source, make_initializer(graph, ctx.names, f"{m.node.name}_shift", shift.reshape(shape))],
+                name=ctx.names.fresh(f"{m.node.name or 'affine'}_shift"),
+            )
+            add.outputs[0].name = ctx.names.fresh(f"{source.name or 'x'}_shifted")
+            add.outputs[0].type, add.outputs[0].shape = m.node.outputs[0].type, m.node.outputs[0].shape
+            graph.insert_before(m.node, add)
+            source = add.outputs[0]
+        for reader in m.readers:
+            weight = const_array(reader.inputs[1])
+            assert weight is not None
+            base = reader.name or reader.op_type
+            factor = _per_reader_channels(reader, weight, m.scale)
+            old = [reader.inputs[1], reader.inputs[2] if len(reader.inputs) > 2 else None]
+            new_weight = (weight.astype(np.float64) * factor).astype(np.float32)
+            reader.replace_input_with(
+                1, make_initializer(graph, ctx.names, f"{base}_weight_scaled", new_weight)
+            )
+            if m.fold_offset and np.any(m.offset):
+                self._fold_offset(m, reader, weight, base)
+            reader.replace_input_with(0, source)
+            for value in old:
+                _drop_if_unused(value)
+        for node in reversed(m.chain):
+            params = [v for v in node.inputs if v is not None and const_array(v) is not None]
+            if not any(o.uses() or o.is_graph_output() for o in node.outputs):
+                graph.remove(node, safe=True)
+                for value in params:
+                    _drop_if_unused(value)
+        return m.readers[0].op_type
+
+    @staticmethod
+    def _fold_offset(m: _InputMatch, reader: ir.Node, weight: np.ndarray, base: str) -> None:
+        """``bias' = bias + W·b`` for the original weight ``W`` and the chain's offset ``b``."""
+        assert m.offset is not None
+        graph = reader.graph
+        assert graph is not None
+        per = _per_reader_channels(reader, weight, m.offset)
+        if reader.op_type == "Conv":
+            shift = (weight.astype(np.float64) * per).reshape(weight.shape[0], -1).sum(axis=1)
+        elif attr_int(reader, "transB", 0):
+            shift = (weight.astype(np.float64) * per).sum(axis=1) * attr_float(reader, "alpha", 1.0)
+        else:
+            shift = (weight.astype(np.float64) * per).sum(axis=0) * attr_float(reader, "alpha", 1.0)
+        bias_value = reader.inputs[2] if len(reader.inputs) > 2 else None
+        bias = const_array(bias_value) if bias_value is not None else None
+        if bias is not None:
+            shift = np.broadcast_to(shift, np.broadcast_shapes(shift.shape, bias.shape)) + bias
+        if len(reader.inputs) < 3:
+            reader.resize_inputs(3)
+        reader.replace_input_with(
+            2, make_initializer(graph, m.ctx.names, f"{base}_bias_shifted", shift.astype(np.float32))
+        )
+        _drop_if_unused(bias_value)
+
+
+#: The pass's rule table (for a Mul/Add/Sub, the output-side fold is asked first).
+RULES: tuple[rules.Rule, ...] = (_AffineRule(), _InputAffineRule(), _PadRule())  # type: ignore[type-arg]
 
 
 class FoldAffinePass(ir.passes.InPlacePass):

@@ -180,7 +180,7 @@ def _opset11_model() -> onnx.ModelProto:
     )
 
 
-def test_opset_11_is_upgraded_to_13_and_computes_the_same() -> None:
+def test_opset_11_is_upgraded_to_17_and_computes_the_same() -> None:
     proto = _opset11_model()
     feed = {"x": np.random.default_rng(4).standard_normal((3, 16)).astype(np.float32)}
     expected = _run(proto.SerializeToString(), feed)
@@ -188,8 +188,8 @@ def test_opset_11_is_upgraded_to_13_and_computes_the_same() -> None:
     model = ir.from_proto(proto)
     notes = normalize_versions(model)
 
-    assert default_opset(model) == 13
-    assert any("opset 11 converted to 13" in note for note in notes)
+    assert default_opset(model) == 17
+    assert any("opset 11 converted to 17" in note for note in notes)
     assert model.ir_version >= 7  # opset 13 needs IR 7
     unsqueeze = next(n for n in model.graph if n.op_type == "Unsqueeze")
     assert len(unsqueeze.inputs) == 2  # axes moved from attribute to input, as opset 13 wants
@@ -201,8 +201,8 @@ def test_opset_11_is_upgraded_to_13_and_computes_the_same() -> None:
 def test_opset_11_model_keeps_per_channel_weights_after_quantize() -> None:
     proto = builders.conv_relu_model(opset=11)
     result = onnxq.quantize(proto, [{"x": s} for s in builders.conv_calibration(samples=4)])
-    assert any("opset 11 converted to 13" in note for note in result.report.version_notes)
-    assert default_opset(result.model) == 13
+    assert any("opset 11 converted to 17" in note for note in result.report.version_notes)
+    assert default_opset(result.model) == 17
     weight_dq = [
         n
         for n in result.model.graph

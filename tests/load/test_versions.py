@@ -22,6 +22,7 @@ from onnxq.load.versions import (
     EMITTED_OPS,
     MIN_QDQ_OPSET,
     MIN_QDQ_PER_AXIS_OPSET,
+    PREFERRED_OPSET,
     check_runtime_ops,
     normalize_versions,
 )
@@ -96,18 +97,19 @@ def test_qdq_added_at_the_normalized_opset_loads_in_onnxruntime() -> None:
     assert np.abs(y - np.clip(CONV_FEED["x"], -6.4, 6.35)).max() <= 0.025 + 1e-6
 
 
-@pytest.mark.parametrize("opset", [7, 9, 10, 11, 12])
-def test_old_opsets_are_upgraded_to_13(opset: int) -> None:
+@pytest.mark.parametrize("opset", [7, 9, 10, 11, 12, 13, 16])
+def test_old_opsets_are_upgraded_to_the_preferred_opset(opset: int) -> None:
+    """Per-channel Q/DQ need 13; the single ops canonicalization writes need up to 17."""
     model = conv_ir(opset)
     notes = normalize_versions(model)
-    assert default_opset(model) == MIN_QDQ_PER_AXIS_OPSET
-    assert notes == [f"opset {opset} converted to 13"]
+    assert default_opset(model) == PREFERRED_OPSET
+    assert notes == [f"opset {opset} converted to {PREFERRED_OPSET}"]
     np.testing.assert_allclose(
         outputs(model, CONV_FEED)[0], outputs(builders.conv_relu_model(), CONV_FEED)[0], rtol=1e-6, atol=1e-6
     )
 
 
-@pytest.mark.parametrize("opset", [13, 17])
+@pytest.mark.parametrize("opset", [17, 18])
 def test_a_supported_opset_is_kept(opset: int) -> None:
     model = conv_ir(opset)
     before = builders.serialize(model)
@@ -216,8 +218,8 @@ def test_a_model_with_only_a_local_function_call_is_accepted() -> None:
     model = ir.from_proto(proto)
     check_runtime_ops(model, "fn.onnx")
     notes = normalize_versions(model)
-    assert notes == [f"default-domain opset {MIN_QDQ_PER_AXIS_OPSET} imported"]
-    assert model.opset_imports == {"custom": 1, "": MIN_QDQ_PER_AXIS_OPSET}
+    assert notes == [f"default-domain opset {PREFERRED_OPSET} imported"]
+    assert model.opset_imports == {"custom": 1, "": PREFERRED_OPSET}
     assert len(model.functions) == 1
     x = np.arange(6, dtype=np.float32).reshape(2, 3)
     (y,) = outputs(model, {"x": x})

@@ -13,6 +13,7 @@ import onnx
 import onnx_ir as ir
 import pytest
 
+from onnxq.graph import const_array
 from onnxq.preprocess import preprocess
 from onnxq.preprocess.fold_affine import FoldAffinePass
 
@@ -237,3 +238,671 @@ def test_preprocess_folds_paddle_style_affine_blocks() -> None:
     assert summary.affine_folded == 2
     assert builders.op_counts(model) == {"Conv": 1}
     _assert_same(proto, model, (1, 3, 8, 8))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Rule 4: an affine chain y = a·x + b folded into the Conv/Gemm/MatMul that read y (the input side)
+#
+# Each fold is checked for structure (the chain is gone, or replaced by one Add(x, b/a); the readers
+# read x or that Add; their weights and biases are what a·W and bias + W·b give, computed here
+# independently) and numerically against the original in ONNX Runtime (ORT_DISABLE_ALL).
+# ---------------------------------------------------------------------------------------------------
+
+#: Per-input-channel scale and offset used by the rule-4 tests (3 channels; signs and sizes vary).
+S3 = np.array([0.5, -2.0, 1.5], np.float32)
+T3 = np.array([0.25, -1.0, 2.0], np.float32)
+
+
+def _assert_equivalent(proto: onnx.ModelProto, model: ir.Model, seed: int = 0) -> None:
+    """Every output of ``model`` matches ``proto``'s on random feeds, to 1e-4 of the output's magnitude."""
+    for feed in builders.random_feeds(proto, 3, seed):
+        expected = builders.run_disabled(proto, feed)
+        actual = builders.run_disabled(model, feed)
+        assert len(actual) == len(expected)
+        for got, want in zip(actual, expected, strict=True):
+            assert got.shape == want.shape
+            scale = max(float(np.abs(want).max()), 1e-3)
+            np.testing.assert_allclose(got, want, rtol=0.0, atol=1e-4 * scale)
+
+
+def _nodes(model: ir.Model, op_type: str) -> list[ir.Node]:
+    return [node for node in model.graph if node.op_type == op_type]
+
+
+def _only(model: ir.Model, op_type: str) -> ir.Node:
+    [node] = _nodes(model, op_type)
+    return node
+
+
+def _const(value: ir.Value | None) -> np.ndarray:
+    array = const_array(value)
+    assert array is not None, f"{value} is not a constant"
+    return array
+
+
+def _conv_fold(
+    weight: np.ndarray, bias: np.ndarray | None, scale: np.ndarray, offset: np.ndarray | None, group: int = 1
+) -> tuple[np.ndarray, np.ndarray]:
+    """What folding ``y = scale·x + offset`` (per input channel) into a Conv must give, by loops.
+
+    Returns the weight and the bias (zeros for a missing bias that ``offset`` does not create).
+    """
+    out_channels, per_group = weight.shape[:2]
+    new_weight = weight.astype(np.float64).copy()
+    shift = np.zeros(out_channels)
+    for o in range(out_channels):
+        for i in range(per_group):
+            channel = (o // (out_channels // group)) * per_group + i
+            new_weight[o, i] *= scale[channel]
+            if offset is not None:
+                shift[o] += weight[o, i].astype(np.float64).sum() * offset[channel]
+    return new_weight, shift + (0.0 if bias is None else bias.astype(np.float64))
+
+
+def _assert_reads(node: ir.Node, value: ir.Value) -> None:
+    assert node.inputs[0] is value, f"{node.op_type} reads {node.inputs[0]}, not {value}"
+
+
+UNPADDED_1X1 = """
+g (float[1, 3, 6, 6] x) => (float[1, 4, 6, 6] y) {{
+    m = Mul (x, s)
+    a = Add (m, t)
+    y = Conv ({conv_inputs})
+}}
+"""
+
+
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no-bias"])
+def test_input_scalar_mul_add_fold_fully_into_an_unpadded_conv(with_bias: bool) -> None:
+    conv_inputs = "a, w, b" if with_bias else "a, w"
+    arrays = builders.normal_arrays(11, w=(4, 3, 1, 1), b=(4,))
+    if not with_bias:
+        del arrays["b"]
+    arrays |= {"s": np.array(1.7, np.float32), "t": np.array(-0.6, np.float32)}
+    proto = builders.parse(UNPADDED_1X1.format(conv_inputs=conv_inputs), arrays)
+    model, fold = _fold(proto)
+    assert fold.folded == {"Conv": 1} and fold.declined == []
+    assert builders.op_counts(model) == {"Conv": 1}
+    conv = _only(model, "Conv")
+    _assert_reads(conv, model.graph.inputs[0])
+    assert conv.outputs[0] is model.graph.outputs[0] and conv.outputs[0].name == "y"
+    assert len(conv.inputs) == 3  # a bias is created when there was none
+    weight, bias = _conv_fold(arrays["w"], arrays.get("b"), np.full(3, 1.7), np.full(3, -0.6))
+    np.testing.assert_allclose(_const(conv.inputs[1]), weight, rtol=1e-6)
+    np.testing.assert_allclose(_const(conv.inputs[2]), bias, rtol=1e-5, atol=1e-6)
+    assert not {"s", "t", "w", "b"} & set(model.graph.initializers)  # the originals, now unused
+    _assert_equivalent(proto, model)
+
+
+PER_CHANNEL_CHAIN = """
+g (float[1, 3, 6, 6] x) => (float[1, 4, 4, 4] y) {{
+    {chain}
+    y = Conv (a, w, b)
+}}
+"""
+
+
+@pytest.mark.parametrize(
+    ("chain", "constants", "scale", "offset"),
+    [
+        pytest.param(
+            "m = Mul (x, s)\n a = Add (m, t)",
+            {"s": S3.reshape(3, 1, 1), "t": T3.reshape(3, 1, 1)},
+            S3,
+            T3,
+            id="chw",
+        ),
+        pytest.param(
+            "m = Mul (s, x)\n a = Add (t, m)",
+            {"s": S3.reshape(1, 3, 1, 1), "t": T3.reshape(1, 3, 1, 1)},
+            S3,
+            T3,
+            id="nchw-constant-first",
+        ),
+        pytest.param("a = Div (x, s)", {"s": S3.reshape(1, 3, 1, 1)}, 1 / S3, None, id="div"),
+        pytest.param("a = Sub (x, t)", {"t": T3.reshape(3, 1, 1)}, np.ones(3), -T3, id="sub"),
+        pytest.param("a = Sub (t, x)", {"t": T3.reshape(1, 3, 1, 1)}, -np.ones(3), T3, id="sub-negates"),
+    ],
+)
+def test_input_per_channel_chains_fold_into_an_unpadded_conv(
+    chain: str, constants: dict[str, np.ndarray], scale: np.ndarray, offset: np.ndarray | None
+) -> None:
+    arrays = builders.normal_arrays(12, w=(4, 3, 3, 3), b=(4,)) | constants
+    proto = builders.parse(PER_CHANNEL_CHAIN.format(chain=chain), arrays)
+    model, fold = _fold(proto)
+    assert fold.folded == {"Conv": 1} and fold.declined == []
+    assert builders.op_counts(model) == {"Conv": 1}
+    conv = _only(model, "Conv")
+    _assert_reads(conv, model.graph.inputs[0])
+    weight, bias = _conv_fold(arrays["w"], arrays["b"], scale, offset)
+    np.testing.assert_allclose(_const(conv.inputs[1]), weight, rtol=1e-6)
+    np.testing.assert_allclose(_const(conv.inputs[2]), bias, rtol=1e-5, atol=1e-6)
+    _assert_equivalent(proto, model)
+
+
+@pytest.mark.parametrize(
+    "conv_attrs", ["pads = [1, 1, 1, 1]", 'auto_pad = "SAME_UPPER"'], ids=["pads", "same-upper"]
+)
+def test_input_offset_before_a_padded_conv_becomes_one_add(conv_attrs: str) -> None:
+    """A padded border sees 0 where the original saw ``b``: the offset stays as ``Add(x, b/a)``."""
+    text = f"""
+    g (float[1, 3, 6, 6] x) => (float[1, 4, 6, 6] y) {{
+        m = Mul (x, s)
+        a = Add (m, t)
+        y = Conv <{conv_attrs}> (a, w, b)
+    }}
+    """
+    arrays = builders.normal_arrays(13, w=(4, 3, 3, 3), b=(4,))
+    arrays |= {"s": S3.reshape(1, 3, 1, 1), "t": T3.reshape(1, 3, 1, 1)}
+    proto = builders.parse(text, arrays)
+    model, fold = _fold(proto)
+    assert fold.folded == {"Conv": 1} and fold.declined == []
+    assert builders.op_counts(model) == {"Add": 1, "Conv": 1}
+    add, conv = _only(model, "Add"), _only(model, "Conv")
+    _assert_reads(add, model.graph.inputs[0])
+    np.testing.assert_allclose(_const(add.inputs[1]), (T3 / S3).reshape(3, 1, 1), rtol=1e-6)
+    _assert_reads(conv, add.outputs[0])
+    weight, _ = _conv_fold(arrays["w"], arrays["b"], S3, None)
+    np.testing.assert_allclose(_const(conv.inputs[1]), weight, rtol=1e-6)
+    np.testing.assert_array_equal(_const(conv.inputs[2]), arrays["b"])  # the bias is left alone
+    _assert_equivalent(proto, model)  # the whole output: the padded borders too
+
+
+@pytest.mark.parametrize(
+    ("group", "weight_shape"),
+    [(3, (3, 1, 3, 3)), (3, (6, 1, 3, 3)), (2, (6, 2, 3, 3))],
+    ids=["depthwise", "depthwise-x2", "group-2"],
+)
+@pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "padded"])
+def test_input_per_channel_fold_into_grouped_convs(
+    group: int, weight_shape: tuple[int, ...], padded: bool
+) -> None:
+    channels = group * weight_shape[1]
+    size = 6 if padded else 4
+    pads = "pads = [1, 1, 1, 1], " if padded else ""
+    text = f"""
+    g (float[1, {channels}, 6, 6] x) => (float[1, {weight_shape[0]}, {size}, {size}] y) {{
+        m = Mul (x, s)
+        a = Add (m, t)
+        y = Conv <{pads}group = {group}> (a, w, b)
+    }}
+    """
+    rng = np.random.default_rng(14)
+    scale = rng.uniform(0.5, 2.0, channels) * rng.choice([-1.0, 1.0], channels)
+    offset = rng.normal(0.0, 1.0, channels)
+    arrays = builders.normal_arrays(14, w=weight_shape, b=(weight_shape[0],))
+    arrays |= {
+        "s": scale.astype(np.float32).reshape(1, channels, 1, 1),
+        "t": offset.astype(np.float32).reshape(channels, 1, 1),
+    }
+    scale, offset = arrays["s"].reshape(-1).astype(np.float64), arrays["t"].reshape(-1).astype(np.float64)
+    proto = builders.parse(text, arrays)
+    model, fold = _fold(proto)
+    assert fold.folded == {"Conv": 1} and fold.declined == []
+    conv = _only(model, "Conv")
+    weight, bias = _conv_fold(arrays["w"], arrays["b"], scale, None if padded else offset, group)
+    np.testing.assert_allclose(_const(conv.inputs[1]), weight, rtol=1e-6)
+    np.testing.assert_allclose(_const(conv.inputs[2]), bias, rtol=1e-5, atol=1e-6)
+    if padded:
+        assert builders.op_counts(model) == {"Add": 1, "Conv": 1}
+        add = _only(model, "Add")
+        _assert_reads(add, model.graph.inputs[0])
+        _assert_reads(conv, add.outputs[0])
+        np.testing.assert_allclose(_const(add.inputs[1]).reshape(-1), offset / scale, rtol=1e-6)
+    else:
+        assert builders.op_counts(model) == {"Conv": 1}
+        _assert_reads(conv, model.graph.inputs[0])
+    _assert_equivalent(proto, model)
+
+
+def test_input_two_conv_readers_one_padded_share_one_add() -> None:
+    text = """
+    g (float[1, 3, 6, 6] x) => (float[1, 4, 6, 6] y, float[1, 2, 6, 6] z) {
+        m = Mul (x, s)
+        a = Add (m, t)
+        y = Conv <pads = [1, 1, 1, 1]> (a, w1, b1)
+        z = Conv (a, w2, b2)
+    }
+    """
+    arrays = builders.normal_arrays(15, w1=(4, 3, 3, 3), b1=(4,), w2=(2, 3, 1, 1), b2=(2,))
+    arrays |= {"s": S3.reshape(3, 1, 1), "t": T3.reshape(3, 1, 1)}
+    proto = builders.parse(text, arrays)
+    model, fold = _fold(proto)
+    assert fold.folded == {"Conv": 1} and fold.declined == []
+    assert builders.op_counts(model) == {"Add": 1, "Conv": 2}
+    add = _only(model, "Add")
+    _assert_reads(add, model.graph.inputs[0])
+    np.testing.assert_allclose(_const(add.inputs[1]), (T3 / S3).reshape(3, 1, 1), rtol=1e-6)
+    for conv, name in zip(_nodes(model, "Conv"), ("w1", "w2"), strict=True):
+        _assert_reads(conv, add.outputs[0])
+        weight, _ = _conv_fold(arrays[name], None, S3, None)
+        np.testing.assert_allclose(_const(conv.inputs[1]), weight, rtol=1e-6)
+    _assert_equivalent(proto, model)
+
+
+@pytest.mark.parametrize(
+    ("text", "shapes"),
+    [
+        pytest.param(
+            """g (float[1, 3, 6, 6] x) => (float[1, 4, 6, 6] y, float[1, 3, 6, 6] z) {
+                m = Mul (x, s)
+                a = Add (m, t)
+                y = Conv (a, w, b)
+                z = Relu (a)
+            }""",
+            {"w": (4, 3, 1, 1), "b": (4,), "s": (3, 1, 1), "t": (3, 1, 1)},
+            id="conv-and-relu",
+        ),
+        pytest.param(  # PRelu's slope is a 2-D float constant, like a MatMul weight
+            """g (float[6, 6] x) => (float[6, 5] y, float[6, 6] z) {
+                m = Mul (x, s)
+                a = Add (m, t)
+                y = MatMul (a, w)
+                z = PRelu (a, slope)
+            }""",
+            {"w": (6, 5), "s": (6,), "t": (6,), "slope": (6, 1)},
+            id="matmul-and-prelu",
+        ),
+    ],
+)
+def test_input_chain_with_a_reader_that_is_not_linear_is_left_alone(
+    text: str, shapes: dict[str, tuple[int, ...]]
+) -> None:
+    proto = builders.parse(text, builders.normal_arrays(16, **shapes))
+    before = builders.serialize(ir.from_proto(proto))
+    model, fold = _fold(proto)
+    assert fold.folded == {} and fold.declined == []  # no match: nothing to say either
+    assert builders.serialize(model) == before
+    _assert_equivalent(proto, model)
+
+
+@pytest.mark.parametrize("trans_b", [0, 1])
+@pytest.mark.parametrize("with_c", [True, False], ids=["c", "no-c"])
+def test_input_per_feature_chain_folds_fully_into_a_gemm(trans_b: int, with_c: bool) -> None:
+    c_input = ", c" if with_c else ""
+    text = f"""
+    g (float[2, 6] x) => (float[2, 5] y) {{
+        m = Mul (x, s)
+        a = Sub (m, t)
+        y = Gemm <transB = {trans_b}, alpha = 0.5> (a, w{c_input})
+    }}
+    """
+    rng = np.random.default_rng(17)
+    arrays = builders.normal_arrays(17, w=(5, 6) if trans_b else (6, 5), c=(5,))
+    if not with_c:
+        del arrays["c"]
+    arrays |= {
+        "s": rng.uniform(0.5, 2.0, 6).astype(np.float32),
+        "t": rng.normal(0.0, 1.0, 6).astype(np.float32),
+    }
+    scale, offset = arrays["s"].astype(np.float64), -arrays["t"].astype(np.float64)
+    proto = builders.parse(text, arrays)
+    model, fold = _fold(proto)
+    assert fold.folded == {"Gemm": 1} and fold.declined == []
+    assert builders.op_counts(model) == {"Gemm": 1}
+    gemm = _only(model, "Gemm")
+    _assert_reads(gemm, model.graph.inputs[0])
+    w = arrays["w"].astype(np.float64)
+    k_by_n = w.T if trans_b else w  # the weight as [K, N]
+    weight = (k_by_n * scale[:, None]).T if trans_b else k_by_n * scale[:, None]
+    bias = 0.5 * (offset @ k_by_n) + (arrays["c"] if with_c else 0.0)
+    np.testing.assert_allclose(_const(gemm.inputs[1]), weight, rtol=1e-6)
+    np.testing.assert_allclose(_const(gemm.inputs[2]), bias, rtol=1e-5, atol=1e-6)
+    _assert_equivalent(proto, model)
+
+
+@pytest.mark.parametrize(
+    ("reader", "w_shape"),
+    [
+        ("Gemm <beta = 0.5> (a, w, c)", (6, 5)),
+        ("MatMul (a, w)", (6, 5)),
+    ],
+    ids=["gemm-beta", "matmul"],
+)
+@pytest.mark.parametrize("with_offset", [True, False], ids=["offset", "scale-only"])
+def test_input_offset_before_a_gemm_with_beta_or_a_matmul_becomes_one_add(
+    reader: str, w_shape: tuple[int, ...], with_offset: bool
+) -> None:
+    chain = "m = Mul (x, s)\n a = Add (m, t)" if with_offset else "a = Mul (x, s)"
+    text = f"""
+    g (float[2, 6] x) => (float[2, 5] y) {{
+        {chain}
+        y = {reader}
+    }}
+    """
+    rng = np.random.default_rng(18)
+    arrays = builders.normal_arrays(18, w=w_shape, c=(5,))
+    if "MatMul" in reader:
+        del arrays["c"]
+    arrays |= {
+        "s": (rng.uniform(0.5, 2.0, 6) * rng.choice([-1.0, 1.0], 6)).astype(np.float32),
+        "t": rng.normal(0.0, 1.0, 6).astype(np.float32),
+    }
+    if not with_offset:
+        del arrays["t"]
+    proto = builders.parse(text, arrays)
+    model, fold = _fold(proto)
+    op = reader.split()[0]
+    assert fold.folded == {op: 1} and fold.declined == []
+    node = _only(model, op)
+    if with_offset:
+        assert builders.op_counts(model) == {"Add": 1, op: 1}
+        add = _only(model, "Add")
+        _assert_reads(add, model.graph.inputs[0])
+        _assert_reads(node, add.outputs[0])
+        np.testing.assert_allclose(_const(add.inputs[1]), arrays["t"] / arrays["s"], rtol=1e-6)
+    else:
+        assert builders.op_counts(model) == {op: 1}
+        _assert_reads(node, model.graph.inputs[0])
+    weight = arrays["w"].astype(np.float64) * arrays["s"][:, None]
+    np.testing.assert_allclose(_const(node.inputs[1]), weight, rtol=1e-6)
+    if op == "Gemm":
+        np.testing.assert_array_equal(_const(node.inputs[2]), arrays["c"])
+    _assert_equivalent(proto, model)
+
+
+def test_input_chain_before_a_batched_matmul_folds_along_the_last_axis() -> None:
+    text = """
+    g (float[2, 3, 6] x) => (float[2, 3, 5] y) {
+        a = Mul (x, s)
+        y = MatMul (a, w)
+    }
+    """
+    arrays = builders.normal_arrays(19, w=(6, 5)) | {"s": np.linspace(-2, 2, 6, dtype=np.float32)}
+    proto = builders.parse(text, arrays)
+    model, fold = _fold(proto)
+    assert fold.folded == {"MatMul": 1} and builders.op_counts(model) == {"MatMul": 1}
+    matmul = _only(model, "MatMul")
+    _assert_reads(matmul, model.graph.inputs[0])
+    np.testing.assert_allclose(_const(matmul.inputs[1]), arrays["w"] * arrays["s"][:, None], rtol=1e-6)
+    _assert_equivalent(proto, model)
+
+
+@pytest.mark.parametrize(
+    ("text", "arrays", "reason"),
+    [
+        pytest.param(
+            """g (float[2, 6] x) => (float[1, 2, 5] y) {
+                a = Mul (x, s)
+                y = MatMul (a, w)
+            }""",
+            {"w": (6, 5), "s": (1, 1, 6)},
+            "<Mul -> a> not folded: a constant of rank 3 may widen data of rank 2",
+            id="constant-widens-the-data",
+        ),
+        pytest.param(
+            """g (float[1, 3, 6, 6] x) => (float[1, 4, 6, 6] y) {
+                a = Mul (x, s)
+                y = Conv (a, w)
+            }""",
+            {"w": (4, 3, 1, 1), "s": (1, 1, 6, 6)},
+            "<Mul -> a> not folded: a constant of shape [1, 1, 6, 6] is not per input channel",
+            id="spatial-constant",
+        ),
+        pytest.param(
+            """g (float[1, 3, 6, 3] x) => (float[1, 4, 6, 3] y) {
+                a = Mul (x, s)
+                y = Conv (a, w)
+            }""",
+            {"w": (4, 3, 1, 1), "s": (3,)},
+            "<Mul -> a> not folded: a constant of shape [3] is not per input channel",
+            id="constant-on-the-last-axis",
+        ),
+        pytest.param(
+            """g (float[1, 3, 6, 6] x) => (float[1, 4, 6, 6] y) {
+                a = Add (x, t)
+                y = Conv <pads = [1, 1, 1, 1]> (a, w, b)
+            }""",
+            {"w": (4, 3, 3, 3), "b": (4,), "t": (3, 1, 1)},
+            "<Add -> a> not folded: an offset before a padded Conv or a MatMul cannot be folded exactly",
+            id="offset-only-before-padded-conv",
+        ),
+        pytest.param(
+            """g (float[2, 6] x) => (float[2, 5] y) {
+                a = Sub (x, t)
+                y = MatMul (a, w)
+            }""",
+            {"w": (6, 5), "t": (6,)},
+            "<Sub -> a> not folded: an offset before a padded Conv or a MatMul cannot be folded exactly",
+            id="offset-only-before-matmul",
+        ),
+        pytest.param(
+            """g (float[1, 3, 3, 3] x) => (float[1, 4, 3, 3] y, float[1, 3, 3, 5] z) {
+                a = Mul (x, s)
+                y = Conv (a, w)
+                z = MatMul (a, v)
+            }""",
+            {"w": (4, 3, 1, 1), "v": (3, 5), "s": ()},
+            "<Mul -> a> not folded: the readers mix Conv with Gemm/MatMul",
+            id="conv-and-matmul-readers",
+        ),
+    ],
+)
+def test_input_chains_that_do_not_fold_are_declined(
+    text: str, arrays: dict[str, tuple[int, ...]], reason: str
+) -> None:
+    proto = builders.parse(text, _arrays(**arrays))
+    before = builders.serialize(ir.from_proto(proto))
+    model, fold = _fold(proto)
+    assert fold.folded == {}
+    assert builders.lines(fold.declined) == [reason]
+    assert builders.serialize(model) == before
+    _assert_equivalent(proto, model)
+
+
+@pytest.mark.parametrize(
+    ("text", "arrays"),
+    [
+        pytest.param(
+            """g (float[1, 3, 6, 6] x) => (float[1, 3, 6, 6] a, float[1, 4, 6, 6] y) {
+                m = Mul (x, s)
+                a = Add (m, t)
+                y = Conv (a, w)
+            }""",
+            {"w": (4, 3, 1, 1), "s": (3, 1, 1), "t": (3, 1, 1)},
+            id="chain-output-is-a-graph-output",
+        ),
+        pytest.param(
+            """g (float[1, 3, 6, 6] x, float[4, 3, 1, 1] k) => (float[1, 4, 6, 6] y) {
+                a = Mul (k, s)
+                y = Conv (x, a)
+            }""",
+            {"s": ()},
+            id="read-as-the-conv-weight",
+        ),
+        pytest.param(
+            """g (float[1, 3, 6, 6] x, float[4] c) => (float[1, 4, 6, 6] y) {
+                a = Mul (c, s)
+                y = Conv (x, w, a)
+            }""",
+            {"w": (4, 3, 1, 1), "s": ()},
+            id="read-as-the-conv-bias",
+        ),
+        pytest.param(
+            """g (float[6, 2] x) => (float[2, 5] y) {
+                a = Mul (x, s)
+                y = Gemm <transA = 1> (a, w)
+            }""",
+            {"w": (6, 5), "s": ()},
+            id="gemm-trans-a",
+        ),
+        pytest.param(
+            """g (float[1, 3, 6, 6] x, float[4, 3, 1, 1] k) => (float[1, 4, 6, 6] y) {
+                a = Mul (x, s)
+                y = Conv (a, k)
+            }""",
+            {"s": ()},
+            id="weight-not-constant",
+        ),
+    ],
+)
+def test_input_chains_the_rule_is_not_about_are_left_alone(
+    text: str, arrays: dict[str, tuple[int, ...]]
+) -> None:
+    proto = builders.parse(text, _arrays(**arrays))
+    before = builders.serialize(ir.from_proto(proto))
+    model, fold = _fold(proto)
+    assert fold.folded == {} and fold.declined == []
+    assert builders.serialize(model) == before
+    _assert_equivalent(proto, model)
+
+
+def test_input_division_by_a_zero_constant_is_declined() -> None:
+    text = """
+    g (float[1, 3, 6, 6] x) => (float[1, 4, 6, 6] y) {
+        a = Div (x, d)
+        y = Conv (a, w)
+    }
+    """
+    divisor = np.array([1.0, 0.0, 2.0], np.float32).reshape(3, 1, 1)
+    model, fold = _fold(builders.parse(text, builders.normal_arrays(20, w=(4, 3, 1, 1)) | {"d": divisor}))
+    assert fold.folded == {}
+    assert builders.lines(fold.declined) == ["<Div -> a> not folded: division by zero"]
+    assert builders.op_counts(model) == {"Div": 1, "Conv": 1}
+
+
+@pytest.mark.parametrize(
+    ("chain", "scale", "offset"),
+    [
+        pytest.param(
+            "m1 = Mul (x, s)\n m2 = Add (m1, t)\n a = Mul (m2, u)",
+            S3 * T3[::-1],
+            T3 * T3[::-1],
+            id="mul-add-mul",
+        ),
+        pytest.param(
+            "m1 = Sub (t, x)\n m2 = Div (m1, s)\n a = Add (m2, u)",
+            -1 / S3,
+            T3 / S3 + T3[::-1],
+            id="rsub-div-add",
+        ),
+    ],
+)
+@pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "padded"])
+def test_input_chain_of_three_composes_in_order(
+    chain: str, scale: np.ndarray, offset: np.ndarray, padded: bool
+) -> None:
+    """The constants apply in graph order: (x·s + t)·u is x·(s·u) + t·u, not x·(s·u) + t."""
+    pads = "<pads = [1, 1, 1, 1]> " if padded else ""
+    size = 6 if padded else 4
+    text = f"""
+    g (float[1, 3, 6, 6] x) => (float[1, 4, {size}, {size}] y) {{
+        {chain}
+        y = Conv {pads}(a, w, b)
+    }}
+    """
+    arrays = builders.normal_arrays(21, w=(4, 3, 3, 3), b=(4,))
+    arrays |= {n: v.reshape(1, 3, 1, 1) for n, v in (("s", S3), ("t", T3), ("u", T3[::-1].copy()))}
+    proto = builders.parse(text, arrays)
+    model, fold = _fold(proto)
+    assert fold.folded == {"Conv": 1} and fold.declined == []
+    conv = _only(model, "Conv")
+    weight, bias = _conv_fold(arrays["w"], arrays["b"], scale, None if padded else offset)
+    np.testing.assert_allclose(_const(conv.inputs[1]), weight, rtol=1e-5)
+    np.testing.assert_allclose(_const(conv.inputs[2]), bias, rtol=1e-5, atol=1e-5)
+    if padded:
+        assert builders.op_counts(model) == {"Add": 1, "Conv": 1}
+        add = _only(model, "Add")
+        _assert_reads(add, model.graph.inputs[0])
+        np.testing.assert_allclose(_const(add.inputs[1]).reshape(-1), offset / scale, rtol=1e-5)
+    else:
+        assert builders.op_counts(model) == {"Conv": 1}
+        _assert_reads(conv, model.graph.inputs[0])
+    _assert_equivalent(proto, model)
+
+
+HARD_SWISH = """
+g (float[1, 3, 6, 6] x) => (float[1, 4, 6, 6] {output}) {{
+    c = Conv <pads = [1, 1, 1, 1]> (x, w1, b1)
+    p = Add (c, three)
+    r = Clip (p, zero, six)
+    m = Mul (c, r)
+    h = Div (m, six)
+    {tail}
+}}
+"""
+
+
+def _hard_swish_arrays() -> dict[str, np.ndarray]:
+    arrays: dict[str, np.ndarray] = builders.normal_arrays(
+        22, w1=(4, 3, 3, 3), b1=(4,), w2=(4, 4, 1, 1), b2=(4,)
+    )
+    arrays["w1"] *= 2.0  # Conv outputs of a few units: both kinks of hard-swish (-3 and 3) are crossed
+    return arrays | {name: np.array(v, np.float32) for name, v in (("three", 3), ("zero", 0), ("six", 6))}
+
+
+def test_preprocess_folds_the_hard_swish_division_into_the_next_conv() -> None:
+    """The ``/ 6`` of hard-swish goes into the 1x1 Conv that reads it; no HardSwish is made then."""
+    text = HARD_SWISH.format(output="y", tail="y = Conv (h, w2, b2)")
+    arrays = _hard_swish_arrays()
+    proto = builders.parse(text, arrays)
+    model = ir.from_proto(proto)
+    summary = preprocess(model)
+    assert "HardSwish" not in summary.canonicalized
+    assert summary.affine_folded == 1
+    assert builders.op_counts(model) == {"Conv": 2, "Add": 1, "Clip": 1, "Mul": 1}
+    mul = _only(model, "Mul")
+    second = next(n for n in _nodes(model, "Conv") if n.outputs[0].name == "y")
+    _assert_reads(second, mul.outputs[0])
+    np.testing.assert_allclose(_const(second.inputs[1]), arrays["w2"] / 6, rtol=1e-6)
+    np.testing.assert_array_equal(_const(second.inputs[2]), arrays["b2"])
+    _assert_equivalent(proto, model)
+
+
+def test_preprocess_makes_hard_swish_where_the_division_has_no_conv_to_go_to() -> None:
+    text = HARD_SWISH.format(output="h", tail="")
+    proto = builders.parse(text, _hard_swish_arrays())
+    model = ir.from_proto(proto)
+    summary = preprocess(model)
+    assert summary.canonicalized == {"HardSwish": 1} and summary.affine_folded == 0
+    assert builders.op_counts(model) == {"Conv": 1, "HardSwish": 1}
+    _assert_equivalent(proto, model)
+
+
+# Fixed problems of rule 4 (found by these tests)
+
+
+@pytest.mark.parametrize(
+    ("text", "shapes"),
+    [
+        pytest.param(
+            """g (float[1, 3, 6, 6] x, float[4] bias) => (float[1, 4, 6, 6] y) {
+                a = Add (x, t)
+                y = Conv (a, w, bias)
+            }""",
+            {"w": (4, 3, 1, 1), "t": (3, 1, 1)},
+            id="conv-bias-input",
+        ),
+        pytest.param(
+            """g (float[2, 5] x, float[3] bias) => (float[2, 3] y) {
+                a = Add (x, t)
+                y = Gemm (a, w, bias)
+            }""",
+            {"w": (5, 3), "t": (5,)},
+            id="gemm-c-input",
+        ),
+    ],
+)
+def test_input_offset_keeps_a_bias_that_is_not_a_constant(
+    text: str, shapes: dict[str, tuple[int, ...]]
+) -> None:
+    proto = builders.parse(text, builders.normal_arrays(23, **shapes))
+    model, _ = _fold(proto)
+    bias = next(v for v in model.graph.inputs if v.name == "bias")
+    assert bias.uses(), "the bias graph input is no longer read"
+    _assert_equivalent(proto, model)
+
+
+def test_input_row_constant_folds_into_a_gemm_when_the_shape_is_unknown() -> None:
+    text = """
+    g (float[2, 5] x) => (float[2, 3] y) {
+        r = Relu (x)
+        a = Mul (r, s)
+        y = Gemm (a, w)
+    }
+    """
+    proto = builders.parse(text, builders.normal_arrays(24, s=(1, 5), w=(5, 3)))
+    model, fold = _fold(proto)
+    assert fold.declined == [] and fold.folded == {"Gemm": 1}
+    assert builders.op_counts(model) == {"Relu": 1, "Gemm": 1}
+    _assert_equivalent(proto, model)

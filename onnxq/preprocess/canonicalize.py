@@ -1,0 +1,488 @@
+"""Canonicalize decomposed activations and normalizations into the single ops ONNX Runtime runs fused.
+
+Exporters often write hard-swish as ``x · Clip(x + 3, 0, 6) / 6``, GELU as ``0.5 · x · (1 + Erf(x/√2))``
+and LayerNorm as a ReduceMean/Sub/Pow/ReduceMean/Add/Sqrt/Div/Mul/Add chain. In a float model ONNX
+Runtime fuses some of these itself; in a quantized model the Q/DQ pairs around the ops break its
+fusions, and every op of the chain runs in float between quantized neighbours. Rewritten into one op,
+the pattern becomes a single float island (one DequantizeLinear in, one QuantizeLinear out).
+
+Rewrite rules (:data:`RULES`; every rule checks that the intermediate values have no other reader and
+that the constants are what the pattern needs, within float32 rounding):
+
+1. ``x · Clip(x + 3, 0, 6) · (1/6)`` (products and divisions by constants in any order and grouping) and
+   ``x · HardSigmoid(x; α = 1/6, β = 0.5)`` ⇒ ``HardSwish(x)`` (opset ≥ 14).
+2. ``0.5 · x · (1 + Erf(x / √2))`` ⇒ ``Gelu(x)`` (opset ≥ 20; ``com.microsoft.Gelu`` below).
+3. ``0.5 · x · (1 + Tanh(√(2/π) · (x + 0.044715 · x³)))`` ⇒ ``Gelu(x; approximate="tanh")`` (opset ≥ 20;
+   ``com.microsoft.FastGelu`` below).
+4. ``(x − mean(x)) / Sqrt(mean((x − mean(x))²) + ε) [· γ] [+ β]`` over the last axis ⇒
+   ``LayerNormalization(x, γ, β; axis=-1, epsilon=ε)`` (opset ≥ 17).
+
+A rule whose target op the opset (or the installed ONNX Runtime) lacks declines with that reason, and
+the pattern stays as it is. Equivalence of each rule is checked numerically in the tests.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxq import rules
+from onnxq.declines import Decline, Reason
+from onnxq.graph import (
+    DEFAULT_DOMAINS,
+    NameScope,
+    attr_float,
+    attr_int,
+    const_array,
+    default_opset,
+    make_initializer,
+)
+
+__all__ = ["FLOAT_ISLAND_RULES", "LATE_RULES", "RULES", "CanonicalizePass"]
+
+logger = logging.getLogger(__name__)
+
+_MS_DOMAIN = "com.microsoft"
+_RTOL = 1e-4
+
+
+@dataclass
+class _Context:
+    model: ir.Model
+    names: NameScope
+    opset: int
+
+
+@dataclass
+class _Match:
+    """A pattern found at ``node`` (its last op): the input ``x``, the nodes it replaces, the output."""
+
+    node: ir.Node
+    ctx: _Context
+    x: ir.Value
+    nodes: list[ir.Node]
+    output: ir.Value
+    attributes: dict[str, float] = field(default_factory=dict)
+    scale: ir.Value | None = None
+    bias: ir.Value | None = None
+
+
+def _op(value: ir.Value | None, *op_types: str) -> ir.Node | None:
+    """The default-domain node of one of ``op_types`` that produces ``value``."""
+    producer = value.producer() if value is not None else None
+    if producer is None or producer.domain not in DEFAULT_DOMAINS or producer.op_type not in op_types:
+        return None
+    return producer
+
+
+def _scalar(value: ir.Value | None) -> float | None:
+    data = const_array(value)
+    # Rank ≤ 1: a size-1 constant of higher rank would broadcast the result to that rank.
+    if data is None or data.size != 1 or data.ndim > 1 or not np.issubdtype(data.dtype, np.floating):
+        return None
+    return float(data.reshape(-1)[0])
+
+
+def _private(value: ir.Value) -> bool:
+    """Whether only one node reads ``value`` and it is no graph output (it may be folded away)."""
+    return not value.is_graph_output() and len(value.uses()) == 1
+
+
+def _close(value: float | None, wanted: float) -> bool:
+    return value is not None and math.isclose(value, wanted, rel_tol=_RTOL, abs_tol=1e-7)
+
+
+def _product(value: ir.Value, nodes: list[ir.Node], *, top: bool = True) -> tuple[list[ir.Value], float]:
+    """``value`` as ``coefficient · Π terms`` over Mul nodes and divisions by constants.
+
+    Descends only into nodes whose output has no other reader (``top`` excepted), appending them to
+    ``nodes``; a value it does not descend into is a term.
+    """
+    node = _op(value, "Mul", "Div")
+    if node is None or len(node.inputs) != 2 or (not top and not _private(value)):
+        return [value], 1.0
+    a, b = node.inputs
+    assert a is not None and b is not None
+    if node.op_type == "Div":
+        divisor = _scalar(b)
+        if divisor is None or divisor == 0.0:
+            return [value], 1.0
+        nodes.append(node)
+        numerator, coefficient = _product(a, nodes, top=False)
+        return numerator, coefficient / divisor
+    nodes.append(node)
+    terms: list[ir.Value] = []
+    coefficient = 1.0
+    for operand in (a, b):
+        constant = _scalar(operand)
+        if constant is not None:
+            coefficient *= constant
+            continue
+        inner, factor = _product(operand, nodes, top=False)
+        terms += inner
+        coefficient *= factor
+    return terms, coefficient
+
+
+def _clip_bounds(node: ir.Node, opset: int) -> tuple[float, float] | None:
+    if opset < 11:
+        return attr_float(node, "min", -math.inf), attr_float(node, "max", math.inf)
+    bounds = []
+    for index, default in ((1, -math.inf), (2, math.inf)):
+        value = node.inputs[index] if index < len(node.inputs) else None
+        if value is None:
+            bounds.append(default)
+            continue
+        found = _scalar(value)
+        if found is None:
+            return None
+        bounds.append(found)
+    return bounds[0], bounds[1]
+
+
+def _plus_constant(value: ir.Value, constant: float) -> ir.Value | None:
+    """``x`` when ``value`` is ``Add(x, constant)`` (either order) read only here."""
+    node = _op(value, "Add")
+    if node is None or not _private(value) or len(node.inputs) != 2:
+        return None
+    a, b = node.inputs
+    if _close(_scalar(b), constant):
+        return a
+    if _close(_scalar(a), constant):
+        return b
+    return None
+
+
+def _other_term(terms: list[ir.Value], x: ir.Value) -> ir.Value | None:
+    if len(terms) != 2 or x not in terms:
+        return None
+    return terms[1] if terms[0] is x else terms[0]
+
+
+class _Rule(rules.Rule[_Match, _Context]):
+    """Common rewrite: one new node reading ``x`` (and ``scale``/``bias``) replaces ``m.nodes``."""
+
+    #: (domain, op type, minimum default-domain opset) of the target op, best first.
+    targets: tuple[tuple[str, str, int], ...] = ()
+
+    def candidates(self, m: _Match) -> tuple[tuple[str, str, int], ...]:
+        """The target ops for this match, best first."""
+        return self.targets
+
+    def target(self, m: _Match) -> tuple[str, str] | Reason:
+        candidates = self.candidates(m)
+        for domain, op_type, minimum in candidates:
+            if domain == "" and m.ctx.opset < minimum:
+                continue
+            kernel = rules.Kernel(op_type, {}, domain)
+            if kernel.problem(m.ctx.opset) is None:
+                return domain, op_type
+        wanted = " or ".join(f"{d + '.' if d else ''}{op} (opset {n})" for d, op, n in candidates)
+        return Reason("no_target", f"neither {wanted} runs at opset {m.ctx.opset}")
+
+    def check(self, m: _Match) -> Reason | None:
+        found = self.target(m)
+        return found if isinstance(found, Reason) else None
+
+    def emit_attributes(self, m: _Match, domain: str, op_type: str) -> list[ir.Attr]:
+        return []
+
+    def rewrite(self, m: _Match) -> str:
+        found = self.target(m)
+        assert not isinstance(found, Reason)
+        domain, op_type = found
+        graph = m.node.graph
+        assert graph is not None
+        inputs: list[ir.Value | None] = [m.x]
+        if m.scale is not None or m.bias is not None:
+            inputs += [m.scale, m.bias]
+        while inputs and inputs[-1] is None:
+            inputs.pop()
+        new = ir.Node(
+            domain,
+            op_type,
+            inputs,
+            self.emit_attributes(m, domain, op_type),
+            name=m.ctx.names.fresh(f"{m.node.name or op_type}_{op_type}"),
+        )
+        out = new.outputs[0]
+        out.type, out.shape = m.output.type, m.output.shape
+        graph.insert_before(m.node, new)
+        name = m.output.name
+        m.output.replace_all_uses_with(out, replace_graph_outputs=True)
+        m.output.name = None
+        out.name = name
+        for node in sorted(m.nodes, key=lambda n: -_position(graph, n)):
+            if node.graph is graph and not any(o.uses() or o.is_graph_output() for o in node.outputs):
+                graph.remove(node, safe=True)
+        if domain == _MS_DOMAIN:
+            m.ctx.model.opset_imports.setdefault(_MS_DOMAIN, 1)
+        return op_type
+
+
+def _position(graph: ir.Graph, node: ir.Node) -> int:
+    return next((i for i, n in enumerate(graph) if n is node), -1)
+
+
+class HardSwishRule(_Rule):
+    """Rule 1: ``x · relu6(x + 3) / 6`` or ``x · HardSigmoid(x)`` ⇒ HardSwish."""
+
+    op_types = ("Mul", "Div")
+    targets = (("", "HardSwish", 14),)
+
+    def match(self, node: ir.Node, ctx: _Context) -> _Match | None:
+        nodes: list[ir.Node] = []
+        terms, coefficient = _product(node.outputs[0], nodes)
+        if len(terms) != 2:
+            return None
+        for x in terms:
+            h = _other_term(terms, x)
+            assert h is not None
+            if not _private(h):
+                continue
+            sigmoid = _op(h, "HardSigmoid")
+            if (
+                sigmoid is not None
+                and sigmoid.inputs[0] is x
+                and _close(coefficient, 1.0)
+                and _close(attr_float(sigmoid, "alpha", 0.2), 1 / 6)
+                and _close(attr_float(sigmoid, "beta", 0.5), 0.5)
+            ):
+                return _Match(node, ctx, x, [*nodes, sigmoid], node.outputs[0])
+            clip = _op(h, "Clip")
+            if clip is None or not _close(coefficient, 1 / 6):
+                continue
+            bounds = _clip_bounds(clip, ctx.opset)
+            if bounds is None or not (_close(bounds[0], 0.0) and _close(bounds[1], 6.0)):
+                continue
+            shifted = clip.inputs[0]
+            if shifted is not None and _plus_constant(shifted, 3.0) is x:
+                return _Match(node, ctx, x, [*nodes, clip, shifted.producer()], node.outputs[0])  # type: ignore[list-item]
+        return None
+
+
+class GeluRule(_Rule):
+    """Rules 2 and 3: the erf and the tanh forms of GELU ⇒ Gelu / FastGelu."""
+
+    op_types = ("Mul", "Div")
+    targets = (("", "Gelu", 20), (_MS_DOMAIN, "Gelu", 1))
+    tanh_targets = (("", "Gelu", 20), (_MS_DOMAIN, "FastGelu", 1))
+
+    def match(self, node: ir.Node, ctx: _Context) -> _Match | None:
+        nodes: list[ir.Node] = []
+        terms, coefficient = _product(node.outputs[0], nodes)
+        if len(terms) != 2 or not _close(coefficient, 0.5):
+            return None
+        for x in terms:
+            one_plus = _other_term(terms, x)
+            assert one_plus is not None
+            inner = _plus_constant(one_plus, 1.0) if _private(one_plus) else None
+            if inner is None or not _private(inner):
+                continue
+            erf = _op(inner, "Erf")
+            if erf is not None and self._scaled(erf.inputs[0], x, 1 / math.sqrt(2.0), nodes):
+                return _Match(node, ctx, x, [*nodes, erf, one_plus.producer()], node.outputs[0])  # type: ignore[list-item]
+            tanh = _op(inner, "Tanh")
+            if tanh is not None and self._tanh_argument(tanh.inputs[0], x, nodes):
+                m = _Match(node, ctx, x, [*nodes, tanh, one_plus.producer()], node.outputs[0])  # type: ignore[list-item]
+                m.attributes["tanh"] = 1.0
+                return m
+        return None
+
+    @staticmethod
+    def _scaled(value: ir.Value | None, x: ir.Value, factor: float, nodes: list[ir.Node]) -> bool:
+        """Whether ``value`` is ``x · factor`` (a Mul or Div by a constant) read only here."""
+        if value is None or not _private(value):
+            return False
+        inner: list[ir.Node] = []
+        terms, coefficient = _product(value, inner)
+        if terms == [x] and _close(coefficient, factor):
+            nodes += inner
+            return True
+        return False
+
+    def _tanh_argument(self, value: ir.Value | None, x: ir.Value, nodes: list[ir.Node]) -> bool:
+        """Whether ``value`` is ``√(2/π) · (x + 0.044715 · x³)``."""
+        if value is None or not _private(value):
+            return False
+        inner: list[ir.Node] = []
+        terms, coefficient = _product(value, inner)
+        if len(terms) != 1 or not _close(coefficient, math.sqrt(2.0 / math.pi)):
+            return False
+        total = _op(terms[0], "Add")
+        if total is None or not _private(terms[0]) or len(total.inputs) != 2:
+            return False
+        a, b = total.inputs
+        cubic = b if a is x else a if b is x else None
+        if cubic is None or not _private(cubic):
+            return False
+        cube_nodes: list[ir.Node] = []
+        cube_terms, cube_coefficient = _product(cubic, cube_nodes)
+        power = _op(cube_terms[0], "Pow") if len(cube_terms) == 1 else None
+        if power is not None and power.inputs[0] is x and _close(_scalar(power.inputs[1]), 3.0):
+            cube_nodes.append(power)
+        elif not (len(cube_terms) == 3 and all(t is x for t in cube_terms)):
+            return False
+        if not _close(cube_coefficient, 0.044715):
+            return False
+        nodes += [*inner, total, *cube_nodes]
+        return True
+
+    def candidates(self, m: _Match) -> tuple[tuple[str, str, int], ...]:
+        return self.tanh_targets if "tanh" in m.attributes else self.targets
+
+    def emit_attributes(self, m: _Match, domain: str, op_type: str) -> list[ir.Attr]:
+        if "tanh" in m.attributes and domain == "":
+            return [ir.AttrString("approximate", "tanh")]
+        return []
+
+
+class LayerNormRule(_Rule):
+    """Rule 4: the decomposed LayerNorm over the last axis ⇒ LayerNormalization."""
+
+    op_types = ("Div",)
+    targets = (("", "LayerNormalization", 17),)
+
+    def match(self, node: ir.Node, ctx: _Context) -> _Match | None:
+        centered, denominator = node.inputs[0], node.inputs[1]
+        sub = _op(centered, "Sub")
+        sqrt = _op(denominator, "Sqrt")
+        if sub is None or sqrt is None or denominator is None or not _private(denominator):
+            return None
+        x, mean = sub.inputs[0], sub.inputs[1]
+        mean_node = _op(mean, "ReduceMean")
+        if x is None or mean is None or mean_node is None or mean_node.inputs[0] is not x:
+            return None
+        rank = len(x.shape) if x.shape is not None else None
+        if not self._last_axis_mean(mean_node, ctx.opset, rank):
+            return None
+        var_plus = sqrt.inputs[0]
+        add_eps = _op(var_plus, "Add")
+        if add_eps is None or var_plus is None or not _private(var_plus):
+            return None
+        variance, epsilon = add_eps.inputs[0], _scalar(add_eps.inputs[1])
+        if epsilon is None:
+            variance, epsilon = add_eps.inputs[1], _scalar(add_eps.inputs[0])
+        var_node = _op(variance, "ReduceMean")
+        if var_node is None or epsilon is None or variance is None or not _private(variance):
+            return None
+        if not self._last_axis_mean(var_node, ctx.opset, rank):
+            return None
+        squared = var_node.inputs[0]
+        square = _op(squared, "Pow", "Mul")
+        if square is None or squared is None or not _private(squared):
+            return None
+        if square.op_type == "Pow" and not (
+            square.inputs[0] is centered and _close(_scalar(square.inputs[1]), 2.0)
+        ):
+            return None
+        if square.op_type == "Mul" and not (square.inputs[0] is centered and square.inputs[1] is centered):
+            return None
+        # ``centered`` is read by the square and the Div; ``mean`` by the Sub only.
+        readers = {id(use.node) for use in centered.uses()} if centered is not None else set()
+        if centered is None or centered.is_graph_output() or readers != {id(square), id(node)}:
+            return None
+        if not _private(mean):
+            return None
+        nodes = [mean_node, sub, square, var_node, add_eps, sqrt, node]
+        m = _Match(node, ctx, x, nodes, node.outputs[0], {"epsilon": epsilon})
+        self._affine(m)
+        return m
+
+    @staticmethod
+    def _last_axis_mean(node: ir.Node, opset: int, rank: int | None) -> bool:
+        """Whether ``node`` averages over the last axis of data of rank ``rank`` (the LayerNorm input's)."""
+        if attr_int(node, "keepdims", 1) != 1:
+            return False
+        if opset >= 18 and len(node.inputs) > 1 and node.inputs[1] is not None:
+            axes = const_array(node.inputs[1])
+            values = [] if axes is None else [int(a) for a in axes.reshape(-1)]
+        else:
+            attr = node.attributes.get("axes")
+            values = [] if attr is None else list(attr.as_ints())
+        return values == [-1] or (rank is not None and values == [rank - 1])
+
+    @staticmethod
+    def _affine(m: _Match) -> None:
+        """Take a following ``Mul(γ)`` and ``Add(β)`` by last-axis constants into the match."""
+        for op_type, slot in (("Mul", "scale"), ("Add", "bias")):
+            out = m.output
+            if not _private(out):
+                return
+            reader = next(iter(out.uses())).node
+            if reader.op_type != op_type or reader.domain not in DEFAULT_DOMAINS or len(reader.inputs) != 2:
+                return
+            other = reader.inputs[1] if reader.inputs[0] is out else reader.inputs[0]
+            data = const_array(other)
+            if other is None or data is None or data.ndim != 1 or data.dtype != np.float32:
+                return
+            # γ/β must hold one value per feature (older runtimes do not broadcast a [1]-shaped one).
+            width = m.x.shape[-1] if m.x.shape is not None and len(m.x.shape) else None
+            if data.shape[0] != width if isinstance(width, int) else data.shape[0] < 2:
+                return
+            if slot == "bias" and m.scale is None:
+                return  # LayerNormalization takes β only after γ
+            setattr(m, slot, other)
+            m.nodes.append(reader)
+            m.output = reader.outputs[0]
+
+    def check(self, m: _Match) -> Reason | None:
+        found = self.target(m)
+        if isinstance(found, Reason):
+            return found
+        if m.scale is None:
+            width = m.x.shape[-1] if m.x.shape is not None and len(m.x.shape) else None
+            if not isinstance(width, int):
+                return Reason("shape", "the normalized axis has no known size (LayerNormalization needs γ)")
+        return None
+
+    def rewrite(self, m: _Match) -> str:
+        if m.scale is None:
+            graph = m.node.graph
+            assert graph is not None and m.x.shape is not None
+            width = int(m.x.shape[-1])  # type: ignore[arg-type]
+            m.scale = make_initializer(
+                m.ctx.model.graph, m.ctx.names, f"{m.node.name}_gamma", np.ones(width, np.float32)
+            )
+        return super().rewrite(m)
+
+    def emit_attributes(self, m: _Match, domain: str, op_type: str) -> list[ir.Attr]:
+        return [ir.AttrInt64("axis", -1), ir.AttrFloat32("epsilon", m.attributes["epsilon"])]
+
+
+#: The pass's rule table (for a Mul/Div, the first of these that matches decides).
+RULES: tuple[_Rule, ...] = (HardSwishRule(), GeluRule(), LayerNormRule())
+
+#: The rules for the float islands that no integer form beats (GELU, LayerNorm): run before the affine
+#: folds, which would otherwise take a LayerNorm's γ into the MatMul after it.
+FLOAT_ISLAND_RULES: tuple[_Rule, ...] = (GeluRule(), LayerNormRule())
+
+#: Hard-swish runs faster in integer form (QLinearAdd, the Clip absorbed into its range, QLinearMul)
+#: than as a float HardSwish between Q/DQ, once its ``/ 6`` is folded into the Conv that reads it; so
+#: it is canonicalized after the affine folds, only where the ``/ 6`` stayed.
+LATE_RULES: tuple[_Rule, ...] = (HardSwishRule(),)
+
+
+class CanonicalizePass(ir.passes.InPlacePass):
+    """Rewrite decomposed activations and normalizations into single ops (module docstring).
+
+    After a call, ``rewritten`` counts the new ops by type and ``declined`` lists the patterns found
+    but left as they were (their target op does not run at this opset).
+    """
+
+    def __init__(self, table: tuple[_Rule, ...] = RULES) -> None:
+        super().__init__()
+        self.table = table
+        self.rewritten: dict[str, int] = {}
+        self.declined: list[Decline] = []
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        ctx = _Context(model, NameScope(model.graph), default_opset(model))
+        outcome = rules.apply_rules(model, self.table, ctx, stage="canonicalize", opset=ctx.opset)
+        self.rewritten = dict(outcome.rewritten)
+        self.declined = outcome.declines
+        return ir.passes.PassResult(model, modified=outcome.modified)

@@ -1,0 +1,257 @@
+"""The latency guard: keep float the kinds of layers whose int8 version is slower on this machine.
+
+Integer kernels do not win everywhere. Depthwise and grouped convolutions have little arithmetic to
+save, small layers pay more for their QuantizeLinear/DequantizeLinear than the kernel saves, and ONNX
+Runtime's NHWC layout for quantized convolutions adds Transposes wherever an op between them needs
+NCHW (ShuffleNet's channel shuffle). Which of these loses depends on the CPU, so the guard measures,
+on this machine, instead of guessing:
+
+1. The quantized anchors are grouped into *kinds* by what decides their speed (:func:`anchor_kinds`):
+   depthwise / grouped / 1×1 / spatial Conv, ConvTranspose, MatMul with a constant weight, MatMul of
+   two activations, Gemm; anchors with little work (fewer than :data:`SMALL_MACS` multiply-adds per
+   sample, from the inferred shapes) form "small" kinds of their own.
+2. One variant per kind keeps that kind float (a rewrite of the calibrated model, no calibration).
+   The float model, the fully quantized model and every variant are timed together, interleaved, on
+   one calibration sample (:func:`onnxq.runtime.latency.measure_latency`): a handful of sessions and
+   rounds, not one run per layer.
+3. Every kind whose variant is faster than the fully quantized model by more than ``min_gain`` is kept
+   float. When more than one kind is reverted, the combination is timed against the candidates again
+   (reverting two kinds may cost more than each alone saves) and the fastest is taken.
+4. If the best quantized model is still not faster than the float input, every anchor is kept float:
+   the output is then the preprocessed float model (Q/DQ-free), and the report says why.
+
+The outcome (:class:`GuardOutcome`) names the kinds and nodes reverted and the measured latencies, so
+the report can show what the guard changed and what it gained. Timings are medians of interleaved
+runs at ``threads`` intra-op threads; they depend on the machine, so two runs may choose differently
+when two candidates are within noise of each other.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxq.config import LatencyGuardConfig
+from onnxq.graph import attr_int, const_array
+from onnxq.load.files import serialize_model
+from onnxq.runtime.latency import measure_latency
+from onnxq.tuning.interfaces import RequantizableState
+
+__all__ = ["SMALL_MACS", "GuardOutcome", "anchor_kinds", "guard_latency"]
+
+logger = logging.getLogger(__name__)
+
+#: Anchors with fewer multiply-adds per sample than this are "small": their Q/DQ may cost more than
+#: the integer kernel saves (1×1 Conv of 64 → 64 channels on 16×16 pixels is ~1M).
+SMALL_MACS = 1 << 18
+
+_FLOAT = "float"
+_QUANTIZED = "quantized"
+
+
+@dataclass
+class GuardOutcome:
+    """What the latency guard measured and decided.
+
+    ``latency_ms`` holds the median latency of every candidate timed (``float``, ``quantized``, one
+    ``keep <kind> float`` per kind, and the combination when one was tried); ``reverted`` maps each
+    kind kept float to its nodes; ``all_float`` is set when no quantized candidate beat the float model.
+    """
+
+    model: ir.Model
+    threads: int
+    runs: int
+    kinds: dict[str, list[str]]
+    latency_ms: dict[str, float]
+    reverted: dict[str, list[str]] = field(default_factory=dict)
+    all_float: bool = False
+    chosen: str = _QUANTIZED
+    seconds: float = 0.0
+
+    @property
+    def kept_float(self) -> list[str]:
+        """Every anchor the guard kept float."""
+        return sorted(name for names in self.reverted.values() for name in names)
+
+    @property
+    def gain(self) -> float:
+        """Latency of the fully quantized model over that of the chosen one (1.0: nothing changed)."""
+        chosen = self.latency_ms.get(self.chosen, math.nan)
+        return self.latency_ms.get(_QUANTIZED, math.nan) / chosen if chosen else math.nan
+
+    @property
+    def speedup(self) -> float:
+        """Float latency over the chosen model's (above 1: the output is faster than the input)."""
+        chosen = self.latency_ms.get(self.chosen, math.nan)
+        return self.latency_ms.get(_FLOAT, math.nan) / chosen if chosen else math.nan
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-friendly form for the report."""
+        return {
+            "threads": self.threads,
+            "runs": self.runs,
+            "latency_ms": {k: round(v, 4) for k, v in self.latency_ms.items()},
+            "kinds": {k: len(v) for k, v in self.kinds.items()},
+            "reverted": {k: sorted(v) for k, v in self.reverted.items()},
+            "all_float": self.all_float,
+            "chosen": self.chosen,
+            "gain": round(self.gain, 4),
+            "speedup_vs_float": round(self.speedup, 4),
+            "seconds": round(self.seconds, 3),
+        }
+
+
+def _dims(value: ir.Value | None) -> list[int] | None:
+    """The value's shape, a symbolic batch axis counted as 1 (work per sample).
+
+    ``None`` when another axis is unknown: a '?' image size may be large, so such a layer is never
+    called small.
+    """
+    if value is None or value.shape is None:
+        return None
+    dims = list(value.shape)
+    if dims and not isinstance(dims[0], int):
+        dims[0] = 1
+    known = [d for d in dims if isinstance(d, int)]
+    return known if len(known) == len(dims) else None
+
+
+def _macs(node: ir.Node) -> int | None:
+    """Multiply-adds per sample of an anchor, from inferred shapes; ``None`` when a shape is unknown."""
+    weight = const_array(node.inputs[1]) if len(node.inputs) > 1 else None
+    out = _dims(node.outputs[0])
+    if out is None:
+        return None
+    if node.op_type == "Conv" and weight is not None:
+        return int(np.prod(out)) * int(np.prod(weight.shape[1:]))
+    if node.op_type == "ConvTranspose" and weight is not None:
+        source = _dims(node.inputs[0])
+        return None if source is None else int(np.prod(source)) * int(np.prod(weight.shape[1:]))
+    reduced = _dims(node.inputs[0])
+    if reduced is None or not reduced:
+        return None
+    inner = reduced[-1]
+    if node.op_type == "Gemm" and attr_int(node, "transA", 0) and len(reduced) == 2:
+        inner = reduced[0]
+    return int(np.prod(out)) * inner
+
+
+def _kind(node: ir.Node) -> str:
+    """What decides the speed of an anchor's integer kernel (see the module docstring)."""
+    op = node.op_type
+    weight = const_array(node.inputs[1]) if len(node.inputs) > 1 else None
+    if op == "Conv" and weight is not None:
+        group = attr_int(node, "group", 1)
+        if group > 1 and weight.shape[1] == 1:
+            return "depthwise Conv"
+        if group > 1:
+            return "grouped Conv"
+        return "1x1 Conv" if all(k == 1 for k in weight.shape[2:]) else "Conv"
+    if op == "MatMul":
+        return "MatMul" if weight is not None else "MatMul of activations"
+    return op
+
+
+def anchor_kinds(model: ir.Model, anchors: Iterable[str]) -> dict[str, list[str]]:
+    """The named anchors of ``model`` (the float model) grouped by kind, kinds in first-seen order."""
+    wanted = set(anchors)
+    kinds: dict[str, list[str]] = {}
+    for node in model.graph:
+        if node.name not in wanted:
+            continue
+        kind = _kind(node)
+        macs = _macs(node)
+        if macs is not None and macs < SMALL_MACS:
+            kind = f"small {kind}"
+        kinds.setdefault(kind, []).append(node.name or "")
+    return kinds
+
+
+def _time(
+    candidates: dict[str, ir.Model], feed: dict[str, np.ndarray], config: LatencyGuardConfig
+) -> tuple[dict[str, float], int]:
+    """Median latency (ms) of every candidate, timed interleaved on ``feed``; and the rounds run."""
+    sources = {name: serialize_model(model) for name, model in candidates.items()}
+    # A short probe of the float model sizes the rounds to the time budget.
+    probe = measure_latency(
+        {_FLOAT: sources[_FLOAT]}, feed, threads=config.threads, runs=3, warmup=1, providers=config.providers
+    )
+    per_round_s = probe[_FLOAT].median_ms / 1e3 * len(sources)
+    runs = int(np.clip(config.budget_s / max(per_round_s, 1e-6), config.min_runs, config.max_runs))
+    timing = measure_latency(
+        sources, feed, threads=config.threads, runs=runs, warmup=2, providers=config.providers
+    )
+    return {name: result.median_ms for name, result in timing.items()}, runs
+
+
+def guard_latency(
+    state: RequantizableState,
+    quantized: ir.Model,
+    feed: dict[str, np.ndarray],
+    config: LatencyGuardConfig,
+) -> GuardOutcome:
+    """Keep float the kinds of anchors whose quantized version is slower here (module docstring).
+
+    ``quantized`` is the fully quantized model in its output format; ``state`` re-quantizes variants
+    in the same format.
+    """
+    start = time.perf_counter()
+    kinds = anchor_kinds(state.float_model, state.quantized_nodes)
+    candidates: dict[str, ir.Model] = {_FLOAT: state.float_model, _QUANTIZED: quantized}
+    reverts: dict[str, tuple[str, ...]] = {_FLOAT: tuple(kinds), _QUANTIZED: ()}
+    if len(kinds) > 1:  # with one kind, keeping it float is the float model
+        for kind, names in kinds.items():
+            name = f"keep {kind} float"
+            candidates[name] = state.requantize(names)
+            reverts[name] = (kind,)
+    measured, runs = _time(candidates, feed, config)
+    outcome = GuardOutcome(quantized, config.threads, runs, kinds, dict(measured))
+    base = measured[_QUANTIZED]
+    slower = [k for k in kinds if measured.get(f"keep {k} float", math.inf) < base * (1.0 - config.min_gain)]
+    best = min((n for n in measured if n != _FLOAT), key=measured.__getitem__)
+    if len(slower) > 1:
+        # Reverting two kinds may cost more than each alone saves: time the combination too.
+        name = "keep " + " + ".join(slower) + " float"
+        reverts[name] = tuple(slower)
+        candidates = {
+            _FLOAT: state.float_model,
+            _QUANTIZED: quantized,
+            best: candidates[best],
+            name: state.requantize([n for k in slower for n in kinds[k]]),
+        }
+        measured, more = _time(candidates, feed, config)
+        outcome.runs += more
+        outcome.latency_ms.update(measured)
+        best = min((n for n in measured if n != _FLOAT), key=measured.__getitem__)
+    if measured[best] >= measured[_FLOAT]:
+        best = _FLOAT
+    elif best != _QUANTIZED and measured[best] >= measured[_QUANTIZED] * (1.0 - config.min_gain):
+        best = _QUANTIZED  # within noise of the fully quantized model: keep every anchor quantized
+    outcome.chosen = best
+    outcome.all_float = best == _FLOAT
+    outcome.reverted = {kind: kinds[kind] for kind in reverts[best]}
+    outcome.model = state.float_model.clone() if best == _FLOAT else candidates[best]
+    outcome.seconds = time.perf_counter() - start
+    logger.info("latency guard: %s", outcome.as_dict())
+    return outcome
+
+
+def describe(outcome: GuardOutcome) -> Sequence[str]:
+    """Lines for the report: what was reverted and what it gained."""
+    lines = []
+    if outcome.all_float:
+        lines.append(
+            f"no quantized variant was faster than the float model here ({outcome.threads} thread(s)): "
+            "every layer kept float"
+        )
+    for kind, names in outcome.reverted.items():
+        if not outcome.all_float:
+            lines.append(f"kept {len(names)} {kind} float (slower in int8 here)")
+    return lines

@@ -1,0 +1,254 @@
+"""The latency guard: kinds of anchors, the decisions it takes from timings, and its place in the pipeline.
+
+Decisions are tested with timings made up by the test (``_time`` replaced): what the guard does with a
+given set of measurements is deterministic, and no test asserts a real timing. The end-to-end tests
+check that a guarded run stays consistent (report, model, later variants) whatever it chose.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import builders
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+
+import onnxq
+from onnxq.config import LatencyGuardConfig, QuantConfig
+from onnxq.pipeline import QuantizationResult
+from onnxq.tuning import latency_guard
+from onnxq.tuning.latency_guard import SMALL_MACS, GuardOutcome, anchor_kinds, guard_latency
+
+KINDS_MODEL = """
+kinds (float[1, 8, 32, 32] x, float[1, 16, 64] a, float[1, 64, 16] b) => (float[1, 8, 32, 32] y,
+    float[1, 16, 16] z) {
+    c1 = Conv <kernel_shape = [3, 3], pads = [1, 1, 1, 1]> (x, w3)
+    c2 = Conv <kernel_shape = [3, 3], pads = [1, 1, 1, 1], group = 8> (c1, wdw)
+    c3 = Conv <kernel_shape = [1, 1], group = 2> (c2, wg)
+    y = Conv <kernel_shape = [1, 1]> (c3, w1)
+    m = MatMul (a, wm)
+    z = MatMul (m, b)
+}
+"""
+
+
+def kinds_model() -> onnx.ModelProto:
+    arrays = builders.normal_arrays(
+        0, w3=(8, 8, 3, 3), wdw=(8, 1, 3, 3), wg=(8, 4, 1, 1), w1=(8, 8, 1, 1), wm=(64, 64)
+    )
+    return builders.parse(KINDS_MODEL, arrays)
+
+
+def test_anchor_kinds_tell_apart_what_decides_int8_speed() -> None:
+    model = ir.from_proto(onnx.shape_inference.infer_shapes(kinds_model()))
+    for node in model.graph:
+        node.name = node.outputs[0].name
+    names = {n.outputs[0].name: n.name or "" for n in model.graph}
+    kinds = anchor_kinds(model, names.values())
+    by_output = {out: kind for kind, nodes in kinds.items() for out, n in names.items() if n in nodes}
+    # MACs per sample: c1 8·32·32·72 = 589824 (large); the others are below SMALL_MACS.
+    assert 8 * 32 * 32 * 72 >= SMALL_MACS > 8 * 32 * 32 * 9
+    assert by_output == {
+        "c1": "Conv",
+        "c2": "small depthwise Conv",
+        "c3": "small grouped Conv",
+        "y": "small 1x1 Conv",
+        "m": "small MatMul",
+        "z": "small MatMul of activations",
+    }
+
+
+def test_unknown_spatial_dims_are_never_small() -> None:
+    """A '?' image size may be large: only a symbolic batch axis counts as 1."""
+    text = KINDS_MODEL.replace("float[1, 8, 32, 32] x", "float[N, 8, H, W] x").replace(
+        "float[1, 8, 32, 32] y", "float[N, 8, H, W] y"
+    )
+    arrays = builders.normal_arrays(
+        0, w3=(8, 8, 3, 3), wdw=(8, 1, 3, 3), wg=(8, 4, 1, 1), w1=(8, 8, 1, 1), wm=(64, 64)
+    )
+    model = ir.from_proto(onnx.shape_inference.infer_shapes(builders.parse(text, arrays)))
+    for node in model.graph:
+        node.name = node.outputs[0].name
+    kinds = anchor_kinds(model, [n.name or "" for n in model.graph])
+    assert set(kinds) == {
+        "Conv",
+        "depthwise Conv",
+        "grouped Conv",
+        "1x1 Conv",
+        "small MatMul",
+        "small MatMul of activations",
+    }
+
+
+# ---------------------------------------------------------------------------------------------------
+# Decisions from given timings
+
+
+@pytest.fixture(scope="module")
+def kinds_result() -> QuantizationResult:
+    proto = kinds_model()
+    return onnxq.quantize(proto, builders.random_feeds(proto, 4, seed=1), QuantConfig())
+
+
+def fake_timer(latency: Callable[[str], float]) -> Callable[..., tuple[dict[str, float], int]]:
+    """A stand-in for ``_time`` that reports ``latency(candidate name)`` and records the candidates."""
+
+    def timer(candidates: dict[str, ir.Model], feed: object, config: object) -> tuple[dict[str, float], int]:
+        timer.calls.append(sorted(candidates))  # type: ignore[attr-defined]
+        return {name: latency(name) for name in candidates}, 5
+
+    timer.calls = []  # type: ignore[attr-defined]
+    return timer
+
+
+def run_guard(
+    result: QuantizationResult, monkeypatch: pytest.MonkeyPatch, latency: Callable[[str], float]
+) -> tuple[GuardOutcome, Callable[..., object]]:
+    timer = fake_timer(latency)
+    monkeypatch.setattr(latency_guard, "_time", timer)
+    assert result.static is not None
+    state = result.static
+    feed = dict(next(iter(state.feeds)))
+    outcome = guard_latency(state, result.model, feed, LatencyGuardConfig(enabled=True, min_gain=0.05))
+    return outcome, timer
+
+
+def quantized_anchors(model: ir.Model) -> set[str]:
+    """Output names (as in the float model) of Conv/MatMul nodes that read a dequantized second input
+    (the int8 weight, or for a MatMul of two activations, the quantized activation)."""
+    found = set()
+    for node in model.graph:
+        if node.op_type in ("Conv", "MatMul") and node.inputs[1] is not None:
+            producer = node.inputs[1].producer()
+            if producer is not None and producer.op_type == "DequantizeLinear":
+                found.add((node.outputs[0].name or "").removesuffix("_float"))
+    return found
+
+
+def test_everything_faster_in_int8_keeps_the_model(
+    kinds_result: QuantizationResult, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    outcome, timer = run_guard(kinds_result, monkeypatch, lambda name: {"float": 10.0}.get(name, 5.0))
+    assert outcome.chosen == "quantized" and not outcome.reverted and not outcome.all_float
+    assert outcome.model is kinds_result.model
+    # One candidate per kind, plus float and the quantized model, all in one interleaved timing.
+    assert len(timer.calls) == 1  # type: ignore[attr-defined]
+    assert len(timer.calls[0]) == 2 + len(outcome.kinds)  # type: ignore[attr-defined]
+
+
+def test_a_slower_kind_is_kept_float(
+    kinds_result: QuantizationResult, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    times = {"float": 10.0, "quantized": 6.0, "keep small depthwise Conv float": 4.0}
+    outcome, _ = run_guard(kinds_result, monkeypatch, lambda name: times.get(name, 7.0))
+    assert outcome.chosen == "keep small depthwise Conv float"
+    assert list(outcome.reverted) == ["small depthwise Conv"]
+    assert quantized_anchors(outcome.model) == {"c1", "c3", "y", "m", "z"}
+    assert outcome.gain == pytest.approx(1.5) and outcome.speedup == pytest.approx(2.5)
+
+
+def test_a_gain_within_noise_changes_nothing(
+    kinds_result: QuantizationResult, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    times = {"float": 10.0, "quantized": 6.0, "keep small grouped Conv float": 5.8}  # 3.3% < min_gain 5%
+    outcome, _ = run_guard(kinds_result, monkeypatch, lambda name: times.get(name, 7.0))
+    assert outcome.chosen == "quantized" and not outcome.reverted
+
+
+def test_two_slower_kinds_are_timed_together(
+    kinds_result: QuantizationResult, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    both = "keep small depthwise Conv + small grouped Conv float"
+    times = {
+        "float": 10.0,
+        "quantized": 6.0,
+        "keep small depthwise Conv float": 5.0,
+        "keep small grouped Conv float": 5.5,
+        both: 4.5,
+    }
+    outcome, timer = run_guard(kinds_result, monkeypatch, lambda name: times.get(name, 7.0))
+    assert len(timer.calls) == 2 and both in timer.calls[1]  # type: ignore[attr-defined]
+    assert outcome.chosen == both
+    assert set(outcome.reverted) == {"small depthwise Conv", "small grouped Conv"}
+    assert quantized_anchors(outcome.model) == {"c1", "y", "m", "z"}
+
+
+def test_the_combination_loses_to_one_kind_alone(
+    kinds_result: QuantizationResult, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    both = "keep small depthwise Conv + small grouped Conv float"
+    times = {
+        "float": 10.0,
+        "quantized": 6.0,
+        "keep small depthwise Conv float": 5.0,
+        "keep small grouped Conv float": 5.5,
+        both: 5.9,
+    }
+    outcome, _ = run_guard(kinds_result, monkeypatch, lambda name: times.get(name, 7.0))
+    assert outcome.chosen == "keep small depthwise Conv float"
+    assert list(outcome.reverted) == ["small depthwise Conv"]
+
+
+def test_no_variant_beats_float_gives_the_float_model(
+    kinds_result: QuantizationResult, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    outcome, _ = run_guard(kinds_result, monkeypatch, lambda name: 5.0 if name == "float" else 6.0)
+    assert outcome.all_float and outcome.chosen == "float"
+    assert set(outcome.reverted) == set(outcome.kinds)
+    ops = {n.op_type for n in outcome.model.graph}
+    assert not ops & {"QuantizeLinear", "DequantizeLinear"}
+    feed = builders.random_feeds(kinds_model(), 1, seed=3)[0]
+    expected = builders.run_disabled(kinds_model(), feed)
+    for got, want in zip(builders.run_disabled(outcome.model, feed), expected, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------------
+# In the pipeline (real timings; no assertion on what they choose)
+
+
+def guarded_config() -> QuantConfig:
+    return QuantConfig(latency_guard=LatencyGuardConfig(enabled=True, budget_s=0.05, min_runs=2))
+
+
+def test_pipeline_records_the_guard_and_stays_consistent() -> None:
+    proto = kinds_model()
+    result = onnxq.quantize(proto, builders.random_feeds(proto, 4, seed=1), guarded_config())
+    guard = result.report.latency_guard
+    assert guard["chosen"] in guard["latency_ms"]
+    assert {"float", "quantized"} <= set(guard["latency_ms"])
+    assert result.report.timings_s["latency_guard"] > 0
+    assert result.static is not None
+    kept = {name for names in guard["reverted"].values() for name in names}
+    assert not kept & set(result.static.quantized_nodes)
+    # The report counts what the chosen model quantizes.
+    counted = sum(n for op, n in result.report.quantized_op_types.items() if op in ("Conv", "MatMul"))
+    assert counted == len(quantized_anchors(result.model))
+    # A later variant (the accuracy budget's) keeps the guard's float kinds float.
+    assert not kept & {n.name for n in result.static.plan().quantized_nodes}
+    result.validate()
+    assert "latency guard" in result.report.format_table()
+
+
+def test_guard_off_by_configuration() -> None:
+    proto = kinds_model()
+    config = QuantConfig(latency_guard=LatencyGuardConfig(enabled=False))
+    result = onnxq.quantize(proto, builders.random_feeds(proto, 2, seed=1), config)
+    assert result.report.latency_guard == {}
+    assert "latency_guard" not in result.report.timings_s
+
+
+def test_environment_turns_the_default_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ONNXQ_LATENCY_GUARD", "on")
+    assert LatencyGuardConfig().enabled
+    monkeypatch.setenv("ONNXQ_LATENCY_GUARD", "off")
+    assert not LatencyGuardConfig().enabled
+    assert LatencyGuardConfig(enabled=True).enabled
+
+
+@pytest.mark.parametrize(("field", "value"), [("threads", 0), ("min_gain", 1.0), ("min_gain", -0.1)])
+def test_bad_guard_settings_are_refused(field: str, value: float) -> None:
+    with pytest.raises(ValueError, match=field):
+        LatencyGuardConfig(**{field: value})  # type: ignore[arg-type]
