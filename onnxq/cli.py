@@ -102,7 +102,8 @@ def _add_quant_options(parser: argparse.ArgumentParser) -> None:
     scheme.add_argument(
         "--quantize-embeddings",
         action="store_true",
-        help="with --mode dynamic, store Gather tables (token embeddings) as int8",
+        help="store Gather tables (token embeddings) as int8, dequantizing only the gathered rows "
+        "(static and dynamic mode)",
     )
     scheme.add_argument(
         "--activation-type",

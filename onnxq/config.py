@@ -160,7 +160,8 @@ class DynamicConfig:
     """Dynamic quantization: int8 weights, activations quantized at run time (no calibration data).
 
     ``conv`` also quantizes Conv dynamically (ConvInteger is slow in ONNX Runtime, so off by default);
-    ``embeddings`` stores Gather tables (token embeddings) as int8, dequantizing only the gathered rows.
+    ``embeddings`` stores Gather tables (token embeddings) as int8, dequantizing only the gathered rows;
+    it applies to static quantization too (tables the static plan leaves float).
     """
 
     conv: bool = False

@@ -20,6 +20,7 @@ __all__ = [
     "attr_str",
     "const_array",
     "default_opset",
+    "home_graph",
     "is_constant",
     "is_float",
     "make_initializer",
@@ -137,3 +138,15 @@ def make_initializer(graph: ir.Graph, names: NameScope, base: str, array: np.nda
     )
     graph.register_initializer(value)
     return value
+
+
+def home_graph(value: ir.Value) -> ir.Graph | None:
+    """The graph a value belongs to: its producer's, or the graph that declares it as input/initializer.
+
+    A value read inside an If/Loop/Scan body but defined outside it belongs to the outer graph.
+    """
+    producer = value.producer()
+    if producer is not None:
+        return producer.graph
+    graph = value.graph
+    return graph if isinstance(graph, ir.Graph) else None

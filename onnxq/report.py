@@ -67,6 +67,8 @@ class QuantReport:
     declines: list[Decline] = field(default_factory=list)
     lowered_op_types: dict[str, int] = field(default_factory=dict)
     subgraph_nodes: int = 0
+    #: Per If/Loop/Scan body (``"<If If_0>.then_branch"``): [nodes quantized, nodes in the body].
+    bodies: dict[str, list[int]] = field(default_factory=dict)
     calibration: dict[str, Any] = field(default_factory=dict)
     size_float_bytes: int = 0
     size_quantized_bytes: int = 0
@@ -221,6 +223,9 @@ class QuantReport:
         folded += [f"{count} decomposed {op} made one op" for op, count in sorted(self.canonicalized.items())]
         if folded:
             rows.append(["preprocess", ", ".join(folded)])
+        quantized_bodies = [f"{body} {q} of {n}" for body, (q, n) in self.bodies.items() if q]
+        if quantized_bodies:
+            rows.append(["subgraphs", "nodes quantized in " + ", ".join(_limited(quantized_bodies, 6))])
         if self.subgraph_nodes:
             rows.append(["subgraphs", f"{self.subgraph_nodes} nodes inside If/Loop/Scan bodies left float"])
         rows.extend(["versions", note] for note in self.version_notes)

@@ -442,8 +442,9 @@ def test_if_subgraph_model(
     )
     assert code == 0, err
     report = json.loads(report_path.read_text())
-    assert report["quantized_op_types"] == {"Conv": 1}  # the outer Conv; the subgraph stays float
-    assert report["subgraph_nodes"] == 2
+    assert report["quantized_op_types"] == {"Conv": 2}  # the outer Conv and the then-branch one
+    assert report["subgraph_nodes"] == 1  # the else-branch Relu
+    assert sorted(report["bodies"].values()) == [[0, 1], [1, 1]]
     assert report["accuracy"][0]["sqnr_db"] > 20.0
     onnx.checker.check_model(onnx.load(out_dir / "q.onnx"), full_check=True)
 

@@ -9,6 +9,7 @@ import pytest
 
 import onnxq
 from onnxq import preprocess as cleanup
+from onnxq.config import DynamicConfig, QuantConfig
 
 
 def _int_matmul_model() -> onnx.ModelProto:
@@ -242,3 +243,55 @@ def test_batched_matmul_weight_runs_at_enable_all(output_format: str) -> None:
     report = result.validate(feeds)  # ORT_ENABLE_ALL: fails on an unsupported form
     assert report.accuracy[0].sqnr_db > 30.0
     assert result.report.quantized_op_types == {"MatMul": 1}
+
+
+# ---------------------------------------------------------------------------------------------------
+# --quantize-embeddings in static mode
+
+EMBED_THEN_MATMUL = """
+embed (int64[2, 6] ids) => (float[2, 6, 8] y) {
+    e = Gather (table, ids)
+    n = LayerNormalization <axis = -1> (e, gamma, beta)
+    y = MatMul (n, w)
+}
+"""
+
+
+def test_static_mode_quantizes_embedding_tables_on_request() -> None:
+    """A table read by a float op (LayerNorm) stays float in static mode unless embeddings are asked for;
+    then it is stored int8 with one scale per row and only the gathered rows are dequantized."""
+    rng = np.random.default_rng(4)
+    table = (rng.normal(0.0, 1.0, (50, 8)) * np.geomspace(1e-2, 1.0, 50).reshape(50, 1)).astype(np.float32)
+    arrays = {
+        "table": table,
+        "gamma": np.ones(8, np.float32),
+        "beta": np.zeros(8, np.float32),
+        "w": rng.normal(0.0, 0.3, (8, 8)).astype(np.float32),
+    }
+    proto = builders.parse(EMBED_THEN_MATMUL, arrays)
+    feeds = [{"ids": rng.integers(0, 50, (2, 6)).astype(np.int64)} for _ in range(4)]
+    plain = onnxq.quantize(proto, feeds, QuantConfig())
+    assert "Gather" not in plain.report.quantized_op_types
+    assert any(
+        v.const_value is not None
+        and v.const_value.numpy().shape == (50, 8)
+        and v.const_value.numpy().dtype == np.float32
+        for v in plain.model.graph.initializers.values()
+    )
+
+    result = onnxq.quantize(proto, feeds, QuantConfig(dynamic=DynamicConfig(embeddings=True)))
+    assert result.report.quantized_op_types["Gather"] == 1
+    stored = {
+        v.name: v.const_value.numpy()
+        for v in result.model.graph.initializers.values()
+        if v.const_value is not None
+    }
+    assert not any(a.shape == (50, 8) and a.dtype == np.float32 for a in stored.values())
+    assert any(a.shape == (50, 8) and a.dtype == np.int8 for a in stored.values())
+    assert result.report.size_quantized_bytes < plain.report.size_quantized_bytes - 500
+    held_out = [{"ids": rng.integers(0, 50, (2, 6)).astype(np.int64)} for _ in range(4)]
+    for feed in held_out:
+        (expected,) = builders.run_disabled(proto, feed)
+        (actual,) = builders.run_disabled(result.model, feed)
+        noise = float(np.sum((expected - actual) ** 2))
+        assert 10 * np.log10(float(np.sum(expected**2)) / noise) > 25.0

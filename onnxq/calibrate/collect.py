@@ -17,11 +17,13 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxq.calibrate.observers import Observer, make_observer
+from onnxq.calibrate.subgraphs import Exposed, expose_values, merge_exposed
 from onnxq.config import ActivationScheme, CalibrationConfig
 from onnxq.data import FeedFingerprint, Feeds
 from onnxq.errors import OnnxqError
+from onnxq.graph import home_graph
 from onnxq.progress import progress
-from onnxq.runtime.session import open_model, run
+from onnxq.runtime.session import SessionError, open_model, run
 
 __all__ = ["CalibrationResult", "collect_ranges"]
 
@@ -70,26 +72,43 @@ def collect_ranges(
     """
     start = time.perf_counter()
     values = list(dict.fromkeys(values))
-    observers: dict[str, Observer] = {}
-    for value in values:
-        scheme = schemes[value]
-        observers[value.name or ""] = make_observer(config, dtype=scheme.dtype, symmetric=scheme.symmetric)
-    names = list(observers)
+    names = [value.name or "" for value in values]
     if not names:  # nothing needs a range (e.g. only constant tables are quantized)
         return CalibrationResult(
             {}, config.method, feeds.num_samples or 0, 0, time.perf_counter() - start, ()
         )
-    # Basic optimisations only: they keep every requested output intact and speed up the runs; no
-    # prepacking: a one-off session needs no repacked copy of every weight.
-    session = open_model(model, outputs=values, providers=providers, opt_level="basic", prepack=False)
+    # Every optimisation (the NCHWc convolutions are ~1.5x faster than the basic level's): fusions
+    # never swallow a graph output, so each requested tensor is computed as the graph says, up to
+    # float rounding. No prepacking: a one-off session needs no repacked copy of every weight.
+    exposed: dict[str, Exposed]
+    if all(home_graph(v) is model.graph for v in values):
+        session = open_model(model, outputs=values, providers=providers, opt_level="all", prepack=False)
+        exposed = {name: Exposed((name,), reduced=False) for name in names}
+    else:  # tensors inside If/Loop/Scan bodies: lifted to main-graph outputs on a copy
+        copy, exposed = expose_values(model, names)
+        try:
+            session = open_model(copy, providers=providers, opt_level="all", prepack=False)
+        except SessionError:  # an untyped If-branch tensor was not float: lift the typed ones only
+            copy, exposed = expose_values(model, names, assume_float=False)
+            session = open_model(copy, providers=providers, opt_level="all", prepack=False)
+    observers: dict[str, Observer] = {}
+    minmax = CalibrationConfig(method="minmax")
+    for value, name in zip(values, names, strict=True):
+        scheme = schemes[value]
+        # Loop/Scan body tensors arrive as per-iteration minima and maxima: a min-max range.
+        method = minmax if exposed[name].reduced else config
+        observers[name] = make_observer(method, dtype=scheme.dtype, symmetric=scheme.symmetric)
+    fetched = list(dict.fromkeys(out for name in names for out in exposed[name].outputs))
     samples = runs = 0
     non_float: dict[str, None] = {}
     fingerprint = FeedFingerprint()
     for feed in progress(feeds, total=feeds.num_batches, desc="calibrate", enabled=show_progress):
         fingerprint.update(feed)
-        outputs = run(session, feed, names)
+        outputs = dict(zip(fetched, run(session, feed, fetched), strict=True)) if fetched else {}
         n = _batch_size(feed, feeds.samples_per_batch)
-        for name, array in zip(names, outputs, strict=True):
+        for name in names:
+            how = exposed[name]
+            array = merge_exposed([outputs[out] for out in how.outputs], how.reduced)
             if array.dtype != np.float32:
                 non_float[name] = None
             elif array.size:
@@ -107,7 +126,7 @@ def collect_ranges(
             continue
         ranges[value] = observer.compute_range()
     if unobserved:
-        logger.warning("%d tensors never held a finite value during calibration", len(unobserved))
+        logger.info("%d tensors never held a finite value during calibration", len(unobserved))
     return CalibrationResult(
         ranges=ranges,
         method=config.method,

@@ -64,6 +64,21 @@ def _finite(values: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
     return values if mask.all() else values[mask]
 
 
+def _finite_min_max(values: npt.NDArray[np.float32]) -> tuple[float, float] | None:
+    """Minimum and maximum of the finite values of a flat array; ``None`` when there are none.
+
+    Two reductions in the common all-finite case (a NaN or infinity shows in one of them), the
+    masked copy only when one appears.
+    """
+    if values.size == 0:
+        return None
+    lo, hi = float(values.min()), float(values.max())
+    if math.isfinite(lo) and math.isfinite(hi):
+        return lo, hi
+    finite = _finite(values)
+    return (float(finite.min()), float(finite.max())) if finite.size else None
+
+
 def _canonical(value: float) -> float:
     """``-0.0`` becomes ``0.0``: which zero a reduction returns depends on element order, a range must not."""
     return value + 0.0
@@ -127,11 +142,11 @@ class MinMaxObserver(Observer):
         self._max = -math.inf
 
     def _update(self, x: npt.NDArray[np.float32], num_samples: int) -> None:
-        values = _finite(x.reshape(-1))
-        if values.size == 0:
+        found = _finite_min_max(x.reshape(-1))
+        if found is None:
             return
-        self._min = min(self._min, float(values.min()))
-        self._max = max(self._max, float(values.max()))
+        self._min = min(self._min, found[0])
+        self._max = max(self._max, found[1])
         self._empty = False
 
     def _compute_range(self) -> tuple[float, float]:

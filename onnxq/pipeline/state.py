@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import dataclass
+import collections
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Literal
 
 import onnx_ir as ir
@@ -11,12 +12,45 @@ import onnx_ir as ir
 from onnxq.calibrate.collect import collect_ranges
 from onnxq.config import QuantConfig
 from onnxq.data import Feeds
+from onnxq.declines import Decline
 from onnxq.plan.planner import QuantPlan, plan_quantization
 from onnxq.rewrite.cleanup import cleanup
-from onnxq.rewrite.fuse_qlinear import FuseQLinearPass
+from onnxq.rewrite.dynamic_quant import QuantizeEmbeddingsPass
+from onnxq.rewrite.fuse_qlinear import QDQ_PASS_THROUGH_RULES, FuseQLinearPass
 from onnxq.rewrite.insert_qdq import InsertQDQPass, group_params
 
-__all__ = ["StaticState"]
+__all__ = ["QDQWritten", "StaticState", "write_qdq"]
+
+
+@dataclass
+class QDQWritten:
+    """What :func:`write_qdq` did beyond the plan: embedding tables, pass-through ops on integers."""
+
+    embeddings: collections.Counter[str] = field(default_factory=collections.Counter)
+    pass_through: collections.Counter[str] = field(default_factory=collections.Counter)
+    declines: list[Decline] = field(default_factory=list)
+
+
+def write_qdq(
+    model: ir.Model, plan: QuantPlan, ranges: Mapping[ir.Value, tuple[float, float]], config: QuantConfig
+) -> QDQWritten:
+    """Rewrite ``model`` into QDQ form from a plan and calibrated ranges.
+
+    Q/DQ insertion (:class:`~onnxq.rewrite.insert_qdq.InsertQDQPass`), then, with
+    ``DynamicConfig.embeddings``, int8 embedding tables, then the pass-through ops ONNX Runtime would
+    leave between a DQ and a Q (Pad, DepthToSpace, SpaceToDepth) made to run on the integer tensor.
+    """
+    InsertQDQPass(plan, group_params(plan, dict(ranges)))(model)
+    written = QDQWritten()
+    if config.dynamic.embeddings:
+        embeddings = QuantizeEmbeddingsPass(config)
+        embeddings(model)
+        written.embeddings = embeddings.quantized
+        written.declines += embeddings.declined
+    integer = FuseQLinearPass(table=QDQ_PASS_THROUGH_RULES)
+    integer(model)
+    written.pass_through = integer.lowered
+    return written
 
 
 @dataclass
@@ -59,7 +93,7 @@ class StaticState:
             )
             self.ranges.update({v.name or "": r for v, r in extra.ranges.items()})
         ranges = {v: self.ranges[v.name or ""] for v in observed if (v.name or "") in self.ranges}
-        InsertQDQPass(plan, group_params(plan, ranges))(model)
+        write_qdq(model, plan, ranges, config)
         if (output_format or config.format) == "qoperator":
             FuseQLinearPass()(model)
         cleanup(model)

@@ -18,11 +18,10 @@ from onnxq.config import QuantConfig
 from onnxq.data import DataSource, Feeds, input_specs, load_feeds
 from onnxq.declines import Decline
 from onnxq.errors import OnnxqError
-from onnxq.pipeline.state import StaticState
+from onnxq.pipeline.state import StaticState, write_qdq
 from onnxq.pipeline.summary import CalibrationSummary, ModeSummary
 from onnxq.plan.op_rules import ANCHOR_OPS
 from onnxq.plan.planner import plan_quantization
-from onnxq.rewrite.insert_qdq import InsertQDQPass, group_params
 
 __all__ = ["nothing_to_quantize", "quantize_static"]
 
@@ -35,6 +34,11 @@ def nothing_to_quantize(model: ir.Model, label: str, declines: Sequence[Decline]
         f"nothing to quantize in {label}: no eligible Conv/ConvTranspose/Gemm/MatMul "
         f"(op types present: {', '.join(ops) or 'none'}){why}"
     )
+
+
+def _touching(nodes: Sequence[ir.Node], names: set[str]) -> list[ir.Node]:
+    """The nodes that read or write a tensor named in ``names``."""
+    return [n for n in nodes if any(v is not None and v.name in names for v in (*n.inputs, *n.outputs))]
 
 
 def quantize_static(
@@ -81,20 +85,37 @@ def quantize_static(
             providers=providers,
             show_progress=show_progress,
         )
-        if not calibration.non_float:
+        if not calibration.non_float and not calibration.unobserved:
             break
         # Shape inference could not type these tensors and they turned out not to be float32 at run
-        # time: keep every node that touches them float and plan again.
-        bad = set(calibration.non_float)
-        touching = sorted(
-            n.name or ""
-            for n in plan.quantized_nodes
-            if any(v is not None and v.name in bad for v in (*n.inputs, *n.outputs))
-        )
-        runtime_declines += [
-            Decline("calibrate", "not_float", "a tensor it reads or writes is not float32", name)
-            for name in touching
-        ]
+        # time; or they never held a finite value (a branch the data never takes, an always-empty
+        # tensor), so there is no range to quantize them with: keep every node that touches them float
+        # and plan again.
+        touching: list[str] = []
+        for names, code, message in (
+            (calibration.non_float, "not_float", "a tensor it reads or writes is not float32"),
+            (
+                calibration.unobserved,
+                "never_observed",
+                (
+                    "a tensor it reads or writes never held a finite value in calibration "
+                    "(e.g. an If branch the data never takes)"
+                ),
+            ),
+        ):
+            bad = set(names)
+            nodes = set(_touching(plan.quantized_nodes, bad))
+            # An absorbed activation's output is its producer's quantized output.
+            nodes.update(
+                n.inputs[0].producer()  # type: ignore[misc]
+                for n in _touching(plan.absorbed_nodes, bad)
+                if n.inputs[0] is not None and n.inputs[0].producer() is not None
+            )
+            found = sorted({n.name or "" for n in nodes} - set(touching))
+            runtime_declines += [Decline("calibrate", code, message, name) for name in found]
+            touching += found
+        if not touching:
+            break  # nothing left to keep float for them
         runtime_excluded.update(touching)
         config = config.replace(exclude_nodes=(*config.exclude_nodes, *touching))
         plan = plan_quantization(model, config)
@@ -116,14 +137,17 @@ def quantize_static(
         providers=tuple(providers),
         quantized_nodes=tuple(n.name or "" for n in plan.quantized_nodes if n.op_type in ANCHOR_OPS),
     )
-    InsertQDQPass(plan, group_params(plan, calibration.ranges))(model)
+    written = write_qdq(model, plan, calibration.ranges, config)
+    quantized_op_types = dict(plan.quantized_op_types() + written.embeddings)
+    declines += written.declines
     summary = ModeSummary(
         mode="static",
-        quantized_op_types=dict(plan.quantized_op_types()),
+        quantized_op_types=quantized_op_types,
         float_op_types=dict(plan.float_op_types),
         declines=tuple(declines),
         activations_absorbed=len(plan.absorbed_nodes),
         subgraph_nodes=plan.subgraph_nodes,
+        bodies=dict(plan.bodies),
         calibration=CalibrationSummary(
             method=calibration.method,
             samples=calibration.samples,

@@ -54,6 +54,7 @@ class ModeSummary:
     notes: tuple[str, ...] = ()
     activations_absorbed: int = 0
     subgraph_nodes: int = 0
+    bodies: dict[str, tuple[int, int]] = field(default_factory=dict)
     #: Set when the mode changes the node count itself (normalization); else preprocessing's count.
     nodes_after: int | None = None
     calibration: CalibrationSummary | None = None
@@ -109,6 +110,7 @@ def build_report(
         declines=declines,
         lowered_op_types=lowered,
         subgraph_nodes=mode.subgraph_nodes,
+        bodies={name: list(counts) for name, counts in mode.bodies.items()},
         calibration=mode.calibration.as_dict() if mode.calibration is not None else {},
         size_float_bytes=size_float_bytes,
         size_quantized_bytes=size_quantized_bytes,

@@ -6,11 +6,13 @@ Every op type the quantizer knows has one :class:`OpRule`. The kinds:
   (Conv → QLinearConv, MatMul → QLinearMatMul / MatMulIntegerToFloat, Gemm → QGemm). Their constant
   weight is quantized per channel and their bias to int32.
 - ``INTEGER`` — ops that ONNX Runtime runs on quantized data (QLinearAdd, QLinearConcat,
-  QLinearAveragePool, …) but that only pay when the data around them is already quantized: they are
-  quantized when all their inputs come quantized and some consumer wants their output quantized.
+  QLinearAveragePool, QLinearWhere, ArgMax on the integer tensor, …) but that only pay when the data
+  around them is already quantized: they are quantized when all their inputs come quantized and some
+  consumer wants their output quantized (ArgMax, with no float output: when its input comes quantized).
 - ``PASSTHROUGH`` — ops that move or select values without arithmetic (Reshape, Transpose, MaxPool,
-  nearest/linear Resize, Slice, Gather, …): the output reuses the input's scale and zero point, so
-  ONNX Runtime drops the DQ→op→Q around them and runs them on int8 data.
+  nearest/linear Resize, Slice, Gather, GatherElements, Expand, Tile, ReduceMax/Min, Pad, …): the
+  output reuses the input's scale and zero point, so ONNX Runtime drops the DQ→op→Q around them and
+  runs them on int8 data (where it does not — Pad, DepthToSpace, SpaceToDepth — onnxq does).
 - ``ABSORBABLE`` activations (Relu, Clip) directly after a quantized producer get no Q/DQ between the
   two: the activation's output range is the producer's quantized range (a zero point at the bottom of
   the range clamps exactly like the activation, so ONNX Runtime fuses the activation away).
@@ -51,14 +53,16 @@ class OpRule:
     ``weight``/``bias`` index a constant weight and bias (anchors only). ``output`` says when the output
     is quantized: ``"always"`` (the integer kernel needs an output scale) or ``"if_wanted"`` (only when a
     consumer reads it quantized; otherwise ONNX Runtime's float-output kernel is faster and exact).
-    ``shared_scale`` makes all inputs and the output use one scale (Concat).
+    ``"none"`` marks an op without a float output (ArgMax): it is quantized when its input comes
+    quantized, reading the integer tensor directly. ``shared_scale`` makes all inputs and the output use
+    one scale (Concat).
     """
 
     kind: OpKind
     inputs: tuple[int, ...] | None = (0,)
     weight: int | None = None
     bias: int | None = None
-    output: Literal["always", "if_wanted"] = "always"
+    output: Literal["always", "if_wanted", "none"] = "always"
     shared_scale: bool = False
 
 
@@ -82,6 +86,8 @@ OP_RULES: dict[str, OpRule] = {
     "Sigmoid": OpRule(_INTEGER),
     "Relu": OpRule(_INTEGER),
     "Clip": OpRule(_INTEGER),
+    "Where": OpRule(_INTEGER, inputs=(1, 2)),  # com.microsoft.QLinearWhere
+    "ArgMax": OpRule(_INTEGER, output="none"),  # reads the integer tensor (ONNX Runtime drops the DQ)
     # Scale-preserving data movement.
     "MaxPool": OpRule(_PASS),
     "Reshape": OpRule(_PASS),
@@ -93,6 +99,14 @@ OP_RULES: dict[str, OpRule] = {
     "Slice": OpRule(_PASS),
     "Split": OpRule(_PASS),
     "Gather": OpRule(_PASS),
+    "GatherElements": OpRule(_PASS),
+    "Expand": OpRule(_PASS),
+    "Tile": OpRule(_PASS),
+    "ReduceMax": OpRule(_PASS),
+    "ReduceMin": OpRule(_PASS),
+    # ONNX Runtime keeps the Q/DQ around these three (no fusion); onnxq's QDQ rewrite runs them on the
+    # integer tensor itself (onnxq.rewrite.integer_passthrough), Pad with its fill value quantized.
+    "Pad": OpRule(_PASS),
     "DepthToSpace": OpRule(_PASS),
     "SpaceToDepth": OpRule(_PASS),
 }

@@ -16,7 +16,9 @@ Rules (see :mod:`onnxq.plan.op_rules` for the table):
 4. Tensors that must share parameters (pass-through input/output, Concat inputs/output) form groups;
    each group gets one scale and zero point.
 
-Nodes inside If/Loop/Scan subgraphs are left float and counted in the plan.
+The same rules apply inside If/Loop/Scan bodies: every graph's nodes are planned, a value is wanted
+quantized only by readers of its own graph (a body reading an outer value reads it in float), and
+the plan counts, per body, the nodes it quantizes (:attr:`QuantPlan.bodies`).
 """
 
 from __future__ import annotations
@@ -24,11 +26,21 @@ from __future__ import annotations
 import collections
 from dataclasses import dataclass, field
 
+import numpy as np
 import onnx_ir as ir
 
 from onnxq.config import ActivationScheme, QuantConfig, WeightScheme
 from onnxq.declines import Decline, Reason
-from onnxq.graph import DEFAULT_DOMAINS, attr_int, attr_str, const_array, is_constant, is_float, node_label
+from onnxq.graph import (
+    DEFAULT_DOMAINS,
+    attr_int,
+    attr_str,
+    const_array,
+    home_graph,
+    is_constant,
+    is_float,
+    node_label,
+)
 from onnxq.plan.op_rules import ABSORBABLE_ACTIVATIONS, FLOAT_REASONS, OP_RULES, OpKind, OpRule
 
 __all__ = ["ActivationGroup", "BiasTask", "QuantPlan", "WeightTask", "plan_quantization"]
@@ -89,7 +101,10 @@ class QuantPlan:
     quantized_inputs: list[tuple[ir.Node, int]] = field(default_factory=list)
     declined: list[Decline] = field(default_factory=list)
     float_op_types: collections.Counter[str] = field(default_factory=collections.Counter)
+    #: Nodes inside If/Loop/Scan bodies that stay float.
     subgraph_nodes: int = 0
+    #: Per body (``"<If If_0>.then_branch"``): (nodes quantized, nodes in the body).
+    bodies: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     @property
     def empty(self) -> bool:
@@ -107,7 +122,7 @@ class _Planner:
     def __init__(self, model: ir.Model, config: QuantConfig) -> None:
         self.graph = model.graph
         self.config = config
-        self.nodes = list(self.graph)
+        self.nodes = list(self.graph.all_nodes())
         self.plan = QuantPlan()
         self.rules: dict[ir.Node, OpRule] = {}
         self.kept: set[ir.Node] = set()
@@ -166,6 +181,19 @@ class _Planner:
             return Reason("resize_mode", "Resize mode is not nearest/linear")
         if op == "Gather" and not is_float(node.inputs[0]):
             return Reason("not_float", "gathered data is not float32")
+        if op == "Where":
+            for branch in node.inputs[1:]:
+                data = const_array(branch)
+                if data is not None and data.size and not np.all(np.isfinite(data)):
+                    return Reason("not_finite", "a constant branch holds inf/nan (a mask fill): no range")
+        if op == "Pad":
+            value = node.inputs[2] if len(node.inputs) > 2 else None
+            if attr_str(node, "mode", "constant") == "constant" and value is not None:
+                fill = const_array(value)
+                if fill is None:
+                    return Reason("pad_value", "the Pad fill value is not a constant")
+                if not np.all(np.isfinite(fill)):
+                    return Reason("not_finite", "the Pad fill value is inf/nan: no integer grid holds it")
         if op == "Clip" and len(node.inputs) > 1:
             for bound in node.inputs[1:]:
                 if bound is not None and not is_constant(bound):
@@ -215,8 +243,8 @@ class _Planner:
         """Whether some consumer reads ``value`` quantized (directly, or through pass-through ops)."""
         for use in value.uses():
             consumer, index = use.node, use.idx
-            if consumer.graph is not self.graph:
-                continue
+            if consumer.graph is not home_graph(value):
+                continue  # read from inside a body: in float
             if consumer in self.absorbed:
                 if any(self.wanted(out) for out in consumer.outputs):
                     return True
@@ -257,7 +285,11 @@ class _Planner:
                     # over a constant table (Gather of embeddings), whose table is stored quantized.
                     ok = bool(inputs or (data and rule.kind is OpKind.PASSTHROUGH))
                     ok = ok and all(self.available(v) for v in inputs)
-                    ok = ok and any(self.wanted(out) for out in node.outputs if is_float(out))
+                    float_outputs = [out for out in node.outputs if is_float(out)]
+                    if float_outputs:
+                        ok = ok and any(self.wanted(out) for out in float_outputs)
+                    else:
+                        ok = ok and rule.output == "none"
                     new_kept, new_absorbed = ok, False
                 if (new_kept, new_absorbed) != (was_kept, was_absorbed):
                     self.kept.discard(node)
@@ -308,6 +340,11 @@ class _Planner:
                     for out in node.outputs:
                         if is_float(out) and out.name:
                             union(value, out)
+            fill = self.pad_fill(node)
+            if fill is not None and node.inputs[0] is not None:
+                # The fill value is written into the output: the shared range must hold it.
+                add(fill, node)
+                union(node.inputs[0], fill)
             if weight_index is not None:
                 plan.weights.append(self.weight_task(node, weight_index))
                 bias = self.bias_index(node, rule, weight_index)
@@ -354,8 +391,29 @@ class _Planner:
                 decline = Decline("plan", "kept_float", reason or "", op_type=node.op_type)
                 if reason and decline not in plan.declined:
                     plan.declined.append(decline)
-        plan.subgraph_nodes = sum(len(g) for g in self.graph.subgraphs())
+        quantized = set(plan.quantized_nodes) | absorbed
+        for owner in self.nodes:
+            for attr in owner.attributes.values():
+                bodies = (
+                    [attr.as_graph()]
+                    if attr.type == ir.AttributeType.GRAPH
+                    else list(attr.as_graphs())
+                    if attr.type == ir.AttributeType.GRAPHS
+                    else []
+                )
+                for body in bodies:
+                    count = sum(1 for n in body if n in quantized)
+                    plan.bodies[f"{node_label(owner)}.{attr.name}"] = (count, len(body))
+        plan.subgraph_nodes = sum(1 for g in self.graph.subgraphs() for n in g if n not in quantized)
         return plan
+
+    @staticmethod
+    def pad_fill(node: ir.Node) -> ir.Value | None:
+        """The constant fill value of a constant-mode Pad (``None`` for other ops and modes)."""
+        if node.op_type != "Pad" or attr_str(node, "mode", "constant") != "constant":
+            return None
+        value = node.inputs[2] if len(node.inputs) > 2 else None
+        return value if value is not None and is_constant(value) else None
 
     def weight_index(self, node: ir.Node, rule: OpRule) -> int | None:
         if rule.kind is not OpKind.ANCHOR:
@@ -412,5 +470,5 @@ class _Planner:
 
 
 def plan_quantization(model: ir.Model, config: QuantConfig) -> QuantPlan:
-    """Decide, for the model's main graph, which nodes and tensors to quantize (see module docs)."""
+    """Decide, for every graph of the model, which nodes and tensors to quantize (see module docs)."""
     return _Planner(model, config).build()

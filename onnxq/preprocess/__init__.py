@@ -22,6 +22,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common
 
 from onnxq.declines import Decline
+from onnxq.graph import NameScope
 from onnxq.preprocess.canonicalize import FLOAT_ISLAND_RULES, LATE_RULES, CanonicalizePass
 from onnxq.preprocess.fold_affine import FoldAffinePass
 from onnxq.preprocess.fold_bn import FoldBatchNormPass
@@ -56,6 +57,34 @@ class _OpTypeNames(common.naming.SimpleNameGenerator):
         return node.name or node.op_type
 
 
+def unique_names(model: ir.Model) -> int:
+    """Give every value and node of every graph a name of its own; returns how many were renamed.
+
+    Sibling If branches may reuse a name (valid ONNX), but calibration, ranges and exclusions are
+    keyed by name. The main graph comes first, so its inputs, outputs and nodes keep their names.
+    """
+    scope = NameScope(model.graph)
+    seen_values: set[str] = set()
+    seen_nodes: set[str] = set()
+    renamed = 0
+    for graph in (model.graph, *model.graph.subgraphs()):
+        values = [*graph.inputs, *(out for node in graph for out in node.outputs)]
+        for value in values:
+            if value.name and value.name in seen_values and graph is not model.graph:
+                value.name = scope.fresh(value.name)
+                renamed += 1
+            if value.name:
+                seen_values.add(value.name)
+        seen_values.update(graph.initializers)
+        for node in graph:
+            if node.name and node.name in seen_nodes and graph is not model.graph:
+                node.name = scope.fresh(node.name)
+                renamed += 1
+            if node.name:
+                seen_nodes.add(node.name)
+    return renamed
+
+
 def infer_shapes(model: ir.Model) -> bool:
     """Run ONNX shape inference leniently; a model it cannot handle keeps the shapes it has."""
     try:
@@ -73,6 +102,7 @@ def preprocess(model: ir.Model) -> PreprocessSummary:
     common.RemoveInitializersFromInputsPass()(model)
     common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
     common.NameFixPass(_OpTypeNames())(model)
+    unique_names(model)
     common.TopologicalSortPass()(model)
     FoldConstantsPass()(model)
     fold_bn = FoldBatchNormPass()

@@ -16,6 +16,7 @@ that the constants are what the pattern needs, within float32 rounding):
    ``com.microsoft.FastGelu`` below).
 4. ``(x − mean(x)) / Sqrt(mean((x − mean(x))²) + ε) [· γ] [+ β]`` over the last axis ⇒
    ``LayerNormalization(x, γ, β; axis=-1, epsilon=ε)`` (opset ≥ 17).
+5. ``Sum(a, b, …)`` (old exporters' residual adds) ⇒ a chain of ``Add`` (quantized as QLinearAdd).
 
 A rule whose target op the opset (or the installed ONNX Runtime) lacks declines with that reason, and
 the pattern stays as it is. Equivalence of each rule is checked numerically in the tests.
@@ -454,12 +455,47 @@ class LayerNormRule(_Rule):
         return [ir.AttrInt64("axis", -1), ir.AttrFloat32("epsilon", m.attributes["epsilon"])]
 
 
-#: The pass's rule table (for a Mul/Div, the first of these that matches decides).
-RULES: tuple[_Rule, ...] = (HardSwishRule(), GeluRule(), LayerNormRule())
+class SumRule(_Rule):
+    """Rule 5: ``Sum(a, b, …)`` ⇒ ``Add(Add(a, b), …)`` (ONNX Runtime has QLinearAdd, no QLinearSum)."""
 
-#: The rules for the float islands that no integer form beats (GELU, LayerNorm): run before the affine
-#: folds, which would otherwise take a LayerNorm's γ into the MatMul after it.
-FLOAT_ISLAND_RULES: tuple[_Rule, ...] = (GeluRule(), LayerNormRule())
+    op_types = ("Sum",)
+    targets = (("", "Add", 7),)
+
+    def match(self, node: ir.Node, ctx: _Context) -> _Match | None:
+        if len(node.inputs) < 2 or any(v is None for v in node.inputs):
+            return None
+        x = node.inputs[0]
+        assert x is not None
+        return _Match(node, ctx, x, [node], node.outputs[0])
+
+    def rewrite(self, m: _Match) -> str:
+        graph = m.node.graph
+        assert graph is not None
+        total = m.node.inputs[0]
+        assert total is not None
+        base = m.node.name or "Sum"
+        for index, operand in enumerate(m.node.inputs[1:], start=1):
+            add = ir.Node("", "Add", [total, operand], name=m.ctx.names.fresh(f"{base}_add{index}"))
+            graph.insert_before(m.node, add)
+            total = add.outputs[0]
+            total.type = m.output.type
+            if index < len(m.node.inputs) - 1:
+                total.name = m.ctx.names.fresh(f"{base}_partial{index}")
+        name = m.output.name
+        total.shape = m.output.shape
+        m.output.replace_all_uses_with(total, replace_graph_outputs=True)
+        m.output.name = None
+        total.name = name
+        graph.remove(m.node, safe=True)
+        return "Add"
+
+
+#: The pass's rule table (for a Mul/Div, the first of these that matches decides).
+RULES: tuple[_Rule, ...] = (HardSwishRule(), GeluRule(), LayerNormRule(), SumRule())
+
+#: The rules run before the affine folds: the float islands that no integer form beats (GELU,
+#: LayerNorm; the folds would otherwise take a LayerNorm's γ into the MatMul after it) and Sum.
+FLOAT_ISLAND_RULES: tuple[_Rule, ...] = (GeluRule(), LayerNormRule(), SumRule())
 
 #: Hard-swish runs faster in integer form (QLinearAdd, the Clip absorbed into its range, QLinearMul)
 #: than as a float HardSwish between Q/DQ, once its ``/ 6`` is folded into the Conv that reads it; so

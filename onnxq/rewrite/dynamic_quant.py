@@ -97,7 +97,13 @@ from onnxq.graph import (
 from onnxq.qmath import QuantParams, quantize_weight
 from onnxq.rules import Kernel
 
-__all__ = ["MS_DOMAIN", "QUANTIZED_OP_TYPES", "RULES", "DynamicQuantizePass"]
+__all__ = [
+    "MS_DOMAIN",
+    "QUANTIZED_OP_TYPES",
+    "RULES",
+    "DynamicQuantizePass",
+    "QuantizeEmbeddingsPass",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -229,6 +235,30 @@ class DynamicQuantizePass(ir.passes.InPlacePass):
             message = f"{sum(inner.values())} node(s) inside If/Loop/Scan subgraphs left float ({counts})"
             lines.append(Decline("dynamic", "subgraph", message))
         return lines
+
+
+class QuantizeEmbeddingsPass(ir.passes.InPlacePass):
+    """Rule 5 alone, for static quantization with ``--quantize-embeddings``: int8 Gather tables.
+
+    Run after Q/DQ insertion: a Gather whose table the static plan already quantized reads a
+    DequantizeLinear, not a constant, and is left as it is. After a call, :attr:`quantized` counts
+    the tables rewritten.
+    """
+
+    def __init__(self, config: QuantConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.quantized: collections.Counter[str] = collections.Counter()
+        self.declined: list[Decline] = []
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        ctx = _Rewriter(model, self.config, ms_domain=True)
+        outcome = rules.apply_rules(model, [GATHER_RULE], ctx, stage="dynamic", opset=ctx.opset, scope="main")
+        self.quantized = outcome.rewritten
+        self.declined = outcome.declines
+        if self.quantized:
+            ctx.drop_replaced_initializers()
+        return ir.passes.PassResult(model, modified=bool(self.quantized))
 
 
 @dataclass

@@ -78,6 +78,8 @@ from onnxq.rules import Kernel
 __all__ = [
     "MS_DOMAIN",
     "PASS_THROUGH_OPS",
+    "QDQ_KEPT_PASS_THROUGH",
+    "QDQ_PASS_THROUGH_RULES",
     "RULES",
     "FuseQLinearPass",
     "Kernel",
@@ -93,8 +95,9 @@ _QRANGE: dict[ir.DataType, tuple[int, int]] = {ir.DataType.UINT8: (0, 255), ir.D
 _BIAS_RTOL = 1e-6
 #: Ops that move or select values: on integers they compute exactly what DQ → op → Q computes.
 PASS_THROUGH_OPS = (
-    "MaxPool", "Reshape", "Transpose", "Flatten", "Squeeze",
-    "Unsqueeze", "Slice", "Split", "Resize", "Gather",
+    "MaxPool", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Slice", "Split", "Resize",
+    "Gather", "GatherElements", "Expand", "Tile", "ReduceMax", "ReduceMin", "Pad", "DepthToSpace",
+    "SpaceToDepth",
 )  # fmt: skip
 _INT32_MAX = float(np.iinfo(np.int32).max)
 
@@ -1110,6 +1113,8 @@ class PassThroughRule(Rule):
             return Reason(
                 "pass_through_form", f"Resize mode is {mode}; only nearest runs unchanged on integers"
             )
+        if m.node.op_type == "Pad":
+            return _pad_fill_problem(m.node, x, m.ctx.opset)
         return None
 
     def kernel(self, m: Match) -> Kernel | None:
@@ -1121,6 +1126,12 @@ class PassThroughRule(Rule):
         x = m.input(0)
         assert x is not None
         m.node.replace_input_with(0, x.data)
+        if m.node.op_type == "Pad" and attr_str(m.node, "mode", "constant") == "constant":
+            fill = _quantized_fill(m.node, x)
+            if len(m.node.inputs) < 3:
+                m.node.resize_inputs(3)
+            base = m.node.name or "Pad"
+            m.node.replace_input_with(2, m.ctx.initializer(f"{base}_fill", fill))
         for value, q in zip(m.node.outputs, m.outputs, strict=True):
             if q is not None:
                 assert q.dtype is not None
@@ -1128,6 +1139,44 @@ class PassThroughRule(Rule):
                 _take_over(q.data, value)
         _remove_dead([*(q.node for q in m.outputs if q), *_dq_nodes(m)])
         return m.node.op_type
+
+
+def _pad_fill(node: ir.Node) -> float | None:
+    """The float fill value of a constant-mode Pad (0 when omitted); ``None`` when not a constant."""
+    value = node.inputs[2] if len(node.inputs) > 2 else None
+    if value is None:
+        return attr_float(node, "value", 0.0)
+    data = const_array(value)
+    return None if data is None or data.size != 1 else float(data.reshape(-1)[0])
+
+
+def _quantized_fill(node: ir.Node, x: QTensor) -> np.ndarray:
+    """The fill value on ``x``'s integer grid (exact: :func:`_pad_fill_problem` checked it)."""
+    fill = _pad_fill(node)
+    assert fill is not None and x.dtype is not None and x.scales is not None and x.zero_points is not None
+    level = round(fill / _scalar(x.scales)) + int(_scalar(x.zero_points))
+    return np.asarray(level, dtype=np.uint8 if x.dtype == ir.DataType.UINT8 else np.int8)
+
+
+def _pad_fill_problem(node: ir.Node, x: QTensor, opset: int) -> Reason | None:
+    """Why a Pad cannot run on ``x``'s integer tensor (its fill value must be a grid point)."""
+    if attr_str(node, "mode", "constant") != "constant":
+        return None  # reflect/edge copy existing values
+    if opset < 11:
+        return Reason("pass_through_form", "Pad below opset 11 takes its fill value as an attribute")
+    fill = _pad_fill(node)
+    if fill is None:
+        return Reason("pass_through_form", "the Pad fill value is not a constant")
+    if not np.isfinite(fill):
+        return Reason("pass_through_form", f"the Pad fill value is {fill:g}: no integer grid holds it")
+    if x.dtype not in _QRANGE or x.scales is None or x.zero_points is None or not x.per_tensor:
+        return Reason("pass_through_form", "the Pad input is not per-tensor 8-bit")
+    scale, zero = _scalar(x.scales), int(_scalar(x.zero_points))
+    level = round(fill / scale) + zero
+    low, high = _QRANGE[x.dtype]
+    if not low <= level <= high or abs((level - zero) * scale - fill) > 1e-6 * max(1.0, abs(fill)):
+        return Reason("pass_through_form", f"the Pad fill value {fill:g} is not on the input's integer grid")
+    return None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -1171,6 +1220,12 @@ RULES: tuple[Rule, ...] = (
         reason="ONNX Runtime has no QLinearConvTranspose kernel (CPU)",
     ),
 )
+
+#: Pass-through ops that ONNX Runtime's QDQ fusions leave between their DequantizeLinear and
+#: QuantizeLinear although it has integer kernels for them: onnxq's QDQ output runs them on the integer
+#: tensor itself (the rest of the QDQ graph is left for ONNX Runtime to fuse).
+QDQ_KEPT_PASS_THROUGH = ("Pad", "DepthToSpace", "SpaceToDepth")
+QDQ_PASS_THROUGH_RULES: tuple[Rule, ...] = (PassThroughRule(op_types=QDQ_KEPT_PASS_THROUGH),)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1221,13 +1276,17 @@ class FuseQLinearPass(ir.passes.InPlacePass):
 
     ``conv_integer=True`` lowers a Conv without output Q to ConvInteger (off by default: ONNX Runtime's
     ConvInteger is slow); ``ms_domain=False`` emits only default-domain ops (QLinearConv, QLinearMatMul,
-    MatMulInteger, ConvInteger and the pass-through ops) and declines the rest.
+    MatMulInteger, ConvInteger and the pass-through ops) and declines the rest. ``table`` replaces the
+    rule table (:data:`RULES`) with a subset, e.g. :data:`QDQ_PASS_THROUGH_RULES`.
     """
 
-    def __init__(self, *, conv_integer: bool = False, ms_domain: bool = True) -> None:
+    def __init__(
+        self, *, conv_integer: bool = False, ms_domain: bool = True, table: Sequence[Rule] | None = None
+    ) -> None:
         super().__init__()
         self.conv_integer = conv_integer
         self.ms_domain = ms_domain
+        self.table = RULES if table is None else tuple(table)
         self.lowered: collections.Counter[str] = collections.Counter()
         self.declined: list[Decline] = []
 
@@ -1238,7 +1297,7 @@ class FuseQLinearPass(ir.passes.InPlacePass):
         for graph in list(rules.graphs_of(model)):
             # Per graph, so that Q/DQ pairs collapse before the next graph's rules look at them.
             outcome.extend(
-                rules.apply_rules(model, RULES, ctx, stage="lower", opset=ctx.opset, nodes=list(graph))
+                rules.apply_rules(model, self.table, ctx, stage="lower", opset=ctx.opset, nodes=list(graph))
             )
             while _collapse_once(graph):
                 modified = True

@@ -13,6 +13,10 @@ Rewrite rules:
 
 Tensors in one group share one scale/zero-point initializer pair, so ONNX Runtime sees identical
 parameters around pass-through ops and drops the Q/DQ there.
+
+Inside If/Loop/Scan bodies, the Q/DQ nodes and the initializers they read (parameters, quantized
+weights) are created in the body that holds the tensor or node: ONNX Runtime's QDQ fusions look for
+constant parameters in the node's own graph.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from onnxq.graph import NameScope, const_array, make_initializer
+from onnxq.graph import NameScope, const_array, home_graph, make_initializer
 from onnxq.plan.planner import ActivationGroup, QuantPlan
 from onnxq.qmath import QuantParams, compute_qparams, quantize, quantize_bias, quantize_weight
 
@@ -80,23 +84,31 @@ class _Rewriter:
         self.plan = plan
         self.params = params
         self.quantized_slots = set(plan.quantized_inputs)
-        self.dq_of_weight: dict[tuple[int, int | None, str, bool], tuple[ir.Value, QuantParams]] = {}
+        self.dq_of_weight: dict[tuple[int, int, int | None, str, bool], tuple[ir.Value, QuantParams]] = {}
         self.weight_params: dict[tuple[int, int], QuantParams] = {}
-        self.zero_points: dict[tuple[str, tuple[int, ...], bytes], ir.Value] = {}
+        self.zero_points: dict[tuple[int, str, tuple[int, ...], bytes], ir.Value] = {}
+        self.group_params: dict[tuple[int, int], tuple[ir.Value, ir.Value]] = {}
 
-    def _param_values(self, base: str, params: QuantParams) -> tuple[ir.Value, ir.Value]:
-        scale = make_initializer(
-            self.graph, self.names, f"{base}_scale", np.asarray(params.scale, np.float32)
-        )
+    def _param_values(self, base: str, params: QuantParams, graph: ir.Graph) -> tuple[ir.Value, ir.Value]:
+        scale = make_initializer(graph, self.names, f"{base}_scale", np.asarray(params.scale, np.float32))
         # Equal zero points (0, 128, the zeros of symmetric weights) share one initializer, so the
         # output is already in the canonical form NormalizeQDQPass would give it.
         data = np.asarray(params.zero_point)
-        key = (str(data.dtype), data.shape, data.tobytes())
+        key = (id(graph), str(data.dtype), data.shape, data.tobytes())
         zero_point = self.zero_points.get(key)
         if zero_point is None:
-            zero_point = make_initializer(self.graph, self.names, f"{base}_zero_point", data)
+            zero_point = make_initializer(graph, self.names, f"{base}_zero_point", data)
             self.zero_points[key] = zero_point
         return scale, zero_point
+
+    def _group_values(self, group: ActivationGroup, graph: ir.Graph) -> tuple[ir.Value, ir.Value]:
+        """The group's scale and zero point as initializers of ``graph`` (one pair per graph)."""
+        key = (group.index, id(graph))
+        found = self.group_params.get(key)
+        if found is None:
+            found = self._param_values(group.name, self.params[group.index], graph)
+            self.group_params[key] = found
+        return found
 
     def _dq_node(
         self, data: ir.Value, scale: ir.Value, zero_point: ir.Value | None, base: str, axis: int | None
@@ -116,20 +128,18 @@ class _Rewriter:
             node.outputs[0].shape = data.shape
         return node
 
-    def _first_node(self) -> ir.Node | None:
-        return next(iter(self.graph), None)
-
     def quantize_group(self, group: ActivationGroup) -> None:
         params = self.params[group.index]
-        scale, zero_point = self._param_values(group.name, params)
         for value in group.members:
             if value in group.constants:
-                self._quantize_constant(value, params, scale, zero_point)
+                self._quantize_constant(value, group, params)
             else:
-                self._insert_qdq(value, scale, zero_point, params)
+                graph = home_graph(value) or self.graph
+                scale, zero_point = self._group_values(group, graph)
+                self._insert_qdq(value, scale, zero_point, params, graph)
 
     def _insert_qdq(
-        self, value: ir.Value, scale: ir.Value, zero_point: ir.Value, params: QuantParams
+        self, value: ir.Value, scale: ir.Value, zero_point: ir.Value, params: QuantParams, graph: ir.Graph
     ) -> None:
         base = value.name or "tensor"
         uses = list(value.uses())  # before the QuantizeLinear becomes a use itself
@@ -143,14 +153,14 @@ class _Rewriter:
         dq = self._dq_node(q.outputs[0], scale, zero_point, base, None)
         dq_out = dq.outputs[0]
         producer = value.producer()
-        if producer is not None and producer.graph is self.graph:
-            self.graph.insert_after(producer, [q, dq])
+        if producer is not None and producer.graph is graph:
+            graph.insert_after(producer, [q, dq])
         else:
-            first = self._first_node()
+            first = next(iter(graph), None)
             if first is None:
-                self.graph.extend([q, dq])
+                graph.extend([q, dq])
             else:
-                self.graph.insert_before(first, [q, dq])
+                graph.insert_before(first, [q, dq])
         for use in uses:
             use.node.replace_input_with(use.idx, dq_out)
         # A graph input that is also a graph output keeps both roles and its name: renaming it would
@@ -159,28 +169,29 @@ class _Rewriter:
             original = value.name
             value.name = self.names.fresh(f"{original}_float")
             dq_out.name = original
-            outputs = self.graph.outputs
+            outputs = graph.outputs
             for i, out in enumerate(outputs):
                 if out is value:
                     outputs[i] = dq_out
 
-    def _quantize_constant(
-        self, value: ir.Value, params: QuantParams, scale: ir.Value, zero_point: ir.Value
-    ) -> None:
+    def _quantize_constant(self, value: ir.Value, group: ActivationGroup, params: QuantParams) -> None:
         data = const_array(value)
         if data is None:
             return
         base = value.name or "constant"
-        stored = make_initializer(
-            self.graph, self.names, f"{base}_quantized", quantize(data.astype(np.float32), params)
-        )
-        dq: ir.Node | None = None
+        quantized = quantize(data.astype(np.float32), params)
+        dq_in: dict[int, ir.Node] = {}  # one DequantizeLinear per graph that reads the constant
         for use in list(value.uses()):
             if (use.node, use.idx) not in self.quantized_slots:
                 continue
+            graph = use.node.graph or self.graph
+            dq = dq_in.get(id(graph))
             if dq is None:
+                stored = make_initializer(graph, self.names, f"{base}_quantized", quantized)
+                scale, zero_point = self._group_values(group, graph)
                 dq = self._dq_node(stored, scale, zero_point, base, None)
-                self.graph.insert_before(use.node, [dq])
+                graph.insert_before(use.node, [dq])
+                dq_in[id(graph)] = dq
             use.node.replace_input_with(use.idx, dq.outputs[0])
 
     def quantize_weight(self, node: ir.Node, index: int, axis: int | None, scheme: object) -> None:
@@ -191,15 +202,16 @@ class _Rewriter:
         data = const_array(weight)
         if weight is None or data is None:
             return
-        key = (id(weight), axis, scheme.dtype, scheme.symmetric)
+        graph = node.graph or self.graph
+        key = (id(weight), id(graph), axis, scheme.dtype, scheme.symmetric)
         cached = self.dq_of_weight.get(key)
         if cached is None:
             q, params = quantize_weight(data, scheme.dtype, scheme.symmetric, axis)
             base = weight.name or f"{node.name}_weight"
-            stored = make_initializer(self.graph, self.names, f"{base}_quantized", q)
-            scale, zero_point = self._param_values(base, params)
+            stored = make_initializer(graph, self.names, f"{base}_quantized", q)
+            scale, zero_point = self._param_values(base, params, graph)
             dq = self._dq_node(stored, scale, zero_point, base, params.axis)
-            self.graph.insert_before(node, [dq])
+            graph.insert_before(node, [dq])
             cached = (dq.outputs[0], params)
             self.dq_of_weight[key] = cached
         dq_out, params = cached
@@ -219,8 +231,9 @@ class _Rewriter:
         axis = 0 if scale.ndim == 1 and scale.shape[0] > 1 else None
         if axis is None:  # one scale for every channel: store it per-tensor
             scale = np.asarray(scale.reshape(-1)[0], np.float32)
-        stored = make_initializer(self.graph, self.names, f"{base}_quantized", q)
-        scale_value = make_initializer(self.graph, self.names, f"{base}_scale", scale)
+        graph = node.graph or self.graph
+        stored = make_initializer(graph, self.names, f"{base}_quantized", q)
+        scale_value = make_initializer(graph, self.names, f"{base}_scale", scale)
         dq = self._dq_node(stored, scale_value, None, base, axis)
-        self.graph.insert_before(node, [dq])
+        graph.insert_before(node, [dq])
         node.replace_input_with(index, dq.outputs[0])

@@ -262,6 +262,8 @@ def serialize_lean(model: ir.Model, *, min_bytes: int = 1024) -> tuple[bytes, di
     uses the arrays' memory directly instead of parsing a serialized copy and copying it again, so a
     session on a 90 MB model costs about its weights once, not three times; and models over protobuf's
     2 GiB limit need no temporary file. The arrays are views of the model's own tensors where possible.
+    Initializers of If/Loop/Scan bodies are serialized inline (ONNX Runtime resolves in-memory data
+    for the main graph only).
     """
     swapped: list[tuple[ir.Value, ir.TensorProtocol]] = []
     arrays: dict[str, np.ndarray] = {}
@@ -271,7 +273,8 @@ def serialize_lean(model: ir.Model, *, min_bytes: int = 1024) -> tuple[bytes, di
             if tensor is None:
                 continue
             external = isinstance(tensor, ir.ExternalTensor)
-            if tensor.dtype in _NON_NUMPY_DTYPES:
+            # ONNX Runtime looks up in-memory initializers in the main graph only: a body's stay inline.
+            if tensor.dtype in _NON_NUMPY_DTYPES or graph is not model.graph:
                 if external:  # ONNX Runtime would resolve a bytes model's data paths against the cwd
                     swapped.append((value, tensor))
                     value.const_value = ir.Tensor(tensor.numpy().copy(), dtype=tensor.dtype, name=name)

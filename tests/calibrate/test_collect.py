@@ -163,8 +163,10 @@ def test_conv_relu_ranges_match_onnxruntime() -> None:
     samples = [{"x": sample} for sample in builders.conv_calibration(6)]
     result = calibrate(model, [conv, relu], samples)
     tensors = reference_tensors(proto, [conv.name or "", "y"], samples)
-    assert result.ranges[conv] == (float(tensors["c"].min()), float(tensors["c"].max()))
-    assert result.ranges[relu] == (0.0, float(tensors["y"].max()))
+    # Calibration runs at ORT_ENABLE_ALL (faster convolution kernels): equal up to float rounding.
+    expected = (float(tensors["c"].min()), float(tensors["c"].max()))
+    assert result.ranges[conv] == pytest.approx(expected, rel=1e-5)
+    assert result.ranges[relu] == pytest.approx((0.0, float(tensors["y"].max())), rel=1e-5)
     assert result.ranges[conv][0] < 0.0  # the Relu really clipped something: the two ranges differ
 
 
@@ -319,7 +321,7 @@ def test_non_float_is_listed_once_whatever_the_number_of_runs() -> None:
 def test_tensors_without_any_finite_value_are_unobserved(caplog: pytest.LogCaptureFixture) -> None:
     model = ir.from_proto(side_branch_model())
     values = values_named(model, "never", "empty", "y")
-    with caplog.at_level(logging.WARNING, logger="onnxq.calibrate.collect"):
+    with caplog.at_level(logging.INFO, logger="onnxq.calibrate.collect"):
         result = calibrate(model, values, row_feeds(5, seed=13))
     assert result.unobserved == ("never", "empty")  # in the order they were asked for
     assert set(by_name(result)) == {"y"}
@@ -422,7 +424,7 @@ def test_nothing_to_observe_opens_no_session(monkeypatch: pytest.MonkeyPatch) ->
     assert result.unobserved == () and result.non_float == ()
 
 
-def test_calibration_runs_with_basic_optimisations_and_no_prepacking(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_calibration_runs_with_every_optimisation_and_no_prepacking(monkeypatch: pytest.MonkeyPatch) -> None:
     seen: list[dict[str, object]] = []
     real = collect.open_model
 
@@ -435,7 +437,7 @@ def test_calibration_runs_with_basic_optimisations_and_no_prepacking(monkeypatch
     values = values_named(model, "h", "y")
     calibrate(model, values, row_feeds(3, seed=0))
     assert len(seen) == 1  # one session for all the data
-    assert seen[0]["opt_level"] == "basic"
+    assert seen[0]["opt_level"] == "all"
     assert seen[0]["prepack"] is False
     assert list(seen[0]["outputs"]) == values  # type: ignore[call-overload]
 

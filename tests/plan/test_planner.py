@@ -631,16 +631,21 @@ g (float[1, 3, 8, 8] x, bool cond) => (float[1, 4, 4, 4] y) {
 }"""
 
 
-def test_if_subgraph_nodes_stay_float_and_are_counted() -> None:
+def test_if_subgraph_anchors_are_planned_and_bodies_counted() -> None:
     model = _model(IF_MODEL, _weights(W1=(4, 3, 3, 3), W2=(4, 4, 3, 3)))
     plan = _plan(model)
-    assert _names(plan.quantized_nodes) == ["conv1"]
-    assert plan.subgraph_nodes == 2
-    assert all(node.graph is model.graph for node in plan.quantized_nodes)
-    assert [t.node.name for t in plan.weights] == ["conv1"]
-    # The MaxPool's only reader is inside a subgraph, which stays float: nobody wants it quantized.
-    assert _value(model, "p") not in plan.group_of
-    assert plan.float_op_types == collections.Counter({"MaxPool": 1, "If": 1})
+    assert _names(plan.quantized_nodes) == ["conv1", "inner_conv"]
+    then_graph = _node(model, "branch").attributes["then_branch"].as_graph()
+    assert plan.quantized_nodes[1].graph is then_graph
+    assert [t.node.name for t in plan.weights] == ["conv1", "inner_conv"]
+    # Only the else-branch Relu stays float among the body nodes.
+    assert plan.subgraph_nodes == 1
+    assert sorted(plan.bodies.values()) == [(0, 1), (1, 1)]
+    assert any(key.endswith(".then_branch") and counts == (1, 1) for key, counts in plan.bodies.items())
+    # The MaxPool's readers are inside the bodies: they read it in float (its quantized copy is the
+    # inner Conv's input, quantized in the main graph where it lives), so the MaxPool itself stays float.
+    assert _value(model, "p") in plan.group_of
+    assert plan.float_op_types == collections.Counter({"MaxPool": 1, "If": 1, "Relu": 1})
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -634,3 +634,29 @@ def test_scalar_of_higher_rank_keeps_the_broadcast_output_shape() -> None:
     model, _ = _canonicalize(proto)
     feeds: list[Mapping[str, np.ndarray]] = [{"x": _feed((16,), seed=0, scale=7.0)}]
     _assert_same(proto, model, feeds, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Sum
+
+
+@pytest.mark.parametrize("count", [2, 3])
+def test_sum_becomes_a_chain_of_adds(count: int) -> None:
+    names = ["a", "b", "c"][:count]
+    io = "(" + ", ".join(f"float[2, 5] {n}" for n in names) + ") => (float[2, 5] y)"
+    proto = _parse(_graph(f"y = Sum ({', '.join(names)})", io), 13)
+    model, canonical = _canonicalize(proto)
+    assert canonical.rewritten == {"Add": 1}
+    assert builders.op_counts(model) == {"Add": count - 1}
+    assert model.graph.outputs[0].name == "y"
+    rng = np.random.default_rng(3)
+    feeds: list[Mapping[str, np.ndarray]] = [
+        {n: rng.normal(size=(2, 5)).astype(np.float32) for n in names} for _ in range(2)
+    ]
+    _assert_same(proto, model, feeds, atol=1e-6)
+
+
+def test_sum_of_one_input_is_left_alone() -> None:
+    proto = _parse(_graph("y = Sum (x)", "(float[2, 5] x) => (float[2, 5] y)"), 13)
+    model, canonical = _canonicalize(proto)
+    assert canonical.rewritten == {} and builders.op_counts(model) == {"Sum": 1}

@@ -800,18 +800,26 @@ g (float[1, 3, 8, 8] x, bool cond) => (float[1, 4, 8, 8] y) {
 }"""
 
 
-def test_if_subgraph_stays_float_and_both_branches_match() -> None:
+def test_if_subgraph_is_quantized_in_its_body_and_both_branches_match() -> None:
     proto = builders.parse(IF_MODEL, _conv_relu_conv_weights())
     q = _quantize(proto)
-    assert q.modified and q.plan.subgraph_nodes == 2
+    assert q.modified and q.plan.subgraph_nodes == 1  # the else-branch Relu
     branch = _node(q.model, "branch")
-    subgraph_ops = collections.Counter(
-        n.op_type for attr in branch.attributes.values() for n in attr.as_graph()
-    )
-    assert subgraph_ops == collections.Counter({"Conv": 1, "Relu": 1})  # no Q/DQ inside
-    inner_conv = next(n for n in branch.attributes["then_branch"].as_graph())
+    then_graph = branch.attributes["then_branch"].as_graph()
+    inner_conv = next(n for n in then_graph if n.op_type == "Conv")
+    # The inner Conv reads the outer Conv's output through the Q/DQ of the main graph (where it lives),
+    # and its int8 weight and bias through DequantizeLinear nodes of its own body, whose parameters are
+    # initializers of that body (ONNX Runtime's fusions look there).
     assert _dequantized_from(inner_conv.inputs[0]) is _node(q.model, "conv1").outputs[0]
-    assert inner_conv.inputs[1] is not None and inner_conv.inputs[1].name == "W2"  # float weight kept
+    for index in (1, 2):
+        dq = _producer(inner_conv.inputs[index], "DequantizeLinear")
+        assert dq.graph is then_graph
+        assert all(v is not None and v.name in then_graph.initializers for v in dq.inputs)
+    # The body's output is quantized there too (its Q/DQ inside the body).
+    out_dq = _producer(then_graph.outputs[0], "DequantizeLinear")
+    assert out_dq.graph is then_graph
+    else_ops = collections.Counter(n.op_type for n in branch.attributes["else_branch"].as_graph())
+    assert else_ops == collections.Counter({"Relu": 1})
 
     for cond in (True, False):
         feeds = [{**f, "cond": np.array(cond)} for f in builders.random_feeds(proto, EVAL_SAMPLES, 99)]
