@@ -8,7 +8,8 @@ of the model, each body tensor to observe is lifted out, body by body, to the ma
   other branch returns the empty tensor, which the observer skips.
 - out of a ``Loop`` or ``Scan`` body: a body output would be stacked over every iteration (memory
   growing with the iteration count), so the body computes ``ReduceMin`` and ``ReduceMax`` of the
-  tensor instead, and those scalars are stacked: two extra scan outputs of ``[iterations]`` floats.
+  tensor instead (``+inf``/``-inf`` for an iteration where it holds nothing), and those scalars are
+  stacked: two extra scan outputs of ``[iterations]`` floats.
   Values reduced this way give a min-max range whatever the calibration method (a histogram needs
   the values themselves).
 
@@ -94,6 +95,26 @@ class _Lifter:
         empty = ir.AttrTensor("value", ir.tensor(np.zeros(0, dtype)))
         return self._node(graph, "Constant", [], base, [empty], like=like)
 
+    def _reduce(self, graph: ir.Graph, op_type: str, value: ir.Value, base: str, identity: float) -> ir.Value:
+        """``op_type`` of all of ``value``'s elements, or ``identity`` when it has none.
+
+        The tensor is flattened and ``identity`` appended before reducing: an empty tensor (an If
+        branch not taken in this iteration, a loop that ran zero times) is refused by some ONNX
+        Runtime versions' reductions, and the identity is what :func:`merge_exposed` drops. A tensor
+        of unknown element type is reduced as it is (an identity of the wrong type would not load).
+        """
+        keep = [ir.AttrInt64("keepdims", 0)]
+        if value.dtype is None:  # no identity of an unknown type: reduced as it is
+            return self._node(graph, op_type, [value], base, keep, like=value)
+        flat_shape = ir.AttrTensor("value", ir.tensor(np.array([-1], np.int64)))
+        shape = self._node(graph, "Constant", [], base, [flat_shape])
+        shape.type = ir.TensorType(ir.DataType.INT64)
+        flat = self._node(graph, "Reshape", [value, shape], base, [], like=value)
+        fill = ir.AttrTensor("value", ir.tensor(np.array([identity], value.dtype.numpy())))
+        pad = self._node(graph, "Constant", [], base, [fill], like=value)
+        joined = self._node(graph, "Concat", [flat, pad], base, [ir.AttrInt64("axis", 0)], like=value)
+        return self._node(graph, op_type, [joined], base, keep, like=value)
+
     def lift(self, values: list[ir.Value], graph: ir.Graph, reduced: bool) -> tuple[list[ir.Value], bool]:
         """``values`` of ``graph`` carried to the main graph (see the module docstring)."""
         if graph is self.model.graph:
@@ -116,9 +137,8 @@ class _Lifter:
         else:  # Loop / Scan: per-iteration scalars, stacked by the loop
             # Already [min, max] arrays from a nested loop: reduce each again.
             low, high = (values[0], values[1]) if reduced else (values[0], values[0])
-            keep = [ir.AttrInt64("keepdims", 0)]
-            mins = self._node(graph, "ReduceMin", [low], base, keep, like=low)
-            maxes = self._node(graph, "ReduceMax", [high], base, keep, like=high)
+            mins = self._reduce(graph, "ReduceMin", low, base, np.inf)
+            maxes = self._reduce(graph, "ReduceMax", high, base, -np.inf)
             values, reduced = [mins, maxes], True
             graph.outputs.extend(values)
             if owner.op_type == "Scan":
@@ -183,4 +203,6 @@ def merge_exposed(arrays: Sequence[np.ndarray], reduced: bool) -> np.ndarray:
         return np.zeros(0, np.float32)
     if not reduced:
         return arrays[0]
-    return np.concatenate([np.ravel(a) for a in arrays])
+    # An iteration without the tensor reduced to the identity (+inf minimum, -inf maximum): drop it.
+    minima, maxima = (np.ravel(a) for a in arrays)
+    return np.concatenate([minima[minima != np.inf], maxima[maxima != -np.inf]])

@@ -12,11 +12,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import onnxruntime as ort
 
 from onnxq.errors import OnnxqError
 from onnxq.runtime.session import ModelSource, OptLevel, make_session, run
 
-__all__ = ["LatencyResult", "measure_latency"]
+__all__ = ["LatencyResult", "measure_latency", "time_sessions"]
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +64,22 @@ def measure_latency(
         name: make_session(model, providers=providers, opt_level=opt_level, threads=threads, spin=spin)
         for name, model in models.items()
     }
+    return time_sessions(sessions, feed, threads=threads, runs=runs, warmup=warmup)
+
+
+def time_sessions(
+    sessions: Mapping[str, ort.InferenceSession],
+    feed: Mapping[str, np.ndarray],
+    *,
+    threads: int,
+    runs: int,
+    warmup: int = 1,
+) -> dict[str, LatencyResult]:
+    """Time open sessions on the same feed, interleaved in rotating order (see :func:`measure_latency`).
+
+    For callers that keep a session across several timings (the latency guard times the quantized
+    model against one variant after another without opening it again).
+    """
     feed_dict = dict(feed)
     for session in sessions.values():
         for _ in range(warmup):

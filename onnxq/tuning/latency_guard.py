@@ -7,18 +7,23 @@ NCHW (ShuffleNet's channel shuffle). Which of these loses depends on the CPU, so
 on this machine, instead of guessing:
 
 1. The quantized anchors are grouped into *kinds* by what decides their speed (:func:`anchor_kinds`):
-   depthwise / grouped / 1×1 / spatial Conv, ConvTranspose, MatMul with a constant weight, MatMul of
-   two activations, Gemm; anchors with little work (fewer than :data:`SMALL_MACS` multiply-adds per
-   sample, from the inferred shapes) form "small" kinds of their own.
-2. One variant per kind keeps that kind float (a rewrite of the calibrated model, no calibration).
-   The float model, the fully quantized model and every variant are timed together, interleaved, on
-   one calibration sample (:func:`onnxq.runtime.latency.measure_latency`): a handful of sessions and
-   rounds, not one run per layer.
-3. Every kind whose variant is faster than the fully quantized model by more than ``min_gain`` is kept
-   float. When more than one kind is reverted, the combination is timed against the candidates again
-   (reverting two kinds may cost more than each alone saves) and the fastest is taken.
-4. If the best quantized model is still not faster than the float input, every anchor is kept float:
-   the output is then the preprocessed float model (Q/DQ-free), and the report says why.
+   depthwise / grouped / narrow (at most :data:`NARROW_CHANNELS` input channels per group) / 1×1 /
+   spatial Conv, ConvTranspose, MatMul with a constant weight, MatMul of two activations, Gemm;
+   anchors with little work (fewer than :data:`SMALL_MACS` multiply-adds per sample, from the inferred
+   shapes) form "small" kinds of their own.
+2. The float and the fully quantized model are timed together, interleaved, on one calibration sample.
+3. Each *suspect* kind — every kind but the large, wide Conv/1×1 Conv/MatMul/Gemm of
+   :data:`TRUSTED_KINDS`, whose integer kernels win by a wide margin on x86 — gets one variant that
+   keeps it float (a rewrite of the calibrated model, no calibration), timed against the quantized
+   model, one variant at a time: three sessions at most are open, so memory stays bounded.
+4. Every kind whose variant is faster than the quantized model by more than ``min_gain`` is kept
+   float; when several are, their combination is timed too (reverting two kinds may cost more than
+   each alone saves) and the fastest candidate is taken.
+5. If the chosen model is still not faster than the float input, every anchor is kept float: the
+   output is then the preprocessed float model (Q/DQ-free), and the report says why.
+
+Rounds are sized so that each timing block takes about ``budget_s`` (at least ``min_runs`` rounds), so
+the guard costs a handful of inferences per candidate, not one run per layer.
 
 The outcome (:class:`GuardOutcome`) names the kinds and nodes reverted and the measured latencies, so
 the report can show what the guard changed and what it gained. Timings are medians of interleaved
@@ -41,16 +46,25 @@ import onnx_ir as ir
 from onnxq.config import LatencyGuardConfig
 from onnxq.graph import attr_int, const_array
 from onnxq.load.files import serialize_model
-from onnxq.runtime.latency import measure_latency
+from onnxq.runtime.latency import time_sessions
+from onnxq.runtime.session import make_session
 from onnxq.tuning.interfaces import RequantizableState
 
-__all__ = ["SMALL_MACS", "GuardOutcome", "anchor_kinds", "guard_latency"]
+__all__ = ["NARROW_CHANNELS", "SMALL_MACS", "TRUSTED_KINDS", "GuardOutcome", "anchor_kinds", "guard_latency"]
 
 logger = logging.getLogger(__name__)
 
 #: Anchors with fewer multiply-adds per sample than this are "small": their Q/DQ may cost more than
 #: the integer kernel saves (1×1 Conv of 64 → 64 channels on 16×16 pixels is ~1M).
 SMALL_MACS = 1 << 18
+
+#: Conv with at most this many input channels per group (a network's first layer on RGB input) is
+#: "narrow": the integer kernel has little to reduce over.
+NARROW_CHANNELS = 4
+
+#: Kinds whose integer kernels win by a wide margin on x86 (large, wide convolutions and products with
+#: a constant weight): not timed one by one; the float-versus-quantized timing still covers them.
+TRUSTED_KINDS = ("Conv", "1x1 Conv", "MatMul", "Gemm")
 
 _FLOAT = "float"
 _QUANTIZED = "quantized"
@@ -153,6 +167,8 @@ def _kind(node: ir.Node) -> str:
             return "depthwise Conv"
         if group > 1:
             return "grouped Conv"
+        if weight.shape[1] <= NARROW_CHANNELS:
+            return "narrow Conv"
         return "1x1 Conv" if all(k == 1 for k in weight.shape[2:]) else "Conv"
     if op == "MatMul":
         return "MatMul" if weight is not None else "MatMul of activations"
@@ -174,21 +190,36 @@ def anchor_kinds(model: ir.Model, anchors: Iterable[str]) -> dict[str, list[str]
     return kinds
 
 
-def _time(
-    candidates: dict[str, ir.Model], feed: dict[str, np.ndarray], config: LatencyGuardConfig
-) -> tuple[dict[str, float], int]:
-    """Median latency (ms) of every candidate, timed interleaved on ``feed``; and the rounds run."""
-    sources = {name: serialize_model(model) for name, model in candidates.items()}
-    # A short probe of the float model sizes the rounds to the time budget.
-    probe = measure_latency(
-        {_FLOAT: sources[_FLOAT]}, feed, threads=config.threads, runs=3, warmup=1, providers=config.providers
-    )
-    per_round_s = probe[_FLOAT].median_ms / 1e3 * len(sources)
-    runs = int(np.clip(config.budget_s / max(per_round_s, 1e-6), config.min_runs, config.max_runs))
-    timing = measure_latency(
-        sources, feed, threads=config.threads, runs=runs, warmup=2, providers=config.providers
-    )
-    return {name: result.median_ms for name, result in timing.items()}, runs
+class _Timer:
+    """Interleaved timing blocks against one open session of the fully quantized model."""
+
+    def __init__(self, quantized: ir.Model, feed: dict[str, np.ndarray], config: LatencyGuardConfig) -> None:
+        self.feed = feed
+        self.config = config
+        self.quantized = self.open(quantized)
+        self.runs = 0
+
+    def open(self, model: ir.Model) -> Any:
+        return make_session(
+            serialize_model(model), providers=self.config.providers, threads=self.config.threads, spin=False
+        )
+
+    def block(self, sessions: dict[str, Any]) -> dict[str, float]:
+        """Median latency (ms) of each session and of the quantized one, interleaved."""
+        sessions = {_QUANTIZED: self.quantized, **sessions}
+        kwargs = {"threads": self.config.threads}
+        probe = time_sessions(sessions, self.feed, runs=1, warmup=1, **kwargs)
+        per_round_s = sum(r.median_ms for r in probe.values()) / 1e3
+        fewest = self.config.min_runs if per_round_s < 0.1 else 2  # long runs are steady: fewer rounds
+        runs = int(np.clip(self.config.budget_s / max(per_round_s, 1e-6), fewest, self.config.max_runs))
+        self.runs += runs + 1
+        timing = time_sessions(sessions, self.feed, runs=runs, warmup=0, **kwargs)
+        return {name: result.median_ms for name, result in timing.items()}
+
+    def ratio(self, model: ir.Model) -> float:
+        """Latency of ``model`` over the quantized model's, timed in one block."""
+        measured = self.block({"candidate": self.open(model)})
+        return measured["candidate"] / measured[_QUANTIZED]
 
 
 def guard_latency(
@@ -204,40 +235,36 @@ def guard_latency(
     """
     start = time.perf_counter()
     kinds = anchor_kinds(state.float_model, state.quantized_nodes)
-    candidates: dict[str, ir.Model] = {_FLOAT: state.float_model, _QUANTIZED: quantized}
-    reverts: dict[str, tuple[str, ...]] = {_FLOAT: tuple(kinds), _QUANTIZED: ()}
-    if len(kinds) > 1:  # with one kind, keeping it float is the float model
-        for kind, names in kinds.items():
-            name = f"keep {kind} float"
-            candidates[name] = state.requantize(names)
-            reverts[name] = (kind,)
-    measured, runs = _time(candidates, feed, config)
-    outcome = GuardOutcome(quantized, config.threads, runs, kinds, dict(measured))
-    base = measured[_QUANTIZED]
-    slower = [k for k in kinds if measured.get(f"keep {k} float", math.inf) < base * (1.0 - config.min_gain)]
-    best = min((n for n in measured if n != _FLOAT), key=measured.__getitem__)
+    timer = _Timer(quantized, feed, config)
+    first = timer.block({_FLOAT: timer.open(state.float_model)})
+    base = first[_QUANTIZED]
+    outcome = GuardOutcome(quantized, config.threads, 0, kinds, dict(first))
+    # With one kind only, keeping it float is the float model, timed already.
+    suspects = [kind for kind in kinds if kind not in TRUSTED_KINDS] if len(kinds) > 1 else []
+    candidates: dict[str, tuple[ir.Model, tuple[str, ...], float]] = {_QUANTIZED: (quantized, (), 1.0)}
+    for kind in suspects:
+        name = f"keep {kind} float"
+        model = state.requantize(kinds[kind])
+        candidates[name] = (model, (kind,), timer.ratio(model))
+    slower = [kind for kind in suspects if candidates[f"keep {kind} float"][2] < 1.0 - config.min_gain]
     if len(slower) > 1:
         # Reverting two kinds may cost more than each alone saves: time the combination too.
-        name = "keep " + " + ".join(slower) + " float"
-        reverts[name] = tuple(slower)
-        candidates = {
-            _FLOAT: state.float_model,
-            _QUANTIZED: quantized,
-            best: candidates[best],
-            name: state.requantize([n for k in slower for n in kinds[k]]),
-        }
-        measured, more = _time(candidates, feed, config)
-        outcome.runs += more
-        outcome.latency_ms.update(measured)
-        best = min((n for n in measured if n != _FLOAT), key=measured.__getitem__)
-    if measured[best] >= measured[_FLOAT]:
-        best = _FLOAT
-    elif best != _QUANTIZED and measured[best] >= measured[_QUANTIZED] * (1.0 - config.min_gain):
+        model = state.requantize([n for k in slower for n in kinds[k]])
+        candidates["keep " + " + ".join(slower) + " float"] = (model, tuple(slower), timer.ratio(model))
+    for name, (_, _, ratio) in candidates.items():
+        outcome.latency_ms[name] = base * ratio
+    best = min(candidates, key=lambda n: candidates[n][2])
+    if candidates[best][2] >= 1.0 - config.min_gain:
         best = _QUANTIZED  # within noise of the fully quantized model: keep every anchor quantized
-    outcome.chosen = best
-    outcome.all_float = best == _FLOAT
-    outcome.reverted = {kind: kinds[kind] for kind in reverts[best]}
-    outcome.model = state.float_model.clone() if best == _FLOAT else candidates[best]
+    outcome.runs = timer.runs
+    if outcome.latency_ms[best] >= first[_FLOAT]:
+        outcome.chosen, outcome.all_float = _FLOAT, True
+        outcome.reverted = dict(kinds)
+        outcome.model = state.float_model.clone()
+    else:
+        outcome.chosen = best
+        outcome.reverted = {kind: kinds[kind] for kind in candidates[best][1]}
+        outcome.model = candidates[best][0]
     outcome.seconds = time.perf_counter() - start
     logger.info("latency guard: %s", outcome.as_dict())
     return outcome
