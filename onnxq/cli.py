@@ -120,6 +120,18 @@ def _add_quant_options(parser: argparse.ArgumentParser) -> None:
         "--per-tensor", action="store_true", help="one weight scale per tensor instead of per channel"
     )
     scheme.add_argument(
+        "--equalize",
+        action="store_true",
+        help="cross-layer equalization of Conv→Relu→Conv chains before calibration "
+        "(exact in float; helps depthwise-separable CNNs)",
+    )
+    scheme.add_argument(
+        "--smooth",
+        action="store_true",
+        help="migrate outlier activation channels into the weights of the MatMul/Gemm that read them "
+        "(SmoothQuant-style, strength chosen per tensor; exact in float; needs 256+ calibration rows)",
+    )
+    scheme.add_argument(
         "--exclude-nodes", type=_name_list, default=(), metavar="A,B", help="node names kept float"
     )
     scheme.add_argument(
@@ -292,6 +304,8 @@ def _config_from_args(args: argparse.Namespace) -> Any:
             mode=args.mode,
             format=args.format,
             dynamic=DynamicConfig(conv=args.dynamic_conv, embeddings=args.quantize_embeddings),
+            equalize=bool(getattr(args, "equalize", False)),
+            smooth=bool(getattr(args, "smooth", False)),
             latency_guard=LatencyGuardConfig(
                 enabled=guard_enabled_by_default() and not getattr(args, "no_latency_guard", False),
                 threads=min(getattr(args, "threads", (1,))),
@@ -358,6 +372,8 @@ def run_optimize(
         print(result.report.format_table())
         if layers_table:
             print("Per-layer numeric suite (worst first):\n" + layers_table)
+    if target is None and result.report.large_loss:
+        print(f"onnxq: to recover it, run: {_with_target(result.report.recovery_target())}", file=sys.stderr)
     if not met:
         budget = result.report.budget
         print(
@@ -368,6 +384,18 @@ def run_optimize(
         )
         return EXIT_TARGET_NOT_MET
     return 0
+
+
+def _with_target(target: str) -> str:
+    """The command line the user ran, with ``--target`` added (what to run to recover a large loss)."""
+    import shlex
+
+    argv = (
+        sys.argv[1:]
+        if sys.argv[1:2] == ["optimize"]
+        else ["optimize", "MODEL", "-o", "OUT", "--calib", "DATA"]
+    )
+    return shlex.join(["python", "-m", "onnxq", *argv, "--target", target])
 
 
 #: Exit status of ``optimize --target`` when the target is not met (the best model found is written).

@@ -191,6 +191,12 @@ class QuantConfig:
     format: Literal["qdq", "qoperator"] = "qdq"
     dynamic: DynamicConfig = field(default_factory=DynamicConfig)
     latency_guard: LatencyGuardConfig = field(default_factory=LatencyGuardConfig)
+    #: Static mode: cross-layer equalization of Conv → Relu → Conv chains before calibration
+    #: (:mod:`onnxq.preprocess.equalize`; exact in float, evens out per-channel ranges).
+    equalize: bool = False
+    #: Static mode: migrate outlier channels from activations into the weights of the MatMul/Gemm
+    #: that read them (:mod:`onnxq.preprocess.smooth`; exact in float, strength chosen per tensor).
+    smooth: bool = False
 
     def __post_init__(self) -> None:
         # Frozen means frozen: a copy of the caller's mappings that nobody can change afterwards.

@@ -44,6 +44,13 @@ class LatencyRow:
         return self.float_ms / self.quantized_ms if self.quantized_ms > 0 else math.nan
 
 
+#: Below either bound on any output, the default run's loss is "large": the report and stderr say so
+#: and name the ``--target`` command that recovers it (at 20 dB the error is a tenth of the signal's
+#: amplitude; a cosine under 0.99 moves embeddings and logits visibly).
+LARGE_LOSS_SQNR_DB = 20.0
+LARGE_LOSS_COSINE = 0.99
+
+
 @dataclass
 class QuantReport:
     """Everything onnxq knows about one quantization run."""
@@ -57,6 +64,8 @@ class QuantReport:
     preprocess_notes: list[str] = field(default_factory=list)
     batchnorms_folded: int = 0
     affine_folded: int = 0
+    #: Conv → Relu → Conv pairs rescaled by cross-layer equalization (``--equalize``).
+    equalized_pairs: int = 0
     canonicalized: dict[str, int] = field(default_factory=dict)
     nodes_before: int = 0
     nodes_after: int = 0
@@ -101,6 +110,24 @@ class QuantReport:
         return [row.threads for row in self.latency if row.speedup < 1.0]
 
     @property
+    def large_loss(self) -> list[AccuracyRow]:
+        """Outputs below :data:`LARGE_LOSS_SQNR_DB` or :data:`LARGE_LOSS_COSINE` against the float model.
+
+        None for an already-quantized input (compared with itself, not with a float model).
+        """
+        if self.requantized:
+            return []
+        return [
+            row for row in self.accuracy if row.sqnr_db < LARGE_LOSS_SQNR_DB or row.cosine < LARGE_LOSS_COSINE
+        ]
+
+    def recovery_target(self) -> str:
+        """The ``--target`` that asks for what the large-loss outputs miss (cosine first)."""
+        if any(row.cosine < LARGE_LOSS_COSINE for row in self.large_loss):
+            return f"cosine>={LARGE_LOSS_COSINE:g}"
+        return f"sqnr>={LARGE_LOSS_SQNR_DB:g}"
+
+    @property
     def nodes_quantized(self) -> int:
         return sum(self.quantized_op_types.values())
 
@@ -108,6 +135,7 @@ class QuantReport:
         data = asdict(self)
         data["nodes_quantized"] = self.nodes_quantized
         data["slower_than_input_at_threads"] = self.slower_threads
+        data["large_loss_outputs"] = [row.output for row in self.large_loss]
         for row, raw in zip(self.latency, data["latency"], strict=True):
             raw["speedup"] = row.speedup
         finite: dict[str, Any] = _finite(data)
@@ -144,6 +172,13 @@ class QuantReport:
                     colalign=("left", "right", "right", "right", "right", "right"),
                 )
             )
+            if self.large_loss:
+                names = ", ".join(repr(row.output) for row in self.large_loss)
+                parts.append(
+                    f"WARNING: large accuracy loss on {names} (below {LARGE_LOSS_SQNR_DB:g} dB SQNR or "
+                    f"{LARGE_LOSS_COSINE:g} cosine): --target '{self.recovery_target()}' keeps the most "
+                    "sensitive layers float until it holds"
+                )
         if self.latency:
             rows = [
                 [r.threads, f"{r.float_ms:.3f}", f"{r.quantized_ms:.3f}", f"{r.speedup:.2f}x", r.runs]
@@ -221,6 +256,8 @@ class QuantReport:
             if count
         ]
         folded += [f"{count} decomposed {op} made one op" for op, count in sorted(self.canonicalized.items())]
+        if self.equalized_pairs:
+            folded.append(f"{self.equalized_pairs} Conv pairs equalized")
         if folded:
             rows.append(["preprocess", ", ".join(folded)])
         quantized_bodies = [f"{body} {q} of {n}" for body, (q, n) in self.bodies.items() if q]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shlex
 import subprocess
 import sys
 from collections.abc import Callable
@@ -759,3 +760,38 @@ def test_already_quantized_input_is_evaluated_on_the_given_data(
     assert "RANDOM" not in err and "random" not in err
     assert "Accuracy vs the input model (already quantized" in out and "Q/DQ nodes" in out
     assert json.loads(report.read_text())["accuracy"][0]["samples"] == 8  # the calibration file's samples
+
+
+def test_large_loss_is_said_with_the_command_that_recovers_it(
+    cli: CliRunner,
+    tmp_path: Path,
+    out_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The outlier chain loses ~14 dB by default: exit 0 (a model is written), but stderr and the
+    report say so, and the suggested ``--target`` command meets its target."""
+    model = builders.save(builders.outlier_chain_model(), tmp_path / "chain.onnx")
+    data = tmp_path / "chain.npz"
+    np.savez(data, x=np.stack([f["x"] for f in builders.chain_feeds(8, seed=1)]))
+    argv = ["optimize", str(model), "-o", str(out_dir / "t.onnx"), "--calib", str(data), *FAST]
+    monkeypatch.setattr(sys, "argv", ["onnxq", *argv])
+    code, out, err = cli(*argv, "--report-json", out_dir / "r.json")
+    assert code == 0, err
+    # (the warning is logged: on the terminal it is an "onnxq: WARNING:" line on stderr)
+    assert "large accuracy loss on output 'y'" in caplog.text and "WARNING: large accuracy loss" in out
+    (line,) = [line for line in err.splitlines() if "to recover it, run:" in line]
+    suggested = shlex.split(line.split("run: ", 1)[1])
+    assert suggested[:3] == ["python", "-m", "onnxq"] and suggested[-2:] == ["--target", "cosine>=0.99"]
+    assert json.loads((out_dir / "r.json").read_text())["large_loss_outputs"] == ["y"]
+    code, out, err = cli(*suggested[3:])
+    assert code == 0, err
+    assert "(met)" in out and "to recover it" not in err
+
+
+def test_a_small_loss_gives_no_warning(
+    cli: CliRunner, model_path: Path, calib_npz: Path, out_dir: Path
+) -> None:
+    code, out, err = cli("optimize", model_path, "-o", out_dir / "t.onnx", "--calib", calib_npz, *FAST)
+    assert code == 0, err
+    assert "large accuracy loss" not in err + out

@@ -483,6 +483,9 @@ def run_isolated(
     process's peak. The launcher is a fresh ``python -S`` of ~10 MiB, so its children start clean.
     The launcher gets its own process group, which a timeout kills as a whole.
     """
+    work_dir = work_dir.resolve()  # the worker runs there: onnxruntime's tools write scratch files to cwd
+    model_path = model_path.resolve()
+    feeds_path = feeds_path.resolve() if feeds_path is not None else None
     work_dir.mkdir(parents=True, exist_ok=True)
     stem = f"{variant.name}-{samples}" if variant.method != "minmax" else variant.name
     output = work_dir / f"{stem}.onnx"
@@ -517,7 +520,9 @@ def run_isolated(
     command = [sys.executable, "-S", "-c", _LAUNCHER, str(usage_path), *worker]
     start = time.perf_counter()
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=work_dir
+        )
         try:
             proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:

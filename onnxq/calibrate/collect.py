@@ -44,6 +44,14 @@ class CalibrationResult:
     non_float: tuple[str, ...] = ()
     #: :class:`~onnxq.data.FeedFingerprint` of the calibration data (``""`` when nothing was run).
     fingerprint: str = ""
+    #: Tensors that held an infinity, or whose range reaches :data:`EXTREME_RANGE` (no range given).
+    non_finite: tuple[str, ...] = ()
+
+
+#: A calibrated range this wide is a sentinel, not data: attention masks of float32's minimum or
+#: ``-1e9`` standing for ``-inf``, overflowed sums. An int8 grid over it (a step of ~4e6 or more)
+#: holds nothing else; activations of real networks stay far below it (float16's limit is 65504).
+EXTREME_RANGE = 1e8
 
 
 def _batch_size(feed: Mapping[str, np.ndarray], per_batch: int) -> int:
@@ -119,12 +127,17 @@ def collect_ranges(
         raise OnnxqError("calibration data holds no samples")
     ranges: dict[ir.Value, tuple[float, float]] = {}
     unobserved: list[str] = []
+    non_finite: list[str] = []
     for value in values:
         observer = observers[value.name or ""]
         if observer.empty:
-            unobserved.append(value.name or "")
+            (non_finite if observer.infinite else unobserved).append(value.name or "")
             continue
-        ranges[value] = observer.compute_range()
+        lo, hi = observer.compute_range()
+        if observer.infinite or max(-lo, hi) >= EXTREME_RANGE:
+            non_finite.append(value.name or "")
+            continue
+        ranges[value] = (lo, hi)
     if unobserved:
         logger.info("%d tensors never held a finite value during calibration", len(unobserved))
     return CalibrationResult(
@@ -136,4 +149,5 @@ def collect_ranges(
         unobserved=tuple(unobserved),
         non_float=tuple(non_float),
         fingerprint=fingerprint.hexdigest(),
+        non_finite=tuple(non_finite),
     )

@@ -64,9 +64,10 @@ def _finite(values: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
     return values if mask.all() else values[mask]
 
 
-def _finite_min_max(values: npt.NDArray[np.float32]) -> tuple[float, float] | None:
-    """Minimum and maximum of the finite values of a flat array; ``None`` when there are none.
+def _finite_min_max(values: npt.NDArray[np.float32]) -> tuple[float, float, bool] | None:
+    """Minimum and maximum of the finite values of a flat array, and whether it holds an infinity.
 
+    ``None`` when there is no finite value.
     Two reductions in the common all-finite case (a NaN or infinity shows in one of them), the
     masked copy only when one appears.
     """
@@ -74,9 +75,10 @@ def _finite_min_max(values: npt.NDArray[np.float32]) -> tuple[float, float] | No
         return None
     lo, hi = float(values.min()), float(values.max())
     if math.isfinite(lo) and math.isfinite(hi):
-        return lo, hi
+        return lo, hi, False
+    infinite = bool(np.isinf(values).any())
     finite = _finite(values)
-    return (float(finite.min()), float(finite.max())) if finite.size else None
+    return (float(finite.min()), float(finite.max()), infinite) if finite.size else None
 
 
 def _canonical(value: float) -> float:
@@ -100,11 +102,22 @@ class Observer(abc.ABC):
 
     def __init__(self) -> None:
         self._empty = True
+        self.infinite = False
 
     @property
     def empty(self) -> bool:
         """True until a finite value was seen: there is no range to report yet."""
         return self._empty
+
+    def _note_infinities(self, values: npt.NDArray[np.float32], finite: npt.NDArray[np.bool_]) -> None:
+        """Record whether ``values`` (where ``finite`` is not all true) held an infinity.
+
+        The range ignores infinities, but a tensor that holds one (``Log(0)``, a ``-inf`` attention
+        mask) cannot be quantized with any finite range: clamping ``-inf`` to the range's minimum
+        changes what the model computes. Calibration reports such tensors (:attr:`infinite`).
+        """
+        if not self.infinite:
+            self.infinite = bool(np.isinf(values[~finite]).any())
 
     def update(self, x: npt.ArrayLike, num_samples: int = 1) -> None:
         """Observe one batch ``x`` of the tensor, holding ``num_samples`` calibration samples.
@@ -142,9 +155,12 @@ class MinMaxObserver(Observer):
         self._max = -math.inf
 
     def _update(self, x: npt.NDArray[np.float32], num_samples: int) -> None:
-        found = _finite_min_max(x.reshape(-1))
+        flat = x.reshape(-1)
+        found = _finite_min_max(flat)
         if found is None:
+            self.infinite = self.infinite or bool(np.isinf(flat).any())
             return
+        self.infinite = self.infinite or found[2]
         self._min = min(self._min, found[0])
         self._max = max(self._max, found[1])
         self._empty = False
@@ -188,6 +204,7 @@ class MovingAverageMinMaxObserver(Observer):
         if finite.all():
             mins, maxs = rows.min(axis=1), rows.max(axis=1)
         else:
+            self._note_infinities(rows, finite)
             keep = finite.any(axis=1)
             mins = np.where(finite, rows, np.inf).min(axis=1)[keep]
             maxs = np.where(finite, rows, -np.inf).max(axis=1)[keep]
@@ -264,7 +281,13 @@ class HistogramObserver(Observer):
     def _update(self, x: npt.NDArray[np.float32], num_samples: int) -> None:
         flat = x.reshape(-1)
         for start in range(0, flat.size, _CHUNK):
-            self._add(_finite(flat[start : start + _CHUNK]))
+            chunk = flat[start : start + _CHUNK]
+            finite = np.isfinite(chunk)
+            if finite.all():
+                self._add(chunk)
+            else:
+                self._note_infinities(chunk, finite)
+                self._add(chunk[finite])
 
     def _add(self, values: npt.NDArray[np.float32]) -> None:
         if values.size == 0:

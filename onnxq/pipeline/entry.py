@@ -88,7 +88,10 @@ def quantize(
     already_quantized = is_quantized(ir_model)
     # Preprocess first, for every mode: exporters compute fake-quant scales in the graph (Abs →
     # ReduceMax → Div of a weight); constant folding turns them into the constants normalization needs.
-    preprocessed = preprocess(ir_model)
+    # Cross-layer equalization (opt-in) only where ranges will be calibrated: float, static mode.
+    preprocessed = preprocess(
+        ir_model, equalize=config.equalize and config.mode == "static" and not already_quantized
+    )
     static: StaticState | None = None
     feeds: Feeds | None
     summary: ModeSummary
@@ -194,6 +197,10 @@ def _settings(config: QuantConfig, mode: Mode) -> dict[str, Any]:
     settings["weights"] = dataclasses.asdict(config.weights)
     if mode == "static":
         settings["activations"] = dataclasses.asdict(config.activations)
+        if config.equalize:
+            settings["equalize"] = True
+        if config.smooth:
+            settings["smooth"] = True
         calibration = dataclasses.asdict(config.calibration)
         settings["calibration"] = {k: v for k, v in calibration.items() if k != "batch_size"}
     else:

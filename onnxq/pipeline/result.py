@@ -22,7 +22,7 @@ from onnxq.errors import OnnxqError
 from onnxq.load.files import file_size, load_model, save_model, serialized_size
 from onnxq.pipeline.state import StaticState
 from onnxq.provenance import stamp_provenance
-from onnxq.report import AccuracyRow, LatencyRow, QuantReport
+from onnxq.report import LARGE_LOSS_COSINE, LARGE_LOSS_SQNR_DB, AccuracyRow, LatencyRow, QuantReport
 from onnxq.runtime.kernels import onnxruntime_version
 from onnxq.runtime.session import runtime_source
 
@@ -102,6 +102,17 @@ class QuantizationResult:
         self.report.validated_with = f"onnxruntime {onnxruntime_version()} {providers[0]}"
         self.report.timings_s["validate"] = time.perf_counter() - start
         slower = [row for row in self.report.latency if row.speedup < 1.0]
+        for lossy in self.report.large_loss:
+            logger.warning(
+                "large accuracy loss on output %r: SQNR %.1f dB, cosine %.4f (below %g dB or %g); an "
+                "accuracy target (%r) keeps the most sensitive layers float until it holds",
+                lossy.output,
+                lossy.sqnr_db,
+                lossy.cosine,
+                LARGE_LOSS_SQNR_DB,
+                LARGE_LOSS_COSINE,
+                self.report.recovery_target(),
+            )
         for row in slower:
             logger.warning(
                 "the quantized model is SLOWER than the input at %d thread(s): %.3f ms vs %.3f ms (%.2fx)",

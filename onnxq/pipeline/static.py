@@ -22,6 +22,7 @@ from onnxq.pipeline.state import StaticState, write_qdq
 from onnxq.pipeline.summary import CalibrationSummary, ModeSummary
 from onnxq.plan.op_rules import ANCHOR_OPS
 from onnxq.plan.planner import plan_quantization
+from onnxq.preprocess.smooth import smooth_outliers
 
 __all__ = ["nothing_to_quantize", "quantize_static"]
 
@@ -71,6 +72,10 @@ def quantize_static(
         )
 
     start = time.perf_counter()
+    notes: list[str] = []
+    if config.smooth:  # weights change, the graph does not: the plan stands
+        smoothing = smooth_outliers(model, feeds, providers)
+        notes.append(smoothing.describe())
     runtime_declines: list[Decline] = []
     runtime_excluded: set[str] = set()
     while True:
@@ -85,35 +90,42 @@ def quantize_static(
             providers=providers,
             show_progress=show_progress,
         )
-        if not calibration.non_float and not calibration.unobserved:
+        if not (calibration.non_float or calibration.unobserved or calibration.non_finite):
             break
         # Shape inference could not type these tensors and they turned out not to be float32 at run
         # time; or they never held a finite value (a branch the data never takes, an always-empty
-        # tensor), so there is no range to quantize them with: keep every node that touches them float
-        # and plan again.
+        # tensor), so there is no range to quantize them with; or they held an infinity or a
+        # sentinel of float32's size (Log(0), a -inf or float-min attention mask), which no int8 grid
+        # holds: keep every node that touches them float and plan again.
         touching: list[str] = []
         for names, code, message in (
-            (calibration.non_float, "not_float", "a tensor it reads or writes is not float32"),
+            (calibration.non_float, "not_float", "tensor {} is not float32"),
             (
                 calibration.unobserved,
                 "never_observed",
+                "tensor {} never held a finite value in calibration (e.g. an If branch the data never takes)",
+            ),
+            (
+                calibration.non_finite,
+                "non_finite_range",
                 (
-                    "a tensor it reads or writes never held a finite value in calibration "
-                    "(e.g. an If branch the data never takes)"
+                    "tensor {} held an infinity or a value beyond ±1e8 in calibration (e.g. Log(0), "
+                    "an attention mask of -1e9 or float32's minimum): no int8 range quantizes it"
                 ),
             ),
         ):
-            bad = set(names)
-            nodes = set(_touching(plan.quantized_nodes, bad))
-            # An absorbed activation's output is its producer's quantized output.
-            nodes.update(
-                n.inputs[0].producer()  # type: ignore[misc]
-                for n in _touching(plan.absorbed_nodes, bad)
-                if n.inputs[0] is not None and n.inputs[0].producer() is not None
-            )
-            found = sorted({n.name or "" for n in nodes} - set(touching))
-            runtime_declines += [Decline("calibrate", code, message, name) for name in found]
-            touching += found
+            for tensor in sorted(names):
+                nodes = set(_touching(plan.quantized_nodes, {tensor}))
+                # An absorbed activation's output is its producer's quantized output.
+                nodes.update(
+                    n.inputs[0].producer()  # type: ignore[misc]
+                    for n in _touching(plan.absorbed_nodes, {tensor})
+                    if n.inputs[0] is not None and n.inputs[0].producer() is not None
+                )
+                found = sorted({n.name or "" for n in nodes} - set(touching))
+                text = message.format(repr(tensor))
+                runtime_declines += [Decline("calibrate", code, text, name) for name in found]
+                touching += found
         if not touching:
             break  # nothing left to keep float for them
         runtime_excluded.update(touching)
@@ -143,6 +155,7 @@ def quantize_static(
     summary = ModeSummary(
         mode="static",
         quantized_op_types=quantized_op_types,
+        notes=tuple(notes),
         float_op_types=dict(plan.float_op_types),
         declines=tuple(declines),
         activations_absorbed=len(plan.absorbed_nodes),

@@ -101,6 +101,7 @@ def build_report(
         preprocess_notes=[*preprocessed.notes, *mode.notes],
         batchnorms_folded=preprocessed.batchnorms_folded,
         affine_folded=preprocessed.affine_folded,
+        equalized_pairs=preprocessed.equalized,
         canonicalized=dict(preprocessed.canonicalized),
         nodes_before=preprocessed.nodes_before,
         nodes_after=preprocessed.nodes_after if mode.nodes_after is None else mode.nodes_after,

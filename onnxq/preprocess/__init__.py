@@ -24,6 +24,7 @@ import onnx_ir.passes.common as common
 from onnxq.declines import Decline
 from onnxq.graph import NameScope
 from onnxq.preprocess.canonicalize import FLOAT_ISLAND_RULES, LATE_RULES, CanonicalizePass
+from onnxq.preprocess.equalize import EqualizePass
 from onnxq.preprocess.fold_affine import FoldAffinePass
 from onnxq.preprocess.fold_bn import FoldBatchNormPass
 from onnxq.preprocess.fold_constants import FoldConstantsPass
@@ -45,6 +46,8 @@ class PreprocessSummary:
     affine_folded: int = 0
     #: Decomposed activations/normalizations rewritten into one op, by the op they became.
     canonicalized: dict[str, int] = field(default_factory=dict)
+    #: Conv → Relu → Conv pairs rescaled by cross-layer equalization (``equalize=True`` only).
+    equalized: int = 0
     notes: list[str] = field(default_factory=list)
     declines: list[Decline] = field(default_factory=list)
     seconds: float = 0.0
@@ -95,8 +98,12 @@ def infer_shapes(model: ir.Model) -> bool:
     return True
 
 
-def preprocess(model: ir.Model) -> PreprocessSummary:
-    """Normalize a float model in place before planning (see module docstring)."""
+def preprocess(model: ir.Model, *, equalize: bool = False) -> PreprocessSummary:
+    """Normalize a float model in place before planning (see module docstring).
+
+    ``equalize`` also runs cross-layer equalization (:mod:`~onnxq.preprocess.equalize`) once the folds
+    are done, so it sees the BatchNorm-folded weights and no Identity between the Convs.
+    """
     start = time.perf_counter()
     summary = PreprocessSummary(nodes_before=sum(1 for _ in model.graph.all_nodes()))
     common.RemoveInitializersFromInputsPass()(model)
@@ -122,6 +129,10 @@ def preprocess(model: ir.Model) -> PreprocessSummary:
     summary.declines.extend([*canonical.declined, *fold_affine.declined, *late.declined])
     RemoveIdentityPass()(model)
     common.RemoveUnusedNodesPass()(model)
+    if equalize:
+        equalizer = EqualizePass()
+        equalizer(model)
+        summary.equalized = len(equalizer.equalized)
     if not infer_shapes(model):
         summary.notes.append("shape inference failed; tensors of unknown type are treated as float")
     common.TopologicalSortPass()(model)

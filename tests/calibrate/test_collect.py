@@ -28,7 +28,7 @@ INT8_SYMMETRIC = ActivationScheme(dtype="int8", symmetric=True)
 
 # x → MatMul → Add → Relu (the graph output y), plus side branches the graph outputs do not use:
 # Tanh (float), Shape (int64), Cast to float16, Log(x - x) (always -inf), an empty Slice, and
-# Log(Relu(x)) (-inf wherever x <= 0, finite elsewhere).
+# Log(x) (NaN wherever x < 0, finite elsewhere), Log(Relu(x)) (-inf wherever x <= 0).
 SIDE_BRANCHES = """
 collect (float[N,4] x) => (float[N,3] y) {
     h = MatMul (x, w)
@@ -40,8 +40,9 @@ collect (float[N,4] x) => (float[N,3] y) {
     zero = Sub (x, x)
     never = Log (zero)
     empty = Slice (x, starts, ends, axes)
+    partly = Log (x)
     pos = Relu (x)
-    partly = Log (pos)
+    clamped = Log (pos)
 }
 """
 
@@ -323,10 +324,12 @@ def test_tensors_without_any_finite_value_are_unobserved(caplog: pytest.LogCaptu
     values = values_named(model, "never", "empty", "y")
     with caplog.at_level(logging.INFO, logger="onnxq.calibrate.collect"):
         result = calibrate(model, values, row_feeds(5, seed=13))
-    assert result.unobserved == ("never", "empty")  # in the order they were asked for
+    assert result.unobserved == ("empty",)
+    # Log(0) holds -inf only: no finite value, and an infinity that no range may clamp.
+    assert result.non_finite == ("never",)
     assert set(by_name(result)) == {"y"}
     assert result.non_float == ()
-    assert any("2 tensors never held a finite value" in r.getMessage() for r in caplog.records)
+    assert any("1 tensors never held a finite value" in r.getMessage() for r in caplog.records)
 
 
 def test_no_warning_when_every_tensor_was_observed(caplog: pytest.LogCaptureFixture) -> None:
@@ -350,6 +353,14 @@ def test_non_finite_values_are_ignored_finite_ones_kept() -> None:
     assert result.ranges[partly] == (float(finite.min()), float(finite.max()))
     assert np.isfinite(result.ranges[partly]).all()
     np.testing.assert_allclose(result.ranges[partly][1], np.log(x.max()), rtol=1e-6)
+    assert result.non_finite == ()  # NaN is skipped; an infinity is not (next test)
+
+
+def test_a_tensor_holding_an_infinity_gets_no_range() -> None:
+    model = ir.from_proto(side_branch_model())
+    (clamped,) = values_named(model, "clamped")
+    result = calibrate(model, [clamped], row_feeds(10, seed=14))
+    assert result.non_finite == ("clamped",) and clamped not in result.ranges
 
 
 def test_schemes_are_applied_per_value() -> None:

@@ -1,0 +1,344 @@
+"""Outlier migration (SmoothQuant-style): move per-channel range from activations into weights.
+
+Transformers (and some CNNs) have a few activation channels with ranges 10–100× the rest (Bondarenko
+et al., EMNLP 2021). One per-tensor activation scale must cover them, so every other channel keeps
+only a few integer levels. Weights are quantized per output channel and have room to spare. For an
+activation ``X`` (channels on its last axis) read only by products with constant weights,
+
+    X · W  =  (X · diag(s)⁻¹) · (diag(s) · W)
+
+for any positive ``s``. The division is folded into the tensor's producer so that nothing is added at
+run time (Xiao et al., "SmoothQuant", 2023):
+
+- ``LayerNormalization`` over the last axis: ``γ`` and ``β`` divided by ``s``;
+- ``MatMul``/``Gemm`` with a constant weight (the weight's output columns divided by ``s``), optionally
+  followed by a constant bias ``Add`` and a ``Relu`` (``Relu(z)/s = Relu(z/s)`` for ``s > 0``).
+
+Every reader of ``X`` must be a ``MatMul``/``Gemm`` whose constant weight has ``X``'s channels as its
+input rows (their rows are multiplied by ``s``); a tensor read by anything else (a residual ``Add``) is
+left alone.
+
+``s_k = max|X_k|^α / max|W_k|^(1-α)`` (``W_k``: row ``k`` of every reader's weight). The strength ``α``
+is chosen per tensor, not as a global constant: each candidate (and ``s = 1``, no change) is scored by
+the error of the simulated int8 product (per-tensor uint8 activations from the calibrated per-channel
+minima and maxima, per-channel int8 weights) against the float product on up to :data:`SAMPLE_ROWS`
+rows of the calibration data, and the lowest error wins. So a tensor without outliers keeps ``s = 1``.
+The rewrite is exact in float up to rounding; the statistics pass costs one run of the float model over
+at most :data:`MAX_BATCHES` calibration batches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxq.data import Feeds
+from onnxq.graph import attr_int, const_array
+from onnxq.qmath import compute_qparams, dequantize, quantize, quantize_weight
+from onnxq.runtime.session import open_model, run
+
+__all__ = ["ALPHAS", "SmoothSummary", "smooth_outliers"]
+
+#: Candidate migration strengths (0: weights alone set ``s``; 1: activations alone).
+ALPHAS = (0.25, 0.5, 0.65, 0.8, 0.9)
+#: Rows of each candidate tensor kept to score the strengths (spread over the calibration batches).
+SAMPLE_ROWS = 512
+#: Calibration batches the statistics pass runs at most.
+MAX_BATCHES = 32
+#: Rows (samples × positions) a tensor must have shown before it is smoothed. Equalized channels
+#: leave the activation range no headroom, so a min-max range from fewer rows clips unseen data:
+#: measured on a 6-layer chain, 64 rows turned a 30 dB model into 22 dB on held-out data, 512 rows
+#: kept it at 35 dB (and lifted the outlier variant from 13.5 to 35.6 dB).
+MIN_ROWS = 256
+#: Upper bound on ``s`` (relative to the median channel): beyond it a channel's weight rows would
+#: dwarf the rest of their column.
+_S_MAX = 1e3
+
+
+@dataclass
+class SmoothSummary:
+    """What the pass did: tensors smoothed with their strength, tensors left as they were."""
+
+    smoothed: dict[str, float] = field(default_factory=dict)
+    candidates: int = 0
+    #: Set when the calibration data showed too few rows to smooth with (:data:`MIN_ROWS`).
+    too_few_rows: int | None = None
+
+    def describe(self) -> str:
+        """One line for the report."""
+        if not self.candidates:
+            return (
+                "outlier smoothing: no tensor qualifies (read only by MatMul/Gemm with constant "
+                "weights, made by LayerNormalization or such a product)"
+            )
+        if self.too_few_rows is not None:
+            return (
+                f"outlier smoothing: skipped, the calibration data shows {self.too_few_rows} rows per "
+                f"tensor and smoothing needs {MIN_ROWS} (more samples, or longer sequences)"
+            )
+        strengths = ", ".join(f"{name} (α {alpha:g})" for name, alpha in self.smoothed.items())
+        done = f": {strengths}" if strengths else " (none lowered the simulated int8 error)"
+        return f"outlier smoothing: {len(self.smoothed)} of {self.candidates} candidate tensors{done}"
+
+
+@dataclass
+class _Reader:
+    """A product reading the smoothed tensor: its weight with input channels on axis 0 (a view)."""
+
+    node: ir.Node
+    input_index: int
+    transposed: bool  # the stored weight is [out, in] (Gemm transB)
+
+    def weight(self) -> np.ndarray:
+        w = const_array(self.node.inputs[self.input_index])
+        assert w is not None
+        return w.T if self.transposed else w
+
+
+@dataclass
+class _Candidate:
+    value: ir.Value
+    producer: ir.Node
+    readers: list[_Reader]
+    # The producer's constant arrays that take 1/s along the channel axis: (node, input index, axis).
+    divided: list[tuple[ir.Node, int, int]]
+
+
+def _product_reader(node: ir.Node, value: ir.Value) -> _Reader | None:
+    """``node`` as a reader whose constant 2-D weight has ``value``'s channels as input rows."""
+    if node.op_type == "MatMul" and node.inputs[0] is value and len(node.inputs) == 2:
+        w = const_array(node.inputs[1])
+        return _Reader(node, 1, False) if w is not None and w.ndim == 2 else None
+    if node.op_type == "Gemm" and node.inputs[0] is value and not attr_int(node, "transA", 0):
+        w = const_array(node.inputs[1])
+        if w is None or w.ndim != 2 or float(node.attributes.get_float("alpha", 1.0)) <= 0:
+            return None
+        return _Reader(node, 1, bool(attr_int(node, "transB", 0)))
+    return None
+
+
+def _only_use(value: ir.Value) -> ir.Node | None:
+    uses = list(value.uses())
+    return uses[0].node if len(uses) == 1 and not value.is_graph_output() else None
+
+
+def _channel_const(value: ir.Value | None, channels: int) -> bool:
+    """A constant that broadcasts along the last axis only: ``[K]`` (or a scalar-free ``[1, K]``)."""
+    array = const_array(value)
+    return array is not None and array.size == channels and array.shape[-1:] == (channels,)
+
+
+def _producer_plan(value: ir.Value, channels: int) -> tuple[ir.Node, list[tuple[ir.Node, int, int]]] | None:
+    """How ``value``'s producer chain takes ``1/s``: the arrays to divide, or ``None`` if it cannot."""
+    node = value.producer()
+    divided: list[tuple[ir.Node, int, int]] = []
+    if node is not None and node.op_type == "Relu":
+        source = node.inputs[0]
+        if source is None or _only_use(source) is not node:
+            return None
+        node = source.producer()
+        value = source
+    if node is not None and node.op_type == "Add":
+        # z + b: b divided too; z must come from a product with a constant weight.
+        bias_index = next((i for i in (0, 1) if _channel_const(node.inputs[i], channels)), None)
+        if bias_index is None:
+            return None
+        divided.append((node, bias_index, -1))
+        source = node.inputs[1 - bias_index]
+        if source is None or _only_use(source) is not node:
+            return None
+        node = source.producer()
+    if node is None or len(node.outputs) != 1:
+        return None
+    if node.op_type == "LayerNormalization" and not divided:
+        if attr_int(node, "axis", -1) not in (-1, len(value.shape or ()) - 1):
+            return None
+        if not _channel_const(node.inputs[1], channels):
+            return None
+        divided.append((node, 1, -1))
+        if len(node.inputs) > 2 and node.inputs[2] is not None:
+            if not _channel_const(node.inputs[2], channels):
+                return None
+            divided.append((node, 2, -1))
+        return node, divided
+    if node.op_type == "MatMul":
+        w = const_array(node.inputs[1])
+        if w is None or w.ndim != 2 or w.shape[1] != channels:
+            return None
+        return node, [(node, 1, 1), *divided]
+    if node.op_type == "Gemm" and not attr_int(node, "transA", 0):
+        w = const_array(node.inputs[1])
+        if w is None or w.ndim != 2:
+            return None
+        axis = 0 if attr_int(node, "transB", 0) else 1
+        if w.shape[axis] != channels:
+            return None
+        extra = []
+        if len(node.inputs) > 2 and node.inputs[2] is not None:
+            if not _channel_const(node.inputs[2], channels):
+                return None
+            extra.append((node, 2, -1))
+        return node, [(node, 1, axis), *extra, *divided]
+    return None
+
+
+def find_candidates(model: ir.Model) -> list[_Candidate]:
+    """Tensors of the main graph that can be smoothed (module docstring), in graph order."""
+    found: list[_Candidate] = []
+    claimed: set[int] = set()  # a producer's arrays are divided for one tensor only
+    for node in model.graph:
+        for value in node.outputs:
+            uses = list(value.uses())
+            if not uses or value.is_graph_output():
+                continue
+            readers = [_product_reader(use.node, value) for use in uses]
+            if any(r is None for r in readers):
+                continue
+            weights = [r.weight() for r in readers if r is not None]
+            channels = weights[0].shape[0]
+            if any(w.shape[0] != channels for w in weights):
+                continue
+            plan = _producer_plan(value, channels)
+            if plan is None or id(plan[0]) in claimed:
+                continue
+            # A weight shared with another node would change that node too.
+            arrays = [r.node.inputs[r.input_index] for r in readers if r is not None]
+            arrays += [n.inputs[i] for n, i, _ in plan[1]]
+            if any(a is None or len(a.uses()) != 1 for a in arrays):
+                continue
+            claimed.add(id(plan[0]))
+            found.append(_Candidate(value, plan[0], [r for r in readers if r is not None], plan[1]))
+    return found
+
+
+@dataclass
+class _Stats:
+    """Per-channel minimum and maximum of one tensor, and a sample of its rows."""
+
+    low: np.ndarray
+    high: np.ndarray
+    rows: list[np.ndarray]
+    seen: int = 0
+
+    @classmethod
+    def empty(cls, channels: int) -> _Stats:
+        return cls(np.full(channels, np.inf), np.full(channels, -np.inf), [])
+
+
+def _collect(
+    model: ir.Model, candidates: Sequence[_Candidate], feeds: Feeds, providers: Sequence[str]
+) -> list[_Stats]:
+    values = [c.value for c in candidates]
+    session = open_model(model, outputs=values, providers=providers, opt_level="all", prepack=False)
+    names = [v.name or "" for v in values]
+    stats = [_Stats.empty(c.readers[0].weight().shape[0]) for c in candidates]
+    rng = np.random.default_rng(0)
+    batches = min(feeds.num_batches or MAX_BATCHES, MAX_BATCHES)
+    per_batch = max(1, SAMPLE_ROWS // batches)
+    for index, feed in enumerate(feeds):
+        if index >= MAX_BATCHES:
+            break
+        for stat, array in zip(stats, run(session, feed, names), strict=True):
+            rows = np.asarray(array, np.float32).reshape(-1, stat.low.shape[0])
+            if rows.shape[0] == 0:
+                continue
+            stat.seen += rows.shape[0]
+            finite = np.where(np.isfinite(rows), rows, 0.0)
+            stat.low = np.minimum(stat.low, finite.min(axis=0))
+            stat.high = np.maximum(stat.high, finite.max(axis=0))
+            take = rng.choice(rows.shape[0], size=min(per_batch, rows.shape[0]), replace=False)
+            stat.rows.append(finite[np.sort(take)])
+    return stats
+
+
+def _error(
+    rows: np.ndarray, low: np.ndarray, high: np.ndarray, weights: Iterable[np.ndarray], s: np.ndarray
+) -> float:
+    """Squared error of the simulated int8 products with ``X/s`` and ``s·W``, over every reader."""
+    x = rows / s
+    params = compute_qparams(float((low / s).min()), float((high / s).max()), "uint8", False)
+    xq = dequantize(quantize(x, params), params)
+    total = 0.0
+    for w in weights:
+        scaled = w * s[:, None]
+        wq_int, w_params = quantize_weight(scaled, "int8", True, axis=1)
+        wq = dequantize(wq_int, w_params)
+        total += float(np.sum((xq @ wq - rows @ w) ** 2))
+    return total
+
+
+def _split(stat: _Stats) -> tuple[np.ndarray, np.ndarray]:
+    """Rows to set the ranges from and rows to score on: alternate batches (rows, for one batch)."""
+    if len(stat.rows) >= 2:
+        return np.concatenate(stat.rows[0::2]), np.concatenate(stat.rows[1::2])
+    rows = stat.rows[0] if stat.rows else np.zeros((0, stat.low.shape[0]), np.float32)
+    return rows[0::2], rows[1::2]
+
+
+def _choose_scale(stat: _Stats, weights: list[np.ndarray]) -> tuple[float, np.ndarray | None]:
+    """The strength with the lowest simulated error and its ``s`` (``None``: leave the tensor alone).
+
+    Ranges come from half of the sampled rows and the error from the other half: equalized channels
+    leave the activation range no headroom, and only data the ranges were not fitted to shows the
+    clipping that follows (scored on the rows that set them, smoothing looked 25–50% better on a chain
+    without outliers and lost 5 dB on held-out data).
+    """
+    fit, score = _split(stat)
+    if fit.shape[0] == 0 or score.shape[0] == 0:
+        return 0.0, None
+    low, high = fit.min(axis=0), fit.max(axis=0)
+    act = np.maximum(np.abs(stat.low), np.abs(stat.high))
+    wmax = np.max(np.stack([np.abs(w).max(axis=1) for w in weights]), axis=0)
+    live = (act > 0) & (wmax > 0)
+    best_alpha, best_s = 0.0, None
+    best = _error(score, low, high, weights, np.ones_like(act))
+    for alpha in ALPHAS:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            s = np.where(live, act**alpha / wmax ** (1.0 - alpha), 1.0)
+        # Relative to the median channel (the overall level of s changes nothing: per-tensor
+        # activations, per-column weights), and never below it: only channels wider than the median
+        # are narrowed; widening the narrow ones would fit maxima that few rows underestimate.
+        s = s / float(np.median(s[live])) if live.any() else s
+        s = np.clip(s, 1.0, _S_MAX)
+        error = _error(score, low, high, weights, s)
+        if error < 0.98 * best:  # a clear gain only: rounding noise keeps the tensor as it was
+            best, best_alpha, best_s = error, alpha, s
+    return best_alpha, best_s
+
+
+def _rescale(node: ir.Node, index: int, factor: np.ndarray, axis: int) -> None:
+    """Multiply a constant input along ``axis`` by ``factor``, in place (it has no other reader)."""
+    value = node.inputs[index]
+    array = const_array(value)
+    assert array is not None and value is not None
+    shape = [1] * array.ndim
+    shape[axis] = factor.shape[0]
+    scaled = (array.astype(np.float64) * factor.reshape(shape)).astype(array.dtype)
+    value.const_value = ir.tensor(scaled, name=value.name)
+
+
+def smooth_outliers(model: ir.Model, feeds: Feeds, providers: Sequence[str]) -> SmoothSummary:
+    """Smooth every candidate tensor of ``model`` in place where it lowers the simulated error."""
+    candidates = find_candidates(model)
+    summary = SmoothSummary(candidates=len(candidates))
+    if not candidates:
+        return summary
+    stats = _collect(model, candidates, feeds, providers)
+    fewest = min(stat.seen for stat in stats)
+    if fewest < MIN_ROWS:
+        summary.too_few_rows = fewest
+        return summary
+    for candidate, stat in zip(candidates, stats, strict=True):
+        weights = [r.weight() for r in candidate.readers]
+        alpha, s = _choose_scale(stat, weights)
+        if s is None:
+            continue
+        for node, index, axis in candidate.divided:
+            _rescale(node, index, 1.0 / s, axis)
+        for reader in candidate.readers:
+            _rescale(reader.node, reader.input_index, s, 1 if reader.transposed else 0)
+        summary.smoothed[candidate.value.name or ""] = alpha
+    return summary
