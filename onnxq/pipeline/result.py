@@ -159,6 +159,8 @@ class QuantizationResult:
             raise OnnxqError("an accuracy target needs static quantization of a float model")
         start = time.perf_counter()
         outcome = meet_target(self, target, self._eval_feeds(data))
+        if isinstance(outcome.state, StaticState):  # a fix (range method, smoothing, ...) was kept
+            self.static = outcome.state
         self.model = outcome.model
         self._saved = None
         self._ran = False

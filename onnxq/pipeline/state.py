@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import dataclasses
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
@@ -14,10 +15,13 @@ from onnxq.config import QuantConfig
 from onnxq.data import Feeds
 from onnxq.declines import Decline
 from onnxq.plan.planner import QuantPlan, plan_quantization
+from onnxq.preprocess.equalize import EqualizePass
+from onnxq.preprocess.smooth import smooth_outliers
 from onnxq.rewrite.cleanup import cleanup
 from onnxq.rewrite.dynamic_quant import QuantizeEmbeddingsPass
 from onnxq.rewrite.fuse_qlinear import QDQ_PASS_THROUGH_RULES, FuseQLinearPass
 from onnxq.rewrite.insert_qdq import InsertQDQPass, group_params
+from onnxq.tuning.interfaces import FIXES
 
 __all__ = ["QDQWritten", "StaticState", "write_qdq"]
 
@@ -98,3 +102,26 @@ class StaticState:
             FuseQLinearPass()(model)
         cleanup(model)
         return model
+
+    def with_fix(self, fix: str) -> StaticState:
+        """The same quantization with one of :data:`FIXES` applied; its ranges calibrated on demand.
+
+        ``method=<name>`` re-calibrates with another range method; ``smooth`` and ``equalize`` apply
+        the outlier smoothing / cross-layer equalization to the float model (exact in float). Every
+        anchor stays quantized: a fix costs one calibration, and no speed.
+        """
+        model, config = self.float_model, self.config
+        if fix.startswith("method="):
+            calibration = dataclasses.replace(config.calibration, method=fix.removeprefix("method="))  # type: ignore[arg-type]
+            config = config.replace(calibration=calibration)
+        elif fix == "smooth":
+            model = model.clone()
+            smooth_outliers(model, self.feeds, self.providers)
+            config = config.replace(smooth=True)
+        elif fix == "equalize":
+            model = model.clone()
+            EqualizePass()(model)
+            config = config.replace(equalize=True)
+        else:
+            raise ValueError(f"unknown fix {fix!r}; expected one of {', '.join(FIXES)}")
+        return dataclasses.replace(self, float_model=model, config=config, ranges={})

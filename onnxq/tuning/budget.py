@@ -5,6 +5,11 @@ with the smallest set of anchor nodes (Conv, ConvTranspose, Gemm, MatMul) left f
 meeting the target on the given evaluation data. It does *not* quantize and evaluate once per layer:
 
 1. evaluate the fully quantized model; if it meets the target, stop (1 evaluation);
+1b. try the cheaper fixes that keep every layer quantized, so cost no speed (:data:`FIXES`:
+   re-calibration with the percentile or MSE range method, outlier smoothing, cross-layer
+   equalization; one calibration and one evaluation each); the best-scoring one is kept if it beats
+   the original, and if it meets the target the search stops there — the fastest model that meets
+   the target is one with no layer kept float;
 2. rank the anchors with the one-pass :func:`~onnxq.tuning.sensitivity.estimate_sensitivity` (two
    ONNX Runtime passes over the data, however many layers);
 3. find the smallest ``k`` such that keeping the ``k`` top-ranked anchors float meets the target:
@@ -41,7 +46,7 @@ import onnx_ir as ir
 from onnxq.data import Feeds
 from onnxq.errors import OnnxqError
 from onnxq.runtime.session import OptLevel
-from onnxq.tuning.interfaces import StaticResult
+from onnxq.tuning.interfaces import FIXES, RequantizableState, StaticResult
 from onnxq.tuning.sensitivity import estimate_sensitivity, rank_by_estimate
 from onnxq.tuning.targets import AccuracyTarget, CustomTarget, TargetEvaluator, as_target, evaluation_feeds
 
@@ -78,6 +83,11 @@ class BudgetOutcome:
     search_seconds: float
     full_evaluation_seconds: float
     estimate_seconds: float = 0.0
+    #: The fix applied to every layer before any was kept float (``""``: none); ``fixes`` every fix
+    #: tried with its score; ``state`` the quantization the chosen model comes from.
+    fix: str = ""
+    fixes: dict[str, float] = field(default_factory=dict)
+    state: RequantizableState | None = None
     anchors: int = 0
     estimates: dict[str, float] = field(default_factory=dict)
     history: list[tuple[int, float]] = field(default_factory=list)
@@ -91,6 +101,9 @@ class BudgetOutcome:
                 f"{self.score_after:.4g} with {len(self.kept_float)} of {self.anchors} anchors kept float"
             ),
         ]
+        if self.fixes:
+            tried = ", ".join(f"{fix} {score:.4g}" for fix, score in self.fixes.items())
+            lines.append(f"  fixes tried (all layers int8): {tried}; applied: {self.fix or 'none'}")
         lines += [
             f"  kept float: {name} (estimated added noise {self.kept_estimates.get(name, math.nan):.1f} dB)"
             for name in self.kept_float
@@ -116,6 +129,8 @@ class BudgetOutcome:
             "full_evaluation_seconds": self.full_evaluation_seconds,
             "estimate_seconds": self.estimate_seconds,
             "anchors": self.anchors,
+            "fix": self.fix,
+            "fixes": dict(self.fixes),
             "history": [list(h) for h in self.history],
         }
 
@@ -129,7 +144,7 @@ class _Search:
 
     def __init__(self, result: StaticResult, evaluator: TargetEvaluator, ranked: list[str]) -> None:
         assert result.static is not None
-        self.state = result.static
+        self.state: RequantizableState = result.static
         self.evaluator = evaluator
         self.ranked = ranked
         self.scores: dict[frozenset[str], float] = {}
@@ -176,6 +191,7 @@ def meet_target(
     prune_evaluations: int = 3,
     providers: Sequence[str] | None = None,
     opt_level: OptLevel = "all",
+    fixes: Sequence[str] = FIXES,
 ) -> BudgetOutcome:
     """Keep the fewest anchor nodes float that make ``result``'s model meet ``target`` on ``feeds``.
 
@@ -213,11 +229,15 @@ def meet_target(
     score_before = search.evaluate([], result.model)
     baseline_seconds = time.perf_counter() - baseline_start
 
+    fixed, fix_scores = "", dict[str, float]()
+    base_model = result.model
+    if not evaluator.met(score_before) and anchors and fixes:
+        fixed, fix_scores, base_model = _try_fixes(search, fixes, score_before, base_model)
     estimates: dict[str, float] = {}
     estimate_seconds = 0.0
-    if not evaluator.met(score_before) and anchors:
+    if search.best_pass is None and anchors:
         estimate_start = time.perf_counter()
-        estimates = estimate_sensitivity(state, result.model, eval_feeds, providers=providers)
+        estimates = estimate_sensitivity(search.state, base_model, eval_feeds, providers=providers)
         estimate_seconds = time.perf_counter() - estimate_start
         search.ranked = rank_by_estimate(estimates, anchors)
         logger.info("anchors by estimated sensitivity: %s", search.ranked)
@@ -245,9 +265,53 @@ def meet_target(
         anchors=len(anchors),
         estimates=estimates,
         history=list(search.history),
+        fix=fixed,
+        fixes=fix_scores,
+        state=search.state,
     )
     logger.info("%s", outcome.summary())
     return outcome
+
+
+def _applies(fix: str, config: Any) -> bool:
+    """Whether ``fix`` changes anything for a quantization made with ``config``."""
+    if fix.startswith("method="):
+        return bool(config.calibration.method != fix.removeprefix("method="))
+    return not getattr(config, fix, False)
+
+
+def _try_fixes(
+    search: _Search, fixes: Sequence[str], score_before: float, model: ir.Model
+) -> tuple[str, dict[str, float], ir.Model]:
+    """Score each fix with every layer quantized; continue the search from the best one if it helps.
+
+    Returns the fix kept (``""``: none), every fix's score, and the model the search continues from.
+    """
+    original = search.state
+    scores: dict[str, float] = {}
+    best: tuple[float, str, RequantizableState, ir.Model] | None = None
+    for fix in fixes:
+        if not _applies(fix, original.config):
+            continue
+        state = original.with_fix(fix)
+        candidate = state.requantize()
+        score = search.evaluator.score(candidate)
+        scores[fix] = score
+        search.history.append((0, score))
+        logger.info("fix %s, every layer int8: %s = %.6g", fix, search.evaluator.target.name, score)
+        if not math.isnan(score) and (best is None or score > best[0]):
+            best = (score, fix, state, candidate)
+    if best is None or not best[0] > score_before:
+        return "", scores, model
+    score, fix, state, candidate = best
+    # The search goes on from the fixed quantization: "nothing kept float" is now this model.
+    search.state = state
+    search.scores = {frozenset(): score}
+    entry: tuple[list[str], float, ir.Model] = ([], score, candidate)
+    search.best_any = entry
+    if search.evaluator.met(score):
+        search.best_pass = entry
+    return fix, scores, candidate
 
 
 def _search_smallest_k(search: _Search, n: int) -> None:

@@ -14,7 +14,12 @@ import onnx_ir as ir
 from onnxq.config import QuantConfig
 from onnxq.data import Feeds
 
-__all__ = ["RequantizableState", "StaticResult"]
+__all__ = ["FIXES", "RequantizableState", "StaticResult"]
+
+#: The cheaper fixes an accuracy target tries before keeping layers float, each keeping every layer
+#: quantized (so no speed is lost): re-calibration with another range method, outlier smoothing,
+#: cross-layer equalization (``RequantizableState.with_fix``).
+FIXES = ("method=percentile", "method=mse", "smooth", "equalize")
 
 
 class RequantizableState(Protocol):
@@ -41,6 +46,8 @@ class RequantizableState(Protocol):
     def requantize(
         self, keep_float: Iterable[str] = (), *, output_format: Literal["qdq", "qoperator"] | None = None
     ) -> ir.Model: ...
+
+    def with_fix(self, fix: str) -> RequantizableState: ...
 
 
 class StaticResult(Protocol):

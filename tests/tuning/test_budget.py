@@ -8,6 +8,7 @@ a few ×50 outlier channels, which per-tensor activation quantization ruins.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import builders
 import numpy as np
@@ -35,6 +36,12 @@ def held_out_score(result: QuantizationResult, model: ir.Model, target: Accuracy
     return TargetEvaluator(float_model, feeds, target).score(model)
 
 
+def layer_search(*args: Any, **kwargs: Any) -> BudgetOutcome:
+    """:func:`meet_target` without the cheaper fixes: these tests pin down the layer search itself
+    (the fixes have their own tests below)."""
+    return meet_target(*args, fixes=(), **kwargs)
+
+
 @pytest.fixture(scope="module")
 def outlier_result() -> QuantizationResult:
     return onnxq.quantize(builders.outlier_chain_model(), builders.chain_feeds(4, seed=1))
@@ -59,7 +66,7 @@ def test_meets_the_target_on_held_out_data_keeping_one_layer_float(
     outlier_result: QuantizationResult,
 ) -> None:
     target = AccuracyTarget.parse("sqnr>=25")
-    outcome = meet_target(outlier_result, target, builders.chain_feeds(6, seed=2))
+    outcome = layer_search(outlier_result, target, builders.chain_feeds(6, seed=2))
     assert isinstance(outcome, BudgetOutcome)
     assert outcome.met
     assert outcome.score_before < 20.0 <= 25.0 <= outcome.score_after
@@ -92,7 +99,7 @@ def test_meets_the_target_on_held_out_data_keeping_one_layer_float(
 def test_two_outlier_layers_need_two_float_layers() -> None:
     result = onnxq.quantize(builders.outlier_chain_model((2, 4)), builders.chain_feeds(4, seed=1))
     assert result.static is not None
-    outcome = meet_target(result, "sqnr>=25", builders.chain_feeds(6, seed=2))
+    outcome = layer_search(result, "sqnr>=25", builders.chain_feeds(6, seed=2))
     assert outcome.met
     expected = {builders.node_reading(result.static.float_model, w) for w in ("w2", "w4")}
     assert set(outcome.kept_float) == expected
@@ -102,7 +109,7 @@ def test_two_outlier_layers_need_two_float_layers() -> None:
 
 def test_a_model_that_already_meets_the_target_is_returned_as_is() -> None:
     result = onnxq.quantize(builders.outlier_chain_model(()), builders.chain_feeds(4, seed=1))
-    outcome = meet_target(result, AccuracyTarget.parse("cosine>=0.99"), builders.chain_feeds(4, seed=2))
+    outcome = layer_search(result, AccuracyTarget.parse("cosine>=0.99"), builders.chain_feeds(4, seed=2))
     assert outcome.met
     assert outcome.kept_float == []
     assert outcome.evaluations == 1
@@ -136,7 +143,7 @@ def test_custom_target_with_a_user_evaluation_function(outlier_result: Quantizat
     baseline = negative_mse(outlier_result.model)
     calls.clear()
     target = CustomTarget(negative_mse, minimum=baseline / 10.0, name="-mse")
-    outcome = meet_target(outlier_result, target, builders.chain_feeds(4, seed=2))
+    outcome = layer_search(outlier_result, target, builders.chain_feeds(4, seed=2))
     assert outcome.met
     assert len(calls) == outcome.evaluations <= 3
     assert outcome.score_after >= baseline / 10.0
@@ -172,7 +179,7 @@ def test_exponential_growth_then_bisection(outlier_result: QuantizationResult) -
     def score(model: ir.Model) -> float:
         return float(len(needed & _float_names(model)))
 
-    outcome = meet_target(outlier_result, CustomTarget(score, 5.0), feeds)
+    outcome = layer_search(outlier_result, CustomTarget(score, 5.0), feeds)
     assert outcome.met
     assert outcome.kept_float == ranked[:5]
     # 0 (all int8), 1, 2, 4 fail; 8 is capped at 5 (one anchor must stay quantized) and passes;
@@ -190,7 +197,7 @@ def test_greedy_prune_drops_nodes_the_ranking_put_too_high(outlier_result: Quant
     def score(model: ir.Model) -> float:
         return float(len(needed & _float_names(model)))
 
-    outcome = meet_target(outlier_result, CustomTarget(score, 2.0), feeds)
+    outcome = layer_search(outlier_result, CustomTarget(score, 2.0), feeds)
     assert outcome.met
     assert outcome.kept_float == [ranked[0], ranked[3]]
     # 0, 1, 2 fail; 4 passes; 3 fails; prune (ranked[3] is skipped: dropping it gives the failed
@@ -198,7 +205,7 @@ def test_greedy_prune_drops_nodes_the_ranking_put_too_high(outlier_result: Quant
     assert [k for k, _ in outcome.history] == [0, 1, 2, 4, 3, 3, 2, 1]
     assert outcome.evaluations == 8
 
-    no_prune = meet_target(outlier_result, CustomTarget(score, 2.0), feeds, prune_evaluations=0)
+    no_prune = layer_search(outlier_result, CustomTarget(score, 2.0), feeds, prune_evaluations=0)
     assert no_prune.kept_float == ranked[:4]
     assert no_prune.evaluations == 5
 
@@ -206,7 +213,7 @@ def test_greedy_prune_drops_nodes_the_ranking_put_too_high(outlier_result: Quant
 def test_a_target_that_cannot_be_met(outlier_result: QuantizationResult) -> None:
     scores = iter(float(i) for i in range(100))
 
-    outcome = meet_target(
+    outcome = layer_search(
         outlier_result, CustomTarget(lambda model: next(scores), 1000.0), builders.chain_feeds(2, 2)
     )
     assert not outcome.met
@@ -232,7 +239,7 @@ def test_bad_inputs(outlier_result: QuantizationResult) -> None:
 def test_calibration_data_is_used_when_no_evaluation_data_is_given(
     outlier_result: QuantizationResult, caplog: pytest.LogCaptureFixture
 ) -> None:
-    outcome = meet_target(outlier_result, "sqnr>=25", None)
+    outcome = layer_search(outlier_result, "sqnr>=25", None)
     assert outcome.met and len(outcome.kept_float) == 1
     assert "calibration data" in caplog.text
     assert not math.isnan(outcome.score_after)
@@ -255,3 +262,44 @@ def _conv_model() -> onnx.ModelProto:
 def _conv_feeds() -> list[dict[str, np.ndarray]]:
     rng = np.random.default_rng(1)
     return [{"x": rng.standard_normal((1, 3, 8, 8)).astype(np.float32)} for _ in range(2)]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Cheaper fixes first: every layer stays quantized when one of them meets the target
+
+
+def test_a_fix_that_meets_the_target_keeps_every_layer_quantized() -> None:
+    """Five outlier layers: keeping layers float would need several of them; smoothing (with enough
+    calibration rows) meets sqnr>=25 with none kept float — the fastest model that meets it."""
+    proto = builders.outlier_chain_model((1, 2, 3, 4, 5))
+    result = onnxq.quantize(proto, builders.chain_feeds(64, seed=1))
+    outcome = meet_target(result, "sqnr>=25", builders.chain_feeds(8, seed=2))
+    assert outcome.met and outcome.kept_float == []
+    assert outcome.fix == "smooth" and outcome.fixes["smooth"] >= 25.0 > outcome.score_before
+    assert set(outcome.fixes) == {"method=percentile", "method=mse", "smooth", "equalize"}
+    assert count_float_anchors(outcome.model) == 0
+    assert "applied: smooth" in outcome.summary()
+    assert held_out_score(result, outcome.model, AccuracyTarget("sqnr", 22.0), seed=3) >= 22.0
+
+
+def test_a_fix_that_helps_is_kept_under_the_layer_search() -> None:
+    """With a target no fix reaches alone, the layer search continues from the best fix, and keeps
+    fewer layers float than without it."""
+    proto = builders.outlier_chain_model((1, 2, 3, 4, 5))
+    result = onnxq.quantize(proto, builders.chain_feeds(64, seed=1))
+    feeds = builders.chain_feeds(8, seed=2)
+    with_fixes = meet_target(result, "sqnr>=38", feeds)
+    without = layer_search(result, "sqnr>=38", feeds)
+    assert with_fixes.fix == "smooth"
+    assert with_fixes.met and without.met
+    assert len(with_fixes.kept_float) < len(without.kept_float)
+
+
+def test_the_result_keeps_the_fixed_quantization() -> None:
+    proto = builders.outlier_chain_model((1, 2, 3, 4, 5))
+    result = onnxq.quantize(proto, builders.chain_feeds(64, seed=1))
+    before = result.static
+    outcome = result.meet_target(AccuracyTarget.parse("sqnr>=25"), builders.chain_feeds(8, seed=2))
+    assert outcome.fix == "smooth" and result.static is not before
+    assert result.static is not None and result.static.config.smooth
+    assert result.report.budget["fix"] == "smooth"
