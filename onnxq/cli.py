@@ -132,6 +132,12 @@ def _add_quant_options(parser: argparse.ArgumentParser) -> None:
         "(SmoothQuant-style, strength chosen per tensor; exact in float; needs 256+ calibration rows)",
     )
     scheme.add_argument(
+        "--bias-correction",
+        action="store_true",
+        help="shift each quantized layer's bias by the mean error its weight rounding adds "
+        "(measured on the calibration data)",
+    )
+    scheme.add_argument(
         "--exclude-nodes", type=_name_list, default=(), metavar="A,B", help="node names kept float"
     )
     scheme.add_argument(
@@ -306,6 +312,7 @@ def _config_from_args(args: argparse.Namespace) -> Any:
             dynamic=DynamicConfig(conv=args.dynamic_conv, embeddings=args.quantize_embeddings),
             equalize=bool(getattr(args, "equalize", False)),
             smooth=bool(getattr(args, "smooth", False)),
+            bias_correction=bool(getattr(args, "bias_correction", False)),
             latency_guard=LatencyGuardConfig(
                 enabled=guard_enabled_by_default() and not getattr(args, "no_latency_guard", False),
                 threads=min(getattr(args, "threads", (1,))),

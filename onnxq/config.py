@@ -197,6 +197,9 @@ class QuantConfig:
     #: Static mode: migrate outlier channels from activations into the weights of the MatMul/Gemm
     #: that read them (:mod:`onnxq.preprocess.smooth`; exact in float, strength chosen per tensor).
     smooth: bool = False
+    #: Static mode: add to each quantized layer's bias the mean error its weight rounding adds
+    #: (:mod:`onnxq.calibrate.bias_correction`; measured on the calibration data).
+    bias_correction: bool = False
 
     def __post_init__(self) -> None:
         # Frozen means frozen: a copy of the caller's mappings that nobody can change afterwards.

@@ -201,6 +201,8 @@ def _settings(config: QuantConfig, mode: Mode) -> dict[str, Any]:
             settings["equalize"] = True
         if config.smooth:
             settings["smooth"] = True
+        if config.bias_correction:
+            settings["bias_correction"] = True
         calibration = dataclasses.asdict(config.calibration)
         settings["calibration"] = {k: v for k, v in calibration.items() if k != "batch_size"}
     else:

@@ -10,6 +10,7 @@ from typing import Literal
 
 import onnx_ir as ir
 
+from onnxq.calibrate.bias_correction import correct_biases
 from onnxq.calibrate.collect import collect_ranges
 from onnxq.config import QuantConfig
 from onnxq.data import Feeds
@@ -107,8 +108,10 @@ class StaticState:
         """The same quantization with one of :data:`FIXES` applied; its ranges calibrated on demand.
 
         ``method=<name>`` re-calibrates with another range method; ``smooth`` and ``equalize`` apply
-        the outlier smoothing / cross-layer equalization to the float model (exact in float). Every
-        anchor stays quantized: a fix costs one calibration, and no speed.
+        the outlier smoothing / cross-layer equalization to the float model (exact in float);
+        ``bias_correction`` shifts the anchors' biases by the mean error quantization adds
+        (:mod:`onnxq.calibrate.bias_correction`). Every anchor stays quantized: a fix costs one
+        calibration (bias correction: one float run), and no speed.
         """
         model, config = self.float_model, self.config
         if fix.startswith("method="):
@@ -122,6 +125,11 @@ class StaticState:
             model = model.clone()
             EqualizePass()(model)
             config = config.replace(equalize=True)
+        elif fix == "bias_correction":  # the ranges stay: a bias shift moves them by a rounding step
+            model = model.clone()
+            correct_biases(model, self.quantized_nodes, config.weights, self.feeds, self.providers)
+            config = config.replace(bias_correction=True)
+            return dataclasses.replace(self, float_model=model, config=config, ranges=dict(self.ranges))
         else:
             raise ValueError(f"unknown fix {fix!r}; expected one of {', '.join(FIXES)}")
         return dataclasses.replace(self, float_model=model, config=config, ranges={})

@@ -274,7 +274,10 @@ def meet_target(
 
 
 def _applies(fix: str, config: Any) -> bool:
-    """Whether ``fix`` changes anything for a quantization made with ``config``."""
+    """Whether ``fix`` changes anything for a quantization made with ``config``.
+
+    Each fix applies once (a second bias correction would correct what the first already did).
+    """
     if fix.startswith("method="):
         return bool(config.calibration.method != fix.removeprefix("method="))
     return not getattr(config, fix, False)
@@ -283,27 +286,44 @@ def _applies(fix: str, config: Any) -> bool:
 def _try_fixes(
     search: _Search, fixes: Sequence[str], score_before: float, model: ir.Model
 ) -> tuple[str, dict[str, float], ir.Model]:
-    """Score each fix with every layer quantized; continue the search from the best one if it helps.
+    """Score each fix alone, then stack the others on the best one, keeping each that raises the score.
 
-    Returns the fix kept (``""``: none), every fix's score, and the model the search continues from.
+    Every layer stays quantized throughout (one greedy round); the search continues from the result.
+    Returns the fixes kept (``"a+b"``; ``""``: none), every combination's score, and the model the
+    search continues from.
     """
-    original = search.state
     scores: dict[str, float] = {}
-    best: tuple[float, str, RequantizableState, ir.Model] | None = None
+
+    def score_of(name: str, state: RequantizableState) -> tuple[float, ir.Model]:
+        candidate = state.requantize()
+        score = search.evaluator.score(candidate)
+        scores[name] = score
+        search.history.append((0, score))
+        logger.info("fix %s, every layer int8: %s = %.6g", name, search.evaluator.target.name, score)
+        return score, candidate
+
+    original = search.state
+    best: tuple[float, list[str], RequantizableState, ir.Model] | None = None
     for fix in fixes:
         if not _applies(fix, original.config):
             continue
         state = original.with_fix(fix)
-        candidate = state.requantize()
-        score = search.evaluator.score(candidate)
-        scores[fix] = score
-        search.history.append((0, score))
-        logger.info("fix %s, every layer int8: %s = %.6g", fix, search.evaluator.target.name, score)
+        score, candidate = score_of(fix, state)
         if not math.isnan(score) and (best is None or score > best[0]):
-            best = (score, fix, state, candidate)
+            best = (score, [fix], state, candidate)
     if best is None or not best[0] > score_before:
         return "", scores, model
-    score, fix, state, candidate = best
+    for fix in fixes:
+        score_now, applied, state_now, _ = best
+        if search.evaluator.met(score_now):
+            break
+        if fix in applied or not _applies(fix, state_now.config):
+            continue
+        state = state_now.with_fix(fix)
+        score, candidate = score_of("+".join([*applied, fix]), state)
+        if not math.isnan(score) and score > score_now:
+            best = (score, [*applied, fix], state, candidate)
+    score, applied, state, candidate = best
     # The search goes on from the fixed quantization: "nothing kept float" is now this model.
     search.state = state
     search.scores = {frozenset(): score}
@@ -311,7 +331,7 @@ def _try_fixes(
     search.best_any = entry
     if search.evaluator.met(score):
         search.best_pass = entry
-    return fix, scores, candidate
+    return "+".join(applied), scores, candidate
 
 
 def _search_smallest_k(search: _Search, n: int) -> None:

@@ -18,8 +18,8 @@ __all__ = ["FIXES", "RequantizableState", "StaticResult"]
 
 #: The cheaper fixes an accuracy target tries before keeping layers float, each keeping every layer
 #: quantized (so no speed is lost): re-calibration with another range method, outlier smoothing,
-#: cross-layer equalization (``RequantizableState.with_fix``).
-FIXES = ("method=percentile", "method=mse", "smooth", "equalize")
+#: cross-layer equalization, empirical bias correction (``RequantizableState.with_fix``).
+FIXES = ("method=percentile", "method=mse", "smooth", "equalize", "bias_correction")
 
 
 class RequantizableState(Protocol):
