@@ -26,13 +26,26 @@ from typing import Generic, Literal, TypeVar
 import onnx_ir as ir
 
 from onnxq.declines import Decline, Reason, Stage
-from onnxq.graph import DEFAULT_DOMAINS, node_label
+from onnxq.graph import DEFAULT_DOMAINS, NameScope, default_opset, node_label
 from onnxq.runtime.kernels import kernel_table
 
-__all__ = ["Kernel", "Rule", "RuleOutcome", "apply_rules", "graphs_of"]
+__all__ = ["Kernel", "RewriteContext", "Rule", "RuleOutcome", "apply_rules", "graphs_of"]
 
 MatchT = TypeVar("MatchT")
 ContextT = TypeVar("ContextT")
+
+
+@dataclass
+class RewriteContext:
+    """What a graph-rewriting rule needs besides its match: the model, fresh names, the opset."""
+
+    model: ir.Model
+    names: NameScope
+    opset: int
+
+    @classmethod
+    def of(cls, model: ir.Model) -> RewriteContext:
+        return cls(model, NameScope(model.graph), default_opset(model))
 
 
 @dataclass(frozen=True)

@@ -35,11 +35,9 @@ from onnxq import rules
 from onnxq.declines import Decline, Reason
 from onnxq.graph import (
     DEFAULT_DOMAINS,
-    NameScope,
     attr_float,
     attr_int,
     const_array,
-    default_opset,
     make_initializer,
 )
 
@@ -51,11 +49,7 @@ _MS_DOMAIN = "com.microsoft"
 _RTOL = 1e-4
 
 
-@dataclass
-class _Context:
-    model: ir.Model
-    names: NameScope
-    opset: int
+_Context = rules.RewriteContext
 
 
 @dataclass
@@ -517,7 +511,7 @@ class CanonicalizePass(ir.passes.InPlacePass):
         self.declined: list[Decline] = []
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        ctx = _Context(model, NameScope(model.graph), default_opset(model))
+        ctx = _Context.of(model)
         outcome = rules.apply_rules(model, self.table, ctx, stage="canonicalize", opset=ctx.opset)
         self.rewritten = dict(outcome.rewritten)
         self.declined = outcome.declines

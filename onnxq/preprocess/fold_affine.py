@@ -42,12 +42,10 @@ from onnxq import rules
 from onnxq.declines import Decline, Reason
 from onnxq.graph import (
     DEFAULT_DOMAINS,
-    NameScope,
     attr_float,
     attr_int,
     attr_str,
     const_array,
-    default_opset,
     make_initializer,
 )
 
@@ -58,11 +56,7 @@ logger = logging.getLogger(__name__)
 _PRODUCERS = ("Conv", "ConvTranspose", "Gemm")
 
 
-@dataclass
-class _Context:
-    model: ir.Model
-    names: NameScope
-    opset: int
+_Context = rules.RewriteContext
 
 
 @dataclass
@@ -583,7 +577,7 @@ class FoldAffinePass(ir.passes.InPlacePass):
         self.declined: list[Decline] = []
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        ctx = _Context(model, NameScope(model.graph), default_opset(model))
+        ctx = _Context.of(model)
         outcome = rules.apply_rules(model, RULES, ctx, stage="fold", opset=ctx.opset)
         self.folded = dict(outcome.rewritten)
         self.declined = outcome.declines
