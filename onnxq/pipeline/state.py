@@ -72,6 +72,14 @@ class StaticState:
     ranges: dict[str, tuple[float, float]]
     providers: tuple[str, ...]
     quantized_nodes: tuple[str, ...]
+    #: The float model as the input computes it, where ``float_model`` differs from it (bias
+    #: correction changes the function to quantize); ``None``: ``float_model`` is it.
+    reference: ir.Model | None = None
+
+    @property
+    def reference_model(self) -> ir.Model:
+        """What the quantized model is compared with, and what "every layer float" returns."""
+        return self.reference if self.reference is not None else self.float_model
 
     def plan(self, keep_float: Iterable[str] = ()) -> QuantPlan:
         """The plan of :meth:`requantize` for the same ``keep_float`` (what it would quantize)."""
@@ -129,7 +137,13 @@ class StaticState:
             model = model.clone()
             correct_biases(model, self.quantized_nodes, config.weights, self.feeds, self.providers)
             config = config.replace(bias_correction=True)
-            return dataclasses.replace(self, float_model=model, config=config, ranges=dict(self.ranges))
+            return dataclasses.replace(
+                self,
+                float_model=model,
+                config=config,
+                ranges=dict(self.ranges),
+                reference=self.reference_model,
+            )
         else:
             raise ValueError(f"unknown fix {fix!r}; expected one of {', '.join(FIXES)}")
         return dataclasses.replace(self, float_model=model, config=config, ranges={})

@@ -141,7 +141,9 @@ def quantize_static(
         *(d for d in plan.declined if not (d.code == "excluded" and d.node in runtime_excluded)),
     ]
 
+    reference = None
     if config.bias_correction:  # after calibration: the ranges are the uncorrected model's, a step away
+        reference = model.clone()  # the input's function: the accuracy reference, the all-float answer
         anchors = [n.name or "" for n in plan.quantized_nodes if n.op_type in ANCHOR_OPS]
         fixed = correct_biases(model, anchors, config.weights, feeds, providers)
         notes.append(f"bias correction: {fixed} of {len(anchors)} quantized layers' biases shifted")
@@ -153,6 +155,7 @@ def quantize_static(
         ranges={v.name or "": r for v, r in calibration.ranges.items()},
         providers=tuple(providers),
         quantized_nodes=tuple(n.name or "" for n in plan.quantized_nodes if n.op_type in ANCHOR_OPS),
+        reference=reference,
     )
     written = write_qdq(model, plan, calibration.ranges, config)
     quantized_op_types = dict(plan.quantized_op_types() + written.embeddings)

@@ -220,7 +220,9 @@ def meet_target(
     else:
         eval_feeds = evaluation_feeds(feeds, state.float_model)
     providers = tuple(providers or state.providers)
-    evaluator = TargetEvaluator(state.float_model, eval_feeds, goal, providers=providers, opt_level=opt_level)
+    evaluator = TargetEvaluator(
+        state.reference_model, eval_feeds, goal, providers=providers, opt_level=opt_level
+    )
     evaluator.prepare()
     anchors = list(state.quantized_nodes)
 

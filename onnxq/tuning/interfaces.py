@@ -29,6 +29,9 @@ class RequantizableState(Protocol):
     def float_model(self) -> ir.Model: ...
 
     @property
+    def reference_model(self) -> ir.Model: ...
+
+    @property
     def config(self) -> QuantConfig: ...
 
     @property

@@ -260,7 +260,7 @@ def guard_latency(
     if outcome.latency_ms[best] >= first[_FLOAT]:
         outcome.chosen, outcome.all_float = _FLOAT, True
         outcome.reverted = dict(kinds)
-        outcome.model = state.float_model.clone()
+        outcome.model = state.reference_model.clone()
     else:
         outcome.chosen = best
         outcome.reverted = {kind: kinds[kind] for kind in candidates[best][1]}

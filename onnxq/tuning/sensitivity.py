@@ -400,7 +400,9 @@ def measure_sensitivity(
         entries["estimate"] = {n: estimates.get(n, math.nan) for n in anchors}
         save()
 
-    evaluator = TargetEvaluator(state.float_model, feeds, target, providers=providers, opt_level=opt_level)
+    evaluator = TargetEvaluator(
+        state.reference_model, feeds, target, providers=providers, opt_level=opt_level
+    )
     for name in selected:
         for which in modes:
             if name in entries[which]:

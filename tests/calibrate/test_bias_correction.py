@@ -97,3 +97,18 @@ def test_it_leaves_the_graph_alone_and_changes_only_biases() -> None:
     after = {v.name: v.const_value.numpy() for v in model.graph.initializers.values()}  # type: ignore[union-attr]
     changed = {name for name in before if not np.array_equal(before[name], after[name])}
     assert changed <= {"Bd", "Bp", "Bm"} and fixed == 3
+
+
+def test_the_reference_stays_the_input_function() -> None:
+    """The corrected float model is only what gets quantized: accuracy targets and the latency
+    guard's all-float answer use the input's function."""
+    proto = _model()
+    config = QuantConfig(bias_correction=True, latency_guard=LatencyGuardConfig(enabled=False))
+    result = onnxq.quantize(proto, _feeds(8, seed=1), config)
+    assert result.static is not None
+    feed = _feeds(1, seed=3)[0]
+    expected = builders.run_disabled(proto, feed)
+    for got, want in zip(builders.run_disabled(result.static.reference_model, feed), expected, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    shifted = builders.run_disabled(result.static.float_model, feed)
+    assert any(not np.allclose(got, want, atol=1e-5) for got, want in zip(shifted, expected, strict=True))
