@@ -57,15 +57,13 @@ them against torch.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import importlib.resources
 import logging
 import os
 import tempfile
 import time
-import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -128,22 +126,6 @@ _META_MODEL = "onnxq.zoo.model"
 
 # --------------------------------------------------------------------------------------------------
 # Export
-
-
-@contextlib.contextmanager
-def _quiet_export() -> Iterator[None]:
-    """Silence the exporters' warnings (TracerWarning, deprecations) and their informational logs."""
-    noisy = [logging.getLogger(name) for name in ("torch.onnx", "onnxscript", "onnx_ir")]
-    levels = [log.level for log in noisy]
-    for log in noisy:
-        log.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for log, level in zip(noisy, levels, strict=True):
-            log.setLevel(level)
 
 
 def _dynamic_shapes_from_axes(
@@ -215,9 +197,11 @@ def export(
     """
     import torch
 
+    from onnxq.torch.export import quiet_exporters
+
     out = Path(path)
     module = module.eval()
-    with _quiet_export(), torch.no_grad():
+    with quiet_exporters(), torch.no_grad():
         if exporter == "torchscript":
             with tempfile.TemporaryDirectory() as tmp:
                 raw = Path(tmp) / "raw.onnx"

@@ -77,7 +77,7 @@ def _dim_name(dim: Any, axis: int) -> str:
 
 
 @contextlib.contextmanager
-def _quiet() -> Iterator[None]:
+def quiet_exporters() -> Iterator[None]:
     """Keep the exporters' deprecation and tracer warnings and info logs off the user's terminal."""
     loggers = [logging.getLogger(name) for name in ("torch.onnx", "onnxscript", "onnx_ir")]
     levels = [log.level for log in loggers]
@@ -189,7 +189,7 @@ def export_proto(
     was_training = model.training
     model.eval()
     try:
-        with _quiet(), torch.no_grad():
+        with quiet_exporters(), torch.no_grad():
             proto = _export_proto(model, args, shapes, names, dynamo)
     except OnnxqError:
         raise
