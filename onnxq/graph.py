@@ -76,6 +76,17 @@ def node_label(node: ir.Node) -> str:
     return f"<{node.op_type} -> {out}>" if out else f"<unnamed {node.op_type}>"
 
 
+def sole_reader(value: ir.Value) -> ir.Node | None:
+    """The one node that reads ``value`` (at any input), when it has one use and is no graph output.
+
+    What a rewrite that changes ``value`` needs to know: nobody else sees the change.
+    """
+    if value.is_graph_output():
+        return None
+    uses = list(value.uses())
+    return uses[0].node if len(uses) == 1 else None
+
+
 def attr_int(node: ir.Node, name: str, default: int) -> int:
     """An INT attribute, or ``default`` when absent."""
     attr = node.attributes.get(name)

@@ -36,7 +36,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxq.data import Feeds
-from onnxq.graph import attr_int, const_array
+from onnxq.graph import attr_float, attr_int, const_array, sole_reader
 from onnxq.qmath import compute_qparams, dequantize, quantize, quantize_weight
 from onnxq.runtime.session import open_model, run
 
@@ -114,15 +114,10 @@ def _product_reader(node: ir.Node, value: ir.Value) -> _Reader | None:
         return _Reader(node, 1, False) if w is not None and w.ndim == 2 else None
     if node.op_type == "Gemm" and node.inputs[0] is value and not attr_int(node, "transA", 0):
         w = const_array(node.inputs[1])
-        if w is None or w.ndim != 2 or float(node.attributes.get_float("alpha", 1.0)) <= 0:
+        if w is None or w.ndim != 2 or attr_float(node, "alpha", 1.0) <= 0:
             return None
         return _Reader(node, 1, bool(attr_int(node, "transB", 0)))
     return None
-
-
-def _only_use(value: ir.Value) -> ir.Node | None:
-    uses = list(value.uses())
-    return uses[0].node if len(uses) == 1 and not value.is_graph_output() else None
 
 
 def _channel_const(value: ir.Value | None, channels: int) -> bool:
@@ -137,7 +132,7 @@ def _producer_plan(value: ir.Value, channels: int) -> tuple[ir.Node, list[tuple[
     divided: list[tuple[ir.Node, int, int]] = []
     if node is not None and node.op_type == "Relu":
         source = node.inputs[0]
-        if source is None or _only_use(source) is not node:
+        if source is None or sole_reader(source) is not node:
             return None
         node = source.producer()
         value = source
@@ -148,7 +143,7 @@ def _producer_plan(value: ir.Value, channels: int) -> tuple[ir.Node, list[tuple[
             return None
         divided.append((node, bias_index, -1))
         source = node.inputs[1 - bias_index]
-        if source is None or _only_use(source) is not node:
+        if source is None or sole_reader(source) is not node:
             return None
         node = source.producer()
     if node is None or len(node.outputs) != 1:

@@ -72,6 +72,7 @@ from onnxq.graph import (
     const_array,
     default_opset,
     make_initializer,
+    sole_reader,
 )
 from onnxq.rules import Kernel
 
@@ -787,7 +788,7 @@ def _matmul_b_problem(b: QTensor | None) -> Reason | None:
 
 def _bias_add(m: Match, columns: int | None) -> tuple[ir.Node, ir.Value] | None:
     """The Add of a constant float 1-D bias of length ``columns`` that alone reads the MatMul's output."""
-    add = _sole_use_any(m.node.outputs[0])
+    add = sole_reader(m.node.outputs[0])
     if add is None or not _is_op(add, "Add") or columns is None or add.graph is not m.node.graph:
         return None
     others = [v for v in add.inputs if v is not m.node.outputs[0]]
@@ -797,13 +798,6 @@ def _bias_add(m: Match, columns: int | None) -> tuple[ir.Node, ir.Value] | None:
     if data is None or data.dtype != np.float32 or data.shape != (columns,):
         return None
     return add, others[0]
-
-
-def _sole_use_any(value: ir.Value) -> ir.Node | None:
-    if value.is_graph_output():
-        return None
-    uses = list(value.uses())
-    return uses[0].node if len(uses) == 1 else None
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -22,10 +22,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import torch
 
 from onnxq.config import QuantConfig
 from onnxq.errors import OnnxqError
+from onnxq.load.files import save_model
 
 if TYPE_CHECKING:
     from onnxq.pipeline.result import QuantizationResult
@@ -156,21 +158,8 @@ def _export_proto(
 
 
 def write_atomic(proto: onnx.ModelProto, path: str | os.PathLike[str]) -> Path:
-    """Write ``proto`` to ``path`` through a temporary file in the same folder and ``os.replace``."""
-    out = Path(path)
-    if not out.parent.is_dir():
-        raise OnnxqError(f"cannot write {out}: folder {out.parent} does not exist")
-    if out.is_dir():
-        raise OnnxqError(f"cannot write {out}: it is a directory")
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    try:
-        onnx.save_model(proto, tmp)
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return out
+    """Write ``proto`` to ``path`` atomically, as onnxq writes its own outputs (:func:`save_model`)."""
+    return save_model(ir.from_proto(proto), path)
 
 
 def export_proto(
