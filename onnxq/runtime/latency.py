@@ -24,13 +24,18 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class LatencyResult:
-    """Latency of one model: median and 90th percentile over ``runs`` timed runs, in milliseconds."""
+    """Latency of one model: median and 90th percentile over ``runs`` timed runs, in milliseconds.
+
+    ``times_ms`` keeps every timed run in round order, so that callers can pair one model's runs with
+    another's from the same rounds (the latency guard compares paired ratios, which drift cancels out of).
+    """
 
     name: str
     threads: int
     median_ms: float
     p90_ms: float
     runs: int
+    times_ms: tuple[float, ...] = ()
 
 
 def measure_latency(
@@ -104,6 +109,7 @@ def time_sessions(
             median_ms=float(np.median(ms)),
             p90_ms=float(np.percentile(ms, 90)),
             runs=len(ms),
+            times_ms=tuple(float(t) for t in ms),
         )
         logger.debug(
             "latency %s: median %.3f ms, p90 %.3f ms", name, results[name].median_ms, results[name].p90_ms

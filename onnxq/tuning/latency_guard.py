@@ -22,8 +22,10 @@ on this machine, instead of guessing:
 5. If the chosen model is still not faster than the float input, every anchor is kept float: the
    output is then the preprocessed float model (Q/DQ-free), and the report says why.
 
-Rounds are sized so that each timing block takes about ``budget_s`` (at least ``min_runs`` rounds), so
-the guard costs a handful of inferences per candidate, not one run per layer.
+A timing block stops as soon as each candidate's round-by-round ratio to the quantized model is
+clearly on one side of the threshold it is judged by (a few rounds for a 20 % difference), and at the
+latest after ``budget_s`` (at least ``min_runs`` rounds, at most ``max_runs``): the guard costs a handful
+of inferences per candidate, not one run per layer, and spends its rounds on the close calls.
 
 The outcome (:class:`GuardOutcome`) names the kinds and nodes reverted and the measured latencies, so
 the report can show what the guard changed and what it gained. Timings are medians of interleaved
@@ -47,7 +49,7 @@ from onnxq.config import LatencyGuardConfig
 from onnxq.graph import attr_int, const_array
 from onnxq.load.files import serialize_model
 from onnxq.runtime.latency import time_sessions
-from onnxq.runtime.session import make_session
+from onnxq.runtime.session import make_session, run
 from onnxq.tuning.interfaces import RequantizableState
 
 __all__ = ["NARROW_CHANNELS", "SMALL_MACS", "TRUSTED_KINDS", "GuardOutcome", "anchor_kinds", "guard_latency"]
@@ -190,12 +192,45 @@ def anchor_kinds(model: ir.Model, anchors: Iterable[str]) -> dict[str, list[str]
     return kinds
 
 
+#: Untimed runs of a fresh session: ONNX Runtime's first two runs of a model take up to 1.7× longer
+#: than the steady state (arena growth, kernel caches), measured on the zoo's CNNs.
+WARMUP_RUNS = 2
+
+#: How many standard errors a paired ratio's median must lie from a decision threshold to count as
+#: settled (about 1 % two-sided under normal noise).
+SETTLED_SE = 2.6
+
+
+def _decided(times: dict[str, list[float]], min_gain: float) -> bool:
+    """Whether every candidate's latency ratio to the quantized model is settled.
+
+    The guard decides by one threshold on that ratio: 1.0 for the float model (is the quantized model
+    faster at all?), ``1 - min_gain`` for a variant (is keeping a kind float a real gain?). Ratios are
+    taken round by round (the candidate's run over the quantized run of the same round), so a slow
+    drift of the machine cancels out; a ratio is settled when its median lies :data:`SETTLED_SE`
+    standard errors (from the median absolute deviation) from its threshold.
+    """
+    base = np.asarray(times[_QUANTIZED])
+    for name, ms in times.items():
+        if name == _QUANTIZED:
+            continue
+        ratios = np.asarray(ms) / base
+        middle = float(np.median(ratios))
+        spread = 1.4826 * float(np.median(np.abs(ratios - middle)))
+        error = max(1.2533 * spread / math.sqrt(len(ratios)), 0.002)
+        threshold = 1.0 if name == _FLOAT else 1.0 - min_gain
+        if abs(middle - threshold) < SETTLED_SE * error:
+            return False
+    return True
+
+
 class _Timer:
     """Interleaved timing blocks against one open session of the fully quantized model."""
 
     def __init__(self, quantized: ir.Model, feed: dict[str, np.ndarray], config: LatencyGuardConfig) -> None:
         self.feed = feed
         self.config = config
+        self.warm: set[int] = set()
         self.quantized = self.open(quantized)
         self.runs = 0
 
@@ -205,16 +240,38 @@ class _Timer:
         )
 
     def block(self, sessions: dict[str, Any]) -> dict[str, float]:
-        """Median latency (ms) of each session and of the quantized one, interleaved."""
+        """Median latency (ms) of each session and of the quantized one, interleaved.
+
+        Rounds come in full rotations of the running order and stop as soon as every candidate's
+        paired ratio to the quantized model is clearly on one side of each threshold the guard decides
+        by (:func:`_decided`), or when the block's time budget (``budget_s``, at most ``max_runs``
+        rounds) is spent: a candidate 20 % slower is settled in a few rounds, a close call gets all
+        of them.
+        """
         sessions = {_QUANTIZED: self.quantized, **sessions}
         kwargs = {"threads": self.config.threads}
-        probe = time_sessions(sessions, self.feed, runs=1, warmup=1, **kwargs)
+        for session in sessions.values():  # a fresh session's first runs are slow: not timed
+            if id(session) not in self.warm:
+                for _ in range(WARMUP_RUNS):
+                    run(session, self.feed)
+                self.warm.add(id(session))
+        probe = time_sessions(sessions, self.feed, runs=1, warmup=0, **kwargs)
         per_round_s = sum(r.median_ms for r in probe.values()) / 1e3
         fewest = self.config.min_runs if per_round_s < 0.1 else 2  # long runs are steady: fewer rounds
-        runs = int(np.clip(self.config.budget_s / max(per_round_s, 1e-6), fewest, self.config.max_runs))
-        self.runs += runs + 1
-        timing = time_sessions(sessions, self.feed, runs=runs, warmup=0, **kwargs)
-        return {name: result.median_ms for name, result in timing.items()}
+        most = int(np.clip(self.config.budget_s / max(per_round_s, 1e-6), fewest, self.config.max_runs))
+        times = {name: list(result.times_ms) for name, result in probe.items()}
+        rounds = 1
+        while rounds < most:
+            timing = time_sessions(
+                sessions, self.feed, runs=min(len(sessions), most - rounds), warmup=0, **kwargs
+            )
+            for name, result in timing.items():
+                times[name].extend(result.times_ms)
+            rounds += timing[_QUANTIZED].runs
+            if rounds >= fewest and _decided(times, self.config.min_gain):
+                break
+        self.runs += rounds
+        return {name: float(np.median(ms)) for name, ms in times.items()}
 
     def ratio(self, model: ir.Model) -> float:
         """Latency of ``model`` over the quantized model's, timed in one block."""

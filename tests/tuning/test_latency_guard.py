@@ -230,6 +230,32 @@ def test_no_variant_beats_float_gives_the_float_model(
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
+def rounds(quantized_ms: float, candidate_ms: float, n: int, jitter: float = 0.01) -> list[list[float]]:
+    """``n`` rounds of made-up timings with a small alternating jitter (the same for both models)."""
+    wiggle = [1.0 + jitter * (-1) ** i * (i % 3) for i in range(n)]
+    return [
+        [quantized_ms * w for w in wiggle],
+        [candidate_ms * w * (1 + jitter * (i % 2)) for i, w in enumerate(wiggle)],
+    ]
+
+
+@pytest.mark.parametrize(
+    ("name", "candidate_ms", "settled"),
+    [
+        ("candidate", 12.0, True),  # 20 % slower: keeping the kind float is clearly no gain
+        ("candidate", 8.0, True),  # 20 % faster: clearly a gain
+        ("candidate", 9.7, False),  # right at 1 - min_gain: more rounds needed
+        ("float", 10.0, False),  # float as fast as quantized: more rounds needed
+        ("float", 20.0, True),
+    ],
+)
+def test_timing_blocks_stop_once_each_decision_is_clear(
+    name: str, candidate_ms: float, settled: bool
+) -> None:
+    quantized, candidate = rounds(10.0, candidate_ms, 6)
+    assert latency_guard._decided({"quantized": quantized, name: candidate}, 0.03) is settled
+
+
 # ---------------------------------------------------------------------------------------------------
 # In the pipeline (real timings; no assertion on what they choose)
 
