@@ -127,9 +127,11 @@ def _add_quant_options(parser: argparse.ArgumentParser) -> None:
     )
     scheme.add_argument(
         "--smooth",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
+        default=True,
         help="migrate outlier activation channels into the weights of the MatMul/Gemm that read them "
-        "(SmoothQuant-style, strength chosen per tensor; exact in float; needs 256+ calibration rows)",
+        "(SmoothQuant-style, strength chosen per tensor; exact in float; needs 256+ calibration rows; "
+        "on by default, --no-smooth turns it off)",
     )
     scheme.add_argument(
         "--bias-correction",
@@ -311,7 +313,7 @@ def _config_from_args(args: argparse.Namespace) -> Any:
             format=args.format,
             dynamic=DynamicConfig(conv=args.dynamic_conv, embeddings=args.quantize_embeddings),
             equalize=bool(getattr(args, "equalize", False)),
-            smooth=bool(getattr(args, "smooth", False)),
+            smooth=bool(getattr(args, "smooth", True)),
             bias_correction=bool(getattr(args, "bias_correction", False)),
             latency_guard=LatencyGuardConfig(
                 enabled=guard_enabled_by_default() and not getattr(args, "no_latency_guard", False),

@@ -195,8 +195,11 @@ class QuantConfig:
     #: (:mod:`onnxq.preprocess.equalize`; exact in float, evens out per-channel ranges).
     equalize: bool = False
     #: Static mode: migrate outlier channels from activations into the weights of the MatMul/Gemm
-    #: that read them (:mod:`onnxq.preprocess.smooth`; exact in float, strength chosen per tensor).
-    smooth: bool = False
+    #: that read them (:mod:`onnxq.preprocess.smooth`; exact in float, strength chosen per tensor,
+    #: a tensor without outliers left alone). On by default: pretrained transformers need it
+    #: (MiniLM's sentence-embedding cosine 0.988 → 0.997) and it costs one float pass where a
+    #: tensor qualifies.
+    smooth: bool = True
     #: Static mode: add to each quantized layer's bias the mean error its weight rounding adds
     #: (:mod:`onnxq.calibrate.bias_correction`; measured on the calibration data).
     bias_correction: bool = False

@@ -199,8 +199,7 @@ def _settings(config: QuantConfig, mode: Mode) -> dict[str, Any]:
         settings["activations"] = dataclasses.asdict(config.activations)
         if config.equalize:
             settings["equalize"] = True
-        if config.smooth:
-            settings["smooth"] = True
+        settings["smooth"] = config.smooth
         if config.bias_correction:
             settings["bias_correction"] = True
         calibration = dataclasses.asdict(config.calibration)

@@ -77,6 +77,7 @@ def quantize_static(
     if config.smooth:  # weights change, the graph does not: the plan stands
         smoothing = smooth_outliers(model, feeds, providers)
         notes.append(smoothing.describe())
+        plan = plan_quantization(model, config)
     runtime_declines: list[Decline] = []
     runtime_excluded: set[str] = set()
     while True:

@@ -91,17 +91,56 @@ def test_smoothing_recovers_the_outlier_chain() -> None:
     assert scores[True] >= scores[False] + 15.0
 
 
-def test_a_tensor_with_another_reader_is_left_alone() -> None:
-    # n also feeds a residual Add: dividing it by s would change y.
-    text = """
-    res (float[N, 16] x) => (float[N, 16] y) {
-        n = LayerNormalization <axis = -1> (x, gamma, beta)
-        m = MatMul (n, W)
-        y = Add (m, n)
-    }
-    """
-    arrays = builders.normal_arrays(0, W=(16, 16), gamma=(16,), beta=(16,))
-    assert find_candidates(ir.from_proto(builders.parse(text, arrays))) == []
+RESIDUAL = """
+res (float[N, 16] x) => (float[N, 16] y) {
+    n = LayerNormalization <axis = -1> (x, gamma, beta)
+    m = MatMul (n, W)
+    y = Add (m, n)
+}
+"""
+
+
+def _residual_model() -> onnx.ModelProto:
+    gamma = np.ones(16, np.float32)
+    gamma[[3, 12]] = 40.0
+    arrays = builders.normal_arrays(0, W=(16, 16), beta=(16,))
+    return builders.parse(RESIDUAL, {**arrays, "gamma": gamma})
+
+
+def test_a_tensor_with_another_reader_is_divided_in_front() -> None:
+    """n also feeds a residual Add (post-LN BERT): LayerNorm cannot take 1/s without changing y, so a
+    Mul by 1/s goes in front of the MatMul only; the Add still reads n, and y is unchanged."""
+    model = ir.from_proto(_residual_model())
+    (candidate,) = find_candidates(model)
+    assert candidate.value.name == "n" and candidate.producer is None
+    calib = [{"x": np.random.default_rng(i).standard_normal((16, 16)).astype(np.float32)} for i in range(32)]
+    smoothed, summary = _smoothed(_residual_model(), calib)
+    assert summary.smoothed and summary.divided_in_front == 1
+    assert "through a Mul by 1/s" in summary.describe()
+    (mul,) = [n for n in smoothed.graph if n.op_type == "Mul"]
+    add = next(n for n in smoothed.graph if n.op_type == "Add")
+    matmul = next(n for n in smoothed.graph if n.op_type == "MatMul")
+    assert matmul.inputs[0] is mul.outputs[0] and add.inputs[1] is mul.inputs[0]
+    feed = {"x": np.random.default_rng(99).standard_normal((5, 16)).astype(np.float32)}
+    (want,) = builders.run_disabled(_residual_model(), feed)
+    (got,) = builders.run_disabled(smoothed, feed)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(np.abs(want).max()))
+
+
+def test_dividing_in_front_recovers_the_residual_model() -> None:
+    calib = [{"x": np.random.default_rng(i).standard_normal((16, 16)).astype(np.float32)} for i in range(32)]
+    held_out = [
+        {"x": np.random.default_rng(100 + i).standard_normal((16, 16)).astype(np.float32)} for i in range(8)
+    ]
+    proto = _residual_model()
+    # The product alone (y minus the float residual) is what smoothing changes: score m = y - n.
+    scores = {}
+    for smooth in (False, True):
+        result = onnxq.quantize(proto, calib, QuantConfig(smooth=smooth, latency_guard=NO_GUARD))
+        expected = np.concatenate([builders.run_disabled(proto, f)[0] for f in held_out])
+        actual = np.concatenate([builders.run_disabled(result.model, f)[0] for f in held_out])
+        scores[smooth] = _sqnr(expected, actual)
+    assert scores[True] >= scores[False] + 6.0, scores
 
 
 def test_a_shared_weight_is_left_alone() -> None:
@@ -137,7 +176,8 @@ def test_too_little_calibration_data_skips_it() -> None:
     30 -> 22 dB on held-out data), so nothing is smoothed and the note says why."""
     _, summary = _smoothed(builders.outlier_chain_model((3,)), builders.chain_feeds(8, seed=1))
     assert summary.smoothed == {}
-    assert "skipped" in summary.describe() and "64 rows" in summary.describe()
+    assert summary.too_few_rows == summary.candidates > 0
+    assert "skipped" in summary.describe() and "256 rows" in summary.describe()
 
 
 def test_the_cli_flag_turns_it_on(tmp_path: Path) -> None:
@@ -152,3 +192,47 @@ def test_the_cli_flag_turns_it_on(tmp_path: Path) -> None:
     notes = json.loads(report.read_text())["preprocess_notes"]
     assert any(note.startswith("outlier smoothing: 5 of 5") for note in notes)
     assert json.loads(report.read_text())["settings"]["smooth"] is True
+
+
+def test_it_is_on_by_default_and_no_smooth_turns_it_off(tmp_path: Path) -> None:
+    from onnxq.cli import main
+
+    model = builders.save(_residual_model(), tmp_path / "res.onnx")
+    data = tmp_path / "res.npz"
+    rows = [np.random.default_rng(i).standard_normal((16, 16)).astype(np.float32) for i in range(32)]
+    np.savez(data, x=np.stack(rows))
+    settings = {}
+    for flag in ((), ("--no-smooth",)):
+        report = tmp_path / f"r{len(flag)}.json"
+        argv = [
+            "optimize",
+            model,
+            "-o",
+            tmp_path / f"o{len(flag)}.onnx",
+            "--calib",
+            data,
+            "--runs",
+            "2",
+            *flag,
+        ]
+        assert main([str(a) for a in [*argv, "--report-json", report, "--calib-batch", "1"]]) == 0
+        saved = json.loads(report.read_text())
+        settings[flag] = (
+            saved["settings"]["smooth"],
+            any("through a Mul" in n for n in saved["preprocess_notes"]),
+        )
+    assert settings == {(): (True, True), ("--no-smooth",): (False, False)}
+
+
+@pytest.mark.parametrize("fmt", ["qdq", "qoperator"])
+def test_the_divided_tensor_runs_in_both_formats(fmt: str) -> None:
+    calib = [{"x": np.random.default_rng(i).standard_normal((16, 16)).astype(np.float32)} for i in range(32)]
+    held_out = [
+        {"x": np.random.default_rng(200 + i).standard_normal((16, 16)).astype(np.float32)} for i in range(4)
+    ]
+    proto = _residual_model()
+    result = onnxq.quantize(proto, calib, QuantConfig(format=fmt, latency_guard=NO_GUARD))  # type: ignore[arg-type]
+    assert any(n.op_type == "Mul" for n in result.model.graph)
+    expected = np.concatenate([builders.run_disabled(proto, f)[0] for f in held_out])
+    actual = np.concatenate([builders.run_disabled(result.model, f)[0] for f in held_out])
+    assert _sqnr(expected, actual) >= 25.0
