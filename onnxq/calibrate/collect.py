@@ -44,14 +44,9 @@ class CalibrationResult:
     non_float: tuple[str, ...] = ()
     #: :class:`~onnxq.data.FeedFingerprint` of the calibration data (``""`` when nothing was run).
     fingerprint: str = ""
-    #: Tensors that held an infinity, or whose range reaches :data:`EXTREME_RANGE` (no range given).
+    #: Tensors that held an infinity, or a sentinel such as a -1e9 mask (no range given; see
+    #: :attr:`~onnxq.calibrate.observers.Observer.sentinel`).
     non_finite: tuple[str, ...] = ()
-
-
-#: A calibrated range this wide is a sentinel, not data: attention masks of float32's minimum or
-#: ``-1e9`` standing for ``-inf``, overflowed sums. An int8 grid over it (a step of ~4e6 or more)
-#: holds nothing else; activations of real networks stay far below it (float16's limit is 65504).
-EXTREME_RANGE = 1e8
 
 
 def _batch_size(feed: Mapping[str, np.ndarray], per_batch: int) -> int:
@@ -134,7 +129,7 @@ def collect_ranges(
             (non_finite if observer.infinite else unobserved).append(value.name or "")
             continue
         lo, hi = observer.compute_range()
-        if observer.infinite or max(-lo, hi) >= EXTREME_RANGE:
+        if observer.infinite or observer.sentinel:
             non_finite.append(value.name or "")
             continue
         ranges[value] = (lo, hi)

@@ -58,6 +58,16 @@ def _as_float32(x: npt.ArrayLike) -> npt.NDArray[np.float32]:
     return arr if arr.dtype == np.float32 else arr.astype(np.float32)
 
 
+#: A calibrated range this wide may be a sentinel, not data: attention masks of float32's minimum or
+#: ``-1e9`` standing for ``-inf``, overflowed sums. Activations of real networks stay far below it
+#: (float16's limit is 65504).
+EXTREME_RANGE = 1e8
+
+#: How far below :data:`EXTREME_RANGE` the other values of a tensor must stay for its extreme values
+#: to count as sentinels (:attr:`Observer.sentinel`).
+SENTINEL_GAP = 1e3
+
+
 def _finite(values: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
     """The finite values of a flat array (no copy when all are finite, the common case)."""
     mask = np.isfinite(values)
@@ -103,6 +113,9 @@ class Observer(abc.ABC):
     def __init__(self) -> None:
         self._empty = True
         self.infinite = False
+        #: Largest magnitude seen among values below :data:`EXTREME_RANGE` once the range reached it
+        #: (tracked only then: it tells a sentinel from a tensor that is large all over).
+        self.bulk_absmax = 0.0
 
     @property
     def empty(self) -> bool:
@@ -128,7 +141,35 @@ class Observer(abc.ABC):
         """
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-        self._update(_as_float32(x), num_samples)
+        array = _as_float32(x)
+        self._update(array, num_samples)
+        self._note_bulk(array)
+
+    def _note_bulk(self, x: npt.NDArray[np.float32]) -> None:
+        """Track :attr:`bulk_absmax`: one masked pass, only for batches of a tensor in sentinel range."""
+        seen = max(-getattr(self, "_min", 0.0), getattr(self, "_max", 0.0))
+        if not seen >= EXTREME_RANGE:
+            self.bulk_absmax = max(self.bulk_absmax, seen) if math.isfinite(seen) else self.bulk_absmax
+            return
+        magnitude = np.abs(x.reshape(-1))
+        below = magnitude[magnitude < EXTREME_RANGE]
+        if below.size:
+            self.bulk_absmax = max(self.bulk_absmax, float(below.max()))
+
+    @property
+    def sentinel(self) -> bool:
+        """The range reaches :data:`EXTREME_RANGE` through a few sentinel values, not real data.
+
+        An attention mask of ``-1e9`` or float32's minimum added to scores within ±30: the values
+        below the threshold stay :data:`SENTINEL_GAP` times smaller than it, and an int8 grid over
+        the whole range would hold nothing else. A tensor that is large all over (a network with
+        exploding activations, or synthetic constant-fill weights) has values near the threshold
+        too and is quantized with its range like any other.
+        """
+        if self._empty:
+            return False
+        lo, hi = self._compute_range()
+        return max(-lo, hi) >= EXTREME_RANGE and self.bulk_absmax < EXTREME_RANGE / SENTINEL_GAP
 
     def compute_range(self) -> tuple[float, float]:
         """The calibrated ``(rmin, rmax)``; raises ValueError if no finite value was ever observed."""

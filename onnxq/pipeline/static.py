@@ -8,14 +8,15 @@ the nodes touching them are kept float and the plan is made again.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Sequence
 
 import onnx_ir as ir
 
 from onnxq.calibrate.bias_correction import correct_biases
-from onnxq.calibrate.collect import collect_ranges
-from onnxq.config import QuantConfig
+from onnxq.calibrate.collect import CalibrationResult, collect_ranges
+from onnxq.config import ActivationScheme, QuantConfig
 from onnxq.data import DataSource, Feeds, input_specs, load_feeds
 from onnxq.declines import Decline
 from onnxq.errors import OnnxqError
@@ -80,17 +81,37 @@ def quantize_static(
         plan = plan_quantization(model, config)
     runtime_declines: list[Decline] = []
     runtime_excluded: set[str] = set()
+    first: CalibrationResult | None = None
+    known: dict[tuple[str, ActivationScheme], tuple[float, float]] = {}  # ranges of earlier rounds
     while True:
         observed = plan.observed_values()
         schemes = {v: plan.group_of[v].scheme for v in observed}
+        # After a re-plan only tensors no earlier round observed are calibrated: the model is the same,
+        # so a tensor's range under the same scheme is too.
+        missing = [v for v in observed if (v.name or "", schemes[v]) not in known]
         calibration = collect_ranges(
             model,
-            observed,
+            missing,
             schemes,
             feeds,
             config.calibration,
             providers=providers,
             show_progress=show_progress,
+        )
+        known.update({(v.name or "", schemes[v]): r for v, r in calibration.ranges.items()})
+        if first is None:
+            first = calibration
+        else:  # what this round found wrong is its own; the data and the totals are the first round's
+            calibration = dataclasses.replace(
+                calibration,
+                samples=first.samples,
+                fingerprint=first.fingerprint,
+                runs=first.runs + calibration.runs,
+                seconds=time.perf_counter() - start,
+            )
+        keys = {v: (v.name or "", schemes[v]) for v in observed}
+        calibration = dataclasses.replace(
+            calibration, ranges={v: known[k] for v, k in keys.items() if k in known}
         )
         if not (calibration.non_float or calibration.unobserved or calibration.non_finite):
             break

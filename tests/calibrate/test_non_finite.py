@@ -15,7 +15,7 @@ import onnx
 import pytest
 
 import onnxq
-from onnxq.calibrate import collect
+from onnxq.calibrate import observers
 from onnxq.calibrate.observers import make_observer
 from onnxq.config import CalibrationConfig, LatencyGuardConfig, QuantConfig
 
@@ -74,7 +74,7 @@ def test_sentinel_tensors_stay_float_and_the_model_stays_accurate(kind: str) -> 
 
 def test_without_the_guard_the_sentinel_destroys_the_output(monkeypatch: pytest.MonkeyPatch) -> None:
     """The control: the guard is what keeps the model accurate (a broken guard fails the test above)."""
-    monkeypatch.setattr(collect, "EXTREME_RANGE", float("inf"))
+    monkeypatch.setattr(observers, "EXTREME_RANGE", float("inf"))
     proto = _model("minus-1e9")
     config = QuantConfig(latency_guard=LatencyGuardConfig(enabled=False))
     result = onnxq.quantize(proto, _feeds(16, seed=1), config)
@@ -101,3 +101,44 @@ def test_an_all_infinite_tensor_is_recorded() -> None:
     observer = make_observer(CalibrationConfig(method="minmax"), dtype="uint8", symmetric=False)
     observer.update(np.full((2, 3), -np.inf, np.float32))
     assert observer.empty and observer.infinite
+
+
+@pytest.mark.parametrize("method", ["minmax", "moving_average", "percentile", "entropy", "mse"])
+def test_a_sentinel_is_told_from_a_tensor_large_all_over(method: str) -> None:
+    rng = np.random.default_rng(0)
+    scores = rng.standard_normal((4, 64)).astype(np.float32) * 8.0
+    masked = scores.copy()
+    masked[:, 40:] = -1e9  # padding positions of an attention mask
+    large = (rng.standard_normal((4, 64)) * 5e8).astype(np.float32)  # exploding activations
+    verdict = {}
+    for name, batch in (("scores", scores), ("masked", masked), ("large", large)):
+        observer = make_observer(CalibrationConfig(method=method), dtype="uint8", symmetric=False)  # type: ignore[arg-type]
+        for row in batch:
+            observer.update(row[None])
+        verdict[name] = observer.sentinel
+    assert verdict == {"scores": False, "masked": True, "large": False}
+
+
+def test_a_network_large_all_over_is_still_quantized() -> None:
+    """Constant-fill weights (the ONNX model zoo's test copies) blow activations up past 1e8 with no
+    sentinel in sight: the layers are quantized with their ranges, not kept float."""
+    text = """
+    big (float[1, 16] x) => (float[1, 16] y) {
+        h = MatMul (x, W1)
+        r = Relu (h)
+        y = MatMul (r, W2)
+    }
+    """
+    proto = builders.parse(
+        text, {"W1": np.full((16, 16), 3e4, np.float32), "W2": np.full((16, 16), 1e4, np.float32)}
+    )
+    feeds = [
+        {"x": np.abs(np.random.default_rng(i).standard_normal((1, 16))).astype(np.float32) * 100}
+        for i in range(8)
+    ]
+    result = onnxq.quantize(proto, feeds, QuantConfig(latency_guard=LatencyGuardConfig(enabled=False)))
+    assert not [d for d in result.report.declines if d.code == "non_finite_range"]
+    assert result.report.quantized_op_types.get("MatMul") == 2
+    (expected,) = builders.run_disabled(proto, feeds[0])
+    (actual,) = builders.run_disabled(result.model, feeds[0])
+    assert _sqnr(expected, actual) >= 25.0
