@@ -18,6 +18,7 @@ from typing import Literal
 from onnxq.errors import OnnxqError
 
 __all__ = [
+    "AUTO_METHODS",
     "CALIBRATION_METHODS",
     "LATENCY_GUARD_ENV",
     "ActivationScheme",
@@ -31,8 +32,10 @@ __all__ = [
 ]
 
 QuantDType = Literal["uint8", "int8"]
-CalibrationMethod = Literal["minmax", "moving_average", "percentile", "entropy", "mse"]
-CALIBRATION_METHODS: tuple[str, ...] = ("minmax", "moving_average", "percentile", "entropy", "mse")
+CalibrationMethod = Literal["minmax", "moving_average", "percentile", "entropy", "mse", "auto"]
+CALIBRATION_METHODS: tuple[str, ...] = ("minmax", "moving_average", "percentile", "entropy", "mse", "auto")
+#: The range methods ``auto`` chooses from (one histogram gives all of them).
+AUTO_METHODS: tuple[str, ...] = ("minmax", "percentile", "mse", "entropy")
 
 
 @dataclass(frozen=True)
@@ -76,6 +79,9 @@ class CalibrationConfig:
     histogram-based methods (percentile, entropy, mse), which bounds calibration memory per tensor;
     ``averaging_constant`` is the weight of each new sample in the moving-average min-max.
     ``batch_size`` stacks that many samples into one ONNX Runtime run (inputs with a dynamic axis 0).
+    ``auto`` gives every tensor the ranges of each of :data:`AUTO_METHODS` from one histogram and keeps
+    the method whose quantized model has the lowest output error on held-out calibration samples
+    (:mod:`onnxq.calibrate.auto_method`).
     """
 
     method: CalibrationMethod = "minmax"

@@ -11,12 +11,12 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_ir as ir
 
-from onnxq.calibrate.observers import Observer, make_observer
+from onnxq.calibrate.observers import AutoObserver, Observer, make_observer
 from onnxq.calibrate.subgraphs import Exposed, expose_values, merge_exposed
 from onnxq.config import ActivationScheme, CalibrationConfig
 from onnxq.data import FeedFingerprint, Feeds
@@ -47,6 +47,10 @@ class CalibrationResult:
     #: Tensors that held an infinity, or a sentinel such as a -1e9 mask (no range given; see
     #: :attr:`~onnxq.calibrate.observers.Observer.sentinel`).
     non_finite: tuple[str, ...] = ()
+    #: Method ``auto``: each candidate method's ranges from all the data, and from the even-numbered
+    #: batches only (``fit``), to be scored on the odd-numbered ones (:mod:`onnxq.pipeline.range_choice`).
+    candidates: dict[str, dict[ir.Value, tuple[float, float]]] = field(default_factory=dict)
+    fit_candidates: dict[str, dict[ir.Value, tuple[float, float]]] = field(default_factory=dict)
 
 
 def _batch_size(feed: Mapping[str, np.ndarray], per_batch: int) -> int:
@@ -95,12 +99,17 @@ def collect_ranges(
             copy, exposed = expose_values(model, names, assume_float=False)
             session = open_model(copy, providers=providers, opt_level="all", prepack=False)
     observers: dict[str, Observer] = {}
+    halves: dict[str, AutoObserver] = {}  # method auto: the odd-numbered batches' observations
     minmax = CalibrationConfig(method="minmax")
     for value, name in zip(values, names, strict=True):
         scheme = schemes[value]
         # Loop/Scan body tensors arrive as per-iteration minima and maxima: a min-max range.
         method = minmax if exposed[name].reduced else config
         observers[name] = make_observer(method, dtype=scheme.dtype, symmetric=scheme.symmetric)
+        if isinstance(observers[name], AutoObserver):
+            odd = make_observer(method, dtype=scheme.dtype, symmetric=scheme.symmetric)
+            assert isinstance(odd, AutoObserver)
+            halves[name] = odd
     fetched = list(dict.fromkeys(out for name in names for out in exposed[name].outputs))
     samples = runs = 0
     non_float: dict[str, None] = {}
@@ -115,11 +124,27 @@ def collect_ranges(
             if array.dtype != np.float32:
                 non_float[name] = None
             elif array.size:
-                observers[name].update(array, num_samples=n)
+                observer = halves[name] if runs % 2 and name in halves else observers[name]
+                observer.update(array, num_samples=n)
         samples += n
         runs += 1
     if runs == 0:
         raise OnnxqError("calibration data holds no samples")
+    fit_candidates: dict[str, dict[ir.Value, tuple[float, float]]] = {}
+    candidates: dict[str, dict[ir.Value, tuple[float, float]]] = {}
+    for value in values:
+        name = value.name or ""
+        even = observers[name]
+        if name not in halves or not isinstance(even, AutoObserver):
+            continue
+        odd = halves[name]
+        if not even.empty and not odd.empty and not (even.infinite or even.sentinel):
+            for kind, found in even.candidate_ranges().items():
+                fit_candidates.setdefault(kind, {})[value] = found
+        even.merge(odd)
+        if not even.empty and not (even.infinite or even.sentinel):
+            for kind, found in even.candidate_ranges().items():
+                candidates.setdefault(kind, {})[value] = found
     ranges: dict[ir.Value, tuple[float, float]] = {}
     unobserved: list[str] = []
     non_finite: list[str] = []
@@ -145,4 +170,6 @@ def collect_ranges(
         non_float=tuple(non_float),
         fingerprint=fingerprint.hexdigest(),
         non_finite=tuple(non_finite),
+        candidates=candidates,
+        fit_candidates=fit_candidates,
     )

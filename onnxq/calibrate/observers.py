@@ -29,6 +29,7 @@ from onnxq.config import CalibrationConfig
 from onnxq.qmath import compute_qparams, qrange
 
 __all__ = [
+    "AutoObserver",
     "EntropyObserver",
     "HistogramObserver",
     "MSEObserver",
@@ -599,6 +600,74 @@ class MSEObserver(HistogramObserver):
         return lo, hi
 
 
+class AutoObserver(HistogramObserver):
+    """One histogram, the range of every method of :data:`~onnxq.config.AUTO_METHODS` from it.
+
+    :meth:`candidate_ranges` evaluates the percentile, MSE and entropy searches (and min-max) on the
+    same counts, so choosing among them costs one calibration pass; :meth:`merge` adds another
+    observer's counts exactly (the two halves of the calibration data, see
+    :mod:`onnxq.calibrate.auto_method`). :meth:`compute_range` gives the min-max range.
+    """
+
+    def __init__(
+        self, dtype: str = "uint8", symmetric: bool = False, percentile: float = 99.999, num_bins: int = 4096
+    ) -> None:
+        super().__init__(num_bins)
+        _check_dtype(dtype, symmetric)
+        self.dtype = dtype
+        self.symmetric = bool(symmetric)
+        self.percentile = float(percentile)
+
+    def _compute_range(self) -> tuple[float, float]:
+        return self._min, self._max
+
+    def candidate_ranges(self) -> dict[str, tuple[float, float]]:
+        """Each method's ``(rmin, rmax)`` for the counts seen so far."""
+        if self._empty:
+            raise ValueError("AutoObserver has observed no finite value; there is no range")
+        ranges = {"minmax": (self._min, self._max)}
+        for name, kind in (
+            ("percentile", PercentileObserver),
+            ("mse", MSEObserver),
+            ("entropy", EntropyObserver),
+        ):
+            view = kind.__new__(kind)  # the same state, read by that method's search
+            view.__dict__.update(self.__dict__)
+            ranges[name] = view._compute_range()
+        return {name: (_canonical(float(lo)), _canonical(float(hi))) for name, (lo, hi) in ranges.items()}
+
+    def merge(self, other: AutoObserver) -> None:
+        """Add ``other``'s observations (exact: both histograms are aligned to the wider ``R``)."""
+        if other.num_bins != self.num_bins:
+            raise ValueError("cannot merge histograms of different sizes")
+        self.infinite = self.infinite or other.infinite
+        self.bulk_absmax = max(self.bulk_absmax, other.bulk_absmax)
+        if other._empty:
+            return
+        counts = other._counts.copy()
+        if other._exp is not None and self._exp is not None:
+            if other._exp > self._exp:
+                self._grow(other._exp)
+            elif self._exp > other._exp:
+                twin = AutoObserver(num_bins=other.num_bins)
+                twin._counts, twin._exp = counts, other._exp
+                twin._grow(self._exp)
+                counts = twin._counts
+        elif other._exp is not None:  # self saw only zeros so far: its zeros go into other's zero bin
+            self._exp = other._exp
+            self._counts = counts.copy()
+            counts = np.zeros_like(counts)
+            counts[self._half] = self._zeros
+        else:  # other saw only zeros: they sit in no bin yet
+            counts = np.zeros_like(counts)
+            if self._exp is not None:
+                counts[self._half] = other._zeros
+        self._counts = self._counts + counts
+        self._zeros += other._zeros
+        self._min, self._max = min(self._min, other._min), max(self._max, other._max)
+        self._empty = False
+
+
 def make_observer(config: CalibrationConfig, *, dtype: str, symmetric: bool) -> Observer:
     """A fresh observer for one tensor, chosen by ``config.method``.
 
@@ -617,4 +686,8 @@ def make_observer(config: CalibrationConfig, *, dtype: str, symmetric: bool) -> 
         return EntropyObserver(dtype, symmetric=symmetric, num_bins=config.num_bins)
     if method == "mse":
         return MSEObserver(dtype, symmetric=symmetric, num_bins=config.num_bins)
+    if method == "auto":
+        return AutoObserver(
+            dtype, symmetric=symmetric, percentile=config.percentile, num_bins=config.num_bins
+        )
     raise ValueError(f"unknown calibration method {method!r}")

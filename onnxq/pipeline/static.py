@@ -20,6 +20,7 @@ from onnxq.config import ActivationScheme, QuantConfig
 from onnxq.data import DataSource, Feeds, input_specs, load_feeds
 from onnxq.declines import Decline
 from onnxq.errors import OnnxqError
+from onnxq.pipeline.range_choice import choose_range_method
 from onnxq.pipeline.state import StaticState, write_qdq
 from onnxq.pipeline.summary import CalibrationSummary, ModeSummary
 from onnxq.plan.op_rules import ANCHOR_OPS
@@ -88,7 +89,9 @@ def quantize_static(
         schemes = {v: plan.group_of[v].scheme for v in observed}
         # After a re-plan only tensors no earlier round observed are calibrated: the model is the same,
         # so a tensor's range under the same scheme is too.
-        missing = [v for v in observed if (v.name or "", schemes[v]) not in known]
+        # (Method auto keeps every method's ranges for the round's tensors: it calibrates them all.)
+        auto = config.calibration.method == "auto"
+        missing = [v for v in observed if auto or (v.name or "", schemes[v]) not in known]
         calibration = collect_ranges(
             model,
             missing,
@@ -156,6 +159,12 @@ def quantize_static(
         plan = plan_quantization(model, config)
         if plan.empty:
             raise OnnxqError(f"nothing to quantize in {label}: every candidate touches non-float tensors")
+    if config.calibration.method == "auto":
+        choice = choose_range_method(model, calibration, feeds, config, providers)
+        calibration = dataclasses.replace(calibration, ranges=choice.ranges, method=choice.method)
+        chosen = dataclasses.replace(config.calibration, method=choice.method)  # type: ignore[arg-type]
+        config = config.replace(calibration=chosen)
+        notes.append(choice.describe())
     calibrate_seconds = time.perf_counter() - start
     # The exclusions made above are the calibration's, not the user's configuration's.
     declines = [
