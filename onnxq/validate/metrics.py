@@ -119,9 +119,11 @@ def looks_like_class_scores(array: np.ndarray) -> bool:
 
     Accepted: floating point ``[N, C]`` (a batch of score vectors) or ``[C]`` (one unbatched score
     vector), with ``C >= 2``. The rule is deliberately simple and errs on the side of reporting:
-    a ``[N, hidden]`` embedding also passes, which costs one harmless extra number. Rank 3 and higher is
-    rejected because there the last axis is as often a spatial or feature axis (``[N, C, H, W]``,
-    ``[N, T, hidden]``) as a class axis, and an argmax over it would be noise.
+    a ``[N, hidden]`` embedding also passes, which costs one harmless extra number. Rank 3 and higher
+    passes only when the last axis holds probability distributions (non-negative, summing to 1 within
+    1e-3: a Softmax over classes, such as a CTC recognizer's ``[N, T, C]``); otherwise the last axis is
+    as often a spatial or feature axis (``[N, C, H, W]``, ``[N, T, hidden]``) as a class axis, and an
+    argmax over it would be noise.
     """
     arr = np.asarray(array)
     if not np.issubdtype(arr.dtype, np.floating):
@@ -130,7 +132,11 @@ def looks_like_class_scores(array: np.ndarray) -> bool:
         return bool(arr.shape[1] >= 2)
     if arr.ndim == 1:
         return bool(arr.shape[0] >= 2)
-    return False
+    if arr.ndim < 3 or arr.size == 0 or arr.shape[-1] < 2:
+        return False
+    with np.errstate(invalid="ignore"):
+        sums = arr.sum(axis=-1, dtype=np.float64)
+        return bool(np.all(arr >= 0.0) and np.all(np.abs(sums - 1.0) <= 1e-3))
 
 
 @dataclass

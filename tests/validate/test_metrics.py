@@ -120,6 +120,15 @@ def test_looks_like_class_scores(shape: tuple[int, ...], dtype: type, expected: 
     assert looks_like_class_scores(np.zeros(shape, dtype=dtype)) is expected
 
 
+def test_a_sequence_of_probability_rows_counts_as_class_scores() -> None:
+    """A CTC recognizer's [N, T, C] Softmax output: top-1 per position is its character accuracy."""
+    logits = np.random.default_rng(0).standard_normal((1, 40, 97))
+    probs = np.exp(logits) / np.exp(logits).sum(axis=-1, keepdims=True)
+    assert looks_like_class_scores(probs.astype(np.float32))
+    assert not looks_like_class_scores(logits.astype(np.float32))  # not distributions: could be features
+    assert not looks_like_class_scores((probs * 0.5).astype(np.float32))  # rows do not sum to 1
+
+
 # --- OutputStats ---------------------------------------------------------------------------------
 
 
