@@ -78,7 +78,8 @@ def quantize_static(
     notes: list[str] = []
     if config.smooth:  # weights change, the graph does not: the plan stands
         smoothing = smooth_outliers(model, feeds, providers)
-        notes.append(smoothing.describe())
+        if smoothing.candidates:  # (on by default: no note for the models it has nothing to do on)
+            notes.append(smoothing.describe())
         plan = plan_quantization(model, config)
     runtime_declines: list[Decline] = []
     runtime_excluded: set[str] = set()

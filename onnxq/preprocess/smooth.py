@@ -76,10 +76,7 @@ class SmoothSummary:
     def describe(self) -> str:
         """One line for the report."""
         if not self.candidates:
-            return (
-                "outlier smoothing: no tensor qualifies (read only by MatMul/Gemm with constant "
-                "weights, made by LayerNormalization or such a product)"
-            )
+            return "outlier smoothing: no tensor qualifies (no MatMul/Gemm with a constant weight reads one)"
         if self.too_few_rows == self.candidates:
             return (
                 f"outlier smoothing: skipped, the calibration data shows fewer than {MIN_ROWS} rows of "
