@@ -379,9 +379,14 @@ def smooth_outliers(model: ir.Model, feeds: Feeds, providers: Sequence[str]) -> 
     candidates = find_candidates(model)
     summary = SmoothSummary(candidates=len(candidates))
     batches = min(feeds.num_batches or MAX_BATCHES, MAX_BATCHES)
-    if candidates:  # skip what cannot reach MIN_ROWS without running anything (a CNN's classifier)
+    if candidates:  # skip what cannot reach MIN_ROWS without running anything
         bindings = _dim_bindings(model, next(iter(feeds)))
         rows = [_rows_per_feed(c.value, bindings) for c in candidates]
+        # One row per sample is a classifier's feature vector (a CNN's head), not a sequence or a
+        # feature map: not a candidate at all, and not worth a note on every CNN.
+        candidates = [c for c, r in zip(candidates, rows, strict=True) if r != 1]
+        rows = [r for r in rows if r != 1]
+        summary.candidates = len(candidates)
         kept = [c for c, r in zip(candidates, rows, strict=True) if r is None or r * batches >= MIN_ROWS]
         summary.too_few_rows = len(candidates) - len(kept)
         candidates = kept

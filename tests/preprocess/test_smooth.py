@@ -236,3 +236,24 @@ def test_the_divided_tensor_runs_in_both_formats(fmt: str) -> None:
     expected = np.concatenate([builders.run_disabled(proto, f)[0] for f in held_out])
     actual = np.concatenate([builders.run_disabled(result.model, f)[0] for f in held_out])
     assert _sqnr(expected, actual) >= 25.0
+
+
+def test_a_classifier_head_is_no_candidate_and_leaves_no_note() -> None:
+    """One row per sample (a CNN's pooled features → Gemm) is not a tensor to smooth: no statistics run,
+    no note on every CNN now that smoothing is on by default."""
+    text = """
+    cls (float[1, 4, 8, 8] x) => (float[1, 10] y) {
+        c = Conv <kernel_shape = [3, 3], pads = [1, 1, 1, 1]> (x, W)
+        r = Relu (c)
+        p = GlobalAveragePool (r)
+        f = Flatten (p)
+        y = Gemm <transB = 1> (f, G, b)
+    }
+    """
+    proto = builders.parse(text, builders.normal_arrays(0, W=(16, 4, 3, 3), G=(10, 16), b=(10,)))
+    feeds = builders.random_feeds(proto, 16, seed=1)
+    model = ir.from_proto(onnx.shape_inference.infer_shapes(proto))  # (the pipeline infers shapes first)
+    summary = smooth_outliers(model, load_feeds(feeds, input_specs(model)), ("CPUExecutionProvider",))
+    assert summary.candidates == 0 and summary.smoothed == {}
+    result = onnxq.quantize(proto, feeds, QuantConfig(latency_guard=NO_GUARD))
+    assert not [n for n in result.report.preprocess_notes if "smoothing" in n]
