@@ -242,7 +242,8 @@ class _Timer:
     def block(self, sessions: dict[str, Any]) -> dict[str, float]:
         """Median latency (ms) of each session and of the quantized one, interleaved.
 
-        Rounds come in full rotations of the running order and stop as soon as every candidate's
+        Each round runs every model once, the running order rotating from round to round; rounds stop
+        as soon as every candidate's
         paired ratio to the quantized model is clearly on one side of each threshold the guard decides
         by (:func:`_decided`), or when the block's time budget (``budget_s``, at most ``max_runs``
         rounds) is spent: a candidate 20 % slower is settled in a few rounds, a close call gets all
@@ -260,14 +261,15 @@ class _Timer:
         fewest = self.config.min_runs if per_round_s < 0.1 else 2  # long runs are steady: fewer rounds
         most = int(np.clip(self.config.budget_s / max(per_round_s, 1e-6), fewest, self.config.max_runs))
         times = {name: list(result.times_ms) for name, result in probe.items()}
+        names = list(sessions)
         rounds = 1
         while rounds < most:
-            timing = time_sessions(
-                sessions, self.feed, runs=min(len(sessions), most - rounds), warmup=0, **kwargs
-            )
+            # One round at a time, each in the next rotation of the running order (no model always first).
+            order = names[rounds % len(names) :] + names[: rounds % len(names)]
+            timing = time_sessions({n: sessions[n] for n in order}, self.feed, runs=1, warmup=0, **kwargs)
             for name, result in timing.items():
                 times[name].extend(result.times_ms)
-            rounds += timing[_QUANTIZED].runs
+            rounds += 1
             if rounds >= fewest and _decided(times, self.config.min_gain):
                 break
         self.runs += rounds
