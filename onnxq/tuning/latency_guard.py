@@ -18,7 +18,9 @@ on this machine, instead of guessing:
    model, one variant at a time: three sessions at most are open, so memory stays bounded.
 4. Every kind whose variant is faster than the quantized model by more than ``min_gain`` is kept
    float; when several are, their combination is timed too (reverting two kinds may cost more than
-   each alone saves) and the fastest candidate is taken.
+   each alone saves) and the fastest candidate is taken. Candidates within ``min_gain`` of it cannot
+   be told apart by their timings; among those, one whose output is clearly more accurate on the same
+   feed (:data:`ACCURACY_TIE_DB`; the warm-up runs give the outputs for free) is taken instead.
 5. If the chosen model is still not faster than the float input, every anchor is kept float: the
    output is then the preprocessed float model (Q/DQ-free), and the report says why.
 
@@ -87,6 +89,8 @@ class GuardOutcome:
     kinds: dict[str, list[str]]
     latency_ms: dict[str, float]
     reverted: dict[str, list[str]] = field(default_factory=dict)
+    #: Output SQNR against the float model on the guard's feed, per candidate (the tie-breaker).
+    sqnr_db: dict[str, float] = field(default_factory=dict)
     all_float: bool = False
     chosen: str = _QUANTIZED
     seconds: float = 0.0
@@ -114,6 +118,7 @@ class GuardOutcome:
             "threads": self.threads,
             "runs": self.runs,
             "latency_ms": {k: round(v, 4) for k, v in self.latency_ms.items()},
+            "sqnr_db": {k: round(v, 2) for k, v in self.sqnr_db.items() if math.isfinite(v)},
             "kinds": {k: len(v) for k, v in self.kinds.items()},
             "reverted": {k: sorted(v) for k, v in self.reverted.items()},
             "all_float": self.all_float,
@@ -231,6 +236,8 @@ class _Timer:
         self.feed = feed
         self.config = config
         self.warm: set[int] = set()
+        #: The outputs of each session's last warm-up run, by block name (the float model's as "float").
+        self.outputs: dict[str, list[np.ndarray]] = {}
         self.quantized = self.open(quantized)
         self.runs = 0
 
@@ -251,11 +258,12 @@ class _Timer:
         """
         sessions = {_QUANTIZED: self.quantized, **sessions}
         kwargs = {"threads": self.config.threads}
-        for session in sessions.values():  # a fresh session's first runs are slow: not timed
+        for name, session in sessions.items():  # a fresh session's first runs are slow: not timed
             if id(session) not in self.warm:
                 for _ in range(WARMUP_RUNS):
-                    run(session, self.feed)
+                    outputs = run(session, self.feed)
                 self.warm.add(id(session))
+                self.outputs[name] = outputs
         probe = time_sessions(sessions, self.feed, runs=1, warmup=0, **kwargs)
         per_round_s = sum(r.median_ms for r in probe.values()) / 1e3
         fewest = self.config.min_runs if per_round_s < 0.1 else 2  # long runs are steady: fewer rounds
@@ -275,10 +283,56 @@ class _Timer:
         self.runs += rounds
         return {name: float(np.median(ms)) for name, ms in times.items()}
 
-    def ratio(self, model: ir.Model) -> float:
-        """Latency of ``model`` over the quantized model's, timed in one block."""
+    def ratio(self, model: ir.Model) -> tuple[float, float]:
+        """Latency of ``model`` over the quantized model's, timed in one block, and its output SQNR."""
         measured = self.block({"candidate": self.open(model)})
-        return measured["candidate"] / measured[_QUANTIZED]
+        return measured["candidate"] / measured[_QUANTIZED], self.sqnr("candidate")
+
+    def sqnr(self, name: str) -> float:
+        """The lowest SQNR (dB) of session ``name``'s float outputs against the float model's.
+
+        On the guard's feed, from the warm-up runs; NaN before the float model ran.
+        """
+        reference = self.outputs.get(_FLOAT)
+        if reference is None or name not in self.outputs:
+            return math.nan
+        worst = math.inf
+        for want, got in zip(reference, self.outputs[name], strict=True):
+            want, got = np.asarray(want), np.asarray(got)
+            if not np.issubdtype(want.dtype, np.floating) or want.shape != got.shape:
+                continue
+            noise = float(np.sum((want.astype(np.float64) - got) ** 2))
+            signal = float(np.sum(want.astype(np.float64) ** 2))
+            worst = min(worst, math.inf if noise == 0 else 10 * math.log10(max(signal, 1e-30) / noise))
+        return worst
+
+
+#: A candidate as fast as the chosen one (within ``min_gain``) replaces it when its output SQNR on the
+#: guard's feed is higher by at least this much (dB): when speed does not tell them apart, accuracy does.
+ACCURACY_TIE_DB = 1.0
+
+
+def _more_accurate_tie(
+    candidates: dict[str, tuple[ir.Model, tuple[str, ...], float, float]], chosen: str, min_gain: float
+) -> str:
+    """The most accurate candidate among those whose latency is within noise of ``chosen``'s.
+
+    The guard's timings cannot tell apart candidates within ``min_gain`` of each other; the SQNR of
+    each one's output against the float model on the same feed (free: the warm-up runs computed it)
+    can. A candidate replaces ``chosen`` only when it is clearly more accurate (:data:`ACCURACY_TIE_DB`),
+    never when it is measurably slower: the CDLA layout detector's first Conv, within noise of its int8
+    version, keeps 0.61 detection F1 float and 0.49 int8.
+    """
+    limit = candidates[chosen][2] + min_gain
+    floor = candidates[chosen][3]
+    if math.isnan(floor):
+        return chosen
+    tied = [
+        name
+        for name, (_, _, ratio, sqnr) in candidates.items()
+        if ratio <= limit and not math.isnan(sqnr) and sqnr >= floor + ACCURACY_TIE_DB
+    ]
+    return max(tied, key=lambda n: candidates[n][3]) if tied else chosen
 
 
 def guard_latency(
@@ -300,21 +354,25 @@ def guard_latency(
     outcome = GuardOutcome(quantized, config.threads, 0, kinds, dict(first))
     # With one kind only, keeping it float is the float model, timed already.
     suspects = [kind for kind in kinds if kind not in TRUSTED_KINDS] if len(kinds) > 1 else []
-    candidates: dict[str, tuple[ir.Model, tuple[str, ...], float]] = {_QUANTIZED: (quantized, (), 1.0)}
+    candidates: dict[str, tuple[ir.Model, tuple[str, ...], float, float]] = {
+        _QUANTIZED: (quantized, (), 1.0, timer.sqnr(_QUANTIZED))
+    }
     for kind in suspects:
         name = f"keep {kind} float"
         model = state.requantize(kinds[kind])
-        candidates[name] = (model, (kind,), timer.ratio(model))
+        candidates[name] = (model, (kind,), *timer.ratio(model))
     slower = [kind for kind in suspects if candidates[f"keep {kind} float"][2] < 1.0 - config.min_gain]
     if len(slower) > 1:
         # Reverting two kinds may cost more than each alone saves: time the combination too.
         model = state.requantize([n for k in slower for n in kinds[k]])
-        candidates["keep " + " + ".join(slower) + " float"] = (model, tuple(slower), timer.ratio(model))
-    for name, (_, _, ratio) in candidates.items():
+        candidates["keep " + " + ".join(slower) + " float"] = (model, tuple(slower), *timer.ratio(model))
+    for name, (_, _, ratio, sqnr) in candidates.items():
         outcome.latency_ms[name] = base * ratio
+        outcome.sqnr_db[name] = sqnr
     best = min(candidates, key=lambda n: candidates[n][2])
     if candidates[best][2] >= 1.0 - config.min_gain:
         best = _QUANTIZED  # within noise of the fully quantized model: keep every anchor quantized
+    best = _more_accurate_tie(candidates, best, config.min_gain)
     outcome.runs = timer.runs
     if outcome.latency_ms[best] >= first[_FLOAT]:
         outcome.chosen, outcome.all_float = _FLOAT, True

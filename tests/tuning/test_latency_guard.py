@@ -116,6 +116,7 @@ class FakeTimer:
     """Stands in for ``latency_guard._Timer``: a model's latency is ``latency(its float anchors)``."""
 
     latency: Latency
+    accuracy: Latency = staticmethod(lambda float_anchors: 30.0)  # type: ignore[assignment]
     blocks: ClassVar[list[int]] = []
 
     def __init__(self, quantized: ir.Model, feed: object, config: object) -> None:
@@ -133,9 +134,16 @@ class FakeTimer:
         self.runs += 3
         return {"quantized": self._ms(self.quantized), **{k: self._ms(m) for k, m in sessions.items()}}
 
-    def ratio(self, model: ir.Model) -> float:
+    def ratio(self, model: ir.Model) -> tuple[float, float]:
         measured = self.block({"candidate": model})
-        return measured["candidate"] / measured["quantized"]
+        return measured["candidate"] / measured["quantized"], self._sqnr(model)
+
+    def _sqnr(self, model: ir.Model) -> float:
+        return type(self).accuracy(ANCHORS - quantized_anchors(model))
+
+    def sqnr(self, name: str) -> float:
+        assert name == "quantized"
+        return self._sqnr(self.quantized)
 
 
 def additive(float_ms: dict[str, float], int8_ms: dict[str, float]) -> Latency:
@@ -147,8 +155,14 @@ def additive(float_ms: dict[str, float], int8_ms: dict[str, float]) -> Latency:
     return latency
 
 
-def run_guard(result: QuantizationResult, monkeypatch: pytest.MonkeyPatch, latency: Latency) -> GuardOutcome:
+def run_guard(
+    result: QuantizationResult,
+    monkeypatch: pytest.MonkeyPatch,
+    latency: Latency,
+    accuracy: Latency = lambda float_anchors: 30.0,
+) -> GuardOutcome:
     FakeTimer.latency = staticmethod(latency)  # type: ignore[assignment]
+    FakeTimer.accuracy = staticmethod(accuracy)  # type: ignore[assignment]
     FakeTimer.blocks = []
     monkeypatch.setattr(latency_guard, "_Timer", FakeTimer)
     assert result.static is not None
@@ -212,6 +226,34 @@ def test_the_combination_loses_to_one_kind_alone(
     outcome = run_guard(kinds_result, monkeypatch, latency)
     assert outcome.chosen == "keep small depthwise Conv float"
     assert list(outcome.reverted) == ["small depthwise Conv"]
+
+
+def test_a_tie_in_speed_goes_to_accuracy(
+    kinds_result: QuantizationResult, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Keeping the depthwise Conv float costs nothing measurable (1 %) and gains 4 dB: it is kept float."""
+
+    def accuracy(float_anchors: frozenset[str]) -> float:
+        return 30.0 + (4.0 if "c2" in float_anchors else 0.0)
+
+    outcome = run_guard(kinds_result, monkeypatch, additive({"c2": 0.505}, {"c2": 0.5}), accuracy)
+    assert outcome.chosen == "keep small depthwise Conv float"
+    assert outcome.sqnr_db["keep small depthwise Conv float"] == outcome.sqnr_db["quantized"] + 4.0
+
+
+@pytest.mark.parametrize(
+    ("float_ms", "gain_db"),
+    [(0.8, 4.0), (0.505, 0.5)],  # measurably slower (+10 %); or as fast but hardly more accurate
+    ids=["slower", "small-gain"],
+)
+def test_speed_is_not_traded_for_accuracy(
+    kinds_result: QuantizationResult, monkeypatch: pytest.MonkeyPatch, float_ms: float, gain_db: float
+) -> None:
+    def accuracy(float_anchors: frozenset[str]) -> float:
+        return 30.0 + (gain_db if "c2" in float_anchors else 0.0)
+
+    outcome = run_guard(kinds_result, monkeypatch, additive({"c2": float_ms}, {"c2": 0.5}), accuracy)
+    assert outcome.chosen == "quantized" and not outcome.reverted
 
 
 def test_no_variant_beats_float_gives_the_float_model(
