@@ -113,7 +113,7 @@ import tempfile
 import time
 import zipfile
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -1325,27 +1325,35 @@ def _match_f1(
     return hits
 
 
-def _layout_metrics(ref: Outputs, out: Outputs) -> dict[str, float]:
+def _detection_metrics(
+    ref: Outputs,
+    out: Outputs,
+    detect: Callable[[Sequence[np.ndarray]], list[tuple[int, float, np.ndarray]]],
+    scores: Callable[[Sequence[np.ndarray]], np.ndarray],
+    names: tuple[str, str, str],
+) -> dict[str, float]:
+    """Detection F1 of ``out``'s boxes against ``ref``'s, mean cosine of the score maps, boxes per input."""
     hits = n_ref = n_out = 0
     cosines = []
     for r, o in zip(ref, out, strict=True):
-        ref_dets, out_dets = layout_detections(r), layout_detections(o)
+        ref_dets, out_dets = detect(r), detect(o)
         hits += _match_f1(ref_dets, out_dets)
         n_ref += len(ref_dets)
         n_out += len(out_dets)
-        levels = len(r) // 2
-        cosines.append(
-            _cosine(
-                np.concatenate([x.ravel() for x in r[:levels]]),
-                np.concatenate([x.ravel() for x in o[:levels]]),
-            )
-        )
-    f1 = 1.0 if n_ref + n_out == 0 else 2 * hits / (n_ref + n_out)
+        cosines.append(_cosine(scores(r), scores(o)))
     return {
-        "detection F1 vs float": f1,
-        "score cosine": float(np.mean(cosines)),
-        "float boxes per page": n_ref / len(ref),
+        names[0]: 1.0 if n_ref + n_out == 0 else 2 * hits / (n_ref + n_out),
+        names[1]: float(np.mean(cosines)),
+        names[2]: n_ref / len(ref),
     }
+
+
+def _layout_metrics(ref: Outputs, out: Outputs) -> dict[str, float]:
+    def scores(outputs: Sequence[np.ndarray]) -> np.ndarray:
+        return np.concatenate([x.ravel() for x in outputs[: len(outputs) // 2]])
+
+    names = ("detection F1 vs float", "score cosine", "float boxes per page")
+    return _detection_metrics(ref, out, layout_detections, scores, names)
 
 
 def yolo_detections(
@@ -1366,19 +1374,11 @@ def yolo_detections(
 
 
 def _yolo_metrics(ref: Outputs, out: Outputs) -> dict[str, float]:
-    hits = n_ref = n_out = 0
-    cosines = []
-    for r, o in zip(ref, out, strict=True):
-        ref_dets, out_dets = yolo_detections(r), yolo_detections(o)
-        hits += _match_f1(ref_dets, out_dets)
-        n_ref += len(ref_dets)
-        n_out += len(out_dets)
-        cosines.append(_cosine(np.asarray(r[0])[0, 4:].ravel(), np.asarray(o[0])[0, 4:].ravel()))
-    return {
-        "detection F1 vs float": 1.0 if n_ref + n_out == 0 else 2 * hits / (n_ref + n_out),
-        "class-score cosine": float(np.mean(cosines)),
-        "float boxes per photo": n_ref / len(ref),
-    }
+    def scores(outputs: Sequence[np.ndarray]) -> np.ndarray:
+        return np.asarray(outputs[0])[0, 4:].ravel()
+
+    names = ("detection F1 vs float", "class-score cosine", "float boxes per photo")
+    return _detection_metrics(ref, out, yolo_detections, scores, names)
 
 
 def _vad_metrics(ref: Outputs, out: Outputs) -> dict[str, float]:
