@@ -288,9 +288,11 @@ def _applies(fix: str, config: Any) -> bool:
 def _try_fixes(
     search: _Search, fixes: Sequence[str], score_before: float, model: ir.Model
 ) -> tuple[str, dict[str, float], ir.Model]:
-    """Score each fix alone, then stack the others on the best one, keeping each that raises the score.
+    """Score each fix alone, then stack on the best one each other fix that helped alone and helps again.
 
     Every layer stays quantized throughout (one greedy round); the search continues from the result.
+    Only fixes that raised the score on their own are stacked, and never a second range method (it
+    would replace the first): the search stays within a dozen evaluations.
     Returns the fixes kept (``"a+b"``; ``""``: none), every combination's score, and the model the
     search continues from.
     """
@@ -315,11 +317,16 @@ def _try_fixes(
             best = (score, [fix], state, candidate)
     if best is None or not best[0] > score_before:
         return "", scores, model
-    for fix in fixes:
+    helped = [
+        fix for fix in fixes if fix in scores and not math.isnan(scores[fix]) and scores[fix] > score_before
+    ]
+    for fix in helped:
         score_now, applied, state_now, _ = best
         if search.evaluator.met(score_now):
             break
         if fix in applied or not _applies(fix, state_now.config):
+            continue
+        if fix.startswith("method=") and any(a.startswith("method=") for a in applied):
             continue
         state = state_now.with_fix(fix)
         score, candidate = score_of("+".join([*applied, fix]), state)

@@ -308,3 +308,19 @@ def test_the_result_keeps_the_fixed_quantization() -> None:
     assert outcome.fix == "smooth" and result.static is not before
     assert result.static is not None and result.static.config.smooth
     assert result.report.budget["fix"] == "smooth"
+
+
+def test_only_fixes_that_helped_alone_are_stacked() -> None:
+    """An unreachable target runs every stacking step: each stacked fix raised the score alone, and
+    no combination holds two range methods (the second would replace the first)."""
+    proto = builders.outlier_chain_model((1, 2, 3, 4, 5))
+    result = onnxq.quantize(proto, builders.chain_feeds(64, seed=1), NO_SMOOTH)
+    outcome = meet_target(result, "sqnr>=80", builders.chain_feeds(8, seed=2))
+    alone = {name: score for name, score in outcome.fixes.items() if "+" not in name}
+    helped = {name for name, score in alone.items() if score > outcome.score_before}
+    combos = [name.split("+") for name in outcome.fixes if "+" in name]
+    assert helped and combos
+    for parts in combos:
+        assert set(parts[1:]) <= helped, parts
+        assert sum(p.startswith("method=") for p in parts) <= 1, parts
+    assert len(combos) <= len(helped) - 1  # one try per other helpful fix, on top of the best one
