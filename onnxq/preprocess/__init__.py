@@ -23,7 +23,12 @@ import onnx_ir.passes.common as common
 
 from onnxq.declines import Decline
 from onnxq.graph import NameScope
-from onnxq.preprocess.canonicalize import FLOAT_ISLAND_RULES, LATE_RULES, CanonicalizePass
+from onnxq.preprocess.canonicalize import (
+    DECOMPOSE_RULES,
+    FLOAT_ISLAND_RULES,
+    LATE_RULES,
+    CanonicalizePass,
+)
 from onnxq.preprocess.equalize import EqualizePass
 from onnxq.preprocess.fold_affine import FoldAffinePass
 from onnxq.preprocess.fold_bn import FoldBatchNormPass
@@ -118,15 +123,19 @@ def preprocess(model: ir.Model, *, equalize: bool = False) -> PreprocessSummary:
     summary.declines.extend(fold_bn.declined)
     canonical = CanonicalizePass(FLOAT_ISLAND_RULES)
     canonical(model)
+    decompose = CanonicalizePass(DECOMPOSE_RULES)
+    decompose(model)
     fold_affine = FoldAffinePass()
     fold_affine(model)
     summary.affine_folded = sum(fold_affine.folded.values())
     late = CanonicalizePass(LATE_RULES)
     late(model)
     summary.canonicalized = dict(
-        collections.Counter(canonical.rewritten) + collections.Counter(late.rewritten)
+        collections.Counter(canonical.rewritten)
+        + collections.Counter(decompose.rewritten)
+        + collections.Counter(late.rewritten)
     )
-    summary.declines.extend([*canonical.declined, *fold_affine.declined, *late.declined])
+    summary.declines.extend([*canonical.declined, *decompose.declined, *fold_affine.declined, *late.declined])
     RemoveIdentityPass()(model)
     common.RemoveUnusedNodesPass()(model)
     if equalize:

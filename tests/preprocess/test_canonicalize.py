@@ -660,3 +660,70 @@ def test_sum_of_one_input_is_left_alone() -> None:
     proto = _parse(_graph("y = Sum (x)", "(float[2, 5] x) => (float[2, 5] y)"), 13)
     model, canonical = _canonicalize(proto)
     assert canonical.rewritten == {} and builders.op_counts(model) == {"Sum": 1}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Native HardSwish written out in the integer form (before the affine folds)
+
+HSWISH_CONVS = """
+hs (float[1, 4, 8, 8] x) => (float[1, 4, 8, 8] y) {
+    c = Conv <kernel_shape = [3, 3], pads = [1, 1, 1, 1]> (x, W1)
+    h = HardSwish (c)
+    y = Conv <kernel_shape = [1, 1]> (h, W2)
+}
+"""
+
+HSWISH_OUTPUT = """
+hs (float[1, 4, 8, 8] x) => (float[1, 4, 8, 8] h) {
+    c = Conv <kernel_shape = [3, 3], pads = [1, 1, 1, 1]> (x, W1)
+    h = HardSwish (c)
+}
+"""
+
+
+def _hswish_model(text: str) -> onnx.ModelProto:
+    arrays = builders.normal_arrays(4, W1=(4, 4, 3, 3), W2=(4, 4, 1, 1))
+    arrays["W1"] *= 2.0  # pre-activations well beyond ±3: both kinks and the linear part are used
+    return builders.parse(text, {k: v for k, v in arrays.items() if k in text})
+
+
+def test_native_hard_swish_is_written_out_and_its_sixth_folded() -> None:
+    proto = _hswish_model(HSWISH_CONVS)
+    model = ir.from_proto(proto)
+    summary = preprocess(model)
+    ops = [n.op_type for n in model.graph]
+    assert "HardSwish" not in ops and ops.count("Conv") == 2
+    assert {"Add", "Clip", "Mul"} <= set(ops) and ops.count("Mul") == 1  # the 1/6 went into the Conv
+    assert summary.canonicalized.get("HardSwish → Add/Clip/Mul") == 1
+    feed = builders.random_feeds(proto, 1, seed=2)[0]
+    (want,) = builders.run_disabled(proto, feed)
+    (got,) = builders.run_disabled(model, feed)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_hard_swish_with_nothing_to_fold_into_stays_one_op() -> None:
+    """Its output is the graph output: the 1/6 has no reader to go into, so the late rule turns the
+    written-out form back into a HardSwish (one float island rather than four ops)."""
+    model = ir.from_proto(_hswish_model(HSWISH_OUTPUT))
+    preprocess(model)
+    assert [n.op_type for n in model.graph] == ["Conv", "HardSwish"]
+
+
+def test_written_out_hard_swish_quantizes_to_integer_ops() -> None:
+    import onnxq
+    from onnxq.config import LatencyGuardConfig, QuantConfig
+
+    proto = _hswish_model(HSWISH_CONVS)
+    feeds = builders.random_feeds(proto, 16, seed=1)
+    result = onnxq.quantize(proto, feeds, QuantConfig(latency_guard=LatencyGuardConfig(enabled=False)))
+    assert (
+        result.report.quantized_op_types.get("Add") == 1 and result.report.quantized_op_types.get("Mul") == 1
+    )
+    want = np.concatenate(
+        [builders.run_disabled(proto, f)[0] for f in builders.random_feeds(proto, 4, seed=7)]
+    )
+    got = np.concatenate(
+        [builders.run_disabled(result.model, f)[0] for f in builders.random_feeds(proto, 4, seed=7)]
+    )
+    sqnr = 10 * np.log10(np.sum(want**2) / np.sum((want - got) ** 2))
+    assert sqnr >= 25.0, sqnr
