@@ -152,7 +152,7 @@ class LatencyGuardConfig:
     min_gain: float = 0.03
     budget_s: float = 0.6
     min_runs: int = 3
-    max_runs: int = 30
+    max_runs: int = 100
     providers: tuple[str, ...] = ("CPUExecutionProvider",)
 
     def __post_init__(self) -> None:
