@@ -299,7 +299,13 @@ def _guard_line(guard: dict[str, Any]) -> str:
         return f"every kind of layer is faster in int8 ({timed}; {where})"
     kinds = ", ".join(f"{len(names)} {kind}" for kind, names in reverted.items())
     chosen = ms.get(guard.get("chosen", ""), math.nan)
-    return f"kept float: {kinds} (int8 slower here); {timed} -> {chosen:.3g} ms ({where})"
+    if guard.get("for_accuracy"):
+        sqnr = guard.get("sqnr_db", {})
+        gain = sqnr.get(guard.get("chosen", ""), math.nan) - sqnr.get("quantized", math.nan)
+        why = f"as fast in int8 here, {gain:.1f} dB more accurate float"
+    else:
+        why = "int8 slower here"
+    return f"kept float: {kinds} ({why}); {timed} -> {chosen:.3g} ms ({where})"
 
 
 def _limited(lines: list[str], limit: int = 12) -> list[str]:

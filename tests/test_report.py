@@ -83,3 +83,24 @@ def test_report_json_is_standard_json() -> None:
     report = _report(accuracy=[AccuracyRow("y", float("inf"), 1.0, 0.0, None, 1)])
     data = json.loads(report.to_json())
     assert data["accuracy"][0]["sqnr_db"] == "inf"
+
+
+@pytest.mark.parametrize(
+    ("for_accuracy", "expected"),
+    [(False, "(int8 slower here)"), (True, "(as fast in int8 here, 4.5 dB more accurate float)")],
+)
+def test_the_guard_row_says_why_a_kind_was_kept_float(for_accuracy: bool, expected: str) -> None:
+    from onnxq.report import _guard_line
+
+    guard = {
+        "latency_ms": {"float": 2.0, "quantized": 1.0, "keep narrow Conv float": 1.01},
+        "sqnr_db": {"quantized": 30.0, "keep narrow Conv float": 34.5},
+        "reverted": {"narrow Conv": ["c0"]},
+        "chosen": "keep narrow Conv float",
+        "for_accuracy": for_accuracy,
+        "threads": 1,
+        "runs": 12,
+        "seconds": 0.2,
+    }
+    line = _guard_line(guard)
+    assert line.startswith("kept float: 1 narrow Conv ") and expected in line

@@ -91,6 +91,8 @@ class GuardOutcome:
     reverted: dict[str, list[str]] = field(default_factory=dict)
     #: Output SQNR against the float model on the guard's feed, per candidate (the tie-breaker).
     sqnr_db: dict[str, float] = field(default_factory=dict)
+    #: Set when the choice was made for accuracy among candidates the timings could not tell apart.
+    for_accuracy: bool = False
     all_float: bool = False
     chosen: str = _QUANTIZED
     seconds: float = 0.0
@@ -123,6 +125,7 @@ class GuardOutcome:
             "reverted": {k: sorted(v) for k, v in self.reverted.items()},
             "all_float": self.all_float,
             "chosen": self.chosen,
+            "for_accuracy": self.for_accuracy,
             "gain": round(self.gain, 4),
             "speedup_vs_float": round(self.speedup, 4),
             "seconds": round(self.seconds, 3),
@@ -375,7 +378,9 @@ def guard_latency(
     best = min(candidates, key=lambda n: candidates[n][2])
     if candidates[best][2] >= 1.0 - config.min_gain:
         best = _QUANTIZED  # within noise of the fully quantized model: keep every anchor quantized
+    fastest = best
     best = _more_accurate_tie(candidates, best, config.min_gain)
+    outcome.for_accuracy = best != fastest
     outcome.runs = timer.runs
     if outcome.latency_ms[best] >= first[_FLOAT]:
         outcome.chosen, outcome.all_float = _FLOAT, True
@@ -398,7 +403,8 @@ def describe(outcome: GuardOutcome) -> Sequence[str]:
             f"no quantized variant was faster than the float model here ({outcome.threads} thread(s)): "
             "every layer kept float"
         )
+    why = "as fast in int8 here, more accurate float" if outcome.for_accuracy else "slower in int8 here"
     for kind, names in outcome.reverted.items():
         if not outcome.all_float:
-            lines.append(f"kept {len(names)} {kind} float (slower in int8 here)")
+            lines.append(f"kept {len(names)} {kind} float ({why})")
     return lines

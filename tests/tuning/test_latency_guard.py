@@ -237,8 +237,11 @@ def test_a_tie_in_speed_goes_to_accuracy(
         return 30.0 + (4.0 if "c2" in float_anchors else 0.0)
 
     outcome = run_guard(kinds_result, monkeypatch, additive({"c2": 0.505}, {"c2": 0.5}), accuracy)
-    assert outcome.chosen == "keep small depthwise Conv float"
+    assert outcome.chosen == "keep small depthwise Conv float" and outcome.for_accuracy
     assert outcome.sqnr_db["keep small depthwise Conv float"] == outcome.sqnr_db["quantized"] + 4.0
+    assert latency_guard.describe(outcome) == [
+        "kept 1 small depthwise Conv float (as fast in int8 here, more accurate float)"
+    ]
 
 
 @pytest.mark.parametrize(
@@ -253,7 +256,7 @@ def test_speed_is_not_traded_for_accuracy(
         return 30.0 + (gain_db if "c2" in float_anchors else 0.0)
 
     outcome = run_guard(kinds_result, monkeypatch, additive({"c2": float_ms}, {"c2": 0.5}), accuracy)
-    assert outcome.chosen == "quantized" and not outcome.reverted
+    assert outcome.chosen == "quantized" and not outcome.reverted and not outcome.for_accuracy
 
 
 def test_no_variant_beats_float_gives_the_float_model(
