@@ -196,6 +196,8 @@ def find_candidates(model: ir.Model) -> list[_Candidate]:
             uses = list(value.uses())
             if not uses or value.is_graph_output():
                 continue
+            if any(use.node.graph is not model.graph for use in uses):
+                continue  # read inside an If/Loop body: the rewrite stays in the main graph
             readers = [_product_reader(use.node, value) for use in uses]
             products = [r for r in readers if r is not None]
             if not products or len({id(r.node) for r in products}) != len(products):

@@ -257,3 +257,39 @@ def test_a_classifier_head_is_no_candidate_and_leaves_no_note() -> None:
     assert summary.candidates == 0 and summary.smoothed == {}
     result = onnxq.quantize(proto, feeds, QuantConfig(latency_guard=NO_GUARD))
     assert not [n for n in result.report.preprocess_notes if "smoothing" in n]
+
+
+def test_a_tensor_read_inside_a_branch_is_left_alone() -> None:
+    """A product inside an If body reads the LayerNorm output: no Mul can go in front of it from the
+    main graph, so the tensor is no candidate (and nothing fails)."""
+    branch = onnx.helper.make_graph(
+        [onnx.helper.make_node("MatMul", ["n", "W"], ["b"])],
+        "then",
+        [],
+        [onnx.helper.make_tensor_value_info("b", onnx.TensorProto.FLOAT, None)],
+    )
+    other = onnx.helper.make_graph(
+        [onnx.helper.make_node("Identity", ["n"], ["e"])],
+        "else",
+        [],
+        [onnx.helper.make_tensor_value_info("e", onnx.TensorProto.FLOAT, None)],
+    )
+    graph = onnx.helper.make_graph(
+        [
+            onnx.helper.make_node("LayerNormalization", ["x", "gamma", "beta"], ["n"], axis=-1),
+            onnx.helper.make_node("If", ["c"], ["y"], then_branch=branch, else_branch=other),
+        ],
+        "g",
+        [
+            onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [16, 16]),
+            onnx.helper.make_tensor_value_info("c", onnx.TensorProto.BOOL, []),
+        ],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
+        [
+            onnx.numpy_helper.from_array(np.ones(16, np.float32), "gamma"),
+            onnx.numpy_helper.from_array(np.zeros(16, np.float32), "beta"),
+            onnx.numpy_helper.from_array(np.eye(16, dtype=np.float32), "W"),
+        ],
+    )
+    model = ir.from_proto(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)]))
+    assert find_candidates(model) == []
