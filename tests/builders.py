@@ -104,6 +104,14 @@ def serialize(model: ir.Model | onnx.ModelProto) -> bytes:
     return proto.SerializeToString(deterministic=True)
 
 
+def apply_pass(proto: onnx.ModelProto, rewrite: ir.passes.PassBase) -> ir.Model:
+    """``proto`` as an IR model rewritten in place by ``rewrite``, checked valid by the ONNX checker."""
+    model = ir.from_proto(proto)
+    rewrite(model)
+    onnx.checker.check_model(ir.to_proto(model))
+    return model
+
+
 def run_disabled(model: ir.Model | onnx.ModelProto, feed: Mapping[str, np.ndarray]) -> list[np.ndarray]:
     """Outputs of ``model`` on one feed in ONNX Runtime with every graph optimization off (what the
     graph itself computes)."""

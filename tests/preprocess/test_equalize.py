@@ -38,11 +38,8 @@ def _arrays(seed: int, **shapes: tuple[int, ...]) -> dict[str, np.ndarray]:
 
 
 def _equalize(proto: onnx.ModelProto) -> tuple[ir.Model, EqualizePass]:
-    model = ir.from_proto(proto)
     equalize = EqualizePass()
-    equalize(model)
-    onnx.checker.check_model(ir.to_proto(model))
-    return model, equalize
+    return builders.apply_pass(proto, equalize), equalize
 
 
 def _assert_same(proto: onnx.ModelProto, model: ir.Model, shape: tuple[int, ...] = SHAPE) -> None:
