@@ -22,7 +22,6 @@ on that batch, which favours min-max (the note says so).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -34,6 +33,7 @@ from onnxq.config import AUTO_METHODS, QuantConfig
 from onnxq.data import Feeds
 from onnxq.pipeline.state import StaticState
 from onnxq.runtime.session import open_model, run
+from onnxq.validate.metrics import worst_sqnr_db
 
 __all__ = ["MAX_HELD_OUT", "RangeChoice", "choose_range_method"]
 
@@ -63,25 +63,13 @@ class RangeChoice:
         return f"range method auto: {self.method} (lowest output SQNR {data}: {scores})"
 
 
-def _sqnr_db(reference: np.ndarray, actual: np.ndarray) -> float:
-    noise = float(np.sum((reference.astype(np.float64) - actual) ** 2))
-    signal = float(np.sum(reference.astype(np.float64) ** 2))
-    if noise == 0.0:
-        return math.inf
-    return 10.0 * math.log10(signal / noise) if signal > 0.0 else -math.inf
-
-
 def _score(outputs: Sequence[Sequence[np.ndarray]], reference: Sequence[Sequence[np.ndarray]]) -> float:
     """The lowest SQNR over the float outputs, all held-out batches pooled per output."""
-    worst = math.inf
-    for index, first in enumerate(reference[0]):
-        if not np.issubdtype(np.asarray(first).dtype, np.floating):
-            continue
-        want = np.concatenate([np.ravel(batch[index]) for batch in reference])
-        got = np.concatenate([np.ravel(batch[index]) for batch in outputs]).astype(np.float64)
-        score = _sqnr_db(want, got) if np.all(np.isfinite(got)) else -math.inf
-        worst = min(worst, score)
-    return worst
+
+    def pooled(batches: Sequence[Sequence[np.ndarray]]) -> list[np.ndarray]:
+        return [np.concatenate([np.ravel(b[i]) for b in batches]) for i in range(len(batches[0]))]
+
+    return worst_sqnr_db(pooled(reference), pooled(outputs))
 
 
 def choose_range_method(

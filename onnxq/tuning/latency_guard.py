@@ -53,6 +53,7 @@ from onnxq.load.files import serialize_model
 from onnxq.runtime.latency import time_sessions
 from onnxq.runtime.session import make_session, run
 from onnxq.tuning.interfaces import RequantizableState
+from onnxq.validate.metrics import worst_sqnr_db
 
 __all__ = ["NARROW_CHANNELS", "SMALL_MACS", "TRUSTED_KINDS", "GuardOutcome", "anchor_kinds", "guard_latency"]
 
@@ -253,11 +254,10 @@ class _Timer:
         """Median latency (ms) of each session and of the quantized one, interleaved.
 
         Each round runs every model once, the running order rotating from round to round; rounds stop
-        as soon as every candidate's
-        paired ratio to the quantized model is clearly on one side of each threshold the guard decides
-        by (:func:`_decided`), or when the block's time budget (``budget_s``, at most ``max_runs``
-        rounds) is spent: a candidate 20 % slower is settled in a few rounds, a close call gets all
-        of them.
+        as soon as every candidate's paired ratio to the quantized model is clearly on one side of the
+        threshold it is judged by (:func:`_decided`), or when the block's time budget (``budget_s``, at
+        most ``max_runs`` rounds) is spent: a candidate 20 % slower is settled in a few rounds, a close
+        call gets all of them.
         """
         sessions = {_QUANTIZED: self.quantized, **sessions}
         kwargs = {"threads": self.config.threads}
@@ -302,15 +302,7 @@ class _Timer:
         reference = self.outputs.get(_FLOAT)
         if reference is None or name not in self.outputs:
             return math.nan
-        worst = math.inf
-        for want, got in zip(reference, self.outputs[name], strict=True):
-            want, got = np.asarray(want), np.asarray(got)
-            if not np.issubdtype(want.dtype, np.floating) or want.shape != got.shape:
-                continue
-            noise = float(np.sum((want.astype(np.float64) - got) ** 2))
-            signal = float(np.sum(want.astype(np.float64) ** 2))
-            worst = min(worst, math.inf if noise == 0 else 10 * math.log10(max(signal, 1e-30) / noise))
-        return worst
+        return worst_sqnr_db(reference, self.outputs[name])
 
 
 #: A candidate as fast as the chosen one (within ``min_gain``) replaces it when its output SQNR on the
@@ -336,7 +328,7 @@ def _more_accurate_tie(
     tied = [
         name
         for name, (_, _, ratio, sqnr) in candidates.items()
-        if ratio <= limit and not math.isnan(sqnr) and sqnr >= floor + ACCURACY_TIE_DB
+        if ratio <= limit and not math.isnan(sqnr) and sqnr > floor and sqnr >= floor + ACCURACY_TIE_DB
     ]
     return max(tied, key=lambda n: candidates[n][3]) if tied else chosen
 

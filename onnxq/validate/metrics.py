@@ -35,6 +35,7 @@ __all__ = [
     "max_abs_error",
     "sqnr_db",
     "top1_agreement",
+    "worst_sqnr_db",
 ]
 
 logger = logging.getLogger(__name__)
@@ -62,7 +63,7 @@ def _sqnr_from_energies(signal: float, noise: float) -> float:
         return math.nan
     if noise == 0.0:
         return math.inf
-    if signal == 0.0:
+    if signal == 0.0 or math.isinf(noise):
         return -math.inf
     return 10.0 * math.log10(signal / noise)
 
@@ -88,6 +89,22 @@ def sqnr_db(reference: npt.ArrayLike, actual: npt.ArrayLike) -> float:
     with np.errstate(invalid="ignore", over="ignore"):
         err = ref - act
         return _sqnr_from_energies(float(np.sum(ref * ref)), float(np.sum(err * err)))
+
+
+def worst_sqnr_db(reference: Sequence[npt.ArrayLike], actual: Sequence[npt.ArrayLike]) -> float:
+    """The lowest :func:`sqnr_db` over a model's floating-point outputs (``inf`` when it has none).
+
+    ``reference`` and ``actual`` hold the outputs in the same order; a pair whose shapes differ is
+    skipped, and a NaN score (a NaN output) counts as ``-inf``: the worst.
+    """
+    worst = math.inf
+    for want, got in zip(reference, actual, strict=True):
+        want, got = np.asarray(want), np.asarray(got)
+        if not np.issubdtype(want.dtype, np.floating) or want.shape != got.shape:
+            continue
+        value = sqnr_db(want, got)
+        worst = min(worst, -math.inf if math.isnan(value) else value)
+    return worst
 
 
 def cosine_similarity(a: npt.ArrayLike, b: npt.ArrayLike) -> float:

@@ -20,6 +20,7 @@ from onnxq.validate.metrics import (
     max_abs_error,
     sqnr_db,
     top1_agreement,
+    worst_sqnr_db,
 )
 
 
@@ -306,3 +307,19 @@ def test_agreeing_infinities_are_exact_and_other_non_finite_values_show(
     diverging = np.array([[1.0, np.inf, 2.0]], np.float32)
     assert math.isnan(sqnr_db(ref, diverging)) or sqnr_db(ref, diverging) == -math.inf
     assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
+
+
+def test_worst_sqnr_over_a_models_outputs() -> None:
+    ref = [
+        np.array([1.0, 2.0, 3.0], np.float32),
+        np.array([4.0, 0.0], np.float32),
+        np.array([1, 2], np.int64),
+    ]
+    slightly = [ref[0] + 0.01, ref[1] + 0.1, np.array([9, 9], np.int64)]  # the int output is not scored
+    assert worst_sqnr_db(ref, slightly) == pytest.approx(
+        min(sqnr_db(ref[0], slightly[0]), sqnr_db(ref[1], slightly[1]))
+    )
+    assert worst_sqnr_db(ref, [ref[0], np.array([4.0, np.nan], np.float32), ref[2]]) == -math.inf
+    # an infinite error is the worst score, not a math domain error
+    assert sqnr_db([1.0, 2.0], [1.0, np.inf]) == -math.inf
+    assert worst_sqnr_db(ref[2:], ref[2:]) == math.inf  # no float output: nothing to lose
