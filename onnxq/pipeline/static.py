@@ -76,22 +76,23 @@ def quantize_static(
 
     start = time.perf_counter()
     notes: list[str] = []
-    if config.smooth:  # weights change, the graph does not: the plan stands
+    if config.smooth:
         smoothing = smooth_outliers(model, feeds, providers)
         if smoothing.candidates:  # (on by default: no note for the models it has nothing to do on)
             notes.append(smoothing.describe())
-        plan = plan_quantization(model, config)
+        if smoothing.divided_in_front:  # Muls were added in front of products: plan the new graph
+            plan = plan_quantization(model, config)  # (rescaled weights alone leave the plan as it is)
     runtime_declines: list[Decline] = []
     runtime_excluded: set[str] = set()
     first: CalibrationResult | None = None
     known: dict[tuple[str, ActivationScheme], tuple[float, float]] = {}  # ranges of earlier rounds
+    # (Method auto keeps every method's ranges for a round's tensors: it calibrates them all each round.)
+    auto = config.calibration.method == "auto"
     while True:
         observed = plan.observed_values()
         schemes = {v: plan.group_of[v].scheme for v in observed}
         # After a re-plan only tensors no earlier round observed are calibrated: the model is the same,
         # so a tensor's range under the same scheme is too.
-        # (Method auto keeps every method's ranges for the round's tensors: it calibrates them all.)
-        auto = config.calibration.method == "auto"
         missing = [v for v in observed if auto or (v.name or "", schemes[v]) not in known]
         calibration = collect_ranges(
             model,
