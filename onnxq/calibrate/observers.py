@@ -114,6 +114,9 @@ class Observer(abc.ABC):
     def __init__(self) -> None:
         self._empty = True
         self.infinite = False
+        # The extremes seen (or their moving averages): every subclass keeps them up to date.
+        self._min = math.inf
+        self._max = -math.inf
         #: Largest magnitude seen among values below :data:`EXTREME_RANGE` once the range reached it
         #: (tracked only then: it tells a sentinel from a tensor that is large all over).
         self.bulk_absmax = 0.0
@@ -148,7 +151,7 @@ class Observer(abc.ABC):
 
     def _note_bulk(self, x: npt.NDArray[np.float32]) -> None:
         """Track :attr:`bulk_absmax`: one masked pass, only for batches of a tensor in sentinel range."""
-        seen = max(-getattr(self, "_min", 0.0), getattr(self, "_max", 0.0))
+        seen = max(-self._min, self._max)
         if not seen >= EXTREME_RANGE:
             self.bulk_absmax = max(self.bulk_absmax, seen) if math.isfinite(seen) else self.bulk_absmax
             return

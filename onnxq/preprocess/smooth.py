@@ -383,15 +383,13 @@ def smooth_outliers(model: ir.Model, feeds: Feeds, providers: Sequence[str]) -> 
     batches = min(feeds.num_batches or MAX_BATCHES, MAX_BATCHES)
     if candidates:  # skip what cannot reach MIN_ROWS without running anything
         bindings = _dim_bindings(model, next(iter(feeds)))
-        rows = [_rows_per_feed(c.value, bindings) for c in candidates]
         # One row per sample is a classifier's feature vector (a CNN's head), not a sequence or a
         # feature map: not a candidate at all, and not worth a note on every CNN.
-        candidates = [c for c, r in zip(candidates, rows, strict=True) if r != 1]
-        rows = [r for r in rows if r != 1]
-        summary.candidates = len(candidates)
-        kept = [c for c, r in zip(candidates, rows, strict=True) if r is None or r * batches >= MIN_ROWS]
-        summary.too_few_rows = len(candidates) - len(kept)
-        candidates = kept
+        sized = [(c, _rows_per_feed(c.value, bindings)) for c in candidates]
+        sized = [(c, rows) for c, rows in sized if rows != 1]
+        candidates = [c for c, rows in sized if rows is None or rows * batches >= MIN_ROWS]
+        summary.candidates = len(sized)
+        summary.too_few_rows = len(sized) - len(candidates)
     if not candidates:
         return summary
     stats = _collect(model, candidates, feeds, providers)
