@@ -20,8 +20,13 @@ meeting the target on the given evaluation data. It does *not* quantize and eval
    sensitive first, keeping each change under which the target still holds. (Removing the least
    sensitive one gives the ``k − 1`` set the bisection already saw fail, so it is skipped.)
 
-With ``L`` anchors this costs about ``2·log2(k) + 1`` evaluations plus the prune tries, instead of
-``L`` (or ``2·L``) for one-at-a-time analysis. Each variant is a rewrite of the calibrated model
+With ``L`` anchors this costs about ``2·log2(k) + 1`` evaluations plus the fixes and prune tries,
+instead of ``L`` (or ``2·L``) for one-at-a-time analysis, and never more than ``max_evaluations`` (12 by
+default): the fixes get at most half of them (a fix that leaves the model as it was — equalization
+without Conv chains, say — is recognised by its bytes and costs none); when the budget runs short
+while ``k`` grows, the last evaluation goes to the largest ``k`` so that a passing model is found if
+one can be, and the bisection and the prune stop where the budget does, with the best passing model
+seen. Each variant is a rewrite of the calibrated model
 (:meth:`~onnxq.pipeline.StaticState.requantize`), never a new calibration. When even one anchor left
 quantized misses the target, the outcome has ``met=False`` and the best-scoring model found.
 
@@ -45,6 +50,7 @@ import onnx_ir as ir
 
 from onnxq.data import Feeds
 from onnxq.errors import OnnxqError
+from onnxq.load.files import serialize_model
 from onnxq.runtime.session import OptLevel
 from onnxq.tuning.interfaces import FIXES, RequantizableState, StaticResult
 from onnxq.tuning.sensitivity import estimate_sensitivity, rank_by_estimate
@@ -142,11 +148,15 @@ def _duration(seconds: float) -> str:
 class _Search:
     """Evaluations of "top-k float" variants and of arbitrary kept sets, remembered and timed."""
 
-    def __init__(self, result: StaticResult, evaluator: TargetEvaluator, ranked: list[str]) -> None:
+    def __init__(
+        self, result: StaticResult, evaluator: TargetEvaluator, ranked: list[str], limit: int
+    ) -> None:
         assert result.static is not None
         self.state: RequantizableState = result.static
         self.evaluator = evaluator
         self.ranked = ranked
+        #: The most evaluations the whole search may make (the evaluator counts them).
+        self.limit = limit
         self.scores: dict[frozenset[str], float] = {}
         self.history: list[tuple[int, float]] = []
         self.variant_seconds: list[float] = []
@@ -179,6 +189,11 @@ class _Search:
     def passes(self, kept: list[str]) -> bool:
         return self.evaluator.met(self.evaluate(kept))
 
+    @property
+    def remaining(self) -> int:
+        """Evaluations left in the search's budget."""
+        return max(0, self.limit - self.evaluator.evaluations)
+
     def top(self, k: int) -> list[str]:
         return self.ranked[:k]
 
@@ -189,6 +204,7 @@ def meet_target(
     feeds: Feeds | Iterable[Mapping[str, Any]] | str | None,
     *,
     prune_evaluations: int = 3,
+    max_evaluations: int = 12,
     providers: Sequence[str] | None = None,
     opt_level: OptLevel = "all",
     fixes: Sequence[str] = FIXES,
@@ -214,6 +230,10 @@ def meet_target(
         raise OnnxqError(f"target {target!r} has no minimum; write e.g. '{goal.metric}>=30'")
     if prune_evaluations < 0:
         raise OnnxqError(f"prune_evaluations must be at least 0, got {prune_evaluations}")
+    if max_evaluations < 2:
+        raise OnnxqError(
+            f"max_evaluations must be at least 2 (the quantized model and one variant), got {max_evaluations}"
+        )
     if feeds is None:
         logger.warning("no evaluation data given: searching on the calibration data (risk of overfitting)")
         eval_feeds = state.feeds
@@ -226,7 +246,7 @@ def meet_target(
     evaluator.prepare()
     anchors = list(state.quantized_nodes)
 
-    search = _Search(result, evaluator, [])
+    search = _Search(result, evaluator, [], max_evaluations)
     baseline_start = time.perf_counter()
     score_before = search.evaluate([], result.model)
     baseline_seconds = time.perf_counter() - baseline_start
@@ -234,7 +254,8 @@ def meet_target(
     fixed, fix_scores = "", dict[str, float]()
     base_model = result.model
     if not evaluator.met(score_before) and anchors and fixes:
-        fixed, fix_scores, base_model = _try_fixes(search, fixes, score_before, base_model)
+        fix_budget = max_evaluations // 2
+        fixed, fix_scores, base_model = _try_fixes(search, fixes, score_before, base_model, fix_budget)
     estimates: dict[str, float] = {}
     estimate_seconds = 0.0
     if search.best_pass is None and anchors:
@@ -244,8 +265,8 @@ def meet_target(
         search.ranked = rank_by_estimate(estimates, anchors)
         logger.info("anchors by estimated sensitivity: %s", search.ranked)
         _search_smallest_k(search, len(anchors) - 1)
-        if search.best_pass is not None and prune_evaluations:
-            _prune(search, prune_evaluations)
+        if search.best_pass is not None and min(prune_evaluations, search.remaining):
+            _prune(search, min(prune_evaluations, search.remaining))
 
     chosen = search.best_pass or search.best_any
     assert chosen is not None  # the baseline was evaluated
@@ -286,20 +307,32 @@ def _applies(fix: str, config: Any) -> bool:
 
 
 def _try_fixes(
-    search: _Search, fixes: Sequence[str], score_before: float, model: ir.Model
+    search: _Search, fixes: Sequence[str], score_before: float, model: ir.Model, budget: int
 ) -> tuple[str, dict[str, float], ir.Model]:
     """Score each fix alone, then stack on the best one each other fix that helped alone and helps again.
 
     Every layer stays quantized throughout (one greedy round); the search continues from the result.
     Only fixes that raised the score on their own are stacked, and never a second range method (it
-    would replace the first): the search stays within a dozen evaluations.
+    would replace the first). At most ``budget`` evaluations are made; a fix whose model is byte for
+    byte the one it started from (equalization without a Conv chain, bias correction without a bias
+    to move) is not evaluated: it scores what the model it left alone scored.
     Returns the fixes kept (``"a+b"``; ``""``: none), every combination's score, and the model the
     search continues from.
     """
     scores: dict[str, float] = {}
+    spent = 0
+    original_bytes = serialize_model(model)
 
-    def score_of(name: str, state: RequantizableState) -> tuple[float, ir.Model]:
+    def score_of(
+        name: str, state: RequantizableState, unchanged: tuple[bytes, float]
+    ) -> tuple[float, ir.Model]:
+        nonlocal spent
         candidate = state.requantize()
+        if serialize_model(candidate) == unchanged[0]:
+            logger.info("fix %s changes nothing here: not evaluated", name)
+            scores[name] = unchanged[1]
+            return unchanged[1], candidate
+        spent += 1
         score = search.evaluator.score(candidate)
         scores[name] = score
         search.history.append((0, score))
@@ -309,27 +342,29 @@ def _try_fixes(
     original = search.state
     best: tuple[float, list[str], RequantizableState, ir.Model] | None = None
     for fix in fixes:
+        if spent >= budget:
+            break
         if not _applies(fix, original.config):
             continue
         state = original.with_fix(fix)
-        score, candidate = score_of(fix, state)
-        if not math.isnan(score) and (best is None or score > best[0]):
+        score, candidate = score_of(fix, state, (original_bytes, score_before))
+        if not math.isnan(score) and score > score_before and (best is None or score > best[0]):
             best = (score, [fix], state, candidate)
-    if best is None or not best[0] > score_before:
+    if best is None:
         return "", scores, model
     helped = [
         fix for fix in fixes if fix in scores and not math.isnan(scores[fix]) and scores[fix] > score_before
     ]
     for fix in helped:
-        score_now, applied, state_now, _ = best
-        if search.evaluator.met(score_now):
+        score_now, applied, state_now, model_now = best
+        if search.evaluator.met(score_now) or spent >= budget:
             break
         if fix in applied or not _applies(fix, state_now.config):
             continue
         if fix.startswith("method=") and any(a.startswith("method=") for a in applied):
             continue
         state = state_now.with_fix(fix)
-        score, candidate = score_of("+".join([*applied, fix]), state)
+        score, candidate = score_of("+".join([*applied, fix]), state, (serialize_model(model_now), score_now))
         if not math.isnan(score) and score > score_now:
             best = (score, [*applied, fix], state, candidate)
     score, applied, state, candidate = best
@@ -344,14 +379,18 @@ def _try_fixes(
 
 
 def _search_smallest_k(search: _Search, n: int) -> None:
-    """Exponential growth of k up to ``n``, then bisection between the last failing and first passing k."""
+    """Exponential growth of k up to ``n``, then bisection between the last failing and first passing k.
+
+    Within the search's budget: when one evaluation is left and no ``k`` has passed yet, it goes to
+    ``k = n`` (the likeliest to pass); the bisection stops when the budget does.
+    """
     if n < 1:
         logger.warning("the target is not met, and the model has one anchor: nothing to keep float")
         return
     failing, passing = 0, None
     k = 1
-    while True:
-        k = min(k, n)
+    while search.remaining:
+        k = n if search.remaining == 1 else min(k, n)
         if search.passes(search.top(k)):
             passing = k
             break
@@ -360,7 +399,9 @@ def _search_smallest_k(search: _Search, n: int) -> None:
             logger.warning("the target is not met even with every anchor but one kept float")
             return
         k *= 2
-    while passing - failing > 1:
+    if passing is None:
+        return
+    while passing - failing > 1 and search.remaining:
         mid = (failing + passing) // 2
         if search.passes(search.top(mid)):
             passing = mid

@@ -324,3 +324,37 @@ def test_only_fixes_that_helped_alone_are_stacked() -> None:
         assert set(parts[1:]) <= helped, parts
         assert sum(p.startswith("method=") for p in parts) <= 1, parts
     assert len(combos) <= len(helped) - 1  # one try per other helpful fix, on top of the best one
+
+
+def test_the_search_stays_within_its_evaluation_budget(outlier_result: QuantizationResult) -> None:
+    """Short of budget while k grows, the last evaluation goes to the largest k: a passing model is
+    still found, and no more evaluations are made than allowed."""
+    feeds = builders.chain_feeds(4, seed=2)
+    ranked = _ranked(outlier_result, feeds)
+    needed = set(ranked[:5])
+
+    def score(model: ir.Model) -> float:
+        return float(len(needed & _float_names(model)))
+
+    outcome = layer_search(outlier_result, CustomTarget(score, 5.0), feeds, max_evaluations=4)
+    assert outcome.met and outcome.kept_float == ranked[:5]
+    # 0 (all int8), 1, 2 fail; the one evaluation left goes to k = 5 (every anchor but one)
+    assert [k for k, _ in outcome.history] == [0, 1, 2, 5]
+    assert outcome.evaluations == 4
+    # the default budget covers the whole search here (8 evaluations, test above)
+    assert layer_search(outlier_result, CustomTarget(score, 5.0), feeds).evaluations == 8
+    with pytest.raises(OnnxqError, match="max_evaluations"):
+        layer_search(outlier_result, CustomTarget(score, 5.0), feeds, max_evaluations=1)
+
+
+def test_a_fix_that_changes_nothing_costs_no_evaluation() -> None:
+    """Equalization finds no Conv chain in a MatMul chain and bias correction no bias: their models are
+    the quantized model byte for byte, so they score what it scored, without an evaluation."""
+    proto = builders.outlier_chain_model((1, 2, 3, 4, 5))
+    result = onnxq.quantize(proto, builders.chain_feeds(64, seed=1), NO_SMOOTH)
+    outcome = meet_target(result, "sqnr>=80", builders.chain_feeds(8, seed=2))
+    assert outcome.fixes["equalize"] == outcome.fixes["bias_correction"] == outcome.score_before
+    evaluated_fixes = [score for kept, score in outcome.history[1:] if kept == 0]
+    assert outcome.fixes["smooth"] in evaluated_fixes
+    assert outcome.score_before not in evaluated_fixes
+    assert len(outcome.history) == outcome.evaluations <= 12
