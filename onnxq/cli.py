@@ -106,6 +106,14 @@ def _add_quant_options(parser: argparse.ArgumentParser) -> None:
         "(static and dynamic mode)",
     )
     scheme.add_argument(
+        "--dynamic-lstm",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="LSTMs as com.microsoft.DynamicQuantizeLSTM (int8 weights, run-time activation ranges), "
+        "in static mode too, where ONNX Runtime has no int8 LSTM (default on; --no-dynamic-lstm keeps "
+        "them float)",
+    )
+    scheme.add_argument(
         "--activation-type",
         choices=("uint8", "int8"),
         default="uint8",
@@ -311,7 +319,9 @@ def _config_from_args(args: argparse.Namespace) -> Any:
             exclude_op_types=tuple(args.exclude_op_types),
             mode=args.mode,
             format=args.format,
-            dynamic=DynamicConfig(conv=args.dynamic_conv, embeddings=args.quantize_embeddings),
+            dynamic=DynamicConfig(
+                conv=args.dynamic_conv, embeddings=args.quantize_embeddings, lstm=args.dynamic_lstm
+            ),
             equalize=bool(getattr(args, "equalize", False)),
             smooth=bool(getattr(args, "smooth", True)),
             bias_correction=bool(getattr(args, "bias_correction", False)),

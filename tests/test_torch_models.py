@@ -134,3 +134,66 @@ def test_torch_export_pipeline_in_a_few_lines(tmp_path: Path) -> None:
         expected = net(torch.from_numpy(calib[0]["x"])).numpy()
     got = make_session(str(tmp_path / "net.int8.onnx"), opt_level="all").run(None, calib[0])[0]
     assert sqnr_db(expected, got) > 25.0
+
+
+def _crnn(tmp_path: Path) -> tuple[Path, list[dict[str, np.ndarray]], list[dict[str, np.ndarray]]]:
+    """A CRNN text recognizer's shape: Conv → Relu → columns as a sequence → LSTM → per-step classes."""
+    import io
+    import warnings
+
+    import torch
+
+    class CRNN(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Sequential(
+                torch.nn.Conv2d(1, 16, 3, padding=1),
+                torch.nn.ReLU(),
+                torch.nn.Conv2d(16, 32, 3, stride=2, padding=1),
+            )
+            self.lstm = torch.nn.LSTM(32 * 8, 48, bidirectional=True)
+            self.head = torch.nn.Linear(96, 20)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            f = torch.relu(self.conv(x))  # [N, 32, 8, W/2]
+            seq = f.flatten(1, 2).permute(2, 0, 1)  # [T, N, 256]
+            y, _ = self.lstm(seq)
+            return self.head(y)
+
+    torch.manual_seed(0)
+    model = CRNN().eval()
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model, (torch.randn(1, 1, 16, 40),), buffer, dynamo=False, opset_version=17, input_names=["x"]
+        )
+    path = tmp_path / "crnn.onnx"
+    path.write_bytes(buffer.getvalue())
+    rng = np.random.default_rng(0)
+
+    def feeds(count: int) -> list[dict[str, np.ndarray]]:
+        return [{"x": rng.random((1, 1, 16, 40), dtype=np.float32)} for _ in range(count)]
+
+    return path, feeds(16), feeds(8)
+
+
+def test_static_quantization_runs_lstms_dynamically(tmp_path: Path) -> None:
+    """ONNX Runtime has no static int8 LSTM: static mode makes it a DynamicQuantizeLSTM (int8 weights,
+    run-time activation ranges) unless ``DynamicConfig.lstm`` is off; both stay close to float."""
+    path, calib, evaluation = _crnn(tmp_path)
+    ref = _outputs(path, evaluation)
+
+    result = onnxq.quantize(path, calib)
+    quantized = _serialized(result)
+    ops = builders.op_counts(quantized, subgraphs=False)
+    assert ops["DynamicQuantizeLSTM"] == 1 and ops["LSTM"] == 0 and ops["QuantizeLinear"] >= 2
+    assert result.report.quantized_op_types["LSTM"] == 1
+    assert "LSTM" not in result.report.float_op_types
+    assert sqnr_db(ref, _outputs(quantized, evaluation)) > 25.0
+
+    kept = onnxq.quantize(path, calib, onnxq.QuantConfig(dynamic=onnxq.DynamicConfig(lstm=False)))
+    kept_ops = builders.op_counts(_serialized(kept), subgraphs=False)
+    assert kept_ops["LSTM"] == 1 and kept_ops["DynamicQuantizeLSTM"] == 0
+    assert kept.report.float_op_types["LSTM"] == 1
+    assert sqnr_db(ref, _outputs(_serialized(kept), evaluation)) > 25.0

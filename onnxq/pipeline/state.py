@@ -19,19 +19,20 @@ from onnxq.plan.planner import QuantPlan, plan_quantization
 from onnxq.preprocess.equalize import EqualizePass
 from onnxq.preprocess.smooth import smooth_outliers
 from onnxq.rewrite.cleanup import cleanup
-from onnxq.rewrite.dynamic_quant import QuantizeEmbeddingsPass
+from onnxq.rewrite.dynamic_quant import StaticLeftoversPass
 from onnxq.rewrite.fuse_qlinear import QDQ_PASS_THROUGH_RULES, FuseQLinearPass
 from onnxq.rewrite.insert_qdq import InsertQDQPass, group_params
 from onnxq.tuning.interfaces import FIXES
 
-__all__ = ["QDQWritten", "StaticState", "write_qdq"]
+__all__ = ["QDQWritten", "StaticState", "count_op_types", "write_qdq"]
 
 
 @dataclass
 class QDQWritten:
-    """What :func:`write_qdq` did beyond the plan: embedding tables, pass-through ops on integers."""
+    """What :func:`write_qdq` did beyond the plan: dynamic LSTMs and tables, pass-through integer ops."""
 
-    embeddings: collections.Counter[str] = field(default_factory=collections.Counter)
+    #: Nodes the dynamic rules rewrote, by op type (``LSTM``, ``Gather``).
+    dynamic: collections.Counter[str] = field(default_factory=collections.Counter)
     pass_through: collections.Counter[str] = field(default_factory=collections.Counter)
     declines: list[Decline] = field(default_factory=list)
 
@@ -41,21 +42,35 @@ def write_qdq(
 ) -> QDQWritten:
     """Rewrite ``model`` into QDQ form from a plan and calibrated ranges.
 
-    Q/DQ insertion (:class:`~onnxq.rewrite.insert_qdq.InsertQDQPass`), then, with
-    ``DynamicConfig.embeddings``, int8 embedding tables, then the pass-through ops ONNX Runtime would
-    leave between a DQ and a Q (Pad, DepthToSpace, SpaceToDepth) made to run on the integer tensor.
+    Q/DQ insertion (:class:`~onnxq.rewrite.insert_qdq.InsertQDQPass`), then the dynamic rules for
+    what the plan leaves float (:class:`~onnxq.rewrite.dynamic_quant.StaticLeftoversPass`: LSTMs with
+    ``DynamicConfig.lstm``, int8 embedding tables with ``DynamicConfig.embeddings``), then the
+    pass-through ops ONNX Runtime would leave between a DQ and a Q (Pad, DepthToSpace, SpaceToDepth)
+    made to run on the integer tensor.
     """
     InsertQDQPass(plan, group_params(plan, dict(ranges)))(model)
     written = QDQWritten()
-    if config.dynamic.embeddings:
-        embeddings = QuantizeEmbeddingsPass(config)
-        embeddings(model)
-        written.embeddings = embeddings.quantized
-        written.declines += embeddings.declined
+    leftovers = StaticLeftoversPass(config)
+    leftovers(model)
+    written.dynamic = leftovers.quantized
+    written.declines += leftovers.declined
     integer = FuseQLinearPass(table=QDQ_PASS_THROUGH_RULES)
     integer(model)
     written.pass_through = integer.lowered
     return written
+
+
+def count_op_types(plan: QuantPlan, dynamic: Mapping[str, int]) -> tuple[dict[str, int], dict[str, int]]:
+    """The quantized and the float op types of ``plan``'s model, as the report shows them.
+
+    The nodes that the dynamic rules rewrote (:attr:`QDQWritten.dynamic`: LSTMs, embedding Gathers)
+    are moved from float to quantized: the plan leaves them float, the written model does not.
+    """
+    quantized = collections.Counter(plan.quantized_op_types())
+    quantized.update(dynamic)
+    floating = collections.Counter(plan.float_op_types)
+    floating.subtract(dynamic)
+    return dict(sorted(quantized.items())), dict(sorted((k, n) for k, n in floating.items() if n > 0))
 
 
 @dataclass
@@ -75,6 +90,9 @@ class StaticState:
     #: The float model as the input computes it, where ``float_model`` differs from it (bias
     #: correction changes the function to quantize); ``None``: ``float_model`` is it.
     reference: ir.Model | None = None
+    #: Nodes the dynamic rules rewrite, by op type (:attr:`QDQWritten.dynamic`; anchors kept float
+    #: do not change them).
+    dynamic_ops: dict[str, int] = field(default_factory=dict)
 
     @property
     def reference_model(self) -> ir.Model:
@@ -85,6 +103,10 @@ class StaticState:
         """The plan of :meth:`requantize` for the same ``keep_float`` (what it would quantize)."""
         config = self.config.replace(exclude_nodes=(*self.config.exclude_nodes, *keep_float))
         return plan_quantization(self.float_model.clone(), config)
+
+    def op_type_counts(self, keep_float: Iterable[str] = ()) -> tuple[dict[str, int], dict[str, int]]:
+        """The quantized and the float op types of :meth:`requantize` for the same ``keep_float``."""
+        return count_op_types(self.plan(keep_float), self.dynamic_ops)
 
     def requantize(
         self, keep_float: Iterable[str] = (), *, output_format: Literal["qdq", "qoperator"] | None = None

@@ -21,7 +21,7 @@ from onnxq.data import DataSource, Feeds, input_specs, load_feeds
 from onnxq.declines import Decline
 from onnxq.errors import OnnxqError
 from onnxq.pipeline.range_choice import choose_range_method
-from onnxq.pipeline.state import StaticState, write_qdq
+from onnxq.pipeline.state import StaticState, count_op_types, write_qdq
 from onnxq.pipeline.summary import CalibrationSummary, ModeSummary
 from onnxq.plan.op_rules import ANCHOR_OPS
 from onnxq.plan.planner import plan_quantization
@@ -191,13 +191,14 @@ def quantize_static(
         reference=reference,
     )
     written = write_qdq(model, plan, calibration.ranges, config)
-    quantized_op_types = dict(plan.quantized_op_types() + written.embeddings)
+    state.dynamic_ops = dict(written.dynamic)
+    quantized_op_types, float_op_types = count_op_types(plan, written.dynamic)
     declines += written.declines
     summary = ModeSummary(
         mode="static",
         quantized_op_types=quantized_op_types,
         notes=tuple(notes),
-        float_op_types=dict(plan.float_op_types),
+        float_op_types=float_op_types,
         declines=tuple(declines),
         activations_absorbed=len(plan.absorbed_nodes),
         subgraph_nodes=plan.subgraph_nodes,

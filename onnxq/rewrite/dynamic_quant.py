@@ -102,7 +102,7 @@ __all__ = [
     "QUANTIZED_OP_TYPES",
     "RULES",
     "DynamicQuantizePass",
-    "QuantizeEmbeddingsPass",
+    "StaticLeftoversPass",
 ]
 
 logger = logging.getLogger(__name__)
@@ -197,7 +197,9 @@ class DynamicQuantizePass(ir.passes.InPlacePass):
             and self.config.resolve(node.name or "", node.op_type).quantize
         }
         ctx.rewritable = {node for node, match in ctx.products.items() if isinstance(match, _Product)}
-        table: list[_Rule] = [PRODUCT_RULE, LSTM_RULE]
+        table: list[_Rule] = [PRODUCT_RULE]
+        if self.config.dynamic.lstm:
+            table.append(LSTM_RULE)
         if self.config.dynamic.conv:
             table.append(CONV_RULE)
         if self.config.dynamic.embeddings:
@@ -237,12 +239,14 @@ class DynamicQuantizePass(ir.passes.InPlacePass):
         return lines
 
 
-class QuantizeEmbeddingsPass(ir.passes.InPlacePass):
-    """Rule 5 alone, for static quantization with ``--quantize-embeddings``: int8 Gather tables.
+class StaticLeftoversPass(ir.passes.InPlacePass):
+    """Rules 3 and 5 for static quantization, on what its plan leaves float: LSTMs and embeddings.
 
-    Run after Q/DQ insertion: a Gather whose table the static plan already quantized reads a
-    DequantizeLinear, not a constant, and is left as it is. After a call, :attr:`quantized` counts
-    the tables rewritten.
+    LSTMs with ``DynamicConfig.lstm`` (ONNX Runtime has no static int8 LSTM), embedding tables with
+    ``DynamicConfig.embeddings`` (``--quantize-embeddings``). Run after Q/DQ insertion: a Gather whose
+    table the static plan already quantized reads a DequantizeLinear, not a constant, and is left as it
+    is; an LSTM whose input is dequantized reads a float activation like any other. After a call,
+    :attr:`quantized` counts the nodes rewritten by op type.
     """
 
     def __init__(self, config: QuantConfig) -> None:
@@ -252,8 +256,18 @@ class QuantizeEmbeddingsPass(ir.passes.InPlacePass):
         self.declined: list[Decline] = []
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
+        table = [
+            rule
+            for rule, on in (
+                (LSTM_RULE, self.config.dynamic.lstm),
+                (GATHER_RULE, self.config.dynamic.embeddings),
+            )
+            if on
+        ]
+        if not table:
+            return ir.passes.PassResult(model, modified=False)
         ctx = _Rewriter(model, self.config, ms_domain=True)
-        outcome = rules.apply_rules(model, [GATHER_RULE], ctx, stage="dynamic", opset=ctx.opset, scope="main")
+        outcome = rules.apply_rules(model, table, ctx, stage="dynamic", opset=ctx.opset, scope="main")
         self.quantized = outcome.rewritten
         self.declined = outcome.declines
         if self.quantized:
