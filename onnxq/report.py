@@ -289,11 +289,15 @@ class QuantReport:
 def _guard_line(guard: dict[str, Any]) -> str:
     """What the latency guard chose, in one line."""
     ms = guard.get("latency_ms", {})
-    timed = f"float {ms.get('float', math.nan):.3g} ms, int8 {ms.get('quantized', math.nan):.3g} ms"
+    given = f"input {ms['input']:.3g} ms, " if "input" in ms else ""
+    timed = f"{given}float {ms.get('float', math.nan):.3g} ms, int8 {ms.get('quantized', math.nan):.3g} ms"
     threads, runs, seconds = guard.get("threads", 1), guard.get("runs", 0), guard.get("seconds", 0.0)
     where = f"{threads} thread(s), {runs} rounds, {seconds:.1f} s"
     if guard.get("all_float"):
-        return f"no int8 variant beat float ({timed}; {where}): every layer kept float"
+        returned = (
+            "the input model as it was" if guard.get("chosen") == "input" else "the preprocessed float model"
+        )
+        return f"no int8 variant beat float ({timed}; {where}): every layer kept float, {returned} written"
     reverted = guard.get("reverted", {})
     if not reverted:
         return f"every kind of layer is faster in int8 ({timed}; {where})"

@@ -118,7 +118,7 @@ def quantize(
     cleanup(ir_model)
     guard = None
     if static is not None and config.latency_guard.enabled:
-        ir_model, guard = _guard_latency(static, ir_model, config)
+        ir_model, guard = _guard_latency(static, ir_model, config, float_source)
 
     report = build_report(
         label=label,
@@ -145,10 +145,15 @@ def quantize(
     )
 
 
-def _guard_latency(state: StaticState, model: ir.Model, config: QuantConfig) -> tuple[ir.Model, GuardOutcome]:
-    """Run the latency guard; the anchors it keeps float stay float in later variants (``--target``)."""
+def _guard_latency(
+    state: StaticState, model: ir.Model, config: QuantConfig, float_source: bytes | Path
+) -> tuple[ir.Model, GuardOutcome]:
+    """Run the latency guard against the user's model (``float_source``).
+
+    The anchors it keeps float stay float in later variants (``--target``).
+    """
     feed = next(iter(state.feeds))
-    outcome = guard_latency(state, model, dict(feed), config.latency_guard)
+    outcome = guard_latency(state, model, dict(feed), config.latency_guard, input_model=float_source)
     if outcome.all_float:
         state.config = state.config.replace(
             exclude_nodes=(*state.config.exclude_nodes, *state.quantized_nodes)

@@ -7,6 +7,7 @@ check that a guarded run stays consistent (report, model, later variants) whatev
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import ClassVar
 
@@ -118,18 +119,22 @@ class FakeTimer:
     latency: Latency
     accuracy: Latency = staticmethod(lambda float_anchors: 30.0)  # type: ignore[assignment]
     blocks: ClassVar[list[int]] = []
+    #: The latency of the user's model, given to the guard as serialized bytes.
+    input_ms: ClassVar[float] = math.nan
 
     def __init__(self, quantized: ir.Model, feed: object, config: object) -> None:
         self.quantized = quantized
         self.runs = 0
 
-    def open(self, model: ir.Model) -> ir.Model:
+    def open(self, model: ir.Model | bytes) -> ir.Model | bytes:
         return model
 
-    def _ms(self, model: ir.Model) -> float:
+    def _ms(self, model: ir.Model | bytes) -> float:
+        if isinstance(model, bytes):
+            return type(self).input_ms
         return type(self).latency(ANCHORS - quantized_anchors(model))
 
-    def block(self, sessions: dict[str, ir.Model]) -> dict[str, float]:
+    def block(self, sessions: dict[str, ir.Model | bytes]) -> dict[str, float]:
         type(self).blocks.append(len(sessions) + 1)
         self.runs += 3
         return {"quantized": self._ms(self.quantized), **{k: self._ms(m) for k, m in sessions.items()}}
@@ -160,15 +165,21 @@ def run_guard(
     monkeypatch: pytest.MonkeyPatch,
     latency: Latency,
     accuracy: Latency = lambda float_anchors: 30.0,
+    input_ms: float | None = None,
 ) -> GuardOutcome:
+    """The guard on ``result`` with made-up timings; with ``input_ms``, the user's model (the
+    unquantized ``kinds_model``) is timed too, at that latency."""
     FakeTimer.latency = staticmethod(latency)  # type: ignore[assignment]
     FakeTimer.accuracy = staticmethod(accuracy)  # type: ignore[assignment]
     FakeTimer.blocks = []
+    FakeTimer.input_ms = math.nan if input_ms is None else input_ms
     monkeypatch.setattr(latency_guard, "_Timer", FakeTimer)
     assert result.static is not None
     state = result.static
     feed = dict(next(iter(state.feeds)))
-    return guard_latency(state, result.model, feed, LatencyGuardConfig(enabled=True, min_gain=0.05))
+    given = None if input_ms is None else kinds_model().SerializeToString()
+    config = LatencyGuardConfig(enabled=True, min_gain=0.05)
+    return guard_latency(state, result.model, feed, config, input_model=given)
 
 
 def test_everything_faster_in_int8_keeps_the_model(
@@ -348,3 +359,35 @@ def test_environment_turns_the_default_off(monkeypatch: pytest.MonkeyPatch) -> N
 def test_bad_guard_settings_are_refused(field: str, value: float) -> None:
     with pytest.raises(ValueError, match=field):
         LatencyGuardConfig(**{field: value})  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("float_ms", "int8_ms", "input_ms", "chosen"),
+    [
+        (0.4, 0.6, 2.0, "input"),  # preprocessing made float slower (2.4 ms): the input is written
+        (0.4, 0.6, 2.45, "input"),  # preprocessed float faster, but within min_gain: the input
+        (0.4, 0.6, 3.0, "float"),  # preprocessing alone saves 20 %: the preprocessed float model
+        (1.0, 0.5, 2.5, "input"),  # int8 (3.0 ms) beats preprocessed float (6.0) but not the input
+    ],
+)
+def test_the_input_model_is_the_baseline_never_to_be_slower_than(
+    kinds_result: QuantizationResult,
+    monkeypatch: pytest.MonkeyPatch,
+    float_ms: float,
+    int8_ms: float,
+    input_ms: float,
+    chosen: str,
+) -> None:
+    latency = additive(dict.fromkeys(ANCHORS, float_ms), dict.fromkeys(ANCHORS, int8_ms))
+    outcome = run_guard(kinds_result, monkeypatch, latency, input_ms=input_ms)
+    assert outcome.all_float and outcome.chosen == chosen
+    assert outcome.latency_ms["input"] == input_ms
+    ops = [n.op_type for n in outcome.model.graph]
+    assert not {"QuantizeLinear", "DequantizeLinear"} & set(ops)
+    line = latency_guard.describe(outcome)[0]
+    if chosen == "input":  # the user's graph as it was, node for node
+        assert ops == [n.op_type for n in kinds_model().graph.node]
+        assert outcome.speedup == 1.0 and "the input model returned as it was" in line
+    else:
+        assert outcome.speedup == pytest.approx(input_ms / (6 * float_ms))
+        assert "preprocessed float model" in line
