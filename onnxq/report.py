@@ -299,8 +299,12 @@ def _guard_line(guard: dict[str, Any]) -> str:
         )
         return f"no int8 variant beat float ({timed}; {where}): every layer kept float, {returned} written"
     reverted = guard.get("reverted", {})
+    sums = guard.get("residual_sums", 0)
+    unfused = f"; {sums} residual Add(s) before LayerNorm as Sum (unfused: faster here)" if sums else ""
     if not reverted:
-        return f"every kind of layer is faster in int8 ({timed}; {where})"
+        chosen_ms = ms.get(guard.get("chosen", ""), math.nan)
+        tail = f" -> {chosen_ms:.3g} ms" if sums else ""
+        return f"every kind of layer is faster in int8 ({timed}{tail}; {where}){unfused}"
     kinds = ", ".join(f"{len(names)} {kind}" for kind, names in reverted.items())
     chosen = ms.get(guard.get("chosen", ""), math.nan)
     if guard.get("for_accuracy"):
@@ -309,7 +313,7 @@ def _guard_line(guard: dict[str, Any]) -> str:
         why = f"as fast in int8 here, {gain:.1f} dB more accurate float"
     else:
         why = "int8 slower here"
-    return f"kept float: {kinds} ({why}); {timed} -> {chosen:.3g} ms ({where})"
+    return f"kept float: {kinds} ({why}); {timed} -> {chosen:.3g} ms ({where}){unfused}"
 
 
 def _limited(lines: list[str], limit: int = 12) -> list[str]:

@@ -154,6 +154,7 @@ def _guard_latency(
     """
     feed = next(iter(state.feeds))
     outcome = guard_latency(state, model, dict(feed), config.latency_guard, input_model=float_source)
+    state.residual_sums = outcome.residual_sums > 0
     if outcome.all_float:
         state.config = state.config.replace(
             exclude_nodes=(*state.config.exclude_nodes, *state.quantized_nodes)

@@ -22,6 +22,7 @@ from onnxq.rewrite.cleanup import cleanup
 from onnxq.rewrite.dynamic_quant import StaticLeftoversPass
 from onnxq.rewrite.fuse_qlinear import QDQ_PASS_THROUGH_RULES, FuseQLinearPass
 from onnxq.rewrite.insert_qdq import InsertQDQPass, group_params
+from onnxq.rewrite.residual_sum import write_residual_adds_as_sum
 from onnxq.tuning.interfaces import FIXES
 
 __all__ = ["QDQWritten", "StaticState", "count_op_types", "write_qdq"]
@@ -93,6 +94,9 @@ class StaticState:
     #: Nodes the dynamic rules rewrite, by op type (:attr:`QDQWritten.dynamic`; anchors kept float
     #: do not change them).
     dynamic_ops: dict[str, int] = field(default_factory=dict)
+    #: Write residual Adds before LayerNormalization as ``Sum`` (the latency guard found the unfused
+    #: form faster here: :mod:`onnxq.rewrite.residual_sum`).
+    residual_sums: bool = False
 
     @property
     def reference_model(self) -> ir.Model:
@@ -132,6 +136,8 @@ class StaticState:
         if (output_format or config.format) == "qoperator":
             FuseQLinearPass()(model)
         cleanup(model)
+        if self.residual_sums:
+            write_residual_adds_as_sum(model)
         return model
 
     def with_fix(self, fix: str) -> StaticState:

@@ -21,7 +21,11 @@ on this machine, instead of guessing:
    each alone saves) and the fastest candidate is taken. Candidates within ``min_gain`` of it cannot
    be told apart by their timings; among those, one whose output is clearly more accurate on the same
    feed (:data:`ACCURACY_TIE_DB`; the warm-up runs give the outputs for free) is taken instead.
-5. If the chosen model is still not faster than the float input, every anchor is kept float: the
+5. Where the chosen model has residual Adds feeding LayerNormalization, the same model with those
+   Adds written as ``Sum`` (:mod:`onnxq.rewrite.residual_sum`: ONNX Runtime then does not fuse them
+   into SkipLayerNormalization, which some releases run several times slower) is timed too, and kept
+   when it is faster by more than ``min_gain``.
+6. If the chosen model is still not faster than the float input, every anchor is kept float: the
    output is then the faster of the input model itself and the preprocessed float model (BatchNorm
    folded, activations canonicalized, outlier smoothing's divisors: these serve quantization and may
    cost in float, 4 % on MobileViT), the input unless the other is faster by more than ``min_gain``;
@@ -55,6 +59,7 @@ import onnx_ir as ir
 from onnxq.config import LatencyGuardConfig
 from onnxq.graph import attr_int, const_array
 from onnxq.load.files import load_model, serialize_model
+from onnxq.rewrite.residual_sum import residual_adds, write_residual_adds_as_sum
 from onnxq.runtime.latency import time_sessions
 from onnxq.runtime.session import ModelSource, make_session, run
 from onnxq.tuning.interfaces import RequantizableState
@@ -102,6 +107,8 @@ class GuardOutcome:
     sqnr_db: dict[str, float] = field(default_factory=dict)
     #: Set when the choice was made for accuracy among candidates the timings could not tell apart.
     for_accuracy: bool = False
+    #: Residual Adds written as ``Sum`` in the chosen model (0: the fused form was as fast or faster).
+    residual_sums: int = 0
     all_float: bool = False
     chosen: str = _QUANTIZED
     seconds: float = 0.0
@@ -136,6 +143,7 @@ class GuardOutcome:
             "all_float": self.all_float,
             "chosen": self.chosen,
             "for_accuracy": self.for_accuracy,
+            "residual_sums": self.residual_sums,
             "gain": round(self.gain, 4),
             "speedup_vs_float": round(self.speedup, 4),
             "seconds": round(self.seconds, 3),
@@ -391,6 +399,15 @@ def guard_latency(
     fastest = best
     best = _more_accurate_tie(candidates, best, config.min_gain)
     outcome.for_accuracy = best != fastest
+    if residual_adds(candidates[best][0]):
+        unfused = candidates[best][0].clone()
+        sums = write_residual_adds_as_sum(unfused)
+        name = f"{best}, residual Adds as Sum"
+        ratio, sqnr = timer.ratio(unfused)
+        if ratio < candidates[best][2] * (1.0 - config.min_gain):
+            candidates[name] = (unfused, candidates[best][1], ratio, sqnr)
+            best, outcome.residual_sums = name, sums
+        outcome.latency_ms[name], outcome.sqnr_db[name] = base * ratio, sqnr
     outcome.runs = timer.runs
     if outcome.latency_ms[best] >= first[float_name]:
         outcome.chosen, outcome.all_float = float_name, True
@@ -432,4 +449,9 @@ def describe(outcome: GuardOutcome) -> Sequence[str]:
     for kind, names in outcome.reverted.items():
         if not outcome.all_float:
             lines.append(f"kept {len(names)} {kind} float ({why})")
+    if outcome.residual_sums and not outcome.all_float:
+        lines.append(
+            f"wrote {outcome.residual_sums} residual Add(s) before LayerNormalization as Sum "
+            "(ONNX Runtime's fused SkipLayerNormalization is slower here)"
+        )
     return lines

@@ -391,3 +391,61 @@ def test_the_input_model_is_the_baseline_never_to_be_slower_than(
     else:
         assert outcome.speedup == pytest.approx(input_ms / (6 * float_ms))
         assert "preprocessed float model" in line
+
+
+TRANSFORMER_BLOCK = """
+block (float[1, 16, 64] x) => (float[1, 16, 64] y) {
+    h = MatMul (x, w1)
+    r = Add (h, x)
+    n = LayerNormalization <axis = -1> (r, gamma, beta)
+    f = MatMul (n, w2)
+    s = Add (f, n)
+    y = LayerNormalization <axis = -1> (s, gamma, beta)
+}
+"""
+
+
+class SumTimer(FakeTimer):
+    """A quantized model costs 1 ms, times ``sum_factor`` when it has Sum nodes (the unfused residuals);
+    the float models 2 ms."""
+
+    sum_factor: ClassVar[float] = 1.0
+
+    def _ms(self, model: ir.Model | bytes) -> float:
+        ops = set() if isinstance(model, bytes) else {n.op_type for n in model.graph}
+        if "DequantizeLinear" not in ops:
+            return 2.0
+        return type(self).sum_factor if "Sum" in ops else 1.0
+
+    def sqnr(self, name: str) -> float:
+        return 30.0
+
+
+@pytest.mark.parametrize(("sum_factor", "chosen"), [(0.7, True), (0.99, False)], ids=["faster", "as-fast"])
+def test_residual_adds_are_written_as_sum_when_that_is_faster(
+    monkeypatch: pytest.MonkeyPatch, sum_factor: float, chosen: bool
+) -> None:
+    arrays = builders.normal_arrays(0, w1=(64, 64), w2=(64, 64), gamma=(64,), beta=(64,))
+    proto = builders.parse(TRANSFORMER_BLOCK, arrays)
+    result = onnxq.quantize(proto, builders.random_feeds(proto, 4, seed=1), QuantConfig())
+    SumTimer.sum_factor = sum_factor
+    monkeypatch.setattr(latency_guard, "_Timer", SumTimer)
+    assert result.static is not None
+    feed = dict(next(iter(result.static.feeds)))
+    config = LatencyGuardConfig(enabled=True, min_gain=0.05)
+    outcome = guard_latency(result.static, result.model, feed, config, input_model=proto.SerializeToString())
+    timed = "quantized, residual Adds as Sum"
+    assert outcome.latency_ms[timed] == pytest.approx(sum_factor)
+    sums = [n for n in outcome.model.graph if n.op_type == "Sum"]
+    if chosen:
+        assert outcome.chosen == timed and outcome.residual_sums == 2 == len(sums)
+        assert any(
+            "2 residual Add(s) before LayerNormalization as Sum" in line
+            for line in latency_guard.describe(outcome)
+        )
+        # variants made later (--target) keep the form once the pipeline records the choice
+        assert not any(n.op_type == "Sum" for n in result.static.requantize().graph)
+        result.static.residual_sums = True
+        assert sum(n.op_type == "Sum" for n in result.static.requantize().graph) == 2
+    else:
+        assert outcome.chosen == "quantized" and outcome.residual_sums == 0 and not sums
