@@ -11,7 +11,8 @@ on this machine, instead of guessing:
    spatial Conv, ConvTranspose, MatMul with a constant weight, MatMul of two activations, Gemm;
    anchors with little work (fewer than :data:`SMALL_MACS` multiply-adds per sample, from the inferred
    shapes) form "small" kinds of their own.
-2. The float and the fully quantized model are timed together, interleaved, on one calibration sample.
+2. The float and the fully quantized model are timed together, interleaved, on one calibration sample;
+   then the user's model (when given) against the quantized one, in a block of its own.
 3. Each *suspect* kind — every kind but the large, wide Conv/1×1 Conv/MatMul/Gemm of
    :data:`TRUSTED_KINDS`, whose integer kernels win by a wide margin on x86 — gets one variant that
    keeps it float (a rewrite of the calibrated model, no calibration), timed against the quantized
@@ -48,6 +49,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -256,7 +258,8 @@ class _Timer:
     def __init__(self, quantized: ir.Model, feed: dict[str, np.ndarray], config: LatencyGuardConfig) -> None:
         self.feed = feed
         self.config = config
-        self.warm: set[int] = set()
+        #: Sessions that had their untimed runs (weak: a closed session's id may be reused by a new one).
+        self.warm: weakref.WeakSet[Any] = weakref.WeakSet()
         #: The outputs of each session's last warm-up run, by block name (the float model's as "float").
         self.outputs: dict[str, list[np.ndarray]] = {}
         self.quantized = self.open(quantized)
@@ -278,10 +281,10 @@ class _Timer:
         sessions = {_QUANTIZED: self.quantized, **sessions}
         kwargs = {"threads": self.config.threads}
         for name, session in sessions.items():  # a fresh session's first runs are slow: not timed
-            if id(session) not in self.warm:
+            if session not in self.warm:
                 for _ in range(WARMUP_RUNS):
                     outputs = run(session, self.feed)
-                self.warm.add(id(session))
+                self.warm.add(session)
                 self.outputs[name] = outputs
         probe = time_sessions(sessions, self.feed, runs=1, warmup=0, **kwargs)
         per_round_s = sum(r.median_ms for r in probe.values()) / 1e3
@@ -366,10 +369,10 @@ def guard_latency(
     start = time.perf_counter()
     kinds = anchor_kinds(state.float_model, state.quantized_nodes)
     timer = _Timer(quantized, feed, config)
-    baselines = {_FLOAT: timer.open(state.float_model)}
-    if input_model is not None:
-        baselines[_INPUT] = timer.open(input_model)
-    first = timer.block(baselines)
+    first = timer.block({_FLOAT: timer.open(state.float_model)})
+    if input_model is not None:  # a block of its own: no more than two sessions open at a time
+        given = timer.block({_INPUT: timer.open(input_model)})
+        first[_INPUT] = first[_QUANTIZED] * given[_INPUT] / given[_QUANTIZED]
     # The float model to beat: the input, unless preprocessing alone made it clearly faster.
     float_name = _FLOAT
     if _INPUT in first and not first[_FLOAT] < first[_INPUT] * (1.0 - config.min_gain):
