@@ -142,6 +142,22 @@ def test_nothing_to_quantize(cli: CliRunner, calib_npz: Path, out_dir: Path, tmp
     assert _listing(out_dir) == []
 
 
+def test_nothing_to_quantize_points_an_lstm_model_to_dynamic_mode(
+    cli: CliRunner, out_dir: Path, tmp_path: Path
+) -> None:
+    text = "lstm (float[4, 1, 8] x) => (float[4, 1, 1, 16] y) { y = LSTM <hidden_size = 16> (x, w, r) }"
+    proto = builders.parse(text, builders.normal_arrays(0, w=(1, 64, 8), r=(1, 64, 16)))
+    model = builders.save(proto, tmp_path / "lstm.onnx")
+    calib = tmp_path / "lstm.npz"
+    np.savez(calib, x=np.random.default_rng(0).standard_normal((4, 4, 1, 8)).astype(np.float32))
+    code, out, err = cli("optimize", model, "-o", out_dir / "q.onnx", "--calib", calib)
+    line = _assert_user_error(code, out, err, "nothing to quantize")
+    assert line.endswith("--mode dynamic quantizes its LSTMs")
+    code, _, err = cli("optimize", model, "-o", out_dir / "q.onnx", "--mode", "dynamic", "--quiet")
+    assert code == 0, err
+    assert builders.op_counts(onnx.load(str(out_dir / "q.onnx")))["DynamicQuantizeLSTM"] == 1
+
+
 @pytest.mark.parametrize("location", ["../outside.bin", "../../elsewhere/outside.bin"])
 def test_external_data_outside_model_folder(
     cli: CliRunner, calib_npz: Path, out_dir: Path, tmp_path: Path, location: str

@@ -34,9 +34,10 @@ def nothing_to_quantize(model: ir.Model, label: str, declines: Sequence[Decline]
     """The error for a model in which no node can be quantized, with the first reasons why."""
     ops = sorted({n.op_type for n in model.graph})
     why = f"; {'; '.join(str(d) for d in declines[:2])}" if declines else ""
+    hint = "; --mode dynamic quantizes its LSTMs" if "LSTM" in ops else ""
     return OnnxqError(
         f"nothing to quantize in {label}: no eligible Conv/ConvTranspose/Gemm/MatMul "
-        f"(op types present: {', '.join(ops) or 'none'}){why}"
+        f"(op types present: {', '.join(ops) or 'none'}){why}{hint}"
     )
 
 
