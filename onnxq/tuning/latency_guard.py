@@ -26,7 +26,8 @@ on this machine, instead of guessing:
    Adds written as ``Sum`` (:mod:`onnxq.rewrite.residual_sum`: ONNX Runtime then does not fuse them
    into SkipLayerNormalization, which some releases run several times slower) is timed too, and kept
    when it is faster by more than ``min_gain``.
-6. If the chosen model is still not faster than the float input, every anchor is kept float: the
+6. If the chosen model is still not faster than the float input by more than ``min_gain`` (a gain
+   within the timings' noise is not worth the quantization error), every anchor is kept float: the
    output is then the faster of the input model itself and the preprocessed float model (BatchNorm
    folded, activations canonicalized, outlier smoothing's divisors: these serve quantization and may
    cost in float, 4 % on MobileViT), the input unless the other is faster by more than ``min_gain``;
@@ -412,7 +413,8 @@ def guard_latency(
             best, outcome.residual_sums = name, sums
         outcome.latency_ms[name], outcome.sqnr_db[name] = base * ratio, sqnr
     outcome.runs = timer.runs
-    if outcome.latency_ms[best] >= first[float_name]:
+    # A quantized model must beat float by more than the noise to be worth its rounding error.
+    if outcome.latency_ms[best] >= first[float_name] * (1.0 - config.min_gain):
         outcome.chosen, outcome.all_float = float_name, True
         outcome.reverted = dict(kinds)
         if float_name == _INPUT:
