@@ -142,18 +142,58 @@ def normalize_versions(model: ir.Model) -> list[str]:
     return notes
 
 
+#: Main-graph initializers from this size on stay out of the version converter (see :func:`_convert_opset`).
+_CONVERTER_HOLDS_BACK = 1024
+
+
 def _convert_opset(model: ir.Model, target: int) -> None:
+    """Convert ``model``'s default-domain opset to ``target`` with onnx's version converter, in place.
+
+    The converter works on protobuf copies of the whole model (VGG-19's 548 MB of weights peaked at
+    4.2 GB), yet no adapter reads a large weight: the large initializers go in as placeholders that
+    point to no data and come back by name afterwards. Should an adapter need one after all, the
+    conversion is redone with the data in.
+    """
     import onnx.version_converter
 
-    proto = ir.to_proto(model)
+    held = {
+        name: value.const_value
+        for name, value in model.graph.initializers.items()
+        if value.const_value is not None and value.const_value.nbytes >= _CONVERTER_HOLDS_BACK
+    }
     try:
-        converted = onnx.version_converter.convert_version(proto, target)
+        for name, tensor in held.items():
+            model.graph.initializers[name].const_value = ir.ExternalTensor(
+                "onnxq-held-back",
+                0,
+                tensor.nbytes,
+                tensor.dtype,
+                shape=ir.Shape(tensor.shape.numpy()),
+                name=name,
+            )
+        proto = ir.to_proto(model)
+    finally:
+        for name, tensor in held.items():
+            model.graph.initializers[name].const_value = tensor
+    try:
+        try:
+            converted = onnx.version_converter.convert_version(proto, target)
+        except Exception:
+            if not held:
+                raise
+            held = {}
+            converted = onnx.version_converter.convert_version(ir.to_proto(model), target)
     except Exception as exc:
         raise OnnxqError(
             f"cannot convert the model from opset {default_opset(model)} to {target}: "
             f"{_converter_reason(exc)}"
         ) from exc
     new = ir.from_proto(converted)
+    for name, tensor in held.items():
+        value = new.graph.initializers.get(name)
+        if value is None:
+            raise OnnxqError(f"opset conversion to {target} lost initializer {name!r}")
+        value.const_value = tensor
     model.graph = new.graph  # opset imports live on the graph
     model.functions.clear()
     model.functions.update(new.functions)

@@ -318,6 +318,7 @@ def open_model(
     opt_level: OptLevel = "all",
     threads: int | None = None,
     prepack: bool = True,
+    spin: bool = True,
 ) -> ort.InferenceSession:
     """A session on an in-memory onnx-ir model, optionally with extra graph ``outputs``.
 
@@ -343,4 +344,5 @@ def open_model(
         threads=threads,
         initializers=initializers,
         prepack=prepack,
+        spin=spin,
     )

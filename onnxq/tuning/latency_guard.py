@@ -61,10 +61,10 @@ import onnx_ir as ir
 
 from onnxq.config import LatencyGuardConfig
 from onnxq.graph import attr_int, const_array
-from onnxq.load.files import load_model, serialize_model
+from onnxq.load.files import load_model
 from onnxq.rewrite.residual_sum import residual_adds, write_residual_adds_as_sum
 from onnxq.runtime.latency import time_sessions
-from onnxq.runtime.session import ModelSource, make_session, run
+from onnxq.runtime.session import ModelSource, make_session, open_model, run
 from onnxq.tuning.interfaces import RequantizableState
 from onnxq.validate.metrics import worst_sqnr_db
 
@@ -267,8 +267,16 @@ class _Timer:
         self.runs = 0
 
     def open(self, model: ir.Model | ModelSource) -> Any:
-        source = serialize_model(model) if isinstance(model, ir.Model) else model
-        return make_session(source, providers=self.config.providers, threads=self.config.threads, spin=False)
+        """A timing session (no spin-waiting) on a model held in memory, or on the user's file/bytes.
+
+        A held model's weights go to ONNX Runtime as arrays sharing its memory (:func:`open_model`;
+        its latency is that of a session loaded from the file): a serialized copy would add the
+        model's size to the peak memory while the session loads.
+        """
+        providers, threads = self.config.providers, self.config.threads
+        if isinstance(model, ir.Model):
+            return open_model(model, providers=providers, threads=threads, spin=False)
+        return make_session(model, providers=providers, threads=threads, spin=False)
 
     def block(self, sessions: dict[str, Any]) -> dict[str, float]:
         """Median latency (ms) of each session and of the quantized one, interleaved.

@@ -18,6 +18,7 @@ import pytest
 
 from onnxq.errors import OnnxqError
 from onnxq.graph import default_opset
+from onnxq.load import versions
 from onnxq.load.versions import (
     EMITTED_OPS,
     MIN_QDQ_OPSET,
@@ -104,6 +105,37 @@ def test_old_opsets_are_upgraded_to_the_preferred_opset(opset: int) -> None:
     notes = normalize_versions(model)
     assert default_opset(model) == PREFERRED_OPSET
     assert notes == [f"opset {opset} converted to {PREFERRED_OPSET}"]
+    np.testing.assert_allclose(
+        outputs(model, CONV_FEED)[0], outputs(builders.conv_relu_model(), CONV_FEED)[0], rtol=1e-6, atol=1e-6
+    )
+
+
+@pytest.mark.parametrize("fails_without_data", [False, True], ids=["held-back", "retried-with-data"])
+def test_large_weights_stay_out_of_the_version_converter(
+    monkeypatch: pytest.MonkeyPatch, fails_without_data: bool
+) -> None:
+    """The converter copies the whole model; the large weights go in as placeholders and come back by
+    name (the same tensor objects). Should the conversion fail without them, it is redone with them."""
+    monkeypatch.setattr(versions, "_CONVERTER_HOLDS_BACK", 256)  # the test model's weight is 432 bytes
+    model = conv_ir(9)
+    weights = {n: v.const_value for n, v in model.graph.initializers.items() if v.const_value.nbytes >= 256}
+    assert list(weights) == ["w"]
+    seen: list[bool] = []
+    real = onnx.version_converter.convert_version
+
+    def convert(proto: onnx.ModelProto, target: int) -> onnx.ModelProto:
+        held = any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer)
+        seen.append(held)
+        if held and fails_without_data:
+            raise RuntimeError("an adapter read a weight")
+        return real(proto, target)
+
+    monkeypatch.setattr(onnx.version_converter, "convert_version", convert)
+    normalize_versions(model)
+    assert seen == ([True, False] if fails_without_data else [True])
+    assert default_opset(model) == PREFERRED_OPSET
+    if not fails_without_data:
+        assert all(model.graph.initializers[n].const_value is t for n, t in weights.items())
     np.testing.assert_allclose(
         outputs(model, CONV_FEED)[0], outputs(builders.conv_relu_model(), CONV_FEED)[0], rtol=1e-6, atol=1e-6
     )
