@@ -450,3 +450,14 @@ def test_residual_adds_are_written_as_sum_when_that_is_faster(
         assert sum(n.op_type == "Sum" for n in result.static.requantize().graph) == 2
     else:
         assert outcome.chosen == "quantized" and outcome.residual_sums == 0 and not sums
+
+
+def test_the_preprocessed_float_model_is_timed_only_when_int8_gains_little(
+    kinds_result: QuantizationResult, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """int8 at half the input's latency: preprocessing alone could not beat it, so it is not timed."""
+    latency = additive(dict.fromkeys(ANCHORS, 1.0), dict.fromkeys(ANCHORS, 0.5))  # int8 3 ms, float 6 ms
+    fast = run_guard(kinds_result, monkeypatch, latency, input_ms=6.0)
+    assert fast.chosen == "quantized" and "float" not in fast.latency_ms
+    slow = run_guard(kinds_result, monkeypatch, latency, input_ms=3.5)  # int8 at 0.86 of the input
+    assert slow.chosen == "quantized" and slow.latency_ms["float"] == 6.0
