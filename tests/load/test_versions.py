@@ -179,6 +179,25 @@ def test_ir_version_is_raised_to_what_the_opset_needs() -> None:
     assert notes == [f"IR version 8 set to {min(10, MAX_IR)}"]
 
 
+def test_raising_ir_3_keeps_initializers_constants() -> None:
+    """IR 3 lists initializers as graph inputs too; raised to IR >= 4 they would become overridable
+    inputs (neither folded nor prepacked by ONNX Runtime), so they leave the input list."""
+    proto = builders.conv_relu_model(opset=9)
+    proto.ir_version = 3
+    proto.graph.input.extend(
+        onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in proto.graph.initializer
+    )
+    model = ir.from_proto(proto)
+    assert [v.name for v in model.graph.inputs] == ["x", "w", "b"]
+    normalize_versions(model)
+    assert model.ir_version >= 4
+    assert [v.name for v in model.graph.inputs] == ["x"]
+    assert set(model.graph.initializers) >= {"w", "b"}
+    np.testing.assert_allclose(
+        outputs(model, CONV_FEED)[0], outputs(builders.conv_relu_model(), CONV_FEED)[0], rtol=1e-6, atol=1e-6
+    )
+
+
 def test_a_higher_ir_version_is_not_lowered() -> None:
     model = conv_ir(13, 10)
     normalize_versions(model)
