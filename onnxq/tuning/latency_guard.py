@@ -390,7 +390,7 @@ def guard_latency(
     first = timer.block({float_name: timer.open(state.float_model if input_model is None else input_model)})
     base = first[_QUANTIZED]
     outcome = GuardOutcome(quantized, config.threads, 0, kinds, dict(first))
-    # With one kind only, keeping it float is the float model, timed already.
+    # With one kind only, keeping it float gives a float model: the baseline's comparison covers it.
     suspects = [kind for kind in kinds if kind not in TRUSTED_KINDS] if len(kinds) > 1 else []
     candidates: dict[str, tuple[ir.Model, tuple[str, ...], float, float]] = {
         _QUANTIZED: (quantized, (), 1.0, timer.sqnr(_QUANTIZED))
