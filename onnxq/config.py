@@ -81,7 +81,7 @@ class CalibrationConfig:
     ``batch_size`` stacks that many samples into one ONNX Runtime run (inputs with a dynamic axis 0).
     ``auto`` gives every tensor the ranges of each of :data:`AUTO_METHODS` from one histogram and keeps
     the method whose quantized model has the lowest output error on held-out calibration samples
-    (:mod:`onnxq.calibrate.auto_method`).
+    (:mod:`onnxq.pipeline.range_choice`).
     """
 
     method: CalibrationMethod = "minmax"

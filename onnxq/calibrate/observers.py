@@ -609,7 +609,7 @@ class AutoObserver(HistogramObserver):
     :meth:`candidate_ranges` evaluates the percentile, MSE and entropy searches (and min-max) on the
     same counts, so choosing among them costs one calibration pass; :meth:`merge` adds another
     observer's counts exactly (the two halves of the calibration data, see
-    :mod:`onnxq.calibrate.auto_method`). :meth:`compute_range` gives the min-max range.
+    :mod:`onnxq.pipeline.range_choice`). :meth:`compute_range` gives the min-max range.
     """
 
     def __init__(

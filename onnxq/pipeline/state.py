@@ -108,10 +108,6 @@ class StaticState:
         config = self.config.replace(exclude_nodes=(*self.config.exclude_nodes, *keep_float))
         return plan_quantization(self.float_model.clone(), config)
 
-    def op_type_counts(self, keep_float: Iterable[str] = ()) -> tuple[dict[str, int], dict[str, int]]:
-        """The quantized and the float op types of :meth:`requantize` for the same ``keep_float``."""
-        return count_op_types(self.plan(keep_float), self.dynamic_ops)
-
     def requantize(
         self, keep_float: Iterable[str] = (), *, output_format: Literal["qdq", "qoperator"] | None = None
     ) -> ir.Model:

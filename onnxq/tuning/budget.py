@@ -325,38 +325,40 @@ def _try_fixes(
 
     def score_of(
         name: str, state: RequantizableState, unchanged: tuple[bytes, float]
-    ) -> tuple[float, ir.Model]:
+    ) -> tuple[float, ir.Model, bytes]:
+        """The fix's score, its model and that model's bytes (to tell the next fix's no-op by)."""
         nonlocal spent
         candidate = state.requantize()
-        if serialize_model(candidate) == unchanged[0]:
+        data = serialize_model(candidate)
+        if data == unchanged[0]:
             logger.info("fix %s changes nothing here: not evaluated", name)
             scores[name] = unchanged[1]
-            return unchanged[1], candidate
+            return unchanged[1], candidate, data
         spent += 1
         score = search.evaluator.score(candidate)
         scores[name] = score
         search.history.append((0, score))
         logger.info("fix %s, every layer int8: %s = %.6g", name, search.evaluator.target.name, score)
-        return score, candidate
+        return score, candidate, data
 
     original = search.state
-    best: tuple[float, list[str], RequantizableState, ir.Model] | None = None
+    best: tuple[float, list[str], RequantizableState, ir.Model, bytes] | None = None
     for fix in fixes:
         if spent >= budget:
             break
         if not _applies(fix, original.config):
             continue
         state = original.with_fix(fix)
-        score, candidate = score_of(fix, state, (original_bytes, score_before))
+        score, candidate, data = score_of(fix, state, (original_bytes, score_before))
         if not math.isnan(score) and score > score_before and (best is None or score > best[0]):
-            best = (score, [fix], state, candidate)
+            best = (score, [fix], state, candidate, data)
     if best is None:
         return "", scores, model
     helped = [
         fix for fix in fixes if fix in scores and not math.isnan(scores[fix]) and scores[fix] > score_before
     ]
     for fix in helped:
-        score_now, applied, state_now, model_now = best
+        score_now, applied, state_now, _, data_now = best
         if search.evaluator.met(score_now) or spent >= budget:
             break
         if fix in applied or not _applies(fix, state_now.config):
@@ -364,10 +366,10 @@ def _try_fixes(
         if fix.startswith("method=") and any(a.startswith("method=") for a in applied):
             continue
         state = state_now.with_fix(fix)
-        score, candidate = score_of("+".join([*applied, fix]), state, (serialize_model(model_now), score_now))
+        score, candidate, data = score_of("+".join([*applied, fix]), state, (data_now, score_now))
         if not math.isnan(score) and score > score_now:
-            best = (score, [*applied, fix], state, candidate)
-    score, applied, state, candidate = best
+            best = (score, [*applied, fix], state, candidate, data)
+    score, applied, state, candidate, _ = best
     # The search goes on from the fixed quantization: "nothing kept float" is now this model.
     search.state = state
     search.scores = {frozenset(): score}

@@ -87,7 +87,7 @@ NARROW_CHANNELS = 4
 TRUSTED_KINDS = ("Conv", "1x1 Conv", "MatMul", "Gemm")
 
 _FLOAT = "float"
-#: The user's model as given (timed beside the preprocessed float model when the caller passes it).
+#: The user's model as given: the float baseline when the caller passes it.
 _INPUT = "input"
 _QUANTIZED = "quantized"
 
