@@ -140,8 +140,8 @@ class LatencyGuardConfig:
     Kinds of layers whose int8 version measures slower than float on this machine are kept float, and
     a model that no quantized variant makes faster stays float. ``threads`` is the intra-op thread
     count timed; ``min_gain`` the fraction a change must save to count (below it, it is noise);
-    ``budget_s`` bounds each timing block (at least ``min_runs`` rounds, 2 for models that take over
-    0.1 s a round; a block stops earlier once its decision is clear). The guard's
+    ``budget_s`` bounds each candidate's share of a timing block (at least ``min_runs`` rounds, 2 for
+    models that take over 0.1 s a round; a candidate stops running once its decision is clear). The guard's
     choices follow this machine's timings, so two runs may differ where candidates are within noise;
     turn it off (``enabled=False``, ``--no-latency-guard``, :data:`LATENCY_GUARD_ENV`) for byte-identical
     outputs.

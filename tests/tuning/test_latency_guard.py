@@ -8,6 +8,7 @@ check that a guarded run stays consistent (report, model, later variants) whatev
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable
 from typing import ClassVar
 
@@ -20,6 +21,7 @@ import pytest
 import onnxq
 from onnxq.config import LatencyGuardConfig, QuantConfig
 from onnxq.pipeline import QuantizationResult
+from onnxq.runtime.latency import LatencyResult
 from onnxq.tuning import latency_guard
 from onnxq.tuning.latency_guard import SMALL_MACS, GuardOutcome, anchor_kinds, guard_latency
 
@@ -137,6 +139,7 @@ class FakeTimer:
     def block(self, sessions: dict[str, ir.Model | bytes]) -> dict[str, float]:
         type(self).blocks.append(len(sessions) + 1)
         self.runs += 3
+        self.timed = {**getattr(self, "timed", {}), **sessions}
         return {"quantized": self._ms(self.quantized), **{k: self._ms(m) for k, m in sessions.items()}}
 
     def ratio(self, model: ir.Model) -> tuple[float, float]:
@@ -147,8 +150,9 @@ class FakeTimer:
         return type(self).accuracy(ANCHORS - quantized_anchors(model))
 
     def sqnr(self, name: str) -> float:
-        assert name == "quantized"
-        return self._sqnr(self.quantized)
+        model = self.quantized if name == "quantized" else self.timed[name]
+        assert isinstance(model, ir.Model)
+        return self._sqnr(model)
 
 
 def additive(float_ms: dict[str, float], int8_ms: dict[str, float]) -> Latency:
@@ -188,12 +192,27 @@ def test_everything_faster_in_int8_keeps_the_model(
     outcome = run_guard(kinds_result, monkeypatch, additive({}, {}))
     assert outcome.chosen == "quantized" and not outcome.reverted and not outcome.all_float
     assert outcome.model is kinds_result.model
-    # float vs quantized, then one block per suspect kind (the large Conv is trusted: not timed alone),
-    # each with at most three models open.
+    # a small model: one block in which float, quantized and a variant per suspect kind race (the large
+    # Conv is trusted: not timed alone)
     suspects = [k for k in outcome.kinds if k not in latency_guard.TRUSTED_KINDS]
-    assert "Conv" in outcome.kinds and "Conv" not in suspects
-    assert len(FakeTimer.blocks) == 1 + len(suspects)
-    assert max(FakeTimer.blocks) <= 3
+    assert "Conv" in outcome.kinds and "Conv" not in suspects and len(suspects) >= 2
+    assert FakeTimer.blocks == [2 + len(suspects)]
+
+
+def test_large_models_time_one_variant_at_a_time(
+    kinds_result: QuantizationResult, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    latency = additive({"c2": 0.2}, {"c2": 2.0})
+    merged = run_guard(kinds_result, monkeypatch, latency)
+    assert len(FakeTimer.blocks) == 1
+    # weights that do not fit a merged block: float vs quantized, then one block per suspect kind, each
+    # with at most three models open; the same decision
+    monkeypatch.setattr(latency_guard, "MERGED_BLOCK_BYTES", 1024)
+    alone = run_guard(kinds_result, monkeypatch, latency)
+    suspects = [k for k in alone.kinds if k not in latency_guard.TRUSTED_KINDS]
+    assert len(FakeTimer.blocks) == 1 + len(suspects) and max(FakeTimer.blocks) <= 3
+    assert alone.chosen == merged.chosen == "keep small depthwise Conv float"
+    assert alone.latency_ms == merged.latency_ms and alone.sqnr_db == merged.sqnr_db
 
 
 def test_a_slower_kind_is_kept_float(
@@ -310,6 +329,37 @@ def test_timing_blocks_stop_once_each_decision_is_clear(
 ) -> None:
     quantized, candidate = rounds(10.0, candidate_ms, 6)
     assert latency_guard._decided({"quantized": quantized, name: candidate}, 0.03) is settled
+
+
+class MadeUpSession:
+    """A session whose runs take ``ms`` (with a ±2 % wiggle), counted."""
+
+    def __init__(self, ms: float) -> None:
+        self.ms = ms
+        self.runs = 0
+
+
+def test_a_settled_candidate_leaves_the_race(monkeypatch: pytest.MonkeyPatch) -> None:
+    def time_sessions(sessions: dict[str, MadeUpSession], feed: object, **_: object) -> dict[str, object]:
+        results = {}
+        for name, session in sessions.items():
+            session.runs += 1
+            ms = session.ms * (1.0 + 0.02 * (session.runs % 3 - 1))
+            results[name] = LatencyResult(name, 1, ms, ms, 1, (ms,))
+        return results
+
+    monkeypatch.setattr(latency_guard, "time_sessions", time_sessions)
+    monkeypatch.setattr(latency_guard, "run", lambda session, feed: [])
+    timer = latency_guard._Timer.__new__(latency_guard._Timer)
+    timer.feed, timer.warm, timer.outputs, timer.runs = {}, weakref.WeakSet(), {}, 0
+    timer.config = LatencyGuardConfig(enabled=True, min_gain=0.03, min_runs=3, max_runs=40)
+    timer.quantized = MadeUpSession(10.0)
+    slower, close = MadeUpSession(20.0), MadeUpSession(9.7)  # 2x slower; exactly at 1 - min_gain
+    measured = timer.block({"keep A float": slower, "keep B float": close})
+    assert slower.runs == 3 and close.runs == timer.quantized.runs == 40 == timer.runs
+    assert measured["keep A float"] == pytest.approx(20.0, rel=0.03)
+    assert measured["keep B float"] == pytest.approx(9.7, rel=0.03)
+    assert measured["quantized"] == pytest.approx(10.0, rel=0.03)
 
 
 # ---------------------------------------------------------------------------------------------------
