@@ -278,6 +278,7 @@ class QuantReport:
                         f"kept float: {kept}; {b.get('evaluations')} evaluations in "
                         f"{b.get('search_seconds', 0.0):.1f} s (one full evaluation "
                         f"{b.get('full_evaluation_seconds', 0.0):.2f} s)"
+                        + (f"; {b['speed']}" if b.get("speed") else "")
                     ),
                 ]
             )

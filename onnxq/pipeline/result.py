@@ -158,7 +158,13 @@ class QuantizationResult:
         if self.static is None:
             raise OnnxqError("an accuracy target needs static quantization of a float model")
         start = time.perf_counter()
-        outcome = meet_target(self, target, self._eval_feeds(data))
+        outcome = meet_target(
+            self,
+            target,
+            self._eval_feeds(data),
+            guard=self.report.latency_guard or None,
+            baseline=self._float_source,
+        )
         if isinstance(outcome.state, StaticState):  # a fix (range method, smoothing, ...) was kept
             self.static = outcome.state
         self.model = outcome.model
@@ -166,7 +172,8 @@ class QuantizationResult:
         self._ran = False
         self.report.budget = outcome.as_dict()
         # The report counts what the chosen model quantizes, not what the first plan did.
-        plan = self.static.plan(keep_float=outcome.kept_float)
+        kept = self.static.quantized_nodes if outcome.float_returned else outcome.kept_float
+        plan = self.static.plan(keep_float=kept)
         self.report.quantized_op_types, self.report.float_op_types = count_op_types(
             plan, self.static.dynamic_ops
         )

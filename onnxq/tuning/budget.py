@@ -16,9 +16,14 @@ meeting the target on the given evaluation data. It does *not* quantize and eval
    ``k = 1, 2, 4, …`` until one passes (``k`` = every anchor but one last: a model with every anchor
    float is the float model, not an answer), then bisect between the last failing and the first
    passing ``k``;
-4. greedy prune (at most ``prune_evaluations`` tries): re-quantize kept nodes one at a time, least
-   sensitive first, keeping each change under which the target still holds. (Removing the least
-   sensitive one gives the ``k − 1`` set the bisection already saw fail, so it is skipped.)
+4. greedy prune (at most ``prune_evaluations`` tries): re-quantize kept nodes one at a time,
+   costliest first, keeping each change under which the target still holds. (A set the bisection
+   already evaluated is skipped.) Among the sets that meet the target, the cheapest is the answer
+   (:mod:`onnxq.tuning.cost`: what keeping each anchor float costs, measured by the latency guard per
+   kind of layer, else its multiply-adds);
+5. when the latency guard ran, a chosen model that keeps layers float is timed against the user's
+   float model; if it is not faster, the float model is returned (it meets the target against
+   itself). The outcome carries the measured latency next to the target it met.
 
 With ``L`` anchors this costs about ``2·log2(k) + 1`` evaluations plus the fixes and prune tries,
 instead of ``L`` (or ``2·L``) for one-at-a-time analysis, and never more than ``max_evaluations`` (12 by
@@ -51,8 +56,11 @@ import onnx_ir as ir
 from onnxq.data import Feeds
 from onnxq.errors import OnnxqError
 from onnxq.load.files import serialize_model
-from onnxq.runtime.session import OptLevel
+from onnxq.runtime.latency import time_sessions
+from onnxq.runtime.session import ModelSource, OptLevel, make_session, open_model, run
+from onnxq.tuning.cost import AnchorCosts, anchor_costs
 from onnxq.tuning.interfaces import FIXES, RequantizableState, StaticResult
+from onnxq.tuning.latency_guard import load_input_model
 from onnxq.tuning.sensitivity import estimate_sensitivity, rank_by_estimate
 from onnxq.tuning.targets import AccuracyTarget, CustomTarget, TargetEvaluator, as_target, evaluation_feeds
 
@@ -97,6 +105,37 @@ class BudgetOutcome:
     anchors: int = 0
     estimates: dict[str, float] = field(default_factory=dict)
     history: list[tuple[int, float]] = field(default_factory=list)
+    #: The chosen model's latency estimated from the latency guard's timings (:mod:`onnxq.tuning.cost`;
+    #: NaN when the guard did not run) and the all-int8 model's; ``cost_share`` the fraction of the
+    #: anchors' cost (measured, or multiply-adds) that the kept-float anchors carry.
+    latency_ms: float = math.nan
+    all_int8_latency_ms: float = math.nan
+    cost_share: float = 0.0
+    #: The chosen model timed against the user's float model, interleaved (NaN: not timed; it is when
+    #: the latency guard ran and layers were kept float); ``float_returned``: the chosen model was not
+    #: faster, so the float model is the answer (it meets an accuracy target by definition).
+    measured_ms: float = math.nan
+    float_ms: float = math.nan
+    float_returned: bool = False
+
+    def speed_line(self) -> str:
+        """What the kept-float anchors cost in speed: measured when they were timed, else estimated."""
+        if math.isfinite(self.measured_ms):
+            line = (
+                f"measured {self.measured_ms:.3g} ms against the float model's {self.float_ms:.3g} ms "
+                f"({self.measured_ms / self.float_ms:.2f}x)"
+            )
+            if self.float_returned:
+                line += "; not faster than float, so the float model is returned"
+            return line
+        if math.isfinite(self.latency_ms):
+            return (
+                f"estimated latency {self.latency_ms:.3g} ms (all int8 {self.all_int8_latency_ms:.3g} ms; "
+                "from the latency guard's timings)"
+            )
+        return (
+            f"kept-float anchors carry {100 * self.cost_share:.1f} % of the quantized layers' multiply-adds"
+        )
 
     def summary(self) -> str:
         """A few lines for people: the verdict, the kept nodes with their estimates, the cost."""
@@ -114,6 +153,7 @@ class BudgetOutcome:
             f"  kept float: {name} (estimated added noise {self.kept_estimates.get(name, math.nan):.1f} dB)"
             for name in self.kept_float
         ]
+        lines.append(f"  speed: {self.speed_line()}")
         lines.append(
             f"  search: {self.evaluations} evaluations in {_duration(self.search_seconds)} "
             f"(estimate {_duration(self.estimate_seconds)}; one re-quantize + evaluation "
@@ -138,6 +178,13 @@ class BudgetOutcome:
             "fix": self.fix,
             "fixes": dict(self.fixes),
             "history": [list(h) for h in self.history],
+            "latency_ms": self.latency_ms,
+            "all_int8_latency_ms": self.all_int8_latency_ms,
+            "cost_share": self.cost_share,
+            "speed": self.speed_line(),
+            "measured_ms": self.measured_ms,
+            "float_ms": self.float_ms,
+            "float_returned": self.float_returned,
         }
 
 
@@ -149,7 +196,12 @@ class _Search:
     """Evaluations of "top-k float" variants and of arbitrary kept sets, remembered and timed."""
 
     def __init__(
-        self, result: StaticResult, evaluator: TargetEvaluator, ranked: list[str], limit: int
+        self,
+        result: StaticResult,
+        evaluator: TargetEvaluator,
+        ranked: list[str],
+        limit: int,
+        costs: AnchorCosts | None = None,
     ) -> None:
         assert result.static is not None
         self.state: RequantizableState = result.static
@@ -157,6 +209,8 @@ class _Search:
         self.ranked = ranked
         #: The most evaluations the whole search may make (the evaluator counts them).
         self.limit = limit
+        #: What keeping each anchor float costs: among passing sets, the cheapest is kept.
+        self.costs = costs or AnchorCosts()
         self.scores: dict[frozenset[str], float] = {}
         self.history: list[tuple[int, float]] = []
         self.variant_seconds: list[float] = []
@@ -180,11 +234,15 @@ class _Search:
         entry = (list(kept), score, model)
         if self.evaluator.met(score):
             best = self.best_pass
-            if best is None or (len(kept), -score) < (len(best[0]), -best[1]):
+            if best is None or (self.cost(kept), -score) < (self.cost(best[0]), -best[1]):
                 self.best_pass = entry
         if not math.isnan(score) and (self.best_any is None or score > self.best_any[1]):
             self.best_any = entry
         return score
+
+    def cost(self, kept: Sequence[str]) -> tuple[float, int]:
+        """What keeping ``kept`` float costs (then how many they are: without costs, the fewest win)."""
+        return (self.costs.of(kept), len(kept))
 
     def passes(self, kept: list[str]) -> bool:
         return self.evaluator.met(self.evaluate(kept))
@@ -208,6 +266,8 @@ def meet_target(
     providers: Sequence[str] | None = None,
     opt_level: OptLevel = "all",
     fixes: Sequence[str] = FIXES,
+    guard: Mapping[str, Any] | None = None,
+    baseline: ModelSource | None = None,
 ) -> BudgetOutcome:
     """Keep the fewest anchor nodes float that make ``result``'s model meet ``target`` on ``feeds``.
 
@@ -216,7 +276,12 @@ def meet_target(
     (the user's evaluation function). ``feeds`` is the evaluation data: scores are computed on it
     (accuracy targets) and the anchors ranked on it; ``None`` falls back to the calibration data, with
     a warning. Candidates are scored at ``opt_level`` (``"all"``: what a deployment computes).
-    See the module docstring for the search; ``result`` itself is not modified.
+    ``guard`` is the latency guard's report entry of ``result`` (``report.latency_guard``): with it, the
+    cost of keeping each anchor float is measured rather than estimated from multiply-adds
+    (:mod:`onnxq.tuning.cost`), and with ``baseline`` (the user's float model) a chosen model that keeps
+    layers float is timed against it: when it is not faster (scattered float layers add Q/DQ pairs and
+    break the integer kernels' fusions), the float model is returned instead. See the module docstring
+    for the search; ``result`` itself is not modified.
     """
     start = time.perf_counter()
     state = result.static
@@ -245,8 +310,9 @@ def meet_target(
     )
     evaluator.prepare()
     anchors = list(state.quantized_nodes)
+    costs = anchor_costs(state.float_model, anchors, guard)
 
-    search = _Search(result, evaluator, [], max_evaluations)
+    search = _Search(result, evaluator, [], max_evaluations, costs)
     baseline_start = time.perf_counter()
     score_before = search.evaluate([], result.model)
     baseline_seconds = time.perf_counter() - baseline_start
@@ -291,9 +357,77 @@ def meet_target(
         fix=fixed,
         fixes=fix_scores,
         state=search.state,
+        latency_ms=costs.latency_ms(kept),
+        all_int8_latency_ms=costs.latency_ms([]),
+        cost_share=costs.share(kept),
     )
+    if kept and guard is not None and baseline is not None:
+        _check_against_float(
+            outcome, evaluator, baseline, eval_feeds, int(guard.get("threads", 1)), providers
+        )
+        outcome.search_seconds = time.perf_counter() - start
     logger.info("%s", outcome.summary())
     return outcome
+
+
+#: A model that keeps layers float must be faster than the float model by this fraction to be worth
+#: its rounding error (the latency guard's default ``min_gain``).
+MIN_GAIN = 0.03
+
+#: Wall time spent timing the chosen model against the float model, at most (at least 5 rounds).
+TIMING_BUDGET_S = 1.0
+
+
+def _check_against_float(
+    outcome: BudgetOutcome,
+    evaluator: TargetEvaluator,
+    baseline: ModelSource,
+    feeds: Feeds,
+    threads: int,
+    providers: Sequence[str],
+) -> None:
+    """Time ``outcome.model`` against the user's float model; return the float model if it is not slower.
+
+    The search estimates latency from the guard's per-kind timings, which cannot see everything that
+    scattering float layers among int8 ones costs (a Q/DQ pair at each boundary, fusions lost). The
+    float model meets any accuracy target against itself (a user's function scores it: one more
+    evaluation), so where it is not slower it is the fastest model known to meet the target.
+    """
+    feed = dict(next(iter(feeds)))
+    sessions = {
+        "float": make_session(baseline, providers=providers, threads=threads, spin=False),
+        "chosen": open_model(outcome.model, providers=providers, threads=threads, spin=False),
+    }
+    start = time.perf_counter()
+    for session in sessions.values():
+        run(session, feed)
+    once = (time.perf_counter() - start) / 2
+    runs = int(min(max(TIMING_BUDGET_S / max(2 * once, 1e-6), 5), 30))
+    timed = time_sessions(sessions, feed, threads=threads, runs=runs, warmup=1)
+    outcome.measured_ms, outcome.float_ms = timed["chosen"].median_ms, timed["float"].median_ms
+    if outcome.measured_ms < outcome.float_ms * (1.0 - MIN_GAIN):
+        return
+    float_model = load_input_model(baseline)
+    target = evaluator.target
+    score = _PERFECT[target.metric] if isinstance(target, AccuracyTarget) else evaluator.score(float_model)
+    if not evaluator.met(score):
+        return  # the user's metric says float misses the target: the slower model is the answer
+    outcome.model, outcome.score_after, outcome.met = float_model, score, True
+    outcome.float_returned = True
+    outcome.evaluations = evaluator.evaluations
+    logger.warning(
+        "meeting %s keeps %d of %d layers float, and that model is not faster than the float model "
+        "(%.3g ms vs %.3g ms): the float model is returned",
+        outcome.target,
+        len(outcome.kept_float),
+        outcome.anchors,
+        outcome.measured_ms,
+        outcome.float_ms,
+    )
+
+
+#: The score of the float model against itself, per built-in metric.
+_PERFECT = {"sqnr": math.inf, "cosine": 1.0, "top1": 1.0}
 
 
 def _applies(fix: str, config: Any) -> bool:
@@ -412,11 +546,16 @@ def _search_smallest_k(search: _Search, n: int) -> None:
 
 
 def _prune(search: _Search, budget: int) -> None:
-    """Re-quantize kept nodes, least sensitive first, while the target holds (at most ``budget`` tries)."""
+    """Re-quantize kept nodes, costliest first, while the target holds (at most ``budget`` tries).
+
+    Without measured costs the costs are multiply-adds; ties go to the least sensitive (last ranked).
+    """
     assert search.best_pass is not None
     kept = list(search.best_pass[0])
     tries = 0
-    for name in reversed(list(kept)):
+    least_sensitive_first = kept[::-1]
+    by_cost = sorted(least_sensitive_first, key=lambda n: -search.costs.costs.get(n, 0.0))
+    for name in by_cost:
         if tries >= budget or len(kept) <= 1:
             break
         trial = [n for n in kept if n != name]

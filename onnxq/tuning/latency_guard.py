@@ -75,7 +75,16 @@ from onnxq.runtime.session import ModelSource, make_session, open_model, run
 from onnxq.tuning.interfaces import RequantizableState
 from onnxq.validate.metrics import worst_sqnr_db
 
-__all__ = ["NARROW_CHANNELS", "SMALL_MACS", "TRUSTED_KINDS", "GuardOutcome", "anchor_kinds", "guard_latency"]
+__all__ = [
+    "NARROW_CHANNELS",
+    "SMALL_MACS",
+    "TRUSTED_KINDS",
+    "GuardOutcome",
+    "anchor_kinds",
+    "anchor_macs",
+    "guard_latency",
+    "load_input_model",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -175,7 +184,7 @@ def _dims(value: ir.Value | None) -> list[int] | None:
     return known if len(known) == len(dims) else None
 
 
-def _macs(node: ir.Node) -> int | None:
+def anchor_macs(node: ir.Node) -> int | None:
     """Multiply-adds per sample of an anchor, from inferred shapes; ``None`` when a shape is unknown."""
     weight = const_array(node.inputs[1]) if len(node.inputs) > 1 else None
     out = _dims(node.outputs[0])
@@ -221,7 +230,7 @@ def anchor_kinds(model: ir.Model, anchors: Iterable[str]) -> dict[str, list[str]
         if node.name not in wanted:
             continue
         kind = _kind(node)
-        macs = _macs(node)
+        macs = anchor_macs(node)
         if macs is not None and macs < SMALL_MACS:
             kind = f"small {kind}"
         kinds.setdefault(kind, []).append(node.name or "")
@@ -491,7 +500,7 @@ def guard_latency(
         outcome.reverted = dict(kinds)
         if float_name == _INPUT:
             assert input_model is not None
-            outcome.model = _load_input(input_model)
+            outcome.model = load_input_model(input_model)
         else:
             outcome.model = state.reference_model.clone()
     else:
@@ -508,7 +517,7 @@ def _weight_bytes(model: ir.Model) -> int:
     return sum(value.const_value.nbytes for value in model.graph.initializers.values() if value.const_value)
 
 
-def _load_input(source: ModelSource) -> ir.Model:
+def load_input_model(source: ModelSource) -> ir.Model:
     """The user's model from the path or the serialized bytes the guard timed."""
     if isinstance(source, bytes):
         model: ir.Model = ir.from_proto(onnx.ModelProto.FromString(source))
