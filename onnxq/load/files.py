@@ -9,6 +9,8 @@ data as its shape declares. Saving is atomic (temporary file in the target folde
 
 from __future__ import annotations
 
+import base64
+import json
 import logging
 import os
 import tempfile
@@ -30,11 +32,16 @@ __all__ = [
     "save_model",
     "serialize_model",
     "serialized_size",
+    "strip_unrepresented_types",
 ]
 
 logger = logging.getLogger(__name__)
 
 ModelLike = "str | os.PathLike[str] | onnx.ModelProto | ir.Model"
+
+#: Metadata key under which the value types onnx-ir cannot represent travel through the pipeline (a map,
+#: or a sequence of maps: scikit-learn's ZipMap output), restored when the model is serialized.
+UNREPRESENTED_TYPES_KEY = "onnxq.unrepresented_types"
 
 #: Above this many bytes of tensor data a saved model keeps its weights in a ``.data`` file beside it
 #: (protobuf cannot hold a message over 2 GiB).
@@ -49,7 +56,7 @@ def load_model(model: Any, *, what: str = "model") -> ir.Model:
         return _load_path(Path(model), what)
     if type(model).__name__ == "ModelProto":
         try:
-            converted: ir.Model = ir.from_proto(model)
+            converted: ir.Model = _from_proto(model)
         except Exception as exc:
             raise OnnxqError(f"cannot convert the ModelProto: {_first_line(exc)}") from exc
         check_tensor_sizes(converted, "the ModelProto")
@@ -69,12 +76,95 @@ def _load_path(path: Path, what: str) -> ir.Model:
     try:
         model = ir.load(path)
     except Exception as exc:
-        raise OnnxqError(f"cannot read {path}: not a valid ONNX model ({_first_line(exc)})") from exc
+        fallback = _load_with_unrepresented_types(path)
+        if fallback is None:
+            raise OnnxqError(f"cannot read {path}: not a valid ONNX model ({_first_line(exc)})") from exc
+        model = fallback
     if len(model.graph) == 0 and not model.graph.outputs:
         raise OnnxqError(f"cannot read {path}: the file parses but holds no ONNX graph")
     _check_external_data(model, path)
     check_tensor_sizes(model, str(path))
     return model
+
+
+def _from_proto(proto: Any) -> ir.Model:
+    """``proto`` as an onnx-ir model, the types onnx-ir cannot represent set aside (see below)."""
+    try:
+        converted: ir.Model = ir.from_proto(proto)
+        return converted
+    except Exception:
+        copy = type(proto)()
+        copy.CopyFrom(proto)
+        set_aside = strip_unrepresented_types(copy)
+        if not set_aside:
+            raise
+        model: ir.Model = ir.from_proto(copy)
+        model.metadata_props[UNREPRESENTED_TYPES_KEY] = json.dumps(set_aside, sort_keys=True)
+        return model
+
+
+def _load_with_unrepresented_types(path: Path) -> ir.Model | None:
+    """The model at ``path`` with the value types onnx-ir cannot represent set aside; ``None`` if it has none.
+
+    scikit-learn models converted by skl2onnx end in a ZipMap whose output is a sequence of maps
+    (label -> probability); ONNX Runtime runs them, onnx-ir has no map type. Such values lose their type
+    while onnxq works (ONNX Runtime infers it again), and get it back in the saved model.
+    """
+    import onnx
+
+    try:
+        proto = onnx.load(os.fspath(path), load_external_data=False)
+    except Exception:
+        return None
+    set_aside = strip_unrepresented_types(proto)
+    if not set_aside:
+        return None
+    model: ir.Model = ir.from_proto(proto)
+    ir.external_data.set_base_dir(model.graph, path.parent)
+    model.metadata_props[UNREPRESENTED_TYPES_KEY] = json.dumps(set_aside, sort_keys=True)
+    return model
+
+
+def _unrepresented(type_proto: Any) -> bool:
+    """Whether onnx-ir cannot represent the type (a map or an opaque type, at any depth)."""
+    kind = type_proto.WhichOneof("value")
+    if kind in ("map_type", "opaque_type"):
+        return True
+    if kind in ("sequence_type", "optional_type"):
+        return _unrepresented(getattr(type_proto, kind).elem_type)
+    return False
+
+
+def _value_infos(graph: Any) -> Iterator[Any]:
+    """Every ValueInfoProto of ``graph`` and of its subgraphs."""
+    yield from (*graph.input, *graph.output, *graph.value_info)
+    for node in graph.node:
+        for attribute in node.attribute:
+            for subgraph in (*([attribute.g] if attribute.HasField("g") else []), *attribute.graphs):
+                yield from _value_infos(subgraph)
+
+
+def strip_unrepresented_types(proto: Any) -> dict[str, str]:
+    """Clear the types onnx-ir cannot represent in ``proto``; returns them (base64 TypeProto) by value."""
+    set_aside: dict[str, str] = {}
+    for info in _value_infos(proto.graph):
+        if info.HasField("type") and _unrepresented(info.type):
+            set_aside[info.name] = base64.b64encode(info.type.SerializeToString()).decode()
+            info.ClearField("type")
+    return set_aside
+
+
+def _restore_unrepresented_types(proto: Any) -> None:
+    """Give the values :func:`_strip_unrepresented_types` set aside their types back (in place)."""
+    entries = [p for p in proto.metadata_props if p.key == UNREPRESENTED_TYPES_KEY]
+    if not entries:
+        return
+    set_aside = json.loads(entries[0].value)
+    for info in _value_infos(proto.graph):
+        if info.name in set_aside and not info.HasField("type"):
+            info.type.ParseFromString(base64.b64decode(set_aside[info.name]))
+    for entry in entries:
+        proto.metadata_props.remove(entry)
 
 
 #: ``TensorProto`` fields that hold values when ``raw_data`` is empty.
@@ -203,7 +293,9 @@ def serialize_model(model: ir.Model) -> bytes:
                 swapped.append((value, tensor))
                 value.const_value = ir.Tensor(tensor.numpy().copy(), dtype=tensor.dtype, name=tensor.name)
     try:
-        data: bytes = ir.to_proto(model).SerializeToString(deterministic=True)
+        proto = ir.to_proto(model)
+        _restore_unrepresented_types(proto)
+        data: bytes = proto.SerializeToString(deterministic=True)
         return data
     finally:
         for value, tensor in swapped:

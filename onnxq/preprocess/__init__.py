@@ -18,11 +18,13 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+import onnx
 import onnx_ir as ir
 import onnx_ir.passes.common as common
 
 from onnxq.declines import Decline
 from onnxq.graph import NameScope
+from onnxq.load.files import UNREPRESENTED_TYPES_KEY, strip_unrepresented_types
 from onnxq.preprocess.canonicalize import (
     DECOMPOSE_RULES,
     FLOAT_ISLAND_RULES,
@@ -96,11 +98,38 @@ def unique_names(model: ir.Model) -> int:
 def infer_shapes(model: ir.Model) -> bool:
     """Run ONNX shape inference leniently; a model it cannot handle keeps the shapes it has."""
     try:
-        common.ShapeInferencePass(strict_mode=False)(model)
+        if UNREPRESENTED_TYPES_KEY in model.metadata_props:
+            _infer_shapes_around_unrepresented_types(model)
+        else:
+            common.ShapeInferencePass(strict_mode=False)(model)
     except Exception as exc:
         logger.warning("shape inference failed, continuing without it: %s", str(exc).splitlines()[0])
         return False
     return True
+
+
+def _infer_shapes_around_unrepresented_types(model: ir.Model) -> None:
+    """Shape inference for a model with values onnx-ir cannot represent (a ZipMap's sequence of maps).
+
+    ONNX infers those types again, and onnx-ir cannot read them back: they are cleared in the inferred
+    model (:func:`~onnxq.load.files.strip_unrepresented_types`), and the inferred types and shapes of
+    the other values are copied over by name. Such models are small (scikit-learn pipelines), so the
+    whole model goes through ONNX's inference.
+    """
+    proto = onnx.shape_inference.infer_shapes(ir.to_proto(model), strict_mode=False)
+    strip_unrepresented_types(proto)
+    inferred = {
+        value.name: value for node in ir.from_proto(proto).graph.all_nodes() for value in node.outputs
+    }
+    for node in model.graph.all_nodes():
+        for value in node.outputs:
+            found = inferred.get(value.name or "")
+            if found is None:
+                continue
+            if value.type is None and found.type is not None:
+                value.type = found.type
+            if value.shape is None and found.shape is not None:
+                value.shape = found.shape
 
 
 def preprocess(model: ir.Model, *, equalize: bool = False) -> PreprocessSummary:

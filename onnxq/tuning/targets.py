@@ -125,10 +125,15 @@ class AccuracyTarget:
         """The score from per-output streaming statistics (minimum over outputs, see module doc)."""
         if not stats or stats[0].samples == 0:
             raise OnnxqError("no evaluation data to score the model on")
+        numeric = [s for s in stats if not s.exact]
+        if self.metric in ("sqnr", "cosine") and not numeric:
+            # only labels or indices: they agree exactly, or the target is missed
+            agree = all(s.top1 == 1.0 for s in stats)
+            return (math.inf if self.metric == "sqnr" else 1.0) if agree else -math.inf
         if self.metric == "sqnr":
-            return _worst(s.sqnr_db for s in stats)
+            return _worst(s.sqnr_db for s in numeric)
         if self.metric == "cosine":
-            return _worst(s.cosine for s in stats)
+            return _worst(s.cosine for s in numeric)
         top1 = [s.top1 for s in stats if s.top1 is not None]
         if not top1:
             names = ", ".join(repr(s.name) for s in stats)

@@ -20,6 +20,7 @@ import math
 import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -29,6 +30,7 @@ from onnxq.runtime.session import OptLevel, make_session, run
 
 __all__ = [
     "OutputStats",
+    "as_array",
     "compare_models",
     "cosine_similarity",
     "looks_like_class_scores",
@@ -41,14 +43,39 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 
+#: dtype kinds of outputs compared exactly: strings and objects, signed and unsigned integers, booleans.
+_EXACT_KINDS = "OSUiub"
+
+
+def as_array(output: Any) -> np.ndarray:
+    """An ONNX Runtime output as an array, so that every output can be compared.
+
+    Tensors stay as they are. A sequence of maps (label -> score: scikit-learn's ZipMap output) becomes
+    one row of scores per map, in label order; a sequence of tensors of one shape is stacked.
+    """
+    if isinstance(output, np.ndarray):
+        if output.dtype != object or not any(isinstance(x, (dict, list, np.ndarray)) for x in output.flat):
+            return output
+        output = output.tolist()
+    if isinstance(output, dict):
+        return np.asarray([output[key] for key in sorted(output)])
+    if isinstance(output, (list, tuple)) and output and all(isinstance(x, dict) for x in output):
+        return np.asarray([[row[key] for key in sorted(row)] for row in output])
+    if isinstance(output, (list, tuple)) and output:
+        items = [np.asarray(x) for x in output]
+        if all(item.shape == items[0].shape for item in items):
+            return np.stack(items)
+    return np.asarray(output)
+
+
 def _pair(reference: npt.ArrayLike, actual: npt.ArrayLike) -> tuple[np.ndarray, np.ndarray]:
     """Both as float64 of one shape.
 
     Equal infinities (a masked score, -inf in both) are exact agreement and count as zeros; other
     non-finite values stay and make the metrics NaN or inf.
     """
-    ref = np.asarray(reference, dtype=np.float64)
-    act = np.asarray(actual, dtype=np.float64)
+    ref = np.asarray(as_array(reference), dtype=np.float64)
+    act = np.asarray(as_array(actual), dtype=np.float64)
     if ref.shape != act.shape:
         raise ValueError(f"shape mismatch: reference {ref.shape} vs actual {act.shape}")
     agreeing_infinities = np.isinf(ref) & (ref == act)
@@ -99,7 +126,7 @@ def worst_sqnr_db(reference: Sequence[npt.ArrayLike], actual: Sequence[npt.Array
     """
     worst = math.inf
     for want, got in zip(reference, actual, strict=True):
-        want, got = np.asarray(want), np.asarray(got)
+        want, got = as_array(want), as_array(got)
         if not np.issubdtype(want.dtype, np.floating) or want.shape != got.shape:
             continue
         value = sqnr_db(want, got)
@@ -178,9 +205,27 @@ class OutputStats:
     _top1_matches: int = field(default=0, init=False, repr=False)
     _top1_rows: int = field(default=0, init=False, repr=False)
     _samples: int = field(default=0, init=False, repr=False)
+    _exact: bool = field(default=False, init=False, repr=False)
 
     def update(self, reference: np.ndarray, actual: np.ndarray) -> None:
-        """Add one pair of outputs; raises ValueError when their shapes differ."""
+        """Add one pair of outputs; raises ValueError when their shapes differ.
+
+        Outputs of labels or indices (strings, integers, booleans) are compared *exactly*: the share of
+        elements that agree is their top-1 agreement, and SQNR and cosine (meaningless for a class
+        number: label 8 for 7 is not "close") are NaN.
+        """
+        ref_array, act_array = as_array(reference), as_array(actual)
+        if ref_array.dtype.kind in _EXACT_KINDS or act_array.dtype.kind in _EXACT_KINDS:
+            self._exact = True
+            if ref_array.shape != act_array.shape:
+                raise ValueError(
+                    f"output {self.name!r}: shape mismatch {ref_array.shape} vs {act_array.shape}"
+                )
+            same = ref_array == act_array
+            self._top1_matches += int(np.sum(same))
+            self._top1_rows += int(same.size)
+            self._samples += 1
+            return
         try:
             ref, act = _pair(reference, actual)
         except ValueError as exc:
@@ -192,7 +237,7 @@ class OutputStats:
             if err.size:
                 self._max_err = max(self._max_err, float(np.max(np.abs(err))))
             self._cosine_sum += _cosine(ref, act)
-        if looks_like_class_scores(np.asarray(reference)):
+        if looks_like_class_scores(ref_array):
             same = np.argmax(ref, axis=-1) == np.argmax(act, axis=-1)
             self._top1_matches += int(np.sum(same))
             self._top1_rows += int(same.size)
@@ -203,23 +248,28 @@ class OutputStats:
         return self._samples
 
     @property
+    def exact(self) -> bool:
+        """Whether the output holds labels or indices, compared exactly (see :meth:`update`)."""
+        return self._exact
+
+    @property
     def sqnr_db(self) -> float:
-        """Global SQNR in dB over all updates; NaN before the first update."""
-        if not self._samples:
+        """Global SQNR in dB over all updates; NaN before the first update and for exact outputs."""
+        if not self._samples or self._exact:
             return math.nan
         return _sqnr_from_energies(self._ref_energy, self._err_energy)
 
     @property
     def cosine(self) -> float:
-        """Mean per-update cosine similarity; NaN before the first update."""
-        if not self._samples:
+        """Mean per-update cosine similarity; NaN before the first update and for exact outputs."""
+        if not self._samples or self._exact:
             return math.nan
         return self._cosine_sum / self._samples
 
     @property
     def max_abs_error(self) -> float:
-        """Largest absolute error seen; NaN before the first update."""
-        return self._max_err if self._samples else math.nan
+        """Largest absolute error seen; NaN before the first update and for exact outputs."""
+        return self._max_err if self._samples and not self._exact else math.nan
 
     @property
     def top1(self) -> float | None:
