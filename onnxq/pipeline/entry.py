@@ -90,7 +90,9 @@ def quantize(
     # ReduceMax → Div of a weight); constant folding turns them into the constants normalization needs.
     # Cross-layer equalization (opt-in) only where ranges will be calibrated: float, static mode.
     preprocessed = preprocess(
-        ir_model, equalize=config.equalize and config.mode == "static" and not already_quantized
+        ir_model,
+        equalize=config.equalize and config.mode == "static" and not already_quantized,
+        upcast=not already_quantized,
     )
     static: StaticState | None = None
     feeds: Feeds | None
@@ -118,7 +120,10 @@ def quantize(
     cleanup(ir_model)
     guard = None
     if static is not None and config.latency_guard.enabled:
-        ir_model, guard = _guard_latency(static, ir_model, config, float_source)
+        # a half-precision input computed in float32 is twice its size: it does not replace the input
+        ir_model, guard = _guard_latency(
+            static, ir_model, config, float_source, preprocessed_may_win=not preprocessed.upcast
+        )
 
     report = build_report(
         label=label,
@@ -146,14 +151,27 @@ def quantize(
 
 
 def _guard_latency(
-    state: StaticState, model: ir.Model, config: QuantConfig, float_source: bytes | Path
+    state: StaticState,
+    model: ir.Model,
+    config: QuantConfig,
+    float_source: bytes | Path,
+    *,
+    preprocessed_may_win: bool,
 ) -> tuple[ir.Model, GuardOutcome]:
     """Run the latency guard against the user's model (``float_source``).
 
-    The anchors it keeps float stay float in later variants (``--target``).
+    The anchors it keeps float stay float in later variants (``--target``). ``preprocessed_may_win``:
+    see :func:`guard_latency`.
     """
     feed = next(iter(state.feeds))
-    outcome = guard_latency(state, model, dict(feed), config.latency_guard, input_model=float_source)
+    outcome = guard_latency(
+        state,
+        model,
+        dict(feed),
+        config.latency_guard,
+        input_model=float_source,
+        preprocessed_may_win=preprocessed_may_win,
+    )
     state.residual_sums = outcome.residual_sums > 0
     if outcome.all_float:
         state.config = state.config.replace(

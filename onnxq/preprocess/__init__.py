@@ -36,6 +36,7 @@ from onnxq.preprocess.fold_affine import FoldAffinePass
 from onnxq.preprocess.fold_bn import FoldBatchNormPass
 from onnxq.preprocess.fold_constants import FoldConstantsPass
 from onnxq.preprocess.identity import RemoveIdentityPass
+from onnxq.preprocess.upcast import UpcastHalfPass
 
 __all__ = ["PreprocessSummary", "infer_shapes", "preprocess"]
 
@@ -55,6 +56,8 @@ class PreprocessSummary:
     canonicalized: dict[str, int] = field(default_factory=dict)
     #: Conv → Relu → Conv pairs rescaled by cross-layer equalization (``equalize=True`` only).
     equalized: int = 0
+    #: Values of a float16/bfloat16 model now computed in float32 (0: the model was float32).
+    upcast: int = 0
     notes: list[str] = field(default_factory=list)
     declines: list[Decline] = field(default_factory=list)
     seconds: float = 0.0
@@ -132,16 +135,26 @@ def _infer_shapes_around_unrepresented_types(model: ir.Model) -> None:
                 value.shape = found.shape
 
 
-def preprocess(model: ir.Model, *, equalize: bool = False) -> PreprocessSummary:
+def preprocess(model: ir.Model, *, equalize: bool = False, upcast: bool = True) -> PreprocessSummary:
     """Normalize a float model in place before planning (see module docstring).
 
     ``equalize`` also runs cross-layer equalization (:mod:`~onnxq.preprocess.equalize`) once the folds
-    are done, so it sees the BatchNorm-folded weights and no Identity between the Convs.
+    are done, so it sees the BatchNorm-folded weights and no Identity between the Convs. ``upcast``
+    computes a float16/bfloat16 model in float32 (:mod:`~onnxq.preprocess.upcast`), its inputs and
+    outputs unchanged.
     """
     start = time.perf_counter()
     summary = PreprocessSummary(nodes_before=sum(1 for _ in model.graph.all_nodes()))
     common.RemoveInitializersFromInputsPass()(model)
     common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
+    if upcast:
+        half = UpcastHalfPass()
+        if half(model).modified:
+            summary.upcast = half.upcast
+            summary.notes.append(
+                f"half-precision model computed in float32 ({half.upcast} values upcast; "
+                f"{half.casts} Cast(s) keep the inputs' and outputs' types)"
+            )
     common.NameFixPass(_OpTypeNames())(model)
     unique_names(model)
     common.TopologicalSortPass()(model)

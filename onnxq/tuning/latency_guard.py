@@ -429,13 +429,16 @@ def guard_latency(
     feed: dict[str, np.ndarray],
     config: LatencyGuardConfig,
     input_model: ModelSource | None = None,
+    *,
+    preprocessed_may_win: bool = True,
 ) -> GuardOutcome:
     """Keep float the kinds of anchors whose quantized version is slower here (module docstring).
 
     ``quantized`` is the fully quantized model in its output format; ``state`` re-quantizes variants
     in the same format. ``input_model`` (a path or serialized bytes) is the user's model, the baseline
     "never slower" is judged against and the output when nothing quantized beats it; without it the
-    preprocessed float model plays that part.
+    preprocessed float model plays that part. ``preprocessed_may_win=False`` keeps the preprocessed
+    float model from replacing the input (a half-precision input computed in float32: twice its size).
     """
     start = time.perf_counter()
     kinds = anchor_kinds(state.float_model, state.quantized_nodes)
@@ -485,7 +488,11 @@ def guard_latency(
             candidates[name] = (unfused, candidates[best][1], ratio, sqnr)
             best, outcome.residual_sums = name, sums
         outcome.latency_ms[name], outcome.sqnr_db[name] = base * ratio, sqnr
-    if float_name == _INPUT and outcome.latency_ms[best] > PREPROCESSED_CHECK * first[_INPUT]:
+    if (
+        float_name == _INPUT
+        and preprocessed_may_win
+        and outcome.latency_ms[best] > PREPROCESSED_CHECK * first[_INPUT]
+    ):
         # Int8 gains little here: preprocessing alone (BatchNorm folds, canonical activations) may do
         # as well. Timed only then (a block of its own: two sessions open at most), and taken as the
         # float model to beat when it is clearly faster than the input.
