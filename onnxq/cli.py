@@ -573,6 +573,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     root = logging.getLogger()
     previous_level = root.level
     root.setLevel(level)  # (basicConfig does nothing once a handler exists, e.g. a second call)
+    once = _OnceFilter()
+    for handler in root.handlers:
+        handler.addFilter(once)
     from onnxq.progress import set_quiet
 
     set_quiet(bool(args.quiet))
@@ -580,6 +583,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _dispatch(parser, args, debug)
     finally:
         root.setLevel(previous_level)
+        for handler in root.handlers:
+            handler.removeFilter(once)
+
+
+class _OnceFilter(logging.Filter):
+    """Let each distinct warning through once per command.
+
+    A library may warn once per node (onnx-ir warns for every tf2onnx node whose ``config_proto``
+    attribute is not UTF-8: 18 identical lines on one ConvNeXt): the first says it all.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[tuple[int, str]] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:
+            return True
+        key = (record.levelno, record.getMessage())
+        if key in self.seen:
+            return False
+        self.seen.add(key)
+        return True
 
 
 def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace, debug: bool) -> int:

@@ -54,6 +54,9 @@ def test_slower_than_input_is_said_loudly() -> None:
     assert "WARNING: the quantized model is SLOWER than the input at 1 thread(s)" in report.format_table()
     assert report.to_dict()["slower_than_input_at_threads"] == [1]
     assert "SLOWER" not in _report(latency=[LatencyRow(1, 1.0, 0.5, 10)]).format_table()
+    # within the timings' noise (3 %): not a finding
+    assert _report(latency=[LatencyRow(1, 1.0, 1.02, 10)]).slower_threads == []
+    assert _report(latency=[LatencyRow(1, 1.0, 1.04, 10)]).slower_threads == [1]
 
 
 def test_validate_warns_on_stderr_when_slower(
@@ -104,3 +107,30 @@ def test_the_guard_row_says_why_a_kind_was_kept_float(for_accuracy: bool, expect
     }
     line = _guard_line(guard)
     assert line.startswith("kept float: 1 narrow Conv ") and expected in line
+
+
+def test_the_guard_row_leaves_out_what_was_not_timed_and_says_when_a_target_overrode_it() -> None:
+    from onnxq.report import _guard_line
+
+    guard = {"latency_ms": {"input": 2.0, "quantized": 1.0}, "chosen": "quantized", "threads": 1}
+    assert "float" not in _guard_line(guard) and "nan" not in _guard_line(guard)
+    report = _report(latency_guard=guard, budget={"target": "cosine>=0.99", "float_returned": True})
+    row = next(line for line in report.format_table().splitlines() if "latency guard" in line)
+    assert "superseded: the accuracy target returned the float model" in row
+
+
+def test_a_repeated_warning_is_printed_once(capsys: pytest.CaptureFixture[str]) -> None:
+    from onnxq.cli import _OnceFilter
+
+    handler = logging.StreamHandler()
+    handler.addFilter(_OnceFilter())
+    log = logging.getLogger("onnxq.test.once")
+    log.addHandler(handler)
+    log.propagate = False
+    try:
+        for _ in range(3):
+            log.warning("attribute is not UTF-8")
+        log.warning("another")
+    finally:
+        log.removeHandler(handler)
+    assert capsys.readouterr().err.splitlines() == ["attribute is not UTF-8", "another"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import re
 
+import onnx
 import onnx_ir as ir
 
 from onnxq.errors import OnnxqError
@@ -76,6 +77,12 @@ def check_runtime_ops(model: ir.Model, label: str) -> None:
             if (node.domain, node.op_type) in local or table.knows(node.domain, node.op_type):
                 continue
             domain = node.domain or "ai.onnx"
+            if domain == "ai.onnx" and not onnx.defs.has(node.op_type):
+                raise OnnxqError(
+                    f"{label}: node {node_label(node)} uses {node.op_type}, which is not an ONNX operator "
+                    "(an op the exporter could not convert and left in, as tf2onnx does with TensorFlow's "
+                    "PartitionedCall or Erfc); onnxruntime cannot run the model either"
+                )
             raise OnnxqError(
                 f"{label}: node {node_label(node)} uses {node.op_type} of domain '{domain}', which "
                 f"onnxruntime {table.version} cannot run (training and custom ops are not supported)"

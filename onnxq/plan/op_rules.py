@@ -135,4 +135,6 @@ FLOAT_REASONS: dict[str, str] = {
     "Softmax": "kept float for accuracy; its output is quantized where a MatMul consumes it",
     "LayerNormalization": "normalisation needs float range; quantizing it costs accuracy for no speed",
     "BatchNormalization": "not folded into a Conv/Gemm (see preprocess notes); runs in float",
+    "GRU": "no int8 GRU kernel in ONNX Runtime (its DynamicQuantizeLSTM is for LSTM only): runs in float",
+    "RNN": "no int8 RNN kernel in ONNX Runtime: runs in float",
 }

@@ -302,6 +302,20 @@ def test_training_ops_are_refused_with_the_node_named() -> None:
     )
 
 
+def test_an_op_that_is_not_onnx_is_called_what_it_is() -> None:
+    """tf2onnx leaves TensorFlow ops it cannot convert (Erfc, PartitionedCall) in the default domain."""
+    proto = onnx.parser.parse_model(
+        '<ir_version: 10, opset_import: ["" : 17]>\nm (float[4] x) => (float[4] y) { y = Erfc (x) }'
+    )
+    proto.graph.node[0].name = "model/dense/Gelu/Erfc"
+    with pytest.raises(OnnxqError) as info:
+        check_runtime_ops(ir.from_proto(proto), "tf.onnx")
+    assert str(info.value).startswith(
+        "tf.onnx: node model/dense/Gelu/Erfc uses Erfc, which is not an ONNX operator (an op the exporter "
+        "could not convert and left in"
+    )
+
+
 def test_an_unnamed_node_is_labelled_by_op_and_output() -> None:
     model = training_model()
     next(iter(model.graph)).name = ""

@@ -768,3 +768,20 @@ def test_observed_values_are_unique_and_deterministic() -> None:
     assert first == second
     assert len(first) == len(set(first))
     assert first == ["x", "ar", "br", "y"]
+
+
+def test_a_gru_stays_float_with_the_reason() -> None:
+    """ONNX Runtime has no int8 GRU (its DynamicQuantizeLSTM covers LSTM only): the report says so."""
+    model = _model(
+        """
+        g (float[4, 1, 16] x) => (float[4, 1, 1, 8] y, float[4, 1, 32] z) {
+            y = GRU <hidden_size = 8> (x, w, r)
+            z = MatMul (x, m)
+        }
+        """,
+        _weights(w=(1, 24, 16), r=(1, 24, 8), m=(16, 32)),
+    )
+    plan = plan_quantization(model, QuantConfig())
+    reasons = {d.op_type: d.message for d in plan.declined}
+    assert "no int8 GRU kernel in ONNX Runtime" in reasons["GRU"]
+    assert plan.float_op_types["GRU"] == 1
