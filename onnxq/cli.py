@@ -573,9 +573,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     root = logging.getLogger()
     previous_level = root.level
     root.setLevel(level)  # (basicConfig does nothing once a handler exists, e.g. a second call)
-    once = _OnceFilter()
-    for handler in root.handlers:
-        handler.addFilter(once)
+    once = {handler: _OnceFilter() for handler in root.handlers}  # one each: a filter sees every record
+    for handler, dedupe in once.items():
+        handler.addFilter(dedupe)
     from onnxq.progress import set_quiet
 
     set_quiet(bool(args.quiet))
@@ -583,12 +583,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _dispatch(parser, args, debug)
     finally:
         root.setLevel(previous_level)
-        for handler in root.handlers:
-            handler.removeFilter(once)
+        for handler, dedupe in once.items():
+            handler.removeFilter(dedupe)
 
 
 class _OnceFilter(logging.Filter):
-    """Let each distinct warning through once per command.
+    """Let each distinct warning through a handler once per command.
 
     A library may warn once per node (onnx-ir warns for every tf2onnx node whose ``config_proto``
     attribute is not UTF-8: 18 identical lines on one ConvNeXt): the first says it all.
