@@ -16,11 +16,11 @@ on this machine, instead of guessing:
 3. Each *suspect* kind — every kind but the large, wide Conv/1×1 Conv/MatMul/Gemm of
    :data:`TRUSTED_KINDS`, whose integer kernels win by a wide margin on x86 — gets one variant that
    keeps it float (a rewrite of the calibrated model, no calibration), timed against the quantized
-   model. Where the sessions' weights together stay under :data:`MERGED_BLOCK_BYTES`, the variants race
-   in step 2's block, each leaving it once its decision is clear (the quantized model's runs serve
-   them all: the guard took 1.1 s instead of 1.8 s on the zoo's orientation classifier, ~3.5 s
-   instead of ~4.2 s on the PP-OCR detector); larger models time one variant at a time, three
-   sessions open at most, so memory stays bounded.
+   model. For a fast model (under :data:`MERGED_BLOCK_MAX_RUN_S` a run) whose sessions' weights
+   together stay under :data:`MERGED_BLOCK_BYTES`, the variants race in step 2's block, each leaving
+   it once its decision is clear (the quantized model's runs serve them all: the guard took 1.1 s
+   instead of 1.8 s on the zoo's orientation classifier); other models time one variant at a time,
+   three sessions open at most, so memory stays bounded.
 4. Every kind whose variant is faster than the quantized model by more than ``min_gain`` is kept
    float; when several are, their combination is timed too (reverting two kinds may cost more than
    each alone saves) and the fastest candidate is taken. Candidates within ``min_gain`` of it cannot
@@ -330,11 +330,7 @@ class _Timer:
         sessions = {_QUANTIZED: self.quantized, **sessions}
         kwargs = {"threads": self.config.threads}
         for name, session in sessions.items():  # a fresh session's first runs are slow: not timed
-            if session not in self.warm:
-                for _ in range(WARMUP_RUNS):
-                    outputs = run(session, self.feed)
-                self.warm.add(session)
-                self.outputs[name] = outputs
+            self.warm_up(name, session)
         start = time.perf_counter()
         probe = time_sessions(sessions, self.feed, runs=1, warmup=0, **kwargs)
         times = {name: list(result.times_ms) for name, result in probe.items()}
@@ -370,6 +366,21 @@ class _Timer:
             measured[name] = quantized_ms * float(np.median(_paired_ratios(times[name], times[_QUANTIZED])))
         return measured
 
+    def warm_up(self, name: str, session: Any) -> float:
+        """Give a fresh session its untimed runs (their outputs kept under ``name``).
+
+        Returns the last one's wall time in seconds (0.0 for a session already warm).
+        """
+        if session in self.warm:
+            return 0.0
+        for _ in range(WARMUP_RUNS):
+            start = time.perf_counter()
+            outputs = run(session, self.feed)
+            seconds = time.perf_counter() - start
+        self.warm.add(session)
+        self.outputs[name] = outputs
+        return seconds
+
     def ratio(self, model: ir.Model) -> tuple[float, float]:
         """Latency of ``model`` over the quantized model's, timed in one block, and its output SQNR."""
         measured = self.block({"candidate": self.open(model)})
@@ -390,6 +401,11 @@ class _Timer:
 #: The variants race in one block with the float baseline while that many copies of the float model's
 #: weights fit in this many bytes (a session holds a copy of its weights, prepacked).
 MERGED_BLOCK_BYTES = 256 << 20
+
+#: ... and while the quantized model runs faster than this (seconds). A slower model has large
+#: activations (every open session holds its own arena: +230 MB on PP-OCRv4 det's 960x960 feature
+#: maps) and only a few rounds to share, so racing saves it nothing.
+MERGED_BLOCK_MAX_RUN_S = 0.02
 
 #: The preprocessed float model is timed only when the chosen int8 model is slower than this fraction
 #: of the input's latency: below it, preprocessing alone (a few % from folds) could not do better.
@@ -448,9 +464,11 @@ def guard_latency(
     # With one kind only, keeping it float gives a float model: the baseline's comparison covers it.
     suspects = [kind for kind in kinds if kind not in TRUSTED_KINDS] if len(kinds) > 1 else []
     variants = {f"keep {kind} float": (kind, state.requantize(kinds[kind])) for kind in suspects}
-    # Small models: every variant races in the baseline's block (the quantized model's runs are shared
-    # and each variant leaves once settled); large ones: one variant at a time, three sessions open.
-    together = len(variants) + 2 <= MERGED_BLOCK_BYTES // max(_weight_bytes(state.float_model), 1)
+    # Small, fast models: every variant races in the baseline's block (the quantized model's runs are
+    # shared and each variant leaves once settled); others: one variant at a time, three sessions open.
+    run_s = timer.warm_up(_QUANTIZED, timer.quantized)
+    fits = len(variants) + 2 <= MERGED_BLOCK_BYTES // max(_weight_bytes(state.float_model), 1)
+    together = fits and run_s < MERGED_BLOCK_MAX_RUN_S
     sessions = {float_name: timer.open(state.float_model if input_model is None else input_model)}
     if together:
         sessions.update({name: timer.open(model) for name, (_, model) in variants.items()})

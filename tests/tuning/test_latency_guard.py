@@ -131,6 +131,11 @@ class FakeTimer:
     def open(self, model: ir.Model | bytes) -> ir.Model | bytes:
         return model
 
+    def warm_up(self, name: str, session: object) -> float:
+        return type(self).run_s
+
+    run_s: ClassVar[float] = 0.001
+
     def _ms(self, model: ir.Model | bytes) -> float:
         if isinstance(model, bytes):
             return type(self).input_ms
@@ -216,6 +221,11 @@ def test_large_models_time_one_variant_at_a_time(
     assert len(FakeTimer.blocks) == 1 + len(suspects) and max(FakeTimer.blocks) <= 3
     assert alone.chosen == merged.chosen == "keep small depthwise Conv float"
     assert alone.latency_ms == merged.latency_ms and alone.sqnr_db == merged.sqnr_db
+    # a slow model (large activations, few rounds) also times one variant at a time
+    monkeypatch.setattr(latency_guard, "MERGED_BLOCK_BYTES", 256 << 20)
+    monkeypatch.setattr(FakeTimer, "run_s", 0.05)
+    slow = run_guard(kinds_result, monkeypatch, latency)
+    assert len(FakeTimer.blocks) == 1 + len(suspects) and slow.chosen == merged.chosen
 
 
 def test_a_slower_kind_is_kept_float(
