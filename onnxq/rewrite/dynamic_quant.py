@@ -204,7 +204,7 @@ class DynamicQuantizePass(ir.passes.InPlacePass):
             table.append(CONV_RULE)
         if self.config.dynamic.embeddings:
             table.append(GATHER_RULE)
-        outcome = rules.apply_rules(model, table, ctx, stage="dynamic", opset=ctx.opset, scope="main")
+        outcome = rules.apply_rules(model, table, ctx, stage="dynamic", opset=ctx.opset)
         self.quantized = outcome.rewritten
         self.declined = outcome.declines + self._left_float(model)
         modified = bool(self.quantized)
@@ -217,8 +217,8 @@ class DynamicQuantizePass(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, modified=modified)
 
     def _left_float(self, model: ir.Model) -> list[Decline]:
-        """One line per kind of node this pass leaves float without looking at it: flags off, subgraphs."""
-        main = [n for n in model.graph if n.domain in DEFAULT_DOMAINS]
+        """One line per kind of node this pass leaves float without looking at it: options off."""
+        main = [n for n in model.graph.all_nodes() if n.domain in DEFAULT_DOMAINS]
         lines: list[Decline] = []
         conv = sum(1 for n in main if n.op_type == "Conv")
         if conv and not self.config.dynamic.conv:
@@ -231,11 +231,6 @@ class DynamicQuantizePass(ir.passes.InPlacePass):
         if gather and not self.config.dynamic.embeddings:
             message = f"{gather} embedding Gather node(s) left float: DynamicConfig.embeddings is off"
             lines.append(Decline("dynamic", "option_off", message))
-        inner = _subgraph_candidates(model.graph, self.config)
-        if inner:
-            counts = ", ".join(f"{op_type} ×{count}" for op_type, count in sorted(inner.items()))
-            message = f"{sum(inner.values())} node(s) inside If/Loop/Scan subgraphs left float ({counts})"
-            lines.append(Decline("dynamic", "subgraph", message))
         return lines
 
 
@@ -267,7 +262,7 @@ class StaticLeftoversPass(ir.passes.InPlacePass):
         if not table:
             return ir.passes.PassResult(model, modified=False)
         ctx = _Rewriter(model, self.config, ms_domain=True)
-        outcome = rules.apply_rules(model, table, ctx, stage="dynamic", opset=ctx.opset, scope="main")
+        outcome = rules.apply_rules(model, table, ctx, stage="dynamic", opset=ctx.opset)
         self.quantized = outcome.rewritten
         self.declined = outcome.declines
         if self.quantized:
@@ -390,19 +385,11 @@ def _embedding_table(node: ir.Node) -> np.ndarray | None:
     return table
 
 
-def _subgraph_candidates(graph: ir.Graph, config: QuantConfig) -> collections.Counter[str]:
-    """Op types this pass would consider, counted over every If/Loop/Scan body."""
-    types = {"MatMul", "Gemm", "LSTM"}
-    if config.dynamic.conv:
-        types.add("Conv")
-    if config.dynamic.embeddings:
-        types.add("Gather")
-    found: collections.Counter[str] = collections.Counter()
-    for sub in graph.subgraphs():
-        for node in sub:
-            if node.domain in DEFAULT_DOMAINS and node.op_type in types:
-                found[node.op_type] += 1
-    return found
+def _graph_of(node: ir.Node) -> ir.Graph:
+    """The graph (main graph or If/Loop/Scan body) that holds ``node``."""
+    graph = node.graph
+    assert isinstance(graph, ir.Graph), f"node {node.name!r} is not in a graph"
+    return graph
 
 
 def _inputs(node: ir.Node, count: int) -> list[ir.Value | None]:
@@ -440,7 +427,9 @@ class _Rewriter:
         self.used_ms_domain = False
         self.replaced: list[ir.Value] = []
         self._weights: dict[tuple[object, ...], _QuantizedWeight] = {}
-        self._activations: dict[ir.Value, tuple[ir.Value, ir.Value, ir.Value]] = {}
+        #: DynamicQuantizeLinear outputs per (activation, graph of its readers): a body cannot read
+        #: values another body computes, so each graph quantizes an outer activation on its own.
+        self._activations: dict[tuple[ir.Value, ir.Graph], tuple[ir.Value, ir.Value, ir.Value]] = {}
         #: MatMul/Gemm nodes of the main graph matched before any rewrite, and those that will be.
         self.products: dict[ir.Node, _Product | Reason] = {}
         self.rewritable: set[ir.Node] = set()
@@ -508,7 +497,8 @@ class _Rewriter:
 
     def _quantize_activation(self, value: ir.Value, before: ir.Node) -> tuple[ir.Value, ir.Value, ir.Value]:
         """``DynamicQuantizeLinear(value)`` outputs (data, scale, zero point), one node per value."""
-        if value not in self._activations:
+        key = (value, _graph_of(before))
+        if key not in self._activations:
             base = value.name or "activation"
             node = self._new_node(
                 "",
@@ -524,17 +514,17 @@ class _Rewriter:
             node.outputs[0].shape = value.shape
             node.outputs[1].shape = ir.Shape([])
             node.outputs[2].shape = ir.Shape([])
-            self.graph.insert_before(before, node)
+            _graph_of(before).insert_before(before, node)
             q, s, z = node.outputs
-            self._activations[value] = (q, s, z)
-        return self._activations[value]
+            self._activations[key] = (q, s, z)
+        return self._activations[key]
 
     def _replace(self, old_nodes: Sequence[ir.Node], old: ir.Value, new: ir.Value) -> None:
         """Route readers of ``old`` to ``new`` (which takes over ``old``'s name) and drop ``old_nodes``."""
         new.type = old.type or new.type
         new.shape = old.shape or new.shape
         old.replace_all_uses_with(new, replace_graph_outputs=True)
-        self.graph.remove(old_nodes, safe=True)
+        _graph_of(old_nodes[0]).remove(old_nodes, safe=True)
         _take_name(old, new)
 
     def _bias_add(self, node: ir.Node, n: int) -> tuple[ir.Node, ir.Value] | None:
@@ -546,7 +536,7 @@ class _Rewriter:
         if len(uses) != 1:
             return None
         add = uses[0].node
-        if add.op_type != "Add" or add.domain not in DEFAULT_DOMAINS or add.graph is not self.graph:
+        if add.op_type != "Add" or add.domain not in DEFAULT_DOMAINS or add.graph is not node.graph:
             return None
         if len(add.inputs) != 2 or add.inputs[0] is add.inputs[1]:
             return None
@@ -560,8 +550,11 @@ class _Rewriter:
         """Remove float initializers that nothing reads any more (the weights that were quantized)."""
         for value in dict.fromkeys(self.replaced):
             unused = value.is_initializer() and not value.uses() and not value.is_graph_output()
-            if unused and value.name is not None and self.graph.initializers.get(value.name) is value:
-                self.graph.initializers.pop(value.name)
+            if not unused or value.name is None:
+                continue
+            for graph in (self.graph, *self.graph.subgraphs()):  # a body may hold its own weights
+                if graph.initializers.get(value.name) is value:
+                    graph.initializers.pop(value.name)
 
     # ------------------------------------------------------------------------------------------
     # MatMul / Gemm
@@ -665,7 +658,7 @@ class _Rewriter:
             final = add.outputs[0]
             self.replaced.append(bias)
         shared = self.opset >= _MIN_DQL_OPSET and (
-            a in self._activations
+            (a, _graph_of(node)) in self._activations
             or sum(1 for use in a.uses() if use.idx == 0 and use.node in rewritable) >= 2
         )
         new_nodes: list[ir.Node] = []
@@ -704,7 +697,7 @@ class _Rewriter:
             add = self._new_node("", "Add", [result, extra], base, outputs=(("plus_c", ir.DataType.FLOAT),))
             new_nodes.append(add)
             result = add.outputs[0]
-        self.graph.insert_before(node, new_nodes)
+        _graph_of(node).insert_before(node, new_nodes)
         self._replace(old_nodes, final, result)
 
     def _dequantize_accumulator(
@@ -775,11 +768,11 @@ class _Rewriter:
             num_outputs=len(node.outputs),
             name=self.names.fresh(f"{base}_DynamicQuantizeLSTM"),
         )
-        self.graph.insert_before(node, new)
+        _graph_of(node).insert_before(node, new)
         for old, fresh in zip(node.outputs, new.outputs, strict=True):
             fresh.type, fresh.shape = old.type, old.shape
             old.replace_all_uses_with(fresh, replace_graph_outputs=True)
-        self.graph.remove(node, safe=True)
+        _graph_of(node).remove(node, safe=True)
         for old, fresh in zip(node.outputs, new.outputs, strict=True):
             _take_name(old, fresh)
         self.used_ms_domain = True
@@ -853,7 +846,7 @@ class _Rewriter:
             add = self._new_node("", "Add", [result, b], base, outputs=(("biased", ir.DataType.FLOAT),))
             new_nodes.append(add)
             result = add.outputs[0]
-        self.graph.insert_before(node, new_nodes)
+        _graph_of(node).insert_before(node, new_nodes)
         self._replace([node], node.outputs[0], result)
 
     def _conv_weight(self, source: ir.Value, w: np.ndarray, scheme: WeightScheme) -> _QuantizedWeight:
@@ -939,5 +932,5 @@ class _Rewriter:
             )
             new_nodes.append(dq)
             result = dq.outputs[0]
-        self.graph.insert_before(node, new_nodes)
+        _graph_of(node).insert_before(node, new_nodes)
         self._replace([node], node.outputs[0], result)

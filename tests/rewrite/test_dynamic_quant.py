@@ -281,7 +281,7 @@ def test_no_match() -> None:
     assert MS_DOMAIN not in model.opset_imports
 
 
-def test_subgraph_matmul_stays_float() -> None:
+def test_a_matmul_inside_an_if_branch_is_quantized_too() -> None:
     proto = builders.parse(
         """
         g (float[4,16] x, bool cond) => (float[4,8] y) {
@@ -299,13 +299,47 @@ def test_subgraph_matmul_stays_float() -> None:
         builders.normal_arrays(5, w1=(16, 8), w2=(8, 8)),
     )
     model, quantizer, modified = _quantize(proto)
-    assert modified and quantizer.quantized == {"MatMul": 1}
+    assert modified and quantizer.quantized == {"MatMul": 2}
     (if_node,) = _nodes(model, "If")
     then_branch = if_node.attributes["then_branch"].as_graph()
-    assert [n.op_type for n in then_branch] == ["MatMul"]
-    assert any("subgraphs left float (MatMul ×1)" in line for line in builders.lines(quantizer.declined))
+    assert [n.op_type for n in then_branch] == ["DynamicQuantizeMatMul"]
+    assert not quantizer.declined
     feeds = _feeds(proto)  # cond alternates: both branches run
     assert _sqnr(proto, model, feeds) > SQNR_BOUND_DB
+
+
+def test_an_activation_read_in_two_graphs_is_quantized_in_each() -> None:
+    """``x`` feeds two MatMuls in the main graph and one in a Loop body: the main graph's
+    DynamicQuantizeLinear is shared by its two readers; the body quantizes ``x`` itself (a body cannot
+    read what the main graph computes after it, nor the main graph what a body computes)."""
+    proto = builders.parse(
+        """
+        g (float[4,16] x, int64 n) => (float[4,8] a, float[4,8] b, float[4,8] s) {
+            a = MatMul (x, w1)
+            b = MatMul (x, w2)
+            true = Constant <value = bool {1}> ()
+            s = Loop (n, true, zero) <
+                body = body_graph (int64 i, bool c, float[4,8] acc) => (bool c2, float[4,8] acc2) {
+                    c2 = Identity (c)
+                    m = MatMul (x, w3)
+                    acc2 = Add (acc, m)
+                }
+            >
+        }
+        """,
+        {
+            **builders.normal_arrays(6, w1=(16, 8), w2=(16, 8), w3=(16, 8)),
+            "zero": np.zeros((4, 8), np.float32),
+        },
+    )
+    model, quantizer, _ = _quantize(proto, ms_domain=False)
+    assert quantizer.quantized == {"MatMul": 3}
+    assert [n.op_type for n in model.graph].count("DynamicQuantizeLinear") == 1
+    (loop,) = _nodes(model, "Loop")
+    body = [n.op_type for n in loop.attributes["body"].as_graph()]
+    assert body.count("DynamicQuantizeLinear") == 1 and "MatMulInteger" in body
+    feeds = [{"x": f["x"], "n": np.array(3, dtype=np.int64)} for f in _feeds(proto)]
+    assert min(_sqnr(proto, model, feeds, i) for i in range(3)) > SQNR_BOUND_DB
 
 
 def test_deterministic() -> None:
