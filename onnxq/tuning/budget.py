@@ -1,8 +1,9 @@
-"""Accuracy-budgeted mixed precision: keep the fewest anchors float that make a target hold.
+"""Accuracy-budgeted mixed precision: keep float the anchors that make a target hold at least cost.
 
 :func:`meet_target` takes a static quantization result and an accuracy target and returns a model
-with the smallest set of anchor nodes (Conv, ConvTranspose, Gemm, MatMul) left float that it found
-meeting the target on the given evaluation data. It does *not* quantize and evaluate once per layer:
+with the cheapest set of anchor nodes (Conv, ConvTranspose, Gemm, MatMul) left float that it found
+meeting the target on the given evaluation data (cost: the latency keeping them float gives back,
+:mod:`onnxq.tuning.cost`; the fewest nodes break ties). It does *not* quantize and evaluate once per layer:
 
 1. evaluate the fully quantized model; if it meets the target, stop (1 evaluation);
 1b. try the cheaper fixes that keep every layer quantized, so cost no speed (:data:`FIXES`:
@@ -269,7 +270,7 @@ def meet_target(
     guard: Mapping[str, Any] | None = None,
     baseline: ModelSource | None = None,
 ) -> BudgetOutcome:
-    """Keep the fewest anchor nodes float that make ``result``'s model meet ``target`` on ``feeds``.
+    """Keep float the cheapest anchor nodes that make ``result``'s model meet ``target`` on ``feeds``.
 
     ``result`` must come from static quantization of a float model (it carries ``result.static``).
     ``target`` is an :class:`AccuracyTarget`, a ``"sqnr>=30"``-style string or a :class:`CustomTarget`
