@@ -29,6 +29,7 @@ from onnxq.pipeline.state import StaticState, count_op_types
 from onnxq.pipeline.static import quantize_static
 from onnxq.pipeline.summary import Mode, ModeSummary, build_report
 from onnxq.preprocess import preprocess
+from onnxq.rewrite.bias_sum import write_bias_adds_as_sum
 from onnxq.rewrite.cleanup import cleanup
 from onnxq.rewrite.normalize_qdq import is_quantized
 from onnxq.runtime.kernels import kernel_table
@@ -118,6 +119,8 @@ def quantize(
         feeds = static.feeds
     lowering = lower_to_qoperator(ir_model) if config.format == "qoperator" else None
     cleanup(ir_model)
+    if config.format == "qdq":  # keep ONNX Runtime from fusing quantized MatMuls into float Gemms
+        write_bias_adds_as_sum(ir_model)
     guard = None
     if static is not None and config.latency_guard.enabled:
         # a half-precision input computed in float32 is twice its size: it does not replace the input

@@ -18,6 +18,7 @@ from onnxq.declines import Decline
 from onnxq.plan.planner import QuantPlan, plan_quantization
 from onnxq.preprocess.equalize import EqualizePass
 from onnxq.preprocess.smooth import smooth_outliers
+from onnxq.rewrite.bias_sum import write_bias_adds_as_sum
 from onnxq.rewrite.cleanup import cleanup
 from onnxq.rewrite.dynamic_quant import StaticLeftoversPass
 from onnxq.rewrite.fuse_qlinear import QDQ_PASS_THROUGH_RULES, FuseQLinearPass
@@ -129,9 +130,12 @@ class StaticState:
             self.ranges.update({v.name or "": r for v, r in extra.ranges.items()})
         ranges = {v: self.ranges[v.name or ""] for v in observed if (v.name or "") in self.ranges}
         write_qdq(model, plan, ranges, config)
-        if (output_format or config.format) == "qoperator":
+        qoperator = (output_format or config.format) == "qoperator"
+        if qoperator:
             FuseQLinearPass()(model)
         cleanup(model)
+        if not qoperator:
+            write_bias_adds_as_sum(model)
         if self.residual_sums:
             write_residual_adds_as_sum(model)
         return model

@@ -787,9 +787,12 @@ def _matmul_b_problem(b: QTensor | None) -> Reason | None:
 
 
 def _bias_add(m: Match, columns: int | None) -> tuple[ir.Node, ir.Value] | None:
-    """The Add of a constant float 1-D bias of length ``columns`` that alone reads the MatMul's output."""
+    """The Add of a constant float 1-D bias of length ``columns`` that alone reads the MatMul's output.
+
+    Or a two-input ``Sum``: onnxq's QDQ form writes such a bias that way (:mod:`onnxq.rewrite.bias_sum`).
+    """
     add = sole_reader(m.node.outputs[0])
-    if add is None or not _is_op(add, "Add") or columns is None or add.graph is not m.node.graph:
+    if add is None or not _is_op(add, "Add", "Sum") or columns is None or add.graph is not m.node.graph:
         return None
     others = [v for v in add.inputs if v is not m.node.outputs[0]]
     if len(others) != 1 or others[0] is None:
