@@ -495,7 +495,7 @@ def _float32_only(model: ir.Model) -> bool:
 
 
 class HardSwishDecomposeRule(_Rule):
-    """A native ``HardSwish(x)`` ⇒ ``x · Clip(x + 3, 0, 6) · (1/6)``: the integer form.
+    """A native ``HardSwish(x)``, or ``x · HardSigmoid(x; 1/6, 0.5)``, ⇒ ``x · Clip(x + 3, 0, 6) · (1/6)``.
 
     Runs before the affine folds (:data:`DECOMPOSE_RULES`): the ``· 1/6`` then goes into the Conv or
     MatMul that reads the output, and ``x + 3`` and the product run as QLinearAdd and QLinearMul
@@ -505,18 +505,44 @@ class HardSwishDecomposeRule(_Rule):
     ``· 1/6`` finds no reader to fold into, :data:`LATE_RULES` turns the pattern back into HardSwish.
     """
 
-    op_types = ("HardSwish",)
+    op_types = ("HardSwish", "Mul")
     targets = (("", "Clip", 11),)
 
     def match(self, node: ir.Node, ctx: _Context) -> _Match | None:
-        x = node.inputs[0] if node.inputs else None
-        if x is None or node.domain not in DEFAULT_DOMAINS:
+        if node.domain not in DEFAULT_DOMAINS:
+            return None
+        if node.op_type == "HardSwish":
+            x = node.inputs[0] if node.inputs else None
+            nodes = [node]
+        else:  # Paddle2ONNX below opset 14 writes hard-swish as x · HardSigmoid(x; α = 1/6, β = 0.5)
+            x, nodes = self._times_hard_sigmoid(node)
+        if x is None:
             return None
         # The constants are float32: the input must be, or (untyped before shape inference) the model
         # must hold no other float type.
         if x.dtype != ir.DataType.FLOAT and (x.dtype is not None or not _float32_only(ctx.model)):
             return None
-        return _Match(node, ctx, x, [node], node.outputs[0])
+        return _Match(node, ctx, x, nodes, node.outputs[0])
+
+    @staticmethod
+    def _times_hard_sigmoid(node: ir.Node) -> tuple[ir.Value | None, list[ir.Node]]:
+        """``x`` and the nodes of ``Mul(x, HardSigmoid(x; 1/6, 0.5))`` (either order), else ``None``."""
+        if len(node.inputs) != 2:
+            return None, []
+        for index in (0, 1):
+            x, gate = node.inputs[index], node.inputs[1 - index]
+            sigmoid = _op(gate, "HardSigmoid")
+            if (
+                x is not None
+                and gate is not None
+                and sigmoid is not None
+                and sigmoid.inputs[0] is x
+                and _private(gate)
+                and _close(attr_float(sigmoid, "alpha", 0.2), 1 / 6)
+                and _close(attr_float(sigmoid, "beta", 0.5), 0.5)
+            ):
+                return x, [sigmoid, node]
+        return None, []
 
     def rewrite(self, m: _Match) -> str:
         graph = m.node.graph
@@ -542,7 +568,7 @@ class HardSwishDecomposeRule(_Rule):
         m.output.replace_all_uses_with(result, replace_graph_outputs=True)
         m.output.name = None
         result.name = name
-        graph.remove(m.node, safe=True)
+        graph.remove(list(reversed(m.nodes)), safe=True)  # readers before producers
         return "HardSwish → Add/Clip/Mul"
 
 

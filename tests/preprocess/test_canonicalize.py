@@ -604,7 +604,8 @@ def test_preprocess_counts_what_it_canonicalized() -> None:
     proto = _parse(text, 17)
     model = ir.from_proto(proto)
     summary = preprocess(model)
-    assert summary.canonicalized == {"HardSwish": 2, "Gelu": 1}
+    # the HardSigmoid form is written out first, then (nothing to fold its 1/6 into) recombined
+    assert summary.canonicalized == {"HardSwish": 2, "Gelu": 1, "HardSwish → Add/Clip/Mul": 1}
     assert summary.declines == []
     assert builders.op_counts(model) == {"HardSwish": 2, "Gelu": 1}
     assert _only(model, "Gelu").domain == MS
@@ -727,3 +728,32 @@ def test_written_out_hard_swish_quantizes_to_integer_ops() -> None:
     )
     sqnr = 10 * np.log10(np.sum(want**2) / np.sum((want - got) ** 2))
     assert sqnr >= 25.0, sqnr
+
+
+PADDLE_HSWISH = """
+hs (float[1, 4, 8, 8] x) => (float[1, 4, 8, 8] y) {
+    c = Conv <kernel_shape = [3, 3], pads = [1, 1, 1, 1]> (x, W1)
+    g = HardSigmoid <alpha = 0.16666667, beta = 0.5> (c)
+    h = Mul (c, g)
+    y = Conv <kernel_shape = [1, 1]> (h, W2)
+}
+"""
+
+
+@pytest.mark.parametrize("opset", [11, 13, 17])
+def test_paddles_hard_sigmoid_form_is_written_out_too(opset: int) -> None:
+    """Paddle2ONNX below opset 14 writes hard-swish as x · HardSigmoid(x; 1/6, 0.5): the same integer
+    form, the 1/6 folded into the Conv after it (at every opset: Clip exists from 11)."""
+    arrays = builders.normal_arrays(4, W1=(4, 4, 3, 3), W2=(4, 4, 1, 1))
+    arrays["W1"] *= 2.0
+    proto = builders.parse(PADDLE_HSWISH, arrays, opset=opset)
+    model = ir.from_proto(proto)
+    summary = preprocess(model)
+    ops = [n.op_type for n in model.graph]
+    assert "HardSigmoid" not in ops and "HardSwish" not in ops
+    assert {"Add", "Clip", "Mul"} <= set(ops) and ops.count("Mul") == 1 and ops.count("Conv") == 2
+    assert summary.canonicalized.get("HardSwish → Add/Clip/Mul") == 1
+    feed = builders.random_feeds(proto, 1, seed=2)[0]
+    (want,) = builders.run_disabled(proto, feed)
+    (got,) = builders.run_disabled(model, feed)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
