@@ -12,11 +12,13 @@ from pathlib import Path
 import builders
 import numpy as np
 import onnx
+import onnx_ir as ir
 import pytest
 
 pytest.importorskip("torch")
 
 import onnxq
+from onnxq.config import LatencyGuardConfig
 from onnxq.runtime.session import make_session
 from onnxq.validate.metrics import cosine_similarity, sqnr_db, top1_agreement
 from tools import model_zoo
@@ -197,3 +199,51 @@ def test_static_quantization_runs_lstms_dynamically(tmp_path: Path) -> None:
     assert kept_ops["LSTM"] == 1 and kept_ops["DynamicQuantizeLSTM"] == 0
     assert kept.report.float_op_types["LSTM"] == 1
     assert sqnr_db(ref, _outputs(_serialized(kept), evaluation)) > 25.0
+
+
+@pytest.mark.parametrize(("lstm_ms", "kept_float"), [(0.5, True), (-0.5, False)], ids=["slower", "faster"])
+def test_the_latency_guard_decides_whether_lstms_run_dynamically(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, lstm_ms: float, kept_float: bool
+) -> None:
+    """DynamicQuantizeLSTM wins over long sequences and loses over one-step calls (silero VAD): the guard
+    times the LSTMs as a kind of their own. Made-up timings: int8 Convs 1 ms, a dynamic LSTM ±0.5 ms,
+    the float model 3 ms."""
+    from onnxq.tuning import latency_guard
+
+    class LstmTimer:
+        def __init__(self, quantized: object, feed: object, config: object) -> None:
+            self.quantized, self.runs, self.timed = quantized, 0, {}
+
+        def open(self, model: object) -> object:
+            return model
+
+        def warm_up(self, name: str, session: object) -> float:
+            return 0.001
+
+        def _ms(self, model: object) -> float:
+            ops = {n.op_type for n in model.graph} if isinstance(model, ir.Model) else set()
+            if "DequantizeLinear" not in ops:
+                return 3.0
+            return 1.0 + (lstm_ms if "DynamicQuantizeLSTM" in ops else 0.0)
+
+        def block(self, sessions: dict[str, object]) -> dict[str, float]:
+            self.runs += 3
+            return {"quantized": self._ms(self.quantized), **{k: self._ms(m) for k, m in sessions.items()}}
+
+        def ratio(self, model: object) -> tuple[float, float]:
+            return self._ms(model) / self._ms(self.quantized), 30.0
+
+        def sqnr(self, name: str) -> float:
+            return 30.0
+
+    monkeypatch.setattr(latency_guard, "_Timer", LstmTimer)
+    path, calib, _ = _crnn(tmp_path)
+    config = onnxq.QuantConfig(latency_guard=LatencyGuardConfig(enabled=True))
+    result = onnxq.quantize(path, calib, config)
+    guard = result.report.latency_guard
+    assert guard["kinds"][latency_guard.DYNAMIC_LSTM] == 1
+    ops = builders.op_counts(_serialized(result), subgraphs=False)
+    assert (latency_guard.DYNAMIC_LSTM in guard["reverted"]) is kept_float
+    assert ops["LSTM"] == int(kept_float) and ops["DynamicQuantizeLSTM"] == int(not kept_float)
+    assert ("LSTM" in result.report.float_op_types) is kept_float
+    assert ("LSTM" in result.report.quantized_op_types) is not kept_float

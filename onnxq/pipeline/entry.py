@@ -33,7 +33,7 @@ from onnxq.rewrite.bias_sum import write_bias_adds_as_sum
 from onnxq.rewrite.cleanup import cleanup
 from onnxq.rewrite.normalize_qdq import is_quantized
 from onnxq.runtime.kernels import kernel_table
-from onnxq.tuning.latency_guard import GuardOutcome, guard_latency
+from onnxq.tuning.latency_guard import DYNAMIC_LSTM, GuardOutcome, guard_latency
 
 __all__ = ["quantize"]
 
@@ -176,15 +176,18 @@ def _guard_latency(
         preprocessed_may_win=preprocessed_may_win,
     )
     state.residual_sums = outcome.residual_sums > 0
-    if outcome.all_float:
-        state.config = state.config.replace(
-            exclude_nodes=(*state.config.exclude_nodes, *state.quantized_nodes)
-        )
+    if outcome.all_float:  # every anchor and every dynamic LSTM
+        everything = sorted({*state.quantized_nodes, *outcome.reverted.get(DYNAMIC_LSTM, ())})
+        state.config = state.config.replace(exclude_nodes=(*state.config.exclude_nodes, *everything))
         state.quantized_nodes = ()
     elif outcome.kept_float:
         kept = set(outcome.kept_float)
         state.config = state.config.replace(exclude_nodes=(*state.config.exclude_nodes, *sorted(kept)))
         state.quantized_nodes = tuple(n for n in state.quantized_nodes if n not in kept)
+    lstms = len(outcome.reverted.get(DYNAMIC_LSTM, ()))
+    if lstms:  # kept float LSTMs are not DynamicQuantizeLSTM any more
+        state.dynamic_ops = {**state.dynamic_ops, "LSTM": state.dynamic_ops.get("LSTM", 0) - lstms}
+        state.dynamic_ops = {op: n for op, n in state.dynamic_ops.items() if n > 0}
     return outcome.model, outcome
 
 

@@ -104,7 +104,7 @@ def _macs_by_anchor(model: ir.Model, anchors: Sequence[str]) -> dict[str, float]
     """Multiply-adds per sample of each anchor; the median of the known ones where a shape is unknown."""
     wanted = set(anchors)
     known: dict[str, float] = {}
-    for node in model.graph:
+    for node in model.graph.all_nodes():
         if node.name in wanted:
             value = anchor_macs(node)
             if value is not None:

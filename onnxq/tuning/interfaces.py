@@ -46,6 +46,9 @@ class RequantizableState(Protocol):
     @property
     def quantized_nodes(self) -> tuple[str, ...]: ...
 
+    @property
+    def dynamic_ops(self) -> dict[str, int]: ...
+
     def requantize(
         self, keep_float: Iterable[str] = (), *, output_format: Literal["qdq", "qoperator"] | None = None
     ) -> ir.Model: ...
