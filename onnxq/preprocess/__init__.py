@@ -23,7 +23,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common
 
 from onnxq.declines import Decline
-from onnxq.graph import NameScope
+from onnxq.graph import NameScope, node_label
 from onnxq.load.files import UNREPRESENTED_TYPES_KEY, strip_unrepresented_types
 from onnxq.preprocess.canonicalize import (
     DECOMPOSE_RULES,
@@ -135,6 +135,25 @@ def _infer_shapes_around_unrepresented_types(model: ir.Model) -> None:
                 value.shape = found.shape
 
 
+def _fold_batchnorms_again(model: ir.Model, summary: PreprocessSummary, first: list[Decline]) -> None:
+    """Fold the BatchNorms the first fold declined and the affine folds have since put after a Conv.
+
+    Paddle2ONNX writes a biased Conv as ``Conv → Add(bias) → Identity → BatchNormalization``: only
+    once the bias went into the Conv and the Identity is gone does the BatchNorm read the Conv. The
+    first fold's declines (``first``) for the nodes folded now are dropped.
+    """
+    if not any(node.op_type == "BatchNormalization" for node in model.graph.all_nodes()):
+        return
+    again = FoldBatchNormPass()
+    again(model)
+    if not again.folded:
+        return
+    summary.batchnorms_folded += len(again.folded)
+    left = {node_label(node) for node in model.graph.all_nodes() if node.op_type == "BatchNormalization"}
+    stale = [d for d in first if d.node not in left]
+    summary.declines = [d for d in summary.declines if not any(d is s for s in stale)]
+
+
 def preprocess(model: ir.Model, *, equalize: bool = False, upcast: bool = True) -> PreprocessSummary:
     """Normalize a float model in place before planning (see module docstring).
 
@@ -180,6 +199,7 @@ def preprocess(model: ir.Model, *, equalize: bool = False, upcast: bool = True) 
     summary.declines.extend([*canonical.declined, *decompose.declined, *fold_affine.declined, *late.declined])
     RemoveIdentityPass()(model)
     common.RemoveUnusedNodesPass()(model)
+    _fold_batchnorms_again(model, summary, fold_bn.declined)
     if equalize:
         equalizer = EqualizePass()
         equalizer(model)

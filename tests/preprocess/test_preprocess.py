@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import builders
 import numpy as np
 import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 
 from onnxq.preprocess import preprocess
+from onnxq.preprocess.fold_bn import FoldBatchNormPass
 from onnxq.preprocess.identity import RemoveIdentityPass
 
 _HEADER = '<ir_version: 10, opset_import: ["" : 17]>'
@@ -76,3 +78,35 @@ def test_preprocess_keeps_graph_outputs_of_a_conv_identity_pair() -> None:
     feed = {"x": np.arange(4, dtype=np.float32).reshape(1, 1, 2, 2)}
     got = _run(ir.to_proto(model), feed)
     np.testing.assert_array_equal(got[0], got[1])
+
+
+PADDLE_CONV_BN = """
+g (float[1, 3, 8, 8] x) => (float[1, 4, 8, 8] y) {
+    c = Conv <kernel_shape = [3, 3], pads = [1, 1, 1, 1]> (x, w)
+    a = Add (c, bias)
+    i = Identity (a)
+    b = BatchNormalization <epsilon = 0.00001> (i, scale, shift, mean, var)
+    y = Relu (b)
+}
+"""
+
+
+def test_a_batchnorm_after_a_biased_conv_and_an_identity_is_folded() -> None:
+    """Paddle2ONNX writes a biased Conv + BatchNorm as Conv → Add(bias) → Identity → BatchNormalization:
+    once the bias went into the Conv and the Identity is gone, the BatchNorm folds too, and the first
+    fold's decline is dropped."""
+    arrays = builders.normal_arrays(3, w=(4, 3, 3, 3), scale=(4,), shift=(4,), mean=(4,))
+    arrays["bias"] = np.linspace(-1, 1, 4, dtype=np.float32).reshape(1, 4, 1, 1)
+    arrays["var"] = np.linspace(0.5, 2.0, 4, dtype=np.float32)
+    proto = builders.parse(PADDLE_CONV_BN, arrays)
+    first = FoldBatchNormPass()
+    first(ir.from_proto(proto))
+    assert not first.folded and first.declined  # the BatchNorm does not read the Conv yet
+    model = ir.from_proto(proto)
+    summary = preprocess(model)
+    assert [n.op_type for n in model.graph] == ["Conv", "Relu"]
+    assert summary.batchnorms_folded == 1 and not summary.declines
+    feed = builders.random_feeds(proto, 1, seed=4)[0]
+    np.testing.assert_allclose(
+        _run(proto, feed)[0], builders.run_disabled(model, feed)[0], rtol=1e-5, atol=1e-5
+    )
