@@ -29,9 +29,9 @@ from onnxq.pipeline.state import StaticState, count_op_types
 from onnxq.pipeline.static import quantize_static
 from onnxq.pipeline.summary import Mode, ModeSummary, build_report
 from onnxq.preprocess import preprocess
-from onnxq.rewrite.bias_sum import write_bias_adds_as_sum
 from onnxq.rewrite.cleanup import cleanup
 from onnxq.rewrite.normalize_qdq import is_quantized
+from onnxq.rewrite.sum_form import write_bias_adds_as_sum
 from onnxq.runtime.kernels import kernel_table
 from onnxq.tuning.latency_guard import DYNAMIC_LSTM, GuardOutcome, guard_latency
 

@@ -18,12 +18,11 @@ from onnxq.declines import Decline
 from onnxq.plan.planner import QuantPlan, plan_quantization
 from onnxq.preprocess.equalize import EqualizePass
 from onnxq.preprocess.smooth import smooth_outliers
-from onnxq.rewrite.bias_sum import write_bias_adds_as_sum
 from onnxq.rewrite.cleanup import cleanup
 from onnxq.rewrite.dynamic_quant import StaticLeftoversPass
 from onnxq.rewrite.fuse_qlinear import QDQ_PASS_THROUGH_RULES, FuseQLinearPass
 from onnxq.rewrite.insert_qdq import InsertQDQPass, group_params
-from onnxq.rewrite.residual_sum import write_residual_adds_as_sum
+from onnxq.rewrite.sum_form import write_bias_adds_as_sum, write_residual_adds_as_sum
 from onnxq.tuning.interfaces import FIXES
 
 __all__ = ["QDQWritten", "StaticState", "count_op_types", "write_qdq"]
@@ -96,7 +95,7 @@ class StaticState:
     #: do not change them).
     dynamic_ops: dict[str, int] = field(default_factory=dict)
     #: Write residual Adds before LayerNormalization as ``Sum`` (the latency guard found the unfused
-    #: form faster here: :mod:`onnxq.rewrite.residual_sum`).
+    #: form faster here: :mod:`onnxq.rewrite.sum_form`).
     residual_sums: bool = False
 
     @property

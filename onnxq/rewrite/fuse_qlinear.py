@@ -789,7 +789,7 @@ def _matmul_b_problem(b: QTensor | None) -> Reason | None:
 def _bias_add(m: Match, columns: int | None) -> tuple[ir.Node, ir.Value] | None:
     """The Add of a constant float 1-D bias of length ``columns`` that alone reads the MatMul's output.
 
-    Or a two-input ``Sum``: onnxq's QDQ form writes such a bias that way (:mod:`onnxq.rewrite.bias_sum`).
+    Or a two-input ``Sum``: onnxq's QDQ form writes such a bias that way (:mod:`onnxq.rewrite.sum_form`).
     """
     add = sole_reader(m.node.outputs[0])
     if add is None or not _is_op(add, "Add", "Sum") or columns is None or add.graph is not m.node.graph:

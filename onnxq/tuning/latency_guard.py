@@ -28,7 +28,7 @@ on this machine, instead of guessing:
    be told apart by their timings; among those, one whose output is clearly more accurate on the same
    feed (:data:`ACCURACY_TIE_DB`; the warm-up runs give the outputs for free) is taken instead.
 5. Where the chosen model has residual Adds feeding LayerNormalization, the same model with those
-   Adds written as ``Sum`` (:mod:`onnxq.rewrite.residual_sum`: ONNX Runtime then does not fuse them
+   Adds written as ``Sum`` (:mod:`onnxq.rewrite.sum_form`: ONNX Runtime then does not fuse them
    into SkipLayerNormalization, which some releases run several times slower) is timed too, and kept
    when it is faster by more than ``min_gain``.
 6. When the chosen model is not clearly faster than the input (above :data:`PREPROCESSED_CHECK` of its
@@ -70,7 +70,7 @@ import onnx_ir as ir
 from onnxq.config import LatencyGuardConfig
 from onnxq.graph import DEFAULT_DOMAINS, attr_int, const_array
 from onnxq.load.files import load_model
-from onnxq.rewrite.residual_sum import residual_adds, write_residual_adds_as_sum
+from onnxq.rewrite.sum_form import residual_adds, write_residual_adds_as_sum
 from onnxq.runtime.latency import time_sessions
 from onnxq.runtime.session import ModelSource, make_session, open_model, run
 from onnxq.tuning.interfaces import RequantizableState

@@ -1,4 +1,4 @@
-"""Bias Adds after a quantized MatMul written as Sum (onnxq.rewrite.bias_sum).
+"""Bias Adds after a quantized MatMul written as Sum (onnxq.rewrite.sum_form).
 
 ONNX Runtime's MatMulAddFusion would otherwise turn the quantized MatMul and its bias into a float Gemm
 that dequantizes the int8 weight on every run; the check reads the graph ONNX Runtime actually runs.
@@ -16,7 +16,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 import onnxq
-from onnxq.rewrite.bias_sum import quantized_bias_adds, write_bias_adds_as_sum
+from onnxq.rewrite.sum_form import quantized_bias_adds, write_bias_adds_as_sum
 from onnxq.validate.metrics import sqnr_db
 
 HEAD = """

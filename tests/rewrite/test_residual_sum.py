@@ -11,7 +11,7 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 
-from onnxq.rewrite.residual_sum import residual_adds, write_residual_adds_as_sum
+from onnxq.rewrite.sum_form import residual_adds, write_residual_adds_as_sum
 
 BLOCK = """
 block (float[1, 16, 32] x) => (float[1, 16, 32] y, float[1, 16, 32] s) {
