@@ -21,6 +21,7 @@ __all__ = [
     "AUTO_METHODS",
     "CALIBRATION_METHODS",
     "LATENCY_GUARD_ENV",
+    "TIMING_NOISE",
     "ActivationScheme",
     "CalibrationConfig",
     "DynamicConfig",
@@ -133,6 +134,12 @@ def guard_enabled_by_default() -> bool:
     return os.environ.get(LATENCY_GUARD_ENV, "on").strip().lower() not in ("off", "0", "false", "no")
 
 
+#: Two timings of one model differ by up to this fraction on a quiet machine: a latency gain below it is
+#: noise, not worth a quantized model's rounding error (the latency guard's ``min_gain``, the accuracy
+#: target's check against float, the report's "slower than the input").
+TIMING_NOISE = 0.03
+
+
 @dataclass(frozen=True)
 class LatencyGuardConfig:
     """The latency guard of static quantization (:mod:`onnxq.tuning.latency_guard`).
@@ -149,7 +156,7 @@ class LatencyGuardConfig:
 
     enabled: bool = field(default_factory=lambda: guard_enabled_by_default())
     threads: int = 1
-    min_gain: float = 0.03
+    min_gain: float = TIMING_NOISE
     budget_s: float = 0.6
     min_runs: int = 3
     max_runs: int = 100

@@ -13,6 +13,7 @@ from typing import Any
 
 from tabulate import tabulate
 
+from onnxq.config import TIMING_NOISE
 from onnxq.declines import Decline, group_declines
 
 __all__ = ["AccuracyRow", "LatencyRow", "QuantReport"]
@@ -43,10 +44,6 @@ class LatencyRow:
     def speedup(self) -> float:
         return self.float_ms / self.quantized_ms if self.quantized_ms > 0 else math.nan
 
-
-#: A quantized model is reported slower than the input only when it is slower by more than this fraction
-#: (the latency guard's default ``min_gain``).
-SLOWER_NOISE = 0.03
 
 #: Below either bound on any output, the default run's loss is "large": the report and stderr say so
 #: and name the ``--target`` command that recovers it (at 20 dB the error is a tenth of the signal's
@@ -112,10 +109,10 @@ class QuantReport:
     def slower_threads(self) -> list[int]:
         """Thread counts at which the quantized model measured slower than the input.
 
-        By more than :data:`SLOWER_NOISE`: two runs of one model differ by that much (a 0.99x "slower"
-        is the timing's noise, not a finding).
+        By more than :data:`~onnxq.config.TIMING_NOISE`: two runs of one model differ by that much (a
+        0.99x "slower" is the timing's noise, not a finding).
         """
-        return [row.threads for row in self.latency if row.speedup < 1.0 - SLOWER_NOISE]
+        return [row.threads for row in self.latency if row.speedup < 1.0 - TIMING_NOISE]
 
     @property
     def large_loss(self) -> list[AccuracyRow]:

@@ -300,19 +300,6 @@ def _settled(ratios: np.ndarray, threshold: float) -> bool:
     return abs(middle - threshold) >= SETTLED_SE * error
 
 
-def _decided(times: dict[str, list[float]], min_gain: float) -> bool:
-    """Whether every candidate's latency ratio to the quantized model is settled.
-
-    Each against its own threshold (:func:`_threshold`, :func:`_settled`).
-    """
-    base = times[_QUANTIZED]
-    return all(
-        _settled(_paired_ratios(ms, base), _threshold(name, min_gain))
-        for name, ms in times.items()
-        if name != _QUANTIZED
-    )
-
-
 class _Timer:
     """Interleaved timing blocks against one open session of the fully quantized model."""
 

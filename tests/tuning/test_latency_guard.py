@@ -341,7 +341,8 @@ def test_timing_blocks_stop_once_each_decision_is_clear(
     name: str, candidate_ms: float, settled: bool
 ) -> None:
     quantized, candidate = rounds(10.0, candidate_ms, 6)
-    assert latency_guard._decided({"quantized": quantized, name: candidate}, 0.03) is settled
+    ratios = latency_guard._paired_ratios(candidate, quantized)
+    assert latency_guard._settled(ratios, latency_guard._threshold(name, 0.03)) is settled
 
 
 class MadeUpSession:
