@@ -95,11 +95,9 @@ def _from_proto(proto: Any) -> ir.Model:
     except Exception:
         copy = type(proto)()
         copy.CopyFrom(proto)
-        set_aside = strip_unrepresented_types(copy)
-        if not set_aside:
+        model = _set_aside_and_convert(copy)
+        if model is None:
             raise
-        model: ir.Model = ir.from_proto(copy)
-        model.metadata_props[UNREPRESENTED_TYPES_KEY] = json.dumps(set_aside, sort_keys=True)
         return model
 
 
@@ -116,11 +114,21 @@ def _load_with_unrepresented_types(path: Path) -> ir.Model | None:
         proto = onnx.load(os.fspath(path), load_external_data=False)
     except Exception:
         return None
+    model = _set_aside_and_convert(proto)
+    if model is not None:
+        ir.external_data.set_base_dir(model.graph, path.parent)
+    return model
+
+
+def _set_aside_and_convert(proto: Any) -> ir.Model | None:
+    """``proto`` (modified) as an onnx-ir model, its unrepresentable types kept in the metadata.
+
+    ``None`` when it has none: then the reason onnx-ir failed lies elsewhere.
+    """
     set_aside = strip_unrepresented_types(proto)
     if not set_aside:
         return None
     model: ir.Model = ir.from_proto(proto)
-    ir.external_data.set_base_dir(model.graph, path.parent)
     model.metadata_props[UNREPRESENTED_TYPES_KEY] = json.dumps(set_aside, sort_keys=True)
     return model
 

@@ -227,7 +227,7 @@ class OutputStats:
             self._samples += 1
             return
         try:
-            ref, act = _pair(reference, actual)
+            ref, act = _pair(ref_array, act_array)
         except ValueError as exc:
             raise ValueError(f"output {self.name!r}: {exc}") from exc
         with np.errstate(invalid="ignore", over="ignore"):
