@@ -20,7 +20,7 @@ from onnxq.config import ActivationScheme, QuantConfig
 from onnxq.data import DataSource, Feeds, input_specs, load_feeds
 from onnxq.declines import Decline
 from onnxq.errors import OnnxqError
-from onnxq.pipeline.range_choice import choose_range_method
+from onnxq.pipeline.range_choice import PER_TENSOR, choose_range_method
 from onnxq.pipeline.state import StaticState, count_op_types, write_qdq
 from onnxq.pipeline.summary import CalibrationSummary, ModeSummary
 from onnxq.plan.op_rules import ANCHOR_OPS
@@ -165,8 +165,9 @@ def quantize_static(
     if config.calibration.method == "auto":
         choice = choose_range_method(model, calibration, feeds, config, providers)
         calibration = dataclasses.replace(calibration, ranges=choice.ranges, method=choice.method)
-        chosen = dataclasses.replace(config.calibration, method=choice.method)  # type: ignore[arg-type]
-        config = config.replace(calibration=chosen)
+        if choice.method != PER_TENSOR:  # a per-tensor mix stays "auto": no one method made its ranges
+            chosen = dataclasses.replace(config.calibration, method=choice.method)  # type: ignore[arg-type]
+            config = config.replace(calibration=chosen)
         notes.append(choice.describe())
     calibrate_seconds = time.perf_counter() - start
     # The exclusions made above are the calibration's, not the user's configuration's.

@@ -1,5 +1,6 @@
-"""Range method ``auto``: every method's range from one histogram, exact merging of the two halves, and
-a choice by held-out output error that beats the methods it chooses from where they differ."""
+"""Range method ``auto``: every method's range from one histogram, exact merging of the two halves, a
+choice by held-out output error that beats the methods it chooses from where they differ, and a
+per-tensor refinement that beats every uniform method where two tensors want different ones."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pytest
 import onnxq
 from onnxq.calibrate.observers import AutoObserver, make_observer
 from onnxq.config import AUTO_METHODS, CalibrationConfig, LatencyGuardConfig, QuantConfig
+from onnxq.pipeline.range_choice import PER_TENSOR, _channel_sqnr_db
 
 NO_GUARD = LatencyGuardConfig(enabled=False)
 
@@ -113,6 +115,78 @@ def test_auto_keeps_the_method_that_does_best_on_held_out_data() -> None:
     # that kept min-max, or any one fixed method but entropy, would fail).
     assert auto >= max(scores.values()) - 1.0 and auto >= scores["minmax"] + 10.0, (scores, auto)
     assert result.static is not None and result.static.config.calibration.method == chosen
+
+
+def _two_branch_model_and_data() -> tuple[object, list[dict[str, np.ndarray]], list[dict[str, np.ndarray]]]:
+    """Two independent MatMuls: ``a`` is heavy-tailed with a one-off spike in the fitted half (entropy
+    clips it and wins), ``b`` has one channel 30x the others in every sample (clipping it costs the
+    output: entropy loses there). No single method is right for both."""
+    text = """
+    two (float[N, 32] a, float[N, 32] b) => (float[N, 16] y, float[N, 16] z) {
+        y = MatMul (a, V)
+        z = MatMul (b, W)
+    }
+    """
+    proto = builders.parse(text, builders.normal_arrays(0, V=(32, 16), W=(32, 16)))
+
+    def feeds(seed: int, count: int, spikes: tuple[int, ...] = ()) -> list[dict[str, np.ndarray]]:
+        rng = np.random.default_rng(seed)
+        out = []
+        for index in range(count):
+            a = rng.standard_t(4, size=(64, 32)).astype(np.float32)
+            if index in spikes:
+                a[5, 7] = 400.0
+            b = rng.standard_normal((64, 32)).astype(np.float32)
+            b[:, 3] *= 30.0
+            out.append({"a": a, "b": b})
+        return out
+
+    return proto, feeds(1, 16, spikes=(0, 4)), feeds(2, 8)
+
+
+def _worst_sqnr(proto: object, model: object, feeds: list[dict[str, np.ndarray]]) -> float:
+    worst = np.inf
+    for output in range(2):
+        want = np.concatenate([builders.run_disabled(proto, f)[output] for f in feeds])  # type: ignore[arg-type]
+        got = np.concatenate([builders.run_disabled(model, f)[output] for f in feeds])  # type: ignore[arg-type]
+        worst = min(worst, float(10 * np.log10(np.sum(want**2) / np.sum((want - got) ** 2))))
+    return worst
+
+
+def test_auto_mixes_methods_where_tensors_want_different_ones() -> None:
+    proto, calib, held_out = _two_branch_model_and_data()
+    uniform = {}
+    for method in AUTO_METHODS:
+        config = QuantConfig(calibration=CalibrationConfig(method=method), latency_guard=NO_GUARD)  # type: ignore[arg-type]
+        uniform[method] = _worst_sqnr(proto, onnxq.quantize(proto, calib, config).model, held_out)
+    config = QuantConfig(calibration=CalibrationConfig(method="auto"), latency_guard=NO_GUARD)
+    result = onnxq.quantize(proto, calib, config)
+    (note,) = [n for n in result.report.preprocess_notes if n.startswith("range method auto")]
+    assert note.startswith(f"range method auto: {PER_TENSOR}") and "1 entropy" in note, note
+    # Measured: the best uniform method (entropy) 20.1 dB on its worse output, the mix 23.0 dB (entropy
+    # on a, MSE or min-max on b). A chooser limited to one method per model cannot pass this bound.
+    auto = _worst_sqnr(proto, result.model, held_out)
+    assert auto >= max(uniform.values()) + 2.0, (uniform, auto)
+    # No single method made the ranges: the configuration stays "auto".
+    assert result.static is not None and result.static.config.calibration.method == "auto"
+
+
+def test_channel_sqnr_is_the_typical_channels() -> None:
+    rng = np.random.default_rng(0)
+    want = rng.standard_normal((2, 5, 64)).astype(np.float32)
+    want[:, 0] *= 1000.0  # large boxes beside small scores, as in a YOLO head
+    got = want.copy()
+    got[:, 1:] += 0.3 * rng.standard_normal((2, 4, 64)).astype(np.float32)  # the small channels are noisy
+    error = (want - got).astype(np.float64)
+    plain = 10 * np.log10(np.sum(want.astype(np.float64) ** 2) / np.sum(error**2))
+    per_channel = _channel_sqnr_db([want[:1], want[1:]], [got[:1], got[1:]])
+    # The box channel alone would give ~70 dB; the typical (small) channel is ~10 dB.
+    assert plain > 60.0 and 5.0 < per_channel < 15.0, (plain, per_channel)
+    assert _channel_sqnr_db([want], [want.copy()]) == np.inf  # an exact copy
+    # Batches whose axis 1 differs (a recognizer's time steps): the whole output's SQNR.
+    short, short_got = want[:, :, :32], got[:, :, :32]
+    mixed = _channel_sqnr_db([want[:1], short[:1, :3]], [got[:1], short_got[:1, :3]])
+    assert np.isfinite(mixed)
 
 
 def test_the_cli_accepts_auto(tmp_path: object) -> None:
