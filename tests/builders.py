@@ -290,3 +290,30 @@ def op_counts(
 def lines(declines: Iterable[object]) -> list[str]:
     """Typed declines (or any records) as the one-line strings the report shows."""
     return [str(d) for d in declines]
+
+
+def two_branch_model_and_data() -> tuple[object, list[dict[str, np.ndarray]], list[dict[str, np.ndarray]]]:
+    """Two independent MatMuls: ``a`` is heavy-tailed with a one-off spike in the fitted half (entropy
+    clips it and wins), ``b`` has one channel 30x the others in every sample (clipping it costs the
+    output: entropy loses there). No single method is right for both."""
+    text = """
+    two (float[N, 32] a, float[N, 32] b) => (float[N, 16] y, float[N, 16] z) {
+        y = MatMul (a, V)
+        z = MatMul (b, W)
+    }
+    """
+    proto = parse(text, normal_arrays(0, V=(32, 16), W=(32, 16)))
+
+    def feeds(seed: int, count: int, spikes: tuple[int, ...] = ()) -> list[dict[str, np.ndarray]]:
+        rng = np.random.default_rng(seed)
+        out = []
+        for index in range(count):
+            a = rng.standard_t(4, size=(64, 32)).astype(np.float32)
+            if index in spikes:
+                a[5, 7] = 400.0
+            b = rng.standard_normal((64, 32)).astype(np.float32)
+            b[:, 3] *= 30.0
+            out.append({"a": a, "b": b})
+        return out
+
+    return proto, feeds(1, 16, spikes=(0, 4)), feeds(2, 8)

@@ -39,16 +39,15 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_ir as ir
 
 from onnxq.calibrate.collect import CalibrationResult
-from onnxq.config import AUTO_METHODS, QuantConfig
+from onnxq.config import AUTO_METHODS
 from onnxq.data import Feeds
-from onnxq.pipeline.state import StaticState
 from onnxq.runtime.session import open_model, run
 from onnxq.validate.metrics import top1_agreement, worst_sqnr_db
 
@@ -190,16 +189,21 @@ def _mix(candidates: Mapping[str, Ranges], methods: Mapping[ir.Value, str]) -> R
     }
 
 
+#: Quantizes the float model with the given ranges (by tensor name), in QDQ form.
+Quantizer = Callable[[dict[str, tuple[float, float]]], ir.Model]
+
+
 def choose_range_method(
     model: ir.Model,
     calibration: CalibrationResult,
     feeds: Feeds,
-    config: QuantConfig,
+    quantize: Quantizer,
     providers: Sequence[str],
 ) -> RangeChoice:
     """Score each method of :data:`AUTO_METHODS` on held-out batches, then refine per run of tensors.
 
-    Returns the best assignment's ranges from all the data (module doc).
+    ``quantize`` rewrites ``model`` with a set of ranges (the caller's configuration; a rewrite,
+    never a calibration). Returns the best assignment's ranges from all the data (module doc).
     """
     batches = list(feeds)
     held_out = [batch for index, batch in enumerate(batches) if index % 2 == 1][:MAX_HELD_OUT]
@@ -210,15 +214,8 @@ def choose_range_method(
 
     def evaluate(methods: Mapping[ir.Value, str]) -> tuple[float, float]:
         ranges = {**calibration.ranges, **_mix(fitted, methods)}
-        state = StaticState(
-            float_model=model,
-            config=config,
-            feeds=feeds,
-            ranges={v.name or "": r for v, r in ranges.items()},
-            providers=tuple(providers),
-            quantized_nodes=(),
-        )
-        session = open_model(state.requantize(output_format="qdq"), providers=providers, opt_level="all")
+        quantized = quantize({v.name or "": r for v, r in ranges.items()})
+        session = open_model(quantized, providers=providers, opt_level="all")
         return _score([run(session, dict(batch)) for batch in scored], reference)
 
     tensors = _topological(model, {v for ranges in calibration.candidates.values() for v in ranges})

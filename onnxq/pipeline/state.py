@@ -15,6 +15,7 @@ from onnxq.calibrate.collect import collect_ranges
 from onnxq.config import QuantConfig
 from onnxq.data import Feeds
 from onnxq.declines import Decline
+from onnxq.pipeline.range_choice import choose_range_method
 from onnxq.plan.planner import QuantPlan, plan_quantization
 from onnxq.preprocess.equalize import EqualizePass
 from onnxq.preprocess.smooth import smooth_outliers
@@ -139,16 +140,38 @@ class StaticState:
             write_residual_adds_as_sum(model)
         return model
 
+    def _auto_ranges(self, config: QuantConfig) -> dict[str, tuple[float, float]]:
+        """Every tensor's range by method ``auto`` (:mod:`onnxq.pipeline.range_choice`)."""
+        model = self.float_model.clone()
+        plan = plan_quantization(model, config)
+        observed = plan.observed_values()
+        schemes = {v: plan.group_of[v].scheme for v in observed}
+        calibration = collect_ranges(
+            model, observed, schemes, self.feeds, config.calibration, providers=self.providers
+        )
+
+        def quantize(ranges: dict[str, tuple[float, float]]) -> ir.Model:
+            trial = dataclasses.replace(self, float_model=model, config=config, ranges=ranges)
+            return trial.requantize(output_format="qdq")
+
+        choice = choose_range_method(model, calibration, self.feeds, quantize, self.providers)
+        return {v.name or "": r for v, r in choice.ranges.items()}
+
     def with_fix(self, fix: str) -> StaticState:
         """The same quantization with one of :data:`FIXES` applied; its ranges calibrated on demand.
 
-        ``method=<name>`` re-calibrates with another range method; ``smooth`` and ``equalize`` apply
+        ``method=<name>`` re-calibrates with another range method (``method=auto`` also makes its
+        choice, per tensor, here); ``smooth`` and ``equalize`` apply
         the outlier smoothing / cross-layer equalization to the float model (exact in float);
         ``bias_correction`` shifts the anchors' biases by the mean error quantization adds
         (:mod:`onnxq.calibrate.bias_correction`). Every anchor stays quantized: a fix costs one
         calibration (bias correction: one float run), and no speed.
         """
         model, config = self.float_model, self.config
+        if fix == "method=auto":  # the choice needs model runs: made here, not left to requantize
+            calibration = dataclasses.replace(config.calibration, method="auto")
+            config = config.replace(calibration=calibration)
+            return dataclasses.replace(self, config=config, ranges=self._auto_ranges(config))
         if fix.startswith("method="):
             calibration = dataclasses.replace(config.calibration, method=fix.removeprefix("method="))  # type: ignore[arg-type]
             config = config.replace(calibration=calibration)

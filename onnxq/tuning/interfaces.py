@@ -17,9 +17,11 @@ from onnxq.data import Feeds
 __all__ = ["FIXES", "RequantizableState", "StaticResult"]
 
 #: The cheaper fixes an accuracy target tries before keeping layers float, each keeping every layer
-#: quantized (so no speed is lost): re-calibration with another range method, outlier smoothing,
-#: cross-layer equalization, empirical bias correction (``RequantizableState.with_fix``).
-FIXES = ("method=percentile", "method=mse", "smooth", "equalize", "bias_correction")
+#: quantized (so no speed is lost): re-calibration with another range method (``auto``: chosen per
+#: tensor on held-out calibration data; percentile and MSE: judged by the target's own metric, which
+#: ``auto``'s held-out output SQNR only approximates), outlier smoothing, cross-layer equalization,
+#: empirical bias correction (``RequantizableState.with_fix``).
+FIXES = ("method=auto", "method=percentile", "method=mse", "smooth", "equalize", "bias_correction")
 
 
 class RequantizableState(Protocol):

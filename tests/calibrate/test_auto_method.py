@@ -117,33 +117,6 @@ def test_auto_keeps_the_method_that_does_best_on_held_out_data() -> None:
     assert result.static is not None and result.static.config.calibration.method == chosen
 
 
-def _two_branch_model_and_data() -> tuple[object, list[dict[str, np.ndarray]], list[dict[str, np.ndarray]]]:
-    """Two independent MatMuls: ``a`` is heavy-tailed with a one-off spike in the fitted half (entropy
-    clips it and wins), ``b`` has one channel 30x the others in every sample (clipping it costs the
-    output: entropy loses there). No single method is right for both."""
-    text = """
-    two (float[N, 32] a, float[N, 32] b) => (float[N, 16] y, float[N, 16] z) {
-        y = MatMul (a, V)
-        z = MatMul (b, W)
-    }
-    """
-    proto = builders.parse(text, builders.normal_arrays(0, V=(32, 16), W=(32, 16)))
-
-    def feeds(seed: int, count: int, spikes: tuple[int, ...] = ()) -> list[dict[str, np.ndarray]]:
-        rng = np.random.default_rng(seed)
-        out = []
-        for index in range(count):
-            a = rng.standard_t(4, size=(64, 32)).astype(np.float32)
-            if index in spikes:
-                a[5, 7] = 400.0
-            b = rng.standard_normal((64, 32)).astype(np.float32)
-            b[:, 3] *= 30.0
-            out.append({"a": a, "b": b})
-        return out
-
-    return proto, feeds(1, 16, spikes=(0, 4)), feeds(2, 8)
-
-
 def _worst_sqnr(proto: object, model: object, feeds: list[dict[str, np.ndarray]]) -> float:
     worst = np.inf
     for output in range(2):
@@ -154,7 +127,7 @@ def _worst_sqnr(proto: object, model: object, feeds: list[dict[str, np.ndarray]]
 
 
 def test_auto_mixes_methods_where_tensors_want_different_ones() -> None:
-    proto, calib, held_out = _two_branch_model_and_data()
+    proto, calib, held_out = builders.two_branch_model_and_data()
     uniform = {}
     for method in AUTO_METHODS:
         config = QuantConfig(calibration=CalibrationConfig(method=method), latency_guard=NO_GUARD)  # type: ignore[arg-type]

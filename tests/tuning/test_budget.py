@@ -19,6 +19,7 @@ import onnx_ir as ir
 import pytest
 
 import onnxq
+from onnxq.config import LatencyGuardConfig
 from onnxq.data import input_specs, load_feeds
 from onnxq.errors import OnnxqError
 from onnxq.pipeline import QuantizationResult
@@ -281,10 +282,27 @@ def test_a_fix_that_meets_the_target_keeps_every_layer_quantized() -> None:
     outcome = meet_target(result, "sqnr>=25", builders.chain_feeds(8, seed=2))
     assert outcome.met and outcome.kept_float == []
     assert outcome.fix == "smooth" and outcome.fixes["smooth"] >= 25.0 > outcome.score_before
-    assert {"method=percentile", "method=mse", "smooth", "equalize", "bias_correction"} <= set(outcome.fixes)
+    assert {"method=auto", "method=percentile", "method=mse", "smooth", "equalize", "bias_correction"} <= set(
+        outcome.fixes
+    )
     assert count_float_anchors(outcome.model) == 0
     assert "applied: smooth" in outcome.summary()
     assert held_out_score(result, outcome.model, AccuracyTarget("sqnr", 22.0), seed=3) >= 22.0
+
+
+def test_range_method_auto_is_a_fix_that_keeps_every_layer_quantized() -> None:
+    """Two MatMuls whose inputs want different range methods (entropy for a spiky one, a wide range
+    for one with a large channel): no uniform method reaches sqnr>=22 (min-max, percentile and MSE
+    ~9.5 dB), the per-tensor choice of ``method=auto`` does (23.0 dB measured) with no layer float."""
+    proto, calib, held_out = builders.two_branch_model_and_data()
+    config = onnxq.QuantConfig(smooth=False, latency_guard=LatencyGuardConfig(enabled=False))
+    result = onnxq.quantize(proto, calib, config)
+    outcome = result.meet_target(AccuracyTarget.parse("sqnr>=22"), held_out)
+    assert outcome.met and outcome.kept_float == [] and outcome.fix == "method=auto"
+    assert (
+        outcome.fixes["method=auto"] >= 22.0 > max(outcome.fixes["method=percentile"], outcome.score_before)
+    )
+    assert result.static is not None and result.static.config.calibration.method == "auto"
 
 
 def test_a_fix_that_helps_is_kept_under_the_layer_search() -> None:
