@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import onnx
 import onnx_ir as ir
 
 from onnxq.errors import OnnxqError
@@ -330,6 +331,10 @@ def save_model(model: ir.Model, path: str | os.PathLike[str], *, input_path: Pat
             if external:
                 data_name = out.name + ".data"
                 ir.save(model, tmp_model, external_data=data_name)
+                if UNREPRESENTED_TYPES_KEY in model.metadata_props:  # the map types go back in too
+                    proto = onnx.load(str(tmp_model), load_external_data=False)
+                    _restore_unrepresented_types(proto)
+                    tmp_model.write_bytes(proto.SerializeToString(deterministic=True))
                 os.replace(Path(tmp) / data_name, folder / data_name)
             else:
                 tmp_model.write_bytes(serialize_model(model))

@@ -101,6 +101,27 @@ def test_the_map_type_is_set_aside_and_written_back(tmp_path: Path) -> None:
     assert stats.sqnr_db > 25 and stats.top1 is not None and stats.top1 >= 0.85
 
 
+def test_the_map_type_is_written_back_beside_external_data(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import onnxq.load.files as files
+
+    monkeypatch.setattr(files, "EXTERNAL_DATA_THRESHOLD", 64)  # the branch that writes weights apart
+    path = tmp_path / "classifier.onnx"
+    proto = zipmap_classifier()
+    onnx.save(proto, path)
+    out = tmp_path / "classifier.int8.onnx"
+    onnxq.quantize(path, feeds(16, seed=1)).save(out)
+    assert (tmp_path / "classifier.int8.onnx.data").is_file()
+    saved = onnx.load(out)
+    onnx.checker.check_model(saved, full_check=True)
+    assert saved.graph.output[1].type == proto.graph.output[1].type
+    assert UNREPRESENTED_TYPES_KEY not in {p.key for p in saved.metadata_props}
+    assert (
+        len(ort.InferenceSession(out, providers=["CPUExecutionProvider"]).run(None, feeds(1, seed=2)[0])) == 2
+    )
+
+
 def test_validation_compares_maps_as_scores_and_labels_exactly(tmp_path: Path) -> None:
     path = tmp_path / "classifier.onnx"
     onnx.save(zipmap_classifier(), path)
