@@ -446,7 +446,9 @@ def _try_fixes(
 
     Every layer stays quantized throughout (one greedy round); the search continues from the result.
     Only fixes that raised the score on their own are stacked, and never a second range method (it
-    would replace the first). At most ``budget`` evaluations are made; a fix whose model is byte for
+    would replace the first). When ``method=auto`` raised the score, the single range methods after it
+    are not tried: auto scored each of them on held-out data already, and their evaluations are worth
+    more to the layer search. At most ``budget`` evaluations are made; a fix whose model is byte for
     byte the one it started from (equalization without a Conv chain, bias correction without a bias
     to move) is not evaluated: it scores what the model it left alone scored.
     Returns the fixes kept (``"a+b"``; ``""``: none), every combination's score, and the model the
@@ -481,6 +483,8 @@ def _try_fixes(
             break
         if not _applies(fix, original.config):
             continue
+        if fix.startswith("method=") and scores.get("method=auto", -math.inf) > score_before:
+            continue  # auto's choice beat the ranges it started from: it weighed these methods already
         state = original.with_fix(fix)
         score, candidate, data = score_of(fix, state, (original_bytes, score_before))
         if not math.isnan(score) and score > score_before and (best is None or score > best[0]):
