@@ -7,8 +7,9 @@ meeting the target on the given evaluation data (cost: the latency keeping them 
 
 1. evaluate the fully quantized model; if it meets the target, stop (1 evaluation);
 1b. try the cheaper fixes that keep every layer quantized, so cost no speed (:data:`FIXES`:
-   re-calibration with the percentile or MSE range method, outlier smoothing, cross-layer
-   equalization; one calibration and one evaluation each); the best-scoring one is kept if it beats
+   re-calibration with range method ``auto`` (per tensor), else with the percentile or MSE method,
+   outlier smoothing, cross-layer equalization, bias correction; one calibration and one
+   evaluation each); the best-scoring one is kept if it beats
    the original, and if it meets the target the search stops there — the fastest model that meets
    the target is one with no layer kept float;
 2. rank the anchors with the one-pass :func:`~onnxq.tuning.sensitivity.estimate_sensitivity` (two
