@@ -49,7 +49,7 @@ from onnxq.calibrate.collect import CalibrationResult
 from onnxq.config import AUTO_METHODS
 from onnxq.data import Feeds
 from onnxq.runtime.session import open_model, run
-from onnxq.validate.metrics import top1_agreement, worst_sqnr_db
+from onnxq.validate.metrics import is_distribution, top1_agreement, worst_sqnr_db
 
 __all__ = [
     "MAX_HELD_OUT",
@@ -113,20 +113,6 @@ class RangeChoice:
         return f"range method auto: {self.method} ({judged} {data}: {scores}{mix})"
 
 
-def _is_distribution(array: np.ndarray) -> bool:
-    """Whether the last axis holds probability distributions (a Softmax over classes or characters)."""
-    if (
-        array.ndim < 2
-        or array.shape[-1] < 2
-        or array.size == 0
-        or not np.issubdtype(array.dtype, np.floating)
-    ):
-        return False
-    with np.errstate(invalid="ignore"):
-        sums = array.sum(axis=-1, dtype=np.float64)
-        return bool(np.all(array >= 0.0) and np.all(np.abs(sums - 1.0) <= 1e-3))
-
-
 def _score(
     outputs: Sequence[Sequence[np.ndarray]], reference: Sequence[Sequence[np.ndarray]]
 ) -> tuple[float, float]:
@@ -137,7 +123,7 @@ def _score(
     agreement = [
         float(np.mean([top1_agreement(r[i], o[i]) for r, o in zip(reference, outputs, strict=True)]))
         for i in range(len(reference[0]))
-        if all(_is_distribution(np.asarray(r[i])) for r in reference)
+        if all(is_distribution(np.asarray(r[i])) for r in reference)
     ]
     sqnr = [
         _channel_sqnr_db([np.asarray(r[i]) for r in reference], [np.asarray(o[i]) for o in outputs])

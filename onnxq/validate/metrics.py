@@ -33,6 +33,7 @@ __all__ = [
     "as_array",
     "compare_models",
     "cosine_similarity",
+    "is_distribution",
     "looks_like_class_scores",
     "max_abs_error",
     "sqnr_db",
@@ -176,7 +177,16 @@ def looks_like_class_scores(array: np.ndarray) -> bool:
         return bool(arr.shape[1] >= 2)
     if arr.ndim == 1:
         return bool(arr.shape[0] >= 2)
-    if arr.ndim < 3 or arr.size == 0 or arr.shape[-1] < 2:
+    return is_distribution(arr)
+
+
+def is_distribution(array: np.ndarray) -> bool:
+    """Whether the last axis of a floating-point array of rank 2 or more holds probability distributions.
+
+    Non-negative, summing to 1 within 1e-3, at least two entries: a Softmax over classes or characters.
+    """
+    arr = np.asarray(array)
+    if arr.ndim < 2 or arr.size == 0 or arr.shape[-1] < 2 or not np.issubdtype(arr.dtype, np.floating):
         return False
     with np.errstate(invalid="ignore"):
         sums = arr.sum(axis=-1, dtype=np.float64)
