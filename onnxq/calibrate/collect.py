@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
+from onnxq.calibrate.extremes import ObservedRunner
 from onnxq.calibrate.observers import AutoObserver, Observer, make_observer
 from onnxq.calibrate.subgraphs import Exposed, expose_values, merge_exposed
 from onnxq.config import ActivationScheme, CalibrationConfig
@@ -28,6 +29,9 @@ from onnxq.runtime.session import SessionError, open_model, run
 __all__ = ["CalibrationResult", "collect_ranges"]
 
 logger = logging.getLogger(__name__)
+
+#: Methods whose observers need only each sample's extremes (see :mod:`onnxq.calibrate.extremes`).
+EXTREMES_METHODS = ("minmax", "moving_average")
 
 
 @dataclass(frozen=True)
@@ -84,20 +88,27 @@ def collect_ranges(
         return CalibrationResult(
             {}, config.method, feeds.num_samples or 0, 0, time.perf_counter() - start, ()
         )
-    # Every optimisation (the NCHWc convolutions are ~1.5x faster than the basic level's): fusions
-    # never swallow a graph output, so each requested tensor is computed as the graph says, up to
-    # float rounding. No prepacking: a one-off session needs no repacked copy of every weight.
     exposed: dict[str, Exposed]
+    runner: ObservedRunner | None = None
     if all(home_graph(v) is model.graph for v in values):
-        session = open_model(model, outputs=values, providers=providers, opt_level="all", prepack=False)
+        # Min-max methods need each sample's extremes only: computed inside the run (calibrate.extremes).
+        reduce = config.method in EXTREMES_METHODS
+        # The moving average steps once per sample: batches of several need each row's extremes.
+        per_row = config.method == "moving_average" and feeds.samples_per_batch > 1
+        runner = ObservedRunner(model, values, reduce=reduce, per_row=per_row, providers=providers)
         exposed = {name: Exposed((name,), reduced=False) for name in names}
     else:  # tensors inside If/Loop/Scan bodies: lifted to main-graph outputs on a copy
+        # No prepacking: a one-off session needs no repacked copy of every weight.
         copy, exposed = expose_values(model, names)
         try:
-            session = open_model(copy, providers=providers, opt_level="all", prepack=False)
+            session = open_model(
+                copy, providers=providers, opt_level="all", prepack=False, priority_order=True
+            )
         except SessionError:  # an untyped If-branch tensor was not float: lift the typed ones only
             copy, exposed = expose_values(model, names, assume_float=False)
-            session = open_model(copy, providers=providers, opt_level="all", prepack=False)
+            session = open_model(
+                copy, providers=providers, opt_level="all", prepack=False, priority_order=True
+            )
     observers: dict[str, Observer] = {}
     halves: dict[str, AutoObserver] = {}  # method auto: the odd-numbered batches' observations
     minmax = CalibrationConfig(method="minmax")
@@ -116,11 +127,17 @@ def collect_ranges(
     fingerprint = FeedFingerprint()
     for feed in progress(feeds, total=feeds.num_batches, desc="calibrate", enabled=show_progress):
         fingerprint.update(feed)
-        outputs = dict(zip(fetched, run(session, feed, fetched), strict=True)) if fetched else {}
+        if runner is not None:
+            arrays = runner.arrays(feed)
+        else:
+            outputs = dict(zip(fetched, run(session, feed, fetched), strict=True)) if fetched else {}
+            arrays = {
+                name: merge_exposed([outputs[out] for out in how.outputs], how.reduced)
+                for name, how in exposed.items()
+            }
         n = _batch_size(feed, feeds.samples_per_batch)
         for name in names:
-            how = exposed[name]
-            array = merge_exposed([outputs[out] for out in how.outputs], how.reduced)
+            array = arrays[name]
             if array.dtype != np.float32:
                 non_float[name] = None
             elif array.size:

@@ -17,7 +17,7 @@ import onnx.helper
 import onnx_ir as ir
 import pytest
 
-from onnxq.calibrate import collect
+from onnxq.calibrate import collect, extremes
 from onnxq.calibrate.collect import CalibrationResult, collect_ranges
 from onnxq.config import CALIBRATION_METHODS, ActivationScheme, CalibrationConfig
 from onnxq.data import FeedFingerprint, Feeds, input_specs, load_feeds
@@ -435,22 +435,32 @@ def test_nothing_to_observe_opens_no_session(monkeypatch: pytest.MonkeyPatch) ->
     assert result.unobserved == () and result.non_float == ()
 
 
-def test_calibration_runs_with_every_optimisation_and_no_prepacking(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("method", ["minmax", "mse"])
+def test_calibration_runs_with_every_optimisation_and_no_prepacking(
+    monkeypatch: pytest.MonkeyPatch, method: str
+) -> None:
     seen: list[dict[str, object]] = []
-    real = collect.open_model
+    real = extremes.open_model
 
     def spy(model: ir.Model, **kwargs: object) -> object:
         seen.append(kwargs)
         return real(model, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(collect, "open_model", spy)
+    monkeypatch.setattr(extremes, "open_model", spy)
     model = ir.from_proto(side_branch_model())
     values = values_named(model, "h", "y")
-    calibrate(model, values, row_feeds(3, seed=0))
+    nodes_before = len(model.graph)
+    calibrate(model, values, row_feeds(3, seed=0), method=method)
     assert len(seen) == 1  # one session for all the data
     assert seen[0]["opt_level"] == "all"
     assert seen[0]["prepack"] is False
-    assert list(seen[0]["outputs"]) == values  # type: ignore[call-overload]
+    outputs = list(seen[0]["outputs"])  # type: ignore[call-overload]
+    if method == "minmax":  # per-row extremes computed in the run, not the tensors themselves
+        assert not set(outputs) & set(values) and len(outputs) == 3 * len(values)
+        assert {o.producer().op_type for o in outputs} == {"ReduceMin", "ReduceMax", "ReduceSum"}
+    else:  # a histogram needs the values
+        assert outputs == values
+    assert len(model.graph) == nodes_before  # the reductions were taken out again
 
 
 def test_a_model_that_fails_on_the_data_raises_a_one_line_error() -> None:
