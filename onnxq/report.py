@@ -280,7 +280,8 @@ class QuantReport:
                     (
                         f"{b.get('target')}: {b.get('score_before', float('nan')):.4g} -> "
                         f"{b.get('score_after', float('nan')):.4g} ({'met' if b.get('met') else 'NOT met'}); "
-                        f"kept float: {kept}; {b.get('evaluations')} evaluations in "
+                        + (f"applied to every layer: {b['fix']}; " if b.get("fix") else "")
+                        + f"kept float: {kept}; {b.get('evaluations')} evaluations in "
                         f"{b.get('search_seconds', 0.0):.1f} s (one full evaluation "
                         f"{b.get('full_evaluation_seconds', 0.0):.2f} s)"
                         + (f"; {b['speed']}" if b.get("speed") else "")

@@ -167,6 +167,8 @@ class QuantizationResult:
         )
         if isinstance(outcome.state, StaticState):  # a fix (range method, smoothing, ...) was kept
             self.static = outcome.state
+            if "calibration" in self.report.scheme:  # the scheme line names the ranges the model has
+                self.report.scheme["calibration"] = self.static.config.calibration.method
         self.model = outcome.model
         self._saved = None
         self._ran = False

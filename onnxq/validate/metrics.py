@@ -33,6 +33,7 @@ __all__ = [
     "as_array",
     "compare_models",
     "cosine_similarity",
+    "fixed_last_axis",
     "is_distribution",
     "looks_like_class_scores",
     "max_abs_error",
@@ -159,6 +160,14 @@ def top1_agreement(reference: npt.ArrayLike, actual: npt.ArrayLike) -> float:
     return float(np.mean(same))
 
 
+def fixed_last_axis(shape: Sequence[int | str | None] | None) -> bool:
+    """Whether an output's declared shape (as ONNX Runtime lists it) may end in a class axis.
+
+    Not when its last dimension is symbolic (``"seq_len"``): a number of classes is fixed in the graph.
+    """
+    return not shape or not isinstance(shape[-1], str)
+
+
 def looks_like_class_scores(array: np.ndarray) -> bool:
     """Whether an output is plausibly classification scores, for which top-1 agreement is meaningful.
 
@@ -203,11 +212,16 @@ class OutputStats:
       badly wrong sample is visible even when the others dominate the energy.
     - ``max_abs_error`` is the maximum over all elements.
     - ``top1`` is the fraction of matching argmax rows over all updates whose reference looks like
-      class scores (:func:`looks_like_class_scores`), or ``None`` when none did.
+      class scores (:func:`looks_like_class_scores`), or ``None`` when none did. An axis whose length
+      changes from feed to feed holds no classes (silero VAD v6's per-frame probabilities over a clip):
+      a ``class_axis=False`` output (its last dimension is symbolic in the graph, see
+      :func:`fixed_last_axis`), or one whose last axis changed length between updates, has no top-1.
     - ``samples`` counts updates (feeds), not rows.
     """
 
     name: str
+    class_axis: bool = True
+    _classes: int | None = field(default=None, init=False, repr=False)
     _ref_energy: float = field(default=0.0, init=False, repr=False)
     _err_energy: float = field(default=0.0, init=False, repr=False)
     _cosine_sum: float = field(default=0.0, init=False, repr=False)
@@ -247,7 +261,12 @@ class OutputStats:
             if err.size:
                 self._max_err = max(self._max_err, float(np.max(np.abs(err))))
             self._cosine_sum += _cosine(ref, act)
-        if looks_like_class_scores(ref_array):
+        if ref_array.ndim and self.class_axis:
+            if self._classes is not None and ref_array.shape[-1] != self._classes:
+                self.class_axis = False  # a length that varies is no class count
+                self._top1_matches = self._top1_rows = 0
+            self._classes = ref_array.shape[-1]
+        if self.class_axis and looks_like_class_scores(ref_array):
             same = np.argmax(ref, axis=-1) == np.argmax(act, axis=-1)
             self._top1_matches += int(np.sum(same))
             self._top1_rows += int(same.size)
@@ -342,7 +361,8 @@ def compare_models(
             f"candidate model lacks output(s) {', '.join(repr(n) for n in missing)} of the reference model"
         )
 
-    stats = [OutputStats(name) for name in names]
+    shapes = {arg.name: arg.shape for arg in ref_session.get_outputs()}
+    stats = [OutputStats(name, class_axis=fixed_last_axis(shapes[name])) for name in names]
     for feed in _progress(feeds, total=progress_total, desc=progress_desc):
         try:
             ref_out = run(ref_session, feed, names)

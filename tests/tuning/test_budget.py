@@ -303,6 +303,10 @@ def test_range_method_auto_is_a_fix_that_keeps_every_layer_quantized() -> None:
     assert outcome.fixes["method=auto"] >= 22.0 > outcome.score_before
     assert "method=percentile" not in outcome.fixes  # auto helped: the methods it weighed are not retried
     assert result.static is not None and result.static.config.calibration.method == "auto"
+    # The report says which ranges the written model has, and which fix the search applied.
+    assert result.report.scheme["calibration"] == "auto"
+    text = result.report.format_table()
+    assert "calibration=auto" in text and "applied to every layer: method=auto" in text
 
 
 def test_single_range_methods_are_tried_when_auto_does_not_help() -> None:

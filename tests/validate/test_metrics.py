@@ -16,6 +16,7 @@ from onnxq.validate.metrics import (
     OutputStats,
     compare_models,
     cosine_similarity,
+    fixed_last_axis,
     looks_like_class_scores,
     max_abs_error,
     sqnr_db,
@@ -170,6 +171,52 @@ def test_output_stats_empty_and_identical() -> None:
     assert stats.cosine == 1.0
     assert stats.max_abs_error == 0.0
     assert stats.top1 == 1.0
+
+
+def test_a_last_axis_whose_length_changes_holds_no_classes(rng: np.random.Generator) -> None:
+    # Per-frame speech probabilities over clips of different lengths: an argmax over frames is noise.
+    stats = OutputStats("speech_probs")
+    for frames in (60, 60, 48):
+        probs = rng.uniform(0, 1, frames).astype(np.float32)
+        stats.update(probs, probs[::-1].copy())
+    assert stats.top1 is None
+    steady = OutputStats("scores")
+    for _ in range(3):
+        scores = rng.standard_normal(10).astype(np.float32)
+        steady.update(scores, scores)
+    assert steady.top1 == 1.0
+
+
+@pytest.mark.parametrize(
+    ("shape", "expected"),
+    [
+        (["N", 10], True),
+        ([1, 1000], True),
+        (["seq_len"], False),
+        ([1, "frames"], False),
+        (None, True),
+        ([], True),
+    ],
+)
+def test_fixed_last_axis(shape: list[int | str] | None, expected: bool) -> None:
+    assert fixed_last_axis(shape) is expected
+
+
+def test_an_output_with_a_symbolic_last_axis_gets_no_top1(rng: np.random.Generator) -> None:
+    probs = model_bytes("""
+        g (float[frames] x) => (float[frames] y) {
+            y = Sigmoid (x)
+        }
+    """)
+    other = model_bytes("""
+        g (float[frames] x) => (float[frames] y) {
+            z = Neg (x)
+            y = Sigmoid (z)
+        }
+    """)
+    data = [{"x": rng.standard_normal(32).astype(np.float32)} for _ in range(3)]  # same length each time
+    (stats,) = compare_models(probs, other, iter(data))
+    assert stats.top1 is None and stats.cosine < 0.99  # compared, but no argmax over frames
 
 
 def test_output_stats_not_class_scores_has_no_top1(rng: np.random.Generator) -> None:
