@@ -32,6 +32,9 @@ name                     input (batch 1)                      task metric (1.0 =
 ``ddddocr_rec``          ``input1`` [1, 1, 64, W] text line   CTC character accuracy (1 − edit distance)
 ``ddddocr_det``          ``images`` [1, 3, 416, 416] captcha  F1 of detections (IoU > 0.5)
 ``magika``               ``bytes`` [1, 2048] int32 file       top-1 agreement (file type)
+``yolo11s_seg_slider``   ``images`` [1, 3, 640, 640] captcha  IoU of the gap masks (score > 0.25)
+``silero_vad_v6``        ``input`` [frames, 576], ``h``, ``c``  agreement of per-frame speech decisions
+                         [1, 1, 128]
 ``light_*`` (9 models)   [1, 3, 224, 224] random normal       mean cosine of the output (informational)
 ======================== ==================================== ============================================
 
@@ -89,6 +92,20 @@ name                     input (batch 1)                      task metric (1.0 =
   wheels (Python, stubs, compiled ``.so``, images, YAML, JSON, text, ONNX), split between calib and eval
   by the CRC of their names, read into features as ``magika.py``'s ``_extract_features_from_seekable``
   does (first and last 4096 bytes stripped of whitespace, 1024 of each kept, padding token 256).
+- **captcha_recognizer 1.0.2** ``models/slider.onnx``: an ultralytics YOLO11s-seg (8.3.176 export,
+  torch 2.4, opset 19: SiLU as ``x·Sigmoid(x)``, C2PSA attention with MatMul/Softmax, a ConvTranspose
+  prototype head) that finds the gap of slider captchas; pretrained. Inputs are made like the sites
+  draw them: a photo crop of the scikit-image wheel, 260–340 px wide, with a jigsaw-piece gap (rounded
+  square, two round knobs) shaded into its right two thirds and outlined, prepared as ``slider.py``'s
+  ``letterbox``/``preprocess`` do (fitted into 640 × 640 on grey 114, RGB, ``/255``). The float model
+  finds the drawn gap (box IoU ~0.7). The metric decodes as ``postprocess`` does (score > 0.25, NMS at
+  IoU 0.7, mask = coefficients · prototypes > 0 inside the box) and compares the union of the masks.
+- **faster-whisper 1.2.1** ``assets/silero_vad_v6.onnx``: Silero VAD v6 for 16 kHz, exported by torch
+  2.8 (opset 18, no ``If``): an STFT as a Conv, four Conv+ReLU, an LSTM across the frames, a sigmoid
+  head. ``SileroVADModel.__call__`` feeds a whole clip at once: 512-sample frames each led by the
+  previous frame's last 64 samples, ``[frames, 576]``, with zero ``h``/``c``; here clips of 48–160
+  frames of the speech stream (seeded gain and hiss). The metric is the agreement of the per-frame
+  decisions (p > 0.5).
 - **onnx** ``backend/test/data/light/light_*.onnx``: the classic Caffe2-era model-zoo networks (IR 3,
   opset 9) that the installed ``onnx`` wheel ships. Their weights there are ``ConstantOfShape`` fills
   of 0.02, which overflow float32 in the deeper networks (every output the same, or infinite), so
@@ -179,8 +196,11 @@ __all__ = [
     "ppocr_rec_input",
     "prepare",
     "rec_characters",
+    "slider_detections",
+    "slider_input",
     "task_metric",
     "task_metrics",
+    "vad_v6_feed",
     "yolo_detections",
     "yolo_input",
     "zoo_models",
@@ -273,6 +293,12 @@ _PHOTO_MEMBERS = (
 _YOLO_SCORE = 0.05
 _DDDDOCR = ("ddddocr", "1.6.1")
 _MAGIKA = ("magika", "1.0.3")
+_SLIDER = ("captcha_recognizer", "1.0.2")
+#: ``captcha_recognizer/slider.py``'s ``CONF_THRESHOLD`` default of ``predict`` and its NMS IoU.
+_SLIDER_SCORE, _SLIDER_NMS = 0.25, 0.7
+_WHISPER = ("faster-whisper", "1.2.1")
+#: Length range (in 512-sample frames, 32 ms each) of the clips ``silero_vad_v6`` reads at once.
+_VAD_CLIP_FRAMES = (48, 160)
 #: Wheels whose files are magika's inputs (code, images, text, configs, models, compiled objects): the
 #: zoo fetches them anyway.
 _FILE_WHEELS = (_MAGIKA, _PHOTOS, _OCR)
@@ -388,6 +414,26 @@ def zoo_models() -> list[ZooModel]:
             *_MAGIKA,
             "magika/models/standard_v3_3/model.onnx",
             "fe2d2eb49c5f88a9e0a6c048e15d6ffdf86235519c2afc535044de433169ec8c",
+        ),
+        ZooModel(
+            "yolo11s_seg_slider",
+            f"{_SLIDER[0]} {_SLIDER[1]}: YOLO11s-seg slider-gap segmenter (ultralytics 8.3, opset 19)",
+            "cnn + attention instance segmenter (SiLU, C2PSA)",
+            "gap-mask IoU vs float",
+            "wheel",
+            *_SLIDER,
+            "captcha_recognizer/models/slider.onnx",
+            "caabd60274af1748d9bc8d5c3b2231521000f4d3c10608485ce251503bb97d9a",
+        ),
+        ZooModel(
+            "silero_vad_v6",
+            f"{_WHISPER[0]} {_WHISPER[1]}: Silero VAD v6, a whole clip per call (torch 2.8, opset 18)",
+            "conv + lstm over a clip's frames",
+            "speech-decision agreement vs float",
+            "wheel",
+            *_WHISPER,
+            "faster_whisper/assets/silero_vad_v6.onnx",
+            "4cbf549b8326f60f80f2536d9eefeb450a9abe83365a098031c89719f1be17d2",
         ),
     ]
     minilm_version = _installed_version(_MINILM_PACKAGE)
@@ -1159,6 +1205,29 @@ def _vad_samples(model_path: Path, split: Split, count: int, rng: np.random.Gene
     return samples
 
 
+def _vad_clip(split: Split, rng: np.random.Generator) -> tuple[np.ndarray, float]:
+    """A clip of the split's speech stream (48–160 frames of 512 samples) with a seeded gain and hiss,
+    and the fraction of its samples inside an utterance."""
+    clean, segments = _speech(split)
+    frames = int(rng.integers(_VAD_CLIP_FRAMES[0], _VAD_CLIP_FRAMES[1] + 1))
+    start = int(rng.integers(0, clean.size - frames * VAD_CHUNK))
+    stop = start + frames * VAD_CHUNK
+    clip = clean[start:stop] * rng.uniform(0.5, 1.0)
+    clip = clip + rng.uniform(0.001, 0.006) * rng.standard_normal(clip.size, dtype=np.float32)
+    inside = np.clip(np.minimum(segments[:, 1], stop) - np.maximum(segments[:, 0], start), 0, None).sum()
+    return clip.astype(np.float32), float(inside) / (stop - start)
+
+
+def vad_v6_feed(clip: np.ndarray) -> Feed:
+    """``silero_vad_v6``'s feed for a clip, as ``faster_whisper/vad.py``'s ``SileroVADModel.__call__``
+    builds it: the clip cut into 512-sample frames, each led by the previous frame's last 64 samples
+    (zeros before the first), ``[frames, 576]``; ``h`` and ``c`` zero ``[1, 1, 128]``."""
+    frames = clip.reshape(-1, VAD_CHUNK)
+    context = np.concatenate([np.zeros((1, VAD_CONTEXT), np.float32), frames[:-1, -VAD_CONTEXT:]])
+    state = np.zeros((1, 1, 128), np.float32)
+    return {"input": np.concatenate([context, frames], axis=1), "h": state, "c": state.copy()}
+
+
 # --------------------------------------------------------------------------------------------------
 # Samples
 
@@ -1186,6 +1255,19 @@ def yolo_input(rgb: np.ndarray, size: int = 320) -> np.ndarray:
     square = np.zeros((side, side, 3), np.uint8)
     square[: rgb.shape[0], : rgb.shape[1]] = rgb
     return _chw(_resize_linear(square, size, size), (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))[None]
+
+
+def slider_input(rgb: np.ndarray, size: int = 640) -> np.ndarray:
+    """The slider segmenter's ``images`` for an RGB captcha, following ``captcha_recognizer/slider.py``'s
+    ``letterbox`` and ``preprocess``: scaled to fit ``size`` × ``size`` (bilinear), centred on grey 114,
+    RGB, ``/255``, CHW."""
+    h, w = rgb.shape[:2]
+    ratio = min(size / h, size / w)
+    new_w, new_h = round(w * ratio), round(h * ratio)
+    canvas = np.full((size, size, 3), 114, np.uint8)
+    top, left = (size - new_h) // 2, (size - new_w) // 2
+    canvas[top : top + new_h, left : left + new_w] = _resize_linear(rgb, new_w, new_h)
+    return _chw(canvas, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))[None]
 
 
 def orientation_input(rgb: np.ndarray) -> np.ndarray:
@@ -1284,6 +1366,38 @@ def _captcha(rng: np.random.Generator, pool: Sequence[str]) -> tuple[np.ndarray,
     return np.asarray(image), count
 
 
+def _slider_captcha(rng: np.random.Generator) -> tuple[np.ndarray, Box]:
+    """A slider captcha: a photo crop (260–340 px wide, 0.45–0.62 as high) with a jigsaw-piece gap cut
+    into its right two thirds (a rounded square of 24–34 % of the height with two round knobs, shaded to
+    30–55 % brightness, its edge drawn light), as the puzzle sites draw it; returns the RGB image and the
+    gap's box."""
+    from PIL import Image, ImageDraw, ImageFilter
+
+    width = int(rng.choice((260, 300, 320, 340)))
+    height = int(width * rng.uniform(0.45, 0.62))
+    image = (
+        Image.fromarray(_photo_crop(rng)).convert("RGB").resize((width, height), Image.Resampling.BILINEAR)
+    )
+    side = int(height * rng.uniform(0.24, 0.34))
+    knob = side // 4
+    piece = Image.new("L", (side + 2 * knob, side + 2 * knob), 0)
+    draw = ImageDraw.Draw(piece)
+    draw.rounded_rectangle([knob, knob, knob + side, knob + side], radius=side // 8, fill=255)
+    centres = ((knob + side // 2, knob), (knob + side, knob + side // 2), (knob + side // 2, knob + side))
+    for k in rng.permutation(len(centres))[:2]:
+        cx, cy = centres[int(k)]
+        draw.ellipse([cx - knob, cy - knob, cx + knob, cy + knob], fill=255)
+    x = int(rng.integers(width // 3, width - piece.width - 2))
+    y = int(rng.integers(2, height - piece.height - 2))
+    mask = np.zeros((height, width), np.float32)
+    mask[y : y + piece.height, x : x + piece.width] = np.asarray(piece, np.float32) / 255
+    edge_image = Image.fromarray((mask * 255).astype(np.uint8)).filter(ImageFilter.FIND_EDGES)
+    edge = np.asarray(edge_image, np.float32) / 255
+    shade = rng.uniform(0.3, 0.55)
+    pixels = np.asarray(image, np.float32) * (1 - mask[..., None] * (1 - shade)) + edge[..., None] * 180
+    return np.clip(pixels, 0, 255).astype(np.uint8), (x, y, x + piece.width, y + piece.height)
+
+
 def _photo_crop(rng: np.random.Generator) -> np.ndarray:
     photos = _photos()
     photo = photos[int(rng.integers(len(photos)))]
@@ -1366,6 +1480,18 @@ def iter_samples(
         for _ in range(count):
             pixels, letters = _captcha(rng, pool)
             yield Sample({"images": ddddocr_det_input(pixels)}, letters)
+    elif name == "yolo11s_seg_slider":
+        for _ in range(count):
+            pixels, box = _slider_captcha(rng)
+            h, w = pixels.shape[:2]
+            ratio = min(640 / h, 640 / w)
+            left, top = (640 - round(w * ratio)) // 2, (640 - round(h * ratio)) // 2
+            drawn = (box[0] * ratio + left, box[1] * ratio + top, box[2] * ratio + left, box[3] * ratio + top)
+            yield Sample({"images": slider_input(pixels)}, drawn)
+    elif name == "silero_vad_v6":
+        for _ in range(count):
+            clip, speech = _vad_clip(split, rng)
+            yield Sample(vad_v6_feed(clip), speech)
     elif name == "magika":
         files = _wheel_files(split)
         for _ in range(count):
@@ -1628,6 +1754,59 @@ def _yolo_metrics(ref: Outputs, out: Outputs) -> dict[str, float]:
     return _detection_metrics(ref, out, yolo_detections, scores, names)
 
 
+def slider_detections(
+    outputs: Sequence[np.ndarray], score: float = _SLIDER_SCORE
+) -> list[tuple[int, float, np.ndarray, np.ndarray]]:
+    """``(class, score, corner box, mask)`` of the YOLO11-seg outputs (``[1, 4 + 1 + 32, anchors]`` and
+    the prototypes ``[1, 32, 160, 160]``), decoded as ``captcha_recognizer/slider.py`` does: score
+    threshold, NMS at IoU 0.7, mask = coefficients · prototypes > 0 inside the box (at prototype
+    resolution, a quarter of the input's)."""
+    table = np.asarray(outputs[0])[0].T  # [anchors, 4 + 1 + 32]
+    protos = np.asarray(outputs[1])[0]
+    scores = table[:, 4]
+    keep = np.flatnonzero(scores >= score)
+    if keep.size == 0:
+        return []
+    cx, cy, w, h = table[keep, :4].T
+    boxes = np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], axis=1)
+    picked = _nms(boxes, scores[keep], _SLIDER_NMS)
+    size = protos.shape[1]
+    grid = (np.arange(size) + 0.5) * (4.0)  # prototype cell centres in input pixels
+    found = []
+    for i in picked:
+        mask = np.tensordot(table[keep[i], 5:], protos, axes=1) > 0
+        x0, y0, x1, y1 = boxes[i]
+        inside = ((grid >= y0) & (grid < y1))[:, None] & ((grid >= x0) & (grid < x1))[None, :]
+        found.append((0, float(scores[keep][i]), boxes[i], mask & inside))
+    return found
+
+
+def _slider_metrics(ref: Outputs, out: Outputs) -> dict[str, float]:
+    """IoU of the union of the instance masks (1.0 when neither model finds a gap), then box F1."""
+    ious = []
+    for r, o in zip(ref, out, strict=True):
+        masks = []
+        for outputs in (r, o):
+            found = slider_detections(outputs)
+            union = np.zeros(np.asarray(outputs[1]).shape[2:], bool)
+            for *_, mask in found:
+                union |= mask
+            masks.append(union)
+        union_area = int((masks[0] | masks[1]).sum())
+        ious.append(1.0 if union_area == 0 else int((masks[0] & masks[1]).sum()) / union_area)
+
+    def boxes(outputs: Sequence[np.ndarray]) -> list[tuple[int, float, np.ndarray]]:
+        return [(c, s, b) for c, s, b, _ in slider_detections(outputs)]
+
+    def scores(outputs: Sequence[np.ndarray]) -> np.ndarray:
+        return np.asarray(outputs[0])[0, 4].ravel()
+
+    detection = _detection_metrics(
+        ref, out, boxes, scores, ("detection F1", "score cosine", "float gaps per image")
+    )
+    return {"gap-mask IoU vs float": float(np.mean(ious)), **detection}
+
+
 def _ddddocr_rec_metrics(ref: Outputs, out: Outputs) -> dict[str, float]:
     """:func:`_rec_metrics` on the ``[time, batch, classes]`` output read as ``[batch, time, classes]``."""
 
@@ -1676,11 +1855,21 @@ def _yolox_metrics(ref: Outputs, out: Outputs) -> dict[str, float]:
 
 
 def _vad_metrics(ref: Outputs, out: Outputs) -> dict[str, float]:
-    p = np.array([float(r[0].ravel()[0]) for r in ref])
-    q = np.array([float(o[0].ravel()[0]) for o in out])
+    """Over every speech probability (one per call for ``silero_vad``, one per frame for v6); a feed
+    whose quantized output has another length than the float one counts as wrong on every frame."""
+    agree, error = [], []
+    for r, o in zip(ref, out, strict=True):
+        p = np.asarray(r[0], np.float64).ravel()
+        q = np.asarray(o[0], np.float64).ravel()
+        if p.shape != q.shape:
+            agree.append(np.zeros(max(p.size, q.size)))
+            error.append(np.ones(max(p.size, q.size)))
+        else:
+            agree.append((p > 0.5) == (q > 0.5))
+            error.append(np.abs(p - q))
     return {
-        "speech-decision agreement vs float": float(np.mean((p > 0.5) == (q > 0.5))),
-        "mean |Δ prob|": float(np.mean(np.abs(p - q))),
+        "speech-decision agreement vs float": float(np.mean(np.concatenate(agree))),
+        "mean |Δ prob|": float(np.mean(np.concatenate(error))),
     }
 
 
@@ -1716,8 +1905,10 @@ def task_metrics(
         return _cls_metrics(float_outputs, quant_outputs)
     if name == "layout_cdla":
         return _layout_metrics(float_outputs, quant_outputs)
-    if name == "silero_vad":
+    if name in ("silero_vad", "silero_vad_v6"):
         return _vad_metrics(float_outputs, quant_outputs)
+    if name == "yolo11s_seg_slider":
+        return _slider_metrics(float_outputs, quant_outputs)
     if name == "yolov8n_nudenet":
         return _yolo_metrics(float_outputs, quant_outputs)
     if name.startswith("minilm_"):  # outputs: last_hidden_state, sentence_embedding
@@ -1840,6 +2031,17 @@ def _truth_line(model: ZooModel, path: Path, samples: Sequence[Sample], outputs:
         labels = _magika_labels()
         got = [labels[int(o[0].argmax(-1)[0])] for o in outputs]
         return "float: " + "; ".join(f"{s.truth} → {g}" for g, s in zip(got, samples, strict=True))
+    if model.name == "yolo11s_seg_slider":
+        best = []
+        for o, s in zip(outputs, samples, strict=True):
+            found = slider_detections(o)
+            drawn = np.asarray(s.truth, np.float64)[None]
+            best.append(max((float(_iou(d[2][None], drawn)[0]) for d in found), default=0.0))
+        return f"float vs drawn gap: best box IoU {np.round(best, 2).tolist()}"
+    if model.name == "silero_vad_v6":
+        probs = [float(np.mean(np.asarray(o[0]) > 0.5)) for o in outputs]
+        drawn = [round(s.truth, 2) for s in samples]
+        return f"float speech-frame fraction {np.round(probs, 2).tolist()}; inside utterances {drawn}"
     if model.name == "silero_vad":
         probs = [round(float(o[0].ravel()[0]), 3) for o in outputs]
         return f"float speech prob {probs}; chunk inside an utterance {[s.truth for s in samples]}"
