@@ -327,17 +327,21 @@ class HistogramObserver(Observer):
         flat = x.reshape(-1)
         for start in range(0, flat.size, _CHUNK):
             chunk = flat[start : start + _CHUNK]
+            if chunk.size == 0:
+                continue
+            # min/max propagate NaN and show an infinity: finite extremes mean an all-finite chunk.
+            lo, hi = float(chunk.min()), float(chunk.max())
+            if math.isfinite(lo) and math.isfinite(hi):
+                self._add(chunk, lo, hi)
+                continue
             finite = np.isfinite(chunk)
-            if finite.all():
-                self._add(chunk)
-            else:
-                self._note_infinities(chunk, finite)
-                self._add(chunk[finite])
+            self._note_infinities(chunk, finite)
+            values = chunk[finite]
+            if values.size:
+                self._add(values, float(values.min()), float(values.max()))
 
-    def _add(self, values: npt.NDArray[np.float32]) -> None:
-        if values.size == 0:
-            return
-        lo, hi = float(values.min()), float(values.max())
+    def _add(self, values: npt.NDArray[np.float32], lo: float, hi: float) -> None:
+        """Count finite ``values`` whose minimum and maximum are ``lo`` and ``hi``."""
         self._min, self._max = min(self._min, lo), max(self._max, hi)
         self._empty = False
         largest = max(-lo, hi)
@@ -353,13 +357,19 @@ class HistogramObserver(Observer):
             self._counts[self._half] += self._zeros
         elif exp > self._exp:
             self._grow(exp)
-        scaled = values.astype(np.float64)
-        scaled *= math.ldexp(1.0, self._log2_bins - 1 - self._exp)  # 1 / bin width, exact
+        shift = self._log2_bins - 1 - self._exp  # x * 2**shift: x in bin widths, |x| < num_bins / 2
+        # A power-of-two factor of at least 1 is exact in float32 too (nothing underflows): four
+        # float32 passes instead of five float64 ones. A smaller one (|x| beyond num_bins / 2) could
+        # flush a tiny negative value to -0.0, whose bin is wrong: that case stays in float64.
+        in_float32 = shift >= 0 and self.num_bins <= 1 << 24  # bin numbers exact in float32
+        scaled = values * np.float32(math.ldexp(1.0, shift)) if in_float32 else values.astype(np.float64)
+        if not in_float32:
+            scaled *= math.ldexp(1.0, shift)
         np.floor(scaled, out=scaled)
-        index = scaled.astype(np.intp)
-        index += self._half
-        self._counts += np.bincount(index, minlength=self.num_bins)
-        self._zeros += int(np.count_nonzero(values == 0.0))
+        scaled += self._half  # an integer of magnitude below num_bins / 2, plus num_bins / 2: exact
+        self._counts += np.bincount(scaled.astype(np.intp), minlength=self.num_bins)
+        if lo <= 0.0 <= hi:
+            self._zeros += int(np.count_nonzero(values == 0.0))
 
     def _grow(self, exp: int) -> None:
         """Widen to ``R = 2**exp`` by merging aligned groups of ``2**(exp - old)`` bins (exact)."""

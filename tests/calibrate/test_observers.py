@@ -172,6 +172,22 @@ def test_histogram_handles_float32_extremes() -> None:
     np.testing.assert_array_equal(counts, np.histogram(data.astype(np.float64), bins=edges)[0])
 
 
+@pytest.mark.parametrize("largest", [3.0, 1e-30, 1e6])
+def test_histogram_bins_are_exact_for_subnormal_and_tiny_values(largest: float) -> None:
+    """Bin numbers are computed in float32 when the scale factor is at least 1 (largest below
+    num_bins / 2 bin widths' worth of range), in float64 otherwise: a negative subnormal must still
+    land left of zero, and every count must equal numpy's float64 histogram."""
+    tiny = np.array([-1e-45, 1e-45, -1e-40, 1e-40, -1e-38, 0.0, -0.0], np.float32)
+    rng = np.random.default_rng(4)
+    bulk = (rng.standard_normal(10_000) * largest / 4).astype(np.float32)
+    data = np.concatenate([tiny, bulk, np.array([largest, -largest / 2], np.float32)])
+    observer = PercentileObserver(num_bins=4096)
+    observer.update(data)
+    counts, edges = observer.histogram()
+    np.testing.assert_array_equal(counts, np.histogram(data.astype(np.float64), bins=edges)[0])
+    assert counts[: 4096 // 2].sum() == int(np.count_nonzero(data < 0))
+
+
 def test_histogram_zeros_before_first_nonzero_value_land_in_zero_bin() -> None:
     observer = PercentileObserver(num_bins=64)
     observer.update(np.zeros(10, np.float32))
