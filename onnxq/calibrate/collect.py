@@ -24,7 +24,7 @@ from onnxq.data import FeedFingerprint, Feeds
 from onnxq.errors import OnnxqError
 from onnxq.graph import home_graph
 from onnxq.progress import progress
-from onnxq.runtime.session import SessionError, open_model, run
+from onnxq.runtime.session import SessionError
 
 __all__ = ["CalibrationResult", "collect_ranges"]
 
@@ -66,6 +66,28 @@ def _batch_size(feed: Mapping[str, np.ndarray], per_batch: int) -> int:
     return 1
 
 
+def _lifted_runner(
+    copy: ir.Model, exposed: Mapping[str, Exposed], *, reduce: bool, per_row: bool, providers: Sequence[str]
+) -> ObservedRunner:
+    """The runner over a copy whose body tensors were lifted to main-graph outputs.
+
+    The main graph's own tensors (exposed as themselves) may come back as extremes; the lifted ones
+    come back whole (an If branch's tensor may be empty, a Loop's already holds per-iteration extremes).
+    """
+    graph = copy.graph
+    found = {v.name: v for v in graph.inputs}
+    found.update({out.name: out for node in graph for out in node.outputs})
+    outputs = list(dict.fromkeys(out for how in exposed.values() for out in how.outputs))
+    own = {name for name, how in exposed.items() if how.outputs == (name,) and not how.reduced}
+    return ObservedRunner(
+        copy,
+        [found[out] for out in outputs],
+        reduce=own if reduce else set(),
+        per_row=per_row,
+        providers=providers,
+    )
+
+
 def collect_ranges(
     model: ir.Model,
     values: Sequence[ir.Value],
@@ -88,27 +110,24 @@ def collect_ranges(
         return CalibrationResult(
             {}, config.method, feeds.num_samples or 0, 0, time.perf_counter() - start, ()
         )
+    # Min-max methods need each sample's extremes only: computed inside the run (calibrate.extremes),
+    # for the main graph's tensors. The moving average steps once per sample: batches of several
+    # need each row's extremes.
+    reduce = config.method in EXTREMES_METHODS
+    per_row = config.method == "moving_average" and feeds.samples_per_batch > 1
     exposed: dict[str, Exposed]
-    runner: ObservedRunner | None = None
     if all(home_graph(v) is model.graph for v in values):
-        # Min-max methods need each sample's extremes only: computed inside the run (calibrate.extremes).
-        reduce = config.method in EXTREMES_METHODS
-        # The moving average steps once per sample: batches of several need each row's extremes.
-        per_row = config.method == "moving_average" and feeds.samples_per_batch > 1
-        runner = ObservedRunner(model, values, reduce=reduce, per_row=per_row, providers=providers)
         exposed = {name: Exposed((name,), reduced=False) for name in names}
+        runner = ObservedRunner(
+            model, values, reduce=set(names) if reduce else set(), per_row=per_row, providers=providers
+        )
     else:  # tensors inside If/Loop/Scan bodies: lifted to main-graph outputs on a copy
-        # No prepacking: a one-off session needs no repacked copy of every weight.
-        copy, exposed = expose_values(model, names)
         try:
-            session = open_model(
-                copy, providers=providers, opt_level="all", prepack=False, priority_order=True
-            )
+            copy, exposed = expose_values(model, names)
+            runner = _lifted_runner(copy, exposed, reduce=reduce, per_row=per_row, providers=providers)
         except SessionError:  # an untyped If-branch tensor was not float: lift the typed ones only
             copy, exposed = expose_values(model, names, assume_float=False)
-            session = open_model(
-                copy, providers=providers, opt_level="all", prepack=False, priority_order=True
-            )
+            runner = _lifted_runner(copy, exposed, reduce=reduce, per_row=per_row, providers=providers)
     observers: dict[str, Observer] = {}
     halves: dict[str, AutoObserver] = {}  # method auto: the odd-numbered batches' observations
     minmax = CalibrationConfig(method="minmax")
@@ -121,20 +140,16 @@ def collect_ranges(
             odd = make_observer(method, dtype=scheme.dtype, symmetric=scheme.symmetric)
             assert isinstance(odd, AutoObserver)
             halves[name] = odd
-    fetched = list(dict.fromkeys(out for name in names for out in exposed[name].outputs))
     samples = runs = 0
     non_float: dict[str, None] = {}
     fingerprint = FeedFingerprint()
     for feed in progress(feeds, total=feeds.num_batches, desc="calibrate", enabled=show_progress):
         fingerprint.update(feed)
-        if runner is not None:
-            arrays = runner.arrays(feed)
-        else:
-            outputs = dict(zip(fetched, run(session, feed, fetched), strict=True)) if fetched else {}
-            arrays = {
-                name: merge_exposed([outputs[out] for out in how.outputs], how.reduced)
-                for name, how in exposed.items()
-            }
+        outputs = runner.arrays(feed)
+        arrays = {
+            name: merge_exposed([outputs[out] for out in how.outputs], how.reduced)
+            for name, how in exposed.items()
+        }
         n = _batch_size(feed, feeds.samples_per_batch)
         for name in names:
             array = arrays[name]

@@ -22,7 +22,7 @@ main graph are reduced; the others are exposed whole from the start.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 
 import numpy as np
 import onnx_ir as ir
@@ -149,7 +149,7 @@ def stacked(outputs: Mapping[str, np.ndarray], fetch: tuple[str, ...]) -> np.nda
 class ObservedRunner:
     """Runs the calibration model and returns, per observed tensor, the array its observer is given.
 
-    With ``reduce``, the tensors :func:`reducible` allows come back as their per-row extremes
+    The tensors named in ``reduce`` that :func:`reducible` allows come back as their per-row extremes
     (:func:`stacked`; over the whole tensor where its rank is unknown, unless ``per_row``); every
     other one whole. A tensor whose extremes are not :func:`plain` is widened
     (exposed whole from then on) and the feed run again; if the session with the reductions cannot be
@@ -162,7 +162,7 @@ class ObservedRunner:
         model: ir.Model,
         values: Sequence[ir.Value],
         *,
-        reduce: bool,
+        reduce: Collection[str],
         per_row: bool,
         providers: Sequence[str],
     ) -> None:
@@ -173,7 +173,7 @@ class ObservedRunner:
         self.rows = {
             v.name or ""
             for v in self.values
-            if reduce and reducible(v, model.graph) and (_rank_known(v) or not per_row)
+            if (v.name or "") in reduce and reducible(v, model.graph) and (_rank_known(v) or not per_row)
         }
         self._open()
 
@@ -213,7 +213,8 @@ class ObservedRunner:
         """Each observed tensor's array for one feed (``[d0, 2]`` extremes, or the tensor itself)."""
         while True:
             try:
-                outputs = dict(zip(self.fetched, run(self.session, feed, self.fetched), strict=True))
+                fetched = run(self.session, feed, self.fetched) if self.fetched else []  # [] would mean all
+                outputs = dict(zip(self.fetched, fetched, strict=True))
             except SessionError:
                 if not self.pairs:
                     raise

@@ -17,7 +17,7 @@ import onnx.helper
 import onnx_ir as ir
 import pytest
 
-from onnxq.calibrate import collect, extremes
+from onnxq.calibrate import extremes
 from onnxq.calibrate.collect import CalibrationResult, collect_ranges
 from onnxq.config import CALIBRATION_METHODS, ActivationScheme, CalibrationConfig
 from onnxq.data import FeedFingerprint, Feeds, input_specs, load_feeds
@@ -424,7 +424,7 @@ def test_nothing_to_observe_opens_no_session(monkeypatch: pytest.MonkeyPatch) ->
     def fail(*args: object, **kwargs: object) -> None:
         raise AssertionError("no session is needed when no tensor needs a range")
 
-    monkeypatch.setattr(collect, "open_model", fail)
+    monkeypatch.setattr(extremes, "open_model", fail)
     model = ir.from_proto(side_branch_model())
     feeds = load_feeds(row_feeds(5, seed=0), input_specs(model))
     result = collect_ranges(model, [], {}, feeds, CalibrationConfig(method="mse"), show_progress=False)

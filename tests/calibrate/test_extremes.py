@@ -187,3 +187,37 @@ def test_reductions_onnxruntime_refuses_fall_back_to_whole_tensors(monkeypatch: 
     result = collect_ranges(loaded, observed, schemes, data, CalibrationConfig(), show_progress=False)
     assert summary(result) == expected
     assert len(loaded.graph) == nodes
+
+
+def test_main_graph_tensors_of_a_model_with_bodies_come_back_as_extremes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A tensor inside an If branch is lifted out whole; the main graph's are reduced in the same run."""
+    sessions: list[list[str]] = []
+    real = extremes.open_model
+
+    def spy(model: ir.Model, **kwargs: object) -> object:
+        sessions.append([v.producer().op_type if v.producer() else "input" for v in kwargs["outputs"]])  # type: ignore[attr-defined]
+        return real(model, **kwargs)  # type: ignore[arg-type]
+
+    def calibrate(whole: bool) -> tuple[object, ...]:
+        loaded = ir.from_proto(builders.if_conv_model())
+        found = {out.name: out for node in loaded.graph.all_nodes() for out in node.outputs}
+        observed = [loaded.graph.inputs[0], found["h"], found["t"]]  # x, h: main graph; t: then-branch
+        monkeypatch.setattr(collect, "EXTREMES_METHODS", () if whole else ("minmax",))
+        rng = np.random.default_rng(5)
+        samples = [
+            {"x": rng.standard_normal((1, 3, 8, 8)).astype(np.float32), "cond": np.array(bool(i % 2))}
+            for i in range(4)
+        ]
+        data = load_feeds(samples, input_specs(loaded))
+        schemes = dict.fromkeys(observed, ActivationScheme())
+        return summary(
+            collect_ranges(loaded, observed, schemes, data, CalibrationConfig(), show_progress=False)
+        )
+
+    monkeypatch.setattr(extremes, "open_model", spy)
+    reduced = calibrate(whole=False)
+    assert sessions[-1].count("ReduceMin") == 2 and "If" in sessions[-1]  # x and h reduced, t lifted whole
+    assert reduced == calibrate(whole=True)
+    assert set(reduced[0]) == {"x", "h", "t"}  # type: ignore[call-overload]
