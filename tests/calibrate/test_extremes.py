@@ -221,3 +221,44 @@ def test_main_graph_tensors_of_a_model_with_bodies_come_back_as_extremes(
     assert sessions[-1].count("ReduceMin") == 2 and "If" in sessions[-1]  # x and h reduced, t lifted whole
     assert reduced == calibrate(whole=True)
     assert set(reduced[0]) == {"x", "h", "t"}  # type: ignore[call-overload]
+
+
+@pytest.mark.parametrize("opset", [11, 13, 18, 21])
+def test_reductions_load_and_agree_at_every_opset(opset: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """ReduceSum takes its axes as an input from opset 13, ReduceMin/ReduceMax from 18."""
+    text = """
+    chain (float[N,3,8,8] x) => (float[N,4,8,8] y) {
+        h = Conv <kernel_shape = [3, 3], pads = [1, 1, 1, 1]> (x, w)
+        y = Relu (h)
+    }
+    """
+    rng = np.random.default_rng(opset)
+    proto = builders.parse(text, {"w": rng.normal(0, 0.3, (4, 3, 3, 3)).astype(np.float32)}, opset=opset)
+    samples = [{"x": rng.standard_normal((1, 3, 8, 8)).astype(np.float32)} for _ in range(3)]
+
+    def ranges(whole: bool) -> dict[str | None, tuple[float, float]]:
+        loaded = ir.from_proto(proto)
+        found = {out.name: out for node in loaded.graph for out in node.outputs}
+        observed = [loaded.graph.inputs[0], found["h"], found["y"]]
+        for value in observed:
+            value.type = ir.TensorType(ir.DataType.FLOAT)
+            value.shape = ir.Shape(["N", 3 if value.name == "x" else 4, 8, 8])
+        monkeypatch.setattr(collect, "EXTREMES_METHODS", () if whole else ("minmax",))
+        data = load_feeds(samples, input_specs(loaded))
+        schemes = dict.fromkeys(observed, ActivationScheme())
+        result = collect_ranges(loaded, observed, schemes, data, CalibrationConfig(), show_progress=False)
+        return {value.name: found for value, found in result.ranges.items()}
+
+    opened: list[set[str]] = []
+    real = extremes.open_model
+
+    def spy(model: ir.Model, **kwargs: object) -> object:
+        opened.append({v.producer().op_type for v in kwargs["outputs"] if v.producer()})  # type: ignore[attr-defined]
+        return real(model, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(extremes, "open_model", spy)
+    reduced = ranges(whole=False)
+    assert opened == [
+        {"ReduceMin", "ReduceMax", "ReduceSum"}
+    ]  # one session, ONNX Runtime took the reductions
+    assert reduced == ranges(whole=True) and set(reduced) == {"x", "h", "y"}
