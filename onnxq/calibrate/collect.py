@@ -1,9 +1,12 @@
 """Running the float model on calibration data and streaming the tensors that need ranges into observers.
 
-The tensors to observe are made extra graph outputs of an in-memory copy of the model (nothing is
-written to disk). Each ONNX Runtime run's outputs go straight into the observers and are dropped, so
-memory is bounded by the observers' fixed-size state, not by the number of samples — unlike
-``onnxruntime.quantization``, which keeps every activation of every sample.
+The tensors to observe are made extra graph outputs of the serialized model (nothing is written to
+disk; :mod:`onnxq.calibrate.subgraphs` lifts those inside If/Loop/Scan bodies out first). Each ONNX
+Runtime run's outputs go straight into the observers and are dropped, so memory is bounded by the
+observers' fixed-size state, not by the number of samples — unlike ``onnxruntime.quantization``, which
+keeps every activation of every sample. For the min-max methods the run itself reduces each main-graph
+tensor to its per-row extremes (:mod:`onnxq.calibrate.extremes`), so a run takes the memory of plain
+inference, not that of every activation at once.
 """
 
 from __future__ import annotations

@@ -15,9 +15,10 @@ its per-row and overall extremes are those of the tensor itself.
 
 The observers' other duties need the values themselves: ignoring infinities (``Log(0)``), telling a
 ``-1e9`` attention mask from data (:data:`~onnxq.calibrate.observers.EXTREME_RANGE`), skipping empty
-tensors. A tensor whose extremes are not :func:`plain` is therefore widened by the caller: exposed
-whole from then on, and the sample run again. Only float32 tensors of known rank (at least 1) in the
-main graph are reduced; the others are exposed whole from the start.
+tensors. A tensor whose extremes are not :func:`plain` is therefore widened: exposed whole from then
+on, and the sample run again. Main-graph tensors of float32 or unknown element type are reduced (one of
+unknown rank, which may be a scalar, over all its elements); body tensors and other types come back
+whole from the start.
 """
 
 from __future__ import annotations
@@ -55,7 +56,9 @@ def _rank_known(value: ir.Value) -> bool:
 def add_extremes(
     model: ir.Model, values: Iterable[ir.Value], *, per_row: bool = True
 ) -> tuple[list[ir.Node], dict[str, tuple[ir.Value, ir.Value, ir.Value]]]:
-    """Append to ``model``'s main graph the nodes computing each value's per-row minima and maxima.
+    """Insert into ``model``'s main graph the nodes computing each value's per-row extremes and sums.
+
+    Each value's nodes go right after its producer (a graph input's at the start of the graph).
 
     A value of unknown rank (it may be a scalar, which ``Flatten(axis=1)`` refuses) is reduced over all
     its elements instead, unless ``per_row`` is required (the moving average over batches of several
@@ -92,7 +95,7 @@ def add_extremes(
             source = flat.outputs[0]
         else:
             assert not per_row, f"{base}: rank unknown, its rows cannot be reduced"
-        pair = []
+        reductions = []
         for op_type in ("ReduceMin", "ReduceMax", "ReduceSum"):
             inputs, attributes = [source], [ir.AttrInt64("keepdims", 0)]
             if source is not value:  # over axis 1 of the flattened rows (else over every axis)
@@ -104,8 +107,8 @@ def add_extremes(
             node.outputs[0].name = names.fresh(f"{base}_row_{op_type[6:].lower()}")
             node.outputs[0].type = value.type  # unknown stays unknown: ONNX Runtime infers it
             nodes.append(node)
-            pair.append(node.outputs[0])
-        fetch[value.name or ""] = (pair[0], pair[1], pair[2])
+            reductions.append(node.outputs[0])
+        fetch[value.name or ""] = (reductions[0], reductions[1], reductions[2])
         added.extend(nodes)
         # Right after the producer: ONNX Runtime runs nodes in graph order, and a reduction at the end
         # would keep every observed tensor alive to the end of the run.
@@ -181,7 +184,7 @@ class ObservedRunner:
         reduced = [v for v in self.values if (v.name or "") in self.rows]
         whole = [v for v in self.values if (v.name or "") not in self.rows]
         added, pairs = add_extremes(self.model, reduced, per_row=self.per_row) if reduced else ([], {})
-        extra = [value for pair in pairs.values() for value in pair]
+        extra = [value for fetch in pairs.values() for value in fetch]
         try:
             # Every optimisation (NCHWc convolutions are ~1.5x faster than the basic level's): fusions
             # never swallow a graph output. No prepacking: a one-off session needs no repacked weights.
