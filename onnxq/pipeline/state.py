@@ -140,6 +140,14 @@ class StaticState:
             write_residual_adds_as_sum(model)
         return model
 
+    def qdq_with_ranges(self, ranges: dict[str, tuple[float, float]]) -> ir.Model:
+        """The same quantization in QDQ form with other ``ranges`` (by tensor name).
+
+        A rewrite of the float model, no calibration: what :func:`~onnxq.pipeline.range_choice.
+        choose_range_method` scores for each candidate assignment of range methods.
+        """
+        return dataclasses.replace(self, ranges=ranges).requantize(output_format="qdq")
+
     def _auto_ranges(self, config: QuantConfig) -> dict[str, tuple[float, float]]:
         """Every tensor's range by method ``auto`` (:mod:`onnxq.pipeline.range_choice`)."""
         model = self.float_model.clone()
@@ -150,11 +158,8 @@ class StaticState:
             model, observed, schemes, self.feeds, config.calibration, providers=self.providers
         )
 
-        def quantize(ranges: dict[str, tuple[float, float]]) -> ir.Model:
-            trial = dataclasses.replace(self, float_model=model, config=config, ranges=ranges)
-            return trial.requantize(output_format="qdq")
-
-        choice = choose_range_method(model, calibration, self.feeds, quantize, self.providers)
+        trial = dataclasses.replace(self, float_model=model, config=config)
+        choice = choose_range_method(model, calibration, self.feeds, trial.qdq_with_ranges, self.providers)
         return {v.name or "": r for v, r in choice.ranges.items()}
 
     def with_fix(self, fix: str) -> StaticState:

@@ -163,12 +163,8 @@ def quantize_static(
         if plan.empty:
             raise OnnxqError(f"nothing to quantize in {label}: every candidate touches non-float tensors")
     if config.calibration.method == "auto":
-
-        def quantize(ranges: dict[str, tuple[float, float]]) -> ir.Model:
-            state = StaticState(model, config, feeds, ranges, tuple(providers), quantized_nodes=())
-            return state.requantize(output_format="qdq")
-
-        choice = choose_range_method(model, calibration, feeds, quantize, providers)
+        rewriter = StaticState(model, config, feeds, {}, tuple(providers), quantized_nodes=())
+        choice = choose_range_method(model, calibration, feeds, rewriter.qdq_with_ranges, providers)
         calibration = dataclasses.replace(calibration, ranges=choice.ranges, method=choice.method)
         if choice.method != PER_TENSOR:  # a per-tensor mix stays "auto": no one method made its ranges
             chosen = dataclasses.replace(config.calibration, method=choice.method)  # type: ignore[arg-type]
