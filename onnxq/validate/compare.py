@@ -28,7 +28,7 @@ from onnxq.data import Feeds
 from onnxq.errors import OnnxqError
 from onnxq.runtime.latency import measure_latency
 from onnxq.runtime.session import OptLevel, make_session, run
-from onnxq.validate.metrics import OutputStats, fixed_last_axis
+from onnxq.validate.metrics import OutputStats, output_stats
 
 __all__ = ["ModelComparison", "compare_models_table", "comparison_to_dict", "format_comparison"]
 
@@ -142,8 +142,7 @@ def _accuracy(
 
     sessions = [make_session(p, providers=providers, opt_level=opt_level) for p in paths]
     names = _check_interfaces(paths, sessions)
-    shapes = {arg.name: arg.shape for arg in sessions[0].get_outputs()}
-    stats = [[OutputStats(n, class_axis=fixed_last_axis(shapes.get(n))) for n in names] for _ in paths[1:]]
+    stats = [output_stats(sessions[0], names) for _ in paths[1:]]
     first: dict[str, np.ndarray] | None = None
     count = 0
     total = feeds.num_batches if isinstance(feeds, Feeds) else None

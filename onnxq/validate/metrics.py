@@ -37,6 +37,7 @@ __all__ = [
     "is_distribution",
     "looks_like_class_scores",
     "max_abs_error",
+    "output_stats",
     "sqnr_db",
     "top1_agreement",
     "worst_sqnr_db",
@@ -166,6 +167,15 @@ def fixed_last_axis(shape: Sequence[int | str | None] | None) -> bool:
     Not when its last dimension is symbolic (``"seq_len"``): a number of classes is fixed in the graph.
     """
     return not shape or not isinstance(shape[-1], str)
+
+
+def output_stats(session: Any, names: Sequence[str]) -> list[OutputStats]:
+    """Empty statistics for the outputs ``names`` of the reference ``session``.
+
+    An output whose declared last dimension is symbolic gets no top-1 (:func:`fixed_last_axis`).
+    """
+    shapes = {arg.name: arg.shape for arg in session.get_outputs()}
+    return [OutputStats(name, class_axis=fixed_last_axis(shapes.get(name))) for name in names]
 
 
 def looks_like_class_scores(array: np.ndarray) -> bool:
@@ -361,8 +371,7 @@ def compare_models(
             f"candidate model lacks output(s) {', '.join(repr(n) for n in missing)} of the reference model"
         )
 
-    shapes = {arg.name: arg.shape for arg in ref_session.get_outputs()}
-    stats = [OutputStats(name, class_axis=fixed_last_axis(shapes[name])) for name in names]
+    stats = output_stats(ref_session, names)
     for feed in _progress(feeds, total=progress_total, desc=progress_desc):
         try:
             ref_out = run(ref_session, feed, names)

@@ -4,6 +4,8 @@ per-tensor refinement that beats every uniform method where two tensors want dif
 
 from __future__ import annotations
 
+from typing import Any
+
 import builders
 import numpy as np
 import pytest
@@ -99,8 +101,10 @@ def _worst_sqnr(proto: object, model: object, feeds: list[dict[str, np.ndarray]]
     return worst
 
 
-def test_auto_keeps_the_method_that_does_best_on_held_out_data() -> None:
-    proto, calib, held_out = _tail_model_and_data()
+def _uniform_and_auto(
+    proto: object, calib: list[dict[str, np.ndarray]], held_out: list[dict[str, np.ndarray]]
+) -> tuple[dict[str, float], Any, str]:
+    """Each uniform method's held-out worst-output SQNR, the ``auto`` result and its report note."""
     scores = {}
     for method in AUTO_METHODS:
         config = QuantConfig(calibration=CalibrationConfig(method=method), latency_guard=NO_GUARD)  # type: ignore[arg-type]
@@ -108,6 +112,12 @@ def test_auto_keeps_the_method_that_does_best_on_held_out_data() -> None:
     config = QuantConfig(calibration=CalibrationConfig(method="auto"), latency_guard=NO_GUARD)
     result = onnxq.quantize(proto, calib, config)
     (note,) = [n for n in result.report.preprocess_notes if n.startswith("range method auto")]
+    return scores, result, note
+
+
+def test_auto_keeps_the_method_that_does_best_on_held_out_data() -> None:
+    proto, calib, held_out = _tail_model_and_data()
+    scores, result, note = _uniform_and_auto(proto, calib, held_out)
     chosen = note.split(": ", 1)[1].split(" ", 1)[0]
     assert chosen in AUTO_METHODS and "8 held-out" in note
     auto = _worst_sqnr(proto, result.model, held_out)
@@ -119,13 +129,7 @@ def test_auto_keeps_the_method_that_does_best_on_held_out_data() -> None:
 
 def test_auto_mixes_methods_where_tensors_want_different_ones() -> None:
     proto, calib, held_out = builders.two_branch_model_and_data()
-    uniform = {}
-    for method in AUTO_METHODS:
-        config = QuantConfig(calibration=CalibrationConfig(method=method), latency_guard=NO_GUARD)  # type: ignore[arg-type]
-        uniform[method] = _worst_sqnr(proto, onnxq.quantize(proto, calib, config).model, held_out)
-    config = QuantConfig(calibration=CalibrationConfig(method="auto"), latency_guard=NO_GUARD)
-    result = onnxq.quantize(proto, calib, config)
-    (note,) = [n for n in result.report.preprocess_notes if n.startswith("range method auto")]
+    uniform, result, note = _uniform_and_auto(proto, calib, held_out)
     assert note.startswith(f"range method auto: {PER_TENSOR}") and "1 entropy" in note, note
     # Measured: the best uniform method (entropy) 20.1 dB on its worse output, the mix 23.0 dB (entropy
     # on a, MSE or min-max on b). A chooser limited to one method per model cannot pass this bound.
