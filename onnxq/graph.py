@@ -7,7 +7,7 @@ name can a new value get.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import onnx_ir as ir
@@ -21,10 +21,12 @@ __all__ = [
     "const_array",
     "default_opset",
     "home_graph",
+    "insert_after_producer",
     "is_constant",
     "is_float",
     "make_initializer",
     "node_label",
+    "prepend",
 ]
 
 
@@ -161,3 +163,25 @@ def home_graph(value: ir.Value) -> ir.Graph | None:
         return producer.graph
     graph = value.graph
     return graph if isinstance(graph, ir.Graph) else None
+
+
+def prepend(graph: ir.Graph, nodes: Sequence[ir.Node]) -> None:
+    """Insert ``nodes`` at the start of ``graph``, in their order."""
+    first = next(iter(graph), None)
+    if first is None:
+        graph.extend(nodes)
+    else:
+        graph.insert_before(first, nodes)
+
+
+def insert_after_producer(graph: ir.Graph, value: ir.Value, nodes: Sequence[ir.Node]) -> None:
+    """Insert ``nodes`` (which read ``value``) right after its producer when ``graph`` holds it.
+
+    Else, for a graph input or a value from an outer graph, at the start of ``graph``: either way the
+    nodes run as soon as ``value`` exists.
+    """
+    producer = value.producer()
+    if producer is not None and producer.graph is graph:
+        graph.insert_after(producer, nodes)
+    else:
+        prepend(graph, nodes)

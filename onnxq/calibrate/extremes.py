@@ -29,7 +29,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxq.calibrate.observers import EXTREME_RANGE
-from onnxq.graph import NameScope, default_opset, home_graph
+from onnxq.graph import NameScope, default_opset, home_graph, insert_after_producer, prepend
 from onnxq.runtime.session import SessionError, open_model, run
 
 __all__ = ["ObservedRunner", "add_extremes", "plain", "reducible", "remove_nodes", "stacked"]
@@ -80,7 +80,6 @@ def add_extremes(
     axes.type = ir.TensorType(ir.DataType.INT64)
     added: list[ir.Node] = [constant]
     fetch: dict[str, tuple[ir.Value, ir.Value, ir.Value]] = {}
-    leading: list[ir.Node] = [constant]  # the axes, and the reductions of graph inputs: first
     for value in values:
         base = value.name or "value"
         nodes: list[ir.Node] = []
@@ -112,17 +111,8 @@ def add_extremes(
         added.extend(nodes)
         # Right after the producer: ONNX Runtime runs nodes in graph order, and a reduction at the end
         # would keep every observed tensor alive to the end of the run.
-        producer = value.producer()
-        if producer is None or producer.graph is not graph:
-            leading.extend(nodes)
-        else:
-            graph.insert_after(producer, nodes)
-    if leading:
-        first = next(iter(graph), None)
-        if first is None:
-            graph.extend(leading)
-        else:
-            graph.insert_before(first, leading)
+        insert_after_producer(graph, value, nodes)
+    prepend(graph, [constant])  # last, so that it comes before a graph input's reductions
     return added, fetch
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from onnxq.graph import DEFAULT_DOMAINS
+from onnxq.graph import DEFAULT_DOMAINS, prepend
 
 __all__ = ["HALF_TYPES", "UpcastHalfPass", "has_half_computation"]
 
@@ -114,10 +114,7 @@ class UpcastHalfPass(ir.passes.InPlacePass):
         upcast.name, upcast.dtype, upcast.shape = f"{value.name}_float32", ir.DataType.FLOAT, value.shape
         for user, index in uses:
             user.replace_input_with(index, upcast)
-        if len(graph):
-            graph.insert_before(graph.node(0), cast)
-        else:
-            graph.append(cast)
+        prepend(graph, [cast])
         self.casts += 1
 
     def _cast_output(self, graph: ir.Graph, index: int, value: ir.Value, half: ir.DataType) -> None:

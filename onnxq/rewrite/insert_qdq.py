@@ -24,7 +24,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from onnxq.graph import NameScope, const_array, home_graph, make_initializer
+from onnxq.graph import NameScope, const_array, home_graph, insert_after_producer, make_initializer
 from onnxq.plan.planner import ActivationGroup, QuantPlan
 from onnxq.qmath import QuantParams, compute_qparams, quantize, quantize_bias, quantize_weight
 
@@ -152,15 +152,7 @@ class _Rewriter:
             q.outputs[0].shape = value.shape
         dq = self._dq_node(q.outputs[0], scale, zero_point, base, None)
         dq_out = dq.outputs[0]
-        producer = value.producer()
-        if producer is not None and producer.graph is graph:
-            graph.insert_after(producer, [q, dq])
-        else:
-            first = next(iter(graph), None)
-            if first is None:
-                graph.extend([q, dq])
-            else:
-                graph.insert_before(first, [q, dq])
+        insert_after_producer(graph, value, [q, dq])
         for use in uses:
             use.node.replace_input_with(use.idx, dq_out)
         # A graph input that is also a graph output keeps both roles and its name: renaming it would
