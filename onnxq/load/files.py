@@ -109,8 +109,6 @@ def _load_with_unrepresented_types(path: Path) -> ir.Model | None:
     (label -> probability); ONNX Runtime runs them, onnx-ir has no map type. Such values lose their type
     while onnxq works (ONNX Runtime infers it again), and get it back in the saved model.
     """
-    import onnx
-
     try:
         proto = onnx.load(os.fspath(path), load_external_data=False)
     except Exception:
@@ -164,7 +162,7 @@ def strip_unrepresented_types(proto: Any) -> dict[str, str]:
 
 
 def _restore_unrepresented_types(proto: Any) -> None:
-    """Give the values :func:`_strip_unrepresented_types` set aside their types back (in place)."""
+    """Give the values :func:`strip_unrepresented_types` set aside their types back (in place)."""
     entries = [p for p in proto.metadata_props if p.key == UNREPRESENTED_TYPES_KEY]
     if not entries:
         return
