@@ -31,7 +31,7 @@ from onnxq.graph import attr_int, const_array
 from onnxq.qmath import dequantize, quantize_weight
 from onnxq.runtime.session import open_model, run
 
-__all__ = ["BiasTarget", "bias_targets", "correct_biases"]
+__all__ = ["BiasTarget", "bias_targets", "correct_biases", "restore_biases"]
 
 #: Calibration batches the pass runs at most.
 MAX_BATCHES = 16
@@ -161,3 +161,28 @@ def correct_biases(
         value.const_value = ir.tensor((bias.astype(np.float64) + shift).astype(bias.dtype), name=value.name)
         corrected += 1
     return corrected
+
+
+def restore_biases(model: ir.Model, reference: ir.Model, anchors: Sequence[str]) -> int:
+    """Give the named anchors of ``model`` back the biases they have in ``reference``, in place.
+
+    A corrected bias is only right for a layer that is quantized: it cancels that layer's own weight
+    rounding. A layer kept float after all (an accuracy target, the latency guard) must compute the
+    input's function again, and since each correction depends only on its own layer's weights and
+    float input, undoing one leaves the others exact. ``reference`` is the model before
+    :func:`correct_biases` (same graph, same names). Returns the number of biases restored.
+    """
+    nodes = _by_name(model)
+    originals = _by_name(reference)
+    restored = 0
+    for target in bias_targets(reference, anchors):
+        holder = nodes.get(target.holder)
+        original = originals[target.holder].inputs[target.index]
+        if holder is None or original is None or len(holder.inputs) <= target.index:
+            continue
+        value = holder.inputs[target.index]
+        if value is None or value.const_value is None or original.const_value is None:
+            continue
+        value.const_value = original.const_value
+        restored += 1
+    return restored

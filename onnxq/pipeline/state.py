@@ -10,7 +10,7 @@ from typing import Literal
 
 import onnx_ir as ir
 
-from onnxq.calibrate.bias_correction import correct_biases
+from onnxq.calibrate.bias_correction import correct_biases, restore_biases
 from onnxq.calibrate.collect import collect_ranges
 from onnxq.config import QuantConfig
 from onnxq.data import Feeds
@@ -115,9 +115,13 @@ class StaticState:
         """The same quantization with the nodes named in ``keep_float`` left float.
 
         Calibrated ranges are reused; only tensors that no earlier run observed are calibrated now.
+        Anchors kept float get the input's bias back where bias correction had shifted it.
         ``output_format`` overrides the configuration's format (analyses want QDQ form).
         """
+        keep_float = tuple(keep_float)
         model = self.float_model.clone()
+        if self.reference is not None and keep_float:  # a bias corrected for rounding it no longer has
+            restore_biases(model, self.reference, keep_float)
         config = self.config.replace(exclude_nodes=(*self.config.exclude_nodes, *keep_float))
         plan = plan_quantization(model, config)
         observed = plan.observed_values()

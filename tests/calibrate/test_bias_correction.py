@@ -112,3 +112,32 @@ def test_the_reference_stays_the_input_function() -> None:
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     shifted = builders.run_disabled(result.static.float_model, feed)
     assert any(not np.allclose(got, want, atol=1e-5) for got, want in zip(shifted, expected, strict=True))
+
+
+def test_a_layer_kept_float_gets_its_input_bias_back() -> None:
+    """A correction cancels the layer's own weight rounding: kept float (an accuracy target, the
+    latency guard), the layer computes the input's function again, and the quantized ones keep theirs."""
+    proto = _model()
+    config = QuantConfig(bias_correction=True, latency_guard=LatencyGuardConfig(enabled=False))
+    result = onnxq.quantize(proto, _feeds(8, seed=1), config)
+    state = result.static
+    assert state is not None
+    feed = _feeds(1, seed=3)[0]
+    expected = builders.run_disabled(proto, feed)
+    every_float = state.requantize(keep_float=["dw", "pw", "mm"])
+    assert not any(n.op_type == "QuantizeLinear" for n in every_float.graph)
+    for got, want in zip(builders.run_disabled(every_float, feed), expected, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+    def bias(model: ir.Model, holder: str, index: int) -> np.ndarray:
+        node = next(n for n in model.graph if n.name == holder)
+        return node.inputs[index].const_value.numpy()  # type: ignore[union-attr]
+
+    reference, corrected = state.reference_model, state.float_model
+    corrected_dw = bias(corrected, "dw", 2).copy()
+    partly = state.requantize(keep_float=["dw", "pw"])  # mm stays quantized, its bias Add float
+    np.testing.assert_array_equal(bias(partly, "dw", 2), bias(reference, "dw", 2))
+    np.testing.assert_array_equal(bias(partly, "pw", 2), bias(reference, "pw", 2))
+    assert not np.array_equal(bias(corrected, "bias", 1), bias(reference, "bias", 1))
+    np.testing.assert_array_equal(bias(partly, "bias", 1), bias(corrected, "bias", 1))
+    np.testing.assert_array_equal(bias(state.float_model, "dw", 2), corrected_dw)  # the state untouched
