@@ -99,7 +99,8 @@ def bench_model(model: zoo.ZooModel, settings: Settings, notes: list[str]) -> li
     n_calib = max(4, settings.calib // 2) if heavy else settings.calib
     n_eval = max(4, settings.eval // 2) if heavy else settings.eval
     calib = zoo.feeds(model, "calib", n_calib, model_path=float_path)
-    evals = zoo.feeds(model, "eval", n_eval, model_path=float_path)
+    samples = list(zoo.iter_samples(model, "eval", n_eval, model_path=float_path))
+    evals = [sample.feed for sample in samples]
     feeds_path = save_feeds(calib, work / f"calib-{n_calib}.npz")
     del calib
 
@@ -120,6 +121,9 @@ def bench_model(model: zoo.ZooModel, settings: Settings, notes: list[str]) -> li
     reference = _outputs(float_path, evals)
     metrics: dict[str, float | None] = {}
     runnable: dict[str, str] = {}
+    # A recognizer is also judged against the text it was shown, float and quantized side by side.
+    truths = [str(sample.truth) for sample in samples] if model.name in zoo.TEXT_MODELS else None
+    read = {"float": zoo.text_accuracy(model, float_path, truths, reference)} if truths else {}
     for name, path in loads.items():
         try:
             got = _outputs(path, evals)
@@ -128,6 +132,11 @@ def bench_model(model: zoo.ZooModel, settings: Settings, notes: list[str]) -> li
             continue
         runnable[name] = path
         metrics[name] = zoo.task_metric(model, reference, got, evals)
+        if truths:
+            read[name] = zoo.text_accuracy(model, float_path, truths, got)
+    if read:
+        scores = ", ".join(f"{name} {value:.4f}" for name, value in read.items())
+        notes.append(f"{model.name} char accuracy against the rendered text ({len(evals)} lines): {scores}")
 
     timed = latency(
         {"float": str(float_path), **runnable},
@@ -148,6 +157,8 @@ def bench_model(model: zoo.ZooModel, settings: Settings, notes: list[str]) -> li
             "runs": variant.name in runnable,
             "metric_name": model.metric_name,
             "metric": metrics.get(variant.name),
+            "text_accuracy": read.get(variant.name),
+            "float_text_accuracy": read.get("float"),
             "quant_s": run.quant_s,
             "peak_rss_mib": run.peak_rss_mib,
             "size_ratio": model_size_mb(run.output) / model_size_mb(float_path) if run.output else None,

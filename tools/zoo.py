@@ -180,6 +180,7 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_CACHE",
     "SPEECH_DATA",
+    "TEXT_MODELS",
     "Feed",
     "Sample",
     "ZooModel",
@@ -204,6 +205,7 @@ __all__ = [
     "slider_input",
     "task_metric",
     "task_metrics",
+    "text_accuracy",
     "vad_v6_feed",
     "yolo_detections",
     "yolo_input",
@@ -2004,18 +2006,49 @@ def _magika_labels() -> list[str]:
     return list(config["target_labels_space"])
 
 
+#: The recognizers whose samples carry the rendered string (:func:`text_accuracy`).
+TEXT_MODELS = ("ppocr_rec", "ppocr6_rec", "ddddocr_rec")
+
+
+def _read_text(model: ZooModel, path: Path, outputs: Outputs) -> list[str]:
+    """The strings a recognizer's outputs read (greedy CTC, the package's own character list)."""
+    if model.name == "ddddocr_rec":
+        chars = _ddddocr_charset()
+        return [
+            "".join(chars[i] for i in _ctc_greedy(np.swapaxes(o[0], 0, 1))[0] if i < len(chars))
+            for o in outputs
+        ]
+    characters = rec_characters(path)
+    return [ctc_decode(o[0], characters)[0] for o in outputs]
+
+
+def text_accuracy(model: ZooModel, path: Path, truths: Sequence[str], outputs: Outputs) -> float:
+    """Mean character accuracy (1 − edit distance / length) of what ``outputs`` read against ``truths``,
+    the rendered strings (ddddocr: case-blind, as its charset is): the OCR task's own accuracy, which
+    float and quantized models are held to side by side (the other metrics compare with float)."""
+    if model.name not in TEXT_MODELS:
+        raise ValueError(f"{model.name} does not read text")
+    read = _read_text(model, path, outputs)
+    if model.name == "ddddocr_rec":
+        pairs = [(list(got.lower()), list(want.lower())) for got, want in zip(read, truths, strict=True)]
+    else:
+        index = {c: i for i, c in enumerate(rec_characters(path))}
+        pairs = [
+            ([index.get(c, -1) for c in got], [index.get(c, -1) for c in want])
+            for got, want in zip(read, truths, strict=True)
+        ]
+    return float(np.mean([_char_accuracy(got, want) for got, want in pairs]))
+
+
 def _truth_line(model: ZooModel, path: Path, samples: Sequence[Sample], outputs: Outputs) -> str:
     """How the float model does on what was drawn or spoken: evidence that the inputs are realistic."""
-    if model.name == "ppocr_rec":
-        chars = rec_characters(path)
-        index = {c: i for i, c in enumerate(chars)}
-        read = [ctc_decode(o[0], chars)[0] for o in outputs]
-        accuracy = [
-            _char_accuracy([index.get(c, -1) for c in got], [index.get(c, -1) for c in str(s.truth)])
-            for got, s in zip(read, samples, strict=True)
-        ]
-        pairs = "; ".join(f"{s.truth!r} → {got!r}" for got, s in zip(read, samples, strict=True))
-        return f"float vs rendered text: char accuracy {np.mean(accuracy):.3f} ({pairs})"
+    if model.name in TEXT_MODELS:
+        truths = [str(s.truth) for s in samples]
+        read = _read_text(model, path, outputs)
+        pairs = "; ".join(f"{t!r} → {got!r}" for got, t in zip(read, truths, strict=True))
+        case = " (case-blind)" if model.name == "ddddocr_rec" else ""
+        accuracy = text_accuracy(model, path, truths, outputs)
+        return f"float vs rendered text{case}: char accuracy {accuracy:.3f} ({pairs})"
     if model.name == "ppocr_cls":
         labels = ["0", "180"]
         got = [labels[int(o[0].argmax(-1)[0])] for o in outputs]
@@ -2037,18 +2070,6 @@ def _truth_line(model: ZooModel, path: Path, samples: Sequence[Sample], outputs:
             n_ref, n_out = n_ref + len(drawn), n_out + len(dets)
             found.append(sorted(names[c] for c, _, _ in dets))
         return f"float vs drawn blocks: F1 {2 * hits / max(1, n_ref + n_out):.2f}; float found {found}"
-    if model.name == "ddddocr_rec":
-        chars = _ddddocr_charset()
-        read = [
-            "".join(chars[i] for i in _ctc_greedy(np.swapaxes(o[0], 0, 1))[0] if i < len(chars))
-            for o in outputs
-        ]
-        accuracy = [
-            _char_accuracy(list(got.lower()), list(str(s.truth).lower()))
-            for got, s in zip(read, samples, strict=True)
-        ]
-        pairs = "; ".join(f"{s.truth!r} → {got!r}" for got, s in zip(read, samples, strict=True))
-        return f"float vs rendered text (case-blind): char accuracy {np.mean(accuracy):.3f} ({pairs})"
     if model.name == "ddddocr_det":
         found = [len(yolox_detections(o)) for o in outputs]
         return f"float boxes per image {found}; letters drawn {[s.truth for s in samples]}"
