@@ -26,6 +26,7 @@ from onnxq.pipeline.summary import CalibrationSummary, ModeSummary
 from onnxq.plan.op_rules import ANCHOR_OPS
 from onnxq.plan.planner import plan_quantization
 from onnxq.preprocess.smooth import smooth_outliers
+from onnxq.rewrite.dynamic_quant import StaticLeftoversPass
 
 __all__ = ["nothing_to_quantize", "quantize_static"]
 
@@ -39,6 +40,18 @@ def nothing_to_quantize(model: ir.Model, label: str, declines: Sequence[Decline]
         f"nothing to quantize in {label}: no eligible Conv/ConvTranspose/Gemm/MatMul "
         f"(op types present: {', '.join(ops) or 'none'}){why}{hint}"
     )
+
+
+def _dynamic_rules_apply(model: ir.Model, config: QuantConfig) -> bool:
+    """Whether the dynamic rules of static mode (LSTMs, embedding tables) rewrite a node of ``model``.
+
+    A model whose only quantizable nodes are LSTMs (a tf2onnx or torch sequence encoder) has an empty
+    static plan and is still worth quantizing: its LSTMs run as DynamicQuantizeLSTM.
+    """
+    trial = model.clone()
+    leftovers = StaticLeftoversPass(config)
+    leftovers(trial)
+    return sum(leftovers.quantized.values()) > 0
 
 
 def _touching(nodes: Sequence[ir.Node], names: set[str]) -> list[ir.Node]:
@@ -58,7 +71,7 @@ def quantize_static(
 ) -> tuple[StaticState, ModeSummary]:
     """Plan, calibrate and insert Q/DQ in ``model``; returns the state for variants and the summary."""
     plan = plan_quantization(model, config)
-    if plan.empty:
+    if plan.empty and not _dynamic_rules_apply(model, config):
         raise nothing_to_quantize(model, label, plan.declined)
     if calibration_data is None:
         raise OnnxqError(
