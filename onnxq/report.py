@@ -29,6 +29,8 @@ class AccuracyRow:
     max_abs_error: float
     top1: float | None
     samples: int
+    #: Feeds on which the output's length differed from float's (compared zero-padded).
+    length_changes: int = 0
 
 
 @dataclass
@@ -176,6 +178,13 @@ class QuantReport:
                     disable_numparse=True,
                     colalign=("left", "right", "right", "right", "right", "right"),
                 )
+            )
+            parts.extend(
+                f"output {row.output!r}: its length differs from the reference's on "
+                f"{row.length_changes} of {row.samples} feeds (a data-dependent length: a decoder "
+                "that stopped at another step, another number of detections); compared zero-padded"
+                for row in self.accuracy
+                if row.length_changes
             )
             if self.large_loss:
                 names = ", ".join(repr(row.output) for row in self.large_loss)

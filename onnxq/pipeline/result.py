@@ -227,7 +227,8 @@ class QuantizationResult:
         self.report.provider = providers[0]
         self.report.accuracy_opt_level = "ORT_ENABLE_ALL"
         self.report.accuracy = [
-            AccuracyRow(s.name, s.sqnr_db, s.cosine, s.max_abs_error, s.top1, s.samples) for s in stats
+            AccuracyRow(s.name, s.sqnr_db, s.cosine, s.max_abs_error, s.top1, s.samples, s.length_changes)
+            for s in stats
         ]
 
     def _time(

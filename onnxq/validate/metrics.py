@@ -88,6 +88,19 @@ def _pair(reference: npt.ArrayLike, actual: npt.ArrayLike) -> tuple[np.ndarray, 
     return ref, act
 
 
+def _padded_to_common(array: np.ndarray, other: np.ndarray) -> np.ndarray:
+    """``array`` padded at the end of each axis to the larger of its and ``other``'s length (same rank).
+
+    Numbers pad with 0, strings with "", booleans with False: what a shorter output did not produce.
+    """
+    target = tuple(max(a, b) for a, b in zip(array.shape, other.shape, strict=True))
+    if target == array.shape:
+        return array
+    padded = np.zeros(target, dtype=array.dtype) if array.dtype.kind != "O" else np.full(target, "", object)
+    padded[tuple(slice(0, n) for n in array.shape)] = array
+    return padded
+
+
 def _sqnr_from_energies(signal: float, noise: float) -> float:
     if math.isnan(signal) or math.isnan(noise):
         return math.nan
@@ -110,6 +123,16 @@ def _cosine(ref: np.ndarray, act: np.ndarray) -> float:
         return 0.0
     with np.errstate(invalid="ignore", over="ignore"):
         value = float(np.dot(a, b)) / (norm_a * norm_b)
+    return value if math.isnan(value) else min(1.0, max(-1.0, value))
+
+
+def _cosine_from_sums(dot: float, ref_energy: float, act_energy: float) -> float:
+    """The cosine of two vectors from their dot product and energies (:func:`_cosine`'s conventions)."""
+    if ref_energy == 0.0 and act_energy == 0.0:
+        return 1.0
+    if ref_energy == 0.0 or act_energy == 0.0:
+        return 0.0
+    value = dot / math.sqrt(ref_energy * act_energy)
     return value if math.isnan(value) else min(1.0, max(-1.0, value))
 
 
@@ -219,7 +242,9 @@ class OutputStats:
     - ``sqnr_db`` is global: the summed energies of the reference and of the error over all updates,
       so it equals :func:`sqnr_db` on the concatenated data (up to float64 summation order).
     - ``cosine`` is the mean over updates of the cosine similarity of each flattened pair, so one
-      badly wrong sample is visible even when the others dominate the energy.
+      badly wrong sample is visible even when the others dominate the energy. An output of one value
+      per feed (a score, a probability) has no direction within a feed, only a sign: its cosine is
+      taken over all feeds together (the vector of its values), like its SQNR.
     - ``max_abs_error`` is the maximum over all elements.
     - ``top1`` is the fraction of matching argmax rows over all updates whose reference looks like
       class scores (:func:`looks_like_class_scores`), or ``None`` when none did. An axis whose length
@@ -235,20 +260,35 @@ class OutputStats:
     _ref_energy: float = field(default=0.0, init=False, repr=False)
     _err_energy: float = field(default=0.0, init=False, repr=False)
     _cosine_sum: float = field(default=0.0, init=False, repr=False)
+    _dot: float = field(default=0.0, init=False, repr=False)
+    _act_energy: float = field(default=0.0, init=False, repr=False)
+    _scalar_only: bool = field(default=True, init=False, repr=False)
     _max_err: float = field(default=0.0, init=False, repr=False)
     _top1_matches: int = field(default=0, init=False, repr=False)
     _top1_rows: int = field(default=0, init=False, repr=False)
     _samples: int = field(default=0, init=False, repr=False)
     _exact: bool = field(default=False, init=False, repr=False)
+    _length_changes: int = field(default=0, init=False, repr=False)
 
     def update(self, reference: np.ndarray, actual: np.ndarray) -> None:
-        """Add one pair of outputs; raises ValueError when their shapes differ.
+        """Add one pair of outputs; raises ValueError when their ranks differ.
 
         Outputs of labels or indices (strings, integers, booleans) are compared *exactly*: the share of
         elements that agree is their top-1 agreement, and SQNR and cosine (meaningless for a class
         number: label 8 for 7 is not "close") are NaN.
+
+        Outputs of one rank and different lengths (a decoder loop that stopped at another step, a
+        detector that kept another number of boxes) are a result, not an error: both are padded with
+        zeros (empty strings, ``False``) to the larger length on each axis, so the missing or extra part
+        counts as error, and :attr:`length_changes` counts such feeds.
         """
         ref_array, act_array = as_array(reference), as_array(actual)
+        if ref_array.shape != act_array.shape and ref_array.ndim == act_array.ndim:
+            ref_array, act_array = (
+                _padded_to_common(ref_array, act_array),
+                _padded_to_common(act_array, ref_array),
+            )
+            self._length_changes += 1
         if ref_array.dtype.kind in _EXACT_KINDS or act_array.dtype.kind in _EXACT_KINDS:
             self._exact = True
             if ref_array.shape != act_array.shape:
@@ -271,6 +311,9 @@ class OutputStats:
             if err.size:
                 self._max_err = max(self._max_err, float(np.max(np.abs(err))))
             self._cosine_sum += _cosine(ref, act)
+            self._dot += float(np.sum(ref * act))
+            self._act_energy += float(np.sum(act * act))
+            self._scalar_only = self._scalar_only and ref.size <= 1
         if ref_array.ndim and self.class_axis:
             if self._classes is not None and ref_array.shape[-1] != self._classes:
                 self.class_axis = False  # a length that varies is no class count
@@ -287,6 +330,11 @@ class OutputStats:
         return self._samples
 
     @property
+    def length_changes(self) -> int:
+        """Feeds on which the two outputs differed in length (compared zero-padded, see :meth:`update`)."""
+        return self._length_changes
+
+    @property
     def exact(self) -> bool:
         """Whether the output holds labels or indices, compared exactly (see :meth:`update`)."""
         return self._exact
@@ -300,9 +348,14 @@ class OutputStats:
 
     @property
     def cosine(self) -> float:
-        """Mean per-update cosine similarity; NaN before the first update and for exact outputs."""
+        """Mean per-update cosine similarity, or over all updates for one-value outputs.
+
+        NaN before the first update and for exact outputs.
+        """
         if not self._samples or self._exact:
             return math.nan
+        if self._scalar_only and self._samples > 1:
+            return _cosine_from_sums(self._dot, self._ref_energy, self._act_energy)
         return self._cosine_sum / self._samples
 
     @property
@@ -326,6 +379,7 @@ class OutputStats:
             "cosine": self.cosine,
             "max_abs_error": self.max_abs_error,
             "top1": self.top1,
+            "length_changes": self.length_changes,
         }
 
 

@@ -143,5 +143,7 @@ def test_outputs_as_arrays() -> None:
     stats = OutputStats("label")
     stats.update(np.array(["cat", "dog"]), np.array(["cat", "cow"]))
     assert stats.exact and stats.top1 == 0.5 and np.isnan(stats.sqnr_db)
+    stats.update(np.array([1, 2]), np.array([1]))  # one label fewer: compared padded, a miss
+    assert stats.top1 == 0.5 and stats.length_changes == 1
     with pytest.raises(ValueError, match="shape mismatch"):
-        stats.update(np.array([1, 2]), np.array([1]))
+        stats.update(np.array([1, 2]), np.array([[1, 2]]))

