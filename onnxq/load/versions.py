@@ -102,6 +102,15 @@ def normalize_versions(model: ir.Model) -> list[str]:
     """
     notes: list[str] = []
     max_ir, max_opset = ort_max_versions()
+    original_ir = model.ir_version
+    if original_ir < 4:
+        # IR < 4 lists every initializer as a graph input too, and means constants; from IR 4 on,
+        # such an input is an overridable default that ONNX Runtime neither folds nor prepacks
+        # (ShuffleNet ran 1.7x slower), so the raised model keeps them constants. Raised before the
+        # opset conversion: the converter reads an IR 3 initializer missing from the inputs (which
+        # ONNX Runtime accepts: its datasets/mul_1.onnx) as an undefined input.
+        _initializers_out_of_inputs(model)
+        model.ir_version = 4
     if "" not in model.opset_imports and "ai.onnx" not in model.opset_imports:
         if any(node.domain in DEFAULT_DOMAINS for node in model.graph.all_nodes()):
             raise OnnxqError("the model has ONNX operators but no opset import for the default domain")
@@ -142,15 +151,9 @@ def normalize_versions(model: ir.Model) -> list[str]:
             notes.append(f"opset {opset} converted to {target}")
     opset = target
     needed_ir = _ir_for_opset(opset)
-    ir_version = min(max(model.ir_version, needed_ir), max_ir)
-    if ir_version != model.ir_version:
-        notes.append(f"IR version {model.ir_version} set to {ir_version}")
-        if model.ir_version < 4 <= ir_version:
-            # IR < 4 lists every initializer as a graph input too, and means constants; from IR 4 on,
-            # such an input is an overridable default that ONNX Runtime neither folds nor prepacks
-            # (ShuffleNet ran 1.7x slower), so the raised model keeps them constants.
-            _initializers_out_of_inputs(model)
-        model.ir_version = ir_version
+    model.ir_version = min(max(model.ir_version, needed_ir), max_ir)
+    if model.ir_version != original_ir:
+        notes.append(f"IR version {original_ir} set to {model.ir_version}")
     return notes
 
 

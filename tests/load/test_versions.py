@@ -198,6 +198,21 @@ def test_raising_ir_3_keeps_initializers_constants() -> None:
     )
 
 
+def test_ir_3_with_an_initializer_missing_from_the_inputs_converts() -> None:
+    """ONNX Runtime runs an IR 3 model whose initializer is not listed as an input (its own
+    datasets/mul_1.onnx); onnx's version converter read it as an undefined input."""
+    proto = builders.conv_relu_model(opset=9)
+    proto.ir_version = 3  # and the initializers stay out of the inputs
+    model = ir.from_proto(proto)
+    notes = normalize_versions(model)
+    assert default_opset(model) > 9 and model.ir_version >= 4
+    assert any(note.startswith("opset 9 converted to") for note in notes)
+    assert any(note.startswith("IR version 3 set to") for note in notes)
+    np.testing.assert_allclose(
+        outputs(model, CONV_FEED)[0], outputs(builders.conv_relu_model(), CONV_FEED)[0], rtol=1e-6, atol=1e-6
+    )
+
+
 def test_a_higher_ir_version_is_not_lowered() -> None:
     model = conv_ir(13, 10)
     normalize_versions(model)
