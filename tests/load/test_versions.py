@@ -242,9 +242,10 @@ def test_ir_version_follows_onnx_release_table(opset: int) -> None:
         pytest.skip(f"onnx {onnx.__version__} has no opset {opset}")
     model = conv_ir(opset, 3)
     normalize_versions(model)
-    if default_opset(model) != opset:
+    final = default_opset(model)  # below the preferred opset the model is also upgraded
+    if final < opset:
         pytest.skip(f"onnxruntime {onnxruntime_version()} does not run Q/DQ at opset {opset}")
-    assert model.ir_version == min(_first_ir_for_opset(opset), MAX_IR)
+    assert model.ir_version == min(_first_ir_for_opset(final), MAX_IR)
 
 
 # ---------------------------------------------------------------------------------------------------
