@@ -153,6 +153,11 @@ def make_initializer(graph: ir.Graph, names: NameScope, base: str, array: np.nda
     return value
 
 
+def initializer_bytes(model: ir.Model) -> int:
+    """Bytes of the main graph's initializers (what a session holds a copy of, at most)."""
+    return sum(value.const_value.nbytes for value in model.graph.initializers.values() if value.const_value)
+
+
 def home_graph(value: ir.Value) -> ir.Graph | None:
     """The graph a value belongs to: its producer's, or the graph that declares it as input/initializer.
 

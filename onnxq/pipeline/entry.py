@@ -18,7 +18,7 @@ import onnx_ir as ir
 
 from onnxq.config import QuantConfig, WeightScheme
 from onnxq.data import DataSource, Feeds, input_specs, load_feeds
-from onnxq.graph import default_opset
+from onnxq.graph import default_opset, initializer_bytes
 from onnxq.load.files import file_size, load_model, serialize_model, serialized_size
 from onnxq.load.versions import MIN_QDQ_PER_AXIS_OPSET, check_runtime_ops, normalize_versions
 from onnxq.pipeline.dynamic import quantize_dynamic
@@ -125,7 +125,11 @@ def quantize(
     if static is not None and config.latency_guard.enabled:
         # a half-precision input computed in float32 is twice its size: it does not replace the input
         ir_model, guard = _guard_latency(
-            static, ir_model, config, float_source, preprocessed_may_win=not preprocessed.upcast
+            static,
+            ir_model,
+            config,
+            float_source,
+            preprocessed_may_win=_may_replace_input(static, size_float, preprocessed.upcast),
         )
 
     report = build_report(
@@ -151,6 +155,23 @@ def quantize(
     return QuantizationResult(
         ir_model, report, float_source=float_source, calibration=feeds, input_path=input_path, static=static
     )
+
+
+#: The preprocessed float model may replace the input as the all-float answer only while its weights
+#: stay within this factor of the input file's size (plus :data:`_GROWTH_SLACK` bytes).
+_GROWTH_LIMIT = 1.1
+_GROWTH_SLACK = 64 * 1024
+
+
+def _may_replace_input(state: StaticState, input_bytes: int, upcast: int) -> bool:
+    """Whether the latency guard may answer with the preprocessed float model instead of the input.
+
+    Not when preprocessing made it larger: a half-precision input computed in float32 (twice its
+    size), or constant folding that stored what the input computes from a few numbers (onnx_asr's
+    resampler: its 76 k-element sinc kernel, 0.01 → 0.31 MB, for a speed-up within the timings' noise).
+    """
+    grown = initializer_bytes(state.reference_model) > _GROWTH_LIMIT * input_bytes + _GROWTH_SLACK
+    return not upcast and not grown
 
 
 def _guard_latency(

@@ -68,7 +68,7 @@ import onnx
 import onnx_ir as ir
 
 from onnxq.config import LatencyGuardConfig
-from onnxq.graph import DEFAULT_DOMAINS, attr_int, const_array
+from onnxq.graph import DEFAULT_DOMAINS, attr_int, const_array, initializer_bytes
 from onnxq.load.files import load_model
 from onnxq.rewrite.sum_form import residual_adds, write_residual_adds_as_sum
 from onnxq.runtime.latency import time_sessions
@@ -480,7 +480,7 @@ def guard_latency(
     # Small, fast models: every variant races in the baseline's block (the quantized model's runs are
     # shared and each variant leaves once settled); others: one variant at a time, three sessions open.
     run_s = timer.warm_up(_QUANTIZED, timer.quantized)
-    fits = len(variants) + 2 <= MERGED_BLOCK_BYTES // max(_weight_bytes(state.float_model), 1)
+    fits = len(variants) + 2 <= MERGED_BLOCK_BYTES // max(initializer_bytes(state.float_model), 1)
     together = fits and run_s < MERGED_BLOCK_MAX_RUN_S
     sessions = {float_name: timer.open(state.float_model if input_model is None else input_model)}
     if together:
@@ -548,11 +548,6 @@ def guard_latency(
     outcome.seconds = time.perf_counter() - start
     logger.info("latency guard: %s", outcome.as_dict())
     return outcome
-
-
-def _weight_bytes(model: ir.Model) -> int:
-    """Bytes of the model's initializers (what each open session holds a copy of, at most)."""
-    return sum(value.const_value.nbytes for value in model.graph.initializers.values() if value.const_value)
 
 
 def load_input_model(source: ModelSource) -> ir.Model:
