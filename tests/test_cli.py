@@ -142,6 +142,29 @@ def test_nothing_to_quantize(cli: CliRunner, calib_npz: Path, out_dir: Path, tmp
     assert _listing(out_dir) == []
 
 
+def test_an_already_integer_model_is_named_so(
+    cli: CliRunner, calib_npz: Path, out_dir: Path, tmp_path: Path
+) -> None:
+    """onnxruntime's dynamic form (DynamicQuantizeLinear + ConvInteger) has no Q/DQ to normalize and
+    nothing float left: the error says it is quantized already (rapid_table_det's obj_det_quantized)."""
+    text = """
+    dyn (float[1, 3, 8, 8] x) => (int32[1, 4, 6, 6] y) {
+        q, s, z = DynamicQuantizeLinear (x)
+        y = ConvInteger (q, w, z, wz)
+    }
+    """
+    rng = np.random.default_rng(0)
+    arrays = {"w": rng.integers(0, 255, (4, 3, 3, 3)).astype(np.uint8), "wz": np.array(128, np.uint8)}
+    model = builders.save(builders.parse(text, arrays), tmp_path / "dyn.onnx")
+    for mode in ("static", "dynamic"):
+        code, out, err = cli(
+            "optimize", model, "-o", out_dir / "q.onnx", "--calib", calib_npz, "--mode", mode
+        )
+        line = _assert_user_error(code, out, err, "nothing to quantize", "quantized already")
+        assert "ConvInteger, DynamicQuantizeLinear" in line
+    assert _listing(out_dir) == []
+
+
 def test_an_lstm_only_model_is_quantized_in_static_mode_too(
     cli: CliRunner, out_dir: Path, tmp_path: Path
 ) -> None:

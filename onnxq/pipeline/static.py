@@ -31,9 +31,35 @@ from onnxq.rewrite.dynamic_quant import StaticLeftoversPass
 __all__ = ["nothing_to_quantize", "quantize_static"]
 
 
+#: Integer ops that quantization tools write (ONNX Runtime's dynamic and QOperator forms): a model
+#: that holds them was quantized already, without Q/DQ to normalize.
+INTEGER_OPS = frozenset(
+    {
+        "ConvInteger",
+        "MatMulInteger",
+        "DynamicQuantizeLinear",
+        "QLinearConv",
+        "QLinearMatMul",
+        "MatMulIntegerToFloat",
+        "DynamicQuantizeMatMul",
+        "DynamicQuantizeLSTM",
+        "QGemm",
+        "QAttention",
+        "QLinearAdd",
+        "QLinearMul",
+    }
+)
+
+
 def nothing_to_quantize(model: ir.Model, label: str, declines: Sequence[Decline]) -> OnnxqError:
     """The error for a model in which no node can be quantized, with the first reasons why."""
     ops = sorted({n.op_type for n in model.graph})
+    integer = sorted(INTEGER_OPS.intersection(n.op_type for n in model.graph.all_nodes()))
+    if integer:
+        return OnnxqError(
+            f"nothing to quantize in {label}: it is quantized already ({', '.join(integer)}: onnxruntime's "
+            "dynamic or QOperator form); quantize its float original instead"
+        )
     why = f"; {'; '.join(str(d) for d in declines[:2])}" if declines else ""
     hint = "; --mode dynamic quantizes its LSTMs" if "LSTM" in ops else ""
     return OnnxqError(
