@@ -36,6 +36,7 @@ from onnxq.preprocess.fold_affine import FoldAffinePass
 from onnxq.preprocess.fold_bn import FoldBatchNormPass
 from onnxq.preprocess.fold_constants import FoldConstantsPass
 from onnxq.preprocess.identity import RemoveIdentityPass
+from onnxq.preprocess.share_constants import share_constants
 from onnxq.preprocess.upcast import UpcastHalfPass
 
 __all__ = ["PreprocessSummary", "infer_shapes", "preprocess"]
@@ -204,6 +205,9 @@ def preprocess(model: ir.Model, *, equalize: bool = False, upcast: bool = True) 
         equalizer = EqualizePass()
         equalizer(model)
         summary.equalized = len(equalizer.equalized)
+    shared = share_constants(model)
+    if shared:
+        summary.notes.append(f"{shared / 1e6:.2f} MB of constants that several bodies held stored once")
     if not infer_shapes(model):
         summary.notes.append("shape inference failed; tensors of unknown type are treated as float")
     common.TopologicalSortPass()(model)

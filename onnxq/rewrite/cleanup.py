@@ -18,4 +18,22 @@ def cleanup(model: ir.Model) -> None:
     """
     move_dequantize_past_captured(model)
     common.RemoveUnusedNodesPass()(model)
+    _drop_unused_body_initializers(model)
     common.TopologicalSortPass()(model)
+
+
+def _drop_unused_body_initializers(model: ir.Model) -> None:
+    """Drop the initializers of If/Loop/Scan bodies that nothing reads any more.
+
+    onnx-ir's unused-node pass prunes the main graph's initializers only; a body's float weight whose
+    reader now reads its quantized copy stayed in the file (Silero VAD: every quantized Conv's float
+    weight, 0.2 MB of its 2.4).
+    """
+    for graph in model.graph.subgraphs():
+        unused = [
+            name
+            for name, value in graph.initializers.items()
+            if not value.uses() and not value.is_graph_output() and not value.is_graph_input()
+        ]
+        for name in unused:
+            graph.initializers.pop(name)
