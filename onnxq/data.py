@@ -67,6 +67,15 @@ ONE_SHOT_CACHE_LIMIT = 256
 _RANDOM_BATCH_DIM = 1
 _RANDOM_OTHER_DIM = 16
 
+
+def random_data_hint() -> str:
+    """What to tell a user whose model fails on ``--calib random`` (the float model fails there too)."""
+    return (
+        f"the float model fails on random data itself (batch axes set to {_RANDOM_BATCH_DIM}, other "
+        f"symbolic dimensions to {_RANDOM_OTHER_DIM}, integers to 0/1): pass real inputs with --calib DATA"
+    )
+
+
 # Errors that reading a damaged or foreign file can raise from zipfile / numpy.
 _READ_ERRORS = (OSError, EOFError, ValueError, zipfile.BadZipFile, zlib.error, KeyError)
 

@@ -17,7 +17,7 @@ import onnx_ir as ir
 from onnxq.calibrate.bias_correction import correct_biases
 from onnxq.calibrate.collect import CalibrationResult, collect_ranges
 from onnxq.config import ActivationScheme, QuantConfig
-from onnxq.data import DataSource, Feeds, input_specs, load_feeds
+from onnxq.data import DataSource, Feeds, input_specs, load_feeds, random_data_hint
 from onnxq.declines import Decline
 from onnxq.errors import OnnxqError
 from onnxq.pipeline.range_choice import PER_TENSOR, choose_range_method
@@ -134,15 +134,20 @@ def quantize_static(
         # After a re-plan only tensors no earlier round observed are calibrated: the model is the same,
         # so a tensor's range under the same scheme is too.
         missing = [v for v in observed if auto or (v.name or "", schemes[v]) not in known]
-        calibration = collect_ranges(
-            model,
-            missing,
-            schemes,
-            feeds,
-            config.calibration,
-            providers=providers,
-            show_progress=show_progress,
-        )
+        try:
+            calibration = collect_ranges(
+                model,
+                missing,
+                schemes,
+                feeds,
+                config.calibration,
+                providers=providers,
+                show_progress=show_progress,
+            )
+        except OnnxqError as exc:
+            if not feeds.is_random:
+                raise
+            raise OnnxqError(f"{exc}; {random_data_hint()}") from exc
         known.update({(v.name or "", schemes[v]): r for v, r in calibration.ranges.items()})
         if first is None:
             first = calibration
