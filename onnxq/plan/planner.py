@@ -41,71 +41,11 @@ from onnxq.graph import (
     is_float,
     node_label,
 )
-from onnxq.plan.op_rules import ABSORBABLE_ACTIVATIONS, ANCHOR_OPS, FLOAT_REASONS, OP_RULES, OpKind, OpRule
+from onnxq.plan.op_rules import ABSORBABLE_ACTIVATIONS, FLOAT_REASONS, OP_RULES, OpKind, OpRule
 
 __all__ = ["ActivationGroup", "BiasTask", "QuantPlan", "WeightTask", "plan_quantization"]
 
 _QDQ_OPS = ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear")
-
-
-#: Ops that carry magnitudes through unchanged in kind (linear maps, powers, sums, moves, a floor):
-#: between an anchor and a Log, what the anchor rounds away is what the Log magnifies.
-_MAGNITUDE_OPS = frozenset(
-    {
-        "Abs",
-        "Add",
-        "Clip",
-        "Concat",
-        "Conv",
-        "Div",
-        "Expand",
-        "Flatten",
-        "Gemm",
-        "Identity",
-        "MatMul",
-        "Max",
-        "Min",
-        "Mul",
-        "Pad",
-        "Pow",
-        "ReduceMean",
-        "ReduceSum",
-        "ReduceSumSquare",
-        "Reshape",
-        "Slice",
-        "Sqrt",
-        "Squeeze",
-        "Sub",
-        "Transpose",
-        "Unsqueeze",
-    }
-)
-#: How many ops the search from an anchor to a Log follows.
-_LOG_SEARCH_DEPTH = 8
-
-
-def _log_downstream(node: ir.Node) -> ir.Node | None:
-    """A Log that ``node``'s output reaches through :data:`_MAGNITUDE_OPS` of its own graph, if any.
-
-    Why it matters: a log-mel spectrogram (STFT Conv → power → mel MatMul → Log) spans many orders of
-    magnitude; uint8 steps over the linear range round the quiet bins to zero and the Log turns that
-    into its floor (onnx_asr's Kaldi front end: output SQNR −5.5 dB with both anchors int8, 10 dB with
-    the mel MatMul float, exact with both float).
-    """
-    frontier = [(out, 0) for out in node.outputs]
-    seen: set[int] = set()
-    while frontier:
-        value, depth = frontier.pop()
-        for use in value.uses():
-            reader = use.node
-            if reader.graph is not node.graph or reader.domain not in DEFAULT_DOMAINS or id(reader) in seen:
-                continue
-            seen.add(id(reader))
-            if reader.op_type == "Log":
-                return reader
-            if reader.op_type in _MAGNITUDE_OPS and depth + 1 < _LOG_SEARCH_DEPTH:
-                frontier.extend((out, depth + 1) for out in reader.outputs)
-    return None
 
 
 @dataclass
@@ -227,15 +167,6 @@ class _Planner:
     def specific_check(self, node: ir.Node) -> Reason | None:
         """Op-specific conditions; a returned reason is why the node stays float."""
         op = node.op_type
-        if op in ANCHOR_OPS:
-            log = _log_downstream(node)
-            if log is not None:
-                return Reason(
-                    "feeds_log",
-                    f"its output reaches Log ({node_label(log)}) through linear and magnitude ops: 8-bit "
-                    "steps of a linear range erase the small values a logarithm spreads out (a log-mel "
-                    "front end's STFT and filterbank)",
-                )
         if op in ("Conv", "ConvTranspose"):
             weight = node.inputs[1] if len(node.inputs) > 1 else None
             if not is_constant(weight):
