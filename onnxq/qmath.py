@@ -121,24 +121,57 @@ def dequantize(q: npt.NDArray[np.integer], params: QuantParams) -> npt.NDArray[n
 
 
 def quantize_weight(
-    w: npt.NDArray[np.floating], dtype: str, symmetric: bool, axis: int | None
+    w: npt.NDArray[np.floating],
+    dtype: str,
+    symmetric: bool,
+    axis: int | None,
+    min_scale: npt.ArrayLike | None = None,
 ) -> tuple[npt.NDArray[np.integer], QuantParams]:
-    """Quantize a constant weight per-tensor (``axis=None``) or per-channel along ``axis``."""
+    """Quantize a constant weight per-tensor (``axis=None``) or per-channel along ``axis``.
+
+    ``min_scale`` (a scalar, or one value per channel) is a floor for the scale: the range is widened
+    until the scale reaches it (:func:`bias_safe_weight_scale`).
+    """
     w = np.asarray(w, dtype=np.float32)
     if axis is None:
         finite = w[np.isfinite(w)]
-        rmin = float(finite.min()) if finite.size else 0.0
-        rmax = float(finite.max()) if finite.size else 0.0
-        params = compute_qparams(rmin, rmax, dtype, symmetric)
+        rmin: npt.ArrayLike = float(finite.min()) if finite.size else 0.0
+        rmax: npt.ArrayLike = float(finite.max()) if finite.size else 0.0
     else:
         axis = axis % w.ndim
         moved = np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)
         if moved.shape[1] == 0:
-            rmin_c = rmax_c = np.zeros(w.shape[axis])
+            rmin = rmax = np.zeros(w.shape[axis])
         else:
-            rmin_c, rmax_c = moved.min(axis=1), moved.max(axis=1)
-        params = compute_qparams(rmin_c, rmax_c, dtype, symmetric, axis=axis)
+            rmin, rmax = moved.min(axis=1), moved.max(axis=1)
+    if min_scale is not None:
+        qmin, qmax = qrange(dtype, symmetric)
+        floor = np.asarray(min_scale, np.float64)
+        if symmetric:  # scale = max|r| / ((qmax - qmin) / 2)
+            rmax = np.maximum(np.asarray(rmax, np.float64), floor * (qmax - qmin) / 2.0)
+        else:  # scale = (rmax - rmin) / (qmax - qmin), with 0 in the range
+            low = np.minimum(np.asarray(rmin, np.float64), 0.0)
+            rmax = np.maximum(np.asarray(rmax, np.float64), low + floor * (qmax - qmin))
+    params = compute_qparams(rmin, rmax, dtype, symmetric, axis=axis)
     return quantize(w, params), params
+
+
+#: The largest int32 bias value :func:`bias_safe_weight_scale` allows: the type's whole range, so only
+#: a bias that would saturate moves its channel's weight scale.
+BIAS_INT32_LIMIT = 2**31 - 1
+
+
+def bias_safe_weight_scale(bias: npt.ArrayLike, input_scale: npt.ArrayLike) -> npt.NDArray[np.float64]:
+    """The least weight scale (per element of ``bias``) at which ``bias`` fits int32 beside it.
+
+    The bias is stored with scale input scale × weight scale. A channel whose weights are nearly zero
+    (a BatchNorm with γ ≈ 0 folded in: PP-OCRv5's detector has weights of 1e-40) gets a weight scale
+    of float32's smallest normal number, and its bias (the BatchNorm's β, not small) divided by that
+    overflows int32 and saturates: that channel outputs garbage. Raising the weight scale to this
+    floor rounds such weights to zero, which they nearly are, and keeps the bias exact.
+    """
+    limit = float(BIAS_INT32_LIMIT)
+    return np.abs(np.asarray(bias, np.float64)) / (np.asarray(input_scale, np.float64) * limit)
 
 
 def quantize_bias(

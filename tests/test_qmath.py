@@ -10,7 +10,9 @@ import onnxruntime as ort
 import pytest
 
 from onnxq.qmath import (
+    BIAS_INT32_LIMIT,
     QuantParams,
+    bias_safe_weight_scale,
     compute_qparams,
     dequantize,
     np_dtype,
@@ -336,3 +338,26 @@ def test_onnx_numpy_helper_roundtrip_of_params() -> None:
     zp = onnx.numpy_helper.to_array(onnx.numpy_helper.from_array(p.zero_point, "z"))
     assert scale.dtype == np.float32 and zp.dtype == np.int8
     np.testing.assert_array_equal(scale, p.scale)
+
+
+def test_a_weight_scale_floor_keeps_the_bias_of_a_near_zero_channel() -> None:
+    """PP-OCRv5's detector folds a BatchNorm with gamma near 0: weights of 1e-40, a bias of 0.3. Their
+    scale floors at float32's smallest normal, and bias / (input scale x weight scale) saturates int32."""
+    weights = np.stack(
+        [np.full((3, 3, 3), 1e-40, np.float32), np.linspace(-1, 1, 27, dtype=np.float32).reshape(3, 3, 3)]
+    )
+    bias = np.array([0.3, -0.2], np.float32)
+    input_scale = np.float32(0.05)
+    _, plain = quantize_weight(weights, "int8", True, 0)
+    saturated, _ = quantize_bias(bias, input_scale, plain.scale)
+    assert abs(int(saturated[0])) == 2**31 - 1  # the bias is lost
+
+    floor = bias_safe_weight_scale(bias, input_scale)
+    for symmetric in (True, False):
+        q, params = quantize_weight(weights, "int8", symmetric, 0, min_scale=floor)
+        assert np.all(params.scale >= floor.astype(np.float32) * (1 - 1e-6))
+        assert params.scale[1] == quantize_weight(weights, "int8", symmetric, 0)[1].scale[1]  # untouched
+        bias_q, bias_scale = quantize_bias(bias, input_scale, params.scale)
+        assert np.all(np.abs(bias_q.astype(np.int64)) <= BIAS_INT32_LIMIT)
+        np.testing.assert_allclose(bias_q * bias_scale, bias, rtol=1e-6)  # exact within int32 rounding
+        np.testing.assert_allclose(dequantize(q, params)[0], 0.0, atol=1e-30)  # the 1e-40 weights round to 0

@@ -82,8 +82,8 @@ def test_bounds_catch_broken_quantization(zoo: Path, monkeypatch: pytest.MonkeyP
 
     real_weight = insert_qdq.quantize_weight
 
-    def wrong_scale(w: np.ndarray, dtype: str, symmetric: bool, axis: int | None):  # type: ignore[no-untyped-def]
-        q, params = real_weight(w, dtype, symmetric, axis)
+    def wrong_scale(w: np.ndarray, dtype: str, symmetric: bool, axis: int | None, min_scale=None):  # type: ignore[no-untyped-def]
+        q, params = real_weight(w, dtype, symmetric, axis, min_scale)
         params.scale = (params.scale * 1.5).astype(np.float32)
         return q, params
 

@@ -25,8 +25,15 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxq.graph import NameScope, const_array, home_graph, insert_after_producer, make_initializer
-from onnxq.plan.planner import ActivationGroup, QuantPlan
-from onnxq.qmath import QuantParams, compute_qparams, quantize, quantize_bias, quantize_weight
+from onnxq.plan.planner import ActivationGroup, BiasTask, QuantPlan
+from onnxq.qmath import (
+    QuantParams,
+    bias_safe_weight_scale,
+    compute_qparams,
+    quantize,
+    quantize_bias,
+    quantize_weight,
+)
 
 __all__ = ["InsertQDQPass", "group_params"]
 
@@ -84,7 +91,9 @@ class _Rewriter:
         self.plan = plan
         self.params = params
         self.quantized_slots = set(plan.quantized_inputs)
-        self.dq_of_weight: dict[tuple[int, int, int | None, str, bool], tuple[ir.Value, QuantParams]] = {}
+        self.dq_of_weight: dict[tuple[object, ...], tuple[ir.Value, QuantParams]] = {}
+        #: (id of the node, index of its weight input) -> the bias task that scales with that weight
+        self.bias_of: dict[tuple[int, int], BiasTask] = {(id(b.node), b.weight_index): b for b in plan.biases}
         self.weight_params: dict[tuple[int, int], QuantParams] = {}
         self.zero_points: dict[tuple[int, str, tuple[int, ...], bytes], ir.Value] = {}
         self.group_params: dict[tuple[int, int], tuple[ir.Value, ir.Value]] = {}
@@ -195,10 +204,18 @@ class _Rewriter:
         if weight is None or data is None:
             return
         graph = node.graph or self.graph
-        key = (id(weight), id(graph), axis, scheme.dtype, scheme.symmetric)
+        floor = self._bias_floor(node, index, axis, data.shape)
+        key = (
+            id(weight),
+            id(graph),
+            axis,
+            scheme.dtype,
+            scheme.symmetric,
+            None if floor is None else floor.tobytes(),
+        )
         cached = self.dq_of_weight.get(key)
         if cached is None:
-            q, params = quantize_weight(data, scheme.dtype, scheme.symmetric, axis)
+            q, params = quantize_weight(data, scheme.dtype, scheme.symmetric, axis, min_scale=floor)
             base = weight.name or f"{node.name}_weight"
             stored = make_initializer(graph, self.names, f"{base}_quantized", q)
             scale, zero_point = self._param_values(base, params, graph)
@@ -209,6 +226,26 @@ class _Rewriter:
         dq_out, params = cached
         node.replace_input_with(index, dq_out)
         self.weight_params[(id(node), index)] = params
+
+    def _bias_floor(
+        self, node: ir.Node, index: int, axis: int | None, shape: tuple[int, ...]
+    ) -> np.ndarray | None:
+        """The weight scale floor that keeps ``node``'s int32 bias in range (None: no bias to protect).
+
+        :func:`~onnxq.qmath.bias_safe_weight_scale` per output channel, or its maximum for a
+        per-tensor weight.
+        """
+        task = self.bias_of.get((id(node), index))
+        if task is None:
+            return None
+        bias = const_array(node.inputs[task.input_index]) if task.input_index < len(node.inputs) else None
+        group = self.plan.group_of.get(task.activation)
+        if bias is None or group is None:
+            return None
+        floor = bias_safe_weight_scale(bias.reshape(-1), self.params[group.index].scale)
+        if axis is None:
+            return np.asarray(floor.max() if floor.size else 0.0)
+        return floor if floor.shape == (shape[axis % len(shape)],) else None
 
     def quantize_bias(self, node: ir.Node, index: int, activation: ir.Value, weight_index: int) -> None:
         bias = node.inputs[index]

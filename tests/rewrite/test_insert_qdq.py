@@ -962,3 +962,24 @@ def test_no_value_name_is_used_twice() -> None:
     q = _quantize(CASES["Concat"].proto())
     names = [v.name for v in _iter_values(q.model)] + list(q.model.graph.initializers)
     assert len(names) == len(set(names))
+
+
+def test_a_near_zero_channel_keeps_its_bias() -> None:
+    """A BatchNorm with gamma near 0 folded into a Conv leaves weights of 1e-40 and its beta as bias:
+    the int32 bias must not saturate (the channel outputs its bias, 0.3, not garbage)."""
+    import onnxq
+    from onnxq.config import LatencyGuardConfig, QuantConfig
+
+    rng = np.random.default_rng(0)
+    weight = rng.normal(0, 0.3, (4, 3, 3, 3)).astype(np.float32)
+    weight[0] = 1e-40
+    bias = np.array([0.3, 0.1, -0.1, 0.2], np.float32)
+    proto = builders.parse(
+        "g (float[1, 3, 8, 8] x) => (float[1, 4, 6, 6] y) { y = Conv (x, w, b) }", {"w": weight, "b": bias}
+    )
+    calib = [{"x": rng.normal(0, 1, (1, 3, 8, 8)).astype(np.float32)} for _ in range(8)]
+    model = onnxq.quantize(proto, calib, QuantConfig(latency_guard=LatencyGuardConfig(enabled=False))).model
+    feed = {"x": rng.normal(0, 1, (1, 3, 8, 8)).astype(np.float32)}
+    got, want = builders.run_disabled(model, feed)[0], builders.run_disabled(proto, feed)[0]
+    np.testing.assert_allclose(got[0, 0], want[0, 0], atol=0.02)  # the bias channel (0.3 everywhere)
+    assert np.max(np.abs(got - want)) < 0.2  # and the others as int8 allows
