@@ -179,6 +179,9 @@ def preprocess(model: ir.Model, *, equalize: bool = False, upcast: bool = True) 
     unique_names(model)
     common.TopologicalSortPass()(model)
     FoldConstantsPass()(model)
+    # Before the folds: an Identity between a Conv and its BatchNorm or affine Mul/Add (Paddle exports
+    # have them) hides the producer from every fold (PP-OCRv5's detector: 81 folds missed).
+    RemoveIdentityPass()(model)
     fold_bn = FoldBatchNormPass()
     fold_bn(model)
     summary.batchnorms_folded = len(fold_bn.folded)

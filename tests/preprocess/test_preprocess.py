@@ -110,3 +110,33 @@ def test_a_batchnorm_after_a_biased_conv_and_an_identity_is_folded() -> None:
     np.testing.assert_allclose(
         _run(proto, feed)[0], builders.run_disabled(model, feed)[0], rtol=1e-5, atol=1e-5
     )
+
+
+# PP-LCNetV3 as Paddle exports it (PP-OCRv5's detector): a Conv, an Identity, then the learnable affine
+# block (a scalar scale and shift) before the activation.
+PADDLE_AFFINE = """
+paddle_affine (float[1, 3, 8, 8] x) => (float[1, 4, 8, 8] y) {
+    c = Conv <kernel_shape = [3, 3], pads = [1, 1, 1, 1]> (x, w, b)
+    i = Identity (c)
+    m = Mul (scale, i)
+    a = Add (m, shift)
+    y = Relu (a)
+}
+"""
+
+
+def test_an_affine_block_behind_an_identity_folds_into_the_conv() -> None:
+    """The Identity hid the Conv from the folds (they ran before Identity removal): 81 folds missed
+    on PP-OCRv5's detector, whose int8 model ran at 0.76x float instead of 0.55x."""
+    arrays = builders.normal_arrays(5, w=(4, 3, 3, 3), b=(4,))
+    arrays["scale"] = np.array([1.21], np.float32)
+    arrays["shift"] = np.array([0.47], np.float32)
+    proto = builders.parse(PADDLE_AFFINE, arrays)
+    model = ir.from_proto(proto)
+    summary = preprocess(model)
+    assert [n.op_type for n in model.graph] == ["Conv", "Relu"]
+    assert summary.affine_folded == 2
+    feed = builders.random_feeds(proto, 1, seed=4)[0]
+    np.testing.assert_allclose(
+        _run(proto, feed)[0], builders.run_disabled(model, feed)[0], rtol=1e-5, atol=1e-5
+    )
