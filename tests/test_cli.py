@@ -142,16 +142,18 @@ def test_nothing_to_quantize(cli: CliRunner, calib_npz: Path, out_dir: Path, tmp
     assert _listing(out_dir) == []
 
 
-def test_a_model_that_fails_on_random_data_says_so(cli: CliRunner, out_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("reader", ["Conv", "MatMul"])  # fails in calibration; in smoothing (256 rows)
+def test_a_model_that_fails_on_random_data_says_so(
+    cli: CliRunner, out_dir: Path, tmp_path: Path, reader: str
+) -> None:
     """Random feeds set symbolic dims to 16: a model that needs 64 samples fails in ONNX Runtime,
     and the error says that real inputs are needed (not that onnxq broke the model)."""
-    text = """
-    needs64 (float[1, N] x) => (float[1, 4, 6, 6] y) {
-        r = Reshape (x, shape)
-        y = Conv (r, w)
-    }
-    """
-    arrays = {"shape": np.array([1, 1, 8, 8], np.int64), **builders.normal_arrays(0, w=(4, 1, 3, 3))}
+    if reader == "Conv":
+        text = "needs64 (float[1, N] x) => (float[1, 4, 6, 6] y) { r = Reshape (x, shape)\n y = Conv (r, w) }"
+        arrays = {"shape": np.array([1, 1, 8, 8], np.int64), **builders.normal_arrays(0, w=(4, 1, 3, 3))}
+    else:
+        text = "needs64 (float[1, N] x) => (float[256, 8] y) { r = Reshape (x, shape)\n y = MatMul (r, w) }"
+        arrays = {"shape": np.array([256, 16], np.int64), **builders.normal_arrays(0, w=(16, 8))}
     model = builders.save(builders.parse(text, arrays), tmp_path / "needs64.onnx")
     code, out, err = cli("optimize", model, "-o", out_dir / "q.onnx", "--calib", "random")
     _assert_user_error(code, out, err, "Reshape", "fails on random data itself", "--calib DATA")

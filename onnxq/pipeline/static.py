@@ -8,9 +8,10 @@ the nodes touching them are kept float and the plan is made again.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import onnx_ir as ir
 
@@ -68,6 +69,20 @@ def nothing_to_quantize(model: ir.Model, label: str, declines: Sequence[Decline]
     )
 
 
+@contextlib.contextmanager
+def _explained_on_random_data(feeds: Feeds) -> Iterator[None]:
+    """Make an ONNX Runtime failure on ``--calib random`` feeds say that real inputs are needed.
+
+    The float model fails on them itself (a length of 16 where it needs 64, say), not onnxq's rewrite.
+    """
+    try:
+        yield
+    except OnnxqError as exc:
+        if not feeds.is_random or not str(exc).startswith("onnxruntime:"):
+            raise
+        raise OnnxqError(f"{exc}; {random_data_hint()}") from exc
+
+
 def _dynamic_rules_apply(model: ir.Model, config: QuantConfig) -> bool:
     """Whether the dynamic rules of static mode (LSTMs, embedding tables) rewrite a node of ``model``.
 
@@ -117,7 +132,8 @@ def quantize_static(
     start = time.perf_counter()
     notes: list[str] = []
     if config.smooth:
-        smoothing = smooth_outliers(model, feeds, providers)
+        with _explained_on_random_data(feeds):
+            smoothing = smooth_outliers(model, feeds, providers)
         if smoothing.candidates:  # (on by default: no note for the models it has nothing to do on)
             notes.append(smoothing.describe())
         if smoothing.divided_in_front:  # Muls were added in front of products: plan the new graph
@@ -134,7 +150,7 @@ def quantize_static(
         # After a re-plan only tensors no earlier round observed are calibrated: the model is the same,
         # so a tensor's range under the same scheme is too.
         missing = [v for v in observed if auto or (v.name or "", schemes[v]) not in known]
-        try:
+        with _explained_on_random_data(feeds):
             calibration = collect_ranges(
                 model,
                 missing,
@@ -144,10 +160,6 @@ def quantize_static(
                 providers=providers,
                 show_progress=show_progress,
             )
-        except OnnxqError as exc:
-            if not feeds.is_random:
-                raise
-            raise OnnxqError(f"{exc}; {random_data_hint()}") from exc
         known.update({(v.name or "", schemes[v]): r for v, r in calibration.ranges.items()})
         if first is None:
             first = calibration
