@@ -18,9 +18,11 @@ __all__ = [
     "attr_float",
     "attr_int",
     "attr_str",
+    "body_owners",
     "const_array",
     "default_opset",
     "home_graph",
+    "initializer_bytes",
     "insert_after_producer",
     "is_constant",
     "is_float",
@@ -156,6 +158,23 @@ def make_initializer(graph: ir.Graph, names: NameScope, base: str, array: np.nda
 def initializer_bytes(model: ir.Model) -> int:
     """Bytes of the main graph's initializers (what a session holds a copy of, at most)."""
     return sum(value.const_value.nbytes for value in model.graph.initializers.values() if value.const_value)
+
+
+def body_owners(model: ir.Model) -> dict[int, tuple[ir.Node, str]]:
+    """The node holding each If/Loop/Scan body of ``model`` and the attribute name, by ``id`` of the body.
+
+    One walk serves the rule engine (is a body still attached?), the calibration's lifting of body
+    tensors and the sharing of body constants (which graph encloses a body?).
+    """
+    owners: dict[int, tuple[ir.Node, str]] = {}
+    for node in model.graph.all_nodes():
+        for attr in node.attributes.values():
+            if attr.type == ir.AttributeType.GRAPH:
+                owners[id(attr.as_graph())] = (node, attr.name)
+            elif attr.type == ir.AttributeType.GRAPHS:
+                for body in attr.as_graphs():
+                    owners[id(body)] = (node, attr.name)
+    return owners
 
 
 def home_graph(value: ir.Value) -> ir.Graph | None:

@@ -26,7 +26,7 @@ from typing import Generic, Literal, TypeVar
 import onnx_ir as ir
 
 from onnxq.declines import Decline, Reason, Stage
-from onnxq.graph import DEFAULT_DOMAINS, NameScope, default_opset, node_label
+from onnxq.graph import DEFAULT_DOMAINS, NameScope, body_owners, default_opset, node_label
 from onnxq.runtime.kernels import kernel_table
 
 __all__ = ["Kernel", "RewriteContext", "Rule", "RuleOutcome", "apply_rules", "graphs_of"]
@@ -123,19 +123,6 @@ def _first_match(
     return None
 
 
-def _owners(model: ir.Model) -> dict[int, ir.Node]:
-    """The node that holds each subgraph (by ``id`` of the graph), for every body in the model."""
-    owners: dict[int, ir.Node] = {}
-    for node in model.graph.all_nodes():
-        for attr in node.attributes.values():
-            if attr.type == ir.AttributeType.GRAPH:
-                owners[id(attr.as_graph())] = node
-            elif attr.type == ir.AttributeType.GRAPHS:
-                for sub in attr.as_graphs():
-                    owners[id(sub)] = node
-    return owners
-
-
 def _attached(graph: ir.Graph, model: ir.Model, owners: dict[int, ir.Node]) -> bool:
     """Whether ``graph`` is still part of ``model``: the main graph, or a body whose holder still is."""
     while graph is not model.graph:
@@ -169,7 +156,7 @@ def apply_rules(
         for op_type in entry.op_types:
             table.setdefault((domain, op_type), []).append(entry)
     outcome = RuleOutcome()
-    owners = _owners(model)
+    owners = {body: node for body, (node, _) in body_owners(model).items()}
     if nodes is None:
         visits: Iterable[tuple[ir.Graph | None, ir.Node]] = (
             (graph, node) for graph in list(graphs_of(model, scope)) for node in list(graph)

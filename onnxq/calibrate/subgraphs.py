@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from onnxq.graph import NameScope, home_graph
+from onnxq.graph import NameScope, body_owners, home_graph
 
 __all__ = ["Exposed", "expose_values", "merge_exposed"]
 
@@ -45,19 +45,6 @@ class Exposed:
     reduced: bool
 
 
-def _owners(model: ir.Model) -> dict[int, tuple[ir.Node, str]]:
-    """For every body (by ``id``): the node holding it and the attribute name."""
-    owners: dict[int, tuple[ir.Node, str]] = {}
-    for node in model.graph.all_nodes():
-        for attr in node.attributes.values():
-            if attr.type == ir.AttributeType.GRAPH:
-                owners[id(attr.as_graph())] = (node, attr.name)
-            elif attr.type == ir.AttributeType.GRAPHS:
-                for graph in attr.as_graphs():
-                    owners[id(graph)] = (node, attr.name)
-    return owners
-
-
 class _UnexposableError(Exception):
     """A tensor of unknown element type inside an If branch: it cannot be lifted out."""
 
@@ -66,7 +53,7 @@ class _Lifter:
     def __init__(self, model: ir.Model, *, assume_float: bool) -> None:
         self.model = model
         self.assume_float = assume_float
-        self.owners = _owners(model)
+        self.owners = body_owners(model)
         self.names = NameScope(model.graph)
 
     def _node(

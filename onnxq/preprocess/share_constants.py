@@ -18,6 +18,8 @@ import hashlib
 
 import onnx_ir as ir
 
+from onnxq.graph import body_owners
+
 __all__ = ["MIN_BYTES", "share_constants"]
 
 #: Constants smaller than this stay where they are.
@@ -26,22 +28,7 @@ MIN_BYTES = 1024
 
 def _enclosing(model: ir.Model) -> dict[int, ir.Graph]:
     """For each body of ``model`` (by ``id``), the graph whose node holds it."""
-    parents: dict[int, ir.Graph] = {}
-    pending = [model.graph]
-    while pending:
-        graph = pending.pop()
-        for node in graph:
-            for attr in node.attributes.values():
-                if attr.type == ir.AttributeType.GRAPH:
-                    bodies = [attr.as_graph()]
-                elif attr.type == ir.AttributeType.GRAPHS:
-                    bodies = list(attr.as_graphs())
-                else:
-                    continue
-                for body in bodies:
-                    parents[id(body)] = graph
-                    pending.append(body)
-    return parents
+    return {body: node.graph for body, (node, _) in body_owners(model).items() if node.graph is not None}
 
 
 def _ancestry(graph: ir.Graph, parents: dict[int, ir.Graph]) -> list[ir.Graph]:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from onnxq.graph import DEFAULT_DOMAINS, NameScope, const_array, default_opset
+from onnxq.graph import DEFAULT_DOMAINS, NameScope, const_array, default_opset, home_graph
 
 __all__ = ["PROPAGATED_OPS", "move_dequantize_past_captured"]
 
@@ -33,8 +33,7 @@ _MAXPOOL_INT8_OPSET = 12
 
 def _read_in_subgraph(value: ir.Value) -> bool:
     """Whether a node of another graph (a body nested in ``value``'s graph) reads ``value``."""
-    producer = value.producer()
-    home = producer.graph if producer is not None else value.graph
+    home = home_graph(value)
     return any(use.node.graph is not home for use in value.uses())
 
 

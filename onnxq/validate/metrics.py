@@ -115,24 +115,20 @@ def _cosine(ref: np.ndarray, act: np.ndarray) -> float:
     a = ref.ravel()
     b = act.ravel()
     with np.errstate(invalid="ignore", over="ignore"):
-        norm_a = float(np.sqrt(np.dot(a, a)))
-        norm_b = float(np.sqrt(np.dot(b, b)))
-    if norm_a == 0.0 and norm_b == 0.0:
-        return 1.0
-    if norm_a == 0.0 or norm_b == 0.0:
-        return 0.0
-    with np.errstate(invalid="ignore", over="ignore"):
-        value = float(np.dot(a, b)) / (norm_a * norm_b)
-    return value if math.isnan(value) else min(1.0, max(-1.0, value))
+        return _cosine_from_sums(float(np.dot(a, b)), float(np.dot(a, a)), float(np.dot(b, b)))
 
 
 def _cosine_from_sums(dot: float, ref_energy: float, act_energy: float) -> float:
-    """The cosine of two vectors from their dot product and energies (:func:`_cosine`'s conventions)."""
+    """The cosine of two vectors from their dot product and energies.
+
+    1 for two zero vectors, 0 when only one is zero, clipped to [-1, 1].
+    """
     if ref_energy == 0.0 and act_energy == 0.0:
         return 1.0
     if ref_energy == 0.0 or act_energy == 0.0:
         return 0.0
-    value = dot / math.sqrt(ref_energy * act_energy)
+    with np.errstate(invalid="ignore", over="ignore"):
+        value = dot / (float(np.sqrt(ref_energy)) * float(np.sqrt(act_energy)))
     return value if math.isnan(value) else min(1.0, max(-1.0, value))
 
 
