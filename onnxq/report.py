@@ -269,7 +269,10 @@ class QuantReport:
             )
             if count
         ]
-        folded += [f"{count} decomposed {op} made one op" for op, count in sorted(self.canonicalized.items())]
+        folded += [
+            f"{count} {op}" if "→" in op else f"{count} decomposed {op} made one op"
+            for op, count in sorted(self.canonicalized.items())
+        ]
         if self.equalized_pairs:
             folded.append(f"{self.equalized_pairs} Conv pairs equalized")
         if folded:

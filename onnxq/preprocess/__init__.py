@@ -32,6 +32,7 @@ from onnxq.preprocess.canonicalize import (
     CanonicalizePass,
 )
 from onnxq.preprocess.equalize import EqualizePass
+from onnxq.preprocess.expand_lrn import ExpandLrnPass
 from onnxq.preprocess.fold_affine import FoldAffinePass
 from onnxq.preprocess.fold_bn import FoldBatchNormPass
 from onnxq.preprocess.fold_constants import FoldConstantsPass
@@ -213,6 +214,12 @@ def preprocess(model: ir.Model, *, equalize: bool = False, upcast: bool = True) 
         summary.notes.append(f"{shared / 1e6:.2f} MB of constants that several bodies held stored once")
     if not infer_shapes(model):
         summary.notes.append("shape inference failed; tensors of unknown type are treated as float")
+    # After shape inference: the expansion's pool needs the LRN input's rank.
+    lrn = ExpandLrnPass()
+    lrn(model)
+    if lrn.expanded:
+        summary.canonicalized["LRN → Mul/AveragePool/Sqrt/Div"] = lrn.expanded
+    summary.declines.extend(lrn.declined)
     common.TopologicalSortPass()(model)
     summary.nodes_after = sum(1 for _ in model.graph.all_nodes())
     summary.seconds = time.perf_counter() - start

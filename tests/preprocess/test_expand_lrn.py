@@ -1,0 +1,181 @@
+"""ExpandLrnPass: LRN written as Mul/AveragePool/Sqrt|Pow/Div computes the same function.
+
+Each case runs the original LRN (ONNX Runtime's kernel, the reference) and the expansion in ONNX
+Runtime at ORT_DISABLE_ALL and compares them; the window arithmetic at the channel edges, even window
+sizes (the spec's floor/ceil split), windows wider than the channel count, every exponent form and the
+ranks an LRN meets are covered. A wrong padding split, a missing ``/ size`` or a wrong exponent moves
+the result by far more than the 1e-5 relative bound.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import builders
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+
+import onnxq
+from onnxq.preprocess import infer_shapes, preprocess
+from onnxq.preprocess.expand_lrn import ExpandLrnPass
+from onnxq.validate.metrics import sqnr_db
+
+
+def _lrn_model(
+    shape: tuple[int, ...], *, size: float, alpha: float, beta: float, bias: float, opset: int = 17
+) -> onnx.ModelProto:
+    dims = ", ".join(str(d) for d in shape)
+    text = (
+        f"g (float[{dims}] x) => (float[{dims}] y) {{\n"
+        f"  y = LRN <size = {int(size)}, alpha = {alpha!r}, beta = {beta!r}, bias = {bias!r}> (x)\n}}"
+    )
+    proto: onnx.ModelProto = builders.parse(text, {}, opset=opset)
+    return proto
+
+
+def _expand(proto: onnx.ModelProto) -> tuple[ir.Model, ExpandLrnPass]:
+    model = ir.from_proto(proto)
+    infer_shapes(model)
+    expand = ExpandLrnPass()
+    expand(model)
+    return model, expand
+
+
+def _spec_lrn(x: np.ndarray, *, size: float, alpha: float, beta: float, bias: float) -> np.ndarray:
+    """LRN as the ONNX spec writes it, in float64 (ONNX Runtime's kernel refuses even sizes)."""
+    x64 = x.astype(np.float64)
+    channels = x.shape[1]
+    square_sum = np.zeros_like(x64)
+    size = int(size)
+    for c in range(channels):
+        low = max(0, c - (size - 1) // 2)
+        high = min(channels - 1, c + int(np.ceil((size - 1) / 2)))
+        square_sum[:, c] = np.sum(x64[:, low : high + 1] ** 2, axis=1)
+    return x64 / (bias + alpha / size * square_sum) ** beta
+
+
+def _relative_error(want: np.ndarray, got: np.ndarray) -> float:
+    assert got.shape == want.shape
+    return float(np.max(np.abs(got - want)) / np.max(np.abs(want)))
+
+
+@dataclass(frozen=True)
+class _Case:
+    shape: tuple[int, ...]
+    size: int
+    alpha: float
+    beta: float
+    bias: float
+
+    @property
+    def attributes(self) -> dict[str, float]:
+        return {"size": self.size, "alpha": self.alpha, "beta": self.beta, "bias": self.bias}
+
+
+CASES = {
+    "alexnet": _Case((2, 16, 9, 7), 5, 1e-4, 0.75, 1.0),
+    "large-alpha": _Case((1, 12, 5, 5), 5, 2.0, 0.75, 1.0),
+    "even-size": _Case((1, 10, 4, 6), 4, 0.5, 0.75, 2.0),
+    "window-wider-than-channels": _Case((1, 3, 4, 4), 7, 0.3, 0.75, 1.0),
+    "size-1": _Case((1, 6, 3, 3), 1, 0.7, 0.75, 1.0),
+    "sqrt-exponent": _Case((1, 8, 5, 5), 3, 0.4, 0.5, 1.5),
+    "no-exponent": _Case((1, 8, 5, 5), 3, 0.4, 1.0, 1.5),
+    "pow-exponent": _Case((1, 8, 5, 5), 3, 0.4, 0.6, 0.5),
+    "rank-3": _Case((2, 9, 11), 5, 0.2, 0.75, 1.0),
+    "rank-2": _Case((4, 9), 3, 0.2, 0.75, 1.0),
+}
+
+
+@pytest.mark.parametrize("opset", [11, 17])
+@pytest.mark.parametrize("case", list(CASES))
+def test_expansion_computes_lrn(case: str, opset: int) -> None:
+    params = CASES[case]
+    shape = params.shape
+    proto = _lrn_model(shape, opset=opset, **params.attributes)
+    model, expand = _expand(proto)
+    assert expand.expanded == 1 and expand.declined == []
+    op_types = {node.op_type for node in model.graph}
+    assert "LRN" not in op_types and {"AveragePool", "Div"} <= op_types
+    rng = np.random.default_rng(0)
+    for scale in (1.0, 30.0):  # the bias dominates / the window sum dominates
+        feed = (rng.standard_normal(shape) * scale).astype(np.float32)
+        want = _spec_lrn(feed, **params.attributes)
+        [got] = builders.run_disabled(model, {"x": feed})
+        assert _relative_error(want, got) < 1e-5
+        if params.size % 2 and len(shape) == 4:  # what ONNX Runtime's own LRN runs
+            [kernel] = builders.run_disabled(proto, {"x": feed})
+            assert _relative_error(want, kernel) < 1e-4  # (its powf loop is the less exact one)
+
+
+def test_expansion_keeps_the_output_name_and_shape() -> None:
+    model, _ = _expand(_lrn_model((1, 8, 4, 4), size=5, alpha=1e-4, beta=0.75, bias=1.0))
+    [output] = model.graph.outputs
+    assert output.name == "y" and output.producer() is not None and output.producer().op_type == "Div"
+    assert list(output.shape or []) == [1, 8, 4, 4]
+
+
+def test_unknown_rank_is_declined_and_the_lrn_kept() -> None:
+    text = """g (float[2, 8, 4, 4] x, int64[?] s) => (float y) {
+      r = Reshape (x, s)
+      y = LRN <size = 3> (r)
+    }"""
+    proto = builders.parse(text, {}, opset=17)
+    model, expand = _expand(proto)
+    assert expand.expanded == 0
+    assert [node.op_type for node in model.graph] == ["Reshape", "LRN"]
+    assert [decline.code for decline in expand.declined] == ["rank_unknown"]
+
+
+def test_rank_above_four_is_declined() -> None:
+    """ONNX Runtime pools over at most 3 spatial axes; the channel axis makes a fourth."""
+    model, expand = _expand(_lrn_model((1, 6, 3, 4, 5), size=3, alpha=0.2, beta=0.75, bias=1.0))
+    assert expand.expanded == 0 and [d.code for d in expand.declined] == ["rank"]
+    assert [node.op_type for node in model.graph] == ["LRN"]
+
+
+def _cnn_with_lrn(seed: int = 0) -> onnx.ModelProto:
+    """Conv → Relu → LRN → MaxPool → Conv, AlexNet's first block in small."""
+    rng = np.random.default_rng(seed)
+    arrays = {
+        "w1": (rng.standard_normal((16, 3, 3, 3)) * 0.3).astype(np.float32),
+        "b1": (rng.standard_normal(16) * 0.1).astype(np.float32),
+        "w2": (rng.standard_normal((8, 16, 3, 3)) * 0.1).astype(np.float32),
+    }
+    text = """g (float[1, 3, 32, 32] x) => (float[1, 8, 13, 13] y) {
+      c = Conv <pads = [1, 1, 1, 1]> (x, w1, b1)
+      r = Relu (c)
+      n = LRN <size = 5, alpha = 0.02, beta = 0.75, bias = 1.0> (r)
+      p = MaxPool <kernel_shape = [3, 3], strides = [2, 2]> (n)
+      y = Conv (p, w2)
+    }"""
+    proto: onnx.ModelProto = builders.parse(text, arrays, opset=13)
+    return proto
+
+
+def test_preprocess_reports_the_expansion() -> None:
+    model = ir.from_proto(_cnn_with_lrn())
+    summary = preprocess(model)
+    assert summary.canonicalized == {"LRN → Mul/AveragePool/Sqrt/Div": 1}
+    assert not any(node.op_type == "LRN" for node in model.graph)
+
+
+def test_quantized_model_with_an_lrn_stays_accurate_and_keeps_the_expansion_float() -> None:
+    proto = _cnn_with_lrn()
+    rng = np.random.default_rng(1)
+    calibration = [{"x": rng.standard_normal((1, 3, 32, 32)).astype(np.float32)} for _ in range(8)]
+    held_out = [{"x": rng.standard_normal((1, 3, 32, 32)).astype(np.float32)} for _ in range(4)]
+    result = onnxq.quantize(proto, calibration)
+    quantized = result.model
+    op_types = [node.op_type for node in quantized.graph]
+    assert "LRN" not in op_types
+    # The squares and window sums are never quantized: no QuantizeLinear reads them.
+    producers = {out.name: node for node in quantized.graph for out in node.outputs}
+    for node in quantized.graph:
+        if node.op_type == "QuantizeLinear":
+            source = producers.get(node.inputs[0].name)
+            assert source is None or source.op_type not in ("Mul", "AveragePool", "Squeeze", "Sqrt", "Add")
+    want = np.concatenate([builders.run_disabled(proto, feed)[0].ravel() for feed in held_out])
+    got = np.concatenate([builders.run_disabled(quantized, feed)[0].ravel() for feed in held_out])
+    assert sqnr_db(want, got) > 25.0
