@@ -8,7 +8,9 @@ weights), constant subgraphs are folded
 or into the Conv/Gemm/MatMul that reads them (:mod:`~onnxq.preprocess.fold_affine`), decomposed GELU and
 LayerNorm (before the folds) and hard-swish (after them, where its ``/ 6`` did not fold) become single
 ops (:mod:`~onnxq.preprocess.canonicalize`), Identity (:mod:`~onnxq.preprocess.identity`) and dead nodes are
-removed, shapes are inferred and nodes sorted topologically.
+removed, shapes are inferred, ops whose ONNX Runtime kernels are scalar loops (LRN, PRelu, Softplus,
+Mish) are written out in vectorized primitives (:mod:`~onnxq.preprocess.slow_kernels`) and nodes sorted
+topologically.
 """
 
 from __future__ import annotations
@@ -32,12 +34,12 @@ from onnxq.preprocess.canonicalize import (
     CanonicalizePass,
 )
 from onnxq.preprocess.equalize import EqualizePass
-from onnxq.preprocess.expand_lrn import ExpandLrnPass
 from onnxq.preprocess.fold_affine import FoldAffinePass
 from onnxq.preprocess.fold_bn import FoldBatchNormPass
 from onnxq.preprocess.fold_constants import FoldConstantsPass
 from onnxq.preprocess.identity import RemoveIdentityPass
 from onnxq.preprocess.share_constants import share_constants
+from onnxq.preprocess.slow_kernels import SlowKernelsPass
 from onnxq.preprocess.upcast import UpcastHalfPass
 
 __all__ = ["PreprocessSummary", "infer_shapes", "preprocess"]
@@ -214,12 +216,11 @@ def preprocess(model: ir.Model, *, equalize: bool = False, upcast: bool = True) 
         summary.notes.append(f"{shared / 1e6:.2f} MB of constants that several bodies held stored once")
     if not infer_shapes(model):
         summary.notes.append("shape inference failed; tensors of unknown type are treated as float")
-    # After shape inference: the expansion's pool needs the LRN input's rank.
-    lrn = ExpandLrnPass()
-    lrn(model)
-    if lrn.expanded:
-        summary.canonicalized["LRN → Mul/AveragePool/Sqrt/Div"] = lrn.expanded
-    summary.declines.extend(lrn.declined)
+    # After shape inference: the LRN expansion's pool needs the input's rank.
+    slow = SlowKernelsPass()
+    slow(model)
+    summary.canonicalized.update(slow.rewritten)
+    summary.declines.extend(slow.declined)
     common.TopologicalSortPass()(model)
     summary.nodes_after = sum(1 for _ in model.graph.all_nodes())
     summary.seconds = time.perf_counter() - start

@@ -1,10 +1,11 @@
-"""ExpandLrnPass: LRN written as Mul/AveragePool/Sqrt|Pow/Div computes the same function.
+"""SlowKernelsPass: LRN, PRelu, Softplus and Mish written in vectorized primitives compute the same function.
 
-Each case runs the original LRN (ONNX Runtime's kernel, the reference) and the expansion in ONNX
-Runtime at ORT_DISABLE_ALL and compares them; the window arithmetic at the channel edges, even window
-sizes (the spec's floor/ceil split), windows wider than the channel count, every exponent form and the
-ranks an LRN meets are covered. A wrong padding split, a missing ``/ size`` or a wrong exponent moves
-the result by far more than the 1e-5 relative bound.
+Each expansion runs in ONNX Runtime at ORT_DISABLE_ALL against a float64 reference of the op's
+definition. For LRN: the window arithmetic at the channel edges, even window sizes (the spec's
+floor/ceil split, which ONNX Runtime's own kernel refuses), windows wider than the channel count, every
+exponent form and the ranks an LRN meets; a wrong padding split, a missing ``/ size`` or a wrong
+exponent moves the result by far more than the 1e-5 relative bound. For PRelu both forms (slopes in
+[0, 1], and outside), for Softplus/Mish inputs out to ±100 (overflow) and down to −30 (cancellation).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import pytest
 
 import onnxq
 from onnxq.preprocess import infer_shapes, preprocess
-from onnxq.preprocess.expand_lrn import ExpandLrnPass
+from onnxq.preprocess.slow_kernels import SlowKernelsPass
 from onnxq.validate.metrics import sqnr_db
 
 
@@ -35,10 +36,10 @@ def _lrn_model(
     return proto
 
 
-def _expand(proto: onnx.ModelProto) -> tuple[ir.Model, ExpandLrnPass]:
+def _expand(proto: onnx.ModelProto) -> tuple[ir.Model, SlowKernelsPass]:
     model = ir.from_proto(proto)
     infer_shapes(model)
-    expand = ExpandLrnPass()
+    expand = SlowKernelsPass()
     expand(model)
     return model, expand
 
@@ -95,7 +96,7 @@ def test_expansion_computes_lrn(case: str, opset: int) -> None:
     shape = params.shape
     proto = _lrn_model(shape, opset=opset, **params.attributes)
     model, expand = _expand(proto)
-    assert expand.expanded == 1 and expand.declined == []
+    assert expand.rewritten == {"LRN → Mul/AveragePool/Sqrt/Div": 1} and expand.declined == []
     op_types = {node.op_type for node in model.graph}
     assert "LRN" not in op_types and {"AveragePool", "Div"} <= op_types
     rng = np.random.default_rng(0)
@@ -123,7 +124,7 @@ def test_unknown_rank_is_declined_and_the_lrn_kept() -> None:
     }"""
     proto = builders.parse(text, {}, opset=17)
     model, expand = _expand(proto)
-    assert expand.expanded == 0
+    assert expand.rewritten == {}
     assert [node.op_type for node in model.graph] == ["Reshape", "LRN"]
     assert [decline.code for decline in expand.declined] == ["rank_unknown"]
 
@@ -131,7 +132,7 @@ def test_unknown_rank_is_declined_and_the_lrn_kept() -> None:
 def test_rank_above_four_is_declined() -> None:
     """ONNX Runtime pools over at most 3 spatial axes; the channel axis makes a fourth."""
     model, expand = _expand(_lrn_model((1, 6, 3, 4, 5), size=3, alpha=0.2, beta=0.75, bias=1.0))
-    assert expand.expanded == 0 and [d.code for d in expand.declined] == ["rank"]
+    assert expand.rewritten == {} and [d.code for d in expand.declined] == ["rank"]
     assert [node.op_type for node in model.graph] == ["LRN"]
 
 
@@ -179,3 +180,80 @@ def test_quantized_model_with_an_lrn_stays_accurate_and_keeps_the_expansion_floa
     want = np.concatenate([builders.run_disabled(proto, feed)[0].ravel() for feed in held_out])
     got = np.concatenate([builders.run_disabled(quantized, feed)[0].ravel() for feed in held_out])
     assert sqnr_db(want, got) > 25.0
+
+
+# ---------------------------------------------------------------------------------------------------
+# PRelu, Softplus, Mish
+
+
+def _activation_feed(shape: tuple[int, ...]) -> np.ndarray:
+    rng = np.random.default_rng(3)
+    data = (rng.standard_normal(shape) * 6).astype(np.float32)
+    edges = np.array([0.0, -0.0, 1e-6, -1e-6, -30.0, -100.0, 100.0, 20.0, 25.0, -5.0], np.float32)
+    data.reshape(-1)[: edges.size] = edges
+    return data
+
+
+def _check(
+    text: str, arrays: dict[str, np.ndarray], want: np.ndarray, feed: np.ndarray, rewritten: str
+) -> None:
+    proto = builders.parse(text, arrays, opset=18)
+    model, expand = _expand(proto)
+    assert expand.rewritten == {rewritten: 1} and expand.declined == []
+    [got] = builders.run_disabled(model, {"x": feed})
+    assert got.shape == want.shape and np.all(np.isfinite(got))
+    np.testing.assert_allclose(got, want, rtol=2e-6, atol=2e-6)
+    [kernel] = builders.run_disabled(proto, {"x": feed})  # ONNX Runtime's own op agrees with the reference
+    np.testing.assert_allclose(kernel, want, rtol=2e-6, atol=2e-6)
+
+
+IO4 = "(float[2, 6, 5, 5] x) => (float[2, 6, 5, 5] y)"
+
+
+@pytest.mark.parametrize(
+    ("slopes", "rewritten"),
+    [
+        (np.array([0.0, 0.1, 0.25, 0.5, 0.9, 1.0]), "PRelu → Mul/Max"),
+        (np.array([0.0, -0.3, 0.25, 1.7, 0.9, 1.0]), "PRelu → Relu/Min/Mul/Add"),
+    ],
+)
+def test_prelu_forms(slopes: np.ndarray, rewritten: str) -> None:
+    slope = slopes.astype(np.float32).reshape(6, 1, 1)
+    feed = _activation_feed((2, 6, 5, 5))
+    want = np.where(feed >= 0, feed, slope * feed)
+    _check(f"g {IO4} {{\n y = PRelu (x, slope)\n}}", {"slope": slope}, want, feed, rewritten)
+
+
+def test_softplus() -> None:
+    feed = _activation_feed((2, 6, 5, 5))
+    want = np.logaddexp(0.0, feed.astype(np.float64))
+    _check(f"g {IO4} {{\n y = Softplus (x)\n}}", {}, want, feed, "Softplus → Relu/Exp/Log/Add")
+
+
+def _mish(x: np.ndarray) -> np.ndarray:
+    x64 = x.astype(np.float64)
+    return x64 * np.tanh(np.logaddexp(0.0, x64))
+
+
+def test_native_mish() -> None:
+    feed = _activation_feed((2, 6, 5, 5))
+    _check(f"g {IO4} {{\n y = Mish (x)\n}}", {}, _mish(feed), feed, "Mish → Exp/Mul/Div")
+
+
+@pytest.mark.parametrize("order", ["x-first", "x-second"])
+def test_decomposed_mish_becomes_the_mish_form(order: str) -> None:
+    product = "y = Mul (x, t)" if order == "x-first" else "y = Mul (t, x)"
+    text = f"g {IO4} {{\n s = Softplus (x)\n t = Tanh (s)\n {product}\n}}"
+    feed = _activation_feed((2, 6, 5, 5))
+    _check(text, {}, _mish(feed), feed, "x·Tanh(Softplus(x)) → Mish form")
+
+
+def test_softplus_read_elsewhere_is_not_taken_for_mish() -> None:
+    text = """g (float[2, 6, 5, 5] x) => (float[2, 6, 5, 5] y, float[2, 6, 5, 5] s) {
+      s = Softplus (x)
+      t = Tanh (s)
+      y = Mul (x, t)
+    }"""
+    model, expand = _expand(builders.parse(text, {}, opset=18))
+    assert expand.rewritten == {"Softplus → Relu/Exp/Log/Add": 1}
+    assert [n.op_type for n in model.graph].count("Tanh") == 1

@@ -1,0 +1,329 @@
+"""Ops whose ONNX Runtime CPU kernels are scalar loops, written out in primitives it runs vectorized.
+
+A few ONNX ops have CPU kernels in ONNX Runtime that compute element by element with a libm call (or
+a broadcasting loop) where a vectorized equivalent of a handful of ops is several times faster. In a
+float model they cost what they cost; in a quantized model the convolutions around them got 2-4×
+faster and they did not, so they dominate. Measured with onnxruntime 1.32, one thread, on [1, 192, 56,
+56] (the kernel → the expansion):
+
+======== ========== ======================================================================
+op        ms         written as
+======== ========== ======================================================================
+LRN       11.5 → 1.07  Mul(x, x), an AveragePool over the channel axis, ·α, +bias, the power, Div
+PRelu     2.68 → 0.19  Max(x, slope · x) when every slope is in [0, 1]; else Relu(x) + slope · Min(x, 0)
+Softplus  5.70 → 1.21  Relu(x) + Log(1 + Exp(−|x|))
+Mish      6.03 → 0.53  x · t / (t + 2) with t = e · (e + 2), e = Exp(Min(x, 20)) (tanh of softplus)
+======== ========== ======================================================================
+
+Each is the same function up to float32 rounding (checked in the tests against a float64 reference),
+and each stays float in a quantized model: the planner leaves a chain that ends in a float op (Div,
+Max, Log, …) float, so the expansion is one float island between the quantized neighbours, like the
+op it replaces.
+
+**LRN** (AlexNet, CaffeNet, ZFNet, GoogLeNet: its two LRNs took 64 % of GoogLeNet's int8 time). The
+ONNX spec defines
+
+    square_sum[n, c, …] = Σ x[n, i, …]²   for  max(0, c − ⌊(size − 1)/2⌋) ≤ i ≤ min(C − 1, c + ⌈(size − 1)/2⌉)
+    y = x / (bias + alpha / size · square_sum) ^ beta
+
+The window sum over channels is an average pool over the channel axis once it is moved to a spatial
+position (Unsqueeze at axis 1; the unsqueezed axis is the pool's single "channel"); with the padding
+counted, the mean is ``square_sum / size`` exactly, so ``alpha / size · square_sum`` is ``alpha ·
+mean``. ``t ^ 0.75`` (every LRN in the ONNX model zoo) is ``√t · √√t``: two Sqrt and a Mul run 2.4×
+faster than one Pow; 0.5 and 1 need one Sqrt or nothing; other exponents use Pow. The pool needs the
+input's rank, and at most 4 (ONNX Runtime pools over 3 spatial axes at most, and the channel axis
+becomes one): other LRNs stay, with the reason in the report.
+
+**PRelu** (face recognition ResNets, super-resolution nets): its per-channel slope makes ONNX Runtime
+take a broadcasting loop. For a slope in [0, 1], ``max(x, slope · x)`` is PRelu exactly (for x ≥ 0
+``slope · x ≤ x``, for x < 0 ``slope · x ≥ x``); any other slope takes the general form.
+
+**Softplus and Mish** (YOLOv4-family detectors, timm nets): ``log(1 + eˣ)`` as ``relu(x) + log(1 +
+e^−|x|)`` never overflows. Mish is ``x · tanh(softplus(x))``, and ``tanh(log(1 + eˣ)) = ((1 + eˣ)² −
+1) / ((1 + eˣ)² + 1) = t / (t + 2)`` with ``t = eˣ (eˣ + 2)``: no cancellation for very negative x,
+and ``Min(x, 20)`` keeps ``eˣ`` finite (there the ratio is 1 in float32 anyway). The native Mish op
+(opset 18) and the ``x · Tanh(Softplus(x))`` that exporters write below opset 18 both take this form.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxq import rules
+from onnxq.declines import Decline, Reason
+from onnxq.graph import DEFAULT_DOMAINS, attr_float, attr_int, const_array, make_initializer
+
+__all__ = ["SlowKernelsPass"]
+
+_Context = rules.RewriteContext
+
+
+@dataclass
+class _Match:
+    """The op to replace (``node``), the tensor it reads, the nodes that go with it."""
+
+    node: ir.Node
+    ctx: _Context
+    x: ir.Value
+    nodes: list[ir.Node] = field(default_factory=list)
+
+
+class _Writer:
+    """Emits float nodes in front of ``m.node`` (typed like its output) and rewires its output to them."""
+
+    def __init__(self, m: _Match) -> None:
+        graph = m.node.graph
+        assert graph is not None
+        self.m, self.graph = m, graph
+        self.base = m.node.name or m.node.op_type
+        self.type = m.node.outputs[0].type or m.x.type
+        self.shape = m.x.shape
+
+    def constant(self, label: str, value: float | np.ndarray, dtype: type = np.float32) -> ir.Value:
+        return make_initializer(self.graph, self.m.ctx.names, f"{self.base}_{label}", np.array(value, dtype))
+
+    def node(
+        self, op: str, inputs: list[ir.Value], label: str, shape: ir.Shape | None = None, **attrs: object
+    ) -> ir.Value:
+        names = self.m.ctx.names
+        new = ir.Node(
+            "",
+            op,
+            inputs,
+            [ir.convenience.convert_attribute(k, v) for k, v in attrs.items()],  # type: ignore[arg-type]
+            name=names.fresh(f"{self.base}_{label}"),
+        )
+        self.graph.insert_before(self.m.node, new)
+        out = new.outputs[0]
+        out.name, out.type = names.fresh(f"{self.base}_{label}_out"), self.type
+        out.shape = shape if shape is not None else self.shape
+        return out
+
+    def replace_with(self, result: ir.Value) -> None:
+        """``result`` takes the replaced output's name and readers; the replaced nodes go."""
+        output = self.m.node.outputs[0]
+        name = output.name
+        if output.shape is not None:
+            result.shape = output.shape
+        output.replace_all_uses_with(result, replace_graph_outputs=True)
+        output.name = None
+        result.name = name
+        self.graph.remove([self.m.node, *reversed(self.m.nodes)], safe=True)
+
+
+def _float_input(node: ir.Node) -> ir.Value | None:
+    """The first input of a default-domain node when it is (or may be) float32."""
+    if node.domain not in DEFAULT_DOMAINS or not node.inputs or node.inputs[0] is None:
+        return None
+    x = node.inputs[0]
+    return x if x.dtype in (None, ir.DataType.FLOAT) else None
+
+
+class LrnRule(rules.Rule[_Match, _Context]):
+    """``LRN(x)`` ⇒ Mul/Unsqueeze/AveragePool/Squeeze/Mul/Add/Sqrt|Pow/Div (module doc)."""
+
+    op_types = ("LRN",)
+
+    def match(self, node: ir.Node, ctx: _Context) -> _Match | None:
+        x = _float_input(node)
+        return _Match(node, ctx, x) if x is not None else None
+
+    def check(self, m: _Match) -> Reason | None:
+        rank = len(m.x.shape) if m.x.shape is not None else None
+        if rank is None:
+            return Reason("rank_unknown", "the input's rank is unknown (shape inference could not tell)")
+        if rank < 2:
+            return Reason("rank", f"the input has rank {rank}; LRN needs N x C x ...")
+        if rank > 4:
+            return Reason(
+                "rank",
+                f"the input has rank {rank}: the pool over channels would need {rank - 1} spatial axes, "
+                "ONNX Runtime pools over 3 at most",
+            )
+        if attr_int(m.node, "size", 0) < 1:
+            return Reason("size", "the window size is not a positive integer")
+        return None
+
+    def rewrite(self, m: _Match) -> str:
+        node = m.node
+        assert m.x.shape is not None
+        rank = len(m.x.shape)
+        size = attr_int(node, "size", 1)
+        alpha = attr_float(node, "alpha", 1e-4)
+        beta = attr_float(node, "beta", 0.75)
+        bias = attr_float(node, "bias", 1.0)
+        w = _Writer(m)
+        dims = list(m.x.shape)
+        lifted = ir.Shape([dims[0], 1, *dims[1:]])
+        axes = w.constant("axis", np.array([1]), np.int64) if m.ctx.opset >= 13 else None
+
+        def reshaping(op: str, value: ir.Value, label: str, shape: ir.Shape | None) -> ir.Value:
+            if axes is not None:
+                return w.node(op, [value, axes], label, shape)
+            return w.node(op, [value], label, shape, axes=[1])
+
+        squares = w.node("Mul", [m.x, m.x], "square")
+        moved = reshaping("Unsqueeze", squares, "channels_as_space", lifted)
+        before = (size - 1) // 2
+        spatial = rank - 1  # the channel axis and the original spatial axes
+        mean = w.node(
+            "AveragePool",
+            [moved],
+            "window_mean",
+            lifted,
+            kernel_shape=[size] + [1] * (spatial - 1),
+            pads=[before] + [0] * (spatial - 1) + [size - 1 - before] + [0] * (spatial - 1),
+            count_include_pad=1,
+        )
+        window = reshaping("Squeeze", mean, "window", m.x.shape)
+        scaled = w.node("Mul", [window, w.constant("alpha", alpha)], "alpha")
+        base = w.node("Add", [scaled, w.constant("bias", bias)], "bias")
+        if abs(beta - 0.75) < 1e-7:
+            root = w.node("Sqrt", [base], "sqrt")
+            divisor = w.node("Mul", [root, w.node("Sqrt", [root], "fourth_root")], "power")
+        elif abs(beta - 0.5) < 1e-7:
+            divisor = w.node("Sqrt", [base], "power")
+        elif abs(beta - 1.0) < 1e-7:
+            divisor = base
+        else:
+            divisor = w.node("Pow", [base, w.constant("beta", beta)], "power")
+        w.replace_with(w.node("Div", [m.x, divisor], "normalized"))
+        return "LRN → Mul/AveragePool/Sqrt/Div"
+
+
+class PReluRule(rules.Rule[_Match, _Context]):
+    """``PRelu(x, slope)`` ⇒ ``Max(x, slope · x)`` (slopes in [0, 1]), else ``Relu(x) + slope·Min(x, 0)``."""
+
+    op_types = ("PRelu",)
+
+    def match(self, node: ir.Node, ctx: _Context) -> _Match | None:
+        x = _float_input(node)
+        if x is None or len(node.inputs) < 2 or node.inputs[1] is None:
+            return None
+        return _Match(node, ctx, x)
+
+    def check(self, m: _Match) -> Reason | None:
+        slope = m.node.inputs[1]
+        assert slope is not None
+        if slope.dtype not in (None, ir.DataType.FLOAT):
+            return Reason("not_float", "the slope is not float32")
+        return None
+
+    def rewrite(self, m: _Match) -> str:
+        slope = m.node.inputs[1]
+        assert slope is not None
+        w = _Writer(m)
+        values = const_array(slope)
+        if values is not None and values.size and np.all((values >= 0) & (values <= 1)):
+            w.replace_with(w.node("Max", [m.x, w.node("Mul", [m.x, slope], "scaled")], "max"))
+            return "PRelu → Mul/Max"
+        positive = w.node("Relu", [m.x], "positive")
+        negative = w.node("Min", [m.x, w.constant("zero", 0.0)], "negative")
+        w.replace_with(w.node("Add", [positive, w.node("Mul", [negative, slope], "scaled")], "sum"))
+        return "PRelu → Relu/Min/Mul/Add"
+
+
+def _softplus(w: _Writer, x: ir.Value) -> ir.Value:
+    """``relu(x) + log(1 + exp(−|x|))``: no overflow for any x."""
+    magnitude = w.node("Neg", [w.node("Abs", [x], "abs")], "minus_abs")
+    tail = w.node(
+        "Log", [w.node("Add", [w.node("Exp", [magnitude], "exp"), w.constant("one", 1.0)], "one_plus")], "log"
+    )
+    return w.node("Add", [w.node("Relu", [x], "relu"), tail], "softplus")
+
+
+def _mish(w: _Writer, x: ir.Value) -> ir.Value:
+    """``x · t / (t + 2)`` with ``t = e (e + 2)``, ``e = exp(min(x, 20))`` (= x · tanh(softplus(x)))."""
+    e = w.node("Exp", [w.node("Min", [x, w.constant("cap", 20.0)], "capped")], "exp")
+    two = w.constant("two", 2.0)
+    t = w.node("Mul", [e, w.node("Add", [e, two], "e_plus_two")], "t")
+    ratio = w.node("Div", [t, w.node("Add", [t, two], "t_plus_two")], "tanh_softplus")
+    return w.node("Mul", [x, ratio], "mish")
+
+
+class SoftplusRule(rules.Rule[_Match, _Context]):
+    """``Softplus(x)`` ⇒ ``Relu(x) + Log(1 + Exp(−|x|))``; ``x · Tanh(Softplus(x))`` ⇒ the Mish form."""
+
+    op_types = ("Softplus",)
+
+    def match(self, node: ir.Node, ctx: _Context) -> _Match | None:
+        x = _float_input(node)
+        return _Match(node, ctx, x) if x is not None else None
+
+    def check(self, m: _Match) -> Reason | None:
+        return None
+
+    def rewrite(self, m: _Match) -> str:
+        mish = self._mish_around(m)
+        if mish is not None:
+            w = _Writer(mish)
+            w.replace_with(_mish(w, m.x))
+            return "x·Tanh(Softplus(x)) → Mish form"
+        w = _Writer(m)
+        w.replace_with(_softplus(w, m.x))
+        return "Softplus → Relu/Exp/Log/Add"
+
+    @staticmethod
+    def _mish_around(m: _Match) -> _Match | None:
+        """The ``Mul(x, Tanh(Softplus(x)))`` this Softplus is part of (its values read only there)."""
+        soft = m.node.outputs[0]
+        uses = list(soft.uses())
+        if soft.is_graph_output() or len(uses) != 1 or uses[0].node.op_type != "Tanh":
+            return None
+        tanh = uses[0].node
+        gate = tanh.outputs[0]
+        gate_uses = list(gate.uses())
+        if tanh.domain not in DEFAULT_DOMAINS or gate.is_graph_output() or len(gate_uses) != 1:
+            return None
+        product = gate_uses[0].node
+        if product.op_type != "Mul" or product.domain not in DEFAULT_DOMAINS or len(product.inputs) != 2:
+            return None
+        other = product.inputs[1 - gate_uses[0].idx]
+        if other is not m.x:
+            return None
+        return _Match(product, m.ctx, m.x, [m.node, tanh])
+
+
+class MishRule(rules.Rule[_Match, _Context]):
+    """``Mish(x)`` (opset 18) ⇒ ``x · t / (t + 2)``, ``t = e (e + 2)``, ``e = Exp(Min(x, 20))``."""
+
+    op_types = ("Mish",)
+
+    def match(self, node: ir.Node, ctx: _Context) -> _Match | None:
+        x = _float_input(node)
+        return _Match(node, ctx, x) if x is not None else None
+
+    def check(self, m: _Match) -> Reason | None:
+        return None
+
+    def rewrite(self, m: _Match) -> str:
+        w = _Writer(m)
+        w.replace_with(_mish(w, m.x))
+        return "Mish → Exp/Mul/Div"
+
+
+#: The rules, one per slow kernel.
+RULES = (LrnRule(), PReluRule(), SoftplusRule(), MishRule())
+
+
+class SlowKernelsPass(ir.passes.InPlacePass):
+    """Write the ops of :data:`RULES` out in vectorized primitives (module docstring).
+
+    After a call, ``rewritten`` counts the rewrites by what they became and ``declined`` lists the ops
+    left as they were.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rewritten: dict[str, int] = {}
+        self.declined: list[Decline] = []
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        ctx = _Context.of(model)
+        outcome = rules.apply_rules(model, RULES, ctx, stage="canonicalize", opset=ctx.opset)
+        self.rewritten = dict(outcome.rewritten)
+        self.declined = outcome.declines
+        return ir.passes.PassResult(model, modified=outcome.modified)
