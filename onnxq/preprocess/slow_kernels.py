@@ -122,14 +122,21 @@ def _float_input(node: ir.Node) -> ir.Value | None:
     return x if x.dtype in (None, ir.DataType.FLOAT) else None
 
 
-class LrnRule(rules.Rule[_Match, _Context]):
-    """``LRN(x)`` ⇒ Mul/Unsqueeze/AveragePool/Squeeze/Mul/Add/Sqrt|Pow/Div (module doc)."""
-
-    op_types = ("LRN",)
+class _OnFloatInput(rules.Rule[_Match, _Context]):
+    """A rule about an op of :attr:`op_types` reading a float32 tensor; nothing to check by default."""
 
     def match(self, node: ir.Node, ctx: _Context) -> _Match | None:
         x = _float_input(node)
         return _Match(node, ctx, x) if x is not None else None
+
+    def check(self, m: _Match) -> Reason | None:
+        return None
+
+
+class LrnRule(_OnFloatInput):
+    """``LRN(x)`` ⇒ Mul/Unsqueeze/AveragePool/Squeeze/Mul/Add/Sqrt|Pow/Div (module doc)."""
+
+    op_types = ("LRN",)
 
     def check(self, m: _Match) -> Reason | None:
         rank = len(m.x.shape) if m.x.shape is not None else None
@@ -244,17 +251,10 @@ def _mish(w: _Writer, x: ir.Value) -> ir.Value:
     return w.node("Mul", [x, ratio], "mish")
 
 
-class SoftplusRule(rules.Rule[_Match, _Context]):
+class SoftplusRule(_OnFloatInput):
     """``Softplus(x)`` ⇒ ``Relu(x) + Log(1 + Exp(−|x|))``; ``x · Tanh(Softplus(x))`` ⇒ the Mish form."""
 
     op_types = ("Softplus",)
-
-    def match(self, node: ir.Node, ctx: _Context) -> _Match | None:
-        x = _float_input(node)
-        return _Match(node, ctx, x) if x is not None else None
-
-    def check(self, m: _Match) -> Reason | None:
-        return None
 
     def rewrite(self, m: _Match) -> str:
         mish = self._mish_around(m)
@@ -287,17 +287,10 @@ class SoftplusRule(rules.Rule[_Match, _Context]):
         return _Match(product, m.ctx, m.x, [m.node, tanh])
 
 
-class MishRule(rules.Rule[_Match, _Context]):
+class MishRule(_OnFloatInput):
     """``Mish(x)`` (opset 18) ⇒ ``x · t / (t + 2)``, ``t = e (e + 2)``, ``e = Exp(Min(x, 20))``."""
 
     op_types = ("Mish",)
-
-    def match(self, node: ir.Node, ctx: _Context) -> _Match | None:
-        x = _float_input(node)
-        return _Match(node, ctx, x) if x is not None else None
-
-    def check(self, m: _Match) -> Reason | None:
-        return None
 
     def rewrite(self, m: _Match) -> str:
         w = _Writer(m)
