@@ -21,7 +21,7 @@ import abc
 import collections
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Generic, Literal, TypeVar
+from typing import Any, Generic, Literal, TypeVar
 
 import onnx_ir as ir
 
@@ -29,7 +29,7 @@ from onnxq.declines import Decline, Reason, Stage
 from onnxq.graph import DEFAULT_DOMAINS, NameScope, body_owners, default_opset, node_label
 from onnxq.runtime.kernels import kernel_table
 
-__all__ = ["Kernel", "RewriteContext", "Rule", "RuleOutcome", "apply_rules", "graphs_of"]
+__all__ = ["Kernel", "RewriteContext", "Rule", "RuleOutcome", "RuleTablePass", "apply_rules", "graphs_of"]
 
 MatchT = TypeVar("MatchT")
 ContextT = TypeVar("ContextT")
@@ -181,3 +181,29 @@ def apply_rules(
             continue
         outcome.rewritten[rule.rewrite(match)] += 1
     return outcome
+
+
+class RuleTablePass(ir.passes.InPlacePass):
+    """A pass that is one rule table over every graph of a model (:func:`apply_rules` at the model's opset).
+
+    The preprocessing passes made of rules whose context is a :class:`RewriteContext` (canonical
+    activations, affine folds, slow kernels) differ only in their table and their report stage. After
+    a call, ``rewritten`` counts the rewrites by what they became and ``declined`` lists the matches
+    left as they were, with the reason.
+    """
+
+    #: The stage the declines are reported under.
+    stage: Stage = "canonicalize"
+
+    def __init__(self, table: Sequence[Rule[Any, RewriteContext]]) -> None:
+        super().__init__()
+        self.table = tuple(table)
+        self.rewritten: dict[str, int] = {}
+        self.declined: list[Decline] = []
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        ctx = RewriteContext.of(model)
+        outcome = apply_rules(model, self.table, ctx, stage=self.stage, opset=ctx.opset)
+        self.rewritten = dict(outcome.rewritten)
+        self.declined = outcome.declines
+        return ir.passes.PassResult(model, modified=outcome.modified)

@@ -32,7 +32,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxq import rules
-from onnxq.declines import Decline, Reason
+from onnxq.declines import Reason
 from onnxq.graph import (
     DEFAULT_DOMAINS,
     attr_float,
@@ -588,7 +588,7 @@ DECOMPOSE_RULES: tuple[_Rule, ...] = (HardSwishDecomposeRule(),)
 LATE_RULES: tuple[_Rule, ...] = (HardSwishRule(),)
 
 
-class CanonicalizePass(ir.passes.InPlacePass):
+class CanonicalizePass(rules.RuleTablePass):
     """Rewrite decomposed activations and normalizations into single ops (module docstring).
 
     After a call, ``rewritten`` counts the new ops by type and ``declined`` lists the patterns found
@@ -596,14 +596,4 @@ class CanonicalizePass(ir.passes.InPlacePass):
     """
 
     def __init__(self, table: tuple[_Rule, ...] = RULES) -> None:
-        super().__init__()
-        self.table = table
-        self.rewritten: dict[str, int] = {}
-        self.declined: list[Decline] = []
-
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
-        ctx = _Context.of(model)
-        outcome = rules.apply_rules(model, self.table, ctx, stage="canonicalize", opset=ctx.opset)
-        self.rewritten = dict(outcome.rewritten)
-        self.declined = outcome.declines
-        return ir.passes.PassResult(model, modified=outcome.modified)
+        super().__init__(table)

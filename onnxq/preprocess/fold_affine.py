@@ -39,7 +39,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxq import rules
-from onnxq.declines import Decline, Reason
+from onnxq.declines import Reason
 from onnxq.graph import (
     DEFAULT_DOMAINS,
     attr_float,
@@ -564,21 +564,19 @@ class _InputAffineRule(rules.Rule[_InputMatch, _Context]):
 RULES: tuple[rules.Rule, ...] = (_AffineRule(), _InputAffineRule(), _PadRule())  # type: ignore[type-arg]
 
 
-class FoldAffinePass(ir.passes.InPlacePass):
+class FoldAffinePass(rules.RuleTablePass):
     """Fold per-channel Mul/Add/Sub and zero Pad into the neighbouring Conv/Gemm (module docstring).
 
     After a call, ``folded`` counts the folds by the op type that absorbed them and ``declined`` lists
     the candidates left alone, with the reason.
     """
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.folded: dict[str, int] = {}
-        self.declined: list[Decline] = []
+    stage = "fold"
 
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
-        ctx = _Context.of(model)
-        outcome = rules.apply_rules(model, RULES, ctx, stage="fold", opset=ctx.opset)
-        self.folded = dict(outcome.rewritten)
-        self.declined = outcome.declines
-        return ir.passes.PassResult(model, modified=outcome.modified)
+    def __init__(self) -> None:
+        super().__init__(RULES)
+
+    @property
+    def folded(self) -> dict[str, int]:
+        """The folds by the op type that absorbed them."""
+        return self.rewritten

@@ -53,7 +53,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxq import rules
-from onnxq.declines import Decline, Reason
+from onnxq.declines import Reason
 from onnxq.graph import DEFAULT_DOMAINS, attr_float, attr_int, const_array, make_initializer
 
 __all__ = ["SlowKernelsPass"]
@@ -201,16 +201,15 @@ class LrnRule(_OnFloatInput):
         return "LRN → Mul/AveragePool/Sqrt/Div"
 
 
-class PReluRule(rules.Rule[_Match, _Context]):
+class PReluRule(_OnFloatInput):
     """``PRelu(x, slope)`` ⇒ ``Max(x, slope · x)`` (slopes in [0, 1]), else ``Relu(x) + slope·Min(x, 0)``."""
 
     op_types = ("PRelu",)
 
     def match(self, node: ir.Node, ctx: _Context) -> _Match | None:
-        x = _float_input(node)
-        if x is None or len(node.inputs) < 2 or node.inputs[1] is None:
+        if len(node.inputs) < 2 or node.inputs[1] is None:
             return None
-        return _Match(node, ctx, x)
+        return super().match(node, ctx)
 
     def check(self, m: _Match) -> Reason | None:
         slope = m.node.inputs[1]
@@ -302,7 +301,7 @@ class MishRule(_OnFloatInput):
 RULES = (LrnRule(), PReluRule(), SoftplusRule(), MishRule())
 
 
-class SlowKernelsPass(ir.passes.InPlacePass):
+class SlowKernelsPass(rules.RuleTablePass):
     """Write the ops of :data:`RULES` out in vectorized primitives (module docstring).
 
     After a call, ``rewritten`` counts the rewrites by what they became and ``declined`` lists the ops
@@ -310,13 +309,4 @@ class SlowKernelsPass(ir.passes.InPlacePass):
     """
 
     def __init__(self) -> None:
-        super().__init__()
-        self.rewritten: dict[str, int] = {}
-        self.declined: list[Decline] = []
-
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
-        ctx = _Context.of(model)
-        outcome = rules.apply_rules(model, RULES, ctx, stage="canonicalize", opset=ctx.opset)
-        self.rewritten = dict(outcome.rewritten)
-        self.declined = outcome.declines
-        return ir.passes.PassResult(model, modified=outcome.modified)
+        super().__init__(RULES)
