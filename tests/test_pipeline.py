@@ -295,3 +295,38 @@ def test_static_mode_quantizes_embedding_tables_on_request() -> None:
         (actual,) = builders.run_disabled(result.model, feed)
         noise = float(np.sum((expected - actual) ** 2))
         assert 10 * np.log10(float(np.sum(expected**2)) / noise) > 25.0
+
+
+# ---------------------------------------------------------------------------------------------------
+# A residual squeeze-and-excitation block (PP-OCR det's RSE layers): the gate is quantized so that the
+# Mul and the Add on the full map run as integer ops, and the output stays close to float.
+
+RESIDUAL_SE = """
+g (float[1, 8, 12, 12] x) => (float[1, 8, 12, 12] y) {
+    a = Conv <pads = [1, 1, 1, 1]> (x, wa)
+    p = GlobalAveragePool (a)
+    q = Conv (p, wg)
+    g = HardSigmoid (q)
+    m = Mul (a, g)
+    s = Add (a, m)
+    y = Conv <pads = [1, 1, 1, 1]> (s, wc)
+}
+"""
+
+
+def test_residual_se_block_runs_its_mul_and_add_on_integers() -> None:
+    rng = np.random.default_rng(4)
+    arrays = {
+        "wa": (rng.standard_normal((8, 8, 3, 3)) * 0.2).astype(np.float32),
+        "wg": (rng.standard_normal((8, 8, 1, 1)) * 2.0).astype(np.float32),
+        "wc": (rng.standard_normal((8, 8, 3, 3)) * 0.2).astype(np.float32),
+    }
+    proto = builders.parse(RESIDUAL_SE, arrays)
+    feeds = [{"x": rng.standard_normal((1, 8, 12, 12)).astype(np.float32)} for _ in range(24)]
+    result = onnxq.quantize(proto, feeds[:16])
+    assert result.report.quantized_op_types == {"Conv": 3, "Mul": 1, "Add": 1, "GlobalAveragePool": 1}
+    producers = {out.name: node.op_type for node in result.model.graph for out in node.outputs}
+    mul = next(node for node in result.model.graph if node.op_type == "Mul")
+    assert all(producers[value.name] == "DequantizeLinear" for value in mul.inputs)  # the gate too
+    report = result.validate(feeds[16:])
+    assert report.accuracy[0].sqnr_db > 25.0

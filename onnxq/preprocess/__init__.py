@@ -34,7 +34,7 @@ from onnxq.preprocess.canonicalize import (
     CanonicalizePass,
 )
 from onnxq.preprocess.equalize import EqualizePass
-from onnxq.preprocess.fold_affine import FoldAffinePass
+from onnxq.preprocess.fold_affine import BatchNormAffinePass, FoldAffinePass
 from onnxq.preprocess.fold_bn import FoldBatchNormPass
 from onnxq.preprocess.fold_constants import FoldConstantsPass
 from onnxq.preprocess.identity import RemoveIdentityPass
@@ -216,6 +216,12 @@ def preprocess(model: ir.Model, *, equalize: bool = False, upcast: bool = True) 
         summary.notes.append(f"{shared / 1e6:.2f} MB of constants that several bodies held stored once")
     if not infer_shapes(model):
         summary.notes.append("shape inference failed; tensors of unknown type are treated as float")
+    if any(node.op_type == "BatchNormalization" for node in model.graph.all_nodes()):
+        # After shape inference: a constant's alignment with a BatchNorm's channels needs its rank.
+        into_batch_norm = BatchNormAffinePass()
+        into_batch_norm(model)
+        summary.affine_folded += sum(into_batch_norm.rewritten.values())
+        summary.declines.extend(into_batch_norm.declined)
     # After shape inference: the LRN expansion's pool needs the input's rank.
     slow = SlowKernelsPass()
     slow(model)

@@ -1,4 +1,4 @@
-"""Fold per-channel affine ops and zero padding into the Conv/ConvTranspose/Gemm next to them.
+"""Fold per-channel affine ops and zero padding into the Conv/ConvTranspose/Gemm/BatchNorm next to them.
 
 Exporters leave float work around the convolutions that a quantized model would have to run in float
 between quantized neighbours: Paddle2ONNX writes PP-LCNet's learnable affine blocks as ``Mul`` and
@@ -11,7 +11,11 @@ Rewrite rules (:data:`RULES`, run by :func:`onnxq.rules.apply_rules` in every gr
 1. ``Mul(P(x), s)`` with ``P`` a Conv, ConvTranspose (``group`` 1) or Gemm whose output has no other
    reader, and ``s`` a constant that scales whole output channels (a scalar, or one value per output
    channel broadcast over the spatial axes) ⇒ ``P`` with ``W' = W·s`` along the output-channel axis and
-   ``b' = b·s``.
+   ``b' = b·s``. ``P`` may also be a BatchNormalization that no Conv before it could take (after a
+   Concat, a MaxPool, a graph input): its scale and bias take ``s`` (:class:`BatchNormAffinePass`, run
+   once shapes are inferred: the constant's alignment needs the BatchNorm's rank). Caffe/Caffe2
+   conversions write every BatchNorm as BatchNormalization → Mul → Add (the Scale layer): DenseNet-121's
+   58 pre-activation BatchNorms ran three float ops on each concatenated feature map.
 2. ``Add(P(x), t)`` (either input order, ``Sub(P(x), t)`` too) with ``t`` such a per-channel constant ⇒
    ``P`` with ``b' = b + t`` (a missing bias is created).
 3. ``Pad(x, pads, 0)`` in ``constant`` mode whose only reader is a Conv with explicit pads (``auto_pad``
@@ -49,11 +53,12 @@ from onnxq.graph import (
     make_initializer,
 )
 
-__all__ = ["RULES", "FoldAffinePass"]
+__all__ = ["RULES", "BatchNormAffinePass", "FoldAffinePass"]
 
 logger = logging.getLogger(__name__)
 
 _PRODUCERS = ("Conv", "ConvTranspose", "Gemm")
+_BATCH_NORM = ("BatchNormalization",)
 
 
 _Context = rules.RewriteContext
@@ -71,6 +76,8 @@ class _Match:
 
 def _output_layout(producer: ir.Node) -> tuple[int, int, int] | None:
     """(output channels, output rank, channel axis) of a foldable producer, or ``None``."""
+    if producer.op_type == "BatchNormalization":
+        return _batch_norm_layout(producer)
     weight = const_array(producer.inputs[1] if len(producer.inputs) > 1 else None)
     if weight is None or weight.ndim < 2:
         return None
@@ -82,6 +89,25 @@ def _output_layout(producer: ir.Node) -> tuple[int, int, int] | None:
         return int(weight.shape[1]), weight.ndim, 1
     trans_b = attr_int(producer, "transB", 0)
     return int(weight.shape[0] if trans_b else weight.shape[1]), 2, 1
+
+
+def _batch_norm_layout(node: ir.Node) -> tuple[int, int, int] | None:
+    """(channels, rank, 1) of an inference-mode BatchNormalization of known rank, or ``None``.
+
+    Not for the training form (extra outputs read, ``training_mode``) or opset < 9's ``spatial = 0``
+    (one scale per element, not per channel).
+    """
+    scale = const_array(node.inputs[1] if len(node.inputs) > 1 else None)
+    if scale is None or scale.ndim != 1:
+        return None
+    if attr_int(node, "training_mode", 0) or not attr_int(node, "spatial", 1):
+        return None
+    if any(out.uses() or out.is_graph_output() for out in node.outputs[1:]):
+        return None
+    shape = node.outputs[0].shape or node.inputs[0].shape  # type: ignore[union-attr]
+    if shape is None or len(shape) < 2:
+        return None
+    return int(scale.shape[0]), len(shape), 1
 
 
 def _per_channel(constant: np.ndarray, producer: ir.Node) -> np.ndarray | None:
@@ -107,20 +133,23 @@ def _per_channel(constant: np.ndarray, producer: ir.Node) -> np.ndarray | None:
     return constant.reshape(channels).astype(np.float64)
 
 
-def _sole_producer(value: ir.Value | None) -> ir.Node | None:
-    """The Conv/ConvTranspose/Gemm that writes ``value`` for this one reader only."""
+def _sole_producer(value: ir.Value | None, producers: tuple[str, ...]) -> ir.Node | None:
+    """The node of one of ``producers``' types that writes ``value`` for this one reader only."""
     if value is None or value.is_graph_output() or len(value.uses()) != 1:
         return None
     producer = value.producer()
-    if producer is None or producer.op_type not in _PRODUCERS or producer.domain not in DEFAULT_DOMAINS:
+    if producer is None or producer.op_type not in producers or producer.domain not in DEFAULT_DOMAINS:
         return None
     return producer
 
 
 class _AffineRule(rules.Rule[_Match, _Context]):
-    """Rules 1 and 2: a constant Mul/Add/Sub right after a linear producer."""
+    """Rules 1 and 2: a constant Mul/Add/Sub right after a linear producer (or a BatchNorm)."""
 
     op_types = ("Mul", "Add", "Sub")
+
+    def __init__(self, producers: tuple[str, ...] = _PRODUCERS) -> None:
+        self.producers = producers
 
     def match(self, node: ir.Node, ctx: _Context) -> _Match | None:
         if len(node.inputs) != 2:
@@ -128,7 +157,7 @@ class _AffineRule(rules.Rule[_Match, _Context]):
         for index in (0, 1):
             if node.op_type == "Sub" and index == 1:
                 break  # Sub(t, P(x)) negates P: not an affine fold of this kind
-            producer = _sole_producer(node.inputs[index])
+            producer = _sole_producer(node.inputs[index], self.producers)
             constant = const_array(node.inputs[1 - index])
             if producer is not None and constant is not None and producer.graph is node.graph:
                 return _Match(node, ctx, producer, constant)
@@ -144,7 +173,7 @@ class _AffineRule(rules.Rule[_Match, _Context]):
             )
         weight = const_array(m.producer.inputs[1])
         if weight is None or weight.dtype != np.float32:
-            return Reason("weight", "the weight is not a float32 constant")
+            return Reason("weight", "the weight (a BatchNorm's scale) is not a float32 constant")
         bias_value = m.producer.inputs[2] if len(m.producer.inputs) > 2 else None
         if bias_value is not None:
             bias = const_array(bias_value)
@@ -192,12 +221,13 @@ class _AffineRule(rules.Rule[_Match, _Context]):
         kept = producer.outputs[0]
         kept.type = kept.type or out.type
         kept.shape = kept.shape or out.shape
+        constants = [value for value in m.node.inputs if value is not None and value is not kept]
         out.replace_all_uses_with(kept, replace_graph_outputs=True)
         graph.remove(m.node, safe=True)
         if name:
             out.name = None
             producer.outputs[0].name = name
-        for value in old:
+        for value in [*old, *constants]:
             _drop_if_unused(value)
         return producer.op_type
 
@@ -208,7 +238,7 @@ def attr_float_beta(node: ir.Node) -> float:
 
 
 def _scale_output_channels(producer: ir.Node, weight: np.ndarray, scale: np.ndarray) -> np.ndarray:
-    if producer.op_type == "Conv":
+    if producer.op_type in ("Conv", "BatchNormalization"):
         shape = (scale.size,) + (1,) * (weight.ndim - 1)
     elif producer.op_type == "ConvTranspose":
         shape = (1, scale.size) + (1,) * (weight.ndim - 2)
@@ -562,6 +592,18 @@ class _InputAffineRule(rules.Rule[_InputMatch, _Context]):
 
 #: The pass's rule table (for a Mul/Add/Sub, the output-side fold is asked first).
 RULES: tuple[rules.Rule, ...] = (_AffineRule(), _InputAffineRule(), _PadRule())  # type: ignore[type-arg]
+
+
+class BatchNormAffinePass(rules.RuleTablePass):
+    """Rules 1 and 2 into the BatchNormalizations left after the folds (module docstring, rule 1).
+
+    Run after shape inference. ``rewritten`` counts the Mul/Add/Sub folded.
+    """
+
+    stage = "fold"
+
+    def __init__(self) -> None:
+        super().__init__((_AffineRule(_BATCH_NORM),))
 
 
 class FoldAffinePass(rules.RuleTablePass):

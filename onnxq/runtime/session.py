@@ -287,6 +287,8 @@ def serialize_lean(model: ir.Model, *, min_bytes: int = 1024) -> tuple[bytes, di
                 continue
             if tensor.nbytes < min_bytes and not external:
                 continue
+            if not value.uses() and not value.is_graph_output() and not external:
+                continue  # ONNX Runtime drops an unused initializer, then cannot find it to replace
             array = tensor.numpy()
             arrays[name] = array
             swapped.append((value, tensor))

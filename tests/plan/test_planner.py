@@ -785,3 +785,76 @@ def test_a_gru_stays_float_with_the_reason() -> None:
     reasons = {d.op_type: d.message for d in plan.declined}
     assert "no int8 GRU kernel in ONNX Runtime" in reasons["GRU"]
     assert plan.float_op_types["GRU"] == 1
+
+
+# ---------------------------------------------------------------------------------------------------
+# Squeeze-and-excitation gates: a small float operand broadcast over a quantized feature map
+
+RESIDUAL_SE = """
+g (float[1, 4, 8, 8] x) => (float[1, 4, 8, 8] y) {
+    [conv_a] a = Conv <pads = [1, 1, 1, 1]> (x, Wa)
+    [pool] p = GlobalAveragePool (a)
+    [conv_g] q = Conv (p, Wg)
+    [gate] g = HardSigmoid (q)
+    [mul] m = Mul (a, g)
+    [add] s = Add (a, m)
+    [conv_c] y = Conv <pads = [1, 1, 1, 1]> (s, Wc)
+}"""
+
+
+def _residual_se(text: str = RESIDUAL_SE) -> ir.Model:
+    return _model(text, _weights(Wa=(4, 4, 3, 3), Wg=(4, 4, 1, 1), Wc=(4, 4, 3, 3)))
+
+
+def test_se_gate_is_quantized_when_it_unlocks_integer_ops_on_the_map() -> None:
+    """``a + a·gate``: without the gate quantized, the Mul and the Add would run float on the full map."""
+    model = _residual_se()
+    plan = _plan(model)
+    assert {"mul", "add"} <= set(_names(plan.quantized_nodes))
+    assert {("mul", 0), ("mul", 1), ("add", 0), ("add", 1)} <= _slots(plan)
+    gate = _value(model, "g")
+    assert gate in plan.observed_values()  # calibrated: its range is measured like any activation
+    assert plan.float_op_types["HardSigmoid"] == 1  # the gate itself is still computed in float
+
+
+def test_se_gate_stays_float_where_an_anchor_reads_the_product() -> None:
+    """The product is quantized for the Conv anyway; the Add reads that, and the Mul stays float."""
+    model = _residual_se(
+        RESIDUAL_SE.replace(
+            "[conv_c] y = Conv <pads = [1, 1, 1, 1]> (s, Wc)",
+            "[conv_m] n = Conv <pads = [1, 1, 1, 1]> (m, Wc)\n"
+            "    [conv_c] t = Conv <pads = [1, 1, 1, 1]> (s, Wc)\n"
+            "    [out] y = Add (n, t)",
+        )
+    )
+    plan = _plan(model)
+    names = set(_names(plan.quantized_nodes))
+    assert "mul" not in names and "add" in names
+    assert ("conv_m", 0) in _slots(plan) and ("add", 1) in _slots(plan)
+    assert _value(model, "g") not in plan.group_of
+
+
+def test_a_full_size_float_operand_is_not_a_gate() -> None:
+    """Tanh of the whole map is as large as the map: quantizing it would be a float island, not a gate."""
+    model = _residual_se(RESIDUAL_SE.replace("[gate] g = HardSigmoid (q)", "[gate] g = Tanh (a)"))
+    plan = _plan(model)
+    assert "mul" not in _names(plan.quantized_nodes)
+    assert _value(model, "g") not in plan.group_of
+
+
+@pytest.mark.parametrize(
+    ("small", "large", "expected"),
+    [
+        (["N", 4, 1, 1], ["N", 4, "H", "W"], True),
+        ([1, 4, 1, 1], [1, 4, 8, 8], True),
+        ([1, 1, 8, 8], [1, 4, 8, 8], True),  # a spatial gate (CBAM), broadcast over channels
+        ([1, 4, 8, 8], [1, 4, 8, 8], False),  # no broadcast
+        ([1, 8192, 1, 1], [1, 8192, 4, 4], False),  # too many values
+        ([1, 4, 1], [1, 4, 8, 8], False),  # ranks differ
+        ([1, "C", 1, 1], [1, "C", 8, 8], False),  # unknown size
+    ],
+)
+def test_broadcast_gate_shapes(small: list[object], large: list[object], expected: bool) -> None:
+    from onnxq.plan.planner import _broadcasts_small
+
+    assert _broadcasts_small(ir.Value(shape=ir.Shape(small)), ir.Value(shape=ir.Shape(large))) is expected

@@ -150,6 +150,73 @@ def test_producer_read_elsewhere_is_left_alone() -> None:
     assert builders.op_counts(model) == {"Conv": 1, "Mul": 1, "Relu": 1}
 
 
+# Rules 1-2 into a BatchNormalization no Conv could take (Caffe2's BatchNorm → Scale after a Concat).
+CONCAT_BN_SCALE = """
+g (float[1, 2, 6, 6] x) => (float[1, 3, 6, 6] y) {
+    a = Relu (x)
+    cat = Concat <axis = 1> (x, a)
+    bn = BatchNormalization <epsilon = 0.001> (cat, gamma, beta, mean, var)
+    m = Mul (bn, s)
+    t = Add (m, shift)
+    r = Relu (t)
+    y = Conv (r, w)
+}
+"""
+
+
+def _batch_norm_arrays(s: tuple[int, ...], shift: tuple[int, ...]) -> dict[str, np.ndarray]:
+    arrays = _arrays(gamma=(4,), var=(4,), s=s, shift=shift, w=(3, 4, 1, 1))
+    rng = np.random.default_rng(RNG_SEED + 1)
+    arrays["beta"] = rng.standard_normal(4).astype(np.float32)
+    arrays["mean"] = rng.standard_normal(4).astype(np.float32)
+    return arrays
+
+
+@pytest.mark.parametrize(("s", "shift"), [((4, 1, 1), (1, 4, 1, 1)), ((), (4, 1, 1))], ids=["chw", "scalar"])
+def test_preprocess_folds_mul_add_into_a_batch_norm_after_a_concat(
+    s: tuple[int, ...], shift: tuple[int, ...]
+) -> None:
+    """Concat → BatchNorm → Mul → Add → Relu: one BatchNorm whose scale and bias took the Mul and Add."""
+    arrays = _batch_norm_arrays(s, shift)
+    proto = builders.parse(CONCAT_BN_SCALE, arrays)
+    model = ir.from_proto(proto)
+    summary = preprocess(model)
+    assert builders.op_counts(model) == {"Relu": 2, "Concat": 1, "BatchNormalization": 1, "Conv": 1}
+    assert summary.affine_folded == 2
+    bn = _only(model, "BatchNormalization")
+    scale = np.broadcast_to(arrays["s"].reshape(-1), (4,)).astype(np.float64)
+    np.testing.assert_allclose(_const(bn.inputs[1]), arrays["gamma"] * scale, rtol=1e-6)
+    np.testing.assert_allclose(
+        _const(bn.inputs[2]), arrays["beta"] * scale + arrays["shift"].reshape(-1), rtol=1e-6, atol=1e-6
+    )
+    _assert_same(proto, model, (1, 2, 6, 6))
+
+
+def test_batch_norm_keeps_a_mul_that_is_not_per_channel() -> None:
+    """A Mul by one value per column does not scale whole channels: declined, with the reason."""
+    arrays = _batch_norm_arrays((1, 1, 6), (4, 1, 1))
+    model = ir.from_proto(builders.parse(CONCAT_BN_SCALE, arrays))
+    summary = preprocess(model)
+    assert builders.op_counts(model)["Mul"] == 1
+    assert "Mul not folded: a constant of shape [1, 1, 6] is not per output channel" in builders.lines(
+        summary.declines
+    )
+
+
+def test_training_batch_norm_is_not_a_producer() -> None:
+    """A BatchNorm in training mode (its running statistics read) takes nothing."""
+    text = """
+    g (float[1, 4, 6, 6] x) => (float[1, 4, 6, 6] y, float[4] rm) {
+        bn, rm, rv = BatchNormalization <training_mode = 1> (x, gamma, beta, mean, var)
+        y = Mul (bn, s)
+    }
+    """
+    proto = builders.parse(text, _batch_norm_arrays((4, 1, 1), ()), opset=15)
+    model = ir.from_proto(proto)
+    preprocess(model)
+    assert builders.op_counts(model)["Mul"] == 1
+
+
 PAD_CONV = """
 g (float[1, 3, 8, 8] x) => (float[1, 4, {h}, {w}] y) {{
     pads = Constant <value = int64[8] {{{pads}}}> ()

@@ -227,3 +227,23 @@ def test_measure_latency_bad_feed_is_onnxq_error() -> None:
 
 def test_measure_latency_no_models() -> None:
     assert measure_latency({}, {}, threads=1) == {}
+
+
+def test_open_model_with_a_large_unused_initializer() -> None:
+    """ONNX Runtime drops an unused initializer when it loads the graph; handing its array over as an
+    in-memory initializer then failed ("Failed to find existing initializer"). A fold that leaves its
+    constant behind must not break the sessions of the later stages."""
+    import onnx_ir as ir
+
+    proto = parser.parse_model(
+        '<ir_version: 8, opset_import: ["" : 17]>\n'
+        "g (float[2, 512] x) => (float[2, 512] y) { y = Mul (x, w) }"
+    )
+    rng = np.random.default_rng(0)
+    w, unused = (rng.standard_normal(512).astype(np.float32) for _ in range(2))
+    proto.graph.initializer.extend(
+        [onnx.numpy_helper.from_array(w, "w"), onnx.numpy_helper.from_array(unused, "unused")]
+    )
+    session = runtime.open_model(ir.from_proto(proto))
+    x = rng.standard_normal((2, 512)).astype(np.float32)
+    np.testing.assert_allclose(session.run(None, {"x": x})[0], x * w)
