@@ -231,7 +231,7 @@ def test_passthrough_at_the_edges_of_quantized_code_stays_float() -> None:
             [pool_in] p = MaxPool <kernel_shape = [2, 2], strides = [2, 2]> (x)
             [conv1] c = Conv <pads = [1, 1, 1, 1]> (p, W1)
             [pool_out] q = MaxPool <kernel_shape = [1, 1]> (c)
-            [softmax] y = Softmax <axis = 1> (q)
+            [softmax] y = Softmax <axis = -1> (q)
         }""",
         _weights(W1=(4, 3, 3, 3)),
     )

@@ -1,11 +1,13 @@
-"""SlowKernelsPass: LRN, PRelu, Softplus and Mish written in vectorized primitives compute the same function.
+"""SlowKernelsPass: LRN, PRelu, Softplus, Mish, the exponential linear units and Softmax over a
+non-last axis, written in vectorized primitives, compute the same function.
 
 Each expansion runs in ONNX Runtime at ORT_DISABLE_ALL against a float64 reference of the op's
 definition. For LRN: the window arithmetic at the channel edges, even window sizes (the spec's
 floor/ceil split, which ONNX Runtime's own kernel refuses), windows wider than the channel count, every
 exponent form and the ranks an LRN meets; a wrong padding split, a missing ``/ size`` or a wrong
 exponent moves the result by far more than the 1e-5 relative bound. For PRelu both forms (slopes in
-[0, 1], and outside), for Softplus/Mish inputs out to ±100 (overflow) and down to −30 (cancellation).
+[0, 1], and outside), for Softplus/Mish/Elu/Selu/Celu inputs out to ±100 (overflow) and down to −30
+(cancellation); Softmax and LogSoftmax over a middle axis at both forms of the reduce ops' axes.
 """
 
 from __future__ import annotations
@@ -257,3 +259,83 @@ def test_softplus_read_elsewhere_is_not_taken_for_mish() -> None:
     model, expand = _expand(builders.parse(text, {}, opset=18))
     assert expand.rewritten == {"Softplus → Relu/Exp/Log/Add": 1}
     assert [n.op_type for n in model.graph].count("Tanh") == 1
+
+
+# ---------------------------------------------------------------------------------------------------
+# Elu, Selu, Celu
+
+
+def _exp_linear(x: np.ndarray, scale: float, alpha: float, inner: float) -> np.ndarray:
+    """``scale · (x if x > 0 else alpha · (exp(inner · x) − 1))`` in float64 (the specs' definitions)."""
+    x64 = x.astype(np.float64)
+    return scale * np.where(x64 > 0, x64, alpha * np.expm1(inner * np.minimum(x64, 0.0)))
+
+
+@pytest.mark.parametrize(
+    ("node", "scale", "alpha", "inner"),
+    [
+        ("Elu", 1.0, 1.0, 1.0),
+        ("Elu <alpha = 0.5>", 1.0, 0.5, 1.0),
+        ("Selu", 1.0507009873554805, 1.6732632423543772, 1.0),
+        ("Selu <alpha = 1.5, gamma = 2.0>", 2.0, 1.5, 1.0),
+        ("Celu <alpha = 2.0>", 1.0, 2.0, 0.5),
+    ],
+)
+def test_exponential_linear_units(node: str, scale: float, alpha: float, inner: float) -> None:
+    feed = _activation_feed((2, 6, 5, 5))
+    want = _exp_linear(feed, scale, alpha, inner)
+    op = node.split()[0]
+    _check(f"g {IO4} {{\n y = {node} (x)\n}}", {}, want, feed, f"{op} → Relu/Min/Exp/Add")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Softmax / LogSoftmax over an axis that is not the last
+
+
+def _softmax(x: np.ndarray, axis: int, log: bool) -> np.ndarray:
+    x64 = x.astype(np.float64)
+    shifted = x64 - x64.max(axis=axis, keepdims=True)
+    log_sum = np.log(np.exp(shifted).sum(axis=axis, keepdims=True))
+    return shifted - log_sum if log else np.exp(shifted - log_sum)
+
+
+@pytest.mark.parametrize("opset", [13, 18])  # ReduceMax's axes: an attribute, then an input
+@pytest.mark.parametrize("op", ["Softmax", "LogSoftmax"])
+@pytest.mark.parametrize("axis", [1, -3, 2])
+def test_softmax_over_a_middle_axis(opset: int, op: str, axis: int) -> None:
+    feed = _activation_feed((2, 6, 5, 4))
+    text = f"g (float[2, 6, 5, 4] x) => (float[2, 6, 5, 4] y) {{\n y = {op} <axis = {axis}> (x)\n}}"
+    proto = builders.parse(text, {}, opset=opset)
+    model, expand = _expand(proto)
+    assert expand.rewritten == {f"{op} over axis {axis % 4} → ReduceMax/Exp/ReduceSum": 1}
+    assert op not in builders.op_counts(model)
+    [got] = builders.run_disabled(model, {"x": feed})
+    want = _softmax(feed, axis, op == "LogSoftmax")
+    np.testing.assert_allclose(got, want, rtol=2e-6, atol=2e-6)
+    [kernel] = builders.run_disabled(proto, {"x": feed})
+    np.testing.assert_allclose(kernel, want, rtol=2e-6, atol=2e-6)
+
+
+@pytest.mark.parametrize(
+    ("shape", "axis", "opset"),
+    [((2, 6, 5, 4), -1, 17), ((2, 6, 5, 4), 3, 17), ((2, 6, 1, 1), 1, 17), ((2, 6, 5, 4), 1, 11)],
+    ids=["last", "last-by-index", "trailing-ones", "opset-11-coerces-to-2d"],
+)
+def test_softmax_already_over_the_last_axis_is_left_alone(
+    shape: tuple[int, ...], axis: int, opset: int
+) -> None:
+    dims = ", ".join(map(str, shape))
+    text = f"g (float[{dims}] x) => (float[{dims}] y) {{\n y = Softmax <axis = {axis}> (x)\n}}"
+    model, expand = _expand(builders.parse(text, {}, opset=opset))
+    assert expand.rewritten == {} and expand.declined == []
+    assert builders.op_counts(model) == {"Softmax": 1}
+
+
+def test_softmax_of_unknown_rank_is_declined() -> None:
+    text = """g (float[2, 8, 4, 4] x, int64[?] s) => (float y) {
+      r = Reshape (x, s)
+      y = Softmax <axis = 1> (r)
+    }"""
+    model, expand = _expand(builders.parse(text, {}, opset=17))
+    assert [decline.code for decline in expand.declined] == ["rank_unknown"]
+    assert [node.op_type for node in model.graph] == ["Reshape", "Softmax"]
