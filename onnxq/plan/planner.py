@@ -294,8 +294,8 @@ class _Planner:
         if reader.op_type not in _BROADCAST_READERS or is_constant(value) or not is_float(value):
             return False
         others = [v for v in reader.inputs if v is not None and v is not value]
-        if len(others) != 1 or not (is_constant(others[0]) or self.available(others[0])):
-            return False
+        if len(others) != 1 or is_constant(others[0]) or not self.available(others[0]):
+            return False  # the map it scales must be a quantized activation
         readers = [use.node for out in reader.outputs for use in out.uses() if use.node in self.kept]
         if not any(self.rules[node].kind is OpKind.INTEGER for node in readers):
             return False
