@@ -73,7 +73,8 @@ _PASS = OpKind.PASSTHROUGH
 OP_RULES: dict[str, OpRule] = {
     # Anchors: the integer kernels that make quantized models fast.
     "Conv": OpRule(_ANCHOR, inputs=(0,), weight=1, bias=2),
-    "ConvTranspose": OpRule(_ANCHOR, inputs=(0,), weight=1, bias=2),
+    # ONNX Runtime (CPU) has no integer ConvTranspose: its output is quantized only for a reader.
+    "ConvTranspose": OpRule(_ANCHOR, inputs=(0,), weight=1, bias=2, output="if_wanted"),
     "Gemm": OpRule(_ANCHOR, inputs=(0, 1), weight=1, bias=2, output="if_wanted"),
     "MatMul": OpRule(_ANCHOR, inputs=(0, 1), weight=1, output="if_wanted"),
     # Integer ops: com.microsoft QLinear kernels (or exact requantization for Relu/Clip).

@@ -858,3 +858,22 @@ def test_broadcast_gate_shapes(small: list[object], large: list[object], expecte
     from onnxq.plan.planner import _broadcasts_small
 
     assert _broadcasts_small(ir.Value(shape=ir.Shape(small)), ir.Value(shape=ir.Shape(large))) is expected
+
+
+def test_conv_transpose_output_is_quantized_only_for_a_quantized_reader() -> None:
+    """ONNX Runtime runs ConvTranspose in float (no integer kernel on CPU): a QuantizeLinear after it
+    serves a reader that reads it quantized, and otherwise only rounds (a DB head's final logits)."""
+    model = _model(
+        """
+        g (float[1, 4, 8, 8] x) => (float[1, 1, 32, 32] y) {
+            [up1] a = ConvTranspose <kernel_shape = [2, 2], strides = [2, 2]> (x, W1, B1)
+            [relu] r = Relu (a)
+            [up2] b = ConvTranspose <kernel_shape = [2, 2], strides = [2, 2]> (r, W2, B2)
+            [head] y = Sigmoid (b)
+        }""",
+        _weights(W1=(4, 4, 2, 2), B1=(4,), W2=(4, 1, 2, 2), B2=(1,)),
+    )
+    plan = _plan(model)
+    assert _names(plan.quantized_nodes) == ["up1", "up2"]
+    assert _value(model, "r") in plan.group_of  # up2 reads it quantized (the Relu absorbed into it)
+    assert _value(model, "b") not in plan.group_of  # the float Sigmoid reads the logits unrounded
