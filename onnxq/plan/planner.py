@@ -10,7 +10,7 @@ Rules (see :mod:`onnxq.plan.op_rules` for the table):
    consumer wants their output quantized. This is a greatest fixpoint: start with every eligible op
    quantized and drop those whose inputs or consumers are float, until nothing changes — so cycles of
    mutual dependence (a Resize feeding a Concat) stay quantized, and chains that begin or end in float
-   code fall back to float. A small float operand a Mul/Add broadcasts over a quantized map (a
+   code fall back to float. A small float operand a Mul broadcasts over a quantized map (a
    squeeze-and-excitation gate) counts as arriving quantized where that keeps the map on integers
    (:meth:`_Planner.broadcast_gate`).
 3. Relu/Clip right after a quantized producer (whose output has no other use) are absorbed: no Q/DQ
@@ -120,8 +120,10 @@ class QuantPlan:
         return collections.Counter(n.op_type for n in self.quantized_nodes)
 
 
-#: Integer ops that may read a small float operand quantized (:meth:`_Planner.broadcast_gate`).
-_BROADCAST_READERS = ("Mul", "Add")
+#: Integer ops that may read a small float operand quantized (:meth:`_Planner.broadcast_gate`). Not
+#: Add: a small operand added to a map is as often an attention mask of -inf/float32-min fills, which
+#: no integer grid holds, as a bias.
+_BROADCAST_READERS = ("Mul",)
 
 #: The most values a broadcast operand may hold (per sample) to be quantized for its reader's sake.
 BROADCAST_GATE_ELEMENTS = 4096
