@@ -339,3 +339,43 @@ def test_softmax_of_unknown_rank_is_declined() -> None:
     model, expand = _expand(builders.parse(text, {}, opset=17))
     assert [decline.code for decline in expand.declined] == ["rank_unknown"]
     assert [node.op_type for node in model.graph] == ["Reshape", "Softmax"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Pow by 2, 0.5, -0.5, -1
+
+
+@pytest.mark.parametrize(
+    ("exponent", "form"),
+    [
+        ("float 2.0", "Pow(2) → Mul"),
+        ("int64 2", "Pow(2) → Mul"),
+        ("float[1] {0.5}", "Pow(0.5) → Sqrt"),
+        ("float -0.5", "Pow(-0.5) → Reciprocal/Sqrt"),
+        ("float -1.0", "Pow(-1) → Reciprocal"),
+    ],
+)
+def test_pow_by_a_cheap_exponent(exponent: str, form: str) -> None:
+    dtype, _, literal = exponent.partition(" ")
+    value = float(literal.strip("{}"))
+    text = f"g {IO4} {{\n e = Constant <value = {dtype} {{{literal.strip('{}')}}}> ()\n y = Pow (x, e)\n}}"
+    feed = _activation_feed((2, 6, 5, 5))
+    if value in (0.5, -0.5):
+        feed = np.abs(feed) + np.float32(1e-3)  # roots of positive numbers
+    feed[feed == 0] = 1.0  # (1/0 is inf both ways; the reference's division would warn)
+    want = np.power(feed.astype(np.float64), value)
+    _check(text, {}, want, feed, form)
+
+
+@pytest.mark.parametrize("value", ["3.0", "1.5", "-2.0"])
+def test_pow_by_another_exponent_is_left_alone(value: str) -> None:
+    text = f"g {IO4} {{\n e = Constant <value = float {{{value}}}> ()\n y = Pow (x, e)\n}}"
+    model, expand = _expand(builders.parse(text, {}, opset=18))
+    assert expand.rewritten == {} and builders.op_counts(model)["Pow"] == 1
+
+
+def test_pow_of_a_scalar_by_a_one_element_exponent_keeps_its_shape() -> None:
+    """Pow(scalar, [0.5]) has shape [1]: Sqrt(scalar) would not, so it is left alone."""
+    text = "g (float x) => (float[1] y) {\n e = Constant <value = float[1] {0.5}> ()\n y = Pow (x, e)\n}"
+    model, expand = _expand(builders.parse(text, {}, opset=18))
+    assert expand.rewritten == {} and builders.op_counts(model)["Pow"] == 1
