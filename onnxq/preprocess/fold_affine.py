@@ -173,7 +173,8 @@ class _AffineRule(rules.Rule[_Match, _Context]):
             )
         weight = const_array(m.producer.inputs[1])
         if weight is None or weight.dtype != np.float32:
-            return Reason("weight", "the weight (a BatchNorm's scale) is not a float32 constant")
+            what = "the scale" if m.producer.op_type == "BatchNormalization" else "the weight"
+            return Reason("weight", f"{what} is not a float32 constant")
         bias_value = m.producer.inputs[2] if len(m.producer.inputs) > 2 else None
         if bias_value is not None:
             bias = const_array(bias_value)

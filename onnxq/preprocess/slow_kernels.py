@@ -300,15 +300,14 @@ class MishRule(_OnFloatInput):
         return "Mish → Exp/Mul/Div"
 
 
-#: (a, b, c) of ``a · relu(x) + b · (exp(c · min(x, 0)) − 1)`` for each exponential linear unit.
 def _exp_linear_constants(node: ir.Node) -> tuple[float, float, float]:
-    alpha = attr_float(node, "alpha", {"Selu": 1.67326319217681884765625}.get(node.op_type, 1.0))
+    """(a, b, c) of ``a · relu(x) + b · (exp(c · min(x, 0)) − 1)`` for an Elu, Selu or Celu node."""
     if node.op_type == "Selu":
+        alpha = attr_float(node, "alpha", 1.67326319217681884765625)
         gamma = attr_float(node, "gamma", 1.05070102214813232421875)
         return gamma, gamma * alpha, 1.0
-    if node.op_type == "Celu":
-        return 1.0, alpha, 1.0 / alpha
-    return 1.0, alpha, 1.0
+    alpha = attr_float(node, "alpha", 1.0)
+    return (1.0, alpha, 1.0 / alpha) if node.op_type == "Celu" else (1.0, alpha, 1.0)
 
 
 class ExpLinearRule(_OnFloatInput):
