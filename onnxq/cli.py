@@ -142,6 +142,13 @@ def _add_quant_options(parser: argparse.ArgumentParser) -> None:
         "on by default, --no-smooth turns it off)",
     )
     scheme.add_argument(
+        "--equalize-depthwise-inputs",
+        action="store_true",
+        help="even out the channels of depthwise Conv inputs with a float Mul in front where their "
+        "producer cannot take the factor (exact in float; recovers PP-LCNet-type models whose "
+        "depthwise inputs span orders of magnitude across channels, for a float op per such input)",
+    )
+    scheme.add_argument(
         "--bias-correction",
         action="store_true",
         help="shift each quantized layer's bias by the mean error its weight rounding adds "
@@ -324,6 +331,7 @@ def _config_from_args(args: argparse.Namespace) -> Any:
             ),
             equalize=bool(getattr(args, "equalize", False)),
             smooth=bool(getattr(args, "smooth", True)),
+            equalize_depthwise_inputs=bool(getattr(args, "equalize_depthwise_inputs", False)),
             bias_correction=bool(getattr(args, "bias_correction", False)),
             latency_guard=LatencyGuardConfig(
                 enabled=guard_enabled_by_default() and not getattr(args, "no_latency_guard", False),

@@ -250,6 +250,8 @@ def _settings(config: QuantConfig, mode: Mode) -> dict[str, Any]:
         if config.equalize:
             settings["equalize"] = True
         settings["smooth"] = config.smooth
+        if config.equalize_depthwise_inputs:
+            settings["equalize_depthwise_inputs"] = True
         if config.bias_correction:
             settings["bias_correction"] = True
         calibration = dataclasses.asdict(config.calibration)

@@ -170,11 +170,14 @@ class StaticState:
         """The same quantization with one of :data:`FIXES` applied; its ranges calibrated on demand.
 
         ``method=<name>`` re-calibrates with another range method (``method=auto`` also makes its
-        choice, per tensor, here); ``smooth`` and ``equalize`` apply
-        the outlier smoothing / cross-layer equalization to the float model (exact in float);
+        choice, per tensor, here); ``smooth``, ``equalize_depthwise_inputs`` and ``equalize`` apply
+        the outlier smoothing (its depthwise-input part: a float ``Mul`` in front of the depthwise
+        Convs whose input's producer cannot take the factor) / cross-layer equalization to the float
+        model (exact in float);
         ``bias_correction`` shifts the anchors' biases by the mean error quantization adds
         (:mod:`onnxq.calibrate.bias_correction`). Every anchor stays quantized: a fix costs one
-        calibration (bias correction: one float run), and no speed.
+        calibration (bias correction: one float run), and no speed (``equalize_depthwise_inputs``: the
+        float ``Mul`` it adds, :data:`~onnxq.tuning.interfaces.COSTLY_FIXES`).
         """
         model, config = self.float_model, self.config
         if fix == "method=auto":  # the choice needs model runs: made here, not left to requantize
@@ -188,6 +191,10 @@ class StaticState:
             model = model.clone()
             smooth_outliers(model, self.feeds, self.providers)
             config = config.replace(smooth=True)
+        elif fix == "equalize_depthwise_inputs":
+            model = model.clone()
+            smooth_outliers(model, self.feeds, self.providers, products=False, depthwise_inputs=True)
+            config = config.replace(equalize_depthwise_inputs=True)
         elif fix == "equalize":
             model = model.clone()
             EqualizePass()(model)

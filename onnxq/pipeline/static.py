@@ -131,9 +131,15 @@ def quantize_static(
 
     start = time.perf_counter()
     notes: list[str] = []
-    if config.smooth:
+    if config.smooth or config.equalize_depthwise_inputs:
         with _explained_on_random_data(feeds):
-            smoothing = smooth_outliers(model, feeds, providers)
+            smoothing = smooth_outliers(
+                model,
+                feeds,
+                providers,
+                products=config.smooth,
+                depthwise_inputs=config.equalize_depthwise_inputs,
+            )
         if smoothing.candidates:  # (on by default: no note for the models it has nothing to do on)
             notes.append(smoothing.describe())
         if smoothing.divided_in_front:  # Muls were added in front of products: plan the new graph

@@ -153,6 +153,27 @@ def _broadcasts_small(small: ir.Value, large: ir.Value) -> bool:
     return spread and count <= BROADCAST_GATE_ELEMENTS
 
 
+#: The widest magnitude ratio (largest / smallest non-zero) a Mul's constant factor may span to be
+#: stored on one 8-bit grid: beyond 51×, its smallest values fall below 5 steps and lose over 10 %
+#: (a per-channel rescaling by factors that span orders of magnitude, as outlier smoothing's
+#: divisors in front of depthwise Convs do, would zero whole channels).
+MUL_CONSTANT_SPREAD = 51.0
+
+
+def _constant_spread(node: ir.Node) -> float:
+    """The magnitude ratio of a Mul's constant operand of more than one value (1.0 without one)."""
+    spread = 1.0
+    for operand in node.inputs:
+        data = const_array(operand)
+        if data is None or data.size < 2 or data.dtype.kind != "f":
+            continue
+        magnitude = np.abs(data[np.isfinite(data)].astype(np.float64))
+        live = magnitude[magnitude > 0]
+        if live.size:
+            spread = max(spread, float(live.max() / live.min()))
+    return spread
+
+
 class _Planner:
     def __init__(self, model: ir.Model, config: QuantConfig) -> None:
         self.graph = model.graph
@@ -229,6 +250,14 @@ class _Planner:
                     return Reason("pad_value", "the Pad fill value is not a constant")
                 if not np.all(np.isfinite(fill)):
                     return Reason("not_finite", "the Pad fill value is inf/nan: no integer grid holds it")
+        if op == "Mul":
+            spread = _constant_spread(node)
+            if spread > MUL_CONSTANT_SPREAD:
+                return Reason(
+                    "constant_precision",
+                    f"a constant factor spans {spread:.0f}x in magnitude: on one 8-bit grid its small values "
+                    f"would lose over 10 % (at most {MUL_CONSTANT_SPREAD:.0f}x)",
+                )
         if op == "Clip" and len(node.inputs) > 1:
             for bound in node.inputs[1:]:
                 if bound is not None and not is_constant(bound):

@@ -1,9 +1,9 @@
 """Outlier migration (SmoothQuant-style): move per-channel range from activations into weights.
 
-Transformers (and some CNNs) have a few activation channels with ranges 10–100× the rest (Bondarenko
-et al., EMNLP 2021). One per-tensor activation scale must cover them, so every other channel keeps
-only a few integer levels. Weights are quantized per output channel and have room to spare. For an
-activation ``X`` (channels on its last axis) read only by products with constant weights,
+Transformers (and some CNNs) have a few activation channels with ranges 10–100× the rest (Bondarenko et
+al., EMNLP 2021). One per-tensor activation scale must cover them, so every other channel keeps only a
+few integer levels. Weights are quantized per output channel and have room to spare. For an activation
+``X`` (channels on its last axis) read only by products with constant weights,
 
     X · W  =  (X · diag(s)⁻¹) · (diag(s) · W)
 
@@ -12,29 +12,51 @@ run time (Xiao et al., "SmoothQuant", 2023):
 
 - ``LayerNormalization`` over the last axis: ``γ`` and ``β`` divided by ``s``;
 - ``MatMul``/``Gemm`` with a constant weight (the weight's output columns divided by ``s``), optionally
-  followed by a constant bias ``Add`` and a ``Relu`` (``Relu(z)/s = Relu(z/s)`` for ``s > 0``).
+  followed by a constant bias ``Add`` and a ``Relu`` (``Relu(z)/s = Relu(z/s)`` for ``s > 0``);
+- ``Conv`` with a constant weight (its output channels' weights and bias divided by ``s``), optionally
+  followed by a ``Relu`` or ``LeakyRelu``: the data-aware counterpart of cross-layer equalization
+  (:mod:`onnxq.preprocess.equalize` balances weight ranges only).
 
 The readers that take ``s`` are the ``MatMul``/``Gemm`` whose constant weight has ``X``'s channels as
-its input rows (their rows are multiplied by ``s``). When ``X`` has other readers too (the residual
-``Add`` of a post-LayerNorm transformer such as BERT or MiniLM), or a producer that cannot take ``1/s``
-(GELU, an input), a ``Mul`` by ``1/s`` is put in front of those products only: one element-wise float
-op on a tensor the products then read through its Q/DQ, about 1 % of MiniLM's int8 latency, for the
-0.988 → 0.997 sentence-embedding cosine that smoothing its LayerNorm and GELU outputs gives.
+its input rows (their rows are multiplied by ``s``), and the ``Conv`` that read ``X`` (channels on axis
+1), ungrouped (the weight's input-channel axis multiplied by ``s``) or depthwise (each output channel by
+its input channel's ``s``). A depthwise Conv quantizes its weights per output channel, that is per input
+channel, so ``s`` costs its weights nothing and evening out ``X``'s channels is pure gain: for depthwise
+readers ``s`` may also widen narrow channels, up to a full equalization (``α = 1``).
 
-``s_k = max|X_k|^α / max|W_k|^(1-α)`` (``W_k``: row ``k`` of every reader's weight). The strength ``α``
-is chosen per tensor, not as a global constant: each candidate (and ``s = 1``, no change) is scored by
-the error of the simulated int8 product (per-tensor uint8 activations from the calibrated per-channel
-minima and maxima, per-channel int8 weights) against the float product on up to :data:`SAMPLE_ROWS`
-rows of the calibration data, and the lowest error wins. So a tensor without outliers keeps ``s = 1``.
-The rewrite is exact in float up to rounding; the statistics pass costs one run of the float model over
-at most :data:`MAX_BATCHES` calibration batches, and is skipped when no candidate can show
-:data:`MIN_ROWS` rows (a CNN's classifier reads one row per sample).
+When ``X`` has other readers too (the residual ``Add`` of a post-LayerNorm transformer such as BERT or
+MiniLM), or a producer that cannot take ``1/s`` (GELU, an input), a ``Mul`` by ``1/s`` is put in front
+of those products only: one element-wise float op on a tensor the products then read through its Q/DQ,
+about 1 % of MiniLM's int8 latency, for the 0.988 → 0.997 sentence-embedding cosine that smoothing its
+LayerNorm and GELU outputs gives.
+
+The input of a depthwise Conv whose producer cannot take ``1/s`` (a hard-swish, a residual Add) gets
+such a ``Mul`` too, but only on request (``depthwise_inputs``: ``--equalize-depthwise-inputs``, and a
+fix the ``--target`` search tries when no free fix met the target): the ``Mul`` is a float op on a whole
+feature map, and the integer ops that produced the tensor before it run in float too (a per-channel
+factor spanning more than an 8-bit grid keeps its ``Mul`` float: :mod:`onnxq.plan.planner`). Measured
+on PP-OCRv5 det (PP-LCNetV3: learnable affine blocks after hard-swish feed its depthwise convs), min-max
+ranges: text-pixel IoU 0.82 → 0.88 at 0.53 → 0.62× float latency (ONNX Runtime's quantizer: 0.86 at
+0.69×); ``--method auto`` reaches 0.92 at 0.5× with or without it, and on models that do not need it
+(PP-LCNet's orientation classifier, PP-OCRv4 det) it only costs speed.
+
+``s_k = max|X_k|^α / max|W_k|^(1-α)`` (``W_k``: every reader's weights for input channel ``k``). The
+strength ``α`` is chosen per tensor, not as a global constant: each candidate (and ``s = 1``, no change)
+is scored by the error of the simulated int8 product (per-tensor uint8 activations from the calibrated
+per-channel minima and maxima, per-channel int8 weights) against the float product on up to
+:data:`SAMPLE_ROWS` rows of the calibration data (a Conv's kernel taps counted as products of their
+own), and the lowest error wins. So a tensor without outliers keeps ``s = 1``. The rewrite is exact in
+float up to rounding; the statistics pass costs one run of the float model over at most
+:data:`MAX_BATCHES` calibration batches (:data:`MAX_MAP_BATCHES` when only feature maps are candidates:
+each sample shows one row per pixel), and is skipped when no candidate can show :data:`MIN_ROWS` rows (a
+CNN's classifier reads one row per sample).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 import onnx_ir as ir
@@ -44,14 +66,18 @@ from onnxq.graph import NameScope, attr_float, attr_int, const_array, make_initi
 from onnxq.qmath import compute_qparams, dequantize, quantize, quantize_weight
 from onnxq.runtime.session import open_model, run
 
-__all__ = ["ALPHAS", "SmoothSummary", "smooth_outliers"]
+__all__ = ["ALPHAS", "SmoothSummary", "find_candidates", "smooth_outliers"]
 
 #: Candidate migration strengths (0: weights alone set ``s``; 1: activations alone).
 ALPHAS = (0.25, 0.5, 0.65, 0.8, 0.9)
+#: ... and for tensors only depthwise Convs read, full equalization too (their weights lose nothing).
+DEPTHWISE_ALPHAS = (*ALPHAS, 1.0)
 #: Rows of each candidate tensor kept to score the strengths (spread over the calibration batches).
 SAMPLE_ROWS = 512
 #: Calibration batches the statistics pass runs at most.
 MAX_BATCHES = 32
+#: ... when every candidate is a feature map (one row per pixel: a few samples show plenty of rows).
+MAX_MAP_BATCHES = 8
 #: Rows (samples × positions) a tensor must have shown before it is smoothed. Equalized channels
 #: leave the activation range no headroom, so a min-max range from fewer rows clips unseen data:
 #: measured on a 6-layer chain, 64 rows turned a 30 dB model into 22 dB on held-out data, 512 rows
@@ -60,6 +86,14 @@ MIN_ROWS = 256
 #: Upper bound on ``s`` (relative to the median channel): beyond it a channel's weight rows would
 #: dwarf the rest of their column.
 _S_MAX = 1e3
+
+#: How a reader's constant weight holds the smoothed tensor's channels: a MatMul/Gemm weight with them
+#: as rows (``rows``) or, stored transposed (Gemm ``transB``), as columns (``columns``); an ungrouped
+#: Conv on its input-channel axis 1 (``conv``); a depthwise Conv, one group per channel (``depthwise``).
+ReaderKind = Literal["rows", "columns", "conv", "depthwise"]
+
+#: Ops between a Conv and the smoothed tensor that commute with a positive per-channel factor.
+_HOMOGENEOUS = ("Relu", "LeakyRelu")
 
 
 @dataclass
@@ -76,7 +110,10 @@ class SmoothSummary:
     def describe(self) -> str:
         """One line for the report."""
         if not self.candidates:
-            return "outlier smoothing: no tensor qualifies (no MatMul/Gemm with a constant weight reads one)"
+            return (
+                "outlier smoothing: no tensor qualifies (no MatMul/Gemm/Conv with a constant weight "
+                "reads one)"
+            )
         if self.too_few_rows == self.candidates:
             return (
                 f"outlier smoothing: skipped, the calibration data shows fewer than {MIN_ROWS} rows of "
@@ -92,16 +129,83 @@ class SmoothSummary:
 
 @dataclass
 class _Reader:
-    """A product reading the smoothed tensor: its weight with input channels on axis 0 (a view)."""
+    """A product reading the smoothed tensor through a constant weight (:data:`ReaderKind`)."""
 
     node: ir.Node
-    input_index: int
-    transposed: bool  # the stored weight is [out, in] (Gemm transB)
+    kind: ReaderKind
+    #: The weight as stored (read once: scoring reads it for every strength).
+    _weight: np.ndarray | None = field(default=None, repr=False)
 
     def weight(self) -> np.ndarray:
-        w = const_array(self.node.inputs[self.input_index])
-        assert w is not None
-        return w.T if self.transposed else w
+        """The weight as stored."""
+        if self._weight is None:
+            self._weight = const_array(self.node.inputs[1])
+        assert self._weight is not None
+        return self._weight
+
+    @property
+    def input_axis(self) -> int:
+        """The stored weight's axis along the smoothed tensor's channels (a depthwise Conv's: its groups)."""
+        return {"rows": 0, "columns": 1, "conv": 1, "depthwise": 0}[self.kind]
+
+    def shape(self) -> tuple[int, ...]:
+        """The weight's shape."""
+        shape = _const_shape(self.node.inputs[1])
+        assert shape is not None
+        return shape
+
+    def channels(self) -> int:
+        """How many channels of the smoothed tensor the weight reads."""
+        return self.shape()[self.input_axis] // self.multiplier()
+
+    def multiplier(self) -> int:
+        """Output channels per input channel: a depthwise Conv's channel multiplier, else 1."""
+        if self.kind != "depthwise":
+            return 1
+        return self.shape()[0] // attr_int(self.node, "group", 1)
+
+    def factor(self, s: np.ndarray) -> np.ndarray:
+        """``s`` laid out along :attr:`input_axis` (a depthwise Conv's output channels repeat theirs)."""
+        repeated: np.ndarray = np.repeat(s, self.multiplier())
+        return repeated
+
+    def input_ranges(self) -> np.ndarray:
+        """The largest weight magnitude that reads each input channel."""
+        w = np.moveaxis(np.abs(self.weight()), self.input_axis, 0)
+        per_index: np.ndarray = w.reshape(w.shape[0], -1).max(axis=1)
+        per_channel: np.ndarray = per_index.reshape(-1, self.multiplier()).max(axis=1)
+        return per_channel
+
+    def rounded(self, s: np.ndarray) -> np.ndarray:
+        """The weight multiplied by ``s`` along its input channels, int8-rounded as quantization will.
+
+        Per output channel: MatMul's last axis, a Gemm's by ``transB``, a Conv's axis 0.
+        """
+        w = self.weight()
+        shape = [1] * w.ndim
+        shape[self.input_axis] = -1
+        scaled = w * self.factor(s).astype(np.float32).reshape(shape)
+        output_axis = {"rows": 1, "columns": 0}.get(self.kind, 0)
+        q, params = quantize_weight(scaled, "int8", True, axis=output_axis)
+        return np.asarray(dequantize(q, params), np.float32)
+
+    def products(self, x: np.ndarray, w: np.ndarray) -> np.ndarray:
+        """Every product the reader forms from rows ``x`` ``[n, channels]`` with weight ``w`` (stored layout).
+
+        A MatMul/Gemm's outputs; a Conv's outputs per kernel tap (the taps see other pixels of the
+        same channels: their errors add up as those of separate products would).
+        """
+        out: np.ndarray
+        if self.kind == "depthwise":  # channel k only: its own taps
+            out = x[:, :, None] * w.reshape(x.shape[1], -1)[None]
+        else:
+            out = x @ np.moveaxis(w, self.input_axis, 0).reshape(x.shape[1], -1)
+        return out
+
+    def rescale(self, s: np.ndarray) -> None:
+        """Multiply the weight by ``s`` along its input channels, in place (it has no other reader)."""
+        _rescale(self.node, 1, self.factor(s), self.input_axis)
+        self._weight = None
 
 
 @dataclass
@@ -112,19 +216,51 @@ class _Candidate:
     readers: list[_Reader]
     # The producer's constant arrays that take 1/s along the channel axis: (node, input index, axis).
     divided: list[tuple[ir.Node, int, int]]
+    #: The tensor's channel axis: the last for MatMul/Gemm readers, 1 for Conv readers.
+    axis: int = -1
+
+    @property
+    def depthwise_only(self) -> bool:
+        """Only depthwise Convs read the tensor: ``s`` costs their weights nothing."""
+        return all(r.kind == "depthwise" for r in self.readers)
 
 
 def _product_reader(node: ir.Node, value: ir.Value) -> _Reader | None:
-    """``node`` as a reader whose constant 2-D weight has ``value``'s channels as input rows."""
-    if node.op_type == "MatMul" and node.inputs[0] is value and len(node.inputs) == 2:
-        w = const_array(node.inputs[1])
-        return _Reader(node, 1, False) if w is not None and w.ndim == 2 else None
-    if node.op_type == "Gemm" and node.inputs[0] is value and not attr_int(node, "transA", 0):
-        w = const_array(node.inputs[1])
-        if w is None or w.ndim != 2 or attr_float(node, "alpha", 1.0) <= 0:
+    """``node`` as a reader of ``value`` through a constant weight (:data:`ReaderKind`), else ``None``."""
+    if not node.inputs or node.inputs[0] is not value or len(node.inputs) < 2:
+        return None
+    shape = _const_shape(node.inputs[1])
+    if shape is None:
+        return None
+    if node.op_type == "MatMul" and len(node.inputs) == 2:
+        return _Reader(node, "rows") if len(shape) == 2 else None
+    if node.op_type == "Gemm" and not attr_int(node, "transA", 0):
+        if len(shape) != 2 or attr_float(node, "alpha", 1.0) <= 0:
             return None
-        return _Reader(node, 1, bool(attr_int(node, "transB", 0)))
+        return _Reader(node, "columns" if attr_int(node, "transB", 0) else "rows")
+    if node.op_type == "Conv" and len(shape) >= 3:
+        group = attr_int(node, "group", 1)
+        if group == 1:
+            return _Reader(node, "conv")
+        if shape[1] == 1 and shape[0] % group == 0 and _channels_of(value) in (None, group):
+            return _Reader(node, "depthwise")
     return None
+
+
+def _const_shape(value: ir.Value | None) -> tuple[int, ...] | None:
+    """The shape of a constant (without reading its data: a classifier's weight can be 400 MB)."""
+    if value is None or value.const_value is None:
+        return None
+    dims = tuple(value.const_value.shape)
+    return tuple(d for d in dims if isinstance(d, int)) if all(isinstance(d, int) for d in dims) else None
+
+
+def _channels_of(value: ir.Value) -> int | None:
+    """The size of a feature map's channel axis (1), when shape inference knows it."""
+    shape = value.shape
+    if shape is None or len(shape) < 2 or not isinstance(shape[1], int):
+        return None
+    return shape[1]
 
 
 def _channel_const(value: ir.Value | None, channels: int) -> bool:
@@ -167,16 +303,16 @@ def _producer_plan(value: ir.Value, channels: int) -> tuple[ir.Node, list[tuple[
             divided.append((node, 2, -1))
         return node, divided
     if node.op_type == "MatMul":
-        w = const_array(node.inputs[1])
-        if w is None or w.ndim != 2 or w.shape[1] != channels:
+        w = _const_shape(node.inputs[1])
+        if w is None or len(w) != 2 or w[1] != channels:
             return None
         return node, [(node, 1, 1), *divided]
     if node.op_type == "Gemm" and not attr_int(node, "transA", 0):
-        w = const_array(node.inputs[1])
-        if w is None or w.ndim != 2:
+        w = _const_shape(node.inputs[1])
+        if w is None or len(w) != 2:
             return None
         axis = 0 if attr_int(node, "transB", 0) else 1
-        if w.shape[axis] != channels:
+        if w[axis] != channels:
             return None
         extra = []
         if len(node.inputs) > 2 and node.inputs[2] is not None:
@@ -187,8 +323,35 @@ def _producer_plan(value: ir.Value, channels: int) -> tuple[ir.Node, list[tuple[
     return None
 
 
-def find_candidates(model: ir.Model) -> list[_Candidate]:
-    """Tensors of the main graph that can be smoothed (module docstring), in graph order."""
+def _conv_producer_plan(
+    value: ir.Value, channels: int
+) -> tuple[ir.Node, list[tuple[ir.Node, int, int]]] | None:
+    """How a feature map's producer takes ``1/s``: a Conv's weight rows and bias, through a Relu/LeakyRelu."""
+    node = value.producer()
+    if node is not None and node.op_type in _HOMOGENEOUS:
+        source = node.inputs[0]
+        if source is None or sole_reader(source) is not node:
+            return None
+        node = source.producer()
+    if node is None or node.op_type != "Conv" or len(node.outputs) != 1 or len(node.inputs) < 2:
+        return None
+    w = _const_shape(node.inputs[1])
+    if w is None or len(w) < 3 or w[0] != channels:
+        return None
+    divided = [(node, 1, 0)]
+    if len(node.inputs) > 2 and node.inputs[2] is not None:
+        bias = const_array(node.inputs[2])
+        if bias is None or bias.shape != (channels,):
+            return None
+        divided.append((node, 2, 0))
+    return node, divided
+
+
+def find_candidates(model: ir.Model, *, depthwise_inputs: bool = False) -> list[_Candidate]:
+    """Tensors of the main graph that can be smoothed (module docstring), in graph order.
+
+    With ``depthwise_inputs``, also the inputs of depthwise Convs whose producer cannot take ``1/s``.
+    """
     found: list[_Candidate] = []
     claimed: set[int] = set()  # a producer's arrays are divided for one tensor only
     for node in model.graph:
@@ -202,13 +365,20 @@ def find_candidates(model: ir.Model) -> list[_Candidate]:
             products = [r for r in readers if r is not None]
             if not products or len({id(r.node) for r in products}) != len(products):
                 continue
-            weights = [r.weight() for r in products]
-            channels = weights[0].shape[0]
-            if any(w.shape[0] != channels for w in weights):
+            channels = products[0].channels()
+            if any(r.channels() != channels for r in products):
                 continue
             # A weight shared with another node would change that node too.
-            arrays = [r.node.inputs[r.input_index] for r in products]
+            arrays = [r.node.inputs[1] for r in products]
             if any(a is None or len(a.uses()) != 1 for a in arrays):
+                continue
+            maps = {r.kind in ("conv", "depthwise") for r in products}
+            if maps == {True}:  # a feature map, channels on axis 1
+                candidate = _map_candidate(value, products, len(products) == len(readers), claimed)
+                if candidate is not None and (candidate.producer is not None or depthwise_inputs):
+                    found.append(candidate)
+                continue
+            if maps != {False}:
                 continue
             plan = _producer_plan(value, channels) if len(products) == len(readers) else None
             divided = [] if plan is None else [n.inputs[i] for n, i, _ in plan[1]]
@@ -224,6 +394,24 @@ def find_candidates(model: ir.Model) -> list[_Candidate]:
     return found
 
 
+def _map_candidate(
+    value: ir.Value, readers: list[_Reader], only_products: bool, claimed: set[int]
+) -> _Candidate | None:
+    """A feature map read by Convs: folded into its producer, else (depthwise readers) divided in front."""
+    if not only_products:
+        return None
+    channels = readers[0].channels()
+    plan = _conv_producer_plan(value, channels)
+    if plan is not None and id(plan[0]) not in claimed:
+        divided = [plan[0].inputs[i] for _, i, _ in plan[1]]
+        if all(a is not None and len(a.uses()) == 1 for a in divided):
+            claimed.add(id(plan[0]))
+            return _Candidate(value, plan[0], readers, plan[1], axis=1)
+    if all(r.kind == "depthwise" for r in readers):
+        return _Candidate(value, None, readers, [], axis=1)
+    return None
+
+
 def _dim_bindings(model: ir.Model, feed: dict[str, np.ndarray]) -> dict[str, int]:
     """Symbolic input dims (``batch``, ``sequence``) bound to their sizes in one calibration feed."""
     bindings: dict[str, int] = {}
@@ -237,12 +425,16 @@ def _dim_bindings(model: ir.Model, feed: dict[str, np.ndarray]) -> dict[str, int
     return bindings
 
 
-def _rows_per_feed(value: ir.Value, bindings: dict[str, int]) -> int | None:
-    """Rows one feed gives of ``value`` (every axis but the last); ``None`` when an axis is unknown."""
-    if value.shape is None or len(value.shape) == 0:
+def _rows_per_feed(candidate: _Candidate, bindings: dict[str, int]) -> int | None:
+    """Rows one feed gives of the tensor (every axis but its channels'); ``None`` when one is unknown."""
+    shape = candidate.value.shape
+    if shape is None or len(shape) == 0:
         return None
+    axis = candidate.axis % len(shape)
     rows = 1
-    for dim in list(value.shape)[:-1]:
+    for index, dim in enumerate(shape):
+        if index == axis:
+            continue
         size = (
             dim if isinstance(dim, int) else bindings.get(str(dim.value)) if dim.value is not None else None
         )
@@ -266,21 +458,28 @@ class _Stats:
         return cls(np.full(channels, np.inf), np.full(channels, -np.inf), [])
 
 
+def _batch_limit(candidates: Sequence[_Candidate]) -> int:
+    """Statistics batches: fewer when every candidate is a feature map (one row per pixel)."""
+    return MAX_MAP_BATCHES if all(c.axis == 1 for c in candidates) else MAX_BATCHES
+
+
 def _collect(
     model: ir.Model, candidates: Sequence[_Candidate], feeds: Feeds, providers: Sequence[str]
 ) -> list[_Stats]:
     values = [c.value for c in candidates]
     session = open_model(model, outputs=values, providers=providers, opt_level="all", prepack=False)
     names = [v.name or "" for v in values]
-    stats = [_Stats.empty(c.readers[0].weight().shape[0]) for c in candidates]
+    stats = [_Stats.empty(c.readers[0].channels()) for c in candidates]
     rng = np.random.default_rng(0)
-    batches = min(feeds.num_batches or MAX_BATCHES, MAX_BATCHES)
+    limit = _batch_limit(candidates)
+    batches = min(feeds.num_batches or limit, limit)
     per_batch = max(1, SAMPLE_ROWS // batches)
     for index, feed in enumerate(feeds):
-        if index >= MAX_BATCHES:
+        if index >= limit:
             break
-        for stat, array in zip(stats, run(session, feed, names), strict=True):
-            rows = np.asarray(array, np.float32).reshape(-1, stat.low.shape[0])
+        for candidate, stat, array in zip(candidates, stats, run(session, feed, names), strict=True):
+            data = np.moveaxis(np.asarray(array, np.float32), candidate.axis, -1)
+            rows = data.reshape(-1, stat.low.shape[0])
             if rows.shape[0] == 0:
                 continue
             stat.seen += rows.shape[0]
@@ -293,18 +492,24 @@ def _collect(
 
 
 def _error(
-    rows: np.ndarray, low: np.ndarray, high: np.ndarray, weights: Iterable[np.ndarray], s: np.ndarray
+    rows: np.ndarray,
+    low: np.ndarray,
+    high: np.ndarray,
+    readers: Sequence[_Reader],
+    exact: Sequence[np.ndarray],
+    s: np.ndarray,
 ) -> float:
-    """Squared error of the simulated int8 products with ``X/s`` and ``s·W``, over every reader."""
+    """Squared error of the simulated int8 products with ``X/s`` and ``s·W``, over every reader.
+
+    ``exact``: each reader's float products (float32 throughout: errors are compared, not summed up
+    into a result).
+    """
     x = rows / s
     params = compute_qparams(float((low / s).min()), float((high / s).max()), "uint8", False)
-    xq = dequantize(quantize(x, params), params)
+    xq = np.asarray(dequantize(quantize(x, params), params), np.float32)
     total = 0.0
-    for w in weights:
-        scaled = w * s[:, None]
-        wq_int, w_params = quantize_weight(scaled, "int8", True, axis=1)
-        wq = dequantize(wq_int, w_params)
-        total += float(np.sum((xq @ wq - rows @ w) ** 2))
+    for reader, products in zip(readers, exact, strict=True):
+        total += float(np.sum(np.square(reader.products(xq, reader.rounded(s)) - products), dtype=np.float64))
     return total
 
 
@@ -316,7 +521,7 @@ def _split(stat: _Stats) -> tuple[np.ndarray, np.ndarray]:
     return rows[0::2], rows[1::2]
 
 
-def _choose_scale(stat: _Stats, weights: list[np.ndarray]) -> tuple[float, np.ndarray | None]:
+def _choose_scale(stat: _Stats, candidate: _Candidate) -> tuple[float, np.ndarray | None]:
     """The strength with the lowest simulated error and its ``s`` (``None``: leave the tensor alone).
 
     Ranges come from half of the sampled rows and the error from the other half: equalized channels
@@ -327,21 +532,26 @@ def _choose_scale(stat: _Stats, weights: list[np.ndarray]) -> tuple[float, np.nd
     fit, score = _split(stat)
     if fit.shape[0] == 0 or score.shape[0] == 0:
         return 0.0, None
+    readers = candidate.readers
     low, high = fit.min(axis=0), fit.max(axis=0)
     act = np.maximum(np.abs(stat.low), np.abs(stat.high))
-    wmax = np.max(np.stack([np.abs(w).max(axis=1) for w in weights]), axis=0)
+    wmax = np.max(np.stack([r.input_ranges() for r in readers]), axis=0)
     live = (act > 0) & (wmax > 0)
+    widen = candidate.depthwise_only
     best_alpha, best_s = 0.0, None
-    best = _error(score, low, high, weights, np.ones_like(act))
-    for alpha in ALPHAS:
+    score = score.astype(np.float32)
+    exact = [r.products(score, r.weight().astype(np.float32)) for r in readers]
+    best = _error(score, low, high, readers, exact, np.ones_like(act))
+    for alpha in DEPTHWISE_ALPHAS if widen else ALPHAS:
         with np.errstate(divide="ignore", invalid="ignore"):
             s = np.where(live, act**alpha / wmax ** (1.0 - alpha), 1.0)
         # Relative to the median channel (the overall level of s changes nothing: per-tensor
         # activations, per-column weights), and never below it: only channels wider than the median
-        # are narrowed; widening the narrow ones would fit maxima that few rows underestimate.
+        # are narrowed; widening the narrow ones would fit maxima that few rows underestimate. For
+        # depthwise readers the narrow ones are what gains: their maxima come from whole feature maps.
         s = s / float(np.median(s[live])) if live.any() else s
-        s = np.clip(s, 1.0, _S_MAX)
-        error = _error(score, low, high, weights, s)
+        s = np.clip(s, 1.0 / _S_MAX if widen else 1.0, _S_MAX)
+        error = _error(score, low, high, readers, exact, s)
         if error < 0.98 * best:  # a clear gain only: rounding noise keeps the tensor as it was
             best, best_alpha, best_s = error, alpha, s
     return best_alpha, best_s
@@ -361,10 +571,11 @@ def _rescale(node: ir.Node, index: int, factor: np.ndarray, axis: int) -> None:
 def _divide_in_front(model: ir.Model, names: NameScope, candidate: _Candidate, s: np.ndarray) -> None:
     """Insert ``Mul(X, 1/s)`` before the first reader and make every product read it instead of ``X``."""
     value = candidate.value
-    divisor = make_initializer(
-        model.graph, names, f"{value.name}_smooth_divisor", (1.0 / s).astype(np.float32)
-    )
-    node = ir.node("Mul", [value, divisor], name=names.fresh(f"{value.name}_smooth"))
+    divisor = (1.0 / s).astype(np.float32)
+    if candidate.axis == 1:  # [C, 1, ..., 1]: broadcast over a feature map's spatial axes
+        divisor = divisor.reshape(-1, *[1] * (len(value.shape or (0, 0, 0, 0)) - 2))
+    constant = make_initializer(model.graph, names, f"{value.name}_smooth_divisor", divisor)
+    node = ir.node("Mul", [value, constant], name=names.fresh(f"{value.name}_smooth"))
     out = node.outputs[0]
     out.name = names.fresh(f"{value.name}_smoothed")
     if value.dtype is not None:
@@ -376,16 +587,33 @@ def _divide_in_front(model: ir.Model, names: NameScope, candidate: _Candidate, s
         reader.node.replace_input_with(0, out)
 
 
-def smooth_outliers(model: ir.Model, feeds: Feeds, providers: Sequence[str]) -> SmoothSummary:
-    """Smooth every candidate tensor of ``model`` in place where it lowers the simulated error."""
-    candidates = find_candidates(model)
+def smooth_outliers(
+    model: ir.Model,
+    feeds: Feeds,
+    providers: Sequence[str],
+    *,
+    products: bool = True,
+    depthwise_inputs: bool = False,
+) -> SmoothSummary:
+    """Smooth every candidate tensor of ``model`` in place where it lowers the simulated error.
+
+    ``products``: the tensors whose producer takes ``1/s`` and the MatMul/Gemm inputs (the default
+    pass); ``depthwise_inputs``: the depthwise Conv inputs whose producer cannot (a ``Mul`` in front).
+    """
+    candidates = [
+        c
+        for c in find_candidates(model, depthwise_inputs=depthwise_inputs)
+        if (products and (c.producer is not None or c.axis != 1))
+        or (depthwise_inputs and c.producer is None and c.axis == 1)
+    ]
     summary = SmoothSummary(candidates=len(candidates))
-    batches = min(feeds.num_batches or MAX_BATCHES, MAX_BATCHES)
     if candidates:  # skip what cannot reach MIN_ROWS without running anything
+        limit = _batch_limit(candidates)
+        batches = min(feeds.num_batches or limit, limit)
         bindings = _dim_bindings(model, next(iter(feeds)))
         # One row per sample is a classifier's feature vector (a CNN's head), not a sequence or a
         # feature map: not a candidate at all, and not worth a note on every CNN.
-        sized = [(c, _rows_per_feed(c.value, bindings)) for c in candidates]
+        sized = [(c, _rows_per_feed(c, bindings)) for c in candidates]
         sized = [(c, rows) for c, rows in sized if rows != 1]
         candidates = [c for c, rows in sized if rows is None or rows * batches >= MIN_ROWS]
         summary.candidates = len(sized)
@@ -398,8 +626,7 @@ def smooth_outliers(model: ir.Model, feeds: Feeds, providers: Sequence[str]) -> 
         if stat.seen < MIN_ROWS:
             summary.too_few_rows += 1
             continue
-        weights = [r.weight() for r in candidate.readers]
-        alpha, s = _choose_scale(stat, weights)
+        alpha, s = _choose_scale(stat, candidate)
         if s is None:
             continue
         for node, index, axis in candidate.divided:
@@ -408,6 +635,6 @@ def smooth_outliers(model: ir.Model, feeds: Feeds, providers: Sequence[str]) -> 
             _divide_in_front(model, names, candidate, s)
             summary.divided_in_front += 1
         for reader in candidate.readers:
-            _rescale(reader.node, reader.input_index, s, 1 if reader.transposed else 0)
+            reader.rescale(s)
         summary.smoothed[candidate.value.name or ""] = alpha
     return summary

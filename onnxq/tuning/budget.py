@@ -6,9 +6,11 @@ meeting the target on the given evaluation data (cost: the latency keeping them 
 :mod:`onnxq.tuning.cost`; the fewest nodes break ties). It does *not* quantize and evaluate once per layer:
 
 1. evaluate the fully quantized model; if it meets the target, stop (1 evaluation);
-1b. try the cheaper fixes that keep every layer quantized, so cost no speed (:data:`FIXES`:
+1b. try the cheaper fixes that keep every layer quantized, so cost no speed or little (:data:`FIXES`:
    re-calibration with range method ``auto`` (per tensor), else with the percentile or MSE method,
-   outlier smoothing, cross-layer equalization, bias correction; one calibration and one
+   outlier smoothing, cross-layer equalization, bias correction, and — only while none of those met
+   the target, as it adds a float op per input it changes — the evening-out of depthwise Conv inputs
+   (:data:`~onnxq.tuning.interfaces.COSTLY_FIXES`); one calibration and one
    evaluation each); the best-scoring one is kept if it beats
    the original, and if it meets the target the search stops there — the fastest model that meets
    the target is one with no layer kept float;
@@ -62,7 +64,7 @@ from onnxq.load.files import serialize_model
 from onnxq.runtime.latency import time_sessions
 from onnxq.runtime.session import ModelSource, OptLevel, make_session, open_model, run
 from onnxq.tuning.cost import AnchorCosts, anchor_costs
-from onnxq.tuning.interfaces import FIXES, RequantizableState, StaticResult
+from onnxq.tuning.interfaces import COSTLY_FIXES, FIXES, RequantizableState, StaticResult
 from onnxq.tuning.latency_guard import load_input_model
 from onnxq.tuning.sensitivity import estimate_sensitivity, rank_by_estimate
 from onnxq.tuning.targets import AccuracyTarget, CustomTarget, TargetEvaluator, as_target, evaluation_feeds
@@ -486,6 +488,8 @@ def _try_fixes(
             continue
         if fix.startswith("method=") and scores.get("method=auto", -math.inf) > score_before:
             continue  # auto's choice beat the ranges it started from: it weighed these methods already
+        if fix in COSTLY_FIXES and best is not None and search.evaluator.met(best[0]):
+            continue  # a free fix met the target: no float op is worth adding
         state = original.with_fix(fix)
         score, candidate, data = score_of(fix, state, (original_bytes, score_before))
         if not math.isnan(score) and score > score_before and (best is None or score > best[0]):

@@ -14,14 +14,27 @@ import onnx_ir as ir
 from onnxq.config import QuantConfig
 from onnxq.data import Feeds
 
-__all__ = ["FIXES", "RequantizableState", "StaticResult"]
+__all__ = ["COSTLY_FIXES", "FIXES", "RequantizableState", "StaticResult"]
 
 #: The cheaper fixes an accuracy target tries before keeping layers float, each keeping every layer
 #: quantized (so no speed is lost): re-calibration with another range method (``auto``: chosen per
 #: tensor on held-out calibration data; percentile and MSE: judged by the target's own metric, which
 #: ``auto``'s held-out output SQNR only approximates), outlier smoothing, cross-layer equalization,
-#: empirical bias correction (``RequantizableState.with_fix``).
-FIXES = ("method=auto", "method=percentile", "method=mse", "smooth", "equalize", "bias_correction")
+#: empirical bias correction (``RequantizableState.with_fix``); last, the per-channel evening-out of
+#: depthwise Conv inputs through a float ``Mul`` (:data:`COSTLY_FIXES`).
+FIXES = (
+    "method=auto",
+    "method=percentile",
+    "method=mse",
+    "smooth",
+    "equalize",
+    "bias_correction",
+    "equalize_depthwise_inputs",
+)
+
+#: Fixes that cost some speed (a float op per depthwise input they even out): tried only while no
+#: free fix has met the target.
+COSTLY_FIXES = ("equalize_depthwise_inputs",)
 
 
 class RequantizableState(Protocol):

@@ -877,3 +877,35 @@ def test_conv_transpose_output_is_quantized_only_for_a_quantized_reader() -> Non
     assert _names(plan.quantized_nodes) == ["up1", "up2"]
     assert _value(model, "r") in plan.group_of  # up2 reads it quantized (the Relu absorbed into it)
     assert _value(model, "b") not in plan.group_of  # the float Sigmoid reads the logits unrounded
+
+
+# ---------------------------------------------------------------------------------------------------
+# A Mul by a constant whose values no single 8-bit grid holds stays float
+
+SCALED_MAP = """
+s (float[1, 4, 8, 8] x) => (float[1, 4, 8, 8] y) {
+    [conv_a] c = Conv <pads = [1, 1, 1, 1]> (x, Wa)
+    [conv_r] r = Conv <pads = [1, 1, 1, 1]> (x, Wr)
+    [add] a = Add (c, r)
+    [scale] m = Mul (a, k)
+    [residual] s = Add (m, c)
+    [conv_b] y = Conv <pads = [1, 1, 1, 1]> (s, Wb)
+}"""
+
+
+@pytest.mark.parametrize(
+    ("factors", "declined"), [((1.0, 0.8, 2.0, 40.0), False), ((1.0, 0.5, 2.0, 60.0), True)]
+)
+def test_a_mul_by_factors_spanning_more_than_51x_stays_float(
+    factors: tuple[float, ...], declined: bool
+) -> None:
+    """At 120× apart the smallest factor falls below 5 steps of the shared grid: over 10 % lost."""
+    arrays = _weights(Wa=(4, 4, 3, 3), Wr=(4, 4, 3, 3), Wb=(4, 4, 3, 3))
+    arrays["k"] = np.array(factors, np.float32).reshape(1, 4, 1, 1)
+    plan = _plan(_model(SCALED_MAP, arrays))
+    declines = [d for d in plan.declined if d.node == "scale"]
+    assert [d.code for d in declines] == (["constant_precision"] if declined else [])
+    if declined:
+        assert "spans 120x" in declines[0].message
+        assert "scale" not in _names(plan.quantized_nodes)
+    assert ("conv_b", 0) in _slots(plan)

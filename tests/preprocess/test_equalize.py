@@ -326,7 +326,11 @@ def _sqnr_db(reference: np.ndarray, actual: np.ndarray) -> float:
 
 
 def test_equalization_recovers_a_badly_spread_separable_block() -> None:
-    """Measured: 1.9 dB without equalization, 29.0 dB with it (the unspread model gives 29.3 dB)."""
+    """Measured: 1.9 dB without equalization, 29.0 dB with it (the unspread model gives 29.3 dB).
+
+    Outlier smoothing, which also evens out Conv → Conv channels (from the data), is off to measure
+    the data-free equalization alone (with it on, the unequalized model gives 18.7 dB).
+    """
     proto = _separable_model()
     rng = np.random.default_rng(1)
     calibration = [{"x": rng.normal(0, 1, (1, 3, 16, 16)).astype(np.float32)} for _ in range(16)]
@@ -334,7 +338,7 @@ def test_equalization_recovers_a_badly_spread_separable_block() -> None:
     reference = _run(proto, held_out)
     sqnr = {}
     for equalize in (False, True):
-        config = QuantConfig(equalize=equalize, latency_guard=LatencyGuardConfig(enabled=False))
+        config = QuantConfig(equalize=equalize, smooth=False, latency_guard=LatencyGuardConfig(enabled=False))
         result = onnxq.quantize(proto, calibration, config)
         assert result.report.equalized_pairs == (2 if equalize else 0)
         sqnr[equalize] = _sqnr_db(reference, _run(result.model, held_out))
