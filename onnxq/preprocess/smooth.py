@@ -491,6 +491,29 @@ def _collect(
     return stats
 
 
+#: The most bytes of candidate tensors one statistics run may return at once (they all stay alive
+#: until the run ends); more candidates are observed in further passes over the same batches.
+OUTPUT_BYTES = 256 << 20
+
+
+def _output_groups(sized: Sequence[tuple[_Candidate, int | None]]) -> list[list[_Candidate]]:
+    """The candidates in graph order, cut into groups whose tensors of one feed fit :data:`OUTPUT_BYTES`.
+
+    A tensor's size is its rows per feed times its channels (float32); an unknown one counts as an
+    eighth of the budget.
+    """
+    groups: list[list[_Candidate]] = [[]]
+    used = 0
+    for candidate, rows in sized:
+        size = OUTPUT_BYTES // 8 if rows is None else rows * candidate.readers[0].channels() * 4
+        if groups[-1] and used + size > OUTPUT_BYTES:
+            groups.append([])
+            used = 0
+        groups[-1].append(candidate)
+        used += size
+    return groups
+
+
 def _error(
     rows: np.ndarray,
     low: np.ndarray,
@@ -615,12 +638,13 @@ def smooth_outliers(
         # feature map: not a candidate at all, and not worth a note on every CNN.
         sized = [(c, _rows_per_feed(c, bindings)) for c in candidates]
         sized = [(c, rows) for c, rows in sized if rows != 1]
-        candidates = [c for c, rows in sized if rows is None or rows * batches >= MIN_ROWS]
+        kept = [(c, rows) for c, rows in sized if rows is None or rows * batches >= MIN_ROWS]
         summary.candidates = len(sized)
-        summary.too_few_rows = len(sized) - len(candidates)
+        summary.too_few_rows = len(sized) - len(kept)
+        candidates = [c for c, _ in kept]
     if not candidates:
         return summary
-    stats = _collect(model, candidates, feeds, providers)
+    stats = [stat for group in _output_groups(kept) for stat in _collect(model, group, feeds, providers)]
     names = NameScope(model.graph)
     for candidate, stat in zip(candidates, stats, strict=True):
         if stat.seen < MIN_ROWS:

@@ -471,3 +471,19 @@ def test_the_target_search_adds_the_divisor_only_while_no_free_fix_met_the_targe
         assert outcome.fix == "bias_correction" and "equalize_depthwise_inputs" not in outcome.fixes
     else:
         assert outcome.fix == "equalize_depthwise_inputs"
+
+
+def test_statistics_in_several_passes_give_the_same_smoothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Candidate tensors beyond the output budget are observed in further passes: same result."""
+    from onnxq.preprocess import smooth
+
+    feeds = _conv_feeds(8, seed=1)
+    model_once, once = _smoothed(_separable_model(), feeds)
+    monkeypatch.setattr(smooth, "OUTPUT_BYTES", 1)  # every candidate in a pass of its own
+    assert (
+        len(smooth._output_groups([(c, 256) for c in find_candidates(ir.from_proto(_separable_model()))]))
+        == 2
+    )
+    model_split, split = _smoothed(_separable_model(), feeds)
+    assert once.smoothed == split.smoothed and len(once.smoothed) == 2
+    assert builders.serialize(model_once) == builders.serialize(model_split)
