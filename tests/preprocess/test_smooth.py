@@ -487,3 +487,41 @@ def test_statistics_in_several_passes_give_the_same_smoothing(monkeypatch: pytes
     model_split, split = _smoothed(_separable_model(), feeds)
     assert once.smoothed == split.smoothed and len(once.smoothed) == 2
     assert builders.serialize(model_once) == builders.serialize(model_split)
+
+
+@pytest.mark.parametrize(
+    ("spatial", "kernel"), [((32,), [3]), ((6, 6, 6), [3, 3, 3])], ids=["conv1d", "conv3d"]
+)
+def test_conv_maps_of_other_ranks_are_smoothed_exactly(spatial: tuple[int, ...], kernel: list[int]) -> None:
+    """1-D and 3-D convolutions (audio, video) read their channels on axis 1 too.
+
+    Measured: 10.4 → 34.4 dB (1-D), 9.0 → 33.4 dB (3-D), through a LeakyRelu.
+    """
+    dims = ", ".join(str(d) for d in spatial)
+    pads = ", ".join(["1"] * (2 * len(spatial)))
+    ks = ", ".join(str(k) for k in kernel)
+    text = f"""
+    n (float[1, 3, {dims}] x) => (float[1, 4, {dims}] y) {{
+        c = Conv <kernel_shape = [{ks}], pads = [{pads}]> (x, W1, b1)
+        r = LeakyRelu <alpha = 0.1> (c)
+        d = Conv <kernel_shape = [{ks}], pads = [{pads}], group = 6> (r, W2)
+        y = Conv <kernel_shape = [{", ".join(["1"] * len(spatial))}]> (d, W3)
+    }}
+    """
+    arrays = builders.normal_arrays(
+        6, W1=(6, 3, *kernel), b1=(6,), W2=(6, 1, *kernel), W3=(4, 6, *[1] * len(spatial))
+    )
+    arrays["W1"][[1, 4]] *= 50.0
+    arrays["b1"][[1, 4]] *= 50.0
+    arrays["W2"][[1, 4]] /= 50.0
+    proto = builders.parse(text, arrays)
+    rng = np.random.default_rng(3)
+    feeds = [{"x": rng.standard_normal((1, 3, *spatial)).astype(np.float32)} for _ in range(8)]
+    model, summary = _smoothed(proto, feeds)
+    assert "r" in summary.smoothed
+    for feed in feeds[:2]:
+        (want,) = builders.run_disabled(proto, feed)
+        (got,) = builders.run_disabled(model, feed)
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(np.abs(want).max()))
+    scores = _sqnr_without_and_with(proto, feeds, feeds[:2])
+    assert scores[True] >= scores[False] + 15.0, scores
