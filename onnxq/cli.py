@@ -400,7 +400,14 @@ def run_optimize(
         if layers_table:
             print("Per-layer numeric suite (worst first):\n" + layers_table)
     if target is None and result.report.large_loss:
-        print(f"onnxq: to recover it, run: {_with_target(result.report.recovery_target())}", file=sys.stderr)
+        recover = _with_flags("--target", result.report.recovery_target())
+        print(f"onnxq: to recover it, run: {recover}", file=sys.stderr)
+        if result.static is not None and config.calibration.method != "auto":
+            print(
+                "onnxq: or, with every layer int8 (no speed given back), let held-out calibration data "
+                f"choose each tensor's range method: {_with_flags('--method', 'auto')}",
+                file=sys.stderr,
+            )
     if not met:
         budget = result.report.budget
         print(
@@ -413,8 +420,8 @@ def run_optimize(
     return 0
 
 
-def _with_target(target: str) -> str:
-    """The command line the user ran, with ``--target`` added (what to run to recover a large loss)."""
+def _with_flags(*flags: str) -> str:
+    """The command line the user ran, with ``flags`` added (what to run to recover a large loss)."""
     import shlex
 
     argv = (
@@ -422,7 +429,7 @@ def _with_target(target: str) -> str:
         if sys.argv[1:2] == ["optimize"]
         else ["optimize", "MODEL", "-o", "OUT", "--calib", "DATA"]
     )
-    return shlex.join(["python", "-m", "onnxq", *argv, "--target", target])
+    return shlex.join(["python", "-m", "onnxq", *argv, *flags])
 
 
 #: Exit status of ``optimize --target`` when the target is not met (the best model found is written).

@@ -852,6 +852,8 @@ def test_large_loss_is_said_with_the_command_that_recovers_it(
     (line,) = [line for line in err.splitlines() if "to recover it, run:" in line]
     suggested = shlex.split(line.split("run: ", 1)[1])
     assert suggested[:3] == ["python", "-m", "onnxq"] and suggested[-2:] == ["--target", "cosine>=0.99"]
+    (auto,) = [line for line in err.splitlines() if "choose each tensor's range method:" in line]
+    assert shlex.split(auto.split("method: ", 1)[1]) == [*suggested[:-2], "--method", "auto"]
     assert json.loads((out_dir / "r.json").read_text())["large_loss_outputs"] == ["y"]
     code, out, err = cli(*suggested[3:])
     assert code == 0, err
