@@ -147,7 +147,9 @@ def make_initializer(graph: ir.Graph, names: NameScope, base: str, array: np.nda
     array = np.asarray(array)
     if not array.flags.c_contiguous:  # (np.ascontiguousarray would turn a scalar into shape [1])
         array = array.copy(order="C")
-    tensor = ir.tensor(array, name=name)
+    # ir.Tensor directly: ir.tensor() first checks the array against runtime protocols, ~10x the
+    # cost (a quarter of a second per rewrite of a model with thousands of Q/DQ parameters).
+    tensor = ir.Tensor(array, name=name)
     value = ir.Value(
         name=name, shape=ir.Shape(array.shape), type=ir.TensorType(tensor.dtype), const_value=tensor
     )

@@ -106,7 +106,7 @@ def _is_live(node: ir.Node) -> bool:
 
 
 def _to_initializer(name: str, array: np.ndarray, like: ir.Value | None = None) -> ir.Value:
-    tensor = ir.tensor(array, name=name)
+    tensor = ir.Tensor(array, name=name)
     value = ir.Value(
         name=name, shape=ir.Shape(array.shape), type=ir.TensorType(tensor.dtype), const_value=tensor
     )

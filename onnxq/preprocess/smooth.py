@@ -588,7 +588,7 @@ def _rescale(node: ir.Node, index: int, factor: np.ndarray, axis: int) -> None:
     shape = [1] * array.ndim
     shape[axis] = factor.shape[0]
     scaled = (array.astype(np.float64) * factor.reshape(shape)).astype(array.dtype)
-    value.const_value = ir.tensor(scaled, name=value.name)
+    value.const_value = ir.Tensor(scaled, name=value.name)
 
 
 def _divide_in_front(model: ir.Model, names: NameScope, candidate: _Candidate, s: np.ndarray) -> None:
