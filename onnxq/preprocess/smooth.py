@@ -425,6 +425,41 @@ def _dim_bindings(model: ir.Model, feed: dict[str, np.ndarray]) -> dict[str, int
     return bindings
 
 
+def _probed_rows(
+    model: ir.Model, candidates: Sequence[_Candidate], feed: dict[str, np.ndarray], providers: Sequence[str]
+) -> dict[str, int]:
+    """Rows one feed gives of each candidate, from a run of ``model`` that returns only their shapes.
+
+    Exporters leave the feature maps of models with dynamic inputs symbolic (Paddle's ``unk__0``,
+    ``floor(H/2 - 1/2) + 1``), and ONNX's shape inference stops at the first op it cannot follow. The
+    sizes bound what a statistics run returns, so they are measured: a ``Shape`` node per tensor on a
+    copy, one run (ONNX Runtime frees the maps as in plain inference: only the shapes come back).
+    """
+    probe = model.clone()
+    values = {value.name: value for node in probe.graph for value in node.outputs if value.name}
+    probed: list[tuple[_Candidate, ir.Value]] = []
+    for candidate in candidates:
+        value = values.get(candidate.value.name or "")
+        if value is None:
+            continue
+        node = ir.node("Shape", [value], name=f"{value.name}_probe_shape")
+        node.outputs[0].name = f"{value.name}_probe_shape"
+        probe.graph.append(node)
+        probed.append((candidate, node.outputs[0]))
+    if not probed:
+        return {}
+    shapes = [shape for _, shape in probed]
+    session = open_model(probe, outputs=shapes, providers=providers, opt_level="basic", prepack=False)
+    rows: dict[str, int] = {}
+    arrays = run(session, feed, [v.name or "" for v in shapes])
+    for (candidate, _), shape in zip(probed, arrays, strict=True):
+        dims = [int(d) for d in np.asarray(shape).reshape(-1)]
+        if dims:
+            del dims[candidate.axis % len(dims)]
+            rows[candidate.value.name or ""] = int(np.prod(dims, dtype=np.int64))
+    return rows
+
+
 def _rows_per_feed(candidate: _Candidate, bindings: dict[str, int]) -> int | None:
     """Rows one feed gives of the tensor (every axis but its channels'); ``None`` when one is unknown."""
     shape = candidate.value.shape
@@ -464,20 +499,31 @@ def _batch_limit(candidates: Sequence[_Candidate]) -> int:
 
 
 def _collect(
-    model: ir.Model, candidates: Sequence[_Candidate], feeds: Feeds, providers: Sequence[str]
+    model: ir.Model,
+    candidates: Sequence[_Candidate],
+    feeds: Feeds,
+    providers: Sequence[str],
+    *,
+    limit: int,
+    first: int = 0,
 ) -> list[_Stats]:
+    """Per-channel extremes and a row sample of each candidate over at most ``limit`` batches.
+
+    Candidate ``i`` samples its rows with its own generator (seed ``first + i``, its place among all
+    candidates), so the result does not depend on how the candidates are split into passes.
+    """
     values = [c.value for c in candidates]
     session = open_model(model, outputs=values, providers=providers, opt_level="all", prepack=False)
     names = [v.name or "" for v in values]
     stats = [_Stats.empty(c.readers[0].channels()) for c in candidates]
-    rng = np.random.default_rng(0)
-    limit = _batch_limit(candidates)
+    generators = [np.random.default_rng(first + i) for i in range(len(candidates))]
     batches = min(feeds.num_batches or limit, limit)
     per_batch = max(1, SAMPLE_ROWS // batches)
     for index, feed in enumerate(feeds):
         if index >= limit:
             break
-        for candidate, stat, array in zip(candidates, stats, run(session, feed, names), strict=True):
+        arrays = run(session, feed, names)
+        for candidate, stat, rng, array in zip(candidates, stats, generators, arrays, strict=True):
             data = np.moveaxis(np.asarray(array, np.float32), candidate.axis, -1)
             rows = data.reshape(-1, stat.low.shape[0])
             if rows.shape[0] == 0:
@@ -637,6 +683,10 @@ def smooth_outliers(
         # One row per sample is a classifier's feature vector (a CNN's head), not a sequence or a
         # feature map: not a candidate at all, and not worth a note on every CNN.
         sized = [(c, _rows_per_feed(c, bindings)) for c in candidates]
+        unknown = [c for c, rows in sized if rows is None]
+        if unknown:
+            probed = _probed_rows(model, unknown, next(iter(feeds)), providers)
+            sized = [(c, probed.get(c.value.name or "") if rows is None else rows) for c, rows in sized]
         sized = [(c, rows) for c, rows in sized if rows != 1]
         kept = [(c, rows) for c, rows in sized if rows is None or rows * batches >= MIN_ROWS]
         summary.candidates = len(sized)
@@ -644,7 +694,9 @@ def smooth_outliers(
         candidates = [c for c, _ in kept]
     if not candidates:
         return summary
-    stats = [stat for group in _output_groups(kept) for stat in _collect(model, group, feeds, providers)]
+    stats: list[_Stats] = []
+    for group in _output_groups(kept):
+        stats += _collect(model, group, feeds, providers, limit=limit, first=len(stats))
     names = NameScope(model.graph)
     for candidate, stat in zip(candidates, stats, strict=True):
         if stat.seen < MIN_ROWS:

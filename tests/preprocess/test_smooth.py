@@ -525,3 +525,23 @@ def test_conv_maps_of_other_ranks_are_smoothed_exactly(spatial: tuple[int, ...],
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(np.abs(want).max()))
     scores = _sqnr_without_and_with(proto, feeds, feeds[:2])
     assert scores[True] >= scores[False] + 15.0, scores
+
+
+def test_the_sizes_of_symbolic_maps_are_measured_by_a_shapes_only_run() -> None:
+    """With dynamic height and width (and an unnamed dim after the Conv, as exporters leave them), the
+    statistics pass learns each map's rows from one run that returns only shapes."""
+    from onnxq.preprocess import smooth
+
+    proto = _separable_model()
+    dims = proto.graph.input[0].type.tensor_type.shape.dim
+    dims[2].dim_param, dims[3].dim_param = "H", "W"
+    for value in list(proto.graph.output):
+        value.type.tensor_type.shape.dim[2].dim_param = "H"
+        value.type.tensor_type.shape.dim[3].dim_param = "W"
+    model = ir.from_proto(proto)
+    candidates = find_candidates(model)
+    assert [smooth._rows_per_feed(c, {}) for c in candidates] == [None, None]
+    feed = {"x": np.zeros((1, 3, 12, 20), np.float32)}
+    rows = smooth._probed_rows(model, candidates, feed, ("CPUExecutionProvider",))
+    assert rows == {"r": 12 * 20, "d": 12 * 20}
+    assert [n.op_type for n in model.graph] == ["Conv", "Relu", "Conv", "Conv"]  # the model is untouched
