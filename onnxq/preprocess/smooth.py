@@ -36,8 +36,8 @@ fix the ``--target`` search tries when no free fix met the target): the ``Mul`` 
 feature map, and the integer ops that produced the tensor before it run in float too (a per-channel
 factor spanning more than an 8-bit grid keeps its ``Mul`` float: :mod:`onnxq.plan.planner`). Measured
 on PP-OCRv5 det (PP-LCNetV3: learnable affine blocks after hard-swish feed its depthwise convs), min-max
-ranges: text-pixel IoU 0.82 → 0.88 at 0.53 → 0.62× float latency (ONNX Runtime's quantizer: 0.86 at
-0.69×); ``--method auto`` reaches 0.92 at 0.5× with or without it, and on models that do not need it
+ranges: text-pixel IoU 0.80 → 0.87 at 0.51 → 0.61× float latency (ONNX Runtime's quantizer: 0.86 at
+0.65–0.69×); ``--method auto`` reaches 0.92 at 0.5× with or without it, and on models that do not need it
 (PP-LCNet's orientation classifier, PP-OCRv4 det) it only costs speed.
 
 ``s_k = max|X_k|^α / max|W_k|^(1-α)`` (``W_k``: every reader's weights for input channel ``k``). The
