@@ -55,6 +55,19 @@ def const_array(value: ir.Value | None) -> np.ndarray | None:
     return tensor.numpy()
 
 
+def const_shape(value: ir.Value | None) -> tuple[int, ...] | None:
+    """The shape of a constant in :func:`const_array`'s sense; ``None`` for anything else.
+
+    Its data is not read: a classifier's weight can be 400 MB.
+    """
+    if value is None or value.is_graph_input():
+        return None
+    tensor = ir.convenience.get_const_tensor(value)
+    if tensor is None:
+        return None
+    return tuple(tensor.shape.numpy())
+
+
 def is_constant(value: ir.Value | None) -> bool:
     """Whether ``value`` is a compile-time constant (see :func:`const_array`)."""
     if value is None or value.is_graph_input():

@@ -62,7 +62,15 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxq.data import Feeds
-from onnxq.graph import NameScope, attr_float, attr_int, const_array, make_initializer, sole_reader
+from onnxq.graph import (
+    NameScope,
+    attr_float,
+    attr_int,
+    const_array,
+    const_shape,
+    make_initializer,
+    sole_reader,
+)
 from onnxq.qmath import compute_qparams, dequantize, quantize, quantize_weight
 from onnxq.runtime.session import open_model, run
 
@@ -150,7 +158,7 @@ class _Reader:
 
     def shape(self) -> tuple[int, ...]:
         """The weight's shape."""
-        shape = _const_shape(self.node.inputs[1])
+        shape = const_shape(self.node.inputs[1])
         assert shape is not None
         return shape
 
@@ -229,7 +237,7 @@ def _product_reader(node: ir.Node, value: ir.Value) -> _Reader | None:
     """``node`` as a reader of ``value`` through a constant weight (:data:`ReaderKind`), else ``None``."""
     if not node.inputs or node.inputs[0] is not value or len(node.inputs) < 2:
         return None
-    shape = _const_shape(node.inputs[1])
+    shape = const_shape(node.inputs[1])
     if shape is None:
         return None
     if node.op_type == "MatMul" and len(node.inputs) == 2:
@@ -245,14 +253,6 @@ def _product_reader(node: ir.Node, value: ir.Value) -> _Reader | None:
         if shape[1] == 1 and shape[0] % group == 0 and _channels_of(value) in (None, group):
             return _Reader(node, "depthwise")
     return None
-
-
-def _const_shape(value: ir.Value | None) -> tuple[int, ...] | None:
-    """The shape of a constant (without reading its data: a classifier's weight can be 400 MB)."""
-    if value is None or value.const_value is None:
-        return None
-    dims = tuple(value.const_value.shape)
-    return tuple(d for d in dims if isinstance(d, int)) if all(isinstance(d, int) for d in dims) else None
 
 
 def _channels_of(value: ir.Value) -> int | None:
@@ -303,12 +303,12 @@ def _producer_plan(value: ir.Value, channels: int) -> tuple[ir.Node, list[tuple[
             divided.append((node, 2, -1))
         return node, divided
     if node.op_type == "MatMul":
-        w = _const_shape(node.inputs[1])
+        w = const_shape(node.inputs[1])
         if w is None or len(w) != 2 or w[1] != channels:
             return None
         return node, [(node, 1, 1), *divided]
     if node.op_type == "Gemm" and not attr_int(node, "transA", 0):
-        w = _const_shape(node.inputs[1])
+        w = const_shape(node.inputs[1])
         if w is None or len(w) != 2:
             return None
         axis = 0 if attr_int(node, "transB", 0) else 1
@@ -335,7 +335,7 @@ def _conv_producer_plan(
         node = source.producer()
     if node is None or node.op_type != "Conv" or len(node.outputs) != 1 or len(node.inputs) < 2:
         return None
-    w = _const_shape(node.inputs[1])
+    w = const_shape(node.inputs[1])
     if w is None or len(w) < 3 or w[0] != channels:
         return None
     divided = [(node, 1, 0)]
@@ -407,9 +407,8 @@ def _map_candidate(
         if all(a is not None and len(a.uses()) == 1 for a in divided):
             claimed.add(id(plan[0]))
             return _Candidate(value, plan[0], readers, plan[1], axis=1)
-    if all(r.kind == "depthwise" for r in readers):
-        return _Candidate(value, None, readers, [], axis=1)
-    return None
+    in_front = _Candidate(value, None, readers, [], axis=1)
+    return in_front if in_front.depthwise_only else None
 
 
 def _dim_bindings(model: ir.Model, feed: dict[str, np.ndarray]) -> dict[str, int]:
@@ -679,13 +678,14 @@ def smooth_outliers(
     if candidates:  # skip what cannot reach MIN_ROWS without running anything
         limit = _batch_limit(candidates)
         batches = min(feeds.num_batches or limit, limit)
-        bindings = _dim_bindings(model, next(iter(feeds)))
+        first_feed = next(iter(feeds))
+        bindings = _dim_bindings(model, first_feed)
         # One row per sample is a classifier's feature vector (a CNN's head), not a sequence or a
         # feature map: not a candidate at all, and not worth a note on every CNN.
         sized = [(c, _rows_per_feed(c, bindings)) for c in candidates]
         unknown = [c for c, rows in sized if rows is None]
         if unknown:
-            probed = _probed_rows(model, unknown, next(iter(feeds)), providers)
+            probed = _probed_rows(model, unknown, first_feed, providers)
             sized = [(c, probed.get(c.value.name or "") if rows is None else rows) for c, rows in sized]
         sized = [(c, rows) for c, rows in sized if rows != 1]
         kept = [(c, rows) for c, rows in sized if rows is None or rows * batches >= MIN_ROWS]

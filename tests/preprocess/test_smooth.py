@@ -545,3 +545,13 @@ def test_the_sizes_of_symbolic_maps_are_measured_by_a_shapes_only_run() -> None:
     rows = smooth._probed_rows(model, candidates, feed, ("CPUExecutionProvider",))
     assert rows == {"r": 12 * 20, "d": 12 * 20}
     assert [n.op_type for n in model.graph] == ["Conv", "Relu", "Conv", "Conv"]  # the model is untouched
+
+
+def test_an_overridable_weight_is_no_reader() -> None:
+    """An initializer also listed as a graph input can be replaced at run time: not a constant, so
+    the depthwise Conv whose weight it is neither takes ``s`` (``r`` is no candidate) nor ``1/s``
+    (``d``, the map it makes, is none either)."""
+    proto = _separable_model()
+    w2 = next(t for t in proto.graph.initializer if t.name == "W2")
+    proto.graph.input.append(onnx.helper.make_tensor_value_info("W2", onnx.TensorProto.FLOAT, list(w2.dims)))
+    assert find_candidates(ir.from_proto(proto)) == []
