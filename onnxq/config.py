@@ -161,6 +161,10 @@ class LatencyGuardConfig:
     min_runs: int = 3
     max_runs: int = 100
     providers: tuple[str, ...] = ("CPUExecutionProvider",)
+    #: Also time the chosen int8 model against the float model at ONNX Runtime's default intra-op
+    #: thread count (what a session opened without options runs: one per physical core), where that
+    #: differs from ``threads`` and int8 gains little at ``threads``; a model slower there stays float.
+    check_default_threads: bool = True
 
     def __post_init__(self) -> None:
         if self.threads < 1:

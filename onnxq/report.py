@@ -316,11 +316,18 @@ def _guard_line(guard: dict[str, Any]) -> str:
     timed = f"{given}{preprocessed}int8 {ms.get('quantized', math.nan):.3g} ms"
     threads, runs, seconds = guard.get("threads", 1), guard.get("runs", 0), guard.get("seconds", 0.0)
     where = f"{threads} thread(s), {runs} rounds, {seconds:.1f} s"
+    if "default_threads_ratio" in guard:
+        where += f"; int8 {guard['default_threads_ratio']:.2f}x float at ONNX Runtime's default threads"
     if guard.get("all_float"):
         returned = (
             "the input model as it was" if guard.get("chosen") == "input" else "the preprocessed float model"
         )
-        return f"no int8 variant beat float ({timed}; {where}): every layer kept float, {returned} written"
+        verdict = (
+            "int8 slower than float at the default thread count"
+            if guard.get("slower_at_default_threads")
+            else "no int8 variant beat float"
+        )
+        return f"{verdict} ({timed}; {where}): every layer kept float, {returned} written"
     reverted = guard.get("reverted", {})
     sums = guard.get("residual_sums", 0)
     unfused = f"; {sums} residual Add(s) before LayerNorm as Sum (unfused: faster here)" if sums else ""

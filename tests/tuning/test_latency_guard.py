@@ -123,10 +123,18 @@ class FakeTimer:
     blocks: ClassVar[list[int]] = []
     #: The latency of the user's model, given to the guard as serialized bytes.
     input_ms: ClassVar[float] = math.nan
+    #: At ONNX Runtime's default thread count, quantized models take this factor of their latency.
+    default_threads_int8: ClassVar[float] = 1.0
+    #: Timers opened at the default thread count.
+    default_timers: ClassVar[int] = 0
 
-    def __init__(self, quantized: ir.Model, feed: object, config: object) -> None:
+    def __init__(
+        self, quantized: ir.Model, feed: object, config: object, *, default_threads: bool = False
+    ) -> None:
         self.quantized = quantized
         self.runs = 0
+        self.default_threads = default_threads
+        type(self).default_timers += default_threads
 
     def open(self, model: ir.Model | bytes) -> ir.Model | bytes:
         return model
@@ -139,7 +147,9 @@ class FakeTimer:
     def _ms(self, model: ir.Model | bytes) -> float:
         if isinstance(model, bytes):
             return type(self).input_ms
-        return type(self).latency(ANCHORS - quantized_anchors(model))
+        float_anchors = ANCHORS - quantized_anchors(model)
+        factor = type(self).default_threads_int8 if self.default_threads and float_anchors != ANCHORS else 1.0
+        return type(self).latency(float_anchors) * factor
 
     def block(self, sessions: dict[str, ir.Model | bytes]) -> dict[str, float]:
         type(self).blocks.append(len(sessions) + 1)
@@ -183,12 +193,14 @@ def run_guard(
     FakeTimer.accuracy = staticmethod(accuracy)  # type: ignore[assignment]
     FakeTimer.blocks = []
     FakeTimer.input_ms = math.nan if input_ms is None else input_ms
+    FakeTimer.default_timers = 0
     monkeypatch.setattr(latency_guard, "_Timer", FakeTimer)
     assert result.static is not None
     state = result.static
     feed = dict(next(iter(state.feeds)))
     given = None if input_ms is None else kinds_model().SerializeToString()
     config = LatencyGuardConfig(enabled=True, min_gain=0.05)
+    monkeypatch.setattr(latency_guard, "_cores", lambda: 2)
     return guard_latency(
         state, result.model, feed, config, input_model=given, preprocessed_may_win=preprocessed_may_win
     )
@@ -367,6 +379,7 @@ def test_a_settled_candidate_leaves_the_race(monkeypatch: pytest.MonkeyPatch) ->
     timer = latency_guard._Timer.__new__(latency_guard._Timer)
     timer.feed, timer.warm, timer.outputs, timer.runs = {}, weakref.WeakSet(), {}, 0
     timer.config = LatencyGuardConfig(enabled=True, min_gain=0.03, min_runs=3, max_runs=40)
+    timer.threads = 1
     timer.quantized = MadeUpSession(10.0)
     slower, close = MadeUpSession(20.0), MadeUpSession(9.7)  # 2x slower; exactly at 1 - min_gain
     measured = timer.block({"keep A float": slower, "keep B float": close})
@@ -537,3 +550,62 @@ def test_the_preprocessed_float_model_is_timed_only_when_int8_gains_little(
     assert fast.chosen == "quantized" and "float" not in fast.latency_ms
     slow = run_guard(kinds_result, monkeypatch, latency, input_ms=3.5)  # int8 at 0.86 of the input
     assert slow.chosen == "quantized" and slow.latency_ms["float"] == 6.0
+
+
+@pytest.mark.parametrize(
+    ("input_ms", "factor", "checked", "all_float"),
+    [
+        (6.0, 2.0, False, False),  # int8 at half the input's latency: not checked
+        (3.5, 1.0, True, False),  # int8 at 0.86 of the input: checked, as fast at the default threads
+        (3.5, 1.1, True, False),  # 0.94 there: still not slower
+        (3.5, 1.3, True, True),  # 1.11 there: slower than the input, every layer kept float
+    ],
+)
+def test_int8_that_gains_little_is_checked_at_the_default_thread_count(
+    kinds_result: QuantizationResult,
+    monkeypatch: pytest.MonkeyPatch,
+    input_ms: float,
+    factor: float,
+    checked: bool,
+    all_float: bool,
+) -> None:
+    """Small models lose int8's gain with more threads (a PP-LCNet classifier: 0.86x float at 1 thread,
+    1.14x at 2): a session opened without options must not run the output slower than the input."""
+    latency = additive(dict.fromkeys(ANCHORS, 1.0), dict.fromkeys(ANCHORS, 0.5))  # int8 3 ms
+    FakeTimer.default_threads_int8 = factor
+    try:
+        outcome = run_guard(kinds_result, monkeypatch, latency, input_ms=input_ms)
+    finally:
+        FakeTimer.default_threads_int8 = 1.0
+    assert FakeTimer.default_timers == int(checked)
+    assert math.isfinite(outcome.default_threads_ratio) is checked
+    if checked:
+        assert outcome.default_threads_ratio == pytest.approx(3.0 * factor / input_ms)
+    assert outcome.all_float is all_float and outcome.slower_at_default_threads is all_float
+    if all_float:
+        assert outcome.chosen == "input"
+        assert "default thread count" in latency_guard.describe(outcome)[0]
+        assert outcome.as_dict()["slower_at_default_threads"] is True
+        assert not {"QuantizeLinear", "DequantizeLinear"} & {n.op_type for n in outcome.model.graph}
+
+
+def test_one_core_or_the_option_off_skips_the_check(
+    kinds_result: QuantizationResult, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    latency = additive(dict.fromkeys(ANCHORS, 1.0), dict.fromkeys(ANCHORS, 0.5))
+    FakeTimer.default_threads_int8 = 1.3
+    try:
+        FakeTimer.latency = staticmethod(latency)  # type: ignore[assignment]
+        FakeTimer.input_ms, FakeTimer.default_timers = 3.5, 0
+        monkeypatch.setattr(latency_guard, "_Timer", FakeTimer)
+        assert kinds_result.static is not None
+        feed = dict(next(iter(kinds_result.static.feeds)))
+        given = kinds_model().SerializeToString()
+        for cores, enabled in ((1, True), (2, False)):
+            monkeypatch.setattr(latency_guard, "_cores", lambda cores=cores: cores)
+            config = LatencyGuardConfig(enabled=True, min_gain=0.05, check_default_threads=enabled)
+            outcome = guard_latency(kinds_result.static, kinds_result.model, feed, config, input_model=given)
+            assert not outcome.all_float and math.isnan(outcome.default_threads_ratio)
+        assert FakeTimer.default_timers == 0
+    finally:
+        FakeTimer.default_threads_int8 = 1.0
