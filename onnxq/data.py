@@ -147,6 +147,17 @@ def input_specs(model: ir.Model) -> list[InputSpec]:
 # Formatting helpers
 
 
+#: Names listed in one error message; a model with hundreds of inputs gets a count for the rest.
+_NAMES_LISTED = 8
+
+
+def _some_names(names: list[str]) -> str:
+    """``'a', 'b', …`` for at most :data:`_NAMES_LISTED` names, then how many more there are."""
+    shown = ", ".join(repr(n) for n in names[:_NAMES_LISTED])
+    rest = len(names) - _NAMES_LISTED
+    return f"{shown} and {rest} more" if rest > 0 else shown
+
+
 def _dtype_name(dtype: np.dtype) -> str:
     if dtype.kind in "USO":
         return "string"
@@ -206,7 +217,7 @@ class _Checker:
         return OnnxqError(f"{prefix}: {message}")
 
     def expected_names(self) -> str:
-        return ", ".join(repr(s.name) for s in self.specs) or "none"
+        return _some_names([s.name for s in self.specs]) or "none"
 
     def check_names(self, names: Iterable[str], where: str) -> None:
         present = list(names)
@@ -217,7 +228,7 @@ class _Checker:
                 )
         missing = [s.name for s in self.specs if s.name not in present]
         if missing:
-            listed = ", ".join(repr(n) for n in missing)
+            listed = _some_names(missing)
             raise self.fail(where, f"missing input {listed} (the model's inputs are {self.expected_names()})")
 
     def check_dtype(self, spec: InputSpec, dtype: np.dtype, where: str) -> None:

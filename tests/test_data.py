@@ -843,3 +843,16 @@ def test_symbolic_dims_are_hints_not_constraints() -> None:
     named = [InputSpec("a", np.dtype(np.float32), ("N", 4)), InputSpec("b", np.dtype(np.float32), ("N", 4))]
     pair = {"a": np.zeros((2, 4), np.float32), "b": np.zeros((3, 4), np.float32)}
     assert len(list(load_feeds([pair], named))) == 1
+
+
+def test_a_model_with_many_inputs_gets_a_short_message(tmp_path: Path) -> None:
+    """An ONNX Runtime-saved IR-3 model can declare hundreds of inputs: the error names a few and counts."""
+    specs = [InputSpec(f"in{i}", np.dtype(np.float32), (1,)) for i in range(30)]
+    path = tmp_path / "calib.npz"
+    np.savez(path, in0=np.zeros((2, 1), np.float32))
+    with pytest.raises(OnnxqError) as caught:
+        list(load_feeds(path, specs))
+    message = str(caught.value)
+    assert "missing input 'in1', 'in2'" in message and "'in8' and 21 more" in message
+    assert "(the model's inputs are 'in0'," in message and "'in7' and 22 more)" in message
+    assert "in29" not in message
