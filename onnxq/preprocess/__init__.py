@@ -31,6 +31,7 @@ from onnxq.preprocess.canonicalize import (
     DECOMPOSE_RULES,
     FLOAT_ISLAND_RULES,
     LATE_RULES,
+    SHAPED_RULES,
     CanonicalizePass,
 )
 from onnxq.preprocess.defuse import DefusePass
@@ -230,6 +231,11 @@ def preprocess(model: ir.Model, *, equalize: bool = False, upcast: bool = True) 
         into_batch_norm(model)
         summary.affine_folded += sum(into_batch_norm.rewritten.values())
         summary.declines.extend(into_batch_norm.declined)
+    # After shape inference: a ReduceMean is a GlobalAveragePool only over every spatial axis.
+    shaped = CanonicalizePass(SHAPED_RULES)
+    shaped(model)
+    summary.canonicalized.update(shaped.rewritten)
+    summary.declines.extend(shaped.declined)
     # After shape inference: the LRN expansion's pool needs the input's rank.
     slow = SlowKernelsPass()
     slow(model)

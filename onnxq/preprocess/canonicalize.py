@@ -17,6 +17,8 @@ that the constants are what the pattern needs, within float32 rounding):
 4. ``(x − mean(x)) / Sqrt(mean((x − mean(x))²) + ε) [· γ] [+ β]`` over the last axis ⇒
    ``LayerNormalization(x, γ, β; axis=-1, epsilon=ε)`` (opset ≥ 17).
 5. ``Sum(a, b, …)`` (old exporters' residual adds) ⇒ a chain of ``Add`` (quantized as QLinearAdd).
+6. ``ReduceMean`` over every spatial axis of an ``[N, C, …]`` map (torch's dynamo exporter writes
+   ``mean((2, 3))`` so) ⇒ ``GlobalAveragePool`` (QLinearGlobalAveragePool on int8 data).
 
 A rule whose target op the opset (or the installed ONNX Runtime) lacks declines with that reason, and
 the pattern stays as it is. Equivalence of each rule is checked numerically in the tests.
@@ -41,7 +43,7 @@ from onnxq.graph import (
     make_initializer,
 )
 
-__all__ = ["DECOMPOSE_RULES", "FLOAT_ISLAND_RULES", "LATE_RULES", "RULES", "CanonicalizePass"]
+__all__ = ["DECOMPOSE_RULES", "FLOAT_ISLAND_RULES", "LATE_RULES", "RULES", "SHAPED_RULES", "CanonicalizePass"]
 
 logger = logging.getLogger(__name__)
 
@@ -572,6 +574,69 @@ class HardSwishDecomposeRule(_Rule):
         return "HardSwish → Add/Clip/Mul"
 
 
+class SpatialMeanRule(_Rule):
+    """Rule 6: ``ReduceMean`` over every spatial axis of an ``[N, C, …]`` tensor ⇒ ``GlobalAveragePool``.
+
+    torch's dynamo exporter writes ``x.mean((2, 3), keepdim=True)`` (squeeze-and-excitation blocks,
+    global pooling) as ReduceMean. ONNX Runtime runs GlobalAveragePool on int8 data
+    (QLinearGlobalAveragePool) and keeps a ReduceMean float: a dynamo-exported EfficientNet-B0's 16
+    SE blocks each dequantized a whole feature map. ``keepdims=0`` adds a ``Squeeze`` of those axes.
+    Needs the input's rank (run after shape inference).
+    """
+
+    op_types = ("ReduceMean",)
+    targets = (("", "GlobalAveragePool", 1),)
+    #: What the report counts (the generic rewrite returns the target's op type).
+    label = "spatial ReduceMean → GlobalAveragePool"
+
+    def match(self, node: ir.Node, ctx: _Context) -> _Match | None:
+        x = node.inputs[0] if node.inputs else None
+        if x is None or x.shape is None or len(x.shape) < 3 or x.dtype != ir.DataType.FLOAT:
+            return None
+        rank = len(x.shape)
+        if "axes" in node.attributes:
+            axes = list(node.attributes["axes"].as_ints())
+        else:
+            given = const_array(node.inputs[1]) if len(node.inputs) > 1 else None
+            if given is None:
+                return None
+            axes = [int(a) for a in given.reshape(-1)]
+        if sorted((a + rank) % rank for a in axes) != list(range(2, rank)):
+            return None
+        m = _Match(node, ctx, x, [node], node.outputs[0])
+        m.attributes["keepdims"] = float(attr_int(node, "keepdims", 1))
+        return m
+
+    def rewrite(self, m: _Match) -> str:
+        if m.attributes["keepdims"]:
+            super().rewrite(m)
+            return self.label
+        graph = m.node.graph
+        assert graph is not None and m.x.shape is not None
+        rank = len(m.x.shape)
+        base = m.node.name or "ReduceMean"
+        pool = ir.Node("", "GlobalAveragePool", [m.x], name=m.ctx.names.fresh(f"{base}_GlobalAveragePool"))
+        pooled = pool.outputs[0]
+        pooled.name, pooled.type = m.ctx.names.fresh(f"{base}_pooled"), m.output.type
+        spatial = list(range(2, rank))
+        if m.ctx.opset >= 13:
+            axes = make_initializer(graph, m.ctx.names, f"{base}_axes", np.asarray(spatial, np.int64))
+            squeeze = ir.Node("", "Squeeze", [pooled, axes], name=m.ctx.names.fresh(f"{base}_squeeze"))
+        else:
+            attrs = [ir.AttrInt64s("axes", spatial)]
+            squeeze = ir.Node("", "Squeeze", [pooled], attrs, name=m.ctx.names.fresh(f"{base}_squeeze"))
+        graph.insert_before(m.node, pool)
+        graph.insert_before(m.node, squeeze)
+        out = squeeze.outputs[0]
+        out.type, out.shape = m.output.type, m.output.shape
+        name = m.output.name
+        m.output.replace_all_uses_with(out, replace_graph_outputs=True)
+        m.output.name = None
+        out.name = name
+        graph.remove(m.node, safe=True)
+        return self.label
+
+
 #: The pass's rule table (for a Mul/Div, the first of these that matches decides).
 RULES: tuple[_Rule, ...] = (HardSwishRule(), GeluRule(), LayerNormRule(), SumRule())
 
@@ -586,6 +651,9 @@ DECOMPOSE_RULES: tuple[_Rule, ...] = (HardSwishDecomposeRule(),)
 #: than as a float HardSwish between Q/DQ, once its ``/ 6`` is folded into the Conv that reads it; so
 #: it is canonicalized after the affine folds, only where the ``/ 6`` stayed.
 LATE_RULES: tuple[_Rule, ...] = (HardSwishRule(),)
+
+#: Rules that need inferred shapes (an input's rank).
+SHAPED_RULES: tuple[_Rule, ...] = (SpatialMeanRule(),)
 
 
 class CanonicalizePass(rules.RuleTablePass):

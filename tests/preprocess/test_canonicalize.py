@@ -20,7 +20,7 @@ import onnx_ir as ir
 import pytest
 
 from onnxq.preprocess import preprocess
-from onnxq.preprocess.canonicalize import CanonicalizePass
+from onnxq.preprocess.canonicalize import SHAPED_RULES, CanonicalizePass
 
 MS = "com.microsoft"
 SHAPE = (3, 16)
@@ -757,3 +757,40 @@ def test_paddles_hard_sigmoid_form_is_written_out_too(opset: int) -> None:
     (want,) = builders.run_disabled(proto, feed)
     (got,) = builders.run_disabled(model, feed)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("opset", "reduce", "keepdims", "rewritten"),
+    [
+        (17, "ReduceMean <axes = [2, 3], keepdims = 1> (x)", 1, True),
+        (17, "ReduceMean <axes = [-1, -2], keepdims = 0> (x)", 0, True),
+        (18, "ReduceMean <keepdims = 1> (x, axes)", 1, True),
+        (18, "ReduceMean <keepdims = 0> (x, axes)", 0, True),
+        (17, "ReduceMean <axes = [3], keepdims = 1> (x)", 1, False),  # one spatial axis only
+        (17, "ReduceMean <axes = [1, 2, 3], keepdims = 1> (x)", 1, False),  # channels too
+    ],
+)
+def test_a_mean_over_the_spatial_axes_becomes_a_global_average_pool(
+    opset: int, reduce: str, keepdims: int, rewritten: bool
+) -> None:
+    out = "float[2, 5, 1, 1] y" if keepdims else "float[2, 5] y"
+    if not rewritten:
+        out = "float y"
+    text = f"""
+    spatial_mean (float[2, 5, 6, 7] x) => ({out}) {{
+        y = {reduce}
+    }}
+    """
+    arrays = {"axes": np.array([2, 3], np.int64)} if "axes)" in reduce else {}
+    proto = builders.parse(text, arrays, opset=opset)
+    model = builders.apply_pass(proto, CanonicalizePass(SHAPED_RULES))
+    ops = [n.op_type for n in model.graph]
+    if not rewritten:
+        assert ops == ["ReduceMean"]
+        return
+    assert ops == ["GlobalAveragePool"] if keepdims else ops == ["GlobalAveragePool", "Squeeze"]
+    feed = {"x": np.random.default_rng(0).normal(size=(2, 5, 6, 7)).astype(np.float32)}
+    want = builders.run_disabled(proto, feed)[0]
+    got = builders.run_disabled(model, feed)[0]
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
