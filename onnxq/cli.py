@@ -101,9 +101,11 @@ def _add_quant_options(parser: argparse.ArgumentParser) -> None:
     )
     scheme.add_argument(
         "--quantize-embeddings",
-        action="store_true",
-        help="store Gather tables (token embeddings) as int8, dequantizing only the gathered rows "
-        "(static and dynamic mode)",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="store Gather tables (token/position embeddings: at least 8 columns and 4096 values) as int8 "
+        "with one scale per row, dequantizing only the gathered rows (static and dynamic mode; default on, "
+        "--no-quantize-embeddings keeps them float)",
     )
     scheme.add_argument(
         "--dynamic-lstm",

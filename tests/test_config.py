@@ -48,7 +48,7 @@ def test_defaults() -> None:
         method="minmax", percentile=99.999, num_bins=4096, averaging_constant=0.01, batch_size=1
     )
     assert (config.mode, config.format) == ("static", "qdq")
-    assert config.dynamic == DynamicConfig(conv=False, embeddings=False)
+    assert config.dynamic == DynamicConfig(conv=False, embeddings=True)
     assert config.exclude_op_types == () and config.exclude_nodes == ()
     assert dict(config.op_type_overrides) == {} and dict(config.node_overrides) == {}
 

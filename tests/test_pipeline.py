@@ -257,11 +257,11 @@ embed (int64[2, 6] ids) => (float[2, 6, 8] y) {
 """
 
 
-def test_static_mode_quantizes_embedding_tables_on_request() -> None:
-    """A table read by a float op (LayerNorm) stays float in static mode unless embeddings are asked for;
-    then it is stored int8 with one scale per row and only the gathered rows are dequantized."""
+def test_static_mode_quantizes_embedding_tables_by_default() -> None:
+    """A table read by a float op (LayerNorm) is stored int8 with one scale per row in static mode too,
+    only the gathered rows dequantized; ``embeddings=False`` keeps it float."""
     rng = np.random.default_rng(4)
-    table = (rng.normal(0.0, 1.0, (50, 8)) * np.geomspace(1e-2, 1.0, 50).reshape(50, 1)).astype(np.float32)
+    table = (rng.normal(0.0, 1.0, (600, 8)) * np.geomspace(1e-2, 1.0, 600).reshape(600, 1)).astype(np.float32)
     arrays = {
         "table": table,
         "gamma": np.ones(8, np.float32),
@@ -269,27 +269,27 @@ def test_static_mode_quantizes_embedding_tables_on_request() -> None:
         "w": rng.normal(0.0, 0.3, (8, 8)).astype(np.float32),
     }
     proto = builders.parse(EMBED_THEN_MATMUL, arrays)
-    feeds = [{"ids": rng.integers(0, 50, (2, 6)).astype(np.int64)} for _ in range(4)]
-    plain = onnxq.quantize(proto, feeds, QuantConfig())
+    feeds = [{"ids": rng.integers(0, 600, (2, 6)).astype(np.int64)} for _ in range(4)]
+    plain = onnxq.quantize(proto, feeds, QuantConfig(dynamic=DynamicConfig(embeddings=False)))
     assert "Gather" not in plain.report.quantized_op_types
     assert any(
         v.const_value is not None
-        and v.const_value.numpy().shape == (50, 8)
+        and v.const_value.numpy().shape == (600, 8)
         and v.const_value.numpy().dtype == np.float32
         for v in plain.model.graph.initializers.values()
     )
 
-    result = onnxq.quantize(proto, feeds, QuantConfig(dynamic=DynamicConfig(embeddings=True)))
+    result = onnxq.quantize(proto, feeds, QuantConfig())
     assert result.report.quantized_op_types["Gather"] == 1
     stored = {
         v.name: v.const_value.numpy()
         for v in result.model.graph.initializers.values()
         if v.const_value is not None
     }
-    assert not any(a.shape == (50, 8) and a.dtype == np.float32 for a in stored.values())
-    assert any(a.shape == (50, 8) and a.dtype == np.int8 for a in stored.values())
+    assert not any(a.shape == (600, 8) and a.dtype == np.float32 for a in stored.values())
+    assert any(a.shape == (600, 8) and a.dtype == np.int8 for a in stored.values())
     assert result.report.size_quantized_bytes < plain.report.size_quantized_bytes - 500
-    held_out = [{"ids": rng.integers(0, 50, (2, 6)).astype(np.int64)} for _ in range(4)]
+    held_out = [{"ids": rng.integers(0, 600, (2, 6)).astype(np.int64)} for _ in range(4)]
     for feed in held_out:
         (expected,) = builders.run_disabled(proto, feed)
         (actual,) = builders.run_disabled(result.model, feed)

@@ -144,7 +144,7 @@ class Variant:
     op_types: tuple[str, ...] | None = None  # onnxruntime's op_types_to_quantize; None = its default
     mode: Mode = "static"
     fmt: Format = "qdq"
-    embeddings: bool = False  # onnxq dynamic mode: int8 Gather tables (DynamicConfig.embeddings)
+    embeddings: bool = True  # onnxq: int8 embedding Gather tables (DynamicConfig.embeddings, its default)
     #: onnxruntime only: convert models below this opset up to it first (per-channel Q/DQ need 13; its
     #: quantizer writes an ``axis`` that older DequantizeLinear lacks). 0: leave the opset alone.
     min_opset: int = 0
@@ -215,7 +215,7 @@ def quantize_onnxq(
     method: Method = "minmax",
     mode: Mode = "static",
     fmt: Format = "qdq",
-    embeddings: bool = False,
+    embeddings: bool = True,
 ) -> dict[str, Any]:
     """Quantize with onnxq's default configuration for ``mode`` and ``fmt`` and save.
 
@@ -406,7 +406,7 @@ def _worker(job_path: Path) -> int:
             method=job["method"],
             mode=mode,
             fmt=fmt,
-            embeddings=job.get("embeddings", False),
+            embeddings=job.get("embeddings", True),
         )
     else:
         detail = quantize_ort(

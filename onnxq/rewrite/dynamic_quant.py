@@ -31,8 +31,10 @@ Rewrite rules (nodes of the main graph, visited in graph order):
    an affine (uint8) scheme is quantized per-tensor. Off by default because even so the chain is
    slower than float Conv at ``ORT_ENABLE_ALL`` (1.6× on a 16→32 channel 3×3 Conv at 32×32, one
    thread).
-5. ``Gather(table, indices)`` with a constant float32 ``[V, D]`` table and ``axis = 0`` (only with
-   ``DynamicConfig.embeddings``): the table is stored as symmetric int8. Per-channel schemes give one
+5. ``Gather(table, indices)`` with a constant float32 ``[V, D]`` table and ``axis = 0``, ``D ≥ 8`` and
+   ``V·D ≥ 4096`` (``DynamicConfig.embeddings``, on by default as in ONNX Runtime's quantizers: a
+   BERT-class model's word embeddings are a third to a half of its file): the table is stored as
+   symmetric int8. Per-channel schemes give one
    scale per row, kept as a ``[V, 1]`` table: ``Gather(table_q, indices) → Cast(float) →
    Mul(Gather(row_scales, indices))``, so only the gathered rows are dequantized (the ``[V, 1]``
    shape plays the role of an Unsqueeze on the last axis). Per-tensor schemes give
@@ -373,12 +375,27 @@ GATHER_RULE = _GatherRule()
 RULES: tuple[_Rule, ...] = (PRODUCT_RULE, LSTM_RULE, CONV_RULE, GATHER_RULE)
 
 
+#: An embedding table has at least this many columns: narrower constant tables gathered by index are
+#: coordinates (a detector's anchor boxes, [A, 4]), which int8 rows would move by a fraction of a pixel.
+EMBEDDING_MIN_COLUMNS = 8
+
+#: ... and at least this many values: smaller lookup tables (T5's [32, heads] relative-position bias)
+#: gain nothing worth storing them int8.
+EMBEDDING_MIN_VALUES = 4096
+
+
 def _embedding_table(node: ir.Node) -> np.ndarray | None:
-    """The constant float32 ``[V, D]`` table a ``Gather(axis=0)`` reads, else ``None``."""
+    """The constant float32 ``[V, D]`` table a ``Gather(axis=0)`` reads, else ``None``.
+
+    Only tables of at least :data:`EMBEDDING_MIN_COLUMNS` columns and :data:`EMBEDDING_MIN_VALUES`
+    values count (token and position embeddings; not anchor boxes or small lookup tables).
+    """
     if node.op_type != "Gather" or len(node.inputs) < 2:
         return None
     table = const_array(node.inputs[0])
     if table is None or table.dtype != np.float32 or table.ndim != 2:
+        return None
+    if table.shape[1] < EMBEDDING_MIN_COLUMNS or table.size < EMBEDDING_MIN_VALUES:
         return None
     if attr_int(node, "axis", 0) % 2 != 0:
         return None

@@ -537,10 +537,10 @@ embed (int64[3,7] ids) => (float[3,7,24] y) {
 """
 
 
-def _embedding_proto() -> onnx.ModelProto:
-    table = builders.normal_arrays(10, table=(40, 24))
-    table["table"] *= np.geomspace(1e-3, 1.0, 40, dtype=np.float32).reshape(40, 1)
-    return builders.parse(EMBEDDING, table)
+def _embedding_proto(rows: int = 180, columns: int = 24) -> onnx.ModelProto:
+    table = builders.normal_arrays(10, table=(rows, columns))
+    table["table"] *= np.geomspace(1e-3, 1.0, rows, dtype=np.float32).reshape(rows, 1)
+    return builders.parse(EMBEDDING.replace("float[3,7,24]", f"float[3,7,{columns}]"), table)
 
 
 def _token_sqnr(proto: onnx.ModelProto, model: ir.Model, feeds: list[Feed]) -> np.ndarray:
@@ -550,13 +550,25 @@ def _token_sqnr(proto: onnx.ModelProto, model: ir.Model, feeds: list[Feed]) -> n
     return np.asarray(10.0 * np.log10(np.sum(reference**2, axis=1) / noise))
 
 
-def test_embeddings_stay_float_by_default() -> None:
+def test_embeddings_stay_float_when_turned_off() -> None:
     proto = _embedding_proto()
-    model, quantizer, modified = _quantize(proto)
+    model, quantizer, modified = _quantize(proto, QuantConfig(dynamic=DynamicConfig(embeddings=False)))
     assert not modified and builders.op_counts(model, subgraphs=False) == {"Gather": 1}
     assert builders.lines(quantizer.declined) == [
         "1 embedding Gather node(s) left float: DynamicConfig.embeddings is off"
     ]
+
+
+@pytest.mark.parametrize(
+    ("rows", "columns"), [(1200, 4), (40, 24)], ids=["anchor boxes [A, 4]", "a small lookup table"]
+)
+def test_narrow_or_small_tables_are_not_embeddings(rows: int, columns: int) -> None:
+    """Box coordinates gathered by index would move by a fraction of a pixel in int8, and a small
+    table saves nothing: both stay float, with the option on (the default)."""
+    proto = _embedding_proto(rows, columns)
+    model, quantizer, modified = _quantize(proto)
+    assert not modified and builders.op_counts(model, subgraphs=False) == {"Gather": 1}
+    assert builders.lines(quantizer.declined) == []
 
 
 def test_embeddings_per_row() -> None:
@@ -567,8 +579,8 @@ def test_embeddings_per_row() -> None:
     ids = model.graph.inputs[0]
     tables = sorted((_data(n.inputs[0]) for n in _nodes(model, "Gather")), key=lambda a: a.dtype.name)
     assert all(n.inputs[1] is ids for n in _nodes(model, "Gather"))
-    assert tables[0].dtype == np.float32 and tables[0].shape == (40, 1)  # row scales
-    assert tables[1].dtype == np.int8 and tables[1].shape == (40, 24)
+    assert tables[0].dtype == np.float32 and tables[0].shape == (180, 1)  # row scales
+    assert tables[1].dtype == np.int8 and tables[1].shape == (180, 24)
     assert "table" not in model.graph.initializers
     feeds = _feeds(proto)  # indices include negative ones
     assert _token_sqnr(proto, model, feeds).min() > 35.0
@@ -641,7 +653,8 @@ def test_minilm(minilm: tuple[Path, list[Feed], list[np.ndarray]], embeddings: b
     quantizer = DynamicQuantizePass(QuantConfig(dynamic=DynamicConfig(embeddings=embeddings)))
     assert quantizer(model).modified
     cleanup(model)
-    assert quantizer.quantized == ({"MatMul": 36, "Gather": 3} if embeddings else {"MatMul": 36})
+    # word and position embeddings; the [2, 384] token-type table is below EMBEDDING_MIN_VALUES
+    assert quantizer.quantized == ({"MatMul": 36, "Gather": 2} if embeddings else {"MatMul": 36})
     ops = builders.op_counts(model, subgraphs=False)
     # Q/K/V share their input: one DynamicQuantizeLinear per layer feeds three MatMulIntegerToFloat.
     assert ops["DynamicQuantizeMatMul"] == 18 and ops["MatMulIntegerToFloat"] == 18
@@ -652,3 +665,16 @@ def test_minilm(minilm: tuple[Path, list[Feed], list[np.ndarray]], embeddings: b
     assert all(not v.is_initializer() for n in remaining for v in n.inputs if v is not None)
     assert sum("weight B is not a constant" in line for line in builders.lines(quantizer.declined)) == 12
     assert _minilm_cosine(model, feeds, reference) >= 0.99
+
+
+def test_the_command_line_turns_embeddings_off() -> None:
+    from onnxq.cli import _config_from_args, build_parser
+
+    parser = build_parser()
+    for flags, expected in (
+        ((), True),
+        (("--quantize-embeddings",), True),
+        (("--no-quantize-embeddings",), False),
+    ):
+        args = parser.parse_args(["optimize", "m.onnx", "-o", "o.onnx", "--calib", "random", *flags])
+        assert _config_from_args(args).dynamic.embeddings is expected
