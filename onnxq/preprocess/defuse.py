@@ -29,7 +29,11 @@ activations, which hides a Conv from the quantizer as well:
 5. ``FusedMatMul(A, W)`` with a constant ``W`` ⇒ ``MatMul(A, α·op(W))`` (a product of two
    activations stays fused).
 
-``EmbedLayerNormalization``, ``BiasGelu``/``FastGelu`` and ``MultiHeadAttention`` stay as they are:
+6. ``EmbedLayerNormalization`` ⇒ ``Gather`` of the word, position (and segment) tables → ``Add`` →
+   ``LayerNormalization`` (opset ≥ 17), its mask index as the count of non-zero mask entries per
+   row: the tables become ordinary Gathers, stored int8 like any embedding table.
+
+``BiasGelu``/``FastGelu`` and ``MultiHeadAttention`` stay as they are:
 they hold no weight product, and ONNX Runtime runs them between quantized neighbours in one float
 kernel each.
 """
@@ -45,7 +49,7 @@ from onnxq import rules
 from onnxq.declines import Reason
 from onnxq.graph import attr_float, attr_int, const_array, make_initializer
 
-__all__ = ["DEFUSE_RULES", "DefusePass"]
+__all__ = ["DEFUSE_RULES", "LATE_DEFUSE_RULES", "DefusePass"]
 
 _MS_DOMAIN = "com.microsoft"
 _Context = rules.RewriteContext
@@ -271,6 +275,84 @@ class SkipLayerNormRule(_DefuseRule):
         return "fused SkipLayerNormalization → Add + LayerNormalization"
 
 
+class EmbedLayerNormRule(_DefuseRule):
+    """Rule 6: ``EmbedLayerNormalization`` ⇒ ``Gather``s of its tables → ``Add`` → ``LayerNormalization``.
+
+    Its word, position and segment tables are then ordinary Gathers, which embedding quantization
+    stores int8 (the fused MiniLM's file: 0.65 → 0.26 of float). Positions are ``position_ids`` when
+    given, else ``0 … S−1``; the mask index is the count of non-zero mask entries per row (what ONNX
+    Runtime's kernel computes); the ``embedding_sum`` output is the sum before normalization.
+    """
+
+    op_types = ("EmbedLayerNormalization",)
+
+    def check(self, m: _Fused) -> Reason | None:
+        if m.ctx.opset < 17:
+            return Reason("no_target", f"LayerNormalization needs opset 17, the model has {m.ctx.opset}")
+        if _read(m.node, 1) and _given(m.node, 7) is None:
+            return Reason("mask_index_without_mask", "its mask index is read but it has no mask")
+        if _given(m.node, 6) is None:
+            return Reason("no_beta", "it has no beta")
+        return None
+
+    def rewrite(self, m: _Fused) -> str:
+        node, ctx = m.node, m.ctx
+        graph = node.graph
+        assert graph is not None
+        base = node.name or "EmbedLayerNormalization"
+        ids, segments, words, positions, segment_table, gamma, beta, mask, position_ids = (
+            _given(node, i) for i in range(9)
+        )
+        assert ids is not None and words is not None and positions is not None and gamma is not None
+        created: list[ir.Node] = []
+
+        def add_node(
+            op: str, inputs: list[ir.Value | None], label: str, attrs: list[ir.Attr] | None = None
+        ) -> ir.Value:
+            new = ir.Node("", op, inputs, attrs or [], name=ctx.names.fresh(f"{base}_{label}"))
+            created.append(new)
+            out = new.outputs[0]
+            out.name = ctx.names.fresh(f"{base}_{label}_out")
+            return out
+
+        def constant(label: str, array: np.ndarray) -> ir.Value:
+            return make_initializer(graph, ctx.names, f"{base}_{label}", array)
+
+        total = add_node("Gather", [words, ids], "words")
+        if position_ids is None:
+            shape = add_node("Shape", [ids], "shape")
+            length = add_node("Gather", [shape, constant("seq_axis", np.array(1, np.int64))], "length")
+            position_ids = add_node(
+                "Range",
+                [constant("start", np.array(0, np.int64)), length, constant("step", np.array(1, np.int64))],
+                "range",
+            )
+        total = add_node("Add", [total, add_node("Gather", [positions, position_ids], "positions")], "sum")
+        if segments is not None and segment_table is not None:
+            total = add_node(
+                "Add", [total, add_node("Gather", [segment_table, segments], "segments")], "segment_sum"
+            )
+        attrs = [ir.AttrInt64("axis", -1), ir.AttrFloat32("epsilon", attr_float(node, "epsilon", 1e-12))]
+        normed = add_node("LayerNormalization", [total, gamma, beta], "norm", attrs)
+        outputs = {0: normed}
+        if _read(node, 1):
+            assert mask is not None
+            zero = add_node("Equal", [mask, constant("zero", np.array(0, np.int32))], "padding")
+            kept = add_node(
+                "Cast", [add_node("Not", [zero], "kept")], "kept_int", [ir.AttrInt64("to", ir.DataType.INT32)]
+            )
+            outputs[1] = add_node(
+                "ReduceSum",
+                [kept, constant("row_axis", np.array([1], np.int64))],
+                "lengths",
+                [ir.AttrInt64("keepdims", 0)],
+            )
+        if _read(node, 2):
+            outputs[2] = total
+        _splice(node, created, outputs)
+        return "fused EmbedLayerNormalization → Gather + Add + LayerNormalization"
+
+
 def _activation_attrs(name: str, params: list[float]) -> list[ir.Attr] | None:
     """Attributes of the standard op ``name`` from a fused node's activation parameters.
 
@@ -419,6 +501,10 @@ DEFUSE_RULES: tuple[_DefuseRule, ...] = (
     FusedMatMulRule(),
 )
 
+#: Run after :data:`DEFUSE_RULES`: an Attention recognizes the mask index EmbedLayerNormalization makes
+#: (lengths, never left-padding positions) by its producer.
+LATE_DEFUSE_RULES: tuple[_DefuseRule, ...] = (EmbedLayerNormRule(),)
+
 
 class DefusePass(rules.RuleTablePass):
     """Write ONNX Runtime's fused transformer ops back in standard form (module docstring)."""
@@ -427,3 +513,11 @@ class DefusePass(rules.RuleTablePass):
 
     def __init__(self) -> None:
         super().__init__(DEFUSE_RULES)
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        ctx = rules.RewriteContext.of(model)
+        outcome = rules.apply_rules(model, self.table, ctx, stage=self.stage, opset=ctx.opset)
+        outcome.extend(rules.apply_rules(model, LATE_DEFUSE_RULES, ctx, stage=self.stage, opset=ctx.opset))
+        self.rewritten = dict(outcome.rewritten)
+        self.declined = outcome.declines
+        return ir.passes.PassResult(model, modified=outcome.modified)

@@ -341,3 +341,88 @@ def test_a_model_saved_at_the_extended_level_gets_its_products_quantized() -> No
         want = builders.run_disabled(proto, feed)[0].astype(np.float64)
         got = builders.run_disabled(result.model, feed)[0].astype(np.float64)
         assert 10 * np.log10(np.sum(want**2) / np.sum((want - got) ** 2)) > 25.0
+
+
+def embedding_block(
+    *, segments: bool = False, positions: bool = False, summed: bool = False
+) -> onnx.ModelProto:
+    """``EmbedLayerNormalization`` (its mask index read by an ``Attention``), as the transformer optimizer
+    writes a BERT's embedding layer."""
+    rng = np.random.default_rng(7)
+    inits = {
+        "words": rng.normal(0, 0.5, (300, HIDDEN)).astype(np.float32),
+        "positions": rng.normal(0, 0.5, (32, HIDDEN)).astype(np.float32),
+        "gamma": (1.0 + rng.normal(0, 0.1, HIDDEN)).astype(np.float32),
+        "beta": rng.normal(0, 0.1, HIDDEN).astype(np.float32),
+        "W": rng.normal(0, 0.3, (HIDDEN, 3 * HIDDEN)).astype(np.float32),
+        "b": rng.normal(0, 0.1, 3 * HIDDEN).astype(np.float32),
+    }
+    inputs = [
+        helper.make_tensor_value_info("ids", TensorProto.INT32, [BATCH, SEQ]),
+        helper.make_tensor_value_info("mask", TensorProto.INT32, [BATCH, SEQ]),
+    ]
+    embed_inputs = ["ids", "", "words", "positions", "", "gamma", "beta", "mask"]
+    if segments:
+        inits["segment_table"] = rng.normal(0, 0.5, (2, HIDDEN)).astype(np.float32)
+        inputs.append(helper.make_tensor_value_info("segments", TensorProto.INT32, [BATCH, SEQ]))
+        embed_inputs[1], embed_inputs[4] = "segments", "segment_table"
+    if positions:
+        inputs.append(helper.make_tensor_value_info("position_ids", TensorProto.INT32, [1, SEQ]))
+        embed_inputs.append("position_ids")
+    outputs = ["e", "mask_index", "esum"] if summed else ["e", "mask_index"]
+    nodes = [
+        helper.make_node(
+            "EmbedLayerNormalization", embed_inputs, outputs, domain=MS, name="embed", epsilon=1e-5
+        ),
+        helper.make_node(
+            "Attention", ["e", "W", "b", "mask_index"], ["y"], domain=MS, name="attention", num_heads=HEADS
+        ),
+    ]
+    graph_outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, [BATCH, SEQ, HIDDEN])]
+    if summed:
+        graph_outputs.append(helper.make_tensor_value_info("esum", TensorProto.FLOAT, [BATCH, SEQ, HIDDEN]))
+    graph = helper.make_graph(
+        nodes,
+        "embedding_block",
+        inputs,
+        graph_outputs,
+        [numpy_helper.from_array(a, n) for n, a in inits.items()],
+    )
+    return helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(MS, 1)], ir_version=10
+    )
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{}, {"segments": True}, {"positions": True}, {"summed": True}],
+    ids=["plain", "segments", "position ids", "sum read"],
+)
+def test_an_embedding_layer_is_written_as_gathers(kwargs: dict[str, Any]) -> None:
+    """Its tables become Gathers (int8 like any embedding table later); the mask index it hands the
+    Attention is the count of kept positions, holes included, as ONNX Runtime's kernel counts them."""
+    proto = embedding_block(**kwargs)
+    model, rewrite = defused(proto)
+    ops = builders.op_counts(model)
+    assert "EmbedLayerNormalization" not in ops and "Attention" not in ops and not rewrite.declined
+    assert ops["Gather"] >= 2 + kwargs.get("segments", False) and ops["LayerNormalization"] == 1
+    rng = np.random.default_rng(11)
+    for _ in range(3):
+        feed = {
+            "ids": rng.integers(0, 300, (BATCH, SEQ)).astype(np.int32),
+            "mask": np.array([[1, 1, 0, 1, 1, 0], [1, 1, 1, 1, 0, 0]], np.int32),
+        }
+        if kwargs.get("segments"):
+            feed["segments"] = rng.integers(0, 2, (BATCH, SEQ)).astype(np.int32)
+        if kwargs.get("positions"):
+            feed["position_ids"] = rng.permutation(SEQ).reshape(1, SEQ).astype(np.int32)
+        for w, g in zip(builders.run_disabled(proto, feed), builders.run_disabled(model, feed), strict=True):
+            np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
+
+
+def test_a_mask_index_without_a_mask_stays_fused() -> None:
+    proto = embedding_block()
+    proto.graph.node[0].input[7] = ""
+    proto.graph.input.pop()  # the mask
+    _, rewrite = defused(proto)
+    assert [(d.node, d.code) for d in rewrite.declined] == [("embed", "mask_index_without_mask")]
