@@ -108,6 +108,18 @@ def _splice(node: ir.Node, created: list[ir.Node], outputs: dict[int, ir.Value])
     graph.remove(node, safe=True)
 
 
+def _no_layer_norm(m: _Fused) -> Reason | None:
+    """Why the model's opset cannot hold the LayerNormalization a rewrite writes (``None``: it can)."""
+    if m.ctx.opset < 17:
+        return Reason("no_target", f"LayerNormalization needs opset 17, the model has {m.ctx.opset}")
+    return None
+
+
+def _layer_norm_attrs(node: ir.Node) -> list[ir.Attr]:
+    """A LayerNormalization over the last axis with the fused node's epsilon."""
+    return [ir.AttrInt64("axis", -1), ir.AttrFloat32("epsilon", attr_float(node, "epsilon", 1e-12))]
+
+
 def _ints(node: ir.Node, name: str) -> list[int] | None:
     attr = node.attributes.get(name)
     return list(attr.as_ints()) if attr is not None else None
@@ -240,8 +252,8 @@ class SkipLayerNormRule(_DefuseRule):
     op_types = ("SkipLayerNormalization",)
 
     def check(self, m: _Fused) -> Reason | None:
-        if m.ctx.opset < 17:
-            return Reason("no_target", f"LayerNormalization needs opset 17, the model has {m.ctx.opset}")
+        if (problem := _no_layer_norm(m)) is not None:
+            return problem
         if _read(m.node, 1) or _read(m.node, 2):
             return Reason("training_outputs", "its mean or inverse standard deviation output is read")
         if _given(m.node, 2) is None:
@@ -268,9 +280,8 @@ class SkipLayerNormRule(_DefuseRule):
             _like(total, x)
             total.shape = x.shape
             added.append(add)
-        attrs = [ir.AttrInt64("axis", -1), ir.AttrFloat32("epsilon", attr_float(node, "epsilon", 1e-12))]
         inputs = [total, gamma] if beta is None else [total, gamma, beta]
-        norm = ir.Node("", "LayerNormalization", inputs, attrs, name=ctx.names.fresh(base))
+        norm = ir.Node("", "LayerNormalization", inputs, _layer_norm_attrs(node), name=ctx.names.fresh(base))
         _splice(node, [*added, norm], {0: norm.outputs[0], **({3: total} if _read(node, 3) else {})})
         return "fused SkipLayerNormalization → Add + LayerNormalization"
 
@@ -287,8 +298,8 @@ class EmbedLayerNormRule(_DefuseRule):
     op_types = ("EmbedLayerNormalization",)
 
     def check(self, m: _Fused) -> Reason | None:
-        if m.ctx.opset < 17:
-            return Reason("no_target", f"LayerNormalization needs opset 17, the model has {m.ctx.opset}")
+        if (problem := _no_layer_norm(m)) is not None:
+            return problem
         if _read(m.node, 1) and _given(m.node, 7) is None:
             return Reason("mask_index_without_mask", "its mask index is read but it has no mask")
         if _given(m.node, 6) is None:
@@ -332,8 +343,7 @@ class EmbedLayerNormRule(_DefuseRule):
             total = add_node(
                 "Add", [total, add_node("Gather", [segment_table, segments], "segments")], "segment_sum"
             )
-        attrs = [ir.AttrInt64("axis", -1), ir.AttrFloat32("epsilon", attr_float(node, "epsilon", 1e-12))]
-        normed = add_node("LayerNormalization", [total, gamma, beta], "norm", attrs)
+        normed = add_node("LayerNormalization", [total, gamma, beta], "norm", _layer_norm_attrs(node))
         outputs = {0: normed}
         if _read(node, 1):
             assert mask is not None
