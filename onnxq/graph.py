@@ -154,18 +154,22 @@ class NameScope:
         self._taken.update(names)
 
 
-def make_initializer(graph: ir.Graph, names: NameScope, base: str, array: np.ndarray) -> ir.Value:
-    """Register ``array`` as a new initializer named after ``base`` and return its value."""
-    name = names.fresh(base)
-    array = np.asarray(array)
-    if not array.flags.c_contiguous:  # (np.ascontiguousarray would turn a scalar into shape [1])
-        array = array.copy(order="C")
+def initializer_value(name: str, array: np.ndarray) -> ir.Value:
+    """A value holding ``array`` as its constant, typed and shaped, not yet registered in a graph."""
     # ir.Tensor directly: ir.tensor() first checks the array against runtime protocols, ~10x the
     # cost (a quarter of a second per rewrite of a model with thousands of Q/DQ parameters).
     tensor = ir.Tensor(array, name=name)
-    value = ir.Value(
+    return ir.Value(
         name=name, shape=ir.Shape(array.shape), type=ir.TensorType(tensor.dtype), const_value=tensor
     )
+
+
+def make_initializer(graph: ir.Graph, names: NameScope, base: str, array: np.ndarray) -> ir.Value:
+    """Register ``array`` as a new initializer named after ``base`` and return its value."""
+    array = np.asarray(array)
+    if not array.flags.c_contiguous:  # (np.ascontiguousarray would turn a scalar into shape [1])
+        array = array.copy(order="C")
+    value = initializer_value(names.fresh(base), array)
     graph.register_initializer(value)
     return value
 

@@ -16,7 +16,7 @@ import onnx_ir as ir
 
 from onnxq import rules
 from onnxq.declines import Decline, Reason
-from onnxq.graph import DEFAULT_DOMAINS, NameScope, default_opset, node_label
+from onnxq.graph import DEFAULT_DOMAINS, NameScope, default_opset, make_initializer, node_label
 
 __all__ = ["RULES", "FoldBatchNormPass", "FoldBatchNormRule"]
 
@@ -202,15 +202,6 @@ def _fold_gemm(producer: ir.Node, s: Array, t: Array) -> _Fold:
 _FOLDERS = {"Conv": _fold_conv, "ConvTranspose": _fold_conv_transpose, "Gemm": _fold_gemm}
 
 
-def _new_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    tensor = ir.Tensor(array, name=name)
-    value = ir.Value(
-        name=name, shape=ir.Shape(array.shape), type=ir.TensorType(tensor.dtype), const_value=tensor
-    )
-    graph.register_initializer(value)
-    return value
-
-
 def _drop_if_unused(value: ir.Value | None) -> None:
     """Remove an initializer or Constant node that a fold left without uses."""
     if value is None or value.uses() or value.is_graph_output() or value.is_graph_input():
@@ -302,8 +293,8 @@ def _rewrite(bn: ir.Node, producer: ir.Node, fold: _Fold, names: NameScope) -> N
     old_bias = producer.inputs[fold.bias_index] if len(producer.inputs) > fold.bias_index else None
     weight_base = old_weight.name or f"{producer.name or producer.op_type}_weight"
     bias_base = old_bias.name if old_bias is not None and old_bias.name else f"{weight_base}_bias"
-    new_weight = _new_initializer(graph, names.fresh(f"{weight_base}__fold_{suffix}"), fold.weight)
-    new_bias = _new_initializer(graph, names.fresh(f"{bias_base}__fold_{suffix}"), fold.bias)
+    new_weight = make_initializer(graph, names, f"{weight_base}__fold_{suffix}", fold.weight)
+    new_bias = make_initializer(graph, names, f"{bias_base}__fold_{suffix}", fold.bias)
     if len(producer.inputs) <= fold.bias_index:
         producer.resize_inputs(fold.bias_index + 1)
     producer.replace_input_with(1, new_weight)

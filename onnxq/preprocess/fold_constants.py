@@ -10,7 +10,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxq.declines import Decline
-from onnxq.graph import node_label
+from onnxq.graph import initializer_value, node_label
 from onnxq.runtime.session import SessionError, make_session, run
 
 __all__ = ["FoldConstantsPass"]
@@ -106,10 +106,7 @@ def _is_live(node: ir.Node) -> bool:
 
 
 def _to_initializer(name: str, array: np.ndarray, like: ir.Value | None = None) -> ir.Value:
-    tensor = ir.Tensor(array, name=name)
-    value = ir.Value(
-        name=name, shape=ir.Shape(array.shape), type=ir.TensorType(tensor.dtype), const_value=tensor
-    )
+    value = initializer_value(name, array)
     if like is not None:
         value.metadata_props.update(like.metadata_props)
     return value
