@@ -174,6 +174,22 @@ def make_initializer(graph: ir.Graph, names: NameScope, base: str, array: np.nda
     return value
 
 
+def take_over(old: ir.Value, new: ir.Value) -> None:
+    """Every use of ``old`` (graph outputs included) reads ``new``, which also takes ``old``'s name.
+
+    ``new`` keeps its own type and shape where it has them and takes ``old``'s where it has none (a
+    graph output must have a type).
+    """
+    name = old.name
+    if new.type is None and old.type is not None and old.dtype is not None:
+        new.type = old.type
+    if new.shape is None and old.shape is not None:
+        new.shape = old.shape
+    old.replace_all_uses_with(new, replace_graph_outputs=True)
+    old.name = None
+    new.name = name
+
+
 def initializer_bytes(model: ir.Model) -> int:
     """Bytes of the main graph's initializers (what a session holds a copy of, at most)."""
     return sum(value.const_value.nbytes for value in model.graph.initializers.values() if value.const_value)

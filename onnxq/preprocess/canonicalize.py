@@ -41,6 +41,7 @@ from onnxq.graph import (
     attr_int,
     const_array,
     make_initializer,
+    take_over,
 )
 
 __all__ = ["DECOMPOSE_RULES", "FLOAT_ISLAND_RULES", "LATE_RULES", "RULES", "SHAPED_RULES", "CanonicalizePass"]
@@ -209,10 +210,7 @@ class _Rule(rules.Rule[_Match, _Context]):
         out = new.outputs[0]
         out.type, out.shape = m.output.type, m.output.shape
         graph.insert_before(m.node, new)
-        name = m.output.name
-        m.output.replace_all_uses_with(out, replace_graph_outputs=True)
-        m.output.name = None
-        out.name = name
+        take_over(m.output, out)
         for node in sorted(m.nodes, key=lambda n: -_position(graph, n)):
             if node.graph is graph and not any(o.uses() or o.is_graph_output() for o in node.outputs):
                 graph.remove(node, safe=True)
@@ -477,11 +475,8 @@ class SumRule(_Rule):
             total.type = m.output.type
             if index < len(m.node.inputs) - 1:
                 total.name = m.ctx.names.fresh(f"{base}_partial{index}")
-        name = m.output.name
         total.shape = m.output.shape
-        m.output.replace_all_uses_with(total, replace_graph_outputs=True)
-        m.output.name = None
-        total.name = name
+        take_over(m.output, total)
         graph.remove(m.node, safe=True)
         return "Add"
 
@@ -566,10 +561,7 @@ class HardSwishDecomposeRule(_Rule):
         gate = node("Clip", [shifted, constant("zero", 0.0), constant("six", 6.0)], "clip")
         product = node("Mul", [m.x, gate], "mul")
         result = node("Mul", [product, constant("sixth", 1.0 / 6.0)], "scale")
-        name = m.output.name
-        m.output.replace_all_uses_with(result, replace_graph_outputs=True)
-        m.output.name = None
-        result.name = name
+        take_over(m.output, result)
         graph.remove(list(reversed(m.nodes)), safe=True)  # readers before producers
         return "HardSwish → Add/Clip/Mul"
 
@@ -629,10 +621,7 @@ class SpatialMeanRule(_Rule):
         graph.insert_before(m.node, squeeze)
         out = squeeze.outputs[0]
         out.type, out.shape = m.output.type, m.output.shape
-        name = m.output.name
-        m.output.replace_all_uses_with(out, replace_graph_outputs=True)
-        m.output.name = None
-        out.name = name
+        take_over(m.output, out)
         graph.remove(m.node, safe=True)
         return self.label
 

@@ -48,7 +48,7 @@ import onnx_ir as ir
 
 from onnxq import rules
 from onnxq.declines import Reason
-from onnxq.graph import attr_float, attr_int, const_array, make_initializer
+from onnxq.graph import attr_float, attr_int, const_array, make_initializer, take_over
 
 __all__ = ["DEFUSE_RULES", "LATE_DEFUSE_RULES", "DefusePass"]
 
@@ -84,18 +84,6 @@ def _like(value: ir.Value, model: ir.Value) -> None:
         value.dtype = model.dtype
 
 
-def _replace_output(old: ir.Value, new: ir.Value) -> None:
-    """Readers of ``old`` read ``new``, which takes over its name, type and shape."""
-    name = old.name
-    if old.type is not None and old.dtype is not None:
-        new.type = old.type
-    if old.shape is not None:
-        new.shape = old.shape
-    old.replace_all_uses_with(new, replace_graph_outputs=True)
-    old.name = None
-    new.name = name
-
-
 def _splice(node: ir.Node, created: list[ir.Node], outputs: dict[int, ir.Value]) -> None:
     """Put ``created`` where ``node`` is; its output ``i`` becomes ``outputs[i]``; remove ``node``."""
     graph = node.graph
@@ -103,9 +91,7 @@ def _splice(node: ir.Node, created: list[ir.Node], outputs: dict[int, ir.Value])
     for new in created:
         graph.insert_before(node, new)
     for index, value in outputs.items():
-        if index:
-            value.name = None  # it takes the name of the output it replaces
-        _replace_output(node.outputs[index], value)
+        take_over(node.outputs[index], value)
     graph.remove(node, safe=True)
 
 

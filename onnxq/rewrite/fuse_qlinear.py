@@ -73,6 +73,7 @@ from onnxq.graph import (
     default_opset,
     make_initializer,
     sole_reader,
+    take_over,
 )
 from onnxq.rules import Kernel
 
@@ -604,22 +605,12 @@ class _Context:
 
     def finish(self, m: Match, new: ir.Value, replaced: ir.Value, *, also: Sequence[ir.Node] = ()) -> None:
         """``new`` takes over the uses and name of ``replaced``; nodes that became dead go."""
-        _take_over(replaced, new)
+        take_over(replaced, new)
         _remove_dead([*(q.node for q in m.outputs if q), *also, m.activation, m.node, *_dq_nodes(m)])
 
 
 def _dq_nodes(m: Match) -> list[ir.Node]:
     return [q.node for q in m.inputs if q is not None]
-
-
-def _take_over(old: ir.Value, new: ir.Value) -> None:
-    """Every use of ``old`` (graph outputs included) reads ``new``, which also takes ``old``'s name."""
-    name = old.name
-    if new.shape is None and old.shape is not None:
-        new.shape = old.shape
-    old.replace_all_uses_with(new, replace_graph_outputs=True)
-    old.name = None
-    new.name = name
 
 
 def _remove_dead(nodes: Sequence[ir.Node | None]) -> None:
@@ -1133,7 +1124,7 @@ class PassThroughRule(Rule):
             if q is not None:
                 assert q.dtype is not None
                 value.type = ir.TensorType(q.dtype)
-                _take_over(q.data, value)
+                take_over(q.data, value)
         _remove_dead([*(q.node for q in m.outputs if q), *_dq_nodes(m)])
         return m.node.op_type
 
