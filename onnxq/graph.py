@@ -174,6 +174,14 @@ def make_initializer(graph: ir.Graph, names: NameScope, base: str, array: np.nda
     return value
 
 
+def trim_inputs(inputs: Sequence[ir.Value | None]) -> list[ir.Value | None]:
+    """``inputs`` without trailing missing optional inputs (what a new node's input list ends with)."""
+    trimmed = list(inputs)
+    while trimmed and trimmed[-1] is None:
+        trimmed.pop()
+    return trimmed
+
+
 def take_over(old: ir.Value, new: ir.Value) -> None:
     """Every use of ``old`` (graph outputs included) reads ``new``, which also takes ``old``'s name.
 

@@ -42,6 +42,7 @@ from onnxq.graph import (
     const_array,
     make_initializer,
     take_over,
+    trim_inputs,
 )
 
 __all__ = ["DECOMPOSE_RULES", "FLOAT_ISLAND_RULES", "LATE_RULES", "RULES", "SHAPED_RULES", "CanonicalizePass"]
@@ -195,15 +196,11 @@ class _Rule(rules.Rule[_Match, _Context]):
         domain, op_type = found
         graph = m.node.graph
         assert graph is not None
-        inputs: list[ir.Value | None] = [m.x]
-        if m.scale is not None or m.bias is not None:
-            inputs += [m.scale, m.bias]
-        while inputs and inputs[-1] is None:
-            inputs.pop()
+        inputs: list[ir.Value | None] = [m.x, m.scale, m.bias]
         new = ir.Node(
             domain,
             op_type,
-            inputs,
+            trim_inputs(inputs),
             self.emit_attributes(m, domain, op_type),
             name=m.ctx.names.fresh(f"{m.node.name or op_type}_{op_type}"),
         )

@@ -48,7 +48,7 @@ import onnx_ir as ir
 
 from onnxq import rules
 from onnxq.declines import Reason
-from onnxq.graph import attr_float, attr_int, const_array, make_initializer, take_over
+from onnxq.graph import attr_float, attr_int, const_array, make_initializer, take_over, trim_inputs
 
 __all__ = ["DEFUSE_RULES", "LATE_DEFUSE_RULES", "DefusePass"]
 
@@ -225,9 +225,7 @@ class AttentionRule(_DefuseRule):
             attributes.append(ir.AttrFloat32("mask_filter_value", attr_float(node, "mask_filter_value", 0.0)))
         if attr_int(node, "unidirectional", 0):
             attributes.append(ir.AttrInt64("unidirectional", 1))
-        inputs: list[ir.Value | None] = [*split.outputs, _given(node, 2), _given(node, 3)]
-        while inputs[-1] is None:
-            inputs.pop()
+        inputs = trim_inputs([*split.outputs, _given(node, 2), _given(node, 3)])
         attention = ir.Node(_MS_DOMAIN, "MultiHeadAttention", inputs, attributes, name=ctx.names.fresh(base))
         _splice(node, [matmul, split, attention], {0: attention.outputs[0]})
         return "fused Attention → MatMul + MultiHeadAttention"
@@ -406,9 +404,7 @@ class _ActivationRule(_DefuseRule):
         assert graph is not None
         base = node.name or node.op_type
         attributes = [a for name, a in node.attributes.items() if name not in self.fused_only]
-        data_inputs = list(node.inputs[:3])
-        while data_inputs and (data_inputs[-1] is None or data_inputs[-1].name == ""):
-            data_inputs.pop()
+        data_inputs = trim_inputs([_given(node, i) for i in range(3)])
         product = ir.Node("", self.product, data_inputs, attributes, name=ctx.names.fresh(base))
         new = [product]
         out = product.outputs[0]

@@ -95,6 +95,7 @@ from onnxq.graph import (
     is_constant,
     is_float,
     make_initializer,
+    trim_inputs,
 )
 from onnxq.qmath import QuantParams, quantize_weight
 from onnxq.rules import Kernel
@@ -423,14 +424,6 @@ def _take_name(old: ir.Value, new: ir.Value) -> None:
         new.name = name
 
 
-def _trim(inputs: Sequence[ir.Value | None]) -> list[ir.Value | None]:
-    """``inputs`` without trailing missing optional inputs."""
-    trimmed = list(inputs)
-    while trimmed and trimmed[-1] is None:
-        trimmed.pop()
-    return trimmed
-
-
 class _Rewriter:
     """Match → check → rewrite for each op type; each handler returns ``None`` or a decline reason."""
 
@@ -681,14 +674,14 @@ class _Rewriter:
         new_nodes: list[ir.Node] = []
         if self.ms_domain and not shared:
             inputs = [a, qw.data, qw.scale, qw.zero_point, bias]
-            fused = self._new_node(MS_DOMAIN, "DynamicQuantizeMatMul", _trim(inputs), base)
+            fused = self._new_node(MS_DOMAIN, "DynamicQuantizeMatMul", trim_inputs(inputs), base)
             new_nodes.append(fused)
             result = fused.outputs[0]
             self.used_ms_domain = True
         elif self.ms_domain:
             a_q, a_scale, a_zero = self._quantize_activation(a, node)
             inputs = [a_q, qw.data, a_scale, qw.scale, a_zero, qw.zero_point, bias]
-            fused = self._new_node(MS_DOMAIN, "MatMulIntegerToFloat", _trim(inputs), base)
+            fused = self._new_node(MS_DOMAIN, "MatMulIntegerToFloat", trim_inputs(inputs), base)
             new_nodes.append(fused)
             result = fused.outputs[0]
             self.used_ms_domain = True

@@ -74,6 +74,7 @@ from onnxq.graph import (
     make_initializer,
     sole_reader,
     take_over,
+    trim_inputs,
 )
 from onnxq.rules import Kernel
 
@@ -587,9 +588,7 @@ class _Context:
 
         The ``primary`` node takes over the name of the node it replaces; helper nodes get fresh names.
         """
-        inputs = list(inputs)
-        while inputs and inputs[-1] is None:
-            inputs.pop()
+        inputs = trim_inputs(inputs)
         base = m.node.name or m.node.op_type
         name = m.node.name if primary and m.node.name else self.names.fresh(f"{base}_{op_type}")
         node = ir.Node(domain, op_type, inputs, attributes, name=name)
