@@ -187,23 +187,30 @@ class RuleTablePass(ir.passes.InPlacePass):
     """A pass that is one rule table over every graph of a model (:func:`apply_rules` at the model's opset).
 
     The preprocessing passes made of rules whose context is a :class:`RewriteContext` (canonical
-    activations, affine folds, slow kernels) differ only in their table and their report stage. After
-    a call, ``rewritten`` counts the rewrites by what they became and ``declined`` lists the matches
-    left as they were, with the reason.
+    activations, affine folds, slow kernels, ONNX Runtime's fusions undone) differ only in their table
+    and their report stage. ``later`` tables are applied after it, in order, each over the graph the
+    ones before left (a rule that must see a node before another rule rewrites it). After a call,
+    ``rewritten`` counts the rewrites by what they became and ``declined`` lists the matches left as
+    they were, with the reason.
     """
 
     #: The stage the declines are reported under.
     stage: Stage = "canonicalize"
 
-    def __init__(self, table: Sequence[Rule[Any, RewriteContext]]) -> None:
+    def __init__(
+        self, table: Sequence[Rule[Any, RewriteContext]], *later: Sequence[Rule[Any, RewriteContext]]
+    ) -> None:
         super().__init__()
         self.table = tuple(table)
+        self.later = tuple(tuple(phase) for phase in later)
         self.rewritten: dict[str, int] = {}
         self.declined: list[Decline] = []
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         ctx = RewriteContext.of(model)
-        outcome = apply_rules(model, self.table, ctx, stage=self.stage, opset=ctx.opset)
+        outcome = RuleOutcome()
+        for table in (self.table, *self.later):
+            outcome.extend(apply_rules(model, table, ctx, stage=self.stage, opset=ctx.opset))
         self.rewritten = dict(outcome.rewritten)
         self.declined = outcome.declines
         return ir.passes.PassResult(model, modified=outcome.modified)

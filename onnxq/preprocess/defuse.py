@@ -505,12 +505,4 @@ class DefusePass(rules.RuleTablePass):
     stage = "canonicalize"
 
     def __init__(self) -> None:
-        super().__init__(DEFUSE_RULES)
-
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
-        ctx = rules.RewriteContext.of(model)
-        outcome = rules.apply_rules(model, self.table, ctx, stage=self.stage, opset=ctx.opset)
-        outcome.extend(rules.apply_rules(model, LATE_DEFUSE_RULES, ctx, stage=self.stage, opset=ctx.opset))
-        self.rewritten = dict(outcome.rewritten)
-        self.declined = outcome.declines
-        return ir.passes.PassResult(model, modified=outcome.modified)
+        super().__init__(DEFUSE_RULES, LATE_DEFUSE_RULES)
