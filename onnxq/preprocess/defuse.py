@@ -179,9 +179,9 @@ class AttentionRule(_DefuseRule):
         if data is None or data.shape is None or len(data.shape) != 3:
             return False
         batch, length = data.shape[0], mask.shape[0]
-        if isinstance(batch, int) and isinstance(length, int):
-            return batch == length
-        return batch is not None and length is not None and batch == length
+        # Two unknown dims compare equal in onnx-ir: only a known size or a named dim proves it.
+        known = isinstance(batch, int) or (isinstance(batch, ir.SymbolicDim) and batch.value is not None)
+        return known and batch == length
 
     def kernel(self, m: _Fused) -> rules.Kernel | None:
         return rules.Kernel("MultiHeadAttention", {0: ir.DataType.FLOAT}, _MS_DOMAIN)

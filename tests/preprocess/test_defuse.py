@@ -216,6 +216,18 @@ def test_a_one_dimensional_mask_of_unknown_length_is_not_taken_for_lengths() -> 
     proto.graph.input[1].type.tensor_type.shape.dim[0].dim_param = "n"
     _, rewrite = defused(proto)
     assert [d.code for d in rewrite.declined] == ["mask_format"]
+    # unknown batch and unknown mask length: equal as onnx-ir dims, yet nothing says they are
+    proto = encoder_block()
+    proto.graph.input[0].type.tensor_type.shape.dim[0].Clear()
+    proto.graph.input[1].type.tensor_type.shape.dim[0].Clear()
+    _, rewrite = defused(proto)
+    assert [d.code for d in rewrite.declined] == ["mask_format"]
+    # the same named dim on both: lengths
+    proto = encoder_block()
+    proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "batch"
+    proto.graph.input[1].type.tensor_type.shape.dim[0].dim_param = "batch"
+    _, rewrite = defused(proto)
+    assert not rewrite.declined
 
 
 def test_preprocess_reports_the_rewrites() -> None:
