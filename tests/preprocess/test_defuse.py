@@ -27,6 +27,23 @@ MS = "com.microsoft"
 BATCH, SEQ, HIDDEN, HEADS = 2, 6, 16, 4
 
 
+def ms_model(
+    name: str,
+    nodes: list[onnx.NodeProto],
+    inputs: list[onnx.ValueInfoProto],
+    outputs: list[onnx.ValueInfoProto],
+    inits: dict[str, np.ndarray],
+    opset: int = 17,
+) -> onnx.ModelProto:
+    """A model of ``nodes`` that imports ``com.microsoft`` next to the default domain at ``opset``."""
+    graph = helper.make_graph(
+        nodes, name, inputs, outputs, [numpy_helper.from_array(a, n) for n, a in inits.items()]
+    )
+    return helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(MS, 1)], ir_version=10
+    )
+
+
 def encoder_block(
     *,
     mask: str | None = "lengths",
@@ -102,16 +119,7 @@ def encoder_block(
                 "present", TensorProto.FLOAT, [2, BATCH, HEADS, SEQ, HIDDEN // HEADS]
             )
         )
-    graph = helper.make_graph(
-        nodes,
-        "encoder_block",
-        inputs,
-        graph_outputs,
-        [numpy_helper.from_array(a, n) for n, a in inits.items()],
-    )
-    return helper.make_model(
-        graph, opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(MS, 1)], ir_version=10
-    )
+    return ms_model("encoder_block", nodes, inputs, graph_outputs, inits, opset)
 
 
 def feed_for(proto: onnx.ModelProto, seed: int) -> dict[str, np.ndarray]:
@@ -289,15 +297,12 @@ def fused_products(activation: str, params: list[float], *, summand: bool, seed:
     inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])]
     if summand:
         inputs.append(helper.make_tensor_value_info("z", TensorProto.FLOAT, [1, 8, 6, 6]))
-    graph = helper.make_graph(
-        nodes,
+    return ms_model(
         "fused_products",
+        nodes,
         inputs,
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
-        [numpy_helper.from_array(a, n) for n, a in inits.items()],
-    )
-    return helper.make_model(
-        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(MS, 1)], ir_version=10
+        inits,
     )
 
 
@@ -393,16 +398,7 @@ def embedding_block(
     graph_outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, [BATCH, SEQ, HIDDEN])]
     if summed:
         graph_outputs.append(helper.make_tensor_value_info("esum", TensorProto.FLOAT, [BATCH, SEQ, HIDDEN]))
-    graph = helper.make_graph(
-        nodes,
-        "embedding_block",
-        inputs,
-        graph_outputs,
-        [numpy_helper.from_array(a, n) for n, a in inits.items()],
-    )
-    return helper.make_model(
-        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(MS, 1)], ir_version=10
-    )
+    return ms_model("embedding_block", nodes, inputs, graph_outputs, inits)
 
 
 @pytest.mark.parametrize(
