@@ -381,17 +381,26 @@ def find_candidates(model: ir.Model, *, depthwise_inputs: bool = False) -> list[
             if maps != {False}:
                 continue
             plan = _producer_plan(value, channels) if len(products) == len(readers) else None
-            divided = [] if plan is None else [n.inputs[i] for n, i, _ in plan[1]]
-            if (
-                plan is not None
-                and id(plan[0]) not in claimed
-                and all(a is not None and len(a.uses()) == 1 for a in divided)
-            ):
-                claimed.add(id(plan[0]))
+            if plan is not None and _claim(plan, claimed):
                 found.append(_Candidate(value, plan[0], products, plan[1]))
                 continue
             found.append(_Candidate(value, None, products, []))
     return found
+
+
+def _claim(plan: tuple[ir.Node, list[tuple[ir.Node, int, int]]], claimed: set[int]) -> bool:
+    """Whether a producer plan may be used, claiming its producer if so.
+
+    Not when another tensor already divides that producer's arrays, nor when an array it would divide
+    is read elsewhere too.
+    """
+    producer, divided = plan
+    if id(producer) in claimed:
+        return False
+    if not all((a := n.inputs[i]) is not None and len(a.uses()) == 1 for n, i, _ in divided):
+        return False
+    claimed.add(id(producer))
+    return True
 
 
 def _map_candidate(
@@ -402,11 +411,8 @@ def _map_candidate(
         return None
     channels = readers[0].channels()
     plan = _conv_producer_plan(value, channels)
-    if plan is not None and id(plan[0]) not in claimed:
-        divided = [plan[0].inputs[i] for _, i, _ in plan[1]]
-        if all(a is not None and len(a.uses()) == 1 for a in divided):
-            claimed.add(id(plan[0]))
-            return _Candidate(value, plan[0], readers, plan[1], axis=1)
+    if plan is not None and _claim(plan, claimed):
+        return _Candidate(value, plan[0], readers, plan[1], axis=1)
     in_front = _Candidate(value, None, readers, [], axis=1)
     return in_front if in_front.depthwise_only else None
 
