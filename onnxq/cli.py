@@ -344,6 +344,32 @@ def _config_from_args(args: argparse.Namespace) -> Any:
         raise OnnxqError(str(exc)) from exc
 
 
+#: Options that shape calibrated ranges (static mode only), with their defaults: a different value
+#: given with ``--mode dynamic`` changes nothing, which the user should hear about.
+_STATIC_ONLY = {
+    "method": ("--method", "minmax"),
+    "percentile": ("--percentile", 99.999),
+    "calib_batch": ("--calib-batch", 1),
+    "activation_type": ("--activation-type", "uint8"),
+    "symmetric_activations": ("--symmetric-activations", False),
+    "equalize": ("--equalize", False),
+    "smooth": ("--no-smooth", True),
+    "equalize_depthwise_inputs": ("--equalize-depthwise-inputs", False),
+    "bias_correction": ("--bias-correction", False),
+}
+
+
+def inapplicable_flags(args: argparse.Namespace) -> list[str]:
+    """The options given that the chosen mode ignores (static-only ones in dynamic mode and back).
+
+    A recovery flag added to a dynamic-mode command would otherwise do nothing without a word.
+    """
+    if getattr(args, "mode", "static") == "dynamic":
+        given = {key: getattr(args, key, default) for key, (_, default) in _STATIC_ONLY.items()}
+        return [flag for key, (flag, default) in _STATIC_ONLY.items() if given[key] != default]
+    return ["--dynamic-conv"] if getattr(args, "dynamic_conv", False) else []
+
+
 def run_optimize(
     model: str,
     output: str,
@@ -372,6 +398,13 @@ def run_optimize(
         outputs={"-o": output, "--report-json": args.report_json},
     )
     config = _config_from_args(args)
+    unused = inapplicable_flags(args)
+    if unused and not args.quiet:
+        print(
+            f"onnxq: note: {', '.join(unused)} {'has' if len(unused) == 1 else 'have'} no effect with "
+            f"--mode {args.mode}",
+            file=sys.stderr,
+        )
     from onnxq.runtime.session import resolve_providers
 
     providers = resolve_providers(args.provider)  # calibration runs on the same provider

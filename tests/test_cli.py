@@ -464,6 +464,27 @@ def test_no_validate_skips_accuracy(cli: CliRunner, model_path: Path, calib_npz:
     assert report["quantized_op_types"] == {"Conv": 1}
 
 
+def test_options_the_mode_ignores_are_named(
+    cli: CliRunner, model_path: Path, calib_npz: Path, out_dir: Path
+) -> None:
+    code, _, err = cli(
+        "optimize", model_path, "-o", out_dir / "d.onnx", "--mode", "dynamic", "--dynamic-conv",
+        "--no-validate", "--equalize", "--bias-correction", "--method", "entropy",
+    )  # fmt: skip
+    assert code == 0, err
+    assert "note: --method, --equalize, --bias-correction have no effect with --mode dynamic" in err
+    code, _, err = cli(
+        "optimize", model_path, "-o", out_dir / "s.onnx", "--calib", calib_npz, "--dynamic-conv", *FAST
+    )
+    assert code == 0, err
+    assert "note: --dynamic-conv has no effect with --mode static" in err
+    code, _, err = cli(
+        "optimize", model_path, "-o", out_dir / "p.onnx", "--mode", "dynamic", "--dynamic-conv",
+        "--no-validate",
+    )  # fmt: skip
+    assert code == 0 and "no effect" not in err
+
+
 def test_quiet_prints_nothing(cli: CliRunner, model_path: Path, calib_npz: Path, out_dir: Path) -> None:
     code, out, err = cli(
         "optimize", model_path, "-o", out_dir / "q.onnx", "--calib", calib_npz, "--quiet", *FAST
