@@ -31,6 +31,8 @@ class AccuracyRow:
     samples: int
     #: Feeds on which the output's length differed from float's (compared zero-padded).
     length_changes: int = 0
+    #: Whether padded positions (attention mask 0) were left out of this per-token output's figures.
+    padding_excluded: bool = False
 
 
 @dataclass
@@ -186,6 +188,12 @@ class QuantReport:
                 for row in self.accuracy
                 if row.length_changes
             )
+            padded = [repr(row.output) for row in self.accuracy if row.padding_excluded]
+            if padded:
+                parts.append(
+                    f"{', '.join(padded)}: compared on real tokens only (positions where the feed's "
+                    "attention mask is 0 are padding, which nothing reads)"
+                )
             if self.large_loss:
                 names = ", ".join(repr(row.output) for row in self.large_loss)
                 parts.append(

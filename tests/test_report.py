@@ -134,3 +134,14 @@ def test_a_repeated_warning_is_printed_once(capsys: pytest.CaptureFixture[str]) 
     finally:
         log.removeHandler(handler)
     assert capsys.readouterr().err.splitlines() == ["attribute is not UTF-8", "another"]
+
+
+def test_outputs_compared_without_padding_say_so() -> None:
+    rows = [
+        AccuracyRow("hidden", 25.0, 0.998, 0.1, None, 4, padding_excluded=True),
+        AccuracyRow("pooled", 30.0, 0.999, 0.01, None, 4),
+    ]
+    text = _report(accuracy=rows).format_table()
+    (note,) = [line for line in text.splitlines() if "real tokens only" in line]
+    assert note.startswith("'hidden': compared on real tokens only") and "pooled" not in note
+    assert json.loads(_report(accuracy=rows).to_json())["accuracy"][0]["padding_excluded"] is True

@@ -228,7 +228,16 @@ class QuantizationResult:
         self.report.provider = providers[0]
         self.report.accuracy_opt_level = "ORT_ENABLE_ALL"
         self.report.accuracy = [
-            AccuracyRow(s.name, s.sqnr_db, s.cosine, s.max_abs_error, s.top1, s.samples, s.length_changes)
+            AccuracyRow(
+                s.name,
+                s.sqnr_db,
+                s.cosine,
+                s.max_abs_error,
+                s.top1,
+                s.samples,
+                s.length_changes,
+                s.padding_excluded,
+            )
             for s in stats
         ]
 

@@ -39,7 +39,7 @@ import onnx_ir as ir
 from onnxq.data import Feeds, input_specs, load_feeds
 from onnxq.errors import OnnxqError
 from onnxq.runtime.session import OptLevel, open_model, run
-from onnxq.validate.metrics import OutputStats
+from onnxq.validate.metrics import OutputStats, padding_mask
 
 __all__ = [
     "METRICS",
@@ -148,15 +148,20 @@ class AccuracyTarget:
         reference_outputs: Iterable[Sequence[np.ndarray]],
         candidate_outputs: Iterable[Sequence[np.ndarray]],
         names: Sequence[str] | None = None,
+        masks: Iterable[np.ndarray | None] | None = None,
     ) -> float:
         """Score the candidate's outputs against the reference's, over all outputs of all feeds.
 
         Both arguments yield, per feed, the list of model outputs in the same order; they are consumed
-        in step and never held whole (generators are fine). ``names`` labels outputs in messages.
+        in step and never held whole (generators are fine). ``names`` labels outputs in messages;
+        ``masks`` yields each feed's padding mask (:func:`~onnxq.validate.metrics.padding_mask`), so
+        that per-token outputs are scored on real tokens only, as the report compares them.
         """
         stats: list[OutputStats] = []
         pairs = itertools.zip_longest(reference_outputs, candidate_outputs)
+        keeps = iter(masks) if masks is not None else itertools.repeat(None)
         for feed, (ref, cand) in enumerate(pairs):
+            keep = next(keeps, None)
             if ref is None or cand is None:
                 which = "candidate" if cand is None else "reference"
                 raise OnnxqError(
@@ -172,7 +177,7 @@ class AccuracyTarget:
                 )
             for stat, r, c in zip(stats, ref, cand, strict=True):
                 try:
-                    stat.update(r, c)
+                    stat.update(r, c, keep)
                 except ValueError as exc:
                     raise OnnxqError(str(exc)) from exc
         return self.score_stats(stats)
@@ -319,7 +324,8 @@ class TargetEvaluator:
         if missing:
             raise OnnxqError(f"candidate model lacks output(s) {', '.join(missing)} of the float model")
         candidate = (run(session, feed, self.output_names) for feed in self.feeds)
-        return target.score(self._reference_outputs(), candidate, self.output_names)
+        masks = (padding_mask(feed) for feed in self.feeds)
+        return target.score(self._reference_outputs(), candidate, self.output_names, masks)
 
     def _reference_outputs(self) -> Iterable[list[np.ndarray]]:
         if self._cache is not None:

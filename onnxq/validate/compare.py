@@ -28,7 +28,7 @@ from onnxq.data import Feeds
 from onnxq.errors import OnnxqError
 from onnxq.runtime.latency import measure_latency
 from onnxq.runtime.session import OptLevel, make_session, run
-from onnxq.validate.metrics import OutputStats, output_stats
+from onnxq.validate.metrics import OutputStats, output_stats, padding_mask
 
 __all__ = ["ModelComparison", "compare_models_table", "comparison_to_dict", "format_comparison"]
 
@@ -154,6 +154,7 @@ def _accuracy(
             reference = [_as_float32(a) for a in run(sessions[0], feed, names)]
         except OnnxqError as exc:
             raise OnnxqError(f"{paths[0]}: {exc}") from exc
+        keep = padding_mask(feed)
         for path, session, model_stats in zip(paths[1:], sessions[1:], stats, strict=True):
             try:
                 actual = run(session, feed, names)
@@ -161,7 +162,7 @@ def _accuracy(
                 raise OnnxqError(f"{path}: {exc}") from exc
             for stat, ref, act in zip(model_stats, reference, actual, strict=True):
                 try:
-                    stat.update(ref, _as_float32(act))
+                    stat.update(ref, _as_float32(act), keep)
                 except (ValueError, TypeError) as exc:
                     raise OnnxqError(f"{path}: {exc}") from exc
     if first is None:
@@ -230,6 +231,7 @@ def compare_models_table(
                     "cosine": s.cosine,
                     "max_abs_error": s.max_abs_error,
                     "top1": s.top1,
+                    "padding_excluded": s.padding_excluded,
                 }
                 for s in stats[index - 1]
             ]
@@ -323,6 +325,9 @@ def format_comparison(rows: Sequence[ModelComparison]) -> str:
     body = tabulate(
         table, headers=headers, tablefmt="simple_outline", disable_numparse=True, colalign=colalign
     )
+    padded = sorted({str(o["name"]) for r in rows for o in r.outputs if o.get("padding_excluded")})
+    if padded:
+        body += f"\n{', '.join(map(repr, padded))}: compared on real tokens only (attention mask 1)"
     return f"{title}:\n{body}"
 
 

@@ -11,6 +11,10 @@ Conventions, chosen so that a report never shows an exception for a legal input:
 - SQNR is ``10·log10(Σ ref² / Σ (ref − act)²)`` in dB: ``inf`` when the arrays are identical (even
   when both are zero), ``-inf`` when the reference is all zero but the candidate is not.
 - Cosine similarity of flattened arrays is 1.0 when both are zero and 0.0 when only one is.
+- Padding is not output: when the feed has an attention mask (:func:`padding_mask`), a per-token output
+  (``[batch, seq, ...]``) is compared on the positions the mask keeps. A transformer's hidden states at
+  padded positions are computed but read by nobody, and their quantization error is larger (all-mpnet-base:
+  12 dB SQNR there, 18 dB on the tokens), so counting them reports a loss that no user sees.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ __all__ = [
     "looks_like_class_scores",
     "max_abs_error",
     "output_stats",
+    "padding_mask",
     "sqnr_db",
     "top1_agreement",
     "worst_sqnr_db",
@@ -180,6 +185,26 @@ def top1_agreement(reference: npt.ArrayLike, actual: npt.ArrayLike) -> float:
     return float(np.mean(same))
 
 
+#: Input names that hold a padding mask, by the Hugging Face and TensorFlow BERT conventions.
+PADDING_MASK_INPUTS = ("attention_mask", "input_mask")
+
+
+def padding_mask(feed: Mapping[str, Any]) -> np.ndarray | None:
+    """The ``[batch, seq]`` boolean mask of real (non-padding) tokens in ``feed``, or None.
+
+    From an input named as in :data:`PADDING_MASK_INPUTS` that is 2-D, integer or boolean, and holds only
+    0 and 1 with at least one 0 (a mask of ones hides nothing).
+    """
+    for name in PADDING_MASK_INPUTS:
+        mask = feed.get(name)
+        if not isinstance(mask, np.ndarray) or mask.ndim != 2 or mask.dtype.kind not in "iub":
+            continue
+        if mask.size and bool(np.all((mask == 0) | (mask == 1))) and not bool(np.all(mask)):
+            keep: np.ndarray = mask.astype(bool)
+            return keep
+    return None
+
+
 def fixed_last_axis(shape: Sequence[int | str | None] | None) -> bool:
     """Whether an output's declared shape (as ONNX Runtime lists it) may end in a class axis.
 
@@ -248,6 +273,8 @@ class OutputStats:
       a ``class_axis=False`` output (its last dimension is symbolic in the graph, see
       :func:`fixed_last_axis`), or one whose last axis changed length between updates, has no top-1.
     - ``samples`` counts updates (feeds), not rows.
+    - With a padding mask (``keep`` in :meth:`update`), a per-token output counts only the positions it
+      keeps; ``padding_excluded`` says whether that happened.
     """
 
     name: str
@@ -265,8 +292,9 @@ class OutputStats:
     _samples: int = field(default=0, init=False, repr=False)
     _exact: bool = field(default=False, init=False, repr=False)
     _length_changes: int = field(default=0, init=False, repr=False)
+    padding_excluded: bool = field(default=False, init=False)
 
-    def update(self, reference: np.ndarray, actual: np.ndarray) -> None:
+    def update(self, reference: np.ndarray, actual: np.ndarray, keep: np.ndarray | None = None) -> None:
         """Add one pair of outputs; raises ValueError when their ranks differ.
 
         Outputs of labels or indices (strings, integers, booleans) are compared *exactly*: the share of
@@ -277,8 +305,23 @@ class OutputStats:
         detector that kept another number of boxes) are a result, not an error: both are padded with
         zeros (empty strings, ``False``) to the larger length on each axis, so the missing or extra part
         counts as error, and :attr:`length_changes` counts such feeds.
+
+        ``keep`` (a ``[batch, seq]`` boolean padding mask, :func:`padding_mask`) selects the positions of
+        an output whose leading axes are exactly those (and that has more: a per-token vector); other
+        outputs ignore it.
         """
         ref_array, act_array = as_array(reference), as_array(actual)
+        # Judged on the output as the model gives it: [batch, seq, hidden] holds no classes, though its
+        # real-token rows [tokens, hidden] would pass for a batch of score vectors.
+        class_scores = looks_like_class_scores(ref_array)
+        if (
+            keep is not None
+            and ref_array.shape == act_array.shape
+            and ref_array.ndim > keep.ndim
+            and ref_array.shape[: keep.ndim] == keep.shape
+        ):
+            ref_array, act_array = ref_array[keep], act_array[keep]
+            self.padding_excluded = True
         if ref_array.shape != act_array.shape and ref_array.ndim == act_array.ndim:
             ref_array, act_array = (
                 _padded_to_common(ref_array, act_array),
@@ -315,7 +358,7 @@ class OutputStats:
                 self.class_axis = False  # a length that varies is no class count
                 self._top1_matches = self._top1_rows = 0
             self._classes = ref_array.shape[-1]
-        if self.class_axis and looks_like_class_scores(ref_array):
+        if self.class_axis and class_scores:
             same = np.argmax(ref, axis=-1) == np.argmax(act, axis=-1)
             self._top1_matches += int(np.sum(same))
             self._top1_rows += int(same.size)
@@ -376,6 +419,7 @@ class OutputStats:
             "max_abs_error": self.max_abs_error,
             "top1": self.top1,
             "length_changes": self.length_changes,
+            "padding_excluded": self.padding_excluded,
         }
 
 
@@ -431,9 +475,10 @@ def compare_models(
             cand_out = run(cand_session, feed, names)
         except OnnxqError as exc:
             raise OnnxqError(f"candidate model: {exc}") from exc
+        keep = padding_mask(feed)
         for stat, ref, act in zip(stats, ref_out, cand_out, strict=True):
             try:
-                stat.update(ref, act)
+                stat.update(ref, act, keep)
             except ValueError as exc:
                 raise OnnxqError(str(exc)) from exc
     if stats and stats[0].samples == 0:

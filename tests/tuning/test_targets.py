@@ -293,6 +293,19 @@ def test_score_consumes_generators() -> None:
     assert AccuracyTarget("sqnr", 0.0).score(ref, cand) == pytest.approx(40.0, abs=1e-4)
 
 
+def test_score_leaves_padded_positions_out() -> None:
+    """The target scores per-token outputs on real tokens, as the report compares them."""
+    rng = np.random.default_rng(2)
+    data = [rng.standard_normal((1, 6, 8)).astype(np.float32) for _ in range(3)]
+    noisy = [d.copy() for d in data]
+    for n in noisy:
+        n[:, 3:] += 1.0  # error only at the padded positions
+    keep = np.array([[True] * 3 + [False] * 3])
+    target = AccuracyTarget("sqnr", 0.0)
+    assert target.score(([d] for d in data), ([n] for n in noisy), masks=[keep] * 3) == math.inf
+    assert target.score(([d] for d in data), ([n] for n in noisy)) < 10.0
+
+
 def test_score_nan_anywhere_gives_nan() -> None:
     good = np.ones((2, 3), np.float32)
     bad = good.copy()

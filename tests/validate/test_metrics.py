@@ -19,6 +19,7 @@ from onnxq.validate.metrics import (
     fixed_last_axis,
     looks_like_class_scores,
     max_abs_error,
+    padding_mask,
     sqnr_db,
     top1_agreement,
     worst_sqnr_db,
@@ -234,6 +235,7 @@ def test_output_stats_not_class_scores_has_no_top1(rng: np.random.Generator) -> 
         "max_abs_error": stats.max_abs_error,
         "top1": None,
         "length_changes": 0,
+        "padding_excluded": False,
     }
 
 
@@ -404,3 +406,58 @@ def test_worst_sqnr_over_a_models_outputs() -> None:
     # an infinite error is the worst score, not a math domain error
     assert sqnr_db([1.0, 2.0], [1.0, np.inf]) == -math.inf
     assert worst_sqnr_db(ref[2:], ref[2:]) == math.inf  # no float output: nothing to lose
+
+
+# --- padding masks -------------------------------------------------------------------------------
+
+
+def test_padding_mask_from_the_attention_mask_input() -> None:
+    mask = np.array([[1, 1, 0, 0], [1, 1, 1, 0]], dtype=np.int64)
+    keep = padding_mask({"input_ids": np.zeros((2, 4), np.int64), "attention_mask": mask})
+    assert keep is not None and keep.dtype == bool
+    assert keep.tolist() == mask.astype(bool).tolist()
+    assert padding_mask({"input_mask": mask.astype(np.int32)}) is not None
+    # nothing to hide, not 0/1, not 2-D, floating point, another name: no mask
+    assert padding_mask({"attention_mask": np.ones((2, 4), np.int64)}) is None
+    assert padding_mask({"attention_mask": np.array([[1, 2, 0]])}) is None
+    assert padding_mask({"attention_mask": np.array([1, 1, 0])}) is None
+    assert padding_mask({"attention_mask": mask.astype(np.float32)}) is None
+    assert padding_mask({"mask": mask}) is None
+
+
+def test_padded_positions_do_not_count(rng: np.random.Generator) -> None:
+    """Per-token outputs are compared on real tokens; other outputs and unmasked feeds as before."""
+    ref = rng.standard_normal((2, 6, 16)).astype(np.float32)
+    act = ref + 1e-3 * rng.standard_normal(ref.shape).astype(np.float32)
+    act[:, 4:] += 5.0  # garbage at the padded positions only
+    keep = np.zeros((2, 6), bool)
+    keep[:, :4] = True
+    masked, plain = OutputStats("hidden"), OutputStats("hidden")
+    masked.update(ref, act, keep)
+    plain.update(ref, act)
+    assert masked.padding_excluded and not plain.padding_excluded
+    assert masked.sqnr_db == pytest.approx(sqnr_db(ref[:, :4], act[:, :4]))
+    assert masked.sqnr_db > 55.0 > 10.0 > plain.sqnr_db
+    assert masked.top1 is None  # [batch, seq, hidden] holds no classes, masked or not
+    pooled = OutputStats("pooled")  # [batch, hidden]: not per token, the mask does not apply
+    pooled.update(ref[:, 0], act[:, 5], keep)
+    assert not pooled.padding_excluded
+    assert pooled.sqnr_db == pytest.approx(sqnr_db(ref[:, 0], act[:, 5]))
+
+
+def test_compare_models_leaves_padding_out() -> None:
+    model = model_bytes(
+        "g (float[B, S, 4] x, int64[B, S] attention_mask) => (float[B, S, 4] y) { y = Identity(x) }"
+    )
+    noisy = model_bytes(
+        "g (float[B, S, 4] x, int64[B, S] attention_mask) => (float[B, S, 4] y) {"
+        " m = Cast<to = 1>(attention_mask)\n one = Constant<value = float[1] {1.0}>()\n"
+        " pad = Sub(one, m)\n axes = Constant<value = int64[1] {2}>()\n"
+        " padu = Unsqueeze(pad, axes)\n y = Add(x, padu) }"
+    )
+    x = np.ones((1, 5, 4), np.float32)
+    mask = np.array([[1, 1, 1, 0, 0]], np.int64)
+    (stats,) = compare_models(model, noisy, [{"x": x, "attention_mask": mask}])
+    assert stats.padding_excluded and stats.sqnr_db == math.inf  # error only where the mask is 0
+    (stats,) = compare_models(model, noisy, [{"x": x, "attention_mask": np.ones_like(mask)}])
+    assert not stats.padding_excluded and stats.sqnr_db == math.inf
