@@ -534,15 +534,25 @@ def minilm_dir() -> Path:
     return folder
 
 
-@functools.lru_cache(maxsize=1)
-def _tokenizer() -> Any:
+@functools.lru_cache(maxsize=4)
+def _tokenizer(folder: str | None = None) -> Any:
+    """The tokenizer saved in a sentence-transformers model folder (MiniLM's by default)."""
     _set_offline()
     import transformers
 
-    return transformers.AutoTokenizer.from_pretrained(str(minilm_dir()), local_files_only=True)
+    return transformers.AutoTokenizer.from_pretrained(folder or str(minilm_dir()), local_files_only=True)
 
 
 def _minilm_spec() -> _Spec:
+    return sentence_encoder_spec(minilm_dir())
+
+
+def sentence_encoder_spec(folder: Path) -> _Spec:
+    """A sentence-transformers model folder (config, tokenizer, safetensors) as an exportable module.
+
+    Its Hugging Face encoder with mean pooling over the attention mask, the first two modules of
+    every sentence-transformers mean-pooling model (the last one, L2 normalisation, changes no cosine).
+    """
     _set_offline()
     import torch
     import transformers
@@ -564,10 +574,10 @@ def _minilm_spec() -> _Spec:
     transformers.utils.logging.disable_progress_bar()
     torch.manual_seed(0)
     encoder = transformers.AutoModel.from_pretrained(
-        str(minilm_dir()), local_files_only=True, attn_implementation="eager", dtype=torch.float32
+        str(folder), local_files_only=True, attn_implementation="eager", dtype=torch.float32
     )
     model = MiniLMWithPooling(encoder).eval()
-    example = minilm_feeds(load_sentences()[:2], seq_len=16, batch=2)[0]
+    example = minilm_feeds(load_sentences()[:2], seq_len=16, batch=2, folder=folder)[0]
     axes = {0: "batch", 1: "seq"}
     return _Spec(
         module=model,
@@ -738,14 +748,17 @@ def load_sentences(path: str | os.PathLike[str] = SENTENCES_PATH) -> list[str]:
     return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
 
 
-def minilm_feeds(sentences: Sequence[str], seq_len: int = 128, batch: int = 1) -> list[Feed]:
+def minilm_feeds(
+    sentences: Sequence[str], seq_len: int = 128, batch: int = 1, *, folder: Path | None = None
+) -> list[Feed]:
     """Tokenised MiniLM feeds: ``batch`` sentences each, padded/truncated to ``seq_len`` tokens, int64.
 
-    The last feed is smaller when ``len(sentences)`` is not a multiple of ``batch``.
+    The last feed is smaller when ``len(sentences)`` is not a multiple of ``batch``. ``folder``: another
+    sentence-transformers model's folder, whose tokenizer is used instead.
     """
     if seq_len < 2 or batch < 1:
         raise ValueError(f"need seq_len >= 2 and batch >= 1, got {seq_len} and {batch}")
-    tokenizer = _tokenizer()
+    tokenizer = _tokenizer(None if folder is None else str(folder))
     feeds: list[Feed] = []
     for start in range(0, len(sentences), batch):
         encoded = tokenizer(

