@@ -82,6 +82,8 @@ ALPHAS = (0.25, 0.5, 0.65, 0.8, 0.9)
 DEPTHWISE_ALPHAS = (*ALPHAS, 1.0)
 #: Rows of each candidate tensor kept to score the strengths (spread over the calibration batches).
 SAMPLE_ROWS = 512
+#: Output channels per reader that a strength is scored on (:meth:`_Reader.probe`).
+SCORED_OUTPUTS = 256
 #: Calibration batches the statistics pass runs at most.
 MAX_BATCHES = 32
 #: ... when every candidate is a feature map (one row per pixel: a few samples show plenty of rows).
@@ -184,18 +186,46 @@ class _Reader:
         per_channel: np.ndarray = per_index.reshape(-1, self.multiplier()).max(axis=1)
         return per_channel
 
+    @property
+    def output_axis(self) -> int:
+        """The stored weight's output-channel axis, which it is quantized along.
+
+        MatMul's last, a Gemm's by ``transB``, a Conv's 0.
+        """
+        return {"rows": 1, "columns": 0}.get(self.kind, 0)
+
     def rounded(self, s: np.ndarray) -> np.ndarray:
         """The weight multiplied by ``s`` along its input channels, int8-rounded as quantization will.
 
-        Per output channel: MatMul's last axis, a Gemm's by ``transB``, a Conv's axis 0.
+        Per output channel (:attr:`output_axis`).
         """
         w = self.weight()
         shape = [1] * w.ndim
         shape[self.input_axis] = -1
         scaled = w * self.factor(s).astype(np.float32).reshape(shape)
-        output_axis = {"rows": 1, "columns": 0}.get(self.kind, 0)
-        q, params = quantize_weight(scaled, "int8", True, axis=output_axis)
+        q, params = quantize_weight(scaled, "int8", True, axis=self.output_axis)
         return np.asarray(dequantize(q, params), np.float32)
+
+    def probe(self, exact: np.ndarray, outputs: int) -> tuple[_Reader, np.ndarray]:
+        """This reader restricted to its ``outputs`` strongest output channels, and their ``exact`` products.
+
+        ``exact``: :meth:`products` of the scored rows with the float weight. The channels kept are those
+        whose products carry the most energy: the squared error of the others is smaller in proportion
+        (a transformer's few massive hidden dimensions dominate it), so the kept ones rank the strengths
+        as all would, for a fraction of the products (MPNet-base's 768x3072 MatMuls: 12x fewer; scoring
+        was 70 % of its quantization time). Weights are quantized per output channel, so each kept
+        channel rounds exactly as in the whole weight. A depthwise Conv's channels are its inputs': it is
+        scored whole.
+        """
+        w = self.weight()
+        total = w.shape[self.output_axis]
+        if self.kind == "depthwise" or total <= outputs:
+            return self, exact
+        per_channel = exact.reshape(exact.shape[0], total, -1)  # products are laid out channel-major
+        energy = np.einsum("rct,rct->c", per_channel, per_channel, dtype=np.float64)
+        kept = np.sort(np.argsort(-energy, kind="stable")[:outputs])
+        probe = _Reader(self.node, self.kind, np.take(w, kept, axis=self.output_axis))
+        return probe, np.ascontiguousarray(per_channel[:, kept].reshape(exact.shape[0], -1))
 
     def products(self, x: np.ndarray, w: np.ndarray) -> np.ndarray:
         """Every product the reader forms from rows ``x`` ``[n, channels]`` with weight ``w`` (stored layout).
@@ -606,15 +636,17 @@ def _choose_scale(stat: _Stats, candidate: _Candidate) -> tuple[float, np.ndarra
     fit, score = _split(stat)
     if fit.shape[0] == 0 or score.shape[0] == 0:
         return 0.0, None
-    readers = candidate.readers
     low, high = fit.min(axis=0), fit.max(axis=0)
     act = np.maximum(np.abs(stat.low), np.abs(stat.high))
-    wmax = np.max(np.stack([r.input_ranges() for r in readers]), axis=0)
+    wmax = np.max(np.stack([r.input_ranges() for r in candidate.readers]), axis=0)
     live = (act > 0) & (wmax > 0)
     widen = candidate.depthwise_only
     best_alpha, best_s = 0.0, None
     score = score.astype(np.float32)
-    exact = [r.products(score, r.weight().astype(np.float32)) for r in readers]
+    full = [r.products(score, r.weight().astype(np.float32)) for r in candidate.readers]
+    probes = [r.probe(products, SCORED_OUTPUTS) for r, products in zip(candidate.readers, full, strict=True)]
+    readers = [reader for reader, _ in probes]
+    exact = [products for _, products in probes]
     best = _error(score, low, high, readers, exact, np.ones_like(act))
     for alpha in DEPTHWISE_ALPHAS if widen else ALPHAS:
         with np.errstate(divide="ignore", invalid="ignore"):

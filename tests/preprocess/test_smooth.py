@@ -555,3 +555,42 @@ def test_an_overridable_weight_is_no_reader() -> None:
     w2 = next(t for t in proto.graph.initializer if t.name == "W2")
     proto.graph.input.append(onnx.helper.make_tensor_value_info("W2", onnx.TensorProto.FLOAT, list(w2.dims)))
     assert find_candidates(ir.from_proto(proto)) == []
+
+
+WIDE_READERS = """
+wide (float[2, 6, 16] x, float[5, 16] z) => (float[2, 6, 300] y, float[5, 300] g) {
+    n = LayerNormalization <axis = -1> (x, gamma, beta)
+    y = MatMul (n, W)
+    h = Gemm <transB = 1> (z, G1, c1)
+    r = Relu (h)
+    g = Gemm <transB = 1> (r, G2)
+}
+"""
+
+
+def test_strengths_are_scored_on_the_strongest_output_channels() -> None:
+    """A reader with more than SCORED_OUTPUTS output channels is scored on its strongest ones: each
+    rounds as in the whole weight (per-channel scales), and their products are the full ones' columns."""
+    from onnxq.preprocess import smooth
+
+    arrays = builders.normal_arrays(5, W=(16, 300), G1=(16, 16), c1=(16,), G2=(300, 16))
+    arrays["W"][:, [7, 250]] *= 20.0  # two massive output channels
+    arrays["G2"][[3, 299]] *= 20.0
+    gamma, beta = np.ones(16, np.float32), np.zeros(16, np.float32)
+    model = ir.from_proto(builders.parse(WIDE_READERS, {**arrays, "gamma": gamma, "beta": beta}))
+    readers = [r for c in find_candidates(model) for r in c.readers]
+    assert sorted(r.kind for r in readers) == ["columns", "rows"]
+    rng = np.random.default_rng(0)
+    s = rng.uniform(0.5, 2.0, 16)
+    for reader, massive in zip(sorted(readers, key=lambda r: r.kind), ({3, 299}, {7, 250}), strict=True):
+        rows = rng.standard_normal((40, 16)).astype(np.float32)
+        full = reader.products(rows, reader.weight())
+        energy = np.square(full.astype(np.float64)).sum(axis=0)  # one product column per output channel
+        kept = np.sort(np.argsort(-energy)[:32])
+        assert massive <= set(kept.tolist())
+        probe, exact = reader.probe(full, 32)
+        axis = reader.output_axis
+        np.testing.assert_array_equal(probe.weight(), np.take(reader.weight(), kept, axis=axis))
+        np.testing.assert_array_equal(exact, full[:, kept])
+        np.testing.assert_array_equal(probe.rounded(s), np.take(reader.rounded(s), kept, axis=axis))
+        assert reader.probe(full, smooth.SCORED_OUTPUTS + 300)[0] is reader  # narrow enough: whole
