@@ -85,7 +85,8 @@ def _add_quant_options(parser: argparse.ArgumentParser) -> None:
         choices=("static", "dynamic"),
         default="static",
         help="static: calibrated activation ranges (needs --calib); dynamic: int8 weights, activations "
-        "quantized at run time (transformers, LSTMs; no data needed). Default static",
+        "quantized at run time (transformers, LSTMs; no data needed, though --calib data lets outlier "
+        "smoothing run first). Default static",
     )
     scheme.add_argument(
         "--format",
@@ -233,8 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
         help=(
             "calibration data (static mode): an .npz with one array per graph input (samples stacked on a "
             "new leading axis, or split along a dynamic batch axis 0), a directory of .npz files (one "
-            "feed each), or 'random' (smoke tests only). Not needed with --mode dynamic or for models "
-            "that already hold QuantizeLinear/DequantizeLinear"
+            "feed each), or 'random' (smoke tests only). Optional with --mode dynamic (then used for "
+            "outlier smoothing and as evaluation data); not needed for models that already hold "
+            "QuantizeLinear/DequantizeLinear"
         ),
     )
     _add_quant_options(optimize)
@@ -345,7 +347,8 @@ def _config_from_args(args: argparse.Namespace) -> Any:
 
 
 #: Options that shape calibrated ranges (static mode only), with their defaults: a different value
-#: given with ``--mode dynamic`` changes nothing, which the user should hear about.
+#: given with ``--mode dynamic`` changes nothing, which the user should hear about. (Outlier smoothing
+#: applies in dynamic mode too, when --calib data is given.)
 _STATIC_ONLY = {
     "method": ("--method", "minmax"),
     "percentile": ("--percentile", 99.999),
@@ -353,7 +356,6 @@ _STATIC_ONLY = {
     "activation_type": ("--activation-type", "uint8"),
     "symmetric_activations": ("--symmetric-activations", False),
     "equalize": ("--equalize", False),
-    "smooth": ("--no-smooth", True),
     "equalize_depthwise_inputs": ("--equalize-depthwise-inputs", False),
     "bias_correction": ("--bias-correction", False),
 }

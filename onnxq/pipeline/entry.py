@@ -103,8 +103,8 @@ def quantize(
         feeds = _reference_feeds(ir_model, calibration_data)
     elif config.mode == "dynamic":
         _check_config_names(config, input_names, ir_model)
-        summary = quantize_dynamic(ir_model, config, label=label)
         feeds = _reference_feeds(ir_model, calibration_data)
+        summary = quantize_dynamic(ir_model, config, label=label, feeds=feeds, providers=providers)
     else:
         _check_config_names(config, input_names, ir_model)
         static, summary = quantize_static(

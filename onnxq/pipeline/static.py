@@ -29,7 +29,7 @@ from onnxq.plan.planner import plan_quantization
 from onnxq.preprocess.smooth import smooth_outliers
 from onnxq.rewrite.dynamic_quant import StaticLeftoversPass
 
-__all__ = ["nothing_to_quantize", "quantize_static"]
+__all__ = ["explained_on_random_data", "nothing_to_quantize", "quantize_static"]
 
 
 #: Integer ops that quantization tools write (ONNX Runtime's dynamic and QOperator forms): a model
@@ -70,7 +70,7 @@ def nothing_to_quantize(model: ir.Model, label: str, declines: Sequence[Decline]
 
 
 @contextlib.contextmanager
-def _explained_on_random_data(feeds: Feeds) -> Iterator[None]:
+def explained_on_random_data(feeds: Feeds) -> Iterator[None]:
     """Make an ONNX Runtime failure on ``--calib random`` feeds say that real inputs are needed.
 
     The float model fails on them itself (a length of 16 where it needs 64, say), not onnxq's rewrite.
@@ -132,7 +132,7 @@ def quantize_static(
     start = time.perf_counter()
     notes: list[str] = []
     if config.smooth or config.equalize_depthwise_inputs:
-        with _explained_on_random_data(feeds):
+        with explained_on_random_data(feeds):
             smoothing = smooth_outliers(
                 model,
                 feeds,
@@ -156,7 +156,7 @@ def quantize_static(
         # After a re-plan only tensors no earlier round observed are calibrated: the model is the same,
         # so a tensor's range under the same scheme is too.
         missing = [v for v in observed if auto or (v.name or "", schemes[v]) not in known]
-        with _explained_on_random_data(feeds):
+        with explained_on_random_data(feeds):
             calibration = collect_ranges(
                 model,
                 missing,

@@ -99,6 +99,24 @@ def test_smoothing_recovers_the_outlier_chain() -> None:
     assert scores[True] >= scores[False] + 15.0
 
 
+def test_dynamic_mode_smooths_when_data_is_given() -> None:
+    """Run-time ranges have the outliers too: with data, dynamic mode smooths first; without, it cannot."""
+    proto = builders.outlier_chain_model((1, 2, 3, 4, 5))
+    calib, held_out = builders.chain_feeds(64, seed=1), builders.chain_feeds(8, seed=2)
+    expected = np.concatenate([builders.run_disabled(proto, f)[0] for f in held_out])
+    scores, notes = {}, {}
+    for data in (None, calib):
+        result = onnxq.quantize(proto, data, QuantConfig(mode="dynamic"))
+        actual = np.concatenate([builders.run_disabled(result.model, f)[0] for f in held_out])
+        scores[data is not None] = _sqnr(expected, actual)
+        notes[data is not None] = [n for n in result.report.preprocess_notes if "smoothing" in n]
+    assert notes[False] == [] and notes[True][0].startswith("outlier smoothing: 5 of 5")
+    # Measured: 11.3 dB without, 36.5 dB with.
+    assert scores[True] >= scores[False] + 12.0
+    off = onnxq.quantize(proto, calib, QuantConfig(mode="dynamic", smooth=False))
+    assert not [n for n in off.report.preprocess_notes if "smoothing" in n]
+
+
 RESIDUAL = """
 res (float[N, 16] x) => (float[N, 16] y) {
     n = LayerNormalization <axis = -1> (x, gamma, beta)
