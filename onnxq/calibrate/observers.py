@@ -511,6 +511,14 @@ def _entropy_candidates(hist: IntArray, levels: int) -> tuple[IntArray, FloatArr
     return candidates, kl
 
 
+#: The entropy threshold keeps at least this share of the (non-zero) values. KL divergence against the
+#: clipped histogram is degenerate for data far from zero: for a GlobalAveragePool's output in
+#: [0.40, 1.35], a threshold just above the minimum folds 99.95 % of the values into one spike that
+#: the quantized form matches as well, and torchvision's R3D-18 fell from 30 to 5.5 dB output SQNR.
+#: Tail clipping that pays stays well below 1 % of the values.
+ENTROPY_MIN_KEPT = 0.99
+
+
 class EntropyObserver(HistogramObserver):
     """Choose the threshold that minimises the KL divergence between the data and its quantized form.
 
@@ -520,9 +528,10 @@ class EntropyObserver(HistogramObserver):
     Data with negatives searches ``T`` on the ``|x|`` histogram with 127 levels (symmetric int8) or 128
     (asymmetric: roughly half of the 256 codes on each side of zero) and returns
     ``(max(min, -T), min(max, T))``, or ``(-T, T)`` when symmetric. At most ~512 thresholds are tried,
-    on a stride over the bins. Exact zeros are left out of the histogram searched: they quantize
-    without error, and a ReLU's spike of zeros would otherwise make the first quantization group
-    look badly flattened and push the threshold far down.
+    on a stride over the bins, each keeping at least :data:`ENTROPY_MIN_KEPT` of the values. Exact
+    zeros are left out of the histogram searched: they quantize without error, and a ReLU's spike of
+    zeros would otherwise make the first quantization group look badly flattened and push the
+    threshold far down.
     """
 
     def __init__(self, dtype: str = "uint8", symmetric: bool = False, num_bins: int = 4096) -> None:
@@ -547,6 +556,8 @@ class EntropyObserver(HistogramObserver):
             keep = hist.size  # coarser than the quantization grid: nothing to gain from clipping
         else:
             candidates, kl = _entropy_candidates(hist, levels)
+            kept = np.cumsum(hist)[candidates - 1]
+            kl = np.where(kept >= ENTROPY_MIN_KEPT * float(kept[-1]), kl, np.inf)
             # Ties go to the widest threshold: clip only when it pays.
             keep = int(candidates[candidates.size - 1 - int(np.argmin(kl[::-1]))])
         threshold = min(keep * self.bin_width, self._largest)
