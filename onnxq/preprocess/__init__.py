@@ -39,6 +39,7 @@ from onnxq.preprocess.equalize import EqualizePass
 from onnxq.preprocess.fold_affine import BatchNormAffinePass, FoldAffinePass
 from onnxq.preprocess.fold_bn import FoldBatchNormPass
 from onnxq.preprocess.fold_constants import FoldConstantsPass
+from onnxq.preprocess.fold_shapes import FoldShapesPass
 from onnxq.preprocess.identity import RemoveIdentityPass
 from onnxq.preprocess.share_constants import share_constants
 from onnxq.preprocess.slow_kernels import SlowKernelsPass
@@ -102,6 +103,10 @@ def unique_names(model: ir.Model) -> int:
             if node.name:
                 seen_nodes.add(node.name)
     return renamed
+
+
+#: Rounds of shape folding and shape inference at most (each round's constants inform the next).
+SHAPE_FOLD_ROUNDS = 6
 
 
 def infer_shapes(model: ir.Model) -> bool:
@@ -225,6 +230,25 @@ def preprocess(model: ir.Model, *, equalize: bool = False, upcast: bool = True) 
         summary.notes.append(f"{shared / 1e6:.2f} MB of constants that several bodies held stored once")
     if not infer_shapes(model):
         summary.notes.append("shape inference failed; tensors of unknown type are treated as float")
+    # After shape inference: a TorchScript export's Shape → Gather → Concat → Reshape arithmetic, where
+    # the inferred shapes decide it, becomes constants (then folded on, and the chains removed).
+    # Each round's constants let shape inference see further (a Reshape's output shape once its target
+    # is known), so it runs again while a round folds something, a few rounds at most.
+    known = copied = 0
+    for _ in range(SHAPE_FOLD_ROUNDS):
+        shapes = FoldShapesPass()
+        shapes(model)
+        if not (shapes.known or shapes.copied):
+            break
+        known, copied = known + shapes.known, copied + shapes.copied
+        FoldConstantsPass()(model)
+        common.RemoveUnusedNodesPass()(model)
+        infer_shapes(model)
+    if known or copied:
+        summary.notes.append(
+            f"shape arithmetic: {known} dimension(s) the inferred shapes fix written as constants, "
+            f"{copied} Reshape target(s) made constant"
+        )
     if any(node.op_type == "BatchNormalization" for node in model.graph.all_nodes()):
         # After shape inference: a constant's alignment with a BatchNorm's channels needs its rank.
         into_batch_norm = BatchNormAffinePass()
