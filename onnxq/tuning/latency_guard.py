@@ -595,7 +595,9 @@ def guard_latency(
         measured = check.block({float_name: check.open(float_source)})
         outcome.runs += check.runs
         outcome.default_threads_ratio = measured[_QUANTIZED] / measured[float_name]
-        keep_float = outcome.slower_at_default_threads = outcome.default_threads_ratio > 1.0 + config.min_gain
+        # Not slower at all: a model that gains little at one thread is marginal here, and the noise
+        # margin let 1.03x through (the orientation classifier measured 1.09x at 2 threads then).
+        keep_float = outcome.slower_at_default_threads = outcome.default_threads_ratio > 1.0
         del check
     if keep_float:
         outcome.chosen, outcome.all_float = float_name, True

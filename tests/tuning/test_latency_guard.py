@@ -558,6 +558,7 @@ def test_the_preprocessed_float_model_is_timed_only_when_int8_gains_little(
         (6.0, 2.0, False, False),  # int8 at half the input's latency: not checked
         (3.5, 1.0, True, False),  # int8 at 0.86 of the input: checked, as fast at the default threads
         (3.5, 1.1, True, False),  # 0.94 there: still not slower
+        (3.5, 1.2, True, True),  # 1.03 there: slower, if only by the noise margin
         (3.5, 1.3, True, True),  # 1.11 there: slower than the input, every layer kept float
     ],
 )
