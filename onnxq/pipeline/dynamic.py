@@ -41,7 +41,7 @@ def quantize_dynamic(
     notes: list[str] = []
     if feeds is not None and config.smooth:
         with explained_on_random_data(feeds):
-            smoothing = smooth_outliers(model, feeds, providers)
+            smoothing = smooth_outliers(model, feeds, providers, feature_maps=config.dynamic.conv)
         if smoothing.candidates:
             notes.append(smoothing.describe())
     smoothed = time.perf_counter()

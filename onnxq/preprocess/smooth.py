@@ -700,17 +700,23 @@ def smooth_outliers(
     *,
     products: bool = True,
     depthwise_inputs: bool = False,
+    feature_maps: bool = True,
 ) -> SmoothSummary:
     """Smooth every candidate tensor of ``model`` in place where it lowers the simulated error.
 
     ``products``: the tensors whose producer takes ``1/s`` and the MatMul/Gemm inputs (the default
-    pass); ``depthwise_inputs``: the depthwise Conv inputs whose producer cannot (a ``Mul`` in front).
+    pass); ``depthwise_inputs``: the depthwise Conv inputs whose producer cannot (a ``Mul`` in front);
+    ``feature_maps=False`` leaves the tensors Convs read alone (dynamic mode without ConvInteger: its
+    Convs stay float).
     """
     candidates = [
         c
         for c in find_candidates(model, depthwise_inputs=depthwise_inputs)
-        if (products and (c.producer is not None or c.axis != 1))
-        or (depthwise_inputs and c.producer is None and c.axis == 1)
+        if (
+            (products and (c.producer is not None or c.axis != 1))
+            or (depthwise_inputs and c.producer is None and c.axis == 1)
+        )
+        and (feature_maps or c.axis != 1)
     ]
     summary = SmoothSummary(candidates=len(candidates))
     if candidates:  # skip what cannot reach MIN_ROWS without running anything

@@ -373,6 +373,16 @@ def test_smoothing_conv_maps_recovers_the_spread_block() -> None:
     assert scores[True] >= scores[False] + 15.0 and scores[True] >= 25.0, scores
 
 
+def test_feature_maps_can_be_left_alone() -> None:
+    """Dynamic mode without --dynamic-conv keeps Convs float: their inputs are no candidates then."""
+    counts = {}
+    for maps in (False, True):
+        model = ir.from_proto(_separable_model())
+        feeds = load_feeds(_conv_feeds(8, seed=1), input_specs(model))
+        counts[maps] = smooth_outliers(model, feeds, ("CPUExecutionProvider",), feature_maps=maps).candidates
+    assert counts[False] == 0 < counts[True]
+
+
 HARD_SWISH_DEPTHWISE = """
 hsw (float[1, 8, 16, 16] x) => (float[1, 4, 16, 16] y) {
     h = HardSwish (x)
