@@ -45,6 +45,7 @@ __all__ = [
     "padding_mask",
     "sqnr_db",
     "top1_agreement",
+    "without_padding",
     "worst_sqnr_db",
 ]
 
@@ -205,6 +206,18 @@ def padding_mask(feed: Mapping[str, Any]) -> np.ndarray | None:
     return None
 
 
+def without_padding(array: np.ndarray, keep: np.ndarray | None) -> np.ndarray:
+    """``array``'s real-token rows, or ``array`` itself when it is no per-token output of the feed.
+
+    Per-token: ``[batch, seq, ...]``, leading axes those of the feed's padding mask ``keep``
+    (:func:`padding_mask`).
+    """
+    if keep is not None and array.ndim > keep.ndim and array.shape[: keep.ndim] == keep.shape:
+        kept: np.ndarray = array[keep]
+        return kept
+    return array
+
+
 def fixed_last_axis(shape: Sequence[int | str | None] | None) -> bool:
     """Whether an output's declared shape (as ONNX Runtime lists it) may end in a class axis.
 
@@ -314,14 +327,11 @@ class OutputStats:
         # Judged on the output as the model gives it: [batch, seq, hidden] holds no classes, though its
         # real-token rows [tokens, hidden] would pass for a batch of score vectors.
         class_scores = looks_like_class_scores(ref_array)
-        if (
-            keep is not None
-            and ref_array.shape == act_array.shape
-            and ref_array.ndim > keep.ndim
-            and ref_array.shape[: keep.ndim] == keep.shape
-        ):
-            ref_array, act_array = ref_array[keep], act_array[keep]
-            self.padding_excluded = True
+        if keep is not None and ref_array.shape == act_array.shape:
+            unpadded = without_padding(ref_array, keep)
+            if unpadded is not ref_array:
+                ref_array, act_array = unpadded, without_padding(act_array, keep)
+                self.padding_excluded = True
         if ref_array.shape != act_array.shape and ref_array.ndim == act_array.ndim:
             ref_array, act_array = (
                 _padded_to_common(ref_array, act_array),
