@@ -41,7 +41,8 @@ kernel each.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_ir as ir
@@ -84,15 +85,69 @@ def _like(value: ir.Value, model: ir.Value) -> None:
         value.dtype = model.dtype
 
 
-def _splice(node: ir.Node, created: list[ir.Node], outputs: dict[int, ir.Value]) -> None:
-    """Put ``created`` where ``node`` is; its output ``i`` becomes ``outputs[i]``; remove ``node``."""
-    graph = node.graph
-    assert graph is not None
-    for new in created:
-        graph.insert_before(node, new)
-    for index, value in outputs.items():
-        take_over(node.outputs[index], value)
-    graph.remove(node, safe=True)
+@dataclass
+class _Writer:
+    """The nodes a rewrite writes in place of a fused node, each named after it (``base``)."""
+
+    ctx: _Context
+    graph: ir.Graph
+    base: str
+    created: list[ir.Node] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, m: _Fused, default: str) -> _Writer:
+        """A writer for ``m``'s node, its nodes named after the node (``default`` when it has no name)."""
+        graph = m.node.graph
+        assert graph is not None
+        return cls(m.ctx, graph, m.node.name or default)
+
+    def node(
+        self,
+        op: str,
+        inputs: Sequence[ir.Value | None],
+        label: str,
+        attrs: list[ir.Attr] | None = None,
+        *,
+        outputs: int = 1,
+        domain: str = "",
+    ) -> ir.Node:
+        """A new node ``<base>_<label>`` (``<base>`` for an empty label), written after the earlier ones."""
+        name = self.ctx.names.fresh(f"{self.base}_{label}" if label else self.base)
+        new = ir.Node(domain, op, inputs, attrs or [], num_outputs=outputs, name=name)
+        self.created.append(new)
+        return new
+
+    def value(
+        self,
+        op: str,
+        inputs: Sequence[ir.Value | None],
+        label: str,
+        attrs: list[ir.Attr] | None = None,
+        *,
+        out: str = "",
+        like: ir.Value | None = None,
+    ) -> ir.Value:
+        """The output of a new one-output node, named ``<base>_<out>`` (default ``<label>_out``).
+
+        It takes the element type of ``like`` when given.
+        """
+        result = self.node(op, inputs, label, attrs).outputs[0]
+        result.name = self.ctx.names.fresh(f"{self.base}_{out or label + '_out'}")
+        if like is not None:
+            _like(result, like)
+        return result
+
+    def constant(self, label: str, array: np.ndarray) -> ir.Value:
+        """A new initializer ``<base>_<label>`` in the fused node's graph."""
+        return make_initializer(self.graph, self.ctx.names, f"{self.base}_{label}", array)
+
+    def splice(self, node: ir.Node, outputs: dict[int, ir.Value]) -> None:
+        """Put the written nodes where ``node`` is; its output ``i`` becomes ``outputs[i]``; remove it."""
+        for new in self.created:
+            self.graph.insert_before(node, new)
+        for index, value in outputs.items():
+            take_over(node.outputs[index], value)
+        self.graph.remove(node, safe=True)
 
 
 def _no_layer_norm(m: _Fused) -> Reason | None:
@@ -188,35 +243,22 @@ class AttentionRule(_DefuseRule):
 
     def rewrite(self, m: _Fused) -> str:
         node, ctx = m.node, m.ctx
-        graph = node.graph
-        assert graph is not None
         sizes = self.sizes(m)
         assert sizes is not None
-        base = node.name or "Attention"
+        write = _Writer.of(m, "Attention")
         x, weights = _given(node, 0), _given(node, 1)
         assert x is not None and weights is not None
-        matmul = ir.Node("", "MatMul", [x, weights], name=ctx.names.fresh(f"{base}_qkv"))
-        projected = matmul.outputs[0]
-        projected.name = ctx.names.fresh(f"{base}_qkv_out")
-        _like(projected, x)
+        projected = write.value("MatMul", [x, weights], "qkv", like=x)
         split_sizes = np.asarray(sizes, np.int64)
         if ctx.opset >= 13:
-            sizes_value = make_initializer(graph, ctx.names, f"{base}_qkv_sizes", split_sizes)
-            split = ir.Node(
-                "",
-                "Split",
-                [projected, sizes_value],
-                [ir.AttrInt64("axis", -1)],
-                num_outputs=3,
-                name=ctx.names.fresh(f"{base}_split"),
-            )
+            sizes_value = write.constant("qkv_sizes", split_sizes)
+            split_inputs, attrs = [projected, sizes_value], [ir.AttrInt64("axis", -1)]
         else:
+            split_inputs = [projected]
             attrs = [ir.AttrInt64("axis", -1), ir.AttrInt64s("split", [int(s) for s in sizes])]
-            split = ir.Node(
-                "", "Split", [projected], attrs, num_outputs=3, name=ctx.names.fresh(f"{base}_split")
-            )
+        split = write.node("Split", split_inputs, "split", attrs, outputs=3)
         for part, value in zip("qkv", split.outputs, strict=True):
-            value.name = ctx.names.fresh(f"{base}_{part}")
+            value.name = ctx.names.fresh(f"{write.base}_{part}")
             _like(value, x)
         attributes = [ir.AttrInt64("num_heads", attr_int(node, "num_heads", 1))]
         if "scale" in node.attributes:
@@ -226,8 +268,8 @@ class AttentionRule(_DefuseRule):
         if attr_int(node, "unidirectional", 0):
             attributes.append(ir.AttrInt64("unidirectional", 1))
         inputs = trim_inputs([*split.outputs, _given(node, 2), _given(node, 3)])
-        attention = ir.Node(_MS_DOMAIN, "MultiHeadAttention", inputs, attributes, name=ctx.names.fresh(base))
-        _splice(node, [matmul, split, attention], {0: attention.outputs[0]})
+        attention = write.node("MultiHeadAttention", inputs, "", attributes, domain=_MS_DOMAIN)
+        write.splice(node, {0: attention.outputs[0]})
         return "fused Attention → MatMul + MultiHeadAttention"
 
 
@@ -246,28 +288,21 @@ class SkipLayerNormRule(_DefuseRule):
         return None
 
     def rewrite(self, m: _Fused) -> str:
-        node, ctx = m.node, m.ctx
-        graph = node.graph
-        assert graph is not None
-        base = node.name or "SkipLayerNormalization"
+        node = m.node
+        write = _Writer.of(m, "SkipLayerNormalization")
         x, skip, gamma, beta, bias = (_given(node, i) for i in range(5))
         assert x is not None and skip is not None and gamma is not None
-        added: list[ir.Node] = []
         total = x
         # The dense layer's bias first: MatMul → Add(bias) is the form the quantizer and ONNX Runtime's
         # MatMul fusions know.
         for operand, label in ((bias, "bias"), (skip, "skip")):
             if operand is None:
                 continue
-            add = ir.Node("", "Add", [total, operand], name=ctx.names.fresh(f"{base}_{label}"))
-            total = add.outputs[0]
-            total.name = ctx.names.fresh(f"{base}_{label}_sum")
-            _like(total, x)
+            total = write.value("Add", [total, operand], label, out=f"{label}_sum", like=x)
             total.shape = x.shape
-            added.append(add)
         inputs = [total, gamma] if beta is None else [total, gamma, beta]
-        norm = ir.Node("", "LayerNormalization", inputs, _layer_norm_attrs(node), name=ctx.names.fresh(base))
-        _splice(node, [*added, norm], {0: norm.outputs[0], **({3: total} if _read(node, 3) else {})})
+        norm = write.node("LayerNormalization", inputs, "", _layer_norm_attrs(node))
+        write.splice(node, {0: norm.outputs[0], **({3: total} if _read(node, 3) else {})})
         return "fused SkipLayerNormalization → Add + LayerNormalization"
 
 
@@ -292,59 +327,54 @@ class EmbedLayerNormRule(_DefuseRule):
         return None
 
     def rewrite(self, m: _Fused) -> str:
-        node, ctx = m.node, m.ctx
-        graph = node.graph
-        assert graph is not None
-        base = node.name or "EmbedLayerNormalization"
+        node = m.node
+        write = _Writer.of(m, "EmbedLayerNormalization")
         ids, segments, words, positions, segment_table, gamma, beta, mask, position_ids = (
             _given(node, i) for i in range(9)
         )
         assert ids is not None and words is not None and positions is not None and gamma is not None
-        created: list[ir.Node] = []
-
-        def add_node(
-            op: str, inputs: list[ir.Value | None], label: str, attrs: list[ir.Attr] | None = None
-        ) -> ir.Value:
-            new = ir.Node("", op, inputs, attrs or [], name=ctx.names.fresh(f"{base}_{label}"))
-            created.append(new)
-            out = new.outputs[0]
-            out.name = ctx.names.fresh(f"{base}_{label}_out")
-            return out
-
-        def constant(label: str, array: np.ndarray) -> ir.Value:
-            return make_initializer(graph, ctx.names, f"{base}_{label}", array)
-
-        total = add_node("Gather", [words, ids], "words")
+        total = write.value("Gather", [words, ids], "words")
         if position_ids is None:
-            shape = add_node("Shape", [ids], "shape")
-            length = add_node("Gather", [shape, constant("seq_axis", np.array(1, np.int64))], "length")
-            position_ids = add_node(
+            shape = write.value("Shape", [ids], "shape")
+            length = write.value(
+                "Gather", [shape, write.constant("seq_axis", np.array(1, np.int64))], "length"
+            )
+            position_ids = write.value(
                 "Range",
-                [constant("start", np.array(0, np.int64)), length, constant("step", np.array(1, np.int64))],
+                [
+                    write.constant("start", np.array(0, np.int64)),
+                    length,
+                    write.constant("step", np.array(1, np.int64)),
+                ],
                 "range",
             )
-        total = add_node("Add", [total, add_node("Gather", [positions, position_ids], "positions")], "sum")
+        total = write.value(
+            "Add", [total, write.value("Gather", [positions, position_ids], "positions")], "sum"
+        )
         if segments is not None and segment_table is not None:
-            total = add_node(
-                "Add", [total, add_node("Gather", [segment_table, segments], "segments")], "segment_sum"
+            total = write.value(
+                "Add", [total, write.value("Gather", [segment_table, segments], "segments")], "segment_sum"
             )
-        normed = add_node("LayerNormalization", [total, gamma, beta], "norm", _layer_norm_attrs(node))
+        normed = write.value("LayerNormalization", [total, gamma, beta], "norm", _layer_norm_attrs(node))
         outputs = {0: normed}
         if _read(node, 1):
             assert mask is not None
-            zero = add_node("Equal", [mask, constant("zero", np.array(0, np.int32))], "padding")
-            kept = add_node(
-                "Cast", [add_node("Not", [zero], "kept")], "kept_int", [ir.AttrInt64("to", ir.DataType.INT32)]
+            zero = write.value("Equal", [mask, write.constant("zero", np.array(0, np.int32))], "padding")
+            kept = write.value(
+                "Cast",
+                [write.value("Not", [zero], "kept")],
+                "kept_int",
+                [ir.AttrInt64("to", ir.DataType.INT32)],
             )
-            outputs[1] = add_node(
+            outputs[1] = write.value(
                 "ReduceSum",
-                [kept, constant("row_axis", np.array([1], np.int64))],
+                [kept, write.constant("row_axis", np.array([1], np.int64))],
                 "lengths",
                 [ir.AttrInt64("keepdims", 0)],
             )
         if _read(node, 2):
             outputs[2] = total
-        _splice(node, created, outputs)
+        write.splice(node, outputs)
         return "fused EmbedLayerNormalization → Gather + Add + LayerNormalization"
 
 
@@ -400,21 +430,13 @@ class _ActivationRule(_DefuseRule):
 
     def rewrite(self, m: _Fused) -> str:
         node, ctx = m.node, m.ctx
-        graph = node.graph
-        assert graph is not None
-        base = node.name or node.op_type
+        write = _Writer.of(m, node.op_type)
         attributes = [a for name, a in node.attributes.items() if name not in self.fused_only]
         data_inputs = trim_inputs([_given(node, i) for i in range(3)])
-        product = ir.Node("", self.product, data_inputs, attributes, name=ctx.names.fresh(base))
-        new = [product]
-        out = product.outputs[0]
-        out.name = ctx.names.fresh(f"{base}_{self.product.lower()}")
+        out = write.value(self.product, data_inputs, "", attributes, out=self.product.lower())
         summand = _given(node, 3) if node.op_type == "FusedConv" else None
         if summand is not None:
-            add = ir.Node("", "Add", [out, summand], name=ctx.names.fresh(f"{base}_sum"))
-            new.append(add)
-            out = add.outputs[0]
-            out.name = ctx.names.fresh(f"{base}_sum_out")
+            out = write.value("Add", [out, summand], "sum")
         name, params = _activation(node)
         if name:
             inputs: list[ir.Value | None] = [out]
@@ -422,16 +444,11 @@ class _ActivationRule(_DefuseRule):
             if name == "Clip":
                 if ctx.opset >= 11:
                     low, high = (np.asarray(p, np.float32) for p in params)
-                    inputs += [
-                        make_initializer(graph, ctx.names, f"{base}_min", low),
-                        make_initializer(graph, ctx.names, f"{base}_max", high),
-                    ]
+                    inputs += [write.constant("min", low), write.constant("max", high)]
                 else:
                     attrs = [ir.AttrFloat32("min", params[0]), ir.AttrFloat32("max", params[1])]
-            act = ir.Node("", name, inputs, attrs, name=ctx.names.fresh(f"{base}_{name}"))
-            new.append(act)
-            out = act.outputs[0]
-        _splice(node, new, {0: out})
+            out = write.node(name, inputs, name, attrs).outputs[0]
+        write.splice(node, {0: out})
         return f"fused {node.op_type} → {self.product}" + (f" + {name}" if name else "")
 
 
@@ -467,9 +484,8 @@ class FusedMatMulRule(_DefuseRule):
         return None
 
     def rewrite(self, m: _Fused) -> str:
-        node, ctx = m.node, m.ctx
-        graph = node.graph
-        assert graph is not None
+        node = m.node
+        write = _Writer.of(m, "FusedMatMul")
         weight = const_array(_given(node, 1))
         assert weight is not None
         if attr_int(node, "transB", 0):
@@ -477,11 +493,9 @@ class FusedMatMulRule(_DefuseRule):
         alpha = attr_float(node, "alpha", 1.0)
         if alpha != 1.0:
             weight = weight * np.asarray(alpha, weight.dtype)
-        base = node.name or "FusedMatMul"
-        constant = make_initializer(graph, ctx.names, f"{base}_weight", np.ascontiguousarray(weight))
-        x = _given(node, 0)
-        matmul = ir.Node("", "MatMul", [x, constant], name=ctx.names.fresh(base))
-        _splice(node, [matmul], {0: matmul.outputs[0]})
+        constant = write.constant("weight", np.ascontiguousarray(weight))
+        matmul = write.node("MatMul", [_given(node, 0), constant], "")
+        write.splice(node, {0: matmul.outputs[0]})
         return "fused FusedMatMul → MatMul"
 
 
