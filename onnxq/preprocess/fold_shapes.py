@@ -47,19 +47,27 @@ def _gathered(node: ir.Node | None) -> tuple[ir.Value, int, bool] | None:
     if node is None or not _onnx(node, "Gather") or len(node.inputs) < 2 or attr_int(node, "axis", 0):
         return None
     shape_out, index = node.inputs[0], const_array(node.inputs[1])
-    shape_node = shape_out.producer() if shape_out is not None else None
-    if shape_node is None or not _onnx(shape_node, "Shape") or index is None:
+    source = _shape_axes(shape_out.producer() if shape_out is not None else None)
+    if source is None or index is None or index.size != 1 or index.dtype.kind not in "iu":
         return None
-    x = shape_node.inputs[0] if shape_node.inputs else None
-    if x is None or x.shape is None or index.size != 1 or index.dtype.kind not in "iu":
-        return None
-    rank = len(x.shape)
-    start = _clamp(attr_int(shape_node, "start", 0), rank)
-    end = _clamp(attr_int(shape_node, "end", rank), rank)
+    x, axes = source
     i = int(index.reshape(-1)[0])
-    if not start - end <= i < end - start:
+    if not -len(axes) <= i < len(axes):
         return None
-    return x, start + i % (end - start), index.ndim == 0
+    return x, axes[i], index.ndim == 0
+
+
+def _shape_axes(node: ir.Node | None) -> tuple[ir.Value, list[int]] | None:
+    """``Shape(y)``, with its ``start``/``end``: ``(y, the axes of y it returns)``."""
+    if node is None or not _onnx(node, "Shape") or not node.inputs or node.inputs[0] is None:
+        return None
+    y = node.inputs[0]
+    if y.shape is None:
+        return None
+    rank = len(y.shape)
+    start = _clamp(attr_int(node, "start", 0), rank)
+    end = _clamp(attr_int(node, "end", rank), rank)
+    return y, list(range(start, end))
 
 
 def _same_dim(a: int | ir.SymbolicDim, b: int | ir.SymbolicDim) -> bool:
@@ -90,15 +98,7 @@ def _shape_slice(node: ir.Node | None) -> tuple[ir.Value, list[int]] | None:
         length = len(dims)
         start, end = (_clamp(int(v.reshape(-1)[0]), length) for v in (starts, ends))
         return y, dims[start:end]
-    if not _onnx(node, "Shape") or not node.inputs or node.inputs[0] is None:
-        return None
-    y = node.inputs[0]
-    if y.shape is None:
-        return None
-    rank = len(y.shape)
-    start = _clamp(attr_int(node, "start", 0), rank)
-    end = _clamp(attr_int(node, "end", rank), rank)
-    return y, list(range(start, end))
+    return _shape_axes(node)
 
 
 def _part_elements(part: ir.Value | None) -> list[int | tuple[ir.Value, int]] | None:
