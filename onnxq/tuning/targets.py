@@ -39,7 +39,7 @@ import onnx_ir as ir
 from onnxq.data import Feeds, input_specs, load_feeds
 from onnxq.errors import OnnxqError
 from onnxq.runtime.session import OptLevel, open_model, run
-from onnxq.validate.metrics import OutputStats, padding_mask
+from onnxq.validate.metrics import PADDING_MASK_INPUTS, OutputStats, padding_mask
 
 __all__ = [
     "METRICS",
@@ -295,6 +295,7 @@ class TargetEvaluator:
         self._ref_session: Any = None
         self._cache: list[list[np.ndarray]] | None = None  # complete reference outputs, when they fit
         self._cache_failed = False
+        self._masks: list[np.ndarray | None] | None = None  # each feed's padding mask, read once
 
     def met(self, score: float) -> bool:
         return self.target.met(score)
@@ -324,7 +325,11 @@ class TargetEvaluator:
         if missing:
             raise OnnxqError(f"candidate model lacks output(s) {', '.join(missing)} of the float model")
         candidate = (run(session, feed, self.output_names) for feed in self.feeds)
-        masks = (padding_mask(feed) for feed in self.feeds)
+        if self._masks is None:  # one pass over the feeds for all evaluations, for models with a mask input
+            inputs = {value.name for value in self.reference.graph.inputs}
+            masked = bool(inputs & set(PADDING_MASK_INPUTS))
+            self._masks = [padding_mask(feed) for feed in self.feeds] if masked else []
+        masks = self._masks or None
         return target.score(self._reference_outputs(), candidate, self.output_names, masks)
 
     def _reference_outputs(self) -> Iterable[list[np.ndarray]]:

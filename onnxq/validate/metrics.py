@@ -33,6 +33,7 @@ from onnxq.errors import OnnxqError
 from onnxq.runtime.session import OptLevel, make_session, run
 
 __all__ = [
+    "PADDING_MASK_INPUTS",
     "OutputStats",
     "as_array",
     "compare_models",

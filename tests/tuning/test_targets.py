@@ -306,6 +306,29 @@ def test_score_leaves_padded_positions_out() -> None:
     assert target.score(([d] for d in data), ([n] for n in noisy)) < 10.0
 
 
+def test_the_evaluator_scores_real_tokens_only() -> None:
+    """A model fed an attention mask: the evaluator's score leaves the padded positions out."""
+    text = """
+    masked (float[1, S, 4] x, int64[1, S] attention_mask) => (float[1, S, 4] y) {
+        m = Cast <to = 1> (attention_mask)
+        pad = Sub (one, m)
+        padu = Unsqueeze (pad, axes)
+        y = Add (x, padu)
+    }
+    """
+    arrays = {"one": np.ones(1, np.float32), "axes": np.asarray([2], np.int64)}
+    reference = builders.parse("""
+    plain (float[1, S, 4] x, int64[1, S] attention_mask) => (float[1, S, 4] y) { y = Identity (x) }
+    """)
+    mask = np.array([[1, 1, 1, 0, 0]], np.int64)
+    samples = [{"x": np.ones((1, 5, 4), np.float32) * k, "attention_mask": mask} for k in (1, 2)]
+    candidate = ir.from_proto(builders.parse(text, arrays))  # off by 1.0 at the padded positions only
+    scored = evaluator(reference, samples, "sqnr>=30")
+    assert scored.score(candidate) == math.inf
+    unmasked = [{"x": s["x"], "attention_mask": np.ones_like(mask)} for s in samples]
+    assert evaluator(reference, unmasked, "sqnr>=30").score(candidate) == math.inf  # no padding: no error
+
+
 def test_score_nan_anywhere_gives_nan() -> None:
     good = np.ones((2, 3), np.float32)
     bad = good.copy()
