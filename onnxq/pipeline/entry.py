@@ -25,7 +25,7 @@ from onnxq.pipeline.dynamic import quantize_dynamic
 from onnxq.pipeline.lower import lower_to_qoperator
 from onnxq.pipeline.requantize import normalize_existing
 from onnxq.pipeline.result import QuantizationResult
-from onnxq.pipeline.state import StaticState, count_op_types
+from onnxq.pipeline.state import StaticState
 from onnxq.pipeline.static import quantize_static
 from onnxq.pipeline.summary import Mode, ModeSummary, build_report
 from onnxq.preprocess import preprocess
@@ -148,9 +148,8 @@ def quantize(
         report.latency_guard = guard.as_dict()
         report.timings_s["latency_guard"] = guard.seconds
         if guard.reverted:
-            plan = static.plan()
-            report.quantized_op_types, report.float_op_types = count_op_types(plan, static.dynamic_ops)
-            report.activations_absorbed = len(plan.absorbed_nodes)
+            report.quantized_op_types, report.float_op_types = static.op_types()
+            report.activations_absorbed = len(static.plan().absorbed_nodes)
     report.timings_s["total"] = time.perf_counter() - start
     return QuantizationResult(
         ir_model, report, float_source=float_source, calibration=feeds, input_path=input_path, static=static

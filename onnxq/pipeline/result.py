@@ -20,7 +20,7 @@ from onnxq.config import ValidationConfig
 from onnxq.data import DataSource, Feeds, input_specs, load_feeds
 from onnxq.errors import OnnxqError
 from onnxq.load.files import file_size, load_model, save_model, serialized_size
-from onnxq.pipeline.state import StaticState, count_op_types
+from onnxq.pipeline.state import StaticState
 from onnxq.provenance import stamp_provenance
 from onnxq.report import LARGE_LOSS_COSINE, LARGE_LOSS_SQNR_DB, AccuracyRow, LatencyRow, QuantReport
 from onnxq.runtime.kernels import onnxruntime_version
@@ -176,11 +176,8 @@ class QuantizationResult:
         self.report.budget = outcome.as_dict()
         # The report counts what the chosen model quantizes, not what the first plan did.
         kept = self.static.quantized_nodes if outcome.float_returned else outcome.kept_float
-        plan = self.static.plan(keep_float=kept)
-        self.report.quantized_op_types, self.report.float_op_types = count_op_types(
-            plan, self.static.dynamic_ops
-        )
-        self.report.activations_absorbed = len(plan.absorbed_nodes)
+        self.report.quantized_op_types, self.report.float_op_types = self.static.op_types(keep_float=kept)
+        self.report.activations_absorbed = len(self.static.plan(keep_float=kept).absorbed_nodes)
         self.report.size_quantized_bytes = serialized_size(self.model)
         self.report.timings_s["budget"] = time.perf_counter() - start
         return outcome

@@ -20,41 +20,67 @@ from onnxq.plan.planner import QuantPlan, plan_quantization
 from onnxq.preprocess.equalize import EqualizePass
 from onnxq.preprocess.smooth import smooth_outliers
 from onnxq.rewrite.cleanup import cleanup
-from onnxq.rewrite.dynamic_quant import StaticLeftoversPass
+from onnxq.rewrite.dynamic_quant import StaticLeftoversPass, run_time_products
 from onnxq.rewrite.fuse_qlinear import QDQ_PASS_THROUGH_RULES, FuseQLinearPass
 from onnxq.rewrite.insert_qdq import InsertQDQPass, group_params
 from onnxq.rewrite.sum_form import write_bias_adds_as_sum, write_residual_adds_as_sum
 from onnxq.tuning.interfaces import FIXES
 
-__all__ = ["QDQWritten", "StaticState", "count_op_types", "write_qdq"]
+__all__ = ["QDQWritten", "StaticState", "count_op_types", "planning_config", "write_qdq"]
 
 
 @dataclass
 class QDQWritten:
     """What :func:`write_qdq` did beyond the plan: dynamic LSTMs and tables, pass-through integer ops."""
 
-    #: Nodes the dynamic rules rewrote, by op type (``LSTM``, ``Gather``).
+    #: Nodes the dynamic rules rewrote, by op type (``LSTM``, ``Gather``; not the run-time products).
     dynamic: collections.Counter[str] = field(default_factory=collections.Counter)
+    #: Products that quantize their input at run time (:attr:`QuantConfig.run_time_ranges`), by op type.
+    run_time: collections.Counter[str] = field(default_factory=collections.Counter)
     pass_through: collections.Counter[str] = field(default_factory=collections.Counter)
     declines: list[Decline] = field(default_factory=list)
 
 
+def planning_config(
+    model: ir.Model, config: QuantConfig, keep_float: Iterable[str] = ()
+) -> tuple[QuantConfig, tuple[str, ...]]:
+    """The configuration the static plan of ``model`` is made with, and its run-time products.
+
+    ``keep_float`` anchors are excluded from the plan. With :attr:`QuantConfig.run_time_ranges`, so
+    are the MatMul/Gemm nodes that quantize their input at run time
+    (:func:`~onnxq.rewrite.dynamic_quant.run_time_products`): :func:`write_qdq` rewrites them after
+    the plan's Q/DQ are in, and their inputs need no calibrated range.
+    """
+    keep_float = tuple(keep_float)
+    if keep_float:
+        config = config.replace(exclude_nodes=(*config.exclude_nodes, *keep_float))
+    run_time = run_time_products(model, config)
+    if run_time:
+        config = config.replace(exclude_nodes=(*config.exclude_nodes, *run_time))
+    return config, run_time
+
+
 def write_qdq(
-    model: ir.Model, plan: QuantPlan, ranges: Mapping[ir.Value, tuple[float, float]], config: QuantConfig
+    model: ir.Model,
+    plan: QuantPlan,
+    ranges: Mapping[ir.Value, tuple[float, float]],
+    config: QuantConfig,
+    run_time: Iterable[str] = (),
 ) -> QDQWritten:
     """Rewrite ``model`` into QDQ form from a plan and calibrated ranges.
 
     Q/DQ insertion (:class:`~onnxq.rewrite.insert_qdq.InsertQDQPass`), then the dynamic rules for
-    what the plan leaves float (:class:`~onnxq.rewrite.dynamic_quant.StaticLeftoversPass`: LSTMs with
-    ``DynamicConfig.lstm``, int8 embedding tables with ``DynamicConfig.embeddings``), then the
-    pass-through ops ONNX Runtime would leave between a DQ and a Q (Pad, DepthToSpace, SpaceToDepth)
-    made to run on the integer tensor.
+    what the plan leaves float (:class:`~onnxq.rewrite.dynamic_quant.StaticLeftoversPass`: the
+    ``run_time`` products of :func:`planning_config`, LSTMs with ``DynamicConfig.lstm``, int8
+    embedding tables with ``DynamicConfig.embeddings``), then the pass-through ops ONNX Runtime would
+    leave between a DQ and a Q (Pad, DepthToSpace, SpaceToDepth) made to run on the integer tensor.
     """
     InsertQDQPass(plan, group_params(plan, dict(ranges)))(model)
     written = QDQWritten()
-    leftovers = StaticLeftoversPass(config)
+    leftovers = StaticLeftoversPass(config, products=tuple(run_time))
     leftovers(model)
-    written.dynamic = leftovers.quantized
+    written.run_time = leftovers.run_time
+    written.dynamic = leftovers.quantized - leftovers.run_time
     written.declines += leftovers.declined
     integer = FuseQLinearPass(table=QDQ_PASS_THROUGH_RULES)
     integer(model)
@@ -106,8 +132,16 @@ class StaticState:
 
     def plan(self, keep_float: Iterable[str] = ()) -> QuantPlan:
         """The plan of :meth:`requantize` for the same ``keep_float`` (what it would quantize)."""
-        config = self.config.replace(exclude_nodes=(*self.config.exclude_nodes, *keep_float))
-        return plan_quantization(self.float_model.clone(), config)
+        model = self.float_model.clone()
+        return plan_quantization(model, planning_config(model, self.config, keep_float)[0])
+
+    def op_types(self, keep_float: Iterable[str] = ()) -> tuple[dict[str, int], dict[str, int]]:
+        """The quantized and the float op types of :meth:`requantize`'s model, as the report shows them."""
+        model = self.float_model.clone()
+        config, run_time = planning_config(model, self.config, keep_float)
+        rewritten = collections.Counter(self.dynamic_ops)
+        rewritten.update(n.op_type for n in model.graph if n.name in set(run_time))
+        return count_op_types(plan_quantization(model, config), rewritten)
 
     def requantize(
         self, keep_float: Iterable[str] = (), *, output_format: Literal["qdq", "qoperator"] | None = None
@@ -122,7 +156,7 @@ class StaticState:
         model = self.float_model.clone()
         if self.reference is not None and keep_float:  # a bias corrected for rounding it no longer has
             restore_biases(model, self.reference, keep_float)
-        config = self.config.replace(exclude_nodes=(*self.config.exclude_nodes, *keep_float))
+        config, run_time = planning_config(model, self.config, keep_float)
         plan = plan_quantization(model, config)
         observed = plan.observed_values()
         missing = [v for v in observed if (v.name or "") not in self.ranges]
@@ -133,7 +167,7 @@ class StaticState:
             )
             self.ranges.update({v.name or "": r for v, r in extra.ranges.items()})
         ranges = {v: self.ranges[v.name or ""] for v in observed if (v.name or "") in self.ranges}
-        write_qdq(model, plan, ranges, config)
+        write_qdq(model, plan, ranges, config, run_time)
         qoperator = (output_format or config.format) == "qoperator"
         if qoperator:
             FuseQLinearPass()(model)
@@ -155,7 +189,7 @@ class StaticState:
     def _auto_ranges(self, config: QuantConfig) -> dict[str, tuple[float, float]]:
         """Every tensor's range by method ``auto`` (:mod:`onnxq.pipeline.range_choice`)."""
         model = self.float_model.clone()
-        plan = plan_quantization(model, config)
+        plan = plan_quantization(model, planning_config(model, config)[0])
         observed = plan.observed_values()
         schemes = {v: plan.group_of[v].scheme for v in observed}
         calibration = collect_ranges(
@@ -199,6 +233,9 @@ class StaticState:
             model = model.clone()
             EqualizePass()(model)
             config = config.replace(equalize=True)
+        elif fix == "run_time_ranges":  # fewer tensors need a calibrated range: the ones known serve
+            config = config.replace(run_time_ranges=True)
+            return dataclasses.replace(self, config=config, ranges=dict(self.ranges))
         elif fix == "bias_correction":  # the ranges stay: a bias shift moves them by a rounding step
             model = model.clone()
             correct_biases(model, self.quantized_nodes, config.weights, self.feeds, self.providers)

@@ -22,7 +22,7 @@ from onnxq.data import DataSource, Feeds, input_specs, load_feeds, random_data_h
 from onnxq.declines import Decline
 from onnxq.errors import OnnxqError
 from onnxq.pipeline.range_choice import PER_TENSOR, choose_range_method
-from onnxq.pipeline.state import StaticState, count_op_types, write_qdq
+from onnxq.pipeline.state import StaticState, count_op_types, planning_config, write_qdq
 from onnxq.pipeline.summary import CalibrationSummary, ModeSummary
 from onnxq.plan.op_rules import ANCHOR_OPS
 from onnxq.plan.planner import plan_quantization
@@ -111,8 +111,9 @@ def quantize_static(
     random_samples: int,
 ) -> tuple[StaticState, ModeSummary]:
     """Plan, calibrate and insert Q/DQ in ``model``; returns the state for variants and the summary."""
-    plan = plan_quantization(model, config)
-    if plan.empty and not _dynamic_rules_apply(model, config):
+    plan_config, run_time = planning_config(model, config)
+    plan = plan_quantization(model, plan_config)
+    if plan.empty and not run_time and not _dynamic_rules_apply(model, config):
         raise nothing_to_quantize(model, label, plan.declined)
     if calibration_data is None:
         raise OnnxqError(
@@ -143,7 +144,7 @@ def quantize_static(
         if smoothing.candidates:  # (on by default: no note for the models it has nothing to do on)
             notes.append(smoothing.describe())
         if smoothing.divided_in_front:  # Muls were added in front of products: plan the new graph
-            plan = plan_quantization(model, config)  # (rescaled weights alone leave the plan as it is)
+            plan = plan_quantization(model, planning_config(model, config)[0])  # (not for new weights)
     runtime_declines: list[Decline] = []
     runtime_excluded: set[str] = set()
     first: CalibrationResult | None = None
@@ -221,8 +222,8 @@ def quantize_static(
             break  # nothing left to keep float for them
         runtime_excluded.update(touching)
         config = config.replace(exclude_nodes=(*config.exclude_nodes, *touching))
-        plan = plan_quantization(model, config)
-        if plan.empty:
+        plan = plan_quantization(model, planning_config(model, config)[0])
+        if plan.empty and not planning_config(model, config)[1]:
             raise OnnxqError(f"nothing to quantize in {label}: every candidate touches non-float tensors")
     if config.calibration.method == "auto":
         rewriter = StaticState(model, config, feeds, {}, tuple(providers), quantized_nodes=())
@@ -233,10 +234,13 @@ def quantize_static(
             config = config.replace(calibration=chosen)
         notes.append(choice.describe())
     calibrate_seconds = time.perf_counter() - start
-    # The exclusions made above are the calibration's, not the user's configuration's.
+    # The exclusions made above are the calibration's, not the user's configuration's; the run-time
+    # products are excluded from the plan because they are quantized another way.
+    plan_config, run_time = planning_config(model, config)
+    not_declined = runtime_excluded | set(run_time)
     declines = [
         *runtime_declines,
-        *(d for d in plan.declined if not (d.code == "excluded" and d.node in runtime_excluded)),
+        *(d for d in plan.declined if not (d.code == "excluded" and d.node in not_declined)),
     ]
 
     reference = None
@@ -252,12 +256,18 @@ def quantize_static(
         feeds=feeds,
         ranges={v.name or "": r for v, r in calibration.ranges.items()},
         providers=tuple(providers),
-        quantized_nodes=tuple(n.name or "" for n in plan.quantized_nodes if n.op_type in ANCHOR_OPS),
+        quantized_nodes=(
+            *(n.name or "" for n in plan.quantized_nodes if n.op_type in ANCHOR_OPS),
+            *run_time,
+        ),
         reference=reference,
     )
-    written = write_qdq(model, plan, calibration.ranges, config)
+    written = write_qdq(model, plan, calibration.ranges, plan_config, run_time)
     state.dynamic_ops = dict(written.dynamic)
-    quantized_op_types, float_op_types = count_op_types(plan, written.dynamic)
+    quantized_op_types, float_op_types = count_op_types(plan, written.dynamic + written.run_time)
+    if written.run_time:
+        products = sum(written.run_time.values())
+        notes.append(f"run-time ranges: {products} MatMul/Gemm quantize their input on each run")
     declines += written.declines
     summary = ModeSummary(
         mode="static",

@@ -76,7 +76,7 @@ from __future__ import annotations
 
 import collections
 import logging
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -106,6 +106,7 @@ __all__ = [
     "RULES",
     "DynamicQuantizePass",
     "StaticLeftoversPass",
+    "run_time_products",
 ]
 
 logger = logging.getLogger(__name__)
@@ -237,20 +238,45 @@ class DynamicQuantizePass(ir.passes.InPlacePass):
         return lines
 
 
+def run_time_products(model: ir.Model, config: QuantConfig) -> tuple[str, ...]:
+    """The MatMul/Gemm nodes static mode quantizes at run time (:attr:`QuantConfig.run_time_ranges`).
+
+    Those of the main graph that ``config`` quantizes and rules 1 and 2 can rewrite (a constant
+    float32 weight, a float activation): their input is quantized by ``DynamicQuantizeLinear`` from
+    its own range on each run instead of a calibrated one. Empty when the option is off.
+    """
+    if not config.run_time_ranges:
+        return ()
+    ctx = _Rewriter(model, config, ms_domain=True)
+    return tuple(
+        node.name or ""
+        for node in model.graph
+        if node.op_type in ("MatMul", "Gemm")
+        and node.domain in DEFAULT_DOMAINS
+        and config.resolve(node.name or "", node.op_type).quantize
+        and isinstance(ctx.match_product(node), _Product)
+    )
+
+
 class StaticLeftoversPass(ir.passes.InPlacePass):
-    """Rules 3 and 5 for static quantization, on what its plan leaves float: LSTMs and embeddings.
+    """Rules 1, 2, 3 and 5 for static quantization, on what its plan leaves float.
 
     LSTMs with ``DynamicConfig.lstm`` (ONNX Runtime has no static int8 LSTM), embedding tables with
-    ``DynamicConfig.embeddings`` (``--quantize-embeddings``). Run after Q/DQ insertion: a Gather whose
-    table the static plan already quantized reads a DequantizeLinear, not a constant, and is left as it
-    is; an LSTM whose input is dequantized reads a float activation like any other. After a call,
-    :attr:`quantized` counts the nodes rewritten by op type.
+    ``DynamicConfig.embeddings`` (``--quantize-embeddings``), and the MatMul/Gemm nodes named in
+    ``products`` (:func:`run_time_products`: the plan leaves them float, and they quantize their input
+    at run time). Run after Q/DQ insertion: a Gather whose table the static plan already quantized
+    reads a DequantizeLinear, not a constant, and is left as it is; an LSTM or a product whose input is
+    dequantized reads a float activation like any other. After a call, :attr:`quantized` counts the
+    nodes rewritten by op type.
     """
 
-    def __init__(self, config: QuantConfig) -> None:
+    def __init__(self, config: QuantConfig, products: Collection[str] = ()) -> None:
         super().__init__()
         self.config = config
+        self.products = frozenset(products)
         self.quantized: collections.Counter[str] = collections.Counter()
+        #: The part of :attr:`quantized` that ``products`` account for.
+        self.run_time: collections.Counter[str] = collections.Counter()
         self.declined: list[Decline] = []
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
@@ -262,15 +288,66 @@ class StaticLeftoversPass(ir.passes.InPlacePass):
             )
             if on
         ]
-        if not table:
-            return ir.passes.PassResult(model, modified=False)
-        ctx = _Rewriter(model, self.config, ms_domain=True)
-        outcome = rules.apply_rules(model, table, ctx, stage="dynamic", opset=ctx.opset)
-        self.quantized = outcome.rewritten
-        self.declined = outcome.declines
-        if self.quantized:
-            ctx.drop_replaced_initializers()
+        self.quantized, self.run_time = collections.Counter(), collections.Counter()
+        self.declined = []
+        if self.products:
+            self._rewrite_products(model)
+            self.quantized.update(self.run_time)
+        if table:
+            ctx = _Rewriter(model, self.config, ms_domain=True)
+            outcome = rules.apply_rules(model, table, ctx, stage="dynamic", opset=ctx.opset)
+            self.quantized.update(outcome.rewritten)
+            self.declined += outcome.declines
+            if outcome.rewritten:
+                ctx.drop_replaced_initializers()
         return ir.passes.PassResult(model, modified=bool(self.quantized))
+
+    def _rewrite_products(self, model: ir.Model) -> None:
+        """Rules 1 and 2 on the nodes of :attr:`products` only (the static plan excluded them).
+
+        A product whose input the plan quantized for another reader (it reads ``DequantizeLinear(
+        QuantizeLinear(x))``) is given ``x`` itself: its own run-time range fits each input, and the
+        calibrated grid in front of it would round away what that range keeps.
+        """
+        selected = [n for n in model.graph if n.name in self.products and n.op_type in ("MatMul", "Gemm")]
+        for node in selected:
+            original = _before_qdq(node.inputs[0])
+            if original is not None:
+                node.replace_input_with(0, original)
+        # The configuration excludes them from the static plan; here they are what is quantized.
+        config = self.config.replace(
+            exclude_nodes=tuple(n for n in self.config.exclude_nodes if n not in self.products)
+        )
+        ctx = _Rewriter(model, config, ms_domain=True)
+        ctx.products = {node: ctx.match_product(node) for node in selected}
+        ctx.rewritable = {node for node, match in ctx.products.items() if isinstance(match, _Product)}
+        outcome = rules.apply_rules(
+            model, [PRODUCT_RULE], ctx, stage="dynamic", opset=ctx.opset, nodes=selected
+        )
+        self.run_time.update(outcome.rewritten)
+        self.declined += outcome.declines
+        if outcome.rewritten:
+            ctx.drop_replaced_initializers()
+            if ctx.used_ms_domain:
+                model.opset_imports.setdefault(MS_DOMAIN, 1)
+
+
+def _before_qdq(value: ir.Value | None) -> ir.Value | None:
+    """``x`` when ``value`` is ``DequantizeLinear(QuantizeLinear(x))`` of a float ``x``, else ``None``."""
+    dequantize = value.producer() if value is not None else None
+    if (
+        dequantize is None
+        or dequantize.op_type != "DequantizeLinear"
+        or dequantize.domain not in DEFAULT_DOMAINS
+    ):
+        return None
+    quantize = dequantize.inputs[0].producer() if dequantize.inputs[0] is not None else None
+    if quantize is None or quantize.op_type != "QuantizeLinear" or quantize.domain not in DEFAULT_DOMAINS:
+        return None
+    original = quantize.inputs[0]
+    if original is None or original.dtype != ir.DataType.FLOAT:
+        return None
+    return original
 
 
 @dataclass

@@ -9,8 +9,9 @@ meeting the target on the given evaluation data (cost: the latency keeping them 
 1b. try the cheaper fixes that keep every layer quantized, so cost no speed or little (:data:`FIXES`:
    re-calibration with range method ``auto`` (per tensor), else with the percentile or MSE method,
    outlier smoothing, cross-layer equalization, bias correction, and — only while none of those met
-   the target, as it adds a float op per input it changes — the evening-out of depthwise Conv inputs
-   (:data:`~onnxq.tuning.interfaces.COSTLY_FIXES`); one calibration and one
+   the target, as they may cost some speed — run-time ranges for the products with a constant weight
+   (still int8: ``DynamicQuantizeMatMul``) and the evening-out of depthwise Conv inputs (a float op
+   per input it changes; :data:`~onnxq.tuning.interfaces.COSTLY_FIXES`); one calibration and one
    evaluation each); the best-scoring one is kept if it beats
    the original, and if it meets the target the search stops there — the fastest model that meets
    the target is one with no layer kept float;

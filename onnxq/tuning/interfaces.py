@@ -19,11 +19,14 @@ __all__ = ["COSTLY_FIXES", "FIXES", "RequantizableState", "StaticResult"]
 #: The cheaper fixes an accuracy target tries before keeping layers float, each keeping every layer
 #: quantized (so no speed is lost): re-calibration with another range method (``auto``: chosen per
 #: tensor on held-out calibration data; percentile and MSE: judged by the target's own metric, which
-#: ``auto``'s held-out output SQNR only approximates), outlier smoothing, cross-layer equalization,
+#: ``auto``'s held-out output SQNR only approximates), run-time ranges for the MatMul/Gemm with a
+#: constant weight (``DynamicQuantizeMatMul``: still int8, at about the same speed on transformers),
+#: outlier smoothing, cross-layer equalization,
 #: empirical bias correction (``RequantizableState.with_fix``); last, the per-channel evening-out of
-#: depthwise Conv inputs through a float ``Mul`` (:data:`COSTLY_FIXES`).
+#: depthwise Conv inputs through a float ``Mul`` (run-time ranges and that: :data:`COSTLY_FIXES`).
 FIXES = (
     "method=auto",
+    "run_time_ranges",
     "method=percentile",
     "method=mse",
     "smooth",
@@ -32,9 +35,10 @@ FIXES = (
     "equalize_depthwise_inputs",
 )
 
-#: Fixes that cost some speed (a float op per depthwise input they even out): tried only while no
-#: free fix has met the target.
-COSTLY_FIXES = ("equalize_depthwise_inputs",)
+#: Fixes that may cost some speed (a float op per depthwise input they even out; a run-time range
+#: pass over each product input, ``DynamicQuantizeLinear``, where a calibrated range cost nothing):
+#: tried only while no free fix has met the target.
+COSTLY_FIXES = ("run_time_ranges", "equalize_depthwise_inputs")
 
 
 class RequantizableState(Protocol):

@@ -134,8 +134,16 @@ def _pre_quantization(value: ir.Value) -> ir.Value:
 
 
 def _has_anchors(model: ir.Model, anchors: Iterable[str]) -> bool:
+    """Whether ``model`` is in QDQ form.
+
+    Every anchor is there under its name, or is gone because it quantizes its input at run time
+    (``QuantConfig.run_time_ranges``: the same rewrite in both forms), and at least one is there.
+    """
     by_name = {n.name: n.op_type for n in model.graph}
-    return all(by_name.get(name) in ANCHOR_OPS for name in anchors)
+    kinds = [by_name.get(name) for name in anchors]
+    return all(kind is None or kind in ANCHOR_OPS for kind in kinds) and any(
+        kind in ANCHOR_OPS for kind in kinds
+    )
 
 
 def _add_shadows(state: RequantizableState, quantized: ir.Model) -> list[tuple[str, str, str]]:
@@ -169,7 +177,70 @@ def _add_shadows(state: RequantizableState, quantized: ir.Model) -> list[tuple[s
         twin.outputs[0].name = names.fresh(f"{node.name}_shadow_output")
         graph.insert_after(node, [twin])
         triples.append((node.name or "", twin.outputs[0].name or "", node.outputs[0].name or ""))
+    present = {n.name for n in graph}
+    run_time = [
+        float_nodes[name] for name in state.quantized_nodes if name not in present and name in float_nodes
+    ]
+    triples += [t for f_node in run_time if (t := _shadow_run_time(f_node, graph, names)) is not None]
     return triples
+
+
+def _shadow_run_time(f_node: ir.Node, graph: ir.Graph, names: NameScope) -> tuple[str, str, str] | None:
+    """A float twin of an anchor rewritten to quantize its input at run time (``DynamicQuantizeMatMul``).
+
+    The rewrite keeps the product's output name, or the name of the bias ``Add`` it folded in: the
+    twin is the float product of the same input (with that bias). ``None`` when neither is found.
+    """
+    values = {v.name: v for n in graph for v in n.outputs}
+    values.update({v.name: v for v in graph.inputs})
+    source = f_node.inputs[0]
+    data = values.get(source.name) if source is not None else None
+    if data is None or f_node.outputs[0].name is None:
+        return None
+    data = _pre_quantization(data)
+    inputs: list[ir.Value | None] = [data]
+    for index, value in enumerate(f_node.inputs[1:], start=1):
+        constant = const_array(value) if value is not None else None
+        if value is not None and constant is None:
+            return None
+        inputs.append(
+            None
+            if constant is None
+            else make_initializer(graph, names, f"{f_node.name}_shadow_input{index}", constant)
+        )
+    attributes = [ir.Attr(a.name, a.type, a.value) for a in f_node.attributes.values()]
+    twin = ir.Node(
+        f_node.domain,
+        f_node.op_type,
+        inputs,
+        attributes=attributes,
+        name=names.fresh(f"{f_node.name}_shadow"),
+    )
+    twin.outputs[0].name = names.fresh(f"{f_node.name}_shadow_output")
+    nodes, compared = [twin], values.get(f_node.outputs[0].name)
+    if compared is None:  # the bias Add was folded into the rewritten node: it carries the Add's name
+        folded = _bias_add(f_node)
+        compared = values.get(folded[0].outputs[0].name) if folded is not None else None
+        if folded is None or compared is None:
+            return None
+        bias = make_initializer(graph, names, f"{f_node.name}_shadow_bias", folded[1])
+        biased = ir.Node("", "Add", [twin.outputs[0], bias], name=names.fresh(f"{f_node.name}_shadow_add"))
+        biased.outputs[0].name = names.fresh(f"{f_node.name}_shadow_biased")
+        nodes.append(biased)
+    producer = compared.producer()
+    if producer is None:
+        return None
+    graph.insert_after(producer, nodes)
+    return (f_node.name or "", nodes[-1].outputs[0].name or "", compared.name or "")
+
+
+def _bias_add(node: ir.Node) -> tuple[ir.Node, np.ndarray] | None:
+    """The ``Add`` of a constant that is the only reader of ``node``'s output, and that constant."""
+    readers = [use.node for use in node.outputs[0].uses()]
+    if len(readers) != 1 or readers[0].op_type != "Add":
+        return None
+    constants = [c for v in readers[0].inputs if v is not None and (c := const_array(v)) is not None]
+    return (readers[0], constants[0]) if len(constants) == 1 else None
 
 
 def _fetcher(model: ir.Model, names: Iterable[str], providers: Sequence[str], opt_level: OptLevel) -> Any:

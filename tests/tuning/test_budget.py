@@ -329,7 +329,7 @@ def test_a_fix_that_helps_is_kept_under_the_layer_search() -> None:
     feeds = builders.chain_feeds(8, seed=2)
     with_fixes = meet_target(result, "sqnr>=38", feeds)
     without = layer_search(result, "sqnr>=38", feeds)
-    assert with_fixes.fix == "smooth"
+    assert "smooth" in with_fixes.fix.split("+")  # run-time ranges may stack on it: they help here too
     assert with_fixes.met and without.met
     assert len(with_fixes.kept_float) < len(without.kept_float)
 
