@@ -454,6 +454,12 @@ def run_optimize(
                 f"choose each tensor's range method: {_with_flags('--method', 'auto')}",
                 file=sys.stderr,
             )
+        if result.static is not None and _run_time_ranges_apply(result.static):
+            print(
+                "onnxq: or, every layer int8, let its MatMul/Gemm layers quantize their input at run time "
+                f"(transformers): {_with_flags('--run-time-ranges')}",
+                file=sys.stderr,
+            )
     if not met:
         budget = result.report.budget
         print(
@@ -464,6 +470,19 @@ def run_optimize(
         )
         return EXIT_TARGET_NOT_MET
     return 0
+
+
+def _run_time_ranges_apply(static: Any) -> bool:
+    """Whether ``--run-time-ranges`` would change this static quantization.
+
+    It does when MatMul/Gemm layers with a constant weight are quantized with calibrated ranges.
+    """
+    from onnxq.rewrite.dynamic_quant import run_time_products  # (the CLI imports the pipeline lazily)
+
+    config = static.config
+    if config.run_time_ranges:
+        return False
+    return bool(run_time_products(static.float_model, config.replace(run_time_ranges=True)))
 
 
 def _with_flags(*flags: str) -> str:

@@ -875,10 +875,17 @@ def test_large_loss_is_said_with_the_command_that_recovers_it(
     assert suggested[:3] == ["python", "-m", "onnxq"] and suggested[-2:] == ["--target", "cosine>=0.99"]
     (auto,) = [line for line in err.splitlines() if "choose each tensor's range method:" in line]
     assert shlex.split(auto.split("method: ", 1)[1]) == [*suggested[:-2], "--method", "auto"]
+    (run_time,) = [line for line in err.splitlines() if "quantize their input at run time" in line]
+    run_time_argv = shlex.split(run_time.split("(transformers): ", 1)[1])
+    assert run_time_argv == [*suggested[:-2], "--run-time-ranges"]
     assert json.loads((out_dir / "r.json").read_text())["large_loss_outputs"] == ["y"]
     code, out, err = cli(*suggested[3:])
     assert code == 0, err
     assert "(met)" in out and "to recover it" not in err
+    # The run-time suggestion runs too; once given, it is not suggested again.
+    code, out, err = cli(*run_time_argv[3:])
+    assert code == 0, err
+    assert "quantize their input at run time (transformers)" not in err
 
 
 def test_a_small_loss_gives_no_warning(
