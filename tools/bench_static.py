@@ -145,6 +145,7 @@ class Variant:
     mode: Mode = "static"
     fmt: Format = "qdq"
     embeddings: bool = True  # onnxq: int8 embedding Gather tables (DynamicConfig.embeddings, its default)
+    run_time_ranges: bool = False  # onnxq: QuantConfig.run_time_ranges (--run-time-ranges)
     #: onnxruntime only: convert models below this opset up to it first (per-channel Q/DQ need 13; its
     #: quantizer writes an ``axis`` that older DequantizeLinear lacks). 0: leave the opset alone.
     min_opset: int = 0
@@ -216,6 +217,7 @@ def quantize_onnxq(
     mode: Mode = "static",
     fmt: Format = "qdq",
     embeddings: bool = True,
+    run_time_ranges: bool = False,
 ) -> dict[str, Any]:
     """Quantize with onnxq's default configuration for ``mode`` and ``fmt`` and save.
 
@@ -231,6 +233,7 @@ def quantize_onnxq(
         format=fmt,
         calibration=CalibrationConfig(method=method),
         dynamic=DynamicConfig(embeddings=embeddings),
+        run_time_ranges=run_time_ranges,
     )
     if mode == "static" and feeds is None:
         raise ValueError("static quantization needs calibration feeds")
@@ -407,6 +410,7 @@ def _worker(job_path: Path) -> int:
             mode=mode,
             fmt=fmt,
             embeddings=job.get("embeddings", True),
+            run_time_ranges=job.get("run_time_ranges", False),
         )
     else:
         detail = quantize_ort(
@@ -506,6 +510,7 @@ def run_isolated(
         "mode": variant.mode,
         "fmt": variant.fmt,
         "embeddings": variant.embeddings,
+        "run_time_ranges": variant.run_time_ranges,
         "min_opset": variant.min_opset,
         "model": str(model_path),
         "feeds": str(feeds_path) if feeds_path is not None else None,

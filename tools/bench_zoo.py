@@ -63,6 +63,8 @@ VARIANTS = (
     Variant("ort-int8", "ort", "int8", min_opset=13),
     Variant("ort-uint8", "ort", "uint8", min_opset=13),
 )
+#: ``--run-time-ranges`` adds this one: onnxq's defaults with ``QuantConfig.run_time_ranges``.
+RUN_TIME_VARIANT = Variant("onnxq-rt", "onnxq", "uint8", run_time_ranges=True)
 #: Feeds above this size (bytes) count as heavy: half the calibration and evaluation samples.
 HEAVY_FEED = 4_000_000
 
@@ -78,6 +80,7 @@ class Settings:
     warmup: int
     threads: tuple[int, ...]
     worker_timeout: float
+    variants: tuple[Variant, ...] = VARIANTS
 
 
 def _outputs(
@@ -108,7 +111,7 @@ def bench_model(model: zoo.ZooModel, settings: Settings, notes: list[str]) -> li
         v.name: run_isolated(
             model.name, v, float_path, feeds_path, n_calib, work, timeout=settings.worker_timeout
         )
-        for v in VARIANTS
+        for v in settings.variants
     }
     for run in runs.values():
         if run.status != "ok":
@@ -146,7 +149,7 @@ def bench_model(model: zoo.ZooModel, settings: Settings, notes: list[str]) -> li
         warmup=settings.warmup,
     )
     rows = []
-    for variant in VARIANTS:
+    for variant in settings.variants:
         run = runs[variant.name]
         row: dict[str, Any] = {
             "model": model.name,
@@ -221,6 +224,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", default="1,2")
     parser.add_argument("--worker-timeout", type=float, default=1800.0)
+    parser.add_argument(
+        "--run-time-ranges",
+        action="store_true",
+        help="also quantize with onnxq --run-time-ranges (variant onnxq-rt)",
+    )
     return parser.parse_args(argv)
 
 
@@ -243,6 +251,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         warmup=args.warmup,
         threads=tuple(int(t) for t in args.threads.split(",")),
         worker_timeout=args.worker_timeout,
+        variants=(*VARIANTS[:1], RUN_TIME_VARIANT, *VARIANTS[1:]) if args.run_time_ranges else VARIANTS,
     )
     settings.out_dir.mkdir(parents=True, exist_ok=True)
     notes: list[str] = []
