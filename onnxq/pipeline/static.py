@@ -95,6 +95,21 @@ def _dynamic_rules_apply(model: ir.Model, config: QuantConfig) -> bool:
     return sum(leftovers.quantized.values()) > 0
 
 
+def _calibrated_alternative(
+    model: ir.Model, config: QuantConfig, schemes: dict[ir.Value, ActivationScheme]
+) -> list[ir.Value]:
+    """The tensors the plan without run-time ranges observes beyond ``schemes`` (added to it).
+
+    With :attr:`QuantConfig.run_time_ranges` the MatMul/Gemm inputs need no calibrated range, but the
+    latency guard times the same model with calibrated ranges too (where that is faster, it wins):
+    their ranges come from the same calibration runs, a few more outputs, instead of a second pass.
+    """
+    alternative = plan_quantization(model, config.replace(run_time_ranges=False))
+    extra = [v for v in alternative.observed_values() if v not in schemes]
+    schemes.update({v: alternative.group_of[v].scheme for v in extra})
+    return extra
+
+
 def _touching(nodes: Sequence[ir.Node], names: set[str]) -> list[ir.Node]:
     """The nodes that read or write a tensor named in ``names``."""
     return [n for n in nodes if any(v is not None and v.name in names for v in (*n.inputs, *n.outputs))]
@@ -154,6 +169,8 @@ def quantize_static(
     while True:
         observed = plan.observed_values()
         schemes = {v: plan.group_of[v].scheme for v in observed}
+        if run_time:  # the products' inputs too, in the same runs: the latency guard's calibrated variant
+            observed += _calibrated_alternative(model, config, schemes)
         # After a re-plan only tensors no earlier round observed are calibrated: the model is the same,
         # so a tensor's range under the same scheme is too.
         missing = [v for v in observed if auto or (v.name or "", schemes[v]) not in known]
@@ -206,8 +223,9 @@ def quantize_static(
                 ),
             ),
         ):
+            run_time_nodes = [n for n in model.graph if n.name in set(run_time)]
             for tensor in sorted(names):
-                nodes = set(_touching(plan.quantized_nodes, {tensor}))
+                nodes = set(_touching([*plan.quantized_nodes, *run_time_nodes], {tensor}))
                 # An absorbed activation's output is its producer's quantized output.
                 nodes.update(
                     n.inputs[0].producer()  # type: ignore[misc]
@@ -222,8 +240,9 @@ def quantize_static(
             break  # nothing left to keep float for them
         runtime_excluded.update(touching)
         config = config.replace(exclude_nodes=(*config.exclude_nodes, *touching))
-        plan = plan_quantization(model, planning_config(model, config)[0])
-        if plan.empty and not planning_config(model, config)[1]:
+        plan_config, run_time = planning_config(model, config)
+        plan = plan_quantization(model, plan_config)
+        if plan.empty and not run_time:
             raise OnnxqError(f"nothing to quantize in {label}: every candidate touches non-float tensors")
     if config.calibration.method == "auto":
         rewriter = StaticState(model, config, feeds, {}, tuple(providers), quantized_nodes=())

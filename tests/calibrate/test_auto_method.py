@@ -107,9 +107,13 @@ def _uniform_and_auto(
     """Each uniform method's held-out worst-output SQNR, the ``auto`` result and its report note."""
     scores = {}
     for method in AUTO_METHODS:
-        config = QuantConfig(calibration=CalibrationConfig(method=method), latency_guard=NO_GUARD)  # type: ignore[arg-type]
+        config = QuantConfig(
+            calibration=CalibrationConfig(method=method), latency_guard=NO_GUARD, run_time_ranges=False
+        )  # type: ignore[arg-type]
         scores[method] = _worst_sqnr(proto, onnxq.quantize(proto, calib, config).model, held_out)
-    config = QuantConfig(calibration=CalibrationConfig(method="auto"), latency_guard=NO_GUARD)
+    config = QuantConfig(
+        calibration=CalibrationConfig(method="auto"), latency_guard=NO_GUARD, run_time_ranges=False
+    )
     result = onnxq.quantize(proto, calib, config)
     (note,) = [n for n in result.report.preprocess_notes if n.startswith("range method auto")]
     return scores, result, note

@@ -77,7 +77,9 @@ def test_the_mean_shift_is_removed() -> None:
     calib, held_out = _feeds(16, seed=1), _feeds(8, seed=2)
     shifts = {}
     for correct in (False, True):
-        config = QuantConfig(bias_correction=correct, latency_guard=LatencyGuardConfig(enabled=False))
+        config = QuantConfig(
+            bias_correction=correct, latency_guard=LatencyGuardConfig(enabled=False), run_time_ranges=False
+        )
         result = onnxq.quantize(proto, calib, config)
         shifts[correct] = _channel_bias(proto, result.model, held_out)
         if correct:
@@ -103,7 +105,9 @@ def test_the_reference_stays_the_input_function() -> None:
     """The corrected float model is only what gets quantized: accuracy targets and the latency
     guard's all-float answer use the input's function."""
     proto = _model()
-    config = QuantConfig(bias_correction=True, latency_guard=LatencyGuardConfig(enabled=False))
+    config = QuantConfig(
+        bias_correction=True, latency_guard=LatencyGuardConfig(enabled=False), run_time_ranges=False
+    )
     result = onnxq.quantize(proto, _feeds(8, seed=1), config)
     assert result.static is not None
     feed = _feeds(1, seed=3)[0]
@@ -118,7 +122,9 @@ def test_a_layer_kept_float_gets_its_input_bias_back() -> None:
     """A correction cancels the layer's own weight rounding: kept float (an accuracy target, the
     latency guard), the layer computes the input's function again, and the quantized ones keep theirs."""
     proto = _model()
-    config = QuantConfig(bias_correction=True, latency_guard=LatencyGuardConfig(enabled=False))
+    config = QuantConfig(
+        bias_correction=True, latency_guard=LatencyGuardConfig(enabled=False), run_time_ranges=False
+    )
     result = onnxq.quantize(proto, _feeds(8, seed=1), config)
     state = result.static
     assert state is not None

@@ -55,7 +55,7 @@ def _sqnr(expected: np.ndarray, actual: np.ndarray) -> float:
 @pytest.mark.parametrize("kind", list(FILLS))
 def test_sentinel_tensors_stay_float_and_the_model_stays_accurate(kind: str) -> None:
     proto = _model(kind)
-    config = QuantConfig(latency_guard=LatencyGuardConfig(enabled=False))
+    config = QuantConfig(latency_guard=LatencyGuardConfig(enabled=False), run_time_ranges=False)
     result = onnxq.quantize(proto, _feeds(16, seed=1), config)
     if kind == "-inf":  # the planner already keeps a Where with a non-finite constant float
         assert any(d.node.startswith("Where") or "Where" in str(d) for d in result.report.declines)
@@ -76,7 +76,7 @@ def test_without_the_guard_the_sentinel_destroys_the_output(monkeypatch: pytest.
     """The control: the guard is what keeps the model accurate (a broken guard fails the test above)."""
     monkeypatch.setattr(observers, "EXTREME_RANGE", float("inf"))
     proto = _model("minus-1e9")
-    config = QuantConfig(latency_guard=LatencyGuardConfig(enabled=False))
+    config = QuantConfig(latency_guard=LatencyGuardConfig(enabled=False), run_time_ranges=False)
     result = onnxq.quantize(proto, _feeds(16, seed=1), config)
     feed = _feeds(1, seed=2)[0]
     (expected,) = builders.run_disabled(proto, feed)

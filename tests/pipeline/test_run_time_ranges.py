@@ -1,4 +1,4 @@
-"""Run-time ranges in static mode (``QuantConfig.run_time_ranges``, ``--run-time-ranges``).
+"""Run-time ranges in static mode (``QuantConfig.run_time_ranges``, on by default; ``--no-run-time-ranges``).
 
 The MatMul/Gemm with a constant weight quantize their input from its own range on each run
 (``DynamicQuantizeMatMul``); everything else keeps its calibrated Q/DQ. The test model's samples differ
@@ -74,9 +74,9 @@ def _op_counts(model: ir.Model) -> collections.Counter[str]:
 def test_products_quantize_their_input_at_run_time_and_small_samples_recover() -> None:
     proto = _model()
     calib, held_out = _feeds(1, 16), _feeds(2, 12)
-    static = onnxq.quantize(proto, calib, onnxq.QuantConfig(latency_guard=NO_GUARD), show_progress=False)
-    config = onnxq.QuantConfig(run_time_ranges=True, latency_guard=NO_GUARD)
-    run_time = onnxq.quantize(proto, calib, config, show_progress=False)
+    calibrated = onnxq.QuantConfig(latency_guard=NO_GUARD, run_time_ranges=False)
+    static = onnxq.quantize(proto, calib, calibrated, show_progress=False)
+    run_time = onnxq.quantize(proto, calib, onnxq.QuantConfig(latency_guard=NO_GUARD), show_progress=False)
 
     ops = _op_counts(run_time.model)
     # Both weighted products run as int8 with run-time input ranges; no static Q on their inputs.
@@ -137,7 +137,7 @@ def test_a_model_of_weighted_products_only_is_quantized() -> None:
 
 def test_the_target_search_tries_run_time_ranges_when_no_free_fix_meets_it() -> None:
     proto = _model()
-    config = onnxq.QuantConfig(latency_guard=NO_GUARD)
+    config = onnxq.QuantConfig(latency_guard=NO_GUARD, run_time_ranges=False)
     result = onnxq.quantize(proto, _feeds(1, 16), config, show_progress=False)
     held_out = _feeds(2, 12)
     # The built-in metrics pool the samples (the large ones dominate); the small samples' loss shows in
@@ -150,12 +150,16 @@ def test_the_target_search_tries_run_time_ranges_when_no_free_fix_meets_it() -> 
     assert _op_counts(result.model)["DynamicQuantizeMatMul"] == 2
 
 
-@pytest.mark.parametrize(("argv", "expected"), [([], False), (["--run-time-ranges"], True)])
+@pytest.mark.parametrize(
+    ("argv", "expected"), [([], True), (["--run-time-ranges"], True), (["--no-run-time-ranges"], False)]
+)
 def test_the_cli_flag(argv: list[str], expected: bool) -> None:
+    assert onnxq.QuantConfig().run_time_ranges  # the default
     args = build_parser().parse_args(["optimize", "m.onnx", "-o", "o.onnx", *argv])
     assert _config_from_args(args).run_time_ranges is expected
     dynamic = build_parser().parse_args(["optimize", "m.onnx", "-o", "o.onnx", "--mode", "dynamic", *argv])
-    assert ("--run-time-ranges" in inapplicable_flags(dynamic)) is expected
+    # Turning it off in dynamic mode changes nothing there: said on stderr.
+    assert ("--no-run-time-ranges" in inapplicable_flags(dynamic)) is not expected
 
 
 def test_the_sensitivity_estimate_sees_run_time_products() -> None:
@@ -184,3 +188,25 @@ def test_the_sensitivity_estimate_sees_run_time_products() -> None:
     # int8 adds noise ~35-45 dB below each output; a twin missing the bias, or reading another
     # tensor, would put it near 0 dB.
     assert all(-60.0 < estimates[name] < -25.0 for name in anchors), estimates
+
+
+MASKED = """
+masked (float[1, 8, 16] x, bool[1, 8, 1] keep) => (float[1, 8, 16] y) {
+    filled = Where (keep, x, fill)
+    y = MatMul (filled, W)
+}
+"""
+
+
+def test_a_product_reading_a_sentinel_stays_float() -> None:
+    """A run-time range over a tensor filled with -1e9 would round every real value to zero: the
+    calibration sees the sentinel in the product's input (observed for the calibrated alternative)
+    and keeps the product float, as it does a calibrated one."""
+    arrays = {**normal_arrays(0, W=(16, 16)), "fill": np.array(-1e9, np.float32)}
+    proto = parse(MASKED, arrays)
+    rng = np.random.default_rng(0)
+    keep = np.ones((1, 8, 1), bool)
+    keep[:, 6:] = False
+    feeds = [{"x": rng.standard_normal((1, 8, 16)).astype(np.float32), "keep": keep} for _ in range(8)]
+    with pytest.raises(onnxq.OnnxqError, match="nothing to quantize"):
+        onnxq.quantize(proto, feeds, onnxq.QuantConfig(latency_guard=NO_GUARD), show_progress=False)

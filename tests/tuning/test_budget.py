@@ -271,7 +271,7 @@ def _conv_feeds() -> list[dict[str, np.ndarray]]:
 
 #: The fix tests start from a quantization without the default outlier smoothing, so that smoothing
 #: is one of the fixes to find.
-NO_SMOOTH = onnxq.QuantConfig(smooth=False)
+NO_SMOOTH = onnxq.QuantConfig(smooth=False, run_time_ranges=False)
 
 
 def test_a_fix_that_meets_the_target_keeps_every_layer_quantized() -> None:
@@ -296,7 +296,9 @@ def test_range_method_auto_is_a_fix_that_keeps_every_layer_quantized() -> None:
     for one with a large channel): no uniform method reaches sqnr>=22 (min-max, percentile and MSE
     ~9.5 dB), the per-tensor choice of ``method=auto`` does (23.0 dB measured) with no layer float."""
     proto, calib, held_out = builders.two_branch_model_and_data()
-    config = onnxq.QuantConfig(smooth=False, latency_guard=LatencyGuardConfig(enabled=False))
+    config = onnxq.QuantConfig(
+        smooth=False, latency_guard=LatencyGuardConfig(enabled=False), run_time_ranges=False
+    )
     result = onnxq.quantize(proto, calib, config)
     outcome = result.meet_target(AccuracyTarget.parse("sqnr>=22"), held_out)
     assert outcome.met and outcome.kept_float == [] and outcome.fix == "method=auto"

@@ -93,7 +93,7 @@ def test_unknown_spatial_dims_are_never_small() -> None:
 @pytest.fixture(scope="module")
 def kinds_result() -> QuantizationResult:
     proto = kinds_model()
-    return onnxq.quantize(proto, builders.random_feeds(proto, 4, seed=1), QuantConfig())
+    return onnxq.quantize(proto, builders.random_feeds(proto, 4, seed=1), QuantConfig(run_time_ranges=False))
 
 
 #: The float anchors of a model (by output name) → its latency in ms, for the fake timer below.
@@ -517,7 +517,9 @@ def test_residual_adds_are_written_as_sum_when_that_is_faster(
 ) -> None:
     arrays = builders.normal_arrays(0, w1=(64, 64), w2=(64, 64), gamma=(64,), beta=(64,))
     proto = builders.parse(TRANSFORMER_BLOCK, arrays)
-    result = onnxq.quantize(proto, builders.random_feeds(proto, 4, seed=1), QuantConfig())
+    result = onnxq.quantize(
+        proto, builders.random_feeds(proto, 4, seed=1), QuantConfig(run_time_ranges=False)
+    )
     SumTimer.sum_factor = sum_factor
     monkeypatch.setattr(latency_guard, "_Timer", SumTimer)
     assert result.static is not None
@@ -610,3 +612,58 @@ def test_one_core_or_the_option_off_skips_the_check(
         assert FakeTimer.default_timers == 0
     finally:
         FakeTimer.default_threads_int8 = 1.0
+
+
+# ---------------------------------------------------------------------------------------------------
+# Run-time ranges (QuantConfig.run_time_ranges, the default): the calibrated form is one more candidate
+
+
+@pytest.fixture(scope="module")
+def run_time_result() -> QuantizationResult:
+    proto = kinds_model()
+    config = QuantConfig(latency_guard=LatencyGuardConfig(enabled=False))
+    return onnxq.quantize(proto, builders.random_feeds(proto, 4, seed=1), config)
+
+
+def run_time_latency(calibrated_ms: float) -> Latency:
+    """1 ms per float anchor; ``m`` (read as float by :func:`quantized_anchors` in its run-time form,
+    ``DynamicQuantizeMatMul``) 0.6 ms that way and ``calibrated_ms`` on calibrated ranges."""
+
+    def latency(float_anchors: frozenset[str]) -> float:
+        return len(float_anchors - {"m"}) + (0.6 if "m" in float_anchors else calibrated_ms)
+
+    return latency
+
+
+@pytest.mark.parametrize("calibrated_ms", [0.3, 0.59, 0.9])
+def test_calibrated_product_ranges_are_kept_only_where_faster(
+    run_time_result: QuantizationResult, monkeypatch: pytest.MonkeyPatch, calibrated_ms: float
+) -> None:
+    assert sum(n.op_type == "DynamicQuantizeMatMul" for n in run_time_result.model.graph) == 1
+    outcome = run_guard(run_time_result, monkeypatch, run_time_latency(calibrated_ms))
+    assert latency_guard.CALIBRATED in outcome.latency_ms
+    faster = calibrated_ms < 0.6 * (1 - 0.05)  # beyond the noise margin only
+    assert outcome.calibrated_ranges is faster and not outcome.reverted
+    run_time_ops = sum(n.op_type == "DynamicQuantizeMatMul" for n in outcome.model.graph)
+    assert run_time_ops == (0 if faster else 1)
+    assert outcome.chosen == (latency_guard.CALIBRATED if faster else "quantized")
+    assert (
+        "MatMul/Gemm inputs take calibrated ranges" in "\n".join(latency_guard.describe(outcome))
+    ) is faster
+
+
+def test_the_calibrated_choice_carries_into_the_state_and_the_report(monkeypatch: pytest.MonkeyPatch) -> None:
+    FakeTimer.latency = staticmethod(run_time_latency(0.3))  # type: ignore[assignment]
+    FakeTimer.accuracy = staticmethod(lambda float_anchors: 30.0)  # type: ignore[assignment]
+    FakeTimer.input_ms = 50.0
+    monkeypatch.setattr(latency_guard, "_Timer", FakeTimer)
+    monkeypatch.setattr(latency_guard, "_cores", lambda: 1)
+    proto = kinds_model()
+    config = QuantConfig(latency_guard=LatencyGuardConfig(enabled=True, min_gain=0.05))
+    result = onnxq.quantize(proto, builders.random_feeds(proto, 4, seed=1), config)
+    assert result.report.latency_guard["calibrated_ranges"]
+    assert not any(n.op_type == "DynamicQuantizeMatMul" for n in result.model.graph)
+    assert result.static is not None and not result.static.config.run_time_ranges
+    assert not any(n.op_type == "DynamicQuantizeMatMul" for n in result.static.requantize().graph)
+    assert "MatMul/Gemm inputs on calibrated ranges" in result.report.format_table()
+    assert not any(note.startswith("run-time ranges") for note in result.report.preprocess_notes)
