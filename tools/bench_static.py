@@ -145,7 +145,7 @@ class Variant:
     mode: Mode = "static"
     fmt: Format = "qdq"
     embeddings: bool = True  # onnxq: int8 embedding Gather tables (DynamicConfig.embeddings, its default)
-    run_time_ranges: bool = False  # onnxq: QuantConfig.run_time_ranges (--run-time-ranges)
+    run_time_ranges: bool = True  # onnxq: QuantConfig.run_time_ranges (its default; --no-run-time-ranges)
     #: onnxruntime only: convert models below this opset up to it first (per-channel Q/DQ need 13; its
     #: quantizer writes an ``axis`` that older DequantizeLinear lacks). 0: leave the opset alone.
     min_opset: int = 0
@@ -217,7 +217,7 @@ def quantize_onnxq(
     mode: Mode = "static",
     fmt: Format = "qdq",
     embeddings: bool = True,
-    run_time_ranges: bool = False,
+    run_time_ranges: bool = True,
 ) -> dict[str, Any]:
     """Quantize with onnxq's default configuration for ``mode`` and ``fmt`` and save.
 
@@ -410,7 +410,7 @@ def _worker(job_path: Path) -> int:
             mode=mode,
             fmt=fmt,
             embeddings=job.get("embeddings", True),
-            run_time_ranges=job.get("run_time_ranges", False),
+            run_time_ranges=job.get("run_time_ranges", True),
         )
     else:
         detail = quantize_ort(

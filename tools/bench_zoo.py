@@ -63,8 +63,9 @@ VARIANTS = (
     Variant("ort-int8", "ort", "int8", min_opset=13),
     Variant("ort-uint8", "ort", "uint8", min_opset=13),
 )
-#: ``--run-time-ranges`` adds this one: onnxq's defaults with ``QuantConfig.run_time_ranges``.
-RUN_TIME_VARIANT = Variant("onnxq-rt", "onnxq", "uint8", run_time_ranges=True)
+#: ``--calibrated-products`` adds this one: onnxq's defaults with ``--no-run-time-ranges`` (MatMul/Gemm
+#: inputs on calibrated ranges, as before run-time ranges became the default).
+CALIBRATED_VARIANT = Variant("onnxq-cal", "onnxq", "uint8", run_time_ranges=False)
 #: Feeds above this size (bytes) count as heavy: half the calibration and evaluation samples.
 HEAVY_FEED = 4_000_000
 
@@ -225,9 +226,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", default="1,2")
     parser.add_argument("--worker-timeout", type=float, default=1800.0)
     parser.add_argument(
-        "--run-time-ranges",
+        "--calibrated-products",
         action="store_true",
-        help="also quantize with onnxq --run-time-ranges (variant onnxq-rt)",
+        help="also quantize with onnxq --no-run-time-ranges (variant onnxq-cal)",
     )
     return parser.parse_args(argv)
 
@@ -251,7 +252,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         warmup=args.warmup,
         threads=tuple(int(t) for t in args.threads.split(",")),
         worker_timeout=args.worker_timeout,
-        variants=(*VARIANTS[:1], RUN_TIME_VARIANT, *VARIANTS[1:]) if args.run_time_ranges else VARIANTS,
+        variants=(*VARIANTS[:1], CALIBRATED_VARIANT, *VARIANTS[1:]) if args.calibrated_products else VARIANTS,
     )
     settings.out_dir.mkdir(parents=True, exist_ok=True)
     notes: list[str] = []
