@@ -339,11 +339,9 @@ def _guard_line(guard: dict[str, Any]) -> str:
     reverted = guard.get("reverted", {})
     sums = guard.get("residual_sums", 0)
     unfused = f"; {sums} residual Add(s) before LayerNorm as Sum (unfused: faster here)" if sums else ""
-    if guard.get("calibrated_ranges"):
-        unfused += "; MatMul/Gemm inputs on calibrated ranges (run-time ranges slower here)"
     if not reverted:
         chosen_ms = ms.get(guard.get("chosen", ""), math.nan)
-        tail = f" -> {chosen_ms:.3g} ms" if sums or guard.get("calibrated_ranges") else ""
+        tail = f" -> {chosen_ms:.3g} ms" if sums else ""
         return f"every kind of layer is faster in int8 ({timed}{tail}; {where}){unfused}"
     kinds = ", ".join(f"{len(names)} {kind}" for kind, names in reverted.items())
     chosen = ms.get(guard.get("chosen", ""), math.nan)

@@ -147,11 +147,7 @@ def quantize(
     if guard is not None and static is not None:
         report.latency_guard = guard.as_dict()
         report.timings_s["latency_guard"] = guard.seconds
-        if guard.calibrated_ranges:
-            report.preprocess_notes = [
-                n for n in report.preprocess_notes if not n.startswith("run-time ranges")
-            ]
-        if guard.reverted or guard.calibrated_ranges:
+        if guard.reverted:
             report.quantized_op_types, report.float_op_types = static.op_types()
             report.activations_absorbed = len(static.plan().absorbed_nodes)
     report.timings_s["total"] = time.perf_counter() - start
@@ -200,8 +196,6 @@ def _guard_latency(
         preprocessed_may_win=preprocessed_may_win,
     )
     state.residual_sums = outcome.residual_sums > 0
-    if outcome.calibrated_ranges:  # later variants (--target) keep the faster form
-        state.config = state.config.replace(run_time_ranges=False)
     if outcome.all_float:  # every anchor and every dynamic LSTM
         everything = sorted({*state.quantized_nodes, *outcome.reverted.get(DYNAMIC_LSTM, ())})
         state.config = state.config.replace(exclude_nodes=(*state.config.exclude_nodes, *everything))

@@ -200,16 +200,6 @@ class StaticState:
         choice = choose_range_method(model, calibration, self.feeds, trial.qdq_with_ranges, self.providers)
         return {v.name or "": r for v, r in choice.ranges.items()}
 
-    def with_calibrated_ranges(self) -> StaticState | None:
-        """The same quantization with calibrated ranges where this one takes them at run time.
-
-        ``None`` when no product is quantized at run time. The calibration observed those inputs too
-        (:func:`~onnxq.pipeline.static.quantize_static`), so this costs a rewrite, not a calibration.
-        """
-        if not run_time_products(self.float_model, self.config):
-            return None
-        return dataclasses.replace(self, config=self.config.replace(run_time_ranges=False))
-
     def with_fix(self, fix: str) -> StaticState:
         """The same quantization with one of :data:`FIXES` applied; its ranges calibrated on demand.
 

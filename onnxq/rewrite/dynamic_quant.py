@@ -243,7 +243,11 @@ def run_time_products(model: ir.Model, config: QuantConfig) -> tuple[str, ...]:
 
     Those of the main graph that ``config`` quantizes and rules 1 and 2 can rewrite (a constant
     float32 weight, a float activation): their input is quantized by ``DynamicQuantizeLinear`` from
-    its own range on each run instead of a calibrated one. Empty when the option is off.
+    its own range on each run instead of a calibrated one. Except a product fed by another layer with
+    a constant weight through ops that keep its integer output integer (:func:`_integer_fed`: the
+    fully connected layers of a CNN, an MLP): there the calibrated form runs kernel to kernel in
+    int8, and a run-time range would dequantize the tensor and quantize it again (AlexNet's head:
+    6.8 ms run-time against 5.4 ms calibrated). Empty when the option is off.
     """
     if not config.run_time_ranges:
         return ()
@@ -254,8 +258,49 @@ def run_time_products(model: ir.Model, config: QuantConfig) -> tuple[str, ...]:
         if node.op_type in ("MatMul", "Gemm")
         and node.domain in DEFAULT_DOMAINS
         and config.resolve(node.name or "", node.op_type).quantize
+        and not _integer_fed(node.inputs[0])
         and isinstance(ctx.match_product(node), _Product)
     )
+
+
+#: Ops through which ONNX Runtime keeps a quantized tensor quantized (an absorbed activation, integer
+#: pooling, a reshuffle of the bytes): a weighted layer's int8 output stays int8 through them.
+_INTEGER_PASS_THROUGH = frozenset(
+    {
+        "Relu",
+        "Clip",
+        "MaxPool",
+        "AveragePool",
+        "GlobalAveragePool",
+        "GlobalMaxPool",
+        "Flatten",
+        "Reshape",
+        "Transpose",
+        "Squeeze",
+        "Unsqueeze",
+        "Identity",
+        "Dropout",
+    }
+)
+
+
+def _integer_fed(value: ir.Value | None) -> bool:
+    """Whether a weighted layer's quantized output reaches ``value``.
+
+    That is, ``value`` comes from a Conv/ConvTranspose/MatMul/Gemm with a constant weight through
+    :data:`_INTEGER_PASS_THROUGH` ops only.
+    """
+    for _ in range(32):  # a chain of pass-through ops is short; a bound keeps a cycle-free walk cheap
+        node = value.producer() if value is not None else None
+        if node is None or node.domain not in DEFAULT_DOMAINS:
+            return False
+        if node.op_type in ("Conv", "ConvTranspose", "MatMul", "Gemm"):
+            weight = node.inputs[1] if len(node.inputs) > 1 else None
+            return weight is not None and const_array(weight) is not None
+        if node.op_type not in _INTEGER_PASS_THROUGH:
+            return False
+        value = node.inputs[0]
+    return False
 
 
 class StaticLeftoversPass(ir.passes.InPlacePass):

@@ -74,8 +74,6 @@ class RequantizableState(Protocol):
 
     def with_fix(self, fix: str) -> RequantizableState: ...
 
-    def with_calibrated_ranges(self) -> RequantizableState | None: ...
-
 
 class StaticResult(Protocol):
     """A quantization result: its model and, for static quantization of a float model, its state."""

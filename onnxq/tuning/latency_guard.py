@@ -83,7 +83,6 @@ from onnxq.tuning.interfaces import RequantizableState
 from onnxq.validate.metrics import worst_sqnr_db
 
 __all__ = [
-    "CALIBRATED",
     "DYNAMIC_LSTM",
     "NARROW_CHANNELS",
     "SMALL_MACS",
@@ -146,9 +145,6 @@ class GuardOutcome:
     default_threads_ratio: float = math.nan
     #: Set when that ratio made the guard keep every layer float.
     slower_at_default_threads: bool = False
-    #: Set when the chosen model takes calibrated ranges for the MatMul/Gemm inputs that the
-    #: configuration quantizes at run time (:data:`CALIBRATED`: faster here).
-    calibrated_ranges: bool = False
 
     @property
     def kept_float(self) -> list[str]:
@@ -181,7 +177,6 @@ class GuardOutcome:
             "chosen": self.chosen,
             "for_accuracy": self.for_accuracy,
             "residual_sums": self.residual_sums,
-            "calibrated_ranges": self.calibrated_ranges,
             "gain": round(self.gain, 4),
             "speedup_vs_float": round(self.speedup, 4),
             "seconds": round(self.seconds, 3),
@@ -444,11 +439,6 @@ class _Timer:
         return worst_sqnr_db(reference, self.outputs[name])
 
 
-#: The candidate with calibrated ranges for the MatMul/Gemm inputs that the configuration quantizes
-#: at run time (``QuantConfig.run_time_ranges``: more accurate, and as fast on the transformers
-#: measured; where the range pass costs more than it does there, this candidate wins).
-CALIBRATED = "calibrated MatMul/Gemm input ranges"
-
 #: The variants race in one block with the float baseline while that many copies of the float model's
 #: weights fit in this many bytes (a session holds a copy of its weights, prepacked).
 MERGED_BLOCK_BYTES = 256 << 20
@@ -533,9 +523,6 @@ def guard_latency(
     # With one kind only, keeping it float gives a float model: the baseline's comparison covers it.
     suspects = [kind for kind in kinds if kind not in TRUSTED_KINDS] if len(kinds) > 1 else []
     variants = {f"keep {kind} float": (kind, state.requantize(kinds[kind])) for kind in suspects}
-    calibrated = state.with_calibrated_ranges()
-    if calibrated is not None:  # run-time ranges cost a range pass per product input: timed, not assumed
-        variants[CALIBRATED] = ("", calibrated.requantize())
     # Small, fast models: every variant races in the baseline's block (the quantized model's runs are
     # shared and each variant leaves once settled); others: one variant at a time, three sessions open.
     run_s = timer.warm_up(_QUANTIZED, timer.quantized)
@@ -554,7 +541,7 @@ def guard_latency(
     }
     for name, (kind, model) in variants.items():
         ratio, sqnr = (first[name] / base, timer.sqnr(name)) if together else timer.ratio(model)
-        candidates[name] = (model, (kind,) if kind else (), ratio, sqnr)
+        candidates[name] = (model, (kind,), ratio, sqnr)
     slower = [kind for kind in suspects if candidates[f"keep {kind} float"][2] < 1.0 - config.min_gain]
     if len(slower) > 1:
         # Reverting two kinds may cost more than each alone saves: time the combination too.
@@ -624,7 +611,6 @@ def guard_latency(
         outcome.chosen = best
         outcome.reverted = {kind: kinds[kind] for kind in candidates[best][1]}
         outcome.model = candidates[best][0]
-        outcome.calibrated_ranges = best.startswith(CALIBRATED)
     outcome.seconds = time.perf_counter() - start
     logger.info("latency guard: %s", outcome.as_dict())
     return outcome
@@ -659,8 +645,6 @@ def describe(outcome: GuardOutcome) -> Sequence[str]:
     for kind, names in outcome.reverted.items():
         if not outcome.all_float:
             lines.append(f"kept {len(names)} {kind} float ({why})")
-    if outcome.calibrated_ranges and not outcome.all_float:
-        lines.append("MatMul/Gemm inputs take calibrated ranges (run-time ranges are slower here)")
     if outcome.residual_sums and not outcome.all_float:
         lines.append(
             f"wrote {outcome.residual_sums} residual Add(s) before LayerNormalization as Sum "

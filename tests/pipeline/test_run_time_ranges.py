@@ -28,12 +28,13 @@ PRODUCTS = ("node_MatMul_0", "node_Gemm_2")
 
 
 def _model() -> object:
-    """``x[N,64]`` → MatMul → Relu → Gemm (bias) → ``y``; ``z`` = the product of ``r`` with itself
-    (two activations, no weight: it keeps calibrated Q/DQ)."""
+    """``x[N,64]`` → MatMul → Tanh → Gemm (bias) → ``y``; ``z`` = the product of ``r`` with itself
+    (two activations, no weight: it keeps calibrated Q/DQ). Tanh is a float op between the products
+    (a Relu would keep the first product's integer output integer: the Gemm would stay calibrated)."""
     text = """
     mlp (float[N, 64] x) => (float[N, 32] y, float[N, N] z) {
         h = MatMul (x, W0)
-        r = Relu (h)
+        r = Tanh (h)
         y = Gemm <transB = 1> (r, W1, B1)
         rt = Transpose <perm = [1, 0]> (r)
         z = MatMul (r, rt)
@@ -42,7 +43,7 @@ def _model() -> object:
     arrays = normal_arrays(0, W0=(64, 64), W1=(32, 64), B1=(32,))
     arrays = {k: (v / 8.0).astype(np.float32) for k, v in arrays.items()}
     proto = parse(text, arrays)
-    for node, name in zip(proto.graph.node, (PRODUCTS[0], "relu_1", PRODUCTS[1], "t_3", "z_mm"), strict=True):
+    for node, name in zip(proto.graph.node, (PRODUCTS[0], "tanh_1", PRODUCTS[1], "t_3", "z_mm"), strict=True):
         node.name = name
     return proto
 
@@ -210,3 +211,48 @@ def test_a_product_reading_a_sentinel_stays_float() -> None:
     feeds = [{"x": rng.standard_normal((1, 8, 16)).astype(np.float32), "keep": keep} for _ in range(8)]
     with pytest.raises(onnxq.OnnxqError, match="nothing to quantize"):
         onnxq.quantize(proto, feeds, onnxq.QuantConfig(latency_guard=NO_GUARD), show_progress=False)
+
+
+INTEGER_CHAIN = """
+head (float[1, 3, 16, 16] x, float[1, 8, 32] t) => (float[1, 10] y, float[1, 8, 16] u) {
+    c = Conv <kernel_shape = [3, 3], pads = [1, 1, 1, 1]> (x, K)
+    r = Relu (c)
+    p = GlobalAveragePool (r)
+    f = Flatten (p)
+    g = Gemm <transB = 1> (f, W1, B1)
+    gr = Relu (g)
+    y = Gemm <transB = 1> (gr, W2, B2)
+    n = LayerNormalization <axis = -1> (t, S, O)
+    u = MatMul (n, W3)
+}
+"""
+
+
+def test_products_fed_by_an_integer_chain_keep_calibrated_ranges() -> None:
+    """A CNN's fully connected layers (Conv → Relu → pool → Flatten → Gemm → Relu → Gemm) run kernel
+    to kernel in int8 on calibrated ranges; the product after a LayerNormalization (a float op) takes
+    its range at run time."""
+    from onnxq.rewrite.dynamic_quant import run_time_products
+
+    arrays = normal_arrays(0, K=(8, 3, 3, 3), W1=(16, 8), B1=(16,), W2=(10, 16), B2=(10,), W3=(32, 16))
+    arrays |= {"S": np.ones(32, np.float32), "O": np.zeros(32, np.float32)}
+    proto = parse(INTEGER_CHAIN, arrays)
+    model = ir.from_proto(proto)
+    names = {n.outputs[0].name: n.name for n in model.graph}
+    assert run_time_products(model, onnxq.QuantConfig()) == (names["u"],)
+    assert run_time_products(model, onnxq.QuantConfig(run_time_ranges=False)) == ()
+    rng = np.random.default_rng(0)
+    feeds = [
+        {
+            "x": rng.standard_normal((1, 3, 16, 16)).astype(np.float32),
+            "t": rng.standard_normal((1, 8, 32)).astype(np.float32),
+        }
+        for _ in range(8)
+    ]
+    result = onnxq.quantize(proto, feeds, onnxq.QuantConfig(latency_guard=NO_GUARD), show_progress=False)
+    ops = _op_counts(result.model)
+    assert ops["DynamicQuantizeMatMul"] == 1 and ops["Gemm"] == 2  # the Gemms read DequantizeLinear
+    assert (
+        result.report.quantized_op_types.get("Gemm") == 2
+        and result.report.quantized_op_types.get("MatMul") == 1
+    )
