@@ -164,8 +164,8 @@ def _add_quant_options(parser: argparse.ArgumentParser) -> None:
         help="static mode: MatMul/Gemm with a constant weight quantize their input at run time "
         "(DynamicQuantizeMatMul, its own range on each run: int8 weights, no calibrated range to "
         "outgrow) while every other op keeps calibrated ranges; more accurate on transformers and "
-        "as fast or faster. On by default (the latency guard keeps calibrated ranges where they are "
-        "faster here); --no-run-time-ranges calibrates them too",
+        "as fast or faster. On by default (a product fed by another weighted layer through int8 ops, "
+        "a CNN's fully connected head, keeps calibrated ranges); --no-run-time-ranges calibrates all",
     )
     scheme.add_argument(
         "--exclude-nodes", type=_name_list, default=(), metavar="A,B", help="node names kept float"

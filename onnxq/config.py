@@ -240,8 +240,9 @@ class QuantConfig:
     #: 0.9950 on held-out sentences at the same latency, where keeping the 32 most sensitive of its 96
     #: layers float reaches 0.9952 at 1.55× the latency), and ONNX Runtime's kernel takes the bias and
     #: gives float out, so it is as fast or faster (13 transformer architectures: 0.62 → 0.59× float on
-    #: BERT). On by default; the latency guard times the calibrated form too and keeps it where it is
-    #: faster (an all-integer MatMul → Relu → MatMul chain). Off: the ``--target`` search tries it.
+    #: BERT). On by default, except for products fed by another weighted layer through ops that keep
+    #: int8 (a CNN's fully connected head: there calibrated int8 runs kernel to kernel). Off: the
+    #: ``--target`` search tries it.
     run_time_ranges: bool = True
 
     def __post_init__(self) -> None:

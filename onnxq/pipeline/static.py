@@ -100,9 +100,10 @@ def _calibrated_alternative(
 ) -> list[ir.Value]:
     """The tensors the plan without run-time ranges observes beyond ``schemes`` (added to it).
 
-    With :attr:`QuantConfig.run_time_ranges` the MatMul/Gemm inputs need no calibrated range, but the
-    latency guard times the same model with calibrated ranges too (where that is faster, it wins):
-    their ranges come from the same calibration runs, a few more outputs, instead of a second pass.
+    With :attr:`QuantConfig.run_time_ranges` the MatMul/Gemm inputs need no calibrated range, but
+    they are observed in the same calibration runs (a few more outputs): a tensor holding an infinity
+    or a sentinel there keeps its readers float: a run-time range over it would round every real
+    value to zero.
     """
     alternative = plan_quantization(model, config.replace(run_time_ranges=False))
     extra = [v for v in alternative.observed_values() if v not in schemes]
@@ -169,7 +170,7 @@ def quantize_static(
     while True:
         observed = plan.observed_values()
         schemes = {v: plan.group_of[v].scheme for v in observed}
-        if run_time:  # the products' inputs too, in the same runs: the latency guard's calibrated variant
+        if run_time:  # the products' inputs too, in the same runs: a sentinel there keeps them float
             observed += _calibrated_alternative(model, config, schemes)
         # After a re-plan only tensors no earlier round observed are calibrated: the model is the same,
         # so a tensor's range under the same scheme is too.
