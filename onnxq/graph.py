@@ -29,6 +29,7 @@ __all__ = [
     "make_initializer",
     "node_label",
     "prepend",
+    "rounded_from",
 ]
 
 
@@ -91,6 +92,21 @@ def node_label(node: ir.Node) -> str:
         return node.name
     out = node.outputs[0].name if node.outputs else None
     return f"<{node.op_type} -> {out}>" if out else f"<unnamed {node.op_type}>"
+
+
+def rounded_from(value: ir.Value | None) -> ir.Value | None:
+    """``x`` when ``value`` is ``DequantizeLinear(QuantizeLinear(x))``, else ``None``.
+
+    ``value`` is then ``x`` rounded to an integer grid and back: ``x`` is the tensor a reader of the
+    rounded one could read instead (a float twin, a product that takes its own range at run time).
+    """
+    dequantize = value.producer() if value is not None else None
+    if dequantize is None or dequantize.op_type != "DequantizeLinear" or dequantize.inputs[0] is None:
+        return None
+    quantize = dequantize.inputs[0].producer()
+    if quantize is None or quantize.op_type != "QuantizeLinear":
+        return None
+    return quantize.inputs[0]
 
 
 def sole_reader(value: ir.Value) -> ir.Node | None:

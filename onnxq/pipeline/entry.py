@@ -85,6 +85,7 @@ def quantize(
         size_float = len(float_source)
     if default_opset(ir_model) < MIN_QDQ_PER_AXIS_OPSET and config.weights.per_channel:
         config = config.replace(weights=WeightScheme(config.weights.dtype, config.weights.symmetric, False))
+    config = for_providers(config, providers)
 
     already_quantized = is_quantized(ir_model)
     # Preprocess first, for every mode: exporters compute fake-quant scales in the graph (Abs →
@@ -171,6 +172,18 @@ def _may_replace_input(state: StaticState, input_bytes: int, upcast: int) -> boo
     """
     grown = initializer_bytes(state.reference_model) > _GROWTH_LIMIT * input_bytes + _GROWTH_SLACK
     return not upcast and not grown
+
+
+def for_providers(config: QuantConfig, providers: Sequence[str]) -> QuantConfig:
+    """``config`` as it applies to a model that runs on ``providers``.
+
+    Run-time ranges write ``com.microsoft.DynamicQuantizeMatMul``, which ONNX Runtime runs on its CPU
+    provider only: for another provider (CUDA) the calibrated Q/DQ form keeps the products on the
+    device, so run-time ranges are turned off there.
+    """
+    if config.run_time_ranges and any(p != "CPUExecutionProvider" for p in providers):
+        return config.replace(run_time_ranges=False)
+    return config
 
 
 def _guard_latency(

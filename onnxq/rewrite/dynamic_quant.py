@@ -95,6 +95,7 @@ from onnxq.graph import (
     is_constant,
     is_float,
     make_initializer,
+    rounded_from,
     trim_inputs,
 )
 from onnxq.qmath import QuantParams, quantize_weight
@@ -356,8 +357,8 @@ class StaticLeftoversPass(ir.passes.InPlacePass):
         """
         selected = [n for n in model.graph if n.name in self.products and n.op_type in ("MatMul", "Gemm")]
         for node in selected:
-            original = _before_qdq(node.inputs[0])
-            if original is not None:
+            original = rounded_from(node.inputs[0])
+            if original is not None and original.dtype == ir.DataType.FLOAT:
                 node.replace_input_with(0, original)
         # The configuration excludes them from the static plan; here they are what is quantized.
         config = self.config.replace(
@@ -375,24 +376,6 @@ class StaticLeftoversPass(ir.passes.InPlacePass):
             ctx.drop_replaced_initializers()
             if ctx.used_ms_domain:
                 model.opset_imports.setdefault(MS_DOMAIN, 1)
-
-
-def _before_qdq(value: ir.Value | None) -> ir.Value | None:
-    """``x`` when ``value`` is ``DequantizeLinear(QuantizeLinear(x))`` of a float ``x``, else ``None``."""
-    dequantize = value.producer() if value is not None else None
-    if (
-        dequantize is None
-        or dequantize.op_type != "DequantizeLinear"
-        or dequantize.domain not in DEFAULT_DOMAINS
-    ):
-        return None
-    quantize = dequantize.inputs[0].producer() if dequantize.inputs[0] is not None else None
-    if quantize is None or quantize.op_type != "QuantizeLinear" or quantize.domain not in DEFAULT_DOMAINS:
-        return None
-    original = quantize.inputs[0]
-    if original is None or original.dtype != ir.DataType.FLOAT:
-        return None
-    return original
 
 
 @dataclass

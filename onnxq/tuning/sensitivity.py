@@ -54,7 +54,7 @@ import onnx_ir as ir
 
 from onnxq.data import Feeds
 from onnxq.errors import OnnxqError
-from onnxq.graph import NameScope, const_array, make_initializer
+from onnxq.graph import NameScope, const_array, make_initializer, rounded_from
 from onnxq.plan.op_rules import ANCHOR_OPS
 from onnxq.runtime.session import OptLevel, open_model, run, serialize_lean
 from onnxq.tuning.interfaces import RequantizableState
@@ -122,15 +122,9 @@ class _Energy:
         return self.noise / self.signal
 
 
-def _pre_quantization(value: ir.Value) -> ir.Value:
+def _unrounded(value: ir.Value) -> ir.Value:
     """The value a DequantizeLinear(QuantizeLinear(v)) chain started from, or ``value`` itself."""
-    dq = value.producer()
-    if dq is None or dq.op_type != "DequantizeLinear" or dq.inputs[0] is None:
-        return value
-    q = dq.inputs[0].producer()
-    if q is None or q.op_type != "QuantizeLinear" or q.inputs[0] is None:
-        return value
-    return q.inputs[0]
+    return rounded_from(value) or value
 
 
 def _has_anchors(model: ir.Model, anchors: Iterable[str]) -> bool:
@@ -169,7 +163,7 @@ def _add_shadows(state: RequantizableState, quantized: ir.Model) -> list[tuple[s
             elif constant is not None:
                 inputs.append(make_initializer(graph, names, f"{node.name}_shadow_input{index}", constant))
             else:
-                inputs.append(_pre_quantization(value))
+                inputs.append(_unrounded(value))
         attributes = [ir.Attr(a.name, a.type, a.value) for a in node.attributes.values()]
         twin = ir.Node(
             node.domain, node.op_type, inputs, attributes=attributes, name=names.fresh(f"{node.name}_shadow")
@@ -197,7 +191,7 @@ def _shadow_run_time(f_node: ir.Node, graph: ir.Graph, names: NameScope) -> tupl
     data = values.get(source.name) if source is not None else None
     if data is None or f_node.outputs[0].name is None:
         return None
-    data = _pre_quantization(data)
+    data = _unrounded(data)
     inputs: list[ir.Value | None] = [data]
     for index, value in enumerate(f_node.inputs[1:], start=1):
         constant = const_array(value) if value is not None else None

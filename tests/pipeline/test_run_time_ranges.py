@@ -256,3 +256,14 @@ def test_products_fed_by_an_integer_chain_keep_calibrated_ranges() -> None:
         result.report.quantized_op_types.get("Gemm") == 2
         and result.report.quantized_op_types.get("MatMul") == 1
     )
+
+
+def test_another_provider_keeps_calibrated_products() -> None:
+    """DynamicQuantizeMatMul has CPU kernels only: quantizing for CUDA keeps the Q/DQ form."""
+    from onnxq.pipeline.entry import for_providers
+
+    config = onnxq.QuantConfig()
+    assert for_providers(config, ("CPUExecutionProvider",)).run_time_ranges
+    assert not for_providers(config, ("CUDAExecutionProvider", "CPUExecutionProvider")).run_time_ranges
+    off = onnxq.QuantConfig(run_time_ranges=False)
+    assert for_providers(off, ("CPUExecutionProvider",)) is off
