@@ -95,6 +95,11 @@ def _dynamic_rules_apply(model: ir.Model, config: QuantConfig) -> bool:
     return sum(leftovers.quantized.values()) > 0
 
 
+def run_time_note(products: int) -> str:
+    """The report's line for the products that quantize their input at run time."""
+    return f"run-time ranges: {products} MatMul/Gemm quantize their input on each run"
+
+
 def _calibrated_alternative(
     model: ir.Model, config: QuantConfig, schemes: dict[ir.Value, ActivationScheme]
 ) -> list[ir.Value]:
@@ -286,8 +291,7 @@ def quantize_static(
     state.dynamic_ops = dict(written.dynamic)
     quantized_op_types, float_op_types = count_op_types(plan, written.dynamic + written.run_time)
     if written.run_time:
-        products = sum(written.run_time.values())
-        notes.append(f"run-time ranges: {products} MatMul/Gemm quantize their input on each run")
+        notes.append(run_time_note(sum(written.run_time.values())))
     declines += written.declines
     summary = ModeSummary(
         mode="static",

@@ -267,3 +267,23 @@ def test_another_provider_keeps_calibrated_products() -> None:
     assert not for_providers(config, ("CUDAExecutionProvider", "CPUExecutionProvider")).run_time_ranges
     off = onnxq.QuantConfig(run_time_ranges=False)
     assert for_providers(off, ("CPUExecutionProvider",)) is off
+
+
+def test_the_report_line_counts_what_the_latency_guard_left_at_run_time() -> None:
+    """A guard that keeps products float (or the whole model) leaves fewer run-time products: the
+    report's line follows, and goes when none is left."""
+    from onnxq.pipeline.entry import _run_time_note_after_guard
+    from onnxq.pipeline.static import run_time_note
+
+    result = onnxq.quantize(
+        _model(), _feeds(1, 8), onnxq.QuantConfig(latency_guard=NO_GUARD), show_progress=False
+    )
+    state = result.static
+    assert state is not None
+    notes = ["smoothing: …", run_time_note(2)]
+    assert run_time_note(2) in result.report.preprocess_notes
+    assert _run_time_note_after_guard(notes, state) == notes
+    state.config = state.config.replace(exclude_nodes=(PRODUCTS[1],))
+    assert _run_time_note_after_guard(notes, state) == ["smoothing: …", run_time_note(1)]
+    state.config = state.config.replace(exclude_nodes=PRODUCTS)
+    assert _run_time_note_after_guard(notes, state) == ["smoothing: …"]
