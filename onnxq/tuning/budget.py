@@ -527,16 +527,26 @@ def _search_smallest_k(search: _Search, n: int) -> None:
     """Exponential growth of k up to ``n``, then bisection between the last failing and first passing k.
 
     Within the search's budget: when one evaluation is left and no ``k`` has passed yet, it goes to
-    ``k = n`` (the likeliest to pass); the bisection stops when the budget does.
+    ``k = n`` (the likeliest to pass); the one before it goes to the larger of the doubled ``k`` and
+    the ``k`` where the line through the last two scores reaches the target
+    (:func:`_extrapolated_k`), so that when that one passes, the last evaluation bisects instead of
+    keeping every anchor but one float (all-mpnet-base-v2, ``cosine>=0.995``: 16 kept float scored
+    0.99365, 32 0.99449, and the budget's last evaluation went to 95 of 96). The bisection stops when
+    the budget does.
     """
     if n < 1:
         logger.warning("the target is not met, and the model has one anchor: nothing to keep float")
         return
     failing, passing = 0, None
     k = 1
+    tried: list[tuple[int, float]] = []
     while search.remaining:
         k = n if search.remaining == 1 else min(k, n)
-        if search.passes(search.top(k)):
+        if search.remaining == 2 and (guess := _extrapolated_k(tried, search.evaluator.target, n)):
+            k = max(k, guess)
+        score = search.evaluate(search.top(k))
+        tried.append((k, score))
+        if search.evaluator.met(score):
             passing = k
             break
         failing = k
@@ -552,6 +562,22 @@ def _search_smallest_k(search: _Search, n: int) -> None:
             passing = mid
         else:
             failing = mid
+
+
+def _extrapolated_k(tried: Sequence[tuple[int, float]], target: Any, n: int) -> int | None:
+    """The ``k`` at which the line through the last two ``(k, score)`` tried reaches the target.
+
+    ``None`` when fewer than two were tried, the score did not rise, or the target has no numeric
+    minimum; at least one more than the last ``k`` tried, at most ``n``.
+    """
+    minimum = getattr(target, "minimum", None)
+    if len(tried) < 2 or not isinstance(minimum, (int, float)) or not math.isfinite(minimum):
+        return None
+    (k0, s0), (k1, s1) = tried[-2], tried[-1]
+    if not (k1 > k0 and math.isfinite(s0) and math.isfinite(s1) and s1 > s0):
+        return None
+    reach = k1 + (minimum - s1) * (k1 - k0) / (s1 - s0)
+    return int(min(n, max(k1 + 1, math.ceil(reach))))
 
 
 def _prune(search: _Search, budget: int) -> None:

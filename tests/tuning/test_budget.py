@@ -8,6 +8,8 @@ a few ×50 outlier channels, which per-tensor activation quantization ruins.
 from __future__ import annotations
 
 import math
+import types
+from collections.abc import Callable
 from typing import Any
 
 import builders
@@ -23,7 +25,7 @@ from onnxq.config import LatencyGuardConfig
 from onnxq.data import input_specs, load_feeds
 from onnxq.errors import OnnxqError
 from onnxq.pipeline import QuantizationResult
-from onnxq.tuning import AccuracyTarget, BudgetOutcome, CustomTarget, TargetEvaluator, meet_target
+from onnxq.tuning import AccuracyTarget, BudgetOutcome, CustomTarget, TargetEvaluator, budget, meet_target
 from onnxq.tuning.sensitivity import estimate_sensitivity, rank_by_estimate
 
 LAYERS = builders.CHAIN_LAYERS
@@ -394,3 +396,52 @@ def test_a_fix_that_changes_nothing_costs_no_evaluation() -> None:
     assert outcome.fixes["smooth"] in evaluated_fixes
     assert outcome.score_before not in evaluated_fixes
     assert len(outcome.history) == outcome.evaluations <= 12
+
+
+class _ScoreOfK:
+    """A stand-in for the search: the score of keeping the top ``k`` float is ``score(k)``."""
+
+    def __init__(self, budget: int, score: Callable[[int], float], minimum: float) -> None:
+        self.left = budget
+        self.score = score
+        self.evaluator = types.SimpleNamespace(
+            target=types.SimpleNamespace(minimum=minimum), met=lambda s: s >= minimum
+        )
+        self.tried: list[int] = []
+
+    @property
+    def remaining(self) -> int:
+        return self.left
+
+    def top(self, k: int) -> list[str]:
+        return [f"n{i}" for i in range(k)]
+
+    def evaluate(self, kept: list[str]) -> float:
+        self.left -= 1
+        self.tried.append(len(kept))
+        return self.score(len(kept))
+
+    def passes(self, kept: list[str]) -> bool:
+        return bool(self.evaluator.met(self.evaluate(kept)))
+
+
+def test_the_second_last_evaluation_goes_where_the_scores_reach_the_target() -> None:
+    """96 anchors, a score rising by 1e-4 per anchor kept float, met from 50 on: 1, 2, 4, 8, 16 fail;
+    the line through 8 and 16 reaches the target at 50 (not the doubled 32, which would fail and leave
+    the last evaluation to 95); then one bisection step (33 fails)."""
+    search = _ScoreOfK(7, lambda k: 0.99 + 1e-4 * k, 0.99495)
+    budget._search_smallest_k(search, 95)  # type: ignore[arg-type]
+    assert search.tried == [1, 2, 4, 8, 16, 50, 33]
+    # A score that does not rise gives no line: the doubled k, then every anchor but one.
+    flat = _ScoreOfK(7, lambda k: 0.99 if k < 95 else 1.0, 0.995)
+    budget._search_smallest_k(flat, 95)  # type: ignore[arg-type]
+    assert flat.tried == [1, 2, 4, 8, 16, 32, 95]
+
+
+def test_the_extrapolated_k_is_bounded() -> None:
+    target = types.SimpleNamespace(minimum=1.0)
+    assert budget._extrapolated_k([(1, 0.1)], target, 10) is None
+    assert budget._extrapolated_k([(1, 0.5), (2, 0.5)], target, 10) is None  # no rise, no line
+    assert budget._extrapolated_k([(1, 0.1), (2, 0.2)], target, 5) == 5  # capped at n
+    assert budget._extrapolated_k([(1, 0.1), (2, 0.99)], target, 10) == 3  # at least one more
+    assert budget._extrapolated_k([(1, 0.1), (2, 0.2)], types.SimpleNamespace(), 10) is None
