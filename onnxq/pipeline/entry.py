@@ -25,8 +25,8 @@ from onnxq.pipeline.dynamic import quantize_dynamic
 from onnxq.pipeline.lower import lower_to_qoperator
 from onnxq.pipeline.requantize import normalize_existing
 from onnxq.pipeline.result import QuantizationResult
-from onnxq.pipeline.state import StaticState, planning_config
-from onnxq.pipeline.static import quantize_static, run_time_note
+from onnxq.pipeline.state import StaticState
+from onnxq.pipeline.static import quantize_static, with_run_time_note
 from onnxq.pipeline.summary import Mode, ModeSummary, build_report
 from onnxq.preprocess import preprocess
 from onnxq.rewrite.cleanup import cleanup
@@ -149,9 +149,10 @@ def quantize(
         report.latency_guard = guard.as_dict()
         report.timings_s["latency_guard"] = guard.seconds
         if guard.reverted:
-            report.quantized_op_types, report.float_op_types = static.op_types()
-            report.activations_absorbed = len(static.plan().absorbed_nodes)
-            report.preprocess_notes = _run_time_note_after_guard(report.preprocess_notes, static)
+            counts = static.counts()
+            report.quantized_op_types, report.float_op_types = counts.quantized, counts.floating
+            report.activations_absorbed = counts.absorbed
+            report.preprocess_notes = with_run_time_note(report.preprocess_notes, counts.run_time)
     report.timings_s["total"] = time.perf_counter() - start
     return QuantizationResult(
         ir_model, report, float_source=float_source, calibration=feeds, input_path=input_path, static=static
@@ -173,14 +174,6 @@ def _may_replace_input(state: StaticState, input_bytes: int, upcast: int) -> boo
     """
     grown = initializer_bytes(state.reference_model) > _GROWTH_LIMIT * input_bytes + _GROWTH_SLACK
     return not upcast and not grown
-
-
-def _run_time_note_after_guard(notes: list[str], state: StaticState) -> list[str]:
-    """The notes with the run-time ranges line counting what the guard left quantized at run time."""
-    left = len(planning_config(state.float_model.clone(), state.config)[1])
-    line = run_time_note(left) if left else None
-    out = [line if note.startswith("run-time ranges:") else note for note in notes]
-    return [note for note in out if note is not None]
 
 
 def for_providers(config: QuantConfig, providers: Sequence[str]) -> QuantConfig:

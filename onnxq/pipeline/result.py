@@ -176,8 +176,9 @@ class QuantizationResult:
         self.report.budget = outcome.as_dict()
         # The report counts what the chosen model quantizes, not what the first plan did.
         kept = self.static.quantized_nodes if outcome.float_returned else outcome.kept_float
-        self.report.quantized_op_types, self.report.float_op_types = self.static.op_types(keep_float=kept)
-        self.report.activations_absorbed = len(self.static.plan(keep_float=kept).absorbed_nodes)
+        counts = self.static.counts(keep_float=kept)
+        self.report.quantized_op_types, self.report.float_op_types = counts.quantized, counts.floating
+        self.report.activations_absorbed = counts.absorbed
         self.report.size_quantized_bytes = serialized_size(self.model)
         self.report.timings_s["budget"] = time.perf_counter() - start
         return outcome

@@ -26,7 +26,7 @@ from onnxq.rewrite.insert_qdq import InsertQDQPass, group_params
 from onnxq.rewrite.sum_form import write_bias_adds_as_sum, write_residual_adds_as_sum
 from onnxq.tuning.interfaces import FIXES
 
-__all__ = ["QDQWritten", "StaticState", "count_op_types", "planning_config", "write_qdq"]
+__all__ = ["PlanCounts", "QDQWritten", "StaticState", "count_op_types", "planning_config", "write_qdq"]
 
 
 @dataclass
@@ -101,6 +101,20 @@ def count_op_types(plan: QuantPlan, dynamic: Mapping[str, int]) -> tuple[dict[st
     return dict(sorted(quantized.items())), dict(sorted((k, n) for k, n in floating.items() if n > 0))
 
 
+@dataclass(frozen=True)
+class PlanCounts:
+    """What the report counts of a quantized model.
+
+    Its quantized and float op types, the activations fused into their producers, and the products
+    that quantize their input at run time.
+    """
+
+    quantized: dict[str, int]
+    floating: dict[str, int]
+    absorbed: int
+    run_time: int
+
+
 @dataclass
 class StaticState:
     """What a static quantization learned, kept so that variants cost a rewrite, not a calibration.
@@ -135,13 +149,15 @@ class StaticState:
         model = self.float_model.clone()
         return plan_quantization(model, planning_config(model, self.config, keep_float)[0])
 
-    def op_types(self, keep_float: Iterable[str] = ()) -> tuple[dict[str, int], dict[str, int]]:
-        """The quantized and the float op types of :meth:`requantize`'s model, as the report shows them."""
+    def counts(self, keep_float: Iterable[str] = ()) -> PlanCounts:
+        """What the report counts of :meth:`requantize`'s model for the same ``keep_float`` (one plan)."""
         model = self.float_model.clone()
         config, run_time = planning_config(model, self.config, keep_float)
+        plan = plan_quantization(model, config)
         rewritten = collections.Counter(self.dynamic_ops)
-        rewritten.update(n.op_type for n in model.graph if n.name in set(run_time))
-        return count_op_types(plan_quantization(model, config), rewritten)
+        rewritten.update(n.op_type for n in model.graph if n.name in run_time)
+        quantized, floating = count_op_types(plan, rewritten)
+        return PlanCounts(quantized, floating, len(plan.absorbed_nodes), len(run_time))
 
     def requantize(
         self, keep_float: Iterable[str] = (), *, output_format: Literal["qdq", "qoperator"] | None = None

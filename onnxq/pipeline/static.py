@@ -100,6 +100,13 @@ def run_time_note(products: int) -> str:
     return f"run-time ranges: {products} MatMul/Gemm quantize their input on each run"
 
 
+def with_run_time_note(notes: Sequence[str], products: int) -> list[str]:
+    """``notes`` with their run-time ranges line counting ``products`` (none: the line goes)."""
+    line = run_time_note(products) if products else None
+    replaced = [line if note.startswith("run-time ranges:") else note for note in notes]
+    return [note for note in replaced if note is not None]
+
+
 def _calibrated_alternative(
     model: ir.Model, config: QuantConfig, schemes: dict[ir.Value, ActivationScheme]
 ) -> list[ir.Value]:
@@ -213,6 +220,8 @@ def quantize_static(
         # sentinel of float32's size (Log(0), a -inf or float-min attention mask), which no int8 grid
         # holds: keep every node that touches them float and plan again.
         touching: list[str] = []
+        # The run-time products read these tensors too: a sentinel there keeps them float as well.
+        readers = [*plan.quantized_nodes, *(n for n in model.graph if n.name in run_time)]
         for names, code, message in (
             (calibration.non_float, "not_float", "tensor {} is not float32"),
             (
@@ -229,9 +238,8 @@ def quantize_static(
                 ),
             ),
         ):
-            run_time_nodes = [n for n in model.graph if n.name in set(run_time)]
             for tensor in sorted(names):
-                nodes = set(_touching([*plan.quantized_nodes, *run_time_nodes], {tensor}))
+                nodes = set(_touching(readers, {tensor}))
                 # An absorbed activation's output is its producer's quantized output.
                 nodes.update(
                     n.inputs[0].producer()  # type: ignore[misc]

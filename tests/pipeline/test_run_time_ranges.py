@@ -117,8 +117,10 @@ def test_kept_float_products_stay_float_and_qoperator_form_runs() -> None:
     kept = result.static.requantize(keep_float=["node_Gemm_2"])
     ops = _op_counts(kept)
     assert ops["DynamicQuantizeMatMul"] == 1 and ops["Gemm"] == 1
-    quantized, floating = result.static.op_types(keep_float=["node_Gemm_2"])
+    counts = result.static.counts(keep_float=["node_Gemm_2"])
+    quantized, floating = counts.quantized, counts.floating
     assert quantized.get("Gemm") is None and floating.get("Gemm") == 1 and quantized.get("MatMul") == 2
+    assert counts.run_time == 1
 
     qoperator = onnxq.quantize(proto, calib, config.replace(format="qoperator"), show_progress=False)
     assert _op_counts(qoperator.model)["DynamicQuantizeMatMul"] == 2
@@ -272,8 +274,7 @@ def test_another_provider_keeps_calibrated_products() -> None:
 def test_the_report_line_counts_what_the_latency_guard_left_at_run_time() -> None:
     """A guard that keeps products float (or the whole model) leaves fewer run-time products: the
     report's line follows, and goes when none is left."""
-    from onnxq.pipeline.entry import _run_time_note_after_guard
-    from onnxq.pipeline.static import run_time_note
+    from onnxq.pipeline.static import run_time_note, with_run_time_note
 
     result = onnxq.quantize(
         _model(), _feeds(1, 8), onnxq.QuantConfig(latency_guard=NO_GUARD), show_progress=False
@@ -282,8 +283,8 @@ def test_the_report_line_counts_what_the_latency_guard_left_at_run_time() -> Non
     assert state is not None
     notes = ["smoothing: …", run_time_note(2)]
     assert run_time_note(2) in result.report.preprocess_notes
-    assert _run_time_note_after_guard(notes, state) == notes
+    assert with_run_time_note(notes, state.counts().run_time) == notes
     state.config = state.config.replace(exclude_nodes=(PRODUCTS[1],))
-    assert _run_time_note_after_guard(notes, state) == ["smoothing: …", run_time_note(1)]
+    assert with_run_time_note(notes, state.counts().run_time) == ["smoothing: …", run_time_note(1)]
     state.config = state.config.replace(exclude_nodes=PRODUCTS)
-    assert _run_time_note_after_guard(notes, state) == ["smoothing: …"]
+    assert with_run_time_note(notes, state.counts().run_time) == ["smoothing: …"]
