@@ -158,6 +158,15 @@ def _add_quant_options(parser: argparse.ArgumentParser) -> None:
         "(measured on the calibration data)",
     )
     scheme.add_argument(
+        "--input-bias-correction",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="static mode: subtract from each quantized Conv/Gemm's bias the mean error its input's "
+        "rounding adds (per channel, measured with the float model on the calibration data, kept where "
+        "it stands out of its sampling noise: channels narrower than their tensor's step). On by "
+        "default; --no-input-bias-correction turns it off",
+    )
+    scheme.add_argument(
         "--run-time-ranges",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -348,6 +357,7 @@ def _config_from_args(args: argparse.Namespace) -> Any:
             equalize_depthwise_inputs=bool(getattr(args, "equalize_depthwise_inputs", False)),
             bias_correction=bool(getattr(args, "bias_correction", False)),
             run_time_ranges=bool(getattr(args, "run_time_ranges", True)),
+            input_bias_correction=bool(getattr(args, "input_bias_correction", True)),
             latency_guard=LatencyGuardConfig(
                 enabled=guard_enabled_by_default() and not getattr(args, "no_latency_guard", False),
                 threads=min(getattr(args, "threads", (1,))),
@@ -370,6 +380,7 @@ _STATIC_ONLY = {
     "equalize_depthwise_inputs": ("--equalize-depthwise-inputs", False),
     "bias_correction": ("--bias-correction", False),
     "run_time_ranges": ("--no-run-time-ranges", True),
+    "input_bias_correction": ("--no-input-bias-correction", True),
 }
 
 

@@ -233,6 +233,11 @@ class QuantConfig:
     #: Static mode: add to each quantized layer's bias the mean error its weight rounding adds
     #: (:mod:`onnxq.calibrate.bias_correction`; measured on the calibration data).
     bias_correction: bool = False
+    #: Static mode: subtract from each quantized Conv/Gemm's bias the mean error its input's rounding
+    #: adds (:mod:`onnxq.calibrate.input_rounding`: ``W·E[Q(x) - x]`` with the input's calibrated
+    #: range, measured with the float model on the calibration data; one float run over a few batches).
+    #: On by default.
+    input_bias_correction: bool = True
     #: Static mode: MatMul/Gemm with a constant weight quantize their input at run time
     #: (``DynamicQuantizeMatMul``: its own per-tensor range on each run) instead of with a calibrated
     #: range; every other op stays static. A calibrated range must hold every sample's largest

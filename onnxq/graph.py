@@ -17,6 +17,7 @@ __all__ = [
     "NameScope",
     "attr_float",
     "attr_int",
+    "attr_ints",
     "attr_str",
     "body_owners",
     "const_array",
@@ -124,6 +125,12 @@ def attr_int(node: ir.Node, name: str, default: int) -> int:
     """An INT attribute, or ``default`` when absent."""
     attr = node.attributes.get(name)
     return default if attr is None else int(attr.as_int())
+
+
+def attr_ints(node: ir.Node, name: str, default: Sequence[int]) -> list[int]:
+    """An INTS attribute, or ``default`` when absent."""
+    attr = node.attributes.get(name)
+    return list(default) if attr is None else [int(v) for v in attr.as_ints()]
 
 
 def attr_float(node: ir.Node, name: str, default: float) -> float:

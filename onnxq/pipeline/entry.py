@@ -268,6 +268,8 @@ def _settings(config: QuantConfig, mode: Mode) -> dict[str, Any]:
             settings["equalize_depthwise_inputs"] = True
         if config.bias_correction:
             settings["bias_correction"] = True
+        if not config.input_bias_correction:
+            settings["input_bias_correction"] = False
         calibration = dataclasses.asdict(config.calibration)
         settings["calibration"] = {k: v for k, v in calibration.items() if k != "batch_size"}
     else:

@@ -21,6 +21,7 @@ from onnxq.data import DataSource, Feeds, input_specs, load_feeds
 from onnxq.errors import OnnxqError
 from onnxq.load.files import file_size, load_model, save_model, serialized_size
 from onnxq.pipeline.state import StaticState
+from onnxq.pipeline.static import with_run_time_note
 from onnxq.provenance import stamp_provenance
 from onnxq.report import LARGE_LOSS_COSINE, LARGE_LOSS_SQNR_DB, AccuracyRow, LatencyRow, QuantReport
 from onnxq.runtime.kernels import onnxruntime_version
@@ -179,6 +180,7 @@ class QuantizationResult:
         counts = self.static.counts(keep_float=kept)
         self.report.quantized_op_types, self.report.float_op_types = counts.quantized, counts.floating
         self.report.activations_absorbed = counts.absorbed
+        self.report.preprocess_notes = with_run_time_note(self.report.preprocess_notes, counts.run_time)
         self.report.size_quantized_bytes = serialized_size(self.model)
         self.report.timings_s["budget"] = time.perf_counter() - start
         return outcome

@@ -12,6 +12,7 @@ import onnx_ir as ir
 
 from onnxq.calibrate.bias_correction import correct_biases, restore_biases
 from onnxq.calibrate.collect import collect_ranges
+from onnxq.calibrate.input_rounding import InputRounding
 from onnxq.config import QuantConfig
 from onnxq.data import Feeds
 from onnxq.declines import Decline
@@ -39,6 +40,8 @@ class QDQWritten:
     run_time: collections.Counter[str] = field(default_factory=collections.Counter)
     pass_through: collections.Counter[str] = field(default_factory=collections.Counter)
     declines: list[Decline] = field(default_factory=list)
+    #: Biases shifted by the input bias correction (:mod:`onnxq.calibrate.input_rounding`).
+    rounding_corrected: int = 0
 
 
 def planning_config(
@@ -66,6 +69,7 @@ def write_qdq(
     ranges: Mapping[ir.Value, tuple[float, float]],
     config: QuantConfig,
     run_time: Iterable[str] = (),
+    rounding: InputRounding | None = None,
 ) -> QDQWritten:
     """Rewrite ``model`` into QDQ form from a plan and calibrated ranges.
 
@@ -74,9 +78,14 @@ def write_qdq(
     ``run_time`` products of :func:`planning_config`, LSTMs with ``DynamicConfig.lstm``, int8
     embedding tables with ``DynamicConfig.embeddings``), then the pass-through ops ONNX Runtime would
     leave between a DQ and a Q (Pad, DepthToSpace, SpaceToDepth) made to run on the integer tensor.
+    With ``rounding``, the biases of the layers whose input the plan quantizes first absorb the mean
+    error of that input's rounding (:mod:`onnxq.calibrate.input_rounding`).
     """
-    InsertQDQPass(plan, group_params(plan, dict(ranges)))(model)
+    params = group_params(plan, dict(ranges))
     written = QDQWritten()
+    if rounding is not None:
+        written.rounding_corrected = rounding.correct(model, plan, params)
+    InsertQDQPass(plan, params)(model)
     leftovers = StaticLeftoversPass(config, products=tuple(run_time))
     leftovers(model)
     written.run_time = leftovers.run_time
@@ -138,6 +147,8 @@ class StaticState:
     #: Write residual Adds before LayerNormalization as ``Sum`` (the latency guard found the unfused
     #: form faster here: :mod:`onnxq.rewrite.sum_form`).
     residual_sums: bool = False
+    #: The input bias correction's statistics for ``float_model`` (``None``: not applied).
+    rounding: InputRounding | None = None
 
     @property
     def reference_model(self) -> ir.Model:
@@ -183,7 +194,7 @@ class StaticState:
             )
             self.ranges.update({v.name or "": r for v, r in extra.ranges.items()})
         ranges = {v: self.ranges[v.name or ""] for v in observed if (v.name or "") in self.ranges}
-        write_qdq(model, plan, ranges, config, run_time)
+        write_qdq(model, plan, ranges, config, run_time, self.rounding)
         qoperator = (output_format or config.format) == "qoperator"
         if qoperator:
             FuseQLinearPass()(model)
@@ -200,7 +211,9 @@ class StaticState:
         A rewrite of the float model, no calibration: what :func:`~onnxq.pipeline.range_choice.
         choose_range_method` scores for each candidate assignment of range methods.
         """
-        return dataclasses.replace(self, ranges=ranges).requantize(output_format="qdq")
+        # Scored without the input bias correction: each candidate's ranges would need a float run of
+        # their own; the chosen ranges get it when the model is written.
+        return dataclasses.replace(self, ranges=ranges, rounding=None).requantize(output_format="qdq")
 
     def _auto_ranges(self, config: QuantConfig) -> dict[str, tuple[float, float]]:
         """Every tensor's range by method ``auto`` (:mod:`onnxq.pipeline.range_choice`)."""
@@ -225,11 +238,15 @@ class StaticState:
         Convs whose input's producer cannot take the factor) / cross-layer equalization to the float
         model (exact in float);
         ``bias_correction`` shifts the anchors' biases by the mean error quantization adds
-        (:mod:`onnxq.calibrate.bias_correction`). Every anchor stays quantized: a fix costs one
-        calibration (bias correction: one float run), and no speed (``equalize_depthwise_inputs``: the
-        float ``Mul`` it adds, :data:`~onnxq.tuning.interfaces.COSTLY_FIXES`).
+        (:mod:`onnxq.calibrate.bias_correction`); ``input_bias_correction`` turns on the correction of
+        the input's rounding (:mod:`onnxq.calibrate.input_rounding`, made when the model is written).
+        Every anchor stays quantized: a fix costs one calibration (bias corrections: one float run),
+        and no speed (``equalize_depthwise_inputs``: the float ``Mul`` it adds,
+        :data:`~onnxq.tuning.interfaces.COSTLY_FIXES`).
         """
         model, config = self.float_model, self.config
+        # Statistics of other activations: a fix that changes the float model measures them anew.
+        fresh = InputRounding(self.feeds, self.providers) if self.rounding is not None else None
         if fix == "method=auto":  # the choice needs model runs: made here, not left to requantize
             calibration = dataclasses.replace(config.calibration, method="auto")
             config = config.replace(calibration=calibration)
@@ -252,6 +269,10 @@ class StaticState:
         elif fix == "run_time_ranges":  # fewer tensors need a calibrated range: the ones known serve
             config = config.replace(run_time_ranges=True)
             return dataclasses.replace(self, config=config, ranges=dict(self.ranges))
+        elif fix == "input_bias_correction":  # the ranges stay: the correction is made when written
+            config = config.replace(input_bias_correction=True)
+            rounding = InputRounding(self.feeds, self.providers)
+            return dataclasses.replace(self, config=config, ranges=dict(self.ranges), rounding=rounding)
         elif fix == "bias_correction":  # the ranges stay: a bias shift moves them by a rounding step
             model = model.clone()
             correct_biases(model, self.quantized_nodes, config.weights, self.feeds, self.providers)
@@ -262,7 +283,10 @@ class StaticState:
                 config=config,
                 ranges=dict(self.ranges),
                 reference=self.reference_model,
+                rounding=fresh,
             )
         else:
             raise ValueError(f"unknown fix {fix!r}; expected one of {', '.join(FIXES)}")
+        if model is not self.float_model:
+            return dataclasses.replace(self, float_model=model, config=config, ranges={}, rounding=fresh)
         return dataclasses.replace(self, float_model=model, config=config, ranges={})

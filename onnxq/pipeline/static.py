@@ -17,6 +17,7 @@ import onnx_ir as ir
 
 from onnxq.calibrate.bias_correction import correct_biases
 from onnxq.calibrate.collect import CalibrationResult, collect_ranges
+from onnxq.calibrate.input_rounding import InputRounding
 from onnxq.config import ActivationScheme, QuantConfig
 from onnxq.data import DataSource, Feeds, input_specs, load_feeds, random_data_hint
 from onnxq.declines import Decline
@@ -101,9 +102,15 @@ def run_time_note(products: int) -> str:
 
 
 def with_run_time_note(notes: Sequence[str], products: int) -> list[str]:
-    """``notes`` with their run-time ranges line counting ``products`` (none: the line goes)."""
+    """``notes`` with their run-time ranges line counting ``products`` (none: the line goes).
+
+    The line is added when ``notes`` had none: a ``--target`` fix may turn run-time ranges on.
+    """
     line = run_time_note(products) if products else None
+    had_line = any(note.startswith("run-time ranges:") for note in notes)
     replaced = [line if note.startswith("run-time ranges:") else note for note in notes]
+    if line is not None and not had_line:
+        replaced.append(line)
     return [note for note in replaced if note is not None]
 
 
@@ -294,8 +301,14 @@ def quantize_static(
             *run_time,
         ),
         reference=reference,
+        rounding=InputRounding(feeds, tuple(providers)) if config.input_bias_correction else None,
     )
-    written = write_qdq(model, plan, calibration.ranges, plan_config, run_time)
+    written = write_qdq(model, plan, calibration.ranges, plan_config, run_time, state.rounding)
+    if written.rounding_corrected:
+        notes.append(
+            f"input bias correction: {written.rounding_corrected} quantized layers' biases absorb their "
+            "input's mean rounding error"
+        )
     state.dynamic_ops = dict(written.dynamic)
     quantized_op_types, float_op_types = count_op_types(plan, written.dynamic + written.run_time)
     if written.run_time:

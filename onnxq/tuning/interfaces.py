@@ -22,10 +22,13 @@ __all__ = ["COSTLY_FIXES", "FIXES", "RequantizableState", "StaticResult"]
 #: ``auto``'s held-out output SQNR only approximates), run-time ranges for the MatMul/Gemm with a
 #: constant weight (``DynamicQuantizeMatMul``: still int8, at about the same speed on transformers),
 #: outlier smoothing, cross-layer equalization,
-#: empirical bias correction (``RequantizableState.with_fix``); last, the per-channel evening-out of
+#: empirical bias correction, the input bias correction when ``--no-input-bias-correction`` turned it
+#: off (``RequantizableState.with_fix``); last, the per-channel evening-out of
 #: depthwise Conv inputs through a float ``Mul`` (run-time ranges and that: :data:`COSTLY_FIXES`).
 FIXES = (
     "method=auto",
+    # Applies only where --no-input-bias-correction turned it off: early, it costs one float run.
+    "input_bias_correction",
     "run_time_ranges",
     "method=percentile",
     "method=mse",

@@ -151,6 +151,10 @@ def test_the_target_search_tries_run_time_ranges_when_no_free_fix_meets_it() -> 
     assert "run_time_ranges" in outcome.fix.split("+"), outcome.fixes
     assert result.static is not None and result.static.config.run_time_ranges
     assert _op_counts(result.model)["DynamicQuantizeMatMul"] == 2
+    # The report says so: the first plan had no run-time line, the chosen fix has two products.
+    from onnxq.pipeline.static import run_time_note
+
+    assert run_time_note(2) in result.report.preprocess_notes
 
 
 @pytest.mark.parametrize(
