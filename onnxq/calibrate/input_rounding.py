@@ -34,6 +34,7 @@ the accuracy search's variants reuse the ranges, and cost no run.
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -54,9 +55,11 @@ from onnxq.graph import (
 )
 from onnxq.plan.planner import BiasTask, QuantPlan
 from onnxq.qmath import QuantParams
-from onnxq.runtime.session import open_model, run
+from onnxq.runtime.session import SessionError, open_model, run
 
 __all__ = ["MAX_BATCHES", "MIN_ROWS", "SIGNIFICANCE", "InputRounding"]
+
+logger = logging.getLogger(__name__)
 
 #: Calibration batches the measuring run takes at most (a feature map gives each channel's mean from
 #: every pixel: a few images suffice).
@@ -306,6 +309,9 @@ class InputRounding:
             session = open_model(
                 model, outputs=fetched, providers=self.providers, prepack=False, priority_order=True
             )
+        except SessionError as error:  # a correction is a refinement: never a reason to fail
+            logger.info("input bias correction skipped: %s", error)
+            return [None] * len(tasks)
         finally:
             remove_nodes(model, probes.added)
         names = [value.name or "" for value in fetched]
@@ -313,15 +319,21 @@ class InputRounding:
         weights = [np.asarray(const_array(t.node.inputs[t.weight_index])) for t in tasks]
         rows: list[list[np.ndarray] | None] = [[] for _ in tasks]
         for feed in itertools.islice(self.feeds, MAX_BATCHES):
-            outputs = dict(zip(names, run(session, feed, names), strict=True))
+            try:
+                outputs = dict(zip(names, run(session, feed, names), strict=True))
+            except SessionError as error:
+                logger.info("input bias correction skipped: %s", error)
+                return [None] * len(tasks)
             for index, task in enumerate(tasks):
                 found = rows[index]
                 if found is None:
                     continue
                 means, shape = probes.fetch[task.activation.name or ""]
                 dims = [int(d) for d in outputs[shape.name or ""]]
-                errors = np.asarray(outputs[means.name or ""], np.float64).reshape(dims[0], dims[1])
-                shift = _row_shifts(task.node, weights[index], errors, dims[2:])
+                errors = np.asarray(outputs[means.name or ""], np.float64)
+                shift = None
+                if len(dims) >= 2 and errors.size == dims[0] * dims[1]:
+                    shift = _row_shifts(task.node, weights[index], errors.reshape(dims[0], dims[1]), dims[2:])
                 if shift is None:
                     rows[index] = None
                 else:

@@ -263,6 +263,21 @@ def test_the_target_search_tries_it_when_it_was_turned_off() -> None:
     assert outcome.fixes["input_bias_correction"] >= -0.05 * shift, outcome.fixes
 
 
+def test_a_failing_measuring_run_leaves_the_biases_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The correction refines a quantization: a run ONNX Runtime refuses costs it, not the model."""
+    import onnxq.calibrate.input_rounding as input_rounding
+    from onnxq.runtime.session import SessionError
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise SessionError("onnxruntime: refused", "refused")
+
+    monkeypatch.setattr(input_rounding, "open_model", refuse)
+    proto = _model()
+    result = _quantize(proto, True)
+    assert not any(n.startswith("input bias correction") for n in result.report.preprocess_notes)
+    assert builders.serialize(result.model) == builders.serialize(_quantize(proto, False).model)
+
+
 @pytest.mark.parametrize(("argv", "expected"), [([], True), (["--no-input-bias-correction"], False)])
 def test_the_cli_flag(argv: list[str], expected: bool) -> None:
     assert QuantConfig().input_bias_correction  # the default
