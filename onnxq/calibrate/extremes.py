@@ -35,7 +35,7 @@ from onnxq.runtime.session import SessionError, open_model, run
 __all__ = ["ObservedRunner", "add_extremes", "plain", "reducible", "remove_nodes", "stacked"]
 
 #: The opset from which each reduction takes its axes as an input (an attribute before).
-AXES_AS_INPUT = {"ReduceMin": 18, "ReduceMax": 18, "ReduceSum": 13}
+AXES_AS_INPUT = {"ReduceMin": 18, "ReduceMax": 18, "ReduceSum": 13, "ReduceMean": 18}
 
 
 def reducible(value: ir.Value, main: ir.Graph) -> bool:

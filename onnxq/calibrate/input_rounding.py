@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-from onnxq.calibrate.extremes import remove_nodes
+from onnxq.calibrate.extremes import AXES_AS_INPUT, remove_nodes
 from onnxq.data import Feeds
 from onnxq.graph import (
     NameScope,
@@ -77,9 +77,6 @@ MIN_ROWS = 4
 
 #: ``(node name, input name, scale, zero point, dtype)``: what a layer's shift depends on.
 _Key = tuple[str, str, float, int, str]
-
-#: The opset from which ReduceMean takes its axes as an input (an attribute before).
-_REDUCE_AXES_AS_INPUT = 18
 
 
 def _significant(rows: np.ndarray) -> np.ndarray | None:
@@ -142,7 +139,7 @@ class _Probes:
         error = self._node("Sub", [self._node("DequantizeLinear", [quantized, scale, zero_point]), value])
         # [N, C, *spatial] -> [N * C, positions] (a Gemm's [N, C] -> [N * C, 1]), then the mean.
         flat = self._node("Flatten", [error], [ir.AttrInt64("axis", 2)])
-        if self.opset >= _REDUCE_AXES_AS_INPUT:
+        if self.opset >= AXES_AS_INPUT["ReduceMean"]:
             axes = self._constant(np.array([1], np.int64))
             mean = self._node("ReduceMean", [flat, axes], [ir.AttrInt64("keepdims", 0)])
         else:
@@ -197,29 +194,40 @@ def _conv_pads(node: ir.Node, spatial: Sequence[int], kernel: Sequence[int]) -> 
     return None
 
 
-def _row_shifts(
-    node: ir.Node, weight: np.ndarray, errors: np.ndarray, spatial: Sequence[int]
-) -> np.ndarray | None:
-    """``[rows, out channels]``: each row's mean output shift.
+def _layer_matrix(node: ir.Node, weight: np.ndarray, spatial: Sequence[int]) -> np.ndarray | None:
+    """What maps a row's mean input error per channel to its mean output shift.
 
-    From its mean input error per channel (``errors``, ``[rows, in channels]``), every position of a
-    channel taken to err alike.
+    For an input of ``spatial`` size: a Gemm's ``[K, M]`` weight, a Conv's ``[O, C/g]`` weights summed
+    over the kernel, each tap counting for the share of output positions at which it reads the map.
+    ``None``: no fit.
     """
     if node.op_type == "Gemm":
-        matrix = weight.T if attr_int(node, "transB", 0) else weight  # [K, M]
-        if matrix.ndim != 2 or errors.shape[1] != matrix.shape[0]:
+        matrix = weight.T if attr_int(node, "transB", 0) else weight
+        return matrix if matrix.ndim == 2 else None
+    coverage = _coverage(node, spatial, weight.shape[2:])
+    if coverage is None or weight.shape[0] % attr_int(node, "group", 1):
+        return None
+    return np.asarray((weight * coverage).reshape(weight.shape[0], weight.shape[1], -1).sum(axis=2))
+
+
+def _row_shifts(node: ir.Node, matrix: np.ndarray, errors: np.ndarray) -> np.ndarray | None:
+    """``[rows, out channels]``: each row's mean output shift.
+
+    From its mean input error per channel (``errors``, ``[rows, in channels]``) through
+    :func:`_layer_matrix`, every position of a channel taken to err alike. ``None`` when the channels
+    do not fit.
+    """
+    if node.op_type == "Gemm":
+        if errors.shape[1] != matrix.shape[0]:
             return None
         return np.asarray(errors.astype(matrix.dtype) @ matrix, np.float64)
     groups = attr_int(node, "group", 1)
-    out_channels, per_group = weight.shape[0], weight.shape[1]
-    coverage = _coverage(node, spatial, weight.shape[2:])
-    if coverage is None or out_channels % groups or errors.shape[1] != per_group * groups:
+    out_channels, per_group = matrix.shape
+    if errors.shape[1] != per_group * groups:
         return None
-    # Each weight tap counts for the share of output positions at which it reads the map.
-    covered = (weight * coverage).reshape(out_channels, per_group, -1).sum(axis=2)  # [O, C/g]
     group_of = np.arange(out_channels) // (out_channels // groups)
     per_output = errors.reshape(-1, groups, per_group)[:, group_of, :]  # [rows, O, C/g]
-    return np.asarray(np.einsum("oc,roc->ro", covered, per_output))
+    return np.asarray(np.einsum("oc,roc->ro", matrix, per_output))
 
 
 @dataclass
@@ -318,6 +326,7 @@ class InputRounding:
         # The weights as stored (float32, no copy: a VGG's classifier holds 120 M of them).
         weights = [np.asarray(const_array(t.node.inputs[t.weight_index])) for t in tasks]
         rows: list[list[np.ndarray] | None] = [[] for _ in tasks]
+        matrices: dict[tuple[int, tuple[int, ...]], np.ndarray | None] = {}
         for feed in itertools.islice(self.feeds, MAX_BATCHES):
             try:
                 outputs = dict(zip(names, run(session, feed, names), strict=True))
@@ -333,7 +342,12 @@ class InputRounding:
                 errors = np.asarray(outputs[means.name or ""], np.float64)
                 shift = None
                 if len(dims) >= 2 and errors.size == dims[0] * dims[1]:
-                    shift = _row_shifts(task.node, weights[index], errors.reshape(dims[0], dims[1]), dims[2:])
+                    key = (index, tuple(dims[2:]))  # one matrix per layer and input size, not per batch
+                    if key not in matrices:
+                        matrices[key] = _layer_matrix(task.node, weights[index], dims[2:])
+                    matrix = matrices[key]
+                    if matrix is not None:
+                        shift = _row_shifts(task.node, matrix, errors.reshape(dims[0], dims[1]))
                 if shift is None:
                     rows[index] = None
                 else:

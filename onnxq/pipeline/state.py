@@ -245,8 +245,6 @@ class StaticState:
         :data:`~onnxq.tuning.interfaces.COSTLY_FIXES`).
         """
         model, config = self.float_model, self.config
-        # Statistics of other activations: a fix that changes the float model measures them anew.
-        fresh = InputRounding(self.feeds, self.providers) if self.rounding is not None else None
         if fix == "method=auto":  # the choice needs model runs: made here, not left to requantize
             calibration = dataclasses.replace(config.calibration, method="auto")
             config = config.replace(calibration=calibration)
@@ -283,10 +281,20 @@ class StaticState:
                 config=config,
                 ranges=dict(self.ranges),
                 reference=self.reference_model,
-                rounding=fresh,
+                rounding=self._rounding_for(model),
             )
         else:
             raise ValueError(f"unknown fix {fix!r}; expected one of {', '.join(FIXES)}")
-        if model is not self.float_model:
-            return dataclasses.replace(self, float_model=model, config=config, ranges={}, rounding=fresh)
-        return dataclasses.replace(self, float_model=model, config=config, ranges={})
+        return dataclasses.replace(
+            self, float_model=model, config=config, ranges={}, rounding=self._rounding_for(model)
+        )
+
+    def _rounding_for(self, model: ir.Model) -> InputRounding | None:
+        """The input bias correction's statistics for ``model``.
+
+        This state's for its own float model, fresh ones for a model whose activations a fix changed
+        (none when the correction is off).
+        """
+        if self.rounding is None or model is self.float_model:
+            return self.rounding
+        return InputRounding(self.feeds, self.providers)
