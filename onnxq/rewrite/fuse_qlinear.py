@@ -24,7 +24,9 @@ Rewrite rules (each a :class:`Rule` with ``match`` → ``check`` (a failure reas
    model's default-domain opset, which it requires, and decides its axis semantics by).
 7. Pass-through: DQ → ``MaxPool``/``Reshape``/``Transpose``/``Flatten``/``Squeeze``/``Unsqueeze``/
    ``Slice``/``Split``/``Resize`` (nearest)/``Gather`` (data) → Q on every used output, all with the
-   input's scale, zero point and type (compared by value) ⇒ the op runs on the integer tensor.
+   input's scale, zero point and type (compared by value) ⇒ the op runs on the integer tensor. A
+   ``Resize`` that repeats pixels by whole factors becomes a channels-last ``Expand`` instead (7b,
+   :mod:`onnxq.rewrite.nearest_upsample`), in QDQ output too.
 8. A ``Relu``/``Clip`` between a node of rules 1–4 and its output Q is dropped when the output's quantized
    range already clamps the same way: Relu needs the zero point at the type's minimum, Clip(lo, hi) needs
    the representable range [(qmin−zp)·s, (qmax−zp)·s] inside [lo, hi] up to half a step. Otherwise the
@@ -76,6 +78,7 @@ from onnxq.graph import (
     take_over,
     trim_inputs,
 )
+from onnxq.rewrite.nearest_upsample import channels_last_repeat, repeat_factors
 from onnxq.rules import Kernel
 
 __all__ = [
@@ -1128,6 +1131,42 @@ class PassThroughRule(Rule):
         return m.node.op_type
 
 
+@dataclass(frozen=True, kw_only=True)
+class UpsampleRule(PassThroughRule):
+    """Rule 7b: DQ → pixel-repeating ``Resize`` → Q (same parameters) ⇒ a channels-last ``Expand``.
+
+    The repeat runs as a broadcast on the integer tensor (:mod:`onnxq.rewrite.nearest_upsample`: ONNX
+    Runtime's NHWC uint8 Resize is slow). Other Resize nodes are left to :class:`PassThroughRule`.
+    """
+
+    op_types: tuple[str, ...] = ("Resize",)
+
+    def match(self, node: ir.Node, ctx: _Context) -> Match | None:
+        if repeat_factors(node, ctx.opset) is None:
+            return None
+        return super().match(node, ctx)
+
+    def kernel(self, m: Match) -> Kernel | None:
+        x = m.input(0)
+        assert x is not None
+        return Kernel("Expand", {0: x.dtype})
+
+    def rewrite(self, m: Match) -> str:
+        x, y = m.input(0), m.output
+        factors = repeat_factors(m.node, m.ctx.opset)
+        assert x is not None and y is not None and factors is not None and x.dtype is not None
+        dtype = x.dtype
+
+        def emit(
+            op: str, inputs: list[ir.Value | None], attrs: list[ir.Attr], out: ir.DataType | None
+        ) -> ir.Value:
+            return m.ctx.emit(m, op, inputs, attrs, dtype=out or dtype)
+
+        repeated = channels_last_repeat(x.data, factors, m.ctx.opset, emit, m.ctx.initializer)
+        m.ctx.finish(m, repeated, y.data)
+        return "Expand"
+
+
 def _pad_fill(node: ir.Node) -> float | None:
     """The float fill value of a constant-mode Pad (0 when omitted); ``None`` when not a constant."""
     value = node.inputs[2] if len(node.inputs) > 2 else None
@@ -1200,6 +1239,7 @@ RULES: tuple[Rule, ...] = (
     UnaryRule(op_types=("Sigmoid",), qop="QLinearSigmoid"),
     UnaryRule(op_types=("LeakyRelu",), qop="QLinearLeakyRelu", attributes=_leaky_relu_attributes),
     UnaryRule(op_types=("Softmax",), qop="QLinearSoftmax", attributes=_softmax_attributes),
+    UpsampleRule(),
     PassThroughRule(),
     UnsupportedRule(
         op_types=("ConvTranspose",),
@@ -1212,7 +1252,7 @@ RULES: tuple[Rule, ...] = (
 #: QuantizeLinear although it has integer kernels for them: onnxq's QDQ output runs them on the integer
 #: tensor itself (the rest of the QDQ graph is left for ONNX Runtime to fuse).
 QDQ_KEPT_PASS_THROUGH = ("Pad", "DepthToSpace", "SpaceToDepth")
-QDQ_PASS_THROUGH_RULES: tuple[Rule, ...] = (PassThroughRule(op_types=QDQ_KEPT_PASS_THROUGH),)
+QDQ_PASS_THROUGH_RULES: tuple[Rule, ...] = (UpsampleRule(), PassThroughRule(op_types=QDQ_KEPT_PASS_THROUGH))
 
 
 # --------------------------------------------------------------------------------------------------
