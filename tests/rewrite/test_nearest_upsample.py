@@ -71,7 +71,7 @@ def _resize_model(
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", "c", "h", "w"])],
         inits,
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=8)
     return onnx.shape_inference.infer_shapes(model)  # as onnxq's pipeline has them
 
 
@@ -195,7 +195,7 @@ def _fpn(upsample_ctm: str) -> onnx.ModelProto:
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, "h", "w"])],
         inits,
     )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
 
 
 def test_quantized_fpn_upsamples_on_integers_and_matches_float() -> None:
