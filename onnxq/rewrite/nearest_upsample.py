@@ -20,10 +20,12 @@ same outputs bit for bit. Between float ops the Resize stays as it is (its NCHW 
 only the integer pass-through stage uses this form.
 
 Which Resize nodes repeat (:func:`repeat_factors`) follows the ONNX specification's coordinate mapping
-for each ``coordinate_transformation_mode`` and ``nearest_mode``: ``asymmetric`` with ``floor`` (what
-``torch.nn.Upsample(mode="nearest")`` and Paddle export) always does; the half-pixel modes with
-rounding do for factor 2 and some others; ``align_corners`` and ``tf_crop_and_resize`` depend on the
-size and are left alone.
+for each ``coordinate_transformation_mode`` and ``nearest_mode``, checked per factor: ``asymmetric``
+with ``floor`` (what ``torch.nn.Upsample(mode="nearest")`` and Paddle export), ``tf_half_pixel_for_nn``
+with ``floor`` and ``half_pixel``/``pytorch_half_pixel`` with either rounding (what the ONNX version
+converter gives an old ``Upsample``) repeat at every factor, ``asymmetric`` with ``round_prefer_floor``
+at factor 2 only; ``align_corners``, ``half_pixel_symmetric`` and ``tf_crop_and_resize`` depend on the
+sizes and are left alone.
 """
 
 from __future__ import annotations
@@ -41,9 +43,9 @@ __all__ = ["channels_last_repeat", "repeat_factors"]
 #: Input lengths the coordinate mapping is checked on (the clamp at the border shows at length 1).
 _CHECKED_LENGTHS = (1, 2, 3, 7)
 
-#: Output coordinate → input coordinate, per ``coordinate_transformation_mode`` (``None``: depends on
-#: the sizes, not only the factor). ``pytorch_half_pixel`` equals ``half_pixel`` for outputs longer
-#: than 1, which every factor of 2 or more gives.
+#: Output coordinate → input coordinate, per ``coordinate_transformation_mode`` (the modes missing here
+#: depend on the sizes, not only the factor, and are declined). ``pytorch_half_pixel`` equals
+#: ``half_pixel`` for outputs longer than 1, which every factor of 2 or more gives.
 _SOURCE: dict[str, Callable[[int, int], float]] = {
     "asymmetric": lambda o, f: o / f,
     "half_pixel": lambda o, f: (o + 0.5) / f - 0.5,

@@ -215,3 +215,26 @@ def test_quantized_fpn_upsamples_on_integers_and_matches_float() -> None:
             np.sum(ref.astype(np.float64) ** 2) / np.sum((ref - out).astype(np.float64) ** 2)
         )
         assert sqnr > 25.0, f"{shape}: {sqnr:.1f} dB"
+
+
+def test_old_opset_upsample_becomes_the_expand_form() -> None:
+    """An opset-9 ``Upsample`` (old darknet/YOLO exports) reaches the rule through the opset upgrade."""
+    proto = _fpn("asymmetric")
+    graph = proto.graph
+    resize = next(n for n in graph.node if n.op_type == "Resize")
+    upsample = helper.make_node("Upsample", ["r1", "scales"], ["u"], mode="nearest")
+    nodes = [upsample if n is resize else n for n in graph.node]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    del proto.opset_import[:]
+    proto.opset_import.append(helper.make_opsetid("", 9))
+    rng = np.random.default_rng(3)
+    calib = [{"x": rng.standard_normal((1, 3, 16, 12)).astype(np.float32)} for _ in range(8)]
+    config = QuantConfig(latency_guard=LatencyGuardConfig(enabled=False))
+    quantized = ir.to_proto(onnxq.quantize(proto, calib, config=config, show_progress=False).model)
+    ops = [n.op_type for n in quantized.graph.node]
+    assert "Resize" not in ops and "Upsample" not in ops and ops.count("Expand") == 1
+    x = rng.standard_normal((1, 3, 16, 12)).astype(np.float32)
+    ref = _run(proto, x).astype(np.float64)
+    sqnr = 10 * np.log10(np.sum(ref**2) / np.sum((ref - _run(quantized, x)) ** 2))
+    assert sqnr > 25.0, f"{sqnr:.1f} dB"
