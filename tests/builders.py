@@ -326,3 +326,21 @@ def two_branch_model_and_data() -> tuple[object, list[dict[str, np.ndarray]], li
         return out
 
     return proto, feeds(1, 16, spikes=(0, 4)), feeds(2, 8)
+
+
+def silu_convs() -> onnx.ModelProto:
+    """Conv → SiLU (``c1 · Sigmoid(c1)``) → Conv → SiLU (operands the other way round) → Conv: two SiLUs
+    between quantized convolutions, the pattern of YOLO and EfficientNet."""
+    text = """
+    silu_convs (float[1, 3, 16, 16] x) => (float[1, 8, 16, 16] y) {
+        c1 = Conv <kernel_shape = [3, 3], pads = [1, 1, 1, 1]> (x, w1)
+        s1 = Sigmoid (c1)
+        a1 = Mul (c1, s1)
+        c2 = Conv <kernel_shape = [3, 3], pads = [1, 1, 1, 1]> (a1, w2)
+        s2 = Sigmoid (c2)
+        a2 = Mul (s2, c2)
+        y = Conv <kernel_shape = [1, 1]> (a2, w3)
+    }
+    """
+    arrays = normal_arrays(0, w1=(8, 3, 3, 3), w2=(8, 8, 3, 3), w3=(8, 8, 1, 1))
+    return parse(text, {name: array * 0.3 for name, array in arrays.items()})

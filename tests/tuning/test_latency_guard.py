@@ -495,52 +495,86 @@ block (float[1, 16, 64] x) => (float[1, 16, 64] y) {
 """
 
 
-class SumTimer(FakeTimer):
-    """A quantized model costs 1 ms, times ``sum_factor`` when it has Sum nodes (the unfused residuals);
-    the float models 2 ms."""
+class FormTimer(FakeTimer):
+    """A quantized model costs 1 ms, times ``factor`` when it holds ``form_op`` (the rewritten form);
+    the float models ``float_ms``."""
 
-    sum_factor: ClassVar[float] = 1.0
+    form_op: ClassVar[str] = "Sum"
+    factor: ClassVar[float] = 1.0
+    float_ms: ClassVar[float] = 2.0
 
     def _ms(self, model: ir.Model | bytes) -> float:
         ops = set() if isinstance(model, bytes) else {n.op_type for n in model.graph}
         if "DequantizeLinear" not in ops:
-            return 2.0
-        return type(self).sum_factor if "Sum" in ops else 1.0
+            return type(self).float_ms
+        return type(self).factor if type(self).form_op in ops else 1.0
 
     def sqnr(self, name: str) -> float:
         return 30.0
 
 
-@pytest.mark.parametrize(("sum_factor", "chosen"), [(0.7, True), (0.99, False)], ids=["faster", "as-fast"])
-def test_residual_adds_are_written_as_sum_when_that_is_faster(
-    monkeypatch: pytest.MonkeyPatch, sum_factor: float, chosen: bool
-) -> None:
-    arrays = builders.normal_arrays(0, w1=(64, 64), w2=(64, 64), gamma=(64,), beta=(64,))
-    proto = builders.parse(TRANSFORMER_BLOCK, arrays)
-    result = onnxq.quantize(
-        proto, builders.random_feeds(proto, 4, seed=1), QuantConfig(run_time_ranges=False)
-    )
-    SumTimer.sum_factor = sum_factor
-    monkeypatch.setattr(latency_guard, "_Timer", SumTimer)
+def guard_with(
+    proto: onnx.ModelProto, timer: type[FakeTimer], monkeypatch: pytest.MonkeyPatch, config: QuantConfig
+) -> tuple[QuantizationResult, GuardOutcome]:
+    """``proto`` quantized with ``config``, then the guard on it with ``timer``'s made-up timings."""
+    result = onnxq.quantize(proto, builders.random_feeds(proto, 4, seed=1), config)
+    monkeypatch.setattr(latency_guard, "_Timer", timer)
     assert result.static is not None
     feed = dict(next(iter(result.static.feeds)))
-    config = LatencyGuardConfig(enabled=True, min_gain=0.05)
-    outcome = guard_latency(result.static, result.model, feed, config, input_model=proto.SerializeToString())
-    timed = "quantized, residual Adds as Sum"
-    assert outcome.latency_ms[timed] == pytest.approx(sum_factor)
-    sums = [n for n in outcome.model.graph if n.op_type == "Sum"]
+    guard = LatencyGuardConfig(enabled=True, min_gain=0.05)
+    given = proto.SerializeToString()
+    return result, guard_latency(result.static, result.model, feed, guard, input_model=given)
+
+
+def transformer_block() -> onnx.ModelProto:
+    arrays = builders.normal_arrays(0, w1=(64, 64), w2=(64, 64), gamma=(64,), beta=(64,))
+    return builders.parse(TRANSFORMER_BLOCK, arrays)
+
+
+#: Per alternative form (step 5): the model, how it is quantized, the op the form writes, the
+#: outcome's and the state's field, how many places it rewrites, and the report's line.
+FORMS = {
+    "residual-sums": (
+        transformer_block,
+        QuantConfig(run_time_ranges=False),
+        "Sum",
+        "residual_sums",
+        2,
+        "2 residual Add(s) before LayerNormalization as Sum",
+    ),
+    "silu-islands": (
+        builders.silu_convs,
+        QuantConfig(latency_guard=LatencyGuardConfig(False)),
+        "QuickGelu",
+        "silu_islands",
+        2,
+        "2 SiLU(s) as float QuickGelu",
+    ),
+}
+
+
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize(("factor", "chosen"), [(0.75, True), (0.99, False)], ids=["faster", "as-fast"])
+def test_an_alternative_form_is_kept_when_faster(
+    monkeypatch: pytest.MonkeyPatch, form: str, factor: float, chosen: bool
+) -> None:
+    build, config, op, field, count, line = FORMS[form]
+    FormTimer.form_op, FormTimer.factor, FormTimer.float_ms = op, factor, 2.0
+    result, outcome = guard_with(build(), FormTimer, monkeypatch, config)
+    assert result.static is not None
+    label = {"Sum": latency_guard.RESIDUAL_SUMS, "QuickGelu": latency_guard.SILU_ISLANDS}[op]
+    timed = f"quantized, {label}"
+    assert outcome.latency_ms[timed] == pytest.approx(factor)
+    written = [n for n in outcome.model.graph if n.op_type == op]
     if chosen:
-        assert outcome.chosen == timed and outcome.residual_sums == 2 == len(sums)
-        assert any(
-            "2 residual Add(s) before LayerNormalization as Sum" in line
-            for line in latency_guard.describe(outcome)
-        )
+        assert outcome.chosen == timed and getattr(outcome, field) == count == len(written)
+        assert any(line in text for text in latency_guard.describe(outcome))
         # variants made later (--target) keep the form once the pipeline records the choice
-        assert not any(n.op_type == "Sum" for n in result.static.requantize().graph)
-        result.static.residual_sums = True
-        assert sum(n.op_type == "Sum" for n in result.static.requantize().graph) == 2
+        assert not any(n.op_type == op for n in result.static.requantize().graph)
+        setattr(result.static, field, True)
+        assert sum(n.op_type == op for n in result.static.requantize().graph) == count
     else:
-        assert outcome.chosen == "quantized" and outcome.residual_sums == 0 and not sums
+        assert outcome.chosen == "quantized" and getattr(outcome, field) == 0 and not written
 
 
 def test_the_preprocessed_float_model_is_timed_only_when_int8_gains_little(
@@ -612,3 +646,25 @@ def test_one_core_or_the_option_off_skips_the_check(
         assert FakeTimer.default_timers == 0
     finally:
         FakeTimer.default_threads_int8 = 1.0
+
+
+def test_the_report_counts_silu_islands_as_float(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Through onnxq.quantize with the guard on: the report moves the SiLU's ops to a float QuickGelu."""
+    proto = builders.silu_convs()
+    FormTimer.form_op = "QuickGelu"
+    monkeypatch.setattr(latency_guard, "_Timer", FormTimer)
+    monkeypatch.setattr(latency_guard, "_cores", lambda: 1)
+    config = QuantConfig(latency_guard=LatencyGuardConfig(enabled=True))
+    feeds = builders.random_feeds(proto, 4, seed=1)
+    FormTimer.factor, FormTimer.float_ms = 0.8, 2.0
+    result = onnxq.quantize(proto, feeds, config)
+    assert result.report.latency_guard is not None and result.report.latency_guard["silu_islands"] == 2
+    assert result.report.float_op_types.get("QuickGelu") == 2
+    assert "Sigmoid" not in result.report.quantized_op_types
+    assert [n.op_type for n in result.model.graph].count("QuickGelu") == 2
+    # the islands were faster than int8 but the float input faster still: nothing of them remains
+    FormTimer.float_ms = 0.5
+    result = onnxq.quantize(proto, feeds, config)
+    assert result.report.latency_guard is not None and result.report.latency_guard["all_float"]
+    assert result.report.latency_guard["silu_islands"] == 0
+    assert "QuickGelu" not in result.report.float_op_types
