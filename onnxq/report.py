@@ -337,11 +337,13 @@ def _guard_line(guard: dict[str, Any]) -> str:
         )
         return f"{verdict} ({timed}; {where}): every layer kept float, {returned} written"
     reverted = guard.get("reverted", {})
-    sums = guard.get("residual_sums", 0)
+    sums, islands = guard.get("residual_sums", 0), guard.get("silu_islands", 0)
     unfused = f"; {sums} residual Add(s) before LayerNorm as Sum (unfused: faster here)" if sums else ""
+    if islands:
+        unfused += f"; {islands} SiLU(s) as float QuickGelu (faster here than QLinearSigmoid + QLinearMul)"
     if not reverted:
         chosen_ms = ms.get(guard.get("chosen", ""), math.nan)
-        tail = f" -> {chosen_ms:.3g} ms" if sums else ""
+        tail = f" -> {chosen_ms:.3g} ms" if sums or islands else ""
         return f"every kind of layer is faster in int8 ({timed}{tail}; {where}){unfused}"
     kinds = ", ".join(f"{len(names)} {kind}" for kind, names in reverted.items())
     chosen = ms.get(guard.get("chosen", ""), math.nan)

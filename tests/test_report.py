@@ -145,3 +145,19 @@ def test_outputs_compared_without_padding_say_so() -> None:
     (note,) = [line for line in text.splitlines() if "real tokens only" in line]
     assert note.startswith("'hidden': compared on real tokens only") and "pooled" not in note
     assert json.loads(_report(accuracy=rows).to_json())["accuracy"][0]["padding_excluded"] is True
+
+
+@pytest.mark.parametrize("reverted", [{}, {"narrow Conv": ["c0"]}], ids=["none-reverted", "one-reverted"])
+def test_the_guard_row_names_the_silu_islands(reverted: dict[str, list[str]]) -> None:
+    from onnxq.report import _guard_line
+
+    chosen = "quantized, SiLU as QuickGelu" if not reverted else "keep narrow Conv float, SiLU as QuickGelu"
+    guard = {
+        "latency_ms": {"input": 4.0, "quantized": 2.0, chosen: 1.5},
+        "reverted": reverted,
+        "chosen": chosen,
+        "silu_islands": 56,
+        "threads": 1,
+    }
+    line = _guard_line(guard)
+    assert "56 SiLU(s) as float QuickGelu" in line and "-> 1.5 ms" in line
