@@ -148,13 +148,11 @@ def quantize(
     if guard is not None and static is not None:
         report.latency_guard = guard.as_dict()
         report.timings_s["latency_guard"] = guard.seconds
-        if guard.reverted:
+        if guard.reverted or guard.silu_islands:
             counts = static.counts()
             report.quantized_op_types, report.float_op_types = counts.quantized, counts.floating
             report.activations_absorbed = counts.absorbed
             report.preprocess_notes = with_run_time_note(report.preprocess_notes, counts.run_time)
-        if guard.silu_islands:  # each SiLU's Sigmoid and Mul run as one float QuickGelu
-            _count_silu_islands(report.quantized_op_types, report.float_op_types, guard.silu_islands)
     report.timings_s["total"] = time.perf_counter() - start
     return QuantizationResult(
         ir_model, report, float_source=float_source, calibration=feeds, input_path=input_path, static=static
@@ -227,17 +225,6 @@ def _guard_latency(
         state.dynamic_ops = {**state.dynamic_ops, "LSTM": state.dynamic_ops.get("LSTM", 0) - lstms}
         state.dynamic_ops = {op: n for op, n in state.dynamic_ops.items() if n > 0}
     return outcome.model, outcome
-
-
-def _count_silu_islands(quantized: dict[str, int], floating: dict[str, int], islands: int) -> None:
-    """Move ``islands`` SiLUs' Sigmoid and Mul from the quantized op counts to a float QuickGelu."""
-    for op in ("Sigmoid", "Mul"):
-        left = quantized.get(op, 0) - islands
-        if left > 0:
-            quantized[op] = left
-        else:
-            quantized.pop(op, None)
-    floating["QuickGelu"] = floating.get("QuickGelu", 0) + islands
 
 
 def _reference_feeds(model: ir.Model, data: DataSource | None) -> Feeds | None:

@@ -24,7 +24,7 @@ from onnxq.rewrite.cleanup import cleanup
 from onnxq.rewrite.dynamic_quant import StaticLeftoversPass, run_time_products
 from onnxq.rewrite.fuse_qlinear import QDQ_PASS_THROUGH_RULES, FuseQLinearPass
 from onnxq.rewrite.insert_qdq import InsertQDQPass, group_params
-from onnxq.rewrite.silu_island import write_silu_islands
+from onnxq.rewrite.silu_island import count_as_islands, planned_silus, write_silu_islands
 from onnxq.rewrite.sum_form import write_bias_adds_as_sum, write_residual_adds_as_sum
 from onnxq.tuning.interfaces import FIXES
 
@@ -172,6 +172,8 @@ class StaticState:
         rewritten = collections.Counter(self.dynamic_ops)
         rewritten.update(n.op_type for n in model.graph if n.name in run_time)
         quantized, floating = count_op_types(plan, rewritten)
+        if self.silu_islands:  # each SiLU's Sigmoid and Mul run as one float QuickGelu
+            count_as_islands(quantized, floating, planned_silus(plan.quantized_nodes))
         return PlanCounts(quantized, floating, len(plan.absorbed_nodes), len(run_time))
 
     def requantize(

@@ -24,6 +24,7 @@ scale and zero point: the same function with one rounding fewer.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,7 +32,7 @@ import onnx_ir as ir
 
 from onnxq.graph import DEFAULT_DOMAINS, NameScope, const_array, take_over
 
-__all__ = ["IntegerSilu", "integer_silus", "write_silu_islands"]
+__all__ = ["IntegerSilu", "count_as_islands", "integer_silus", "planned_silus", "write_silu_islands"]
 
 MS_DOMAIN = "com.microsoft"
 
@@ -176,3 +177,35 @@ def write_silu_islands(model: ir.Model) -> int:
     if matches and MS_DOMAIN not in model.opset_imports:
         model.opset_imports[MS_DOMAIN] = 1
     return len(matches)
+
+
+def planned_silus(quantized_nodes: Collection[ir.Node]) -> int:
+    """How many SiLUs a plan quantizes (its Sigmoid and its Mul both among ``quantized_nodes``).
+
+    What :func:`write_silu_islands` finds in the written model, counted before writing it: a Sigmoid
+    read only by a quantized Mul whose other operand is the Sigmoid's own input.
+    """
+    chosen = set(map(id, quantized_nodes))
+    found = 0
+    for node in quantized_nodes:
+        if not _is(node, "Sigmoid") or not node.inputs or node.inputs[0] is None:
+            continue
+        mul = _sole_use(node.outputs[0])
+        if mul is None or id(mul) not in chosen or not _is(mul, "Mul") or len(mul.inputs) != 2:
+            continue
+        if node.inputs[0] in (mul.inputs[0], mul.inputs[1]):
+            found += 1
+    return found
+
+
+def count_as_islands(quantized: dict[str, int], floating: dict[str, int], islands: int) -> None:
+    """Move ``islands`` SiLUs' Sigmoid and Mul from the quantized op counts to float QuickGelu (in place)."""
+    if not islands:
+        return
+    for op in ("Sigmoid", "Mul"):
+        left = quantized.get(op, 0) - islands
+        if left > 0:
+            quantized[op] = left
+        else:
+            quantized.pop(op, None)
+    floating["QuickGelu"] = floating.get("QuickGelu", 0) + islands

@@ -15,6 +15,7 @@ import pytest
 
 import onnxq
 from onnxq.config import LatencyGuardConfig, QuantConfig
+from onnxq.pipeline.state import StaticState
 from onnxq.rewrite.silu_island import integer_silus, write_silu_islands
 
 #: A squeeze-and-excitation gate: x · Sigmoid(other), not a SiLU.
@@ -110,3 +111,24 @@ def test_a_gate_is_not_a_silu() -> None:
     quantized = _quantize(_gate_model(), "qdq")
     assert not integer_silus(quantized)
     assert write_silu_islands(quantized) == 0 and "QuickGelu" not in [n.op_type for n in quantized.graph]
+
+
+def test_the_plan_counts_the_silus_the_written_model_has() -> None:
+    """planned_silus (the report's count, before writing) agrees with what the rewrite finds after."""
+    from onnxq.rewrite.silu_island import planned_silus
+
+    for proto, expected in ((builders.silu_convs(), 2), (_gate_model(), 0)):
+        state = result_static(proto)
+        planned = planned_silus(state.plan().quantized_nodes)
+        assert planned == expected == len(integer_silus(state.requantize()))
+    # the first Conv kept float leaves the first SiLU's input float: that SiLU is neither planned nor written
+    state = result_static(builders.silu_convs())
+    kept = state.quantized_nodes[:1]
+    assert planned_silus(state.plan(kept).quantized_nodes) == len(integer_silus(state.requantize(kept))) == 1
+
+
+def result_static(proto: onnx.ModelProto) -> StaticState:
+    config = QuantConfig(latency_guard=LatencyGuardConfig(enabled=False))
+    result = onnxq.quantize(proto, builders.random_feeds(proto, 8, seed=1), config, show_progress=False)
+    assert result.static is not None
+    return result.static
