@@ -51,6 +51,8 @@ class IntegerSilu:
     replaced: tuple[ir.Node, ...]
     #: DequantizeLinear nodes it read, removed when nothing else reads them.
     inputs: tuple[ir.Node, ...] = ()
+    #: The product's QuantizeLinear attributes (``saturate``, ``output_dtype``), kept on the island's.
+    q_attributes: tuple[ir.Attr, ...] = ()
 
 
 def _sole_use(value: ir.Value) -> ir.Node | None:
@@ -99,7 +101,7 @@ def _qdq_silu(sigmoid: ir.Node) -> IntegerSilu | None:
     if any(not _same(_input(other_dq, i), _input(x_dq, i)) for i in (1, 2)) or "axis" in x_dq.attributes:
         return None
     y_q = _sole_use(mul.outputs[0])
-    if y_q is None or not _is(y_q, "QuantizeLinear") or y_q.inputs[1] is None:
+    if y_q is None or not _is(y_q, "QuantizeLinear") or y_q.inputs[1] is None or "axis" in y_q.attributes:
         return None
     x_scale = x_dq.inputs[1]
     assert x_scale is not None
@@ -109,6 +111,7 @@ def _qdq_silu(sigmoid: ir.Node) -> IntegerSilu | None:
         y_q.outputs[0],
         (y_q, mul, s_dq, s_q, sigmoid),
         (x_dq, other_dq),
+        tuple(y_q.attributes.values()),
     )
 
 
@@ -167,6 +170,8 @@ def write_silu_islands(model: ir.Model) -> int:
         )
         silu.outputs[0].name = names.fresh(f"{base}_silu_output")
         q = ir.node("QuantizeLinear", [silu.outputs[0], *match.y_params], name=names.fresh(f"{base}_island"))
+        for attribute in match.q_attributes:
+            q.attributes[attribute.name] = ir.Attr(attribute.name, attribute.type, attribute.value)
         for node in (dq, silu, q):
             graph.insert_before(first, node)
         q.outputs[0].type = match.y.type
