@@ -30,6 +30,7 @@ __all__ = [
     "make_initializer",
     "node_label",
     "prepend",
+    "remove_dead",
     "rounded_from",
 ]
 
@@ -119,6 +120,16 @@ def sole_reader(value: ir.Value) -> ir.Node | None:
         return None
     uses = list(value.uses())
     return uses[0].node if len(uses) == 1 else None
+
+
+def remove_dead(nodes: Sequence[ir.Node | None]) -> None:
+    """Remove the nodes (readers before producers) whose outputs nothing reads any more."""
+    for node in nodes:
+        if node is None or node.graph is None:
+            continue
+        if any(out.is_graph_output() or list(out.uses()) for out in node.outputs):
+            continue
+        node.graph.remove(node, safe=True)
 
 
 def attr_int(node: ir.Node, name: str, default: int) -> int:

@@ -74,6 +74,7 @@ from onnxq.graph import (
     const_array,
     default_opset,
     make_initializer,
+    remove_dead,
     sole_reader,
     take_over,
     trim_inputs,
@@ -608,21 +609,11 @@ class _Context:
     def finish(self, m: Match, new: ir.Value, replaced: ir.Value, *, also: Sequence[ir.Node] = ()) -> None:
         """``new`` takes over the uses and name of ``replaced``; nodes that became dead go."""
         take_over(replaced, new)
-        _remove_dead([*(q.node for q in m.outputs if q), *also, m.activation, m.node, *_dq_nodes(m)])
+        remove_dead([*(q.node for q in m.outputs if q), *also, m.activation, m.node, *_dq_nodes(m)])
 
 
 def _dq_nodes(m: Match) -> list[ir.Node]:
     return [q.node for q in m.inputs if q is not None]
-
-
-def _remove_dead(nodes: Sequence[ir.Node | None]) -> None:
-    """Remove the nodes (readers before producers) whose outputs nothing reads any more."""
-    for node in nodes:
-        if node is None or node.graph is None:
-            continue
-        if any(out.is_graph_output() or list(out.uses()) for out in node.outputs):
-            continue
-        node.graph.remove(node, safe=True)
 
 
 def _copy_attributes(node: ir.Node, keep: Sequence[str] | None = None) -> list[ir.Attr]:
@@ -1127,7 +1118,7 @@ class PassThroughRule(Rule):
                 assert q.dtype is not None
                 value.type = ir.TensorType(q.dtype)
                 take_over(q.data, value)
-        _remove_dead([*(q.node for q in m.outputs if q), *_dq_nodes(m)])
+        remove_dead([*(q.node for q in m.outputs if q), *_dq_nodes(m)])
         return m.node.op_type
 
 
@@ -1271,7 +1262,7 @@ def _collapse_once(graph: ir.Graph) -> bool:
             continue
         if q.same_params(dq) and q.dtype in _QRANGE and not q.data.is_graph_output():
             q.data.replace_all_uses_with(dq.data)
-            _remove_dead([q_node, dq.node])
+            remove_dead([q_node, dq.node])
             changed = True
             continue
         # DQ1 → Q1 → DQ2 → Q2: Q2 reads DQ1's output when Q1 clips no more than Q2 (or DQ1's range).
@@ -1289,7 +1280,7 @@ def _collapse_once(graph: ir.Graph) -> bool:
         if not any(mid_lo <= lo and hi <= mid_hi for lo, hi in covers):
             continue
         q_node.replace_input_with(0, first.node.outputs[0])
-        _remove_dead([dq.node, middle.node])
+        remove_dead([dq.node, middle.node])
         changed = True
     return changed
 

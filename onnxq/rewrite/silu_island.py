@@ -30,11 +30,10 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from onnxq.graph import DEFAULT_DOMAINS, NameScope, const_array, take_over
+from onnxq.graph import DEFAULT_DOMAINS, NameScope, const_array, remove_dead, sole_reader, take_over
+from onnxq.rewrite.fuse_qlinear import MS_DOMAIN
 
 __all__ = ["IntegerSilu", "count_as_islands", "integer_silus", "planned_silus", "write_silu_islands"]
-
-MS_DOMAIN = "com.microsoft"
 
 
 @dataclass(frozen=True)
@@ -53,13 +52,6 @@ class IntegerSilu:
     inputs: tuple[ir.Node, ...] = ()
     #: The product's QuantizeLinear attributes (``saturate``, ``output_dtype``), kept on the island's.
     q_attributes: tuple[ir.Attr, ...] = ()
-
-
-def _sole_use(value: ir.Value) -> ir.Node | None:
-    if value.is_graph_output():
-        return None
-    uses = list(value.uses())
-    return uses[0].node if len(uses) == 1 else None
 
 
 def _is(node: ir.Node | None, op_type: str, domain: str = "") -> bool:
@@ -89,9 +81,9 @@ def _qdq_silu(sigmoid: ir.Node) -> IntegerSilu | None:
     x_dq = sigmoid.inputs[0].producer() if sigmoid.inputs and sigmoid.inputs[0] is not None else None
     if not _is(x_dq, "DequantizeLinear") or x_dq is None or x_dq.inputs[0] is None:
         return None
-    s_q = _sole_use(sigmoid.outputs[0])
-    s_dq = _sole_use(s_q.outputs[0]) if _is(s_q, "QuantizeLinear") and s_q is not None else None
-    mul = _sole_use(s_dq.outputs[0]) if _is(s_dq, "DequantizeLinear") and s_dq is not None else None
+    s_q = sole_reader(sigmoid.outputs[0])
+    s_dq = sole_reader(s_q.outputs[0]) if _is(s_q, "QuantizeLinear") and s_q is not None else None
+    mul = sole_reader(s_dq.outputs[0]) if _is(s_dq, "DequantizeLinear") and s_dq is not None else None
     if mul is None or not _is(mul, "Mul") or len(mul.inputs) != 2 or s_dq is None or s_q is None:
         return None
     other = mul.inputs[1] if mul.inputs[0] is s_dq.outputs[0] else mul.inputs[0]
@@ -100,7 +92,7 @@ def _qdq_silu(sigmoid: ir.Node) -> IntegerSilu | None:
         return None
     if any(not _same(_input(other_dq, i), _input(x_dq, i)) for i in (1, 2)) or "axis" in x_dq.attributes:
         return None
-    y_q = _sole_use(mul.outputs[0])
+    y_q = sole_reader(mul.outputs[0])
     if y_q is None or not _is(y_q, "QuantizeLinear") or y_q.inputs[1] is None or "axis" in y_q.attributes:
         return None
     x_scale = x_dq.inputs[1]
@@ -119,7 +111,7 @@ def _qoperator_silu(sigmoid: ir.Node) -> IntegerSilu | None:
     """``QLinearSigmoid`` read only by a ``QLinearMul`` of the same input (module docstring), or ``None``."""
     if len(sigmoid.inputs) < 4 or sigmoid.inputs[0] is None or sigmoid.inputs[1] is None:
         return None
-    mul = _sole_use(sigmoid.outputs[0])
+    mul = sole_reader(sigmoid.outputs[0])
     if mul is None or not _is(mul, "QLinearMul", MS_DOMAIN) or len(mul.inputs) < 7 or mul.inputs[6] is None:
         return None
     gate_first = mul.inputs[0] is sigmoid.outputs[0]
@@ -176,9 +168,7 @@ def write_silu_islands(model: ir.Model) -> int:
             graph.insert_before(first, node)
         q.outputs[0].type = match.y.type
         take_over(match.y, q.outputs[0])
-        for node in (*match.replaced, *match.inputs):
-            if node.graph is not None and not any(o.is_graph_output() or o.uses() for o in node.outputs):
-                node.graph.remove(node, safe=True)
+        remove_dead([*match.replaced, *match.inputs])
     if matches and MS_DOMAIN not in model.opset_imports:
         model.opset_imports[MS_DOMAIN] = 1
     return len(matches)
@@ -195,7 +185,7 @@ def planned_silus(quantized_nodes: Collection[ir.Node]) -> int:
     for node in quantized_nodes:
         if not _is(node, "Sigmoid") or not node.inputs or node.inputs[0] is None:
             continue
-        mul = _sole_use(node.outputs[0])
+        mul = sole_reader(node.outputs[0])
         if mul is None or id(mul) not in chosen or not _is(mul, "Mul") or len(mul.inputs) != 2:
             continue
         if node.inputs[0] in (mul.inputs[0], mul.inputs[1]):
