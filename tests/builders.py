@@ -344,3 +344,59 @@ def silu_convs() -> onnx.ModelProto:
     """
     arrays = normal_arrays(0, w1=(8, 3, 3, 3), w2=(8, 8, 3, 3), w3=(8, 8, 1, 1))
     return parse(text, {name: array * 0.3 for name, array in arrays.items()})
+
+
+def log_spectrum_cnn() -> tuple[onnx.ModelProto, list[dict[str, np.ndarray]], list[dict[str, np.ndarray]]]:
+    """A log-power spectrum front end before a small CNN, with harmonic "voiced" frames to feed it.
+
+    Frames of 256 samples ``[1, 256, 32]`` → STFT as two 1×1 Convs (Hann-windowed cosine and sine
+    kernels, 129 bins) → power ``re² + im²`` → ``Max`` with a 1e-10 floor → ``Log`` → two 3×3 Conv +
+    Relu → GlobalAveragePool ``[1, 8]``: the shape of DNSMOS's ``sig_bak_ovr`` (keras2onnx). The
+    frames hold a harmonic tone whose partials fall off 0.7× each, over a faint hiss, so the power spans
+    about ten decades and most bins are far below one 8-bit step of the STFT's range. Returns the model,
+    16 calibration feeds and 8 held-out feeds.
+    """
+    n = np.arange(256)
+    bins = np.arange(129)[:, None]
+    window = 0.5 - 0.5 * np.cos(2 * np.pi * n / 256)
+    arrays = {
+        "wre": (np.cos(2 * np.pi * bins * n / 256) * window)[:, :, None].astype(np.float32),
+        "wim": (-np.sin(2 * np.pi * bins * n / 256) * window)[:, :, None].astype(np.float32),
+        "floor": np.array(1e-10, np.float32),
+        "axes": np.array([1], np.int64),
+        **{k: v * 0.2 for k, v in normal_arrays(3, w1=(8, 1, 3, 3), w2=(8, 8, 3, 3)).items()},
+        "b1": np.full(8, 1.5, np.float32),
+        "b2": np.zeros(8, np.float32),
+    }
+    text = """
+    log_spectrum_cnn (float[1, 256, 32] frames) => (float[1, 8, 1, 1] y) {
+        re = Conv <kernel_shape = [1]> (frames, wre)
+        im = Conv <kernel_shape = [1]> (frames, wim)
+        re2 = Mul (re, re)
+        im2 = Mul (im, im)
+        power = Add (re2, im2)
+        floored = Max (power, floor)
+        spectrum = Log (floored)
+        image = Unsqueeze (spectrum, axes)
+        c1 = Conv <kernel_shape = [3, 3], pads = [1, 1, 1, 1]> (image, w1, b1)
+        r1 = Relu (c1)
+        c2 = Conv <kernel_shape = [3, 3], pads = [1, 1, 1, 1]> (r1, w2, b2)
+        r2 = Relu (c2)
+        y = GlobalAveragePool (r2)
+    }
+    """
+    proto = parse(text, arrays)
+
+    def feeds(count: int, seed: int) -> list[dict[str, np.ndarray]]:
+        rng = np.random.default_rng(seed)
+        t = np.arange(256 * 32) / 16000.0
+        out = []
+        for _ in range(count):
+            f0 = rng.uniform(100.0, 300.0)
+            partials = np.arange(1, int(7000 / f0) + 1)
+            tone = sum(0.5 * 0.7**k * np.sin(2 * np.pi * f0 * k * t + rng.uniform(0, 6.3)) for k in partials)
+            signal = tone + rng.normal(0.0, 1e-4, t.size)
+            out.append({"frames": signal.reshape(32, 256).T[None].astype(np.float32)})
+        return out
+
+    return proto, feeds(1, 16), feeds(2, 8)

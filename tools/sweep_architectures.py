@@ -716,7 +716,10 @@ def run_onnxq(case_dir: Path, model: Path, calib: Path, evaluation: Path, timeou
         row["outcome"] = f"exit {proc.returncode}: {last[:200]}"
     if report_path.is_file():
         report = json.loads(report_path.read_text())
-        row["cli_worst_sqnr_db"] = min((a["sqnr_db"] for a in report.get("accuracy", [])), default=None)
+        # Non-float outputs (lengths, labels) have no SQNR: the report writes "nan" for them.
+        accuracy = report.get("accuracy", [])
+        sqnrs = [a["sqnr_db"] for a in accuracy if isinstance(a.get("sqnr_db"), float | int)]
+        row["cli_worst_sqnr_db"] = min(sqnrs, default=None)
         lat = report.get("latency", [])
         if lat:
             row["cli_ratio"] = lat[0]["quantized_ms"] / lat[0]["float_ms"] if lat[0]["float_ms"] else None

@@ -37,6 +37,7 @@ name                     input (batch 1)                      task metric (1.0 =
 ``yolo11s_seg_slider``   ``images`` [1, 3, 640, 640] captcha  IoU of the gap masks (score > 0.25)
 ``silero_vad_v6``        ``input`` [frames, 576], ``h``, ``c``  agreement of per-frame speech decisions
                          [1, 1, 128]
+``dnsmos``               ``input_1`` [1, 144160] audio        SIG/BAK/OVRL MOS all within 0.1 of float's
 ``light_*`` (9 models)   [1, 3, 224, 224] random normal       mean cosine of the output (informational)
 ======================== ==================================== ============================================
 
@@ -125,6 +126,12 @@ name                     input (batch 1)                      task metric (1.0 =
   previous frame's last 64 samples, ``[frames, 576]``, with zero ``h``/``c``; here clips of 48–160
   frames of the speech stream (seeded gain and hiss). The metric is the agreement of the per-frame
   decisions (p > 0.5).
+- **speechmos 0.0.1.1** ``dnsmos_models/sig_bak_ovr.onnx``: Microsoft's DNSMOS P.835 (a Keras model
+  through keras2onnx 1.8.1, opset 12): raw 16 kHz audio → an STFT written as two 1-wide Convs → power →
+  floor → ``Log`` → a six-layer CNN → raw SIG, BAK and OVRL scores. ``speechmos/dnsmos.py`` feeds 9.01 s
+  segments as ``[1, 144160]``; here clips of the speech stream with a seeded gain and hiss or mains hum
+  at 5–40 dB SNR. The metric maps the raw outputs through the package's ``get_polyfit_val`` and counts
+  the clips whose three MOS all lie within 0.1 of the float model's.
 - **onnx** ``backend/test/data/light/light_*.onnx``: the classic Caffe2-era model-zoo networks (IR 3,
   opset 9) that the installed ``onnx`` wheel ships. Their weights there are ``ConstantOfShape`` fills
   of 0.02, which overflow float32 in the deeper networks (every output the same, or infinite), so
@@ -336,6 +343,17 @@ _SLIDER = ("captcha_recognizer", "1.0.2")
 #: ``captcha_recognizer/slider.py``'s ``CONF_THRESHOLD`` default of ``predict`` and its NMS IoU.
 _SLIDER_SCORE, _SLIDER_NMS = 0.25, 0.7
 _WHISPER = ("faster-whisper", "1.2.1")
+_SPEECHMOS = ("speechmos", "0.0.1.1")
+#: ``speechmos/dnsmos.py``: ``INPUT_LENGTH`` (seconds) of the clips ``sig_bak_ovr.onnx`` reads, at 16 kHz.
+DNSMOS_SAMPLES = 144160
+#: ``DNSMOS.get_polyfit_val`` (not personalized): raw SIG, BAK, OVRL outputs → MOS.
+_DNSMOS_POLY = (
+    (-0.08397278, 1.22083953, 0.0052439),
+    (-0.13166888, 1.60915514, -0.39604546),
+    (-0.06766283, 1.11546468, 0.04602535),
+)
+#: Two MOS values closer than this are the same score (DNSMOS is reported to one decimal).
+DNSMOS_TOLERANCE = 0.1
 #: Length range (in 512-sample frames, 32 ms each) of the clips ``silero_vad_v6`` reads at once.
 _VAD_CLIP_FRAMES = (48, 160)
 #: Wheels whose files are magika's inputs (code, images, text, configs, models, compiled objects): the
@@ -504,6 +522,17 @@ def zoo_models() -> list[ZooModel]:
             *_WHISPER,
             "faster_whisper/assets/silero_vad_v6.onnx",
             "4cbf549b8326f60f80f2536d9eefeb450a9abe83365a098031c89719f1be17d2",
+        ),
+        ZooModel(
+            "dnsmos",
+            f"{_SPEECHMOS[0]} {_SPEECHMOS[1]}: DNSMOS P.835 speech-quality estimator on raw audio "
+            "(keras2onnx 1.8.1, opset 12; STFT as two Convs, then a log-power spectrum and a CNN)",
+            "log-spectrum front end + cnn (SIG/BAK/OVRL)",
+            "MOS agreement vs float",
+            "wheel",
+            *_SPEECHMOS,
+            "speechmos/dnsmos_models/sig_bak_ovr.onnx",
+            "269fbebdb513aa23cddfbb593542ecc540284a91849ac50516870e1ac78f6edd",
         ),
     ]
     minilm_version = _installed_version(_MINILM_PACKAGE)
@@ -1374,6 +1403,24 @@ def _vad_clip(split: Split, rng: np.random.Generator) -> tuple[np.ndarray, float
     return clip.astype(np.float32), float(inside) / (stop - start)
 
 
+def _dnsmos_clip(split: Split, rng: np.random.Generator) -> tuple[np.ndarray, float]:
+    """A 9.01 s clip of the split's speech stream, as DNSMOS rates them: a seeded gain, and hiss or hum
+    at a seeded signal-to-noise ratio (5–40 dB) so that the background score varies; clipped to [−1, 1]
+    as ``speechmos/dnsmos.py`` requires. Returns the clip and its SNR in dB."""
+    clean, _ = _speech(split)
+    start = int(rng.integers(0, clean.size - DNSMOS_SAMPLES))
+    speech = clean[start : start + DNSMOS_SAMPLES].astype(np.float64) * rng.uniform(0.3, 1.0)
+    snr = float(rng.uniform(5.0, 40.0))
+    if rng.random() < 0.5:
+        noise = rng.standard_normal(DNSMOS_SAMPLES)
+    else:  # mains hum with its harmonics
+        t = np.arange(DNSMOS_SAMPLES) / VAD_RATE
+        noise = sum(np.sin(2 * np.pi * 50.0 * k * t + rng.uniform(0, 6.3)) / k for k in range(1, 6))
+    power = np.mean(speech**2) / 10 ** (snr / 10)
+    noise = noise * math.sqrt(power / max(float(np.mean(noise**2)), 1e-12))
+    return np.clip(speech + noise, -1.0, 1.0).astype(np.float32), snr
+
+
 def vad_v6_feed(clip: np.ndarray) -> Feed:
     """``silero_vad_v6``'s feed for a clip, as ``faster_whisper/vad.py``'s ``SileroVADModel.__call__``
     builds it: the clip cut into 512-sample frames, each led by the previous frame's last 64 samples
@@ -1657,6 +1704,10 @@ def iter_samples(
         for _ in range(count):
             clip, speech = _vad_clip(split, rng)
             yield Sample(vad_v6_feed(clip), speech)
+    elif name == "dnsmos":  # speechmos/dnsmos.py: input_features = audio_seg[np.newaxis, :]
+        for _ in range(count):
+            clip, snr = _dnsmos_clip(split, rng)
+            yield Sample({"input_1": clip[None]}, snr)
     elif name == "magika":
         files = _wheel_files(split)
         for _ in range(count):
@@ -2038,6 +2089,21 @@ def _vad_metrics(ref: Outputs, out: Outputs) -> dict[str, float]:
     }
 
 
+def dnsmos_scores(outputs: Outputs) -> np.ndarray:
+    """SIG, BAK and OVRL MOS per clip ``[clips, 3]``: the raw outputs through ``get_polyfit_val``."""
+    raw = np.stack([np.asarray(o[0], np.float64).reshape(-1)[:3] for o in outputs])
+    return np.stack([np.polyval(poly, raw[:, k]) for k, poly in enumerate(_DNSMOS_POLY)], axis=1)
+
+
+def _dnsmos_metrics(ref: Outputs, out: Outputs) -> dict[str, float]:
+    """The share of clips whose three scores all lie within :data:`DNSMOS_TOLERANCE` of float's."""
+    error = np.abs(dnsmos_scores(ref) - dnsmos_scores(out))
+    return {
+        "MOS agreement vs float": float(np.mean(np.all(error < DNSMOS_TOLERANCE, axis=1))),
+        "mean |Δ OVRL|": float(np.mean(error[:, 2])),
+    }
+
+
 def _cosine_metrics(ref: Outputs, out: Outputs, index: int, name: str) -> dict[str, float]:
     cosines = [
         _cosine(a, b) for r, o in zip(ref, out, strict=True) for a, b in zip(r[index], o[index], strict=True)
@@ -2076,6 +2142,8 @@ def task_metrics(
         return _slider_metrics(float_outputs, quant_outputs)
     if name == "yolov8n_nudenet":
         return _yolo_metrics(float_outputs, quant_outputs)
+    if name == "dnsmos":
+        return _dnsmos_metrics(float_outputs, quant_outputs)
     if is_sentence_encoder(name):  # outputs: last_hidden_state, sentence_embedding
         return _cosine_metrics(float_outputs, quant_outputs, 1, model.metric_name)
     if model.origin == "onnx-package":
@@ -2225,6 +2293,9 @@ def _truth_line(model: ZooModel, path: Path, samples: Sequence[Sample], outputs:
             drawn = np.asarray(s.truth, np.float64)[None]
             best.append(max((float(_iou(d[2][None], drawn)[0]) for d in found), default=0.0))
         return f"float vs drawn gap: best box IoU {np.round(best, 2).tolist()}"
+    if model.name == "dnsmos":
+        scores = np.round(dnsmos_scores(outputs), 2).tolist()
+        return f"float SIG/BAK/OVRL {scores}; SNR dB {[round(s.truth) for s in samples]}"
     if model.name == "silero_vad_v6":
         probs = [float(np.mean(np.asarray(o[0]) > 0.5)) for o in outputs]
         drawn = [round(s.truth, 2) for s in samples]

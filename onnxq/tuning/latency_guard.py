@@ -12,6 +12,11 @@ on this machine, instead of guessing:
    anchors with little work (fewer than :data:`SMALL_MACS` multiply-adds per sample, from the inferred
    shapes) form "small" kinds of their own. The LSTMs static mode runs as DynamicQuantizeLSTM are one
    more kind (:data:`DYNAMIC_LSTM`): over long sequences they win 4×, over one-step calls they lose.
+   Anchors whose output reaches a ``Log`` through linear and magnitude ops (a log-spectrum front end's
+   STFT Conv or filterbank MatMul, :mod:`onnxq.plan.log_front_end`) are a kind of their own too
+   (:data:`LOG_FRONT_END`), whatever their speed: their int8 rounding may erase the quiet bins the
+   ``Log`` spreads out, and step 4's tie-breaker on accuracy keeps them float when that costs no time
+   (DNSMOS: output SQNR 11.3 → 44.2 dB at the same latency).
 2. The user's float model as given (or, without it, the preprocessed float model) and the fully
    quantized model are timed together, interleaved, on one calibration sample.
 3. Each *suspect* kind — every kind but the large, wide Conv/1×1 Conv/MatMul/Gemm of
@@ -80,6 +85,7 @@ import onnx_ir as ir
 from onnxq.config import LatencyGuardConfig
 from onnxq.graph import DEFAULT_DOMAINS, attr_int, const_array, initializer_bytes
 from onnxq.load.files import load_model
+from onnxq.plan.log_front_end import log_downstream
 from onnxq.rewrite.silu_island import integer_silus, write_silu_islands
 from onnxq.rewrite.sum_form import residual_adds, write_residual_adds_as_sum
 from onnxq.runtime.latency import time_sessions
@@ -89,6 +95,7 @@ from onnxq.validate.metrics import worst_sqnr_db
 
 __all__ = [
     "DYNAMIC_LSTM",
+    "LOG_FRONT_END",
     "NARROW_CHANNELS",
     "SMALL_MACS",
     "TRUSTED_KINDS",
@@ -234,9 +241,17 @@ def anchor_macs(node: ir.Node) -> int | None:
     return int(np.prod(out)) * inner
 
 
+#: The kind of the anchors in front of a ``Log`` (:mod:`onnxq.plan.log_front_end`): whatever their
+#: speed, their int8 version may erase a log spectrum's quiet bins, so they are timed as a kind of their
+#: own and the tie-breaker on accuracy (step 4) decides.
+LOG_FRONT_END = "front end of a Log"
+
+
 def _kind(node: ir.Node) -> str:
     """What decides the speed of an anchor's integer kernel (see the module docstring)."""
     op = node.op_type
+    if log_downstream(node) is not None:
+        return LOG_FRONT_END
     weight = const_array(node.inputs[1]) if len(node.inputs) > 1 else None
     if op == "Conv" and weight is not None:
         group = attr_int(node, "group", 1)
@@ -281,7 +296,7 @@ def anchor_kinds(model: ir.Model, anchors: Iterable[str]) -> dict[str, list[str]
             continue
         kind = _kind(node)
         macs = anchor_macs(node)
-        if macs is not None and macs < SMALL_MACS:
+        if kind != LOG_FRONT_END and macs is not None and macs < SMALL_MACS:
             kind = f"small {kind}"
         kinds.setdefault(kind, []).append(node.name or "")
     return kinds

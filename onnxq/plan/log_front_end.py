@@ -1,0 +1,79 @@
+"""Anchors in front of a logarithm: the STFT Convs and filterbank MatMuls of log-spectrum front ends.
+
+A log-power or log-mel spectrum spans many orders of magnitude. Quantized to 8 bits over its linear
+range, every bin quieter than half a step rounds to zero (or to one step) and the ``Log`` turns that
+into its floor: errors of whole nepers where the float model had a smooth spectrum. Measured on two
+third-party audio models whose network reads such a front end: DNSMOS's ``sig_bak_ovr`` (keras2onnx:
+STFT as two Convs → magnitude → ``Log`` → a CNN) reads 11.3 dB output SQNR with the STFT Convs int8
+and 44.2 dB with them float, at the same latency; onnx_asr's Kaldi front end −3.7 dB int8.
+
+Keeping such anchors float is not always right: front ends that clamp the log's range below its
+maximum (Whisper's ``max(log, max − 8)``, openwakeword's melspectrogram) are fine in int8 (57.8 dB at
+1.67× there), and a structural rule that kept every one float was measured and reverted. So this
+module only *finds* them; the latency guard (:mod:`onnxq.tuning.latency_guard`) gives them a kind of
+their own, times the variant that keeps them float, and takes it when it is as fast as the int8 one
+and clearly more accurate on the guard's feed.
+"""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+
+from onnxq.graph import DEFAULT_DOMAINS
+
+__all__ = ["LOG_SEARCH_DEPTH", "MAGNITUDE_OPS", "log_downstream"]
+
+#: Ops that carry a magnitude through unchanged in kind (linear maps, powers, sums, moves, a floor):
+#: between an anchor and a ``Log``, what the anchor's rounding erases is what the ``Log`` magnifies.
+MAGNITUDE_OPS = frozenset(
+    {
+        "Abs",
+        "Add",
+        "Clip",
+        "Concat",
+        "Conv",
+        "Div",
+        "Expand",
+        "Flatten",
+        "Gemm",
+        "Identity",
+        "MatMul",
+        "Max",
+        "Min",
+        "Mul",
+        "Pad",
+        "Pow",
+        "ReduceMean",
+        "ReduceSum",
+        "ReduceSumSquare",
+        "Reshape",
+        "Slice",
+        "Sqrt",
+        "Squeeze",
+        "Sub",
+        "Transpose",
+        "Unsqueeze",
+    }
+)
+
+#: How many ops the search from an anchor to a ``Log`` follows (DNSMOS: STFT Conv → Transpose → Mul →
+#: Add → Sqrt → Pow → Max → Log is 7).
+LOG_SEARCH_DEPTH = 8
+
+
+def log_downstream(node: ir.Node) -> ir.Node | None:
+    """A ``Log`` that ``node``'s output reaches through :data:`MAGNITUDE_OPS` of its own graph, if any."""
+    frontier = [(value, 0) for value in node.outputs]
+    seen: set[int] = set()
+    while frontier:
+        value, depth = frontier.pop()
+        for use in value.uses():
+            reader = use.node
+            if reader.graph is not node.graph or reader.domain not in DEFAULT_DOMAINS or id(reader) in seen:
+                continue
+            seen.add(id(reader))
+            if reader.op_type == "Log":
+                return reader
+            if reader.op_type in MAGNITUDE_OPS and depth + 1 < LOG_SEARCH_DEPTH:
+                frontier.extend((out, depth + 1) for out in reader.outputs)
+    return None
