@@ -1,7 +1,8 @@
 """Accuracy-budgeted mixed precision: keep float the anchors that make a target hold at least cost.
 
 :func:`meet_target` takes a static quantization result and an accuracy target and returns a model
-with the cheapest set of anchor nodes (Conv, ConvTranspose, Gemm, MatMul) left float that it found
+with the cheapest set of anchor nodes (Conv, ConvTranspose, Gemm, MatMul, and the LSTMs static mode
+runs as ``DynamicQuantizeLSTM``) left float that it found
 meeting the target on the given evaluation data (cost: the latency keeping them float gives back,
 :mod:`onnxq.tuning.cost`; the fewest nodes break ties). It does *not* quantize and evaluate once per layer:
 
@@ -66,7 +67,7 @@ from onnxq.runtime.latency import time_sessions
 from onnxq.runtime.session import ModelSource, OptLevel, make_session, open_model, run
 from onnxq.tuning.cost import AnchorCosts, anchor_costs
 from onnxq.tuning.interfaces import COSTLY_FIXES, FIXES, RequantizableState, StaticResult
-from onnxq.tuning.latency_guard import load_input_model
+from onnxq.tuning.latency_guard import dynamic_lstms, load_input_model
 from onnxq.tuning.sensitivity import estimate_sensitivity, rank_by_estimate
 from onnxq.tuning.targets import AccuracyTarget, CustomTarget, TargetEvaluator, as_target, evaluation_feeds
 
@@ -315,7 +316,9 @@ def meet_target(
         state.reference_model, eval_feeds, goal, providers=providers, opt_level=opt_level
     )
     evaluator.prepare()
-    anchors = list(state.quantized_nodes)
+    # The LSTMs static mode runs as DynamicQuantizeLSTM are candidates too: one whose input spans
+    # orders of magnitude (a linear mel spectrogram) loses most of it to the run-time uint8 range.
+    anchors = list(state.quantized_nodes) + dynamic_lstms(state)
     costs = anchor_costs(state.float_model, anchors, guard)
 
     search = _Search(result, evaluator, [], max_evaluations, costs)

@@ -224,6 +224,8 @@ def _dims(value: ir.Value | None) -> list[int] | None:
 def anchor_macs(node: ir.Node) -> int | None:
     """Multiply-adds per sample of an anchor, from inferred shapes; ``None`` when a shape is unknown."""
     weight = const_array(node.inputs[1]) if len(node.inputs) > 1 else None
+    if node.op_type == "LSTM":
+        return _lstm_macs(node, weight)
     out = _dims(node.outputs[0])
     if out is None:
         return None
@@ -241,15 +243,37 @@ def anchor_macs(node: ir.Node) -> int | None:
     return int(np.prod(out)) * inner
 
 
+#: The kind of the LSTMs static mode runs as ``com.microsoft.DynamicQuantizeLSTM``: 4× faster than float
+#: over ddddocr's long sequences, slower over silero VAD's one-step calls (0.054 vs 0.048 ms a call).
+DYNAMIC_LSTM = "dynamic LSTM"
+
 #: The kind of the anchors in front of a ``Log`` (:mod:`onnxq.plan.log_front_end`): whatever their
 #: speed, their int8 version may erase a log spectrum's quiet bins, so they are timed as a kind of their
 #: own and the tie-breaker on accuracy (step 4) decides.
 LOG_FRONT_END = "front end of a Log"
 
 
+def _lstm_macs(node: ir.Node, weight: np.ndarray | None) -> int | None:
+    """An LSTM's multiply-adds: per time step and batch row, ``4H·(I + H)`` per direction.
+
+    Its first axis is the sequence (``layout = 0``), not the batch, so an unknown length gives ``None``.
+    """
+    x = node.inputs[0]
+    if weight is None or weight.ndim != 3 or x is None or x.shape is None:
+        return None
+    dims = list(x.shape)
+    steps = (dims[1] if attr_int(node, "layout", 0) else dims[0]) if len(dims) == 3 else None
+    if not isinstance(steps, int):
+        return None
+    directions, gates, inputs = weight.shape
+    return int(steps) * int(directions) * int(gates) * (int(inputs) + int(gates) // 4)
+
+
 def _kind(node: ir.Node) -> str:
     """What decides the speed of an anchor's integer kernel (see the module docstring)."""
     op = node.op_type
+    if op == "LSTM":
+        return DYNAMIC_LSTM
     if log_downstream(node) is not None:
         return LOG_FRONT_END
     weight = const_array(node.inputs[1]) if len(node.inputs) > 1 else None
@@ -265,11 +289,6 @@ def _kind(node: ir.Node) -> str:
     if op == "MatMul":
         return "MatMul" if weight is not None else "MatMul of activations"
     return op
-
-
-#: The kind of the LSTMs static mode runs as ``com.microsoft.DynamicQuantizeLSTM``: 4× faster than float
-#: over ddddocr's long sequences, slower over silero VAD's one-step calls (0.054 vs 0.048 ms a call).
-DYNAMIC_LSTM = "dynamic LSTM"
 
 
 def dynamic_lstms(state: RequantizableState) -> list[str]:
@@ -296,7 +315,7 @@ def anchor_kinds(model: ir.Model, anchors: Iterable[str]) -> dict[str, list[str]
             continue
         kind = _kind(node)
         macs = anchor_macs(node)
-        if kind != LOG_FRONT_END and macs is not None and macs < SMALL_MACS:
+        if kind not in (LOG_FRONT_END, DYNAMIC_LSTM) and macs is not None and macs < SMALL_MACS:
             kind = f"small {kind}"
         kinds.setdefault(kind, []).append(node.name or "")
     return kinds

@@ -58,6 +58,7 @@ from onnxq.graph import NameScope, const_array, make_initializer, rounded_from
 from onnxq.plan.op_rules import ANCHOR_OPS
 from onnxq.runtime.session import OptLevel, open_model, run, serialize_lean
 from onnxq.tuning.interfaces import RequantizableState
+from onnxq.tuning.latency_guard import dynamic_lstms
 from onnxq.tuning.targets import AccuracyTarget, CustomTarget, TargetEvaluator, as_target, evaluation_feeds
 
 __all__ = ["Mode", "NodeSensitivity", "estimate_sensitivity", "measure_sensitivity", "rank_by_estimate"]
@@ -176,7 +177,50 @@ def _add_shadows(state: RequantizableState, quantized: ir.Model) -> list[tuple[s
         float_nodes[name] for name in state.quantized_nodes if name not in present and name in float_nodes
     ]
     triples += [t for f_node in run_time if (t := _shadow_run_time(f_node, graph, names)) is not None]
+    lstms = [float_nodes[name] for name in dynamic_lstms(state) if name in float_nodes]
+    triples += [t for f_node in lstms if (t := _shadow_lstm(f_node, graph, names)) is not None]
     return triples
+
+
+def _shadow_lstm(f_node: ir.Node, graph: ir.Graph, names: NameScope) -> tuple[str, str, str] | None:
+    """A float twin of an LSTM rewritten as ``com.microsoft.DynamicQuantizeLSTM``.
+
+    The rewrite keeps the LSTM's output names: the twin reads the same input, sequence lengths and
+    initial states as the rewritten node (its inputs 0 and 4-6) with the float model's weights, and is
+    compared on the first output the model uses. ``None`` when the rewritten node is not found (the LSTM
+    is inside a body, or another rewrite took it).
+    """
+    values = {v.name: v for n in graph for v in n.outputs if v.name}
+    used = [i for i, out in enumerate(f_node.outputs) if out.name and out.name in values]
+    if not used:
+        return None
+    compared = values[f_node.outputs[used[0]].name or ""]
+    rewritten = compared.producer()
+    if rewritten is None or rewritten.op_type != "DynamicQuantizeLSTM":
+        return None
+    inputs: list[ir.Value | None] = []
+    for index in range(min(len(f_node.inputs), 8)):
+        value = f_node.inputs[index]
+        constant = const_array(value) if value is not None and index in (1, 2, 3, 7) else None
+        if index in (1, 2, 3, 7) and value is not None:
+            if constant is None:
+                return None
+            inputs.append(make_initializer(graph, names, f"{f_node.name}_shadow_input{index}", constant))
+        else:
+            inputs.append(rewritten.inputs[index] if index < len(rewritten.inputs) else None)
+    attributes = [ir.Attr(a.name, a.type, a.value) for a in f_node.attributes.values()]
+    twin = ir.Node(
+        f_node.domain,
+        f_node.op_type,
+        inputs,
+        attributes=attributes,
+        num_outputs=used[0] + 1,
+        name=names.fresh(f"{f_node.name}_shadow"),
+    )
+    for out in twin.outputs:
+        out.name = names.fresh(f"{f_node.name}_shadow_output")
+    graph.insert_after(rewritten, [twin])
+    return (f_node.name or "", twin.outputs[used[0]].name or "", compared.name or "")
 
 
 def _shadow_run_time(f_node: ir.Node, graph: ir.Graph, names: NameScope) -> tuple[str, str, str] | None:

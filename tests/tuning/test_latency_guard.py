@@ -668,3 +668,17 @@ def test_the_report_counts_silu_islands_as_float(monkeypatch: pytest.MonkeyPatch
     assert result.report.latency_guard is not None and result.report.latency_guard["all_float"]
     assert result.report.latency_guard["silu_islands"] == 0
     assert "QuickGelu" not in result.report.float_op_types
+
+
+def test_an_lstm_is_its_own_kind_with_its_work_over_the_sequence() -> None:
+    proto, _, _ = builders.lstm_on_spread_input()
+    model = ir.from_proto(onnx.shape_inference.infer_shapes(proto))
+    for node in model.graph:
+        node.name = node.op_type
+    lstm = next(node for node in model.graph if node.op_type == "LSTM")
+    assert anchor_kinds(model, ["LSTM", "MatMul"]) == {
+        latency_guard.DYNAMIC_LSTM: ["LSTM"],
+        "small MatMul": ["MatMul"],
+    }
+    # 24 steps x 4 gates x 16 hidden x (8 inputs + 16 recurrent)
+    assert latency_guard.anchor_macs(lstm) == 24 * 64 * (8 + 16)
