@@ -165,11 +165,7 @@ def _add_shadows(state: RequantizableState, quantized: ir.Model) -> list[tuple[s
                 inputs.append(make_initializer(graph, names, f"{node.name}_shadow_input{index}", constant))
             else:
                 inputs.append(_unrounded(value))
-        attributes = [ir.Attr(a.name, a.type, a.value) for a in node.attributes.values()]
-        twin = ir.Node(
-            node.domain, node.op_type, inputs, attributes=attributes, name=names.fresh(f"{node.name}_shadow")
-        )
-        twin.outputs[0].name = names.fresh(f"{node.name}_shadow_output")
+        twin = _twin(node, inputs, names)
         graph.insert_after(node, [twin])
         triples.append((node.name or "", twin.outputs[0].name or "", node.outputs[0].name or ""))
     present = {n.name for n in graph}
@@ -180,6 +176,22 @@ def _add_shadows(state: RequantizableState, quantized: ir.Model) -> list[tuple[s
     lstms = [float_nodes[name] for name in dynamic_lstms(state) if name in float_nodes]
     triples += [t for f_node in lstms if (t := _shadow_lstm(f_node, graph, names)) is not None]
     return triples
+
+
+def _twin(node: ir.Node, inputs: list[ir.Value | None], names: NameScope, outputs: int = 1) -> ir.Node:
+    """A float copy of ``node`` (same op, attributes) on ``inputs``, its outputs given fresh names."""
+    attributes = [ir.Attr(a.name, a.type, a.value) for a in node.attributes.values()]
+    twin = ir.Node(
+        node.domain,
+        node.op_type,
+        inputs,
+        attributes=attributes,
+        num_outputs=outputs,
+        name=names.fresh(f"{node.name}_shadow"),
+    )
+    for out in twin.outputs:
+        out.name = names.fresh(f"{node.name}_shadow_output")
+    return twin
 
 
 def _shadow_lstm(f_node: ir.Node, graph: ir.Graph, names: NameScope) -> tuple[str, str, str] | None:
@@ -208,17 +220,7 @@ def _shadow_lstm(f_node: ir.Node, graph: ir.Graph, names: NameScope) -> tuple[st
             inputs.append(make_initializer(graph, names, f"{f_node.name}_shadow_input{index}", constant))
         else:
             inputs.append(rewritten.inputs[index] if index < len(rewritten.inputs) else None)
-    attributes = [ir.Attr(a.name, a.type, a.value) for a in f_node.attributes.values()]
-    twin = ir.Node(
-        f_node.domain,
-        f_node.op_type,
-        inputs,
-        attributes=attributes,
-        num_outputs=used[0] + 1,
-        name=names.fresh(f"{f_node.name}_shadow"),
-    )
-    for out in twin.outputs:
-        out.name = names.fresh(f"{f_node.name}_shadow_output")
+    twin = _twin(f_node, inputs, names, outputs=used[0] + 1)
     graph.insert_after(rewritten, [twin])
     return (f_node.name or "", twin.outputs[used[0]].name or "", compared.name or "")
 
@@ -246,15 +248,7 @@ def _shadow_run_time(f_node: ir.Node, graph: ir.Graph, names: NameScope) -> tupl
             if constant is None
             else make_initializer(graph, names, f"{f_node.name}_shadow_input{index}", constant)
         )
-    attributes = [ir.Attr(a.name, a.type, a.value) for a in f_node.attributes.values()]
-    twin = ir.Node(
-        f_node.domain,
-        f_node.op_type,
-        inputs,
-        attributes=attributes,
-        name=names.fresh(f"{f_node.name}_shadow"),
-    )
-    twin.outputs[0].name = names.fresh(f"{f_node.name}_shadow_output")
+    twin = _twin(f_node, inputs, names)
     nodes, compared = [twin], values.get(f_node.outputs[0].name)
     if compared is None:  # the bias Add was folded into the rewritten node: it carries the Add's name
         folded = _bias_add(f_node)
