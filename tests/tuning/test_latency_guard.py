@@ -502,12 +502,17 @@ class FormTimer(FakeTimer):
     form_op: ClassVar[str] = "Sum"
     factor: ClassVar[float] = 1.0
     float_ms: ClassVar[float] = 2.0
+    #: The output SQNR of a model in the rewritten form (others: 30 dB).
+    form_sqnr: ClassVar[float] = 30.0
 
     def _ms(self, model: ir.Model | bytes) -> float:
         ops = set() if isinstance(model, bytes) else {n.op_type for n in model.graph}
         if "DequantizeLinear" not in ops:
             return type(self).float_ms
         return type(self).factor if type(self).form_op in ops else 1.0
+
+    def _sqnr(self, model: ir.Model) -> float:
+        return type(self).form_sqnr if any(n.op_type == type(self).form_op for n in model.graph) else 30.0
 
     def sqnr(self, name: str) -> float:
         return 30.0
@@ -554,12 +559,17 @@ FORMS = {
 
 
 @pytest.mark.parametrize("form", FORMS)
-@pytest.mark.parametrize(("factor", "chosen"), [(0.75, True), (0.99, False)], ids=["faster", "as-fast"])
-def test_an_alternative_form_is_kept_when_faster(
-    monkeypatch: pytest.MonkeyPatch, form: str, factor: float, chosen: bool
+@pytest.mark.parametrize(
+    ("factor", "form_sqnr", "chosen"),
+    [(0.75, 30.0, True), (0.99, 30.0, False), (1.02, 32.0, True), (1.02, 30.5, False), (1.2, 40.0, False)],
+    ids=["faster", "as-fast", "tie-more-accurate", "tie-hardly-more-accurate", "slower-more-accurate"],
+)
+def test_an_alternative_form_is_kept_when_faster_or_as_fast_and_more_accurate(
+    monkeypatch: pytest.MonkeyPatch, form: str, factor: float, form_sqnr: float, chosen: bool
 ) -> None:
     build, config, op, field, count, line = FORMS[form]
     FormTimer.form_op, FormTimer.factor, FormTimer.float_ms = op, factor, 2.0
+    monkeypatch.setattr(FormTimer, "form_sqnr", form_sqnr)  # restored after the test
     result, outcome = guard_with(build(), FormTimer, monkeypatch, config)
     assert result.static is not None
     label = {"Sum": latency_guard.RESIDUAL_SUMS, "QuickGelu": latency_guard.SILU_ISLANDS}[op]
@@ -569,6 +579,8 @@ def test_an_alternative_form_is_kept_when_faster(
     if chosen:
         assert outcome.chosen == timed and getattr(outcome, field) == count == len(written)
         assert any(line in text for text in latency_guard.describe(outcome))
+        assert (outcome.forms_for_accuracy == [label]) is (factor > 1.0)
+        assert any("more accurate" in text for text in latency_guard.describe(outcome)) is (factor > 1.0)
         # variants made later (--target) keep the form once the pipeline records the choice
         assert not any(n.op_type == op for n in result.static.requantize().graph)
         setattr(result.static, field, True)
