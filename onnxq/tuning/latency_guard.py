@@ -32,9 +32,6 @@ on this machine, instead of guessing:
    each alone saves) and the fastest candidate is taken. Candidates within ``min_gain`` of it cannot
    be told apart by their timings; among those, one whose output is clearly more accurate on the same
    feed (:data:`ACCURACY_TIE_DB`; the warm-up runs give the outputs for free) is taken instead.
-   When the candidate taken is below the report's large-loss bound on that feed
-   (:data:`~onnxq.report.LARGE_LOSS_SQNR_DB`) and another clears it for at most :data:`RESCUE_COST`
-   times its latency, that one is taken (with the kinds kept float for speed, when that is faster).
 5. Where the chosen model has residual Adds feeding LayerNormalization, the same model with those
    Adds written as ``Sum`` (:mod:`onnxq.rewrite.sum_form`: ONNX Runtime then does not fuse them
    into SkipLayerNormalization, which some releases run several times slower) is timed too, and kept
@@ -91,7 +88,6 @@ from onnxq.config import LatencyGuardConfig
 from onnxq.graph import DEFAULT_DOMAINS, attr_int, const_array, initializer_bytes
 from onnxq.load.files import load_model
 from onnxq.plan.log_front_end import log_downstream
-from onnxq.report import LARGE_LOSS_SQNR_DB
 from onnxq.rewrite.silu_island import integer_silus, write_silu_islands
 from onnxq.rewrite.sum_form import residual_adds, write_residual_adds_as_sum
 from onnxq.runtime.latency import time_sessions
@@ -159,9 +155,6 @@ class GuardOutcome:
     silu_islands: int = 0
     #: The alternative forms (step 5) taken for accuracy, as fast as the chosen model but more accurate.
     forms_for_accuracy: list[str] = field(default_factory=list)
-    #: The guard-feed SQNR of the fastest candidate when it was below the large-loss bound and a slightly
-    #: slower one that clears it was taken instead (step 4b); NaN otherwise.
-    rescued_from_db: float = math.nan
     all_float: bool = False
     chosen: str = _QUANTIZED
     seconds: float = 0.0
@@ -204,11 +197,6 @@ class GuardOutcome:
             "residual_sums": self.residual_sums,
             "silu_islands": self.silu_islands,
             **({"forms_for_accuracy": list(self.forms_for_accuracy)} if self.forms_for_accuracy else {}),
-            **(
-                {"rescued_from_db": round(self.rescued_from_db, 2)}
-                if math.isfinite(self.rescued_from_db)
-                else {}
-            ),
             "gain": round(self.gain, 4),
             "speedup_vs_float": round(self.speedup, 4),
             "seconds": round(self.seconds, 3),
@@ -565,51 +553,6 @@ def _more_accurate_tie(
     return max(tied, key=lambda n: candidates[n][3]) if tied else chosen
 
 
-#: A chosen candidate whose output SQNR on the guard's feed is below the report's large-loss bound may
-#: give back up to this factor of its latency for a candidate that clears the bound.
-RESCUE_COST = 1.25
-
-
-def _rescue_accuracy(
-    candidates: dict[str, tuple[ir.Model, tuple[str, ...], float, float]],
-    chosen: str,
-    timer: _Timer,
-    state: RequantizableState,
-    kinds: dict[str, list[str]],
-) -> str:
-    """A candidate that clears the large-loss bound for a bounded cost, where ``chosen`` does not.
-
-    When ``chosen``'s output SQNR on the guard's feed is below :data:`LARGE_LOSS_SQNR_DB` (what the
-    report calls a large loss) and a timed candidate clears it at no more than :data:`RESCUE_COST`
-    times ``chosen``'s latency, the fastest such candidate is taken; when it does not keep float the
-    kinds ``chosen`` keeps float for speed, their union is timed too and taken if faster and still
-    clear. openWakeWord's Silero VAD copy: the LSTMs float for speed gave 3.6 dB; its log front end
-    float too, 12 % slower, gives 31 dB. A model whose every cheap candidate stays below the bound is
-    left to the large-loss warning and ``--target``.
-    """
-    floor = candidates[chosen][3]
-    if math.isnan(floor) or floor >= LARGE_LOSS_SQNR_DB:
-        return chosen
-    limit = candidates[chosen][2] * RESCUE_COST
-    clear = [
-        name
-        for name, (_, _, ratio, sqnr) in candidates.items()
-        if ratio <= limit and not math.isnan(sqnr) and sqnr >= LARGE_LOSS_SQNR_DB
-    ]
-    if not clear:
-        return chosen
-    rescue = min(clear, key=lambda n: candidates[n][2])
-    union = tuple(dict.fromkeys(candidates[chosen][1] + candidates[rescue][1]))
-    if set(union) != set(candidates[rescue][1]):
-        model = state.requantize([n for kind in union for n in kinds[kind]])
-        name = "keep " + " + ".join(union) + " float"
-        candidates[name] = (model, union, *timer.ratio(model))
-        if candidates[name][3] >= LARGE_LOSS_SQNR_DB and candidates[name][2] < candidates[rescue][2]:
-            rescue = name
-    logger.info("latency guard: %s gave %.1f dB, %s %.1f dB", chosen, floor, rescue, candidates[rescue][3])
-    return rescue
-
-
 def guard_latency(
     state: RequantizableState,
     quantized: ir.Model,
@@ -662,19 +605,15 @@ def guard_latency(
         # Reverting two kinds may cost more than each alone saves: time the combination too.
         model = state.requantize([n for k in slower for n in kinds[k]])
         candidates["keep " + " + ".join(slower) + " float"] = (model, tuple(slower), *timer.ratio(model))
+    for name, (_, _, ratio, sqnr) in candidates.items():
+        outcome.latency_ms[name] = base * ratio
+        outcome.sqnr_db[name] = sqnr
     best = min(candidates, key=lambda n: candidates[n][2])
     if candidates[best][2] >= 1.0 - config.min_gain:
         best = _QUANTIZED  # within noise of the fully quantized model: keep every anchor quantized
     fastest = best
     best = _more_accurate_tie(candidates, best, config.min_gain)
-    before_rescue = best
-    best = _rescue_accuracy(candidates, best, timer, state, kinds)
-    if best != before_rescue:
-        outcome.rescued_from_db = candidates[before_rescue][3]
     outcome.for_accuracy = best != fastest
-    for name, (_, _, ratio, sqnr) in candidates.items():
-        outcome.latency_ms[name] = base * ratio
-        outcome.sqnr_db[name] = sqnr
     rewritten: dict[str, int] = {}
     for label, present, rewrite in ALTERNATIVE_FORMS:
         if not present(candidates[best][0]):
@@ -780,12 +719,6 @@ def describe(outcome: GuardOutcome) -> Sequence[str]:
                 f"every layer kept float ({returned})"
             )
     why = "as fast in int8 here, more accurate float" if outcome.for_accuracy else "slower in int8 here"
-    if math.isfinite(outcome.rescued_from_db):
-        chosen = outcome.sqnr_db.get(outcome.chosen, math.nan)
-        why = (
-            f"int8 lost too much here: {outcome.rescued_from_db:.1f} dB output SQNR on the guard's feed, "
-            f"{chosen:.1f} dB with these float"
-        )
     for kind, names in outcome.reverted.items():
         if not outcome.all_float:
             lines.append(f"kept {len(names)} {kind} float ({why})")

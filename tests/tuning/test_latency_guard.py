@@ -314,54 +314,6 @@ def test_speed_is_not_traded_for_accuracy(
     assert outcome.chosen == "quantized" and not outcome.reverted and not outcome.for_accuracy
 
 
-def _rescued_by_c2(float_anchors: frozenset[str]) -> float:
-    """Output SQNR: 10 dB, a large loss; 25 dB with the depthwise Conv c2 float."""
-    return 25.0 if "c2" in float_anchors else 10.0
-
-
-@pytest.mark.parametrize(
-    ("c2_float_ms", "rescued"),
-    [(0.9, True), (1.5, False)],  # c2 float: 3.4 ms (1.13x the int8 3.0 ms); or 4.0 ms (1.33x)
-    ids=["within-cost", "too-costly"],
-)
-def test_a_large_loss_is_rescued_for_a_bounded_cost(
-    kinds_result: QuantizationResult, monkeypatch: pytest.MonkeyPatch, c2_float_ms: float, rescued: bool
-) -> None:
-    """Int8 everywhere reads 10 dB on the guard's feed; keeping c2 float clears the large-loss bound.
-    Taken when it costs at most RESCUE_COST of the latency, never beyond."""
-    latency = additive({"c2": c2_float_ms}, {})
-    outcome = run_guard(kinds_result, monkeypatch, latency, _rescued_by_c2)
-    if rescued:
-        assert outcome.chosen == "keep small depthwise Conv float" and outcome.rescued_from_db == 10.0
-        assert outcome.as_dict()["rescued_from_db"] == 10.0
-        (line,) = latency_guard.describe(outcome)
-        assert "int8 lost too much here: 10.0 dB" in line and "25.0 dB" in line
-    else:
-        assert outcome.chosen == "quantized" and math.isnan(outcome.rescued_from_db)
-
-
-def test_a_rescue_keeps_the_kinds_kept_float_for_speed(
-    kinds_result: QuantizationResult, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """c3 is faster float (2.7 ms) but the model stays at 10 dB; c2 float clears it (3.3 ms). Their union
-    is timed: 3.0 ms and 25 dB, faster than c2 alone, so it is the answer."""
-    latency = additive({"c2": 0.8, "c3": 0.2}, {})
-    outcome = run_guard(kinds_result, monkeypatch, latency, _rescued_by_c2)
-    union = "keep small grouped Conv + small depthwise Conv float"
-    assert outcome.chosen == union and outcome.latency_ms[union] == pytest.approx(3.0)
-    assert set(outcome.reverted) == {"small grouped Conv", "small depthwise Conv"}
-    assert outcome.sqnr_db[union] == 25.0 and outcome.rescued_from_db == 10.0
-
-
-def test_no_rescue_above_the_large_loss_bound(
-    kinds_result: QuantizationResult, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    outcome = run_guard(
-        kinds_result, monkeypatch, additive({"c2": 0.9}, {}), lambda f: 45.0 if "c2" in f else 21.0
-    )
-    assert outcome.chosen == "quantized" and math.isnan(outcome.rescued_from_db)
-
-
 def test_no_variant_beats_float_gives_the_float_model(
     kinds_result: QuantizationResult, monkeypatch: pytest.MonkeyPatch
 ) -> None:
