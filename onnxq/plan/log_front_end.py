@@ -21,48 +21,60 @@ import onnx_ir as ir
 
 from onnxq.graph import DEFAULT_DOMAINS
 
-__all__ = ["LOG_SEARCH_DEPTH", "MAGNITUDE_OPS", "log_downstream"]
+__all__ = ["LOG_SEARCH_DEPTH", "MAGNITUDE_OPS", "MOVE_OPS", "log_downstream"]
 
-#: Ops that carry a magnitude through unchanged in kind (linear maps, powers, sums, moves, a floor):
-#: between an anchor and a ``Log``, what the anchor's rounding erases is what the ``Log`` magnifies.
-MAGNITUDE_OPS = frozenset(
+#: Ops that only move, select or join values: followed at no cost to the search's depth (basic-pitch's
+#: constant-Q transform joins its octaves with a chain of nine Concats before the magnitude).
+MOVE_OPS = frozenset(
     {
-        "Abs",
-        "Add",
-        "Clip",
         "Concat",
-        "Conv",
-        "Div",
         "Expand",
         "Flatten",
-        "Gemm",
         "Identity",
-        "MatMul",
-        "Max",
-        "Min",
-        "Mul",
         "Pad",
-        "Pow",
-        "ReduceMean",
-        "ReduceSum",
-        "ReduceSumSquare",
         "Reshape",
         "Slice",
-        "Sqrt",
         "Squeeze",
-        "Sub",
         "Transpose",
         "Unsqueeze",
     }
 )
 
-#: How many ops the search from an anchor to a ``Log`` follows (DNSMOS: STFT Conv → Transpose → Mul →
-#: Add → Sqrt → Pow → Max → Log is 7).
+#: Ops that carry a magnitude through unchanged in kind (linear maps, powers, sums, a floor): between an
+#: anchor and a ``Log``, what the anchor's rounding erases is what the ``Log`` magnifies.
+MAGNITUDE_OPS = frozenset(
+    {
+        "Abs",
+        "Add",
+        "Clip",
+        "Conv",
+        "Div",
+        "Gemm",
+        "MatMul",
+        "Max",
+        "Min",
+        "Mul",
+        "Neg",
+        "Pow",
+        "ReduceMean",
+        "ReduceSum",
+        "ReduceSumSquare",
+        "Sqrt",
+        "Sub",
+    }
+)
+
+#: How many :data:`MAGNITUDE_OPS` the search from an anchor to a ``Log`` passes at most (DNSMOS: STFT
+#: Conv → Mul → Add → Sqrt → Pow → Max → Log is 5; basic-pitch: Conv → Neg → Mul → ReduceSum → Sqrt →
+#: Mul → Add → Log is 6).
 LOG_SEARCH_DEPTH = 8
 
 
 def log_downstream(node: ir.Node) -> ir.Node | None:
-    """A ``Log`` that ``node``'s output reaches through :data:`MAGNITUDE_OPS` of its own graph, if any."""
+    """A ``Log`` of ``node``'s graph that its output reaches, if any.
+
+    Through :data:`MOVE_OPS` and at most ``LOG_SEARCH_DEPTH - 1`` of :data:`MAGNITUDE_OPS`.
+    """
     frontier = [(value, 0) for value in node.outputs]
     seen: set[int] = set()
     while frontier:
@@ -74,6 +86,8 @@ def log_downstream(node: ir.Node) -> ir.Node | None:
             seen.add(id(reader))
             if reader.op_type == "Log":
                 return reader
-            if reader.op_type in MAGNITUDE_OPS and depth + 1 < LOG_SEARCH_DEPTH:
+            if reader.op_type in MOVE_OPS:
+                frontier.extend((out, depth) for out in reader.outputs)
+            elif reader.op_type in MAGNITUDE_OPS and depth + 1 < LOG_SEARCH_DEPTH:
                 frontier.extend((out, depth + 1) for out in reader.outputs)
     return None

@@ -53,8 +53,12 @@ def test_a_log_behind_a_nonlinearity_is_not_reached() -> None:
 
 
 @pytest.mark.parametrize(("between", "reached"), [(LOG_SEARCH_DEPTH - 1, True), (LOG_SEARCH_DEPTH, False)])
-def test_the_search_stops_after_so_many_ops(between: int, reached: bool) -> None:
-    chain = "\n".join(f"t{i + 1} = Identity (t{i})" for i in range(between))
+def test_the_search_stops_after_so_many_arithmetic_ops(between: int, reached: bool) -> None:
+    """Each Abs counts; the Transposes and Concats between them (moves) do not."""
+    chain = "\n".join(
+        f"a{i} = Abs (t{i})\nc{i} = Concat <axis = 0> (a{i})\nt{i + 1} = Transpose <perm = [0, 1]> (c{i})"
+        for i in range(between)
+    )
     text = f"""
     far (float[1, 4] x) => (float[1, 4] y) {{
         t0 = MatMul (x, w)
