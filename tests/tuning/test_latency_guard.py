@@ -120,6 +120,8 @@ class FakeTimer:
 
     latency: Latency
     accuracy: Latency = staticmethod(lambda float_anchors: 30.0)  # type: ignore[assignment]
+    #: The anchors of the model under test, by output name.
+    anchors: ClassVar[frozenset[str]] = ANCHORS
     blocks: ClassVar[list[int]] = []
     #: The latency of the user's model, given to the guard as serialized bytes.
     input_ms: ClassVar[float] = math.nan
@@ -147,8 +149,9 @@ class FakeTimer:
     def _ms(self, model: ir.Model | bytes) -> float:
         if isinstance(model, bytes):
             return type(self).input_ms
-        float_anchors = ANCHORS - quantized_anchors(model)
-        factor = type(self).default_threads_int8 if self.default_threads and float_anchors != ANCHORS else 1.0
+        float_anchors = type(self).anchors - quantized_anchors(model)
+        every = type(self).anchors
+        factor = type(self).default_threads_int8 if self.default_threads and float_anchors != every else 1.0
         return type(self).latency(float_anchors) * factor
 
     def block(self, sessions: dict[str, ir.Model | bytes]) -> dict[str, float]:
@@ -162,7 +165,7 @@ class FakeTimer:
         return measured["candidate"] / measured["quantized"], self._sqnr(model)
 
     def _sqnr(self, model: ir.Model) -> float:
-        return type(self).accuracy(ANCHORS - quantized_anchors(model))
+        return type(self).accuracy(type(self).anchors - quantized_anchors(model))
 
     def sqnr(self, name: str) -> float:
         model = self.quantized if name == "quantized" else self.timed[name]
@@ -694,3 +697,32 @@ def test_an_lstm_is_its_own_kind_with_its_work_over_the_sequence() -> None:
     }
     # 24 steps x 4 gates x 16 hidden x (8 inputs + 16 recurrent)
     assert latency_guard.anchor_macs(lstm) == 24 * 64 * (8 + 16)
+
+
+def test_the_log_front_end_joins_the_kinds_kept_float_for_speed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The narrow Conv c1 (one input channel) is faster float; the STFT Convs re/im cost the same either
+    way but lose the quiet bins int8. Their variant alone was timed with c1 int8, so the guard times c1
+    and the front end float together too: as fast as c1 alone, more accurate, so taken."""
+    proto, calib, _ = builders.log_spectrum_cnn()
+    result = onnxq.quantize(proto, calib, QuantConfig(latency_guard=LatencyGuardConfig(enabled=False)))
+    assert result.static is not None
+    float_ms = {"re": 1.0, "im": 1.0, "c1": 0.5, "c2": 1.0}
+    int8_ms = {"re": 1.0, "im": 1.0, "c1": 1.0, "c2": 0.5}
+
+    def latency(float_anchors: frozenset[str]) -> float:
+        return sum(float_ms[a] if a in float_anchors else int8_ms[a] for a in float_ms)
+
+    monkeypatch.setattr(FakeTimer, "anchors", frozenset(float_ms))
+    monkeypatch.setattr(FakeTimer, "latency", staticmethod(latency))
+    monkeypatch.setattr(FakeTimer, "accuracy", staticmethod(lambda f: 40.0 if {"re", "im"} <= f else 8.0))
+    monkeypatch.setattr(latency_guard, "_Timer", FakeTimer)
+    monkeypatch.setattr(latency_guard, "_cores", lambda: 1)
+    feed = dict(next(iter(result.static.feeds)))
+    outcome = guard_latency(
+        result.static, result.model, feed, LatencyGuardConfig(enabled=True, min_gain=0.05)
+    )
+    union = f"keep narrow Conv + {latency_guard.LOG_FRONT_END} float"
+    assert outcome.latency_ms["keep narrow Conv float"] == pytest.approx(3.0)
+    assert outcome.chosen == union and outcome.for_accuracy
+    assert outcome.latency_ms[union] == pytest.approx(3.0) and outcome.sqnr_db[union] == 40.0
+    assert set(outcome.reverted) == {"narrow Conv", latency_guard.LOG_FRONT_END}
