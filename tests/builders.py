@@ -402,15 +402,15 @@ def log_spectrum_cnn() -> tuple[onnx.ModelProto, list[dict[str, np.ndarray]], li
     return proto, feeds(1, 16), feeds(2, 8)
 
 
-def lstm_on_spread_input() -> tuple[
-    onnx.ModelProto, list[dict[str, np.ndarray]], list[dict[str, np.ndarray]]
-]:
+def lstm_on_spread_input(
+    spread: float = 2.5,
+) -> tuple[onnx.ModelProto, list[dict[str, np.ndarray]], list[dict[str, np.ndarray]]]:
     """An LSTM over an input that spans orders of magnitude, and a MatMul head on its last state.
 
-    ``x`` [24, 1, 8] is log-normal (``exp(2.5·N(0, 1))``: 1e-3 to 1e3, like a linear, not log, mel
-    spectrogram); LSTM(hidden 16) → ``Y_h`` → Reshape → MatMul → ``y`` [1, 4]. Static mode runs the LSTM
-    as DynamicQuantizeLSTM, whose run-time uint8 range over the whole input rounds its small values
-    away. Returns the model, 16 calibration feeds and 16 held-out feeds.
+    ``x`` [24, 1, 8] is log-normal (``exp(spread·N(0, 1))``; at 2.5, 1e-3 to 1e3, like a linear, not
+    log, mel spectrogram); LSTM(hidden 16) → ``Y_h`` → Reshape → MatMul → ``y`` [1, 4]. Static mode
+    runs the LSTM as DynamicQuantizeLSTM, whose run-time uint8 range over the whole input rounds its
+    small values away. Returns the model, 16 calibration feeds and 16 held-out feeds.
     """
     hidden, width, steps = 16, 8, 24
     rng = np.random.default_rng(0)
@@ -431,6 +431,7 @@ def lstm_on_spread_input() -> tuple[
 
     def feeds(count: int, seed: int) -> list[dict[str, np.ndarray]]:
         r = np.random.default_rng(seed)
-        return [{"x": np.exp(r.normal(0, 2.5, (steps, 1, width))).astype(np.float32)} for _ in range(count)]
+        shape = (steps, 1, width)
+        return [{"x": np.exp(r.normal(0, spread, shape)).astype(np.float32)} for _ in range(count)]
 
     return parse(text, arrays), feeds(16, 1), feeds(16, 2)

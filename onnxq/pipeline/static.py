@@ -29,6 +29,7 @@ from onnxq.plan.op_rules import ANCHOR_OPS
 from onnxq.plan.planner import plan_quantization
 from onnxq.preprocess.smooth import smooth_outliers
 from onnxq.rewrite.dynamic_quant import StaticLeftoversPass
+from onnxq.tuning.lossy_lstms import lossy_lstms
 
 __all__ = ["explained_on_random_data", "nothing_to_quantize", "quantize_static"]
 
@@ -303,6 +304,12 @@ def quantize_static(
         reference=reference,
         rounding=InputRounding(feeds, tuple(providers)) if config.input_bias_correction else None,
     )
+    lossy, lossy_declines = lossy_lstms(state)
+    if lossy:  # their DynamicQuantizeLSTM would lose most of the input: they stay float
+        config = config.replace(exclude_nodes=(*config.exclude_nodes, *lossy))
+        state.config = config
+        plan_config, run_time = planning_config(model, config)
+        declines += lossy_declines
     written = write_qdq(model, plan, calibration.ranges, plan_config, run_time, state.rounding)
     if written.rounding_corrected:
         notes.append(
@@ -313,7 +320,7 @@ def quantize_static(
     quantized_op_types, float_op_types = count_op_types(plan, written.dynamic + written.run_time)
     if written.run_time:
         notes.append(run_time_note(sum(written.run_time.values())))
-    declines += written.declines
+    declines += [d for d in written.declines if not (d.code == "excluded" and d.node in lossy)]
     summary = ModeSummary(
         mode="static",
         quantized_op_types=quantized_op_types,

@@ -141,17 +141,24 @@ def _has_anchors(model: ir.Model, anchors: Iterable[str]) -> bool:
     )
 
 
-def _add_shadows(state: RequantizableState, quantized: ir.Model) -> list[tuple[str, str, str]]:
+def _add_shadows(
+    state: RequantizableState,
+    quantized: ir.Model,
+    lstms: Sequence[str] | None = None,
+    *,
+    anchors: bool = True,
+) -> list[tuple[str, str, str]]:
     """Add a float twin of every quantized anchor to ``quantized`` (a copy the caller owns).
 
     The twin reads the values that feed the anchor's input Q/DQ and the float model's weights and bias.
-    Returns ``(node, twin output, anchor output)`` name triples.
+    The LSTMs named in ``lstms`` (default: those static mode runs as DynamicQuantizeLSTM) get one too;
+    ``anchors=False`` shadows only those. Returns ``(node, twin output, anchor output)`` name triples.
     """
     graph = quantized.graph
     names = NameScope(graph)
     float_nodes = {n.name: n for n in state.float_model.graph}
     triples = []
-    for node in list(graph):
+    for node in list(graph) if anchors else []:
         f_node = float_nodes.get(node.name)
         if node.name not in state.quantized_nodes or f_node is None or not node.outputs:
             continue
@@ -170,11 +177,14 @@ def _add_shadows(state: RequantizableState, quantized: ir.Model) -> list[tuple[s
         triples.append((node.name or "", twin.outputs[0].name or "", node.outputs[0].name or ""))
     present = {n.name for n in graph}
     run_time = [
-        float_nodes[name] for name in state.quantized_nodes if name not in present and name in float_nodes
+        float_nodes[name]
+        for name in (state.quantized_nodes if anchors else ())
+        if name not in present and name in float_nodes
     ]
     triples += [t for f_node in run_time if (t := _shadow_run_time(f_node, graph, names)) is not None]
-    lstms = [float_nodes[name] for name in dynamic_lstms(state) if name in float_nodes]
-    triples += [t for f_node in lstms if (t := _shadow_lstm(f_node, graph, names)) is not None]
+    wanted = dynamic_lstms(state) if lstms is None else lstms
+    lstm_nodes = [float_nodes[name] for name in wanted if name in float_nodes]
+    triples += [t for f_node in lstm_nodes if (t := _shadow_lstm(f_node, graph, names)) is not None]
     return triples
 
 
@@ -302,20 +312,24 @@ def estimate_sensitivity(
     feeds: Feeds | Iterable[Mapping[str, Any]] | str,
     *,
     providers: Sequence[str] | None = None,
+    lstms: Sequence[str] | None = None,
+    anchors: bool = True,
 ) -> dict[str, float]:
     """One-pass estimate of every quantized anchor's added noise, in dB (higher = more sensitive).
 
     Runs ``state.float_model`` and ``quantized_model`` (the fully quantized model in QDQ form; ``None``,
     or a QOperator model, makes a QDQ one with ``state.requantize()``) once over ``feeds`` and returns
-    ``{node name: estimate}`` for the anchors it could observe, in graph order. See the module
-    docstring for the proxy and why it ranks an outlier-heavy layer first.
+    ``{node name: estimate}`` for the anchors it could observe, in graph order, and for the LSTMs it
+    runs as DynamicQuantizeLSTM (``lstms`` names them where ``state`` does not know them yet;
+    ``anchors=False`` estimates those only). See the module docstring for the proxy and why it ranks
+    an outlier-heavy layer first.
     """
     providers = tuple(providers or state.providers)
     feeds = evaluation_feeds(feeds, state.float_model)
-    if quantized_model is None or not _has_anchors(quantized_model, state.quantized_nodes):
+    if quantized_model is None or (anchors and not _has_anchors(quantized_model, state.quantized_nodes)):
         quantized_model = state.requantize(output_format="qdq")
     shadowed = quantized_model.clone()
-    triples = _add_shadows(state, shadowed)
+    triples = _add_shadows(state, shadowed, lstms, anchors=anchors)
     if not triples:
         return {}
     # At "disable": every observed value is what the QDQ graph itself computes (no fusion).

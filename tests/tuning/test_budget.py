@@ -448,16 +448,17 @@ def test_the_extrapolated_k_is_bounded() -> None:
 
 
 def test_a_dynamic_lstm_is_a_candidate_to_keep_float() -> None:
-    """Static mode runs LSTMs as DynamicQuantizeLSTM; one over an input spanning orders of magnitude
-    loses it (cosine 0.88): the one-pass estimate ranks it above the MatMul, and keeping it float meets
-    the target. Before, the search only knew the Conv/Gemm/MatMul anchors ("nothing to keep float")."""
-    proto, calib, held_out = builders.lstm_on_spread_input()
+    """Static mode runs LSTMs as DynamicQuantizeLSTM. One over an input spread enough to cost accuracy
+    (28.8 dB) but not so much that the default keeps it float (its own noise -29 dB, the limit -20 dB):
+    the one-pass estimate ranks it above the MatMul, and keeping it float meets ``sqnr>=35``. Before,
+    the search only knew the Conv/Gemm/MatMul anchors ("nothing to keep float")."""
+    proto, calib, held_out = builders.lstm_on_spread_input(spread=1.3)
     result = onnxq.quantize(proto, calib, onnxq.QuantConfig(latency_guard=LatencyGuardConfig(enabled=False)))
     assert result.static is not None
     assert builders.op_counts(result.model)["DynamicQuantizeLSTM"] == 1
     estimates = estimate_sensitivity(result.static, result.model, held_out)
     assert rank_by_estimate(estimates, ["MatMul", "LSTM"]) == ["LSTM", "MatMul"]
-    outcome = meet_target(result, "cosine>=0.99", held_out)
-    assert outcome.score_before < 0.95
-    assert outcome.met and outcome.kept_float == ["LSTM"] and outcome.score_after > 0.999
+    outcome = meet_target(result, "sqnr>=35", held_out)
+    assert outcome.score_before < 32.0
+    assert outcome.met and outcome.kept_float == ["LSTM"] and outcome.score_after > 40.0
     assert builders.op_counts(outcome.model).get("DynamicQuantizeLSTM", 0) == 0
