@@ -32,6 +32,9 @@ on this machine, instead of guessing:
    each alone saves) and the fastest candidate is taken. Candidates within ``min_gain`` of it cannot
    be told apart by their timings; among those, one whose output is clearly more accurate on the same
    feed (:data:`ACCURACY_TIE_DB`; the warm-up runs give the outputs for free) is taken instead.
+   Where kinds are kept float for speed and the model has a log front end, the union of those kinds
+   and the front end is timed too and goes through the same tie-breaker (the front end's own variant
+   was timed with them int8).
 5. Where the chosen model has residual Adds feeding LayerNormalization, the same model with those
    Adds written as ``Sum`` (:mod:`onnxq.rewrite.sum_form`: ONNX Runtime then does not fuse them
    into SkipLayerNormalization, which some releases run several times slower) is timed too, and kept
