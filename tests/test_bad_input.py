@@ -247,3 +247,37 @@ def test_bad_input_gives_one_line_and_touches_nothing(
     for fragment in case.fragments:
         assert fragment in lines[0], f"{fragment!r} not in {lines[0]!r}"
     assert _snapshot(inputs, outputs) == before  # inputs byte-identical, no output or temporary file
+
+
+def test_a_model_saved_in_onnxruntimes_nchwc_layout_is_named_as_such(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """A model saved after ORT_ENABLE_ALL holds com.microsoft.nchwc ops (this CPU's blocked layout,
+    which no quantizer reads): the error says where it came from and what to quantize instead."""
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(0)
+    body = """
+    wide (float[1,16,8,8] x) => (float[1,16,8,8] y) {
+        c = Conv <kernel_shape = [3, 3], pads = [1, 1, 1, 1]> (x, w, b)
+        y = Relu (c)
+    }
+    """
+    weights = {"w": rng.normal(0, 0.1, (16, 16, 3, 3)).astype(np.float32), "b": np.zeros(16, np.float32)}
+    exported = builders.save(builders.parse(body, weights), tmp_path / "m.onnx")
+    saved = tmp_path / "m.all.onnx"
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.optimized_model_filepath = str(saved)
+    options.log_severity_level = 3  # its warning that the saved model is hardware specific
+    ort.InferenceSession(str(exported), options, providers=["CPUExecutionProvider"])
+    capfd.readouterr()
+    if not any(n.domain == "com.microsoft.nchwc" for n in onnx.load(str(saved)).graph.node):
+        pytest.skip("this CPU has no NCHWc kernels: onnxruntime saved no nchwc op")
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=rng.normal(0, 1, (2, 1, 16, 8, 8)).astype(np.float32))
+    code = main(["optimize", str(saved), "-o", str(tmp_path / "q.onnx"), "--calib", str(calib)])
+    _, err = capfd.readouterr()
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "NCHWc layout ops (com.microsoft.nchwc: 1 Conv" in err and "ORT_ENABLE_EXTENDED" in err
+    assert not (tmp_path / "q.onnx").exists()

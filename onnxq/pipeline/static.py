@@ -8,6 +8,7 @@ the nodes touching them are kept float and the plan is made again.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import time
@@ -22,6 +23,7 @@ from onnxq.config import ActivationScheme, QuantConfig
 from onnxq.data import DataSource, Feeds, input_specs, load_feeds, random_data_hint
 from onnxq.declines import Decline
 from onnxq.errors import OnnxqError
+from onnxq.graph import DEFAULT_DOMAINS
 from onnxq.pipeline.range_choice import PER_TENSOR, choose_range_method
 from onnxq.pipeline.state import StaticState, count_op_types, planning_config, write_qdq
 from onnxq.pipeline.summary import CalibrationSummary, ModeSummary
@@ -31,7 +33,11 @@ from onnxq.preprocess.smooth import smooth_outliers
 from onnxq.rewrite.dynamic_quant import StaticLeftoversPass
 from onnxq.tuning.lossy_lstms import lossy_lstms
 
-__all__ = ["explained_on_random_data", "nothing_to_quantize", "quantize_static"]
+__all__ = ["NCHWC_DOMAIN", "explained_on_random_data", "nothing_to_quantize", "quantize_static"]
+
+#: The domain of onnxruntime's blocked-layout CPU ops (ReorderInput, Conv, MaxPool, ...), which only a
+#: model saved after its ORT_ENABLE_ALL optimization holds.
+NCHWC_DOMAIN = "com.microsoft.nchwc"
 
 
 #: Integer ops that quantization tools write (ONNX Runtime's dynamic and QOperator forms): a model
@@ -56,12 +62,22 @@ INTEGER_OPS = frozenset(
 
 def nothing_to_quantize(model: ir.Model, label: str, declines: Sequence[Decline]) -> OnnxqError:
     """The error for a model in which no node can be quantized, with the first reasons why."""
-    ops = sorted({n.op_type for n in model.graph})
+    ops = sorted(
+        {n.op_type if n.domain in DEFAULT_DOMAINS else f"{n.domain}.{n.op_type}" for n in model.graph}
+    )
     integer = sorted(INTEGER_OPS.intersection(n.op_type for n in model.graph.all_nodes()))
     if integer:
         return OnnxqError(
             f"nothing to quantize in {label}: it is quantized already ({', '.join(integer)}: onnxruntime's "
             "dynamic or QOperator form); quantize its float original instead"
+        )
+    blocked = collections.Counter(n.op_type for n in model.graph.all_nodes() if n.domain == NCHWC_DOMAIN)
+    if blocked:
+        held = ", ".join(f"{count} {op}" for op, count in sorted(blocked.items()))
+        return OnnxqError(
+            f"nothing to quantize in {label}: it holds onnxruntime's NCHWc layout ops ({NCHWC_DOMAIN}: "
+            f"{held}), so it was saved after ORT_ENABLE_ALL optimization and is tied to the CPU that "
+            "saved it; quantize the model as exported, or one saved at ORT_ENABLE_EXTENDED or lower"
         )
     why = f"; {'; '.join(str(d) for d in declines[:2])}" if declines else ""
     hint = "; --mode dynamic quantizes its LSTMs" if "LSTM" in ops else ""
