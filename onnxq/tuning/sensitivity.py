@@ -204,6 +204,10 @@ def _twin(node: ir.Node, inputs: list[ir.Value | None], names: NameScope, output
     return twin
 
 
+#: The LSTM inputs that are weights (W, R, B, P): the twin takes the float model's.
+_LSTM_WEIGHTS = (1, 2, 3, 7)
+
+
 def _shadow_lstm(f_node: ir.Node, graph: ir.Graph, names: NameScope) -> tuple[str, str, str] | None:
     """A float twin of an LSTM rewritten as ``com.microsoft.DynamicQuantizeLSTM``.
 
@@ -223,12 +227,12 @@ def _shadow_lstm(f_node: ir.Node, graph: ir.Graph, names: NameScope) -> tuple[st
     inputs: list[ir.Value | None] = []
     for index in range(min(len(f_node.inputs), 8)):
         value = f_node.inputs[index]
-        constant = const_array(value) if value is not None and index in (1, 2, 3, 7) else None
-        if index in (1, 2, 3, 7) and value is not None:
+        if index in _LSTM_WEIGHTS and value is not None:  # the float model's W, R, B, P
+            constant = const_array(value)
             if constant is None:
                 return None
             inputs.append(make_initializer(graph, names, f"{f_node.name}_shadow_input{index}", constant))
-        else:
+        else:  # X, sequence_lens, initial_h, initial_c: what the rewritten node reads
             inputs.append(rewritten.inputs[index] if index < len(rewritten.inputs) else None)
     twin = _twin(f_node, inputs, names, outputs=used[0] + 1)
     graph.insert_after(rewritten, [twin])
