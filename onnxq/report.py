@@ -16,7 +16,7 @@ from tabulate import tabulate
 from onnxq.config import TIMING_NOISE
 from onnxq.declines import Decline, group_declines
 
-__all__ = ["AccuracyRow", "LatencyRow", "QuantReport"]
+__all__ = ["AccuracyRow", "LatencyRow", "QuantReport", "guard_line"]
 
 
 @dataclass
@@ -309,15 +309,15 @@ class QuantReport:
                 ]
             )
         if self.latency_guard:
-            line = _guard_line(self.latency_guard)
+            line = guard_line(self.latency_guard)
             if self.budget.get("float_returned"):
                 line += "; superseded: the accuracy target returned the float model"
             rows.append(["latency guard", line])
         return rows
 
 
-def _guard_line(guard: dict[str, Any]) -> str:
-    """What the latency guard chose, in one line."""
+def guard_line(guard: dict[str, Any]) -> str:
+    """What the latency guard chose, in one line, from its report entry (``GuardOutcome.as_dict``)."""
     ms = guard.get("latency_ms", {})
     given = f"input {ms['input']:.3g} ms, " if "input" in ms else ""
     preprocessed = f"float {ms['float']:.3g} ms, " if "float" in ms else ""
@@ -330,17 +330,29 @@ def _guard_line(guard: dict[str, Any]) -> str:
         returned = (
             "the input model as it was" if guard.get("chosen") == "input" else "the preprocessed float model"
         )
-        verdict = (
-            "int8 slower than float at the default thread count"
-            if guard.get("slower_at_default_threads")
-            else "no int8 variant beat float"
-        )
+        if guard.get("lossy_front_end"):
+            lost = guard.get("sqnr_db", {}).get("quantized", math.nan)
+            verdict = (
+                f"a log-spectrum front end whose quiet bins int8 rounds to the log's floor ({lost:.1f} dB "
+                "output SQNR on the guard's feed)"
+            )
+        elif guard.get("slower_at_default_threads"):
+            verdict = "int8 slower than float at the default thread count"
+        else:
+            verdict = "no int8 variant beat float"
         return f"{verdict} ({timed}; {where}): every layer kept float, {returned} written"
     reverted = guard.get("reverted", {})
     sums, islands = guard.get("residual_sums", 0), guard.get("silu_islands", 0)
-    unfused = f"; {sums} residual Add(s) before LayerNorm as Sum (unfused: faster here)" if sums else ""
+    for_accuracy = guard.get("forms_for_accuracy", [])  # the latency guard's labels of its forms
+    sums_why = "as fast, more accurate" if "residual Adds as Sum" in for_accuracy else "unfused: faster here"
+    unfused = f"; {sums} residual Add(s) before LayerNorm as Sum ({sums_why})" if sums else ""
     if islands:
-        unfused += f"; {islands} SiLU(s) as float QuickGelu (faster here than QLinearSigmoid + QLinearMul)"
+        islands_why = (
+            "as fast here as QLinearSigmoid + QLinearMul, more accurate"
+            if "SiLU as QuickGelu" in for_accuracy
+            else "faster here than QLinearSigmoid + QLinearMul"
+        )
+        unfused += f"; {islands} SiLU(s) as float QuickGelu ({islands_why})"
     if not reverted:
         chosen_ms = ms.get(guard.get("chosen", ""), math.nan)
         tail = f" -> {chosen_ms:.3g} ms" if sums or islands else ""

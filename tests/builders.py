@@ -346,7 +346,9 @@ def silu_convs() -> onnx.ModelProto:
     return parse(text, {name: array * 0.3 for name, array in arrays.items()})
 
 
-def log_spectrum_cnn() -> tuple[onnx.ModelProto, list[dict[str, np.ndarray]], list[dict[str, np.ndarray]]]:
+def log_spectrum_cnn(
+    *, front_end_only: bool = False
+) -> tuple[onnx.ModelProto, list[dict[str, np.ndarray]], list[dict[str, np.ndarray]]]:
     """A log-power spectrum front end before a small CNN, with harmonic "voiced" frames to feed it.
 
     Frames of 256 samples ``[1, 256, 32]`` → STFT as two 1×1 Convs (Hann-windowed cosine and sine
@@ -354,7 +356,8 @@ def log_spectrum_cnn() -> tuple[onnx.ModelProto, list[dict[str, np.ndarray]], li
     Relu → GlobalAveragePool ``[1, 8]``: the shape of DNSMOS's ``sig_bak_ovr`` (keras2onnx). The
     frames hold a harmonic tone whose partials fall off 0.7× each, over a faint hiss, so the power spans
     about ten decades and most bins are far below one 8-bit step of the STFT's range. Returns the model,
-    16 calibration feeds and 8 held-out feeds.
+    16 calibration feeds and 8 held-out feeds. ``front_end_only``: the model ends at the log spectrum
+    ``[1, 129, 32]`` (a feature extractor shipped as its own file, as openWakeWord's melspectrogram).
     """
     n = np.arange(256)
     bins = np.arange(129)[:, None]
@@ -385,6 +388,12 @@ def log_spectrum_cnn() -> tuple[onnx.ModelProto, list[dict[str, np.ndarray]], li
         y = GlobalAveragePool (r2)
     }
     """
+    if front_end_only:
+        text = (
+            text.split("        image = ")[0].replace("float[1, 8, 1, 1] y", "float[1, 129, 32] spectrum")
+            + "}"
+        )
+        arrays = {k: v for k, v in arrays.items() if k in ("wre", "wim", "floor")}
     proto = parse(text, arrays)
 
     def feeds(count: int, seed: int) -> list[dict[str, np.ndarray]]:

@@ -93,7 +93,7 @@ def test_report_json_is_standard_json() -> None:
     [(False, "(int8 slower here)"), (True, "(as fast in int8 here, 4.5 dB more accurate float)")],
 )
 def test_the_guard_row_says_why_a_kind_was_kept_float(for_accuracy: bool, expected: str) -> None:
-    from onnxq.report import _guard_line
+    from onnxq.report import guard_line
 
     guard = {
         "latency_ms": {"float": 2.0, "quantized": 1.0, "keep narrow Conv float": 1.01},
@@ -105,15 +105,15 @@ def test_the_guard_row_says_why_a_kind_was_kept_float(for_accuracy: bool, expect
         "runs": 12,
         "seconds": 0.2,
     }
-    line = _guard_line(guard)
+    line = guard_line(guard)
     assert line.startswith("kept float: 1 narrow Conv ") and expected in line
 
 
 def test_the_guard_row_leaves_out_what_was_not_timed_and_says_when_a_target_overrode_it() -> None:
-    from onnxq.report import _guard_line
+    from onnxq.report import guard_line
 
     guard = {"latency_ms": {"input": 2.0, "quantized": 1.0}, "chosen": "quantized", "threads": 1}
-    assert "float" not in _guard_line(guard) and "nan" not in _guard_line(guard)
+    assert "float" not in guard_line(guard) and "nan" not in guard_line(guard)
     report = _report(latency_guard=guard, budget={"target": "cosine>=0.99", "float_returned": True})
     row = next(line for line in report.format_table().splitlines() if "latency guard" in line)
     assert "superseded: the accuracy target returned the float model" in row
@@ -149,7 +149,7 @@ def test_outputs_compared_without_padding_say_so() -> None:
 
 @pytest.mark.parametrize("reverted", [{}, {"narrow Conv": ["c0"]}], ids=["none-reverted", "one-reverted"])
 def test_the_guard_row_names_the_silu_islands(reverted: dict[str, list[str]]) -> None:
-    from onnxq.report import _guard_line
+    from onnxq.report import guard_line
 
     chosen = "quantized, SiLU as QuickGelu" if not reverted else "keep narrow Conv float, SiLU as QuickGelu"
     guard = {
@@ -159,5 +159,5 @@ def test_the_guard_row_names_the_silu_islands(reverted: dict[str, list[str]]) ->
         "silu_islands": 56,
         "threads": 1,
     }
-    line = _guard_line(guard)
+    line = guard_line(guard)
     assert "56 SiLU(s) as float QuickGelu" in line and "-> 1.5 ms" in line

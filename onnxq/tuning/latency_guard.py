@@ -52,7 +52,9 @@ on this machine, instead of guessing:
    the input by more than ``min_gain``.
 7. If the chosen model is not faster than the float model to beat by more than ``min_gain`` (a gain
    within the timings' noise is not worth the quantization error), every anchor is kept float and that
-   float model is the output (the input as it was, or the preprocessed one); the report says why. The
+   float model is the output (the input as it was, or the preprocessed one); the report says why.
+   So is a model whose every anchor is in the :data:`LOG_FRONT_END` kind (a log-spectrum front end and
+   nothing else) when its int8 output is below the report's large-loss bound on the guard's feed. The
    output is never slower than the input by more than the timings' noise.
 8. A chosen int8 model that gains little (above :data:`DEFAULT_THREADS_CHECK` of the float model's
    latency) is timed against that float model once more at ONNX Runtime's default thread count, on a
@@ -91,6 +93,7 @@ from onnxq.config import LatencyGuardConfig
 from onnxq.graph import DEFAULT_DOMAINS, attr_int, const_array, initializer_bytes
 from onnxq.load.files import load_model
 from onnxq.plan.log_front_end import log_downstream
+from onnxq.report import LARGE_LOSS_SQNR_DB
 from onnxq.rewrite.silu_island import integer_silus, write_silu_islands
 from onnxq.rewrite.sum_form import residual_adds, write_residual_adds_as_sum
 from onnxq.runtime.latency import time_sessions
@@ -166,6 +169,9 @@ class GuardOutcome:
     default_threads_ratio: float = math.nan
     #: Set when that ratio made the guard keep every layer float.
     slower_at_default_threads: bool = False
+    #: Set when the model is a log-spectrum front end only and int8 lost its output (below the report's
+    #: large-loss bound on the guard's feed): every layer is kept float.
+    lossy_front_end: bool = False
 
     @property
     def kept_float(self) -> list[str]:
@@ -195,6 +201,7 @@ class GuardOutcome:
             "kinds": {k: len(v) for k, v in self.kinds.items()},
             "reverted": {k: sorted(v) for k, v in self.reverted.items()},
             "all_float": self.all_float,
+            **({"lossy_front_end": True} if self.lossy_front_end else {}),
             "chosen": self.chosen,
             "for_accuracy": self.for_accuracy,
             "residual_sums": self.residual_sums,
@@ -667,6 +674,11 @@ def guard_latency(
     del timer  # its sessions close: the check below opens two of its own
     # A quantized model must beat float by more than the noise to be worth its rounding error.
     keep_float = outcome.latency_ms[best] >= outcome.latency_ms[float_name] * (1.0 - config.min_gain)
+    if not keep_float and set(kinds) == {LOG_FRONT_END} and candidates[best][3] < LARGE_LOSS_SQNR_DB:
+        # A model that is a log-spectrum front end and nothing else: its only other form is float, and
+        # int8 rounds the quiet bins to the log's floor (onnx_asr's front ends -9.5 to 8.4 dB,
+        # openWakeWord's melspectrogram 7.6 dB on speech). Features that wrong serve no one.
+        keep_float = outcome.lossy_front_end = True
     if (
         not keep_float
         and config.check_default_threads
@@ -710,43 +722,3 @@ def load_input_model(source: ModelSource) -> ir.Model:
         model: ir.Model = ir.from_proto(onnx.ModelProto.FromString(source))
         return model
     return load_model(source)
-
-
-def describe(outcome: GuardOutcome) -> Sequence[str]:
-    """Lines for the report: what was reverted and what it gained."""
-    lines = []
-    if outcome.all_float:
-        returned = (
-            "the input model returned as it was" if outcome.chosen == _INPUT else "preprocessed float model"
-        )
-        if outcome.slower_at_default_threads:
-            lines.append(
-                f"int8 was faster at {outcome.threads} thread(s) but {outcome.default_threads_ratio:.2f}x "
-                f"the float model at ONNX Runtime's default thread count: every layer kept float ({returned})"
-            )
-        else:
-            lines.append(
-                f"no quantized variant was faster than the float model here ({outcome.threads} thread(s)): "
-                f"every layer kept float ({returned})"
-            )
-    why = "as fast in int8 here, more accurate float" if outcome.for_accuracy else "slower in int8 here"
-    for kind, names in outcome.reverted.items():
-        if not outcome.all_float:
-            lines.append(f"kept {len(names)} {kind} float ({why})")
-    if outcome.residual_sums and not outcome.all_float:
-        because = (
-            "as fast here, more accurate"
-            if RESIDUAL_SUMS in outcome.forms_for_accuracy
-            else "ONNX Runtime's fused SkipLayerNormalization is slower here"
-        )
-        lines.append(
-            f"wrote {outcome.residual_sums} residual Add(s) before LayerNormalization as Sum ({because})"
-        )
-    if outcome.silu_islands and not outcome.all_float:
-        because = (
-            "as fast here as QLinearSigmoid + QLinearMul, more accurate"
-            if SILU_ISLANDS in outcome.forms_for_accuracy
-            else "faster here than QLinearSigmoid + QLinearMul"
-        )
-        lines.append(f"ran {outcome.silu_islands} SiLU(s) as float QuickGelu between Q/DQ ({because})")
-    return lines

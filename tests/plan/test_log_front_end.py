@@ -18,6 +18,7 @@ import onnxq
 from onnxq.config import LatencyGuardConfig, QuantConfig
 from onnxq.pipeline import QuantizationResult
 from onnxq.plan.log_front_end import LOG_SEARCH_DEPTH, log_downstream
+from onnxq.report import guard_line
 from onnxq.runtime.latency import LatencyResult
 from onnxq.tuning import latency_guard
 from onnxq.tuning.latency_guard import LOG_FRONT_END, anchor_kinds
@@ -122,3 +123,27 @@ def test_the_guard_keeps_the_front_end_float_when_it_costs_no_time(
     assert guard["chosen"] == f"keep {LOG_FRONT_END} float" and guard["for_accuracy"]
     assert sorted(guard["reverted"]) == [LOG_FRONT_END]
     assert _sqnr(proto, result.model, held_out) > 40.0
+
+
+def test_a_model_that_is_only_a_front_end_stays_float_when_int8_loses_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A log-spectrum extractor on its own (every anchor in front of the Log): int8 is faster (made-up
+    timings) but its spectrum is lost (real outputs), and the only other form is float: the input is
+    written, and the report says why."""
+
+    def time_sessions(sessions: dict[str, object], feed: object, **_: object) -> dict[str, LatencyResult]:
+        ms = {name: 2.0 if name in ("input", "float") else 1.0 for name in sessions}
+        return {name: LatencyResult(name, 1, ms[name], ms[name], 1, (ms[name],)) for name in sessions}
+
+    monkeypatch.setattr(latency_guard, "time_sessions", time_sessions)
+    proto, calib, held_out = builders.log_spectrum_cnn(front_end_only=True)
+    guarded = QuantConfig(latency_guard=LatencyGuardConfig(enabled=True, budget_s=0.05, min_runs=2))
+    result = onnxq.quantize(proto, calib, guarded)
+    guard = result.report.latency_guard
+    assert guard is not None and guard["all_float"] and guard["lossy_front_end"]
+    assert guard["sqnr_db"]["quantized"] < 20.0
+    assert "a log-spectrum front end whose quiet bins int8 rounds to the log's floor" in guard_line(guard)
+    assert not any(n.op_type == "DequantizeLinear" for n in result.model.graph)
+    unguarded = onnxq.quantize(proto, calib, QuantConfig(latency_guard=LatencyGuardConfig(enabled=False)))
+    assert _sqnr(proto, unguarded.model, held_out) < 20.0  # what the guard kept from being written

@@ -21,6 +21,7 @@ import pytest
 import onnxq
 from onnxq.config import LatencyGuardConfig, QuantConfig
 from onnxq.pipeline import QuantizationResult
+from onnxq.report import guard_line
 from onnxq.runtime.latency import LatencyResult
 from onnxq.tuning import latency_guard
 from onnxq.tuning.latency_guard import SMALL_MACS, GuardOutcome, anchor_kinds, guard_latency
@@ -297,9 +298,9 @@ def test_a_tie_in_speed_goes_to_accuracy(
     outcome = run_guard(kinds_result, monkeypatch, additive({"c2": 0.505}, {"c2": 0.5}), accuracy)
     assert outcome.chosen == "keep small depthwise Conv float" and outcome.for_accuracy
     assert outcome.sqnr_db["keep small depthwise Conv float"] == outcome.sqnr_db["quantized"] + 4.0
-    assert latency_guard.describe(outcome) == [
-        "kept 1 small depthwise Conv float (as fast in int8 here, more accurate float)"
-    ]
+    assert "kept float: 1 small depthwise Conv (as fast in int8 here, 4.0 dB more accurate float)" in (
+        guard_line(outcome.as_dict())
+    )
 
 
 @pytest.mark.parametrize(
@@ -465,13 +466,13 @@ def test_the_input_model_is_the_baseline_never_to_be_slower_than(
     assert outcome.latency_ms["input"] == input_ms
     ops = [n.op_type for n in outcome.model.graph]
     assert not {"QuantizeLinear", "DequantizeLinear"} & set(ops)
-    line = latency_guard.describe(outcome)[0]
+    line = guard_line(outcome.as_dict())
     if chosen == "input":  # the user's graph as it was, node for node
         assert ops == [n.op_type for n in kinds_model().graph.node]
-        assert outcome.speedup == 1.0 and "the input model returned as it was" in line
+        assert outcome.speedup == 1.0 and "the input model as it was written" in line
     else:
         assert outcome.speedup == pytest.approx(input_ms / (6 * float_ms))
-        assert "preprocessed float model" in line
+        assert "the preprocessed float model written" in line
 
 
 def test_a_half_precision_input_is_not_replaced_by_its_float32_version(
@@ -548,7 +549,7 @@ FORMS = {
         "Sum",
         "residual_sums",
         2,
-        "2 residual Add(s) before LayerNormalization as Sum",
+        "2 residual Add(s) before LayerNorm as Sum",
     ),
     "silu-islands": (
         builders.silu_convs,
@@ -581,9 +582,9 @@ def test_an_alternative_form_is_kept_when_faster_or_as_fast_and_more_accurate(
     written = [n for n in outcome.model.graph if n.op_type == op]
     if chosen:
         assert outcome.chosen == timed and getattr(outcome, field) == count == len(written)
-        assert any(line in text for text in latency_guard.describe(outcome))
+        assert line in guard_line(outcome.as_dict())
         assert (outcome.forms_for_accuracy == [label]) is (factor > 1.0)
-        assert any("more accurate" in text for text in latency_guard.describe(outcome)) is (factor > 1.0)
+        assert ("more accurate" in guard_line(outcome.as_dict())) is (factor > 1.0)
         # variants made later (--target) keep the form once the pipeline records the choice
         assert not any(n.op_type == op for n in result.static.requantize().graph)
         setattr(result.static, field, True)
@@ -636,7 +637,7 @@ def test_int8_that_gains_little_is_checked_at_the_default_thread_count(
     assert outcome.all_float is all_float and outcome.slower_at_default_threads is all_float
     if all_float:
         assert outcome.chosen == "input"
-        assert "default thread count" in latency_guard.describe(outcome)[0]
+        assert "default thread count" in guard_line(outcome.as_dict())
         assert outcome.as_dict()["slower_at_default_threads"] is True
         assert not {"QuantizeLinear", "DequantizeLinear"} & {n.op_type for n in outcome.model.graph}
 
