@@ -28,6 +28,7 @@ PROVENANCE_KEYS = (
     "onnxq.calibration",
     "onnxq.accuracy_budget",
     "onnxq.validated_with",
+    "onnxq.smoothed",
 )
 
 
@@ -48,6 +49,8 @@ def provenance(report: QuantReport) -> dict[str, str]:
                 "random": calibration.get("random", False),
             }
         )
+    if report.smoothed_tensors:  # the per-layer numeric suite compares these after their rescale
+        props["onnxq.smoothed"] = _json(report.smoothed_tensors)
     if report.budget:
         budget = report.budget
         props["onnxq.accuracy_budget"] = _json(

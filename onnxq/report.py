@@ -71,6 +71,8 @@ class QuantReport:
     affine_folded: int = 0
     #: Conv → Relu → Conv pairs rescaled by cross-layer equalization (``--equalize``).
     equalized_pairs: int = 0
+    #: The tensors outlier smoothing divided per channel (their readers' weights took the factors).
+    smoothed_tensors: list[str] = field(default_factory=list)
     canonicalized: dict[str, int] = field(default_factory=dict)
     nodes_before: int = 0
     nodes_after: int = 0

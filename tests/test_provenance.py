@@ -44,6 +44,7 @@ def full_report(**changes: object) -> QuantReport:
         "calibration": CALIBRATION,
         "budget": BUDGET,
         "validated_with": "onnxruntime 1.32.0 CPUExecutionProvider",
+        "smoothed_tensors": ["r0", "r2"],
     }
     fields.update(changes)
     return QuantReport(**fields)  # type: ignore[arg-type]
@@ -66,6 +67,7 @@ def float_model(**metadata: str) -> ir.Model:
 def test_keys_and_values() -> None:
     props = provenance(full_report())
     assert set(props) == set(PROVENANCE_KEYS)
+    assert json.loads(props["onnxq.smoothed"]) == ["r0", "r2"]
     assert props["onnxq.version"] == __version__
     assert props["onnxq.source_producer"] == "pytorch 2.13.0"
     assert json.loads(props["onnxq.settings"]) == SETTINGS
@@ -176,6 +178,7 @@ def test_stamp_replaces_stale_onnxq_keys() -> None:
     # this run had no calibration and no budget: the old entries are gone, not kept
     assert "onnxq.calibration" not in props
     assert "onnxq.accuracy_budget" not in props
+    assert "onnxq.smoothed" not in props
 
 
 def test_stamping_twice_is_idempotent() -> None:

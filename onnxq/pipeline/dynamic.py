@@ -39,11 +39,13 @@ def quantize_dynamic(
     """
     start = time.perf_counter()
     notes: list[str] = []
+    rescaled: tuple[str, ...] = ()
     if feeds is not None and config.smooth:
         with explained_on_random_data(feeds):
             smoothing = smooth_outliers(model, feeds, providers, feature_maps=config.dynamic.conv)
         if smoothing.candidates:
             notes.append(smoothing.describe())
+        rescaled = tuple(smoothing.smoothed)
     smoothed = time.perf_counter()
     rewrite = DynamicQuantizePass(config)
     rewrite(model)
@@ -58,4 +60,5 @@ def quantize_dynamic(
         notes=tuple(notes),
         subgraph_nodes=sum(len(g) for g in model.graph.subgraphs()),
         timings_s={"smooth": smoothed - start, "rewrite": time.perf_counter() - smoothed},
+        smoothed=rescaled,
     )

@@ -192,7 +192,9 @@ class QuantizationResult:
         reference = (
             self.static.float_model if self.static is not None else load_model(self._float_reference())
         )
-        stats = inspect_layers(self.model, reference, self._eval_feeds(data))
+        stats = inspect_layers(
+            self.model, reference, self._eval_feeds(data), smoothed=self.report.smoothed_tensors
+        )
         self.report.layers = layers_to_dict(stats)
         return format_layers(stats, limit=limit)
 

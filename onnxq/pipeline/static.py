@@ -184,6 +184,7 @@ def quantize_static(
 
     start = time.perf_counter()
     notes: list[str] = []
+    smoothed: tuple[str, ...] = ()
     if config.smooth or config.equalize_depthwise_inputs:
         with explained_on_random_data(feeds):
             smoothing = smooth_outliers(
@@ -195,6 +196,7 @@ def quantize_static(
             )
         if smoothing.candidates:  # (on by default: no note for the models it has nothing to do on)
             notes.append(smoothing.describe())
+        smoothed = tuple(smoothing.smoothed)
         if smoothing.divided_in_front:  # Muls were added in front of products: plan the new graph
             plan = plan_quantization(model, planning_config(model, config)[0])  # (not for new weights)
     runtime_declines: list[Decline] = []
@@ -339,6 +341,7 @@ def quantize_static(
     declines += [d for d in written.declines if not (d.code == "excluded" and d.node in lossy)]
     summary = ModeSummary(
         mode="static",
+        smoothed=smoothed,
         quantized_op_types=quantized_op_types,
         notes=tuple(notes),
         float_op_types=float_op_types,

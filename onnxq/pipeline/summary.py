@@ -59,6 +59,8 @@ class ModeSummary:
     nodes_after: int | None = None
     calibration: CalibrationSummary | None = None
     timings_s: dict[str, float] = field(default_factory=dict)
+    #: The tensors outlier smoothing rescaled (the per-layer numeric suite compares them after the rescale).
+    smoothed: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -116,4 +118,5 @@ def build_report(
         size_float_bytes=size_float_bytes,
         size_quantized_bytes=size_quantized_bytes,
         timings_s=timings,
+        smoothed_tensors=sorted(mode.smoothed),
     )

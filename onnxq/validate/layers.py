@@ -28,6 +28,18 @@ Matching the two models:
   folded weight matches onnxq's output, an unfolded one the output of a tool that does not fold).
   Without a match the weight's SQNR is ``None``.
 
+Outlier smoothing (on by default in onnxq) moves scale between a tensor and the weights around it:
+the quantized model's activation is the float one divided per channel by ``s``, its readers' weights
+are multiplied per input channel by ``s`` and its producer's divided per output channel. Compared as
+they are, such tensors would read 15 dB where their rounding costs 40. So in a model whose
+``onnxq.smoothed`` metadata names smoothed tensors, those tensors, and the weights (all positive
+factors: a channel rounded to zero is no rescale), are also compared after the per-channel factor that
+best maps the float values onto the quantized ones (least squares, along the channel axis of a feature
+map or the last axis of a product's input; a weight's first two axes in turn; a Conv's bias by its
+weight's output factors), and that comparison is reported, flagged ``rescaled``, when it reads at
+least :data:`RESCALE_GAIN_DB` better: rounding has no per-channel gain for the fit to absorb, so the
+figure left is the rounding's.
+
 Definitions: the representable range of a tensor is ``[(qmin - zp) * s, (qmax - zp) * s]`` over the
 full range of its integer type (what ``QuantizeLinear`` saturates to). A float value is *clipped* when it
 lies more than half a step (``s / 2``) outside that range, i.e. when saturation, not rounding, sets
@@ -37,6 +49,7 @@ its error. SQNR is ``10·log10(Σ x² / Σ (x − x̂)²)`` over all elements of
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import re
@@ -110,6 +123,8 @@ class LayerStats:
     quantized_tensor: str = ""
     #: Feeds the activation statistics were accumulated over (0 for weights).
     samples: int = 0
+    #: Compared after the best per-channel factor (outlier smoothing rescaled it; module docstring).
+    rescaled: bool = False
 
     @property
     def sqnr_db(self) -> float | None:
@@ -252,6 +267,102 @@ def _is_qdq(node: ir.Node, op_type: str) -> bool:
     return node.op_type == op_type and node.domain in (*DEFAULT_DOMAINS, "com.microsoft")
 
 
+#: A comparison after a per-channel rescale is reported when it reads at least this much better than
+#: the plain one (a rescale outlier smoothing applied, not the noise a fit always absorbs).
+RESCALE_GAIN_DB = 6.0
+
+
+class _ChannelFit:
+    """Per-channel sums along one axis for the SQNR after the best per-channel factor ``q ≈ s·r``."""
+
+    def __init__(self, axis: int) -> None:
+        self.axis = axis
+        self.rr: np.ndarray | None = None
+        self.qq: np.ndarray | None = None
+        self.rq: np.ndarray | None = None
+
+    def update(self, reference: np.ndarray, quantized: np.ndarray) -> None:
+        r = np.moveaxis(reference.astype(np.float64), self.axis, 0).reshape(reference.shape[self.axis], -1)
+        q = np.moveaxis(quantized.astype(np.float64), self.axis, 0).reshape(r.shape)
+        sums = (np.einsum("ij,ij->i", r, r), np.einsum("ij,ij->i", q, q), np.einsum("ij,ij->i", r, q))
+        if self.rr is None or self.rr.shape != sums[0].shape:
+            self.rr, self.qq, self.rq = sums
+        else:
+            assert self.qq is not None and self.rq is not None
+            self.rr, self.qq, self.rq = self.rr + sums[0], self.qq + sums[1], self.rq + sums[2]
+
+    def sqnr_db(self) -> float:
+        """``10·log10(Σ (s·r)² / Σ (q − s·r)²)`` with each channel's least-squares ``s``."""
+        if self.rr is None or self.qq is None or self.rq is None:
+            return math.nan
+        used = self.rr > 0
+        fitted = np.where(used, self.rq**2 / np.where(used, self.rr, 1.0), 0.0)
+        noise = float(np.sum(np.maximum(self.qq - fitted, 0.0)))
+        signal = float(np.sum(fitted))
+        if signal <= 0:
+            return math.nan
+        return math.inf if noise == 0 else 10.0 * math.log10(signal / noise)
+
+
+def _smoothed_tensors(model: ir.Model) -> set[str]:
+    """The tensors onnxq's outlier smoothing rescaled, from the model's ``onnxq.smoothed`` metadata."""
+    text = model.metadata_props.get("onnxq.smoothed", "")
+    try:
+        names = json.loads(text) if text else []
+    except ValueError:
+        return set()
+    return {name for name in names if isinstance(name, str)} if isinstance(names, list) else set()
+
+
+def _channel_axes(rank: int) -> tuple[int, ...]:
+    """The axes outlier smoothing scales: a feature map's channels (1) and a product input's last."""
+    return tuple(dict.fromkeys(a for a in (1, rank - 1) if 0 < a < rank)) if rank >= 2 else ()
+
+
+def _rescaled_weight(candidate: np.ndarray, dequantized: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """``candidate`` rescaled per channel by least squares onto ``dequantized``, and its axis-0 factors.
+
+    Axes 0 and 1 in turn, a few rounds (a weight may be both a smoothed tensor's producer and another's
+    reader); for a Conv, axis 0's factors are its output channels', what its bias was scaled by.
+    """
+    if candidate.ndim < 2:
+        return None
+    fitted = candidate.astype(np.float64)
+    target = dequantized.astype(np.float64)
+    outputs = np.ones(fitted.shape[0])
+    for axis in (0, 1) * 4:
+        other = tuple(a for a in range(fitted.ndim) if a != axis)
+        rr = np.sum(fitted * fitted, axis=other, keepdims=True)
+        rq = np.sum(fitted * target, axis=other, keepdims=True)
+        factor = np.where(rr > 0, rq / np.where(rr > 0, rr, 1.0), 1.0)
+        if not np.all((factor > 0) & np.isfinite(factor)):
+            return None  # a channel rounded to zero, or flipped: rounding, not a rescale
+        fitted = fitted * factor
+        if axis == 0:
+            outputs = outputs * factor.reshape(-1)
+    return fitted, outputs
+
+
+def _bias_factors(dq: ir.Node, indexes: Sequence[_FloatIndex]) -> np.ndarray | None:
+    """The output-channel factors of the weight of the Conv whose bias ``dq`` dequantizes, if any."""
+    for use in dq.outputs[0].uses():
+        layer = use.node
+        weight = layer.inputs[1] if layer.op_type == "Conv" and use.idx == 2 else None
+        producer = weight.producer() if weight is not None else None
+        if producer is None or not _is_qdq(producer, "DequantizeLinear") or producer.inputs[0] is None:
+            continue
+        data = const_array(producer.inputs[0])
+        params = _params(producer, data.ndim, producer.inputs[0].dtype) if data is not None else "no data"
+        if data is None or isinstance(params, str) or not data.size:
+            continue
+        dequantized = _dequantize(np.asarray(data), params)
+        for candidate in _float_weight_candidates(producer, indexes, tuple(dequantized.shape)):
+            fit = _rescaled_weight(candidate, dequantized)
+            if fit is not None:
+                return fit[1]
+    return None
+
+
 @dataclass
 class _Activation:
     row: LayerStats
@@ -265,6 +376,8 @@ class _Activation:
     clipped: int = 0
     count: int = 0
     failed: str | None = None
+    #: Per-channel fits along the axes outlier smoothing may have scaled (see the module docstring).
+    fits: list[_ChannelFit] | None = None
 
 
 class _FloatIndex:
@@ -380,6 +493,10 @@ def _update(act: _Activation, reference: np.ndarray, quantized: np.ndarray) -> N
     act.stats.update(ref, quantized)
     if not ref.size:
         return
+    if act.fits is None:
+        act.fits = [_ChannelFit(axis) for axis in _channel_axes(ref.ndim)]
+    for fit in act.fits:
+        fit.update(ref, quantized)
     ref64 = ref.astype(np.float64)
     act.low = min(act.low, float(ref64.min()))
     act.high = max(act.high, float(ref64.max()))
@@ -401,17 +518,21 @@ def inspect_layers(
     *,
     providers: Sequence[str] = ("CPUExecutionProvider",),
     show_progress: bool | None = None,
+    smoothed: Iterable[str] | None = None,
 ) -> LayerReport:
     """Statistics for every quantized tensor of ``quantized`` against ``float_model``, worst first.
 
     Both models are paths, ``onnx.ModelProto`` or ``onnx_ir.Model`` (not modified); ``feeds`` is
     consumed once. Rows are sorted by their own SQNR (activation SQNR for activations, weight SQNR for
-    weights), lowest first; rows without one come last. Tensors that cannot be inspected (no float
-    counterpart, parameters that are not constants) are left out and described in the result's
-    ``notes``. Raises :class:`OnnxqError` when the data is empty or does not fit the models.
+    weights), lowest first; rows without one come last. ``smoothed`` names the tensors outlier
+    smoothing rescaled (default: the quantized model's ``onnxq.smoothed`` metadata, which a saved model
+    carries). Tensors that cannot be inspected (no float counterpart, parameters that are not
+    constants) are left out and described in the result's ``notes``. Raises :class:`OnnxqError` when
+    the data is empty or does not fit the models.
     """
     qmodel = load_model(quantized, what="quantized model")
     fmodel = load_model(float_model, what="float model")
+    smoothed = set(smoothed) if smoothed is not None else _smoothed_tensors(qmodel)
     normalize_versions(fmodel)
     raw_index = _FloatIndex(fmodel)
     notes: list[str] = []
@@ -442,7 +563,7 @@ def inspect_layers(
         if preprocessed is not None:
             indexes.append(_FloatIndex(preprocessed))
         for dq in weight_dqs:
-            note = _weight_row(dq, indexes, rows)
+            note = _weight_row(dq, indexes, rows, smoothed=bool(smoothed))
             if note:
                 notes.append(note)
 
@@ -455,6 +576,11 @@ def inspect_layers(
             row = act.row
             row.samples = act.stats.samples
             row.activation_sqnr_db = act.stats.sqnr_db
+            fits = act.fits if row.tensor in smoothed else None
+            fitted = max((fit.sqnr_db() for fit in fits or ()), default=math.nan)
+            plain = row.activation_sqnr_db if row.activation_sqnr_db is not None else math.nan
+            if not math.isnan(fitted) and (math.isnan(plain) or fitted >= plain + RESCALE_GAIN_DB):
+                row.activation_sqnr_db, row.rescaled = fitted, True
             row.cosine = act.stats.cosine
             row.max_abs_error = act.stats.max_abs_error
             if act.count:
@@ -515,7 +641,9 @@ def _activation_task(q: ir.Node, index: _FloatIndex) -> _Activation | str:
     )
 
 
-def _weight_row(dq: ir.Node, indexes: Sequence[_FloatIndex], rows: list[LayerStats]) -> str | None:
+def _weight_row(
+    dq: ir.Node, indexes: Sequence[_FloatIndex], rows: list[LayerStats], *, smoothed: bool
+) -> str | None:
     source = dq.inputs[0]
     assert source is not None
     data = const_array(source)
@@ -526,10 +654,21 @@ def _weight_row(dq: ir.Node, indexes: Sequence[_FloatIndex], rows: list[LayerSta
     dequantized = _dequantize(np.asarray(data), params)
     best: float | None = None
     error: float | None = None
+    rescaled = False
+    bias_factors = _bias_factors(dq, indexes) if smoothed and data.ndim == 1 else None
     for candidate in _float_weight_candidates(dq, indexes, tuple(dequantized.shape)):
         value = sqnr_db(candidate.astype(np.float32), dequantized)
+        fit = _rescaled_weight(candidate, dequantized) if smoothed and data.size else None
+        fitted = fit[0] if fit is not None else None
+        if bias_factors is not None and bias_factors.shape == candidate.shape:
+            fitted = candidate.astype(np.float64) * bias_factors  # the layer's output channels' factors
+        fitted_value = sqnr_db(fitted, dequantized.astype(np.float64)) if fitted is not None else math.nan
+        was_rescaled = fitted is not None and fitted_value >= value + RESCALE_GAIN_DB
+        if was_rescaled:
+            assert fitted is not None
+            value, candidate = fitted_value, fitted
         if best is None or value > best or (math.isnan(best) and not math.isnan(value)):
-            best = value
+            best, rescaled = value, was_rescaled
             error = float(np.max(np.abs(candidate.astype(np.float64) - dequantized))) if data.size else 0.0
     name = _WEIGHT_SUFFIXES.sub("", source.name or "") or (source.name or "")
     rows.append(
@@ -540,6 +679,7 @@ def _weight_row(dq: ir.Node, indexes: Sequence[_FloatIndex], rows: list[LayerSta
             quantized_tensor=source.name or "",
             weight_sqnr_db=best,
             max_abs_error=error,
+            rescaled=rescaled,
             **_describe_params(params),
         )
     )
@@ -684,6 +824,12 @@ def format_layers(stats: Sequence[LayerStats], limit: int | None = 30) -> str:
         )
         if len(shown) < len(stats):
             text += f"; {len(stats) - len(shown)} more rows not shown"
+    rescaled = sum(1 for row in stats if row.rescaled)
+    if rescaled:
+        text += (
+            f"\n{rescaled} tensor(s) compared after a per-channel rescale: outlier smoothing moved scale"
+            " between them and the weights around them (the SQNR shown is their rounding's)"
+        )
     notes = getattr(stats, "notes", None)
     if notes:
         text += "\nNot inspected:\n" + "\n".join(f"  - {note}" for note in notes)

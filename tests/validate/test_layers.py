@@ -15,7 +15,7 @@ import onnx.numpy_helper
 import pytest
 
 import onnxq
-from onnxq.config import QuantConfig
+from onnxq.config import LatencyGuardConfig, QuantConfig
 from onnxq.errors import OnnxqError
 from onnxq.qmath import QuantParams, dequantize, quantize
 from onnxq.runtime.session import make_session, run
@@ -342,3 +342,45 @@ def test_layers_to_dict_is_json(report: LayerReport) -> None:
     assert isinstance(data[0]["range"], list) and len(data[0]["range"]) == 2
     inf_row = layers_to_dict([dataclasses.replace(report[0], activation_sqnr_db=math.inf)])
     assert inf_row[0]["activation_sqnr_db"] == "inf"
+
+
+def _dequantized_weight(model: object, name: str) -> np.ndarray:
+    """The weight ``name`` as the quantized model's DequantizeLinear gives it (per-channel, axis 1)."""
+    proto = model if isinstance(model, onnx.ModelProto) else onnx.load_from_string(builders.serialize(model))
+    arrays = {t.name: onnx.numpy_helper.to_array(t) for t in proto.graph.initializer}
+    node = next(
+        n for n in proto.graph.node if n.op_type == "DequantizeLinear" and n.input[0] == f"{name}_quantized"
+    )
+    data, scale = arrays[node.input[0]].astype(np.float64), arrays[node.input[1]].astype(np.float64)
+    zero = arrays[node.input[2]].astype(np.float64) if len(node.input) > 2 else 0.0
+    axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+    shape = [1] * data.ndim
+    shape[axis] = -1
+    return (data - np.reshape(zero, shape)) * np.reshape(scale, shape)
+
+
+def test_tensors_outlier_smoothing_rescaled_are_compared_after_the_rescale(tmp_path: Path) -> None:
+    """Smoothing divides the outlier tensor by ``s`` per channel and multiplies its reader's weight rows by
+    ``s``: compared as they are, the reader's weight would read far below its rounding. The row reports
+    the SQNR after the best per-channel factor (what int8 per-channel rounding gives), flagged."""
+    proto = builders.outlier_chain_model((3,))
+    config = QuantConfig(run_time_ranges=False, latency_guard=LatencyGuardConfig(enabled=False))
+    result = onnxq.quantize(proto, builders.chain_feeds(64, seed=1), config)
+    assert any("outlier smoothing" in note for note in result.report.preprocess_notes)
+    assert result.report.smoothed_tensors == ["r0", "r1", "r2", "r3", "r4"]
+    saved = result.save(tmp_path / "q.onnx")  # the saved model names them in its metadata
+    report = inspect_layers(saved, proto, builders.chain_feeds(4, seed=2))
+    rows = {row.tensor: row for row in report}
+    reader = rows["w3"]  # reads the smoothed tensor r2: its rows were multiplied by s
+    assert reader.rescaled and reader.weight_sqnr_db is not None and reader.weight_sqnr_db > 35.0
+    float_w3 = onnx.numpy_helper.to_array(next(t for t in proto.graph.initializer if t.name == "w3"))
+    plain = sqnr_db(float_w3, _dequantized_weight(result.model, "w3"))
+    assert plain < reader.weight_sqnr_db - 6.0  # the rescale the comparison took out
+    assert not rows["x"].rescaled  # the input, which smoothing leaves alone, is compared as it is
+    smoothed = {row.tensor for row in report if row.rescaled}
+    assert {"w2", "w3", "r2"} <= smoothed  # r2's producer (columns / s), reader (rows * s), r2 itself
+    assert all(row.sqnr_db is not None and row.sqnr_db > 30.0 for row in report)
+    assert "compared after a per-channel rescale" in format_layers(report)
+    unmarked = inspect_layers(saved, proto, builders.chain_feeds(4, seed=2), smoothed=())  # as they are
+    assert not any(row.rescaled for row in unmarked)
+    assert {row.tensor: row.sqnr_db for row in unmarked}["w3"] < rows["w3"].sqnr_db - 6.0
