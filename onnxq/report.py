@@ -16,7 +16,7 @@ from tabulate import tabulate
 from onnxq.config import TIMING_NOISE
 from onnxq.declines import Decline, group_declines
 
-__all__ = ["AccuracyRow", "LatencyRow", "QuantReport", "guard_line"]
+__all__ = ["RESIDUAL_SUMS", "SILU_ISLANDS", "AccuracyRow", "LatencyRow", "QuantReport", "guard_line"]
 
 
 @dataclass
@@ -53,6 +53,11 @@ class LatencyRow:
 #: and name the ``--target`` command that recovers it (at 20 dB the error is a tenth of the signal's
 #: amplitude; a cosine under 0.99 moves embeddings and logits visibly).
 LARGE_LOSS_SQNR_DB = 20.0
+
+#: The latency guard's alternative forms, by the labels its report entry names them with
+#: (``forms_for_accuracy``): defined here so the guard and the row that renders it share them.
+RESIDUAL_SUMS = "residual Adds as Sum"
+SILU_ISLANDS = "SiLU as QuickGelu"
 LARGE_LOSS_COSINE = 0.99
 
 
@@ -345,13 +350,13 @@ def guard_line(guard: dict[str, Any]) -> str:
         return f"{verdict} ({timed}; {where}): every layer kept float, {returned} written"
     reverted = guard.get("reverted", {})
     sums, islands = guard.get("residual_sums", 0), guard.get("silu_islands", 0)
-    for_accuracy = guard.get("forms_for_accuracy", [])  # the latency guard's labels of its forms
-    sums_why = "as fast, more accurate" if "residual Adds as Sum" in for_accuracy else "unfused: faster here"
+    for_accuracy = guard.get("forms_for_accuracy", [])
+    sums_why = "as fast, more accurate" if RESIDUAL_SUMS in for_accuracy else "unfused: faster here"
     unfused = f"; {sums} residual Add(s) before LayerNorm as Sum ({sums_why})" if sums else ""
     if islands:
         islands_why = (
             "as fast here as QLinearSigmoid + QLinearMul, more accurate"
-            if "SiLU as QuickGelu" in for_accuracy
+            if SILU_ISLANDS in for_accuracy
             else "faster here than QLinearSigmoid + QLinearMul"
         )
         unfused += f"; {islands} SiLU(s) as float QuickGelu ({islands_why})"

@@ -93,7 +93,7 @@ from onnxq.config import LatencyGuardConfig
 from onnxq.graph import DEFAULT_DOMAINS, attr_int, const_array, initializer_bytes
 from onnxq.load.files import load_model
 from onnxq.plan.log_front_end import log_downstream
-from onnxq.report import LARGE_LOSS_SQNR_DB
+from onnxq.report import LARGE_LOSS_SQNR_DB, RESIDUAL_SUMS, SILU_ISLANDS
 from onnxq.rewrite.silu_island import integer_silus, write_silu_islands
 from onnxq.rewrite.sum_form import residual_adds, write_residual_adds_as_sum
 from onnxq.runtime.latency import time_sessions
@@ -105,6 +105,8 @@ __all__ = [
     "DYNAMIC_LSTM",
     "LOG_FRONT_END",
     "NARROW_CHANNELS",
+    "RESIDUAL_SUMS",
+    "SILU_ISLANDS",
     "SMALL_MACS",
     "TRUSTED_KINDS",
     "GuardOutcome",
@@ -496,9 +498,6 @@ class _Timer:
         return worst_sqnr_db(reference, self.outputs[name])
 
 
-RESIDUAL_SUMS = "residual Adds as Sum"
-SILU_ISLANDS = "SiLU as QuickGelu"
-
 #: Other forms of the chosen model that ONNX Runtime may run faster (step 5), tried in this order: a
 #: label, whether the model has something to rewrite, and the rewrite (returning how many places).
 Form = tuple[str, Callable[[ir.Model], Sequence[object]], Callable[[ir.Model], int]]
@@ -640,18 +639,13 @@ def guard_latency(
         count = rewrite(variant)
         name = f"{best}, {label}"
         ratio, sqnr = timer.ratio(variant)
+        entry = (variant, candidates[best][1], ratio, sqnr)
         faster = ratio < candidates[best][2] * (1.0 - config.min_gain)
         # As fast within the noise and clearly more accurate: the tie goes to accuracy, as in step 4
         # (a speech-quality model's SiLUs: 4.65 vs 4.75 ms, 51.9 vs 42.8 dB on the guard's feed).
-        floor = candidates[best][3]
-        tied = (
-            ratio <= candidates[best][2] + config.min_gain
-            and math.isfinite(sqnr)
-            and not math.isnan(floor)
-            and sqnr >= floor + ACCURACY_TIE_DB
-        )
+        tied = _more_accurate_tie({best: candidates[best], name: entry}, best, config.min_gain) == name
         if faster or tied:
-            candidates[name] = (variant, candidates[best][1], ratio, sqnr)
+            candidates[name] = entry
             best, rewritten[label] = name, count
             if not faster:
                 outcome.forms_for_accuracy.append(label)
