@@ -66,6 +66,14 @@ def _add_quant_options(parser: argparse.ArgumentParser) -> None:
         help="percentile kept by --method percentile (default 99.999)",
     )
     calib.add_argument(
+        "--range-rescue",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="when min-max ranges lose much on the held-out half of the calibration data (top-1 "
+        "agreement below 0.95 or SQNR below 20 dB), choose the ranges as --method auto does (on by "
+        "default; --no-range-rescue keeps min-max)",
+    )
+    calib.add_argument(
         "--calib-batch",
         type=_positive_int,
         default=1,
@@ -343,7 +351,10 @@ def _config_from_args(args: argparse.Namespace) -> Any:
             activations=ActivationScheme(dtype=dtype, symmetric=symmetric),  # type: ignore[arg-type]
             weights=WeightScheme(per_channel=not args.per_tensor),
             calibration=CalibrationConfig(
-                method=args.method, percentile=args.percentile, batch_size=args.calib_batch
+                method=args.method,
+                percentile=args.percentile,
+                batch_size=args.calib_batch,
+                range_rescue=bool(getattr(args, "range_rescue", True)),
             ),
             exclude_nodes=tuple(args.exclude_nodes),
             exclude_op_types=tuple(args.exclude_op_types),
@@ -374,6 +385,7 @@ _STATIC_ONLY = {
     "method": ("--method", "minmax"),
     "percentile": ("--percentile", 99.999),
     "calib_batch": ("--calib-batch", 1),
+    "range_rescue": ("--no-range-rescue", True),
     "activation_type": ("--activation-type", "uint8"),
     "symmetric_activations": ("--symmetric-activations", False),
     "equalize": ("--equalize", False),
@@ -462,7 +474,9 @@ def run_optimize(
     if target is None and result.report.large_loss:
         recover = _with_flags("--target", result.report.recovery_target())
         print(f"onnxq: to recover it, run: {recover}", file=sys.stderr)
-        if result.static is not None and config.calibration.method != "auto":
+        # (not when the range rescue already let auto choose: onnxq.pipeline.range_rescue)
+        rescued = any(note.startswith("range rescue") for note in result.report.preprocess_notes)
+        if result.static is not None and result.static.config.calibration.method == "minmax" and not rescued:
             print(
                 "onnxq: or, with every layer int8 (no speed given back), let held-out calibration data "
                 f"choose each tensor's range method: {_with_flags('--method', 'auto')}",

@@ -82,7 +82,8 @@ class CalibrationConfig:
     ``batch_size`` stacks that many samples into one ONNX Runtime run (inputs with a dynamic axis 0).
     ``auto`` gives every tensor the ranges of each of :data:`AUTO_METHODS` from one histogram and keeps
     the method whose quantized model has the lowest output error on held-out calibration samples
-    (:mod:`onnxq.pipeline.range_choice`).
+    (:mod:`onnxq.pipeline.range_choice`). ``range_rescue`` lets min-max ranges whose model loses much on
+    the held-out samples be replaced by ``auto``'s (:mod:`onnxq.pipeline.range_rescue`).
     """
 
     method: CalibrationMethod = "minmax"
@@ -90,6 +91,7 @@ class CalibrationConfig:
     num_bins: int = 4096
     averaging_constant: float = 0.01
     batch_size: int = 1
+    range_rescue: bool = True
 
     def __post_init__(self) -> None:
         if self.method not in CALIBRATION_METHODS:

@@ -140,7 +140,7 @@ def quantize(
         preprocessed=preprocessed,
         mode=summary,
         lowering=lowering,
-        scheme=_describe_scheme(config, summary.mode),
+        scheme=_describe_scheme(config, summary),
         settings=_settings(config, summary.mode),
         size_float_bytes=size_float,
         size_quantized_bytes=serialized_size(ir_model),
@@ -286,12 +286,17 @@ def _settings(config: QuantConfig, mode: Mode) -> dict[str, Any]:
     return settings
 
 
-def _describe_scheme(config: QuantConfig, mode: Mode) -> dict[str, str]:
+def _describe_scheme(config: QuantConfig, summary: ModeSummary) -> dict[str, str]:
+    mode = summary.mode
     scheme: dict[str, str] = {"mode": mode, "format": config.format}
     if mode == "static":
         symmetric = "symmetric" if config.activations.symmetric else "affine"
         scheme["activations"] = f"{config.activations.dtype} {symmetric}"
         scheme["calibration"] = config.calibration.method
+        calibrated = summary.calibration.method if summary.calibration is not None else "minmax"
+        if config.calibration.method == "minmax" and calibrated != "minmax":
+            # the range rescue replaced min-max's ranges (onnxq.pipeline.range_rescue)
+            scheme["calibration"] = f"{calibrated} (range rescue)"
     elif mode == "dynamic":
         scheme["activations"] = "uint8 at run time"
     if mode != "requantize":

@@ -62,6 +62,7 @@ __all__ = [
     "PER_TENSOR",
     "REFINE_MIN_DB",
     "REFINE_SEGMENTS",
+    "HeldOut",
     "RangeChoice",
     "choose_range_method",
 ]
@@ -198,31 +199,51 @@ def _mix(candidates: Mapping[str, Ranges], methods: Mapping[ir.Value, str]) -> R
 Quantizer = Callable[[dict[str, tuple[float, float]]], ir.Model]
 
 
+class HeldOut:
+    """The held-out calibration batches and the float model's outputs on them.
+
+    The odd-numbered batches (at most :data:`MAX_HELD_OUT`): what a set of ranges fitted on the
+    even-numbered ones is scored on (:func:`_score`).
+
+    With a single batch there is nothing held out: that batch is scored (``count`` is 0).
+    """
+
+    def __init__(self, model: ir.Model, feeds: Feeds, providers: Sequence[str]) -> None:
+        batches = list(feeds)
+        held_out = [batch for index, batch in enumerate(batches) if index % 2 == 1][:MAX_HELD_OUT]
+        self.count = len(held_out)
+        self.batches = held_out or batches[:1]
+        self.providers = tuple(providers)
+        session = open_model(model, providers=self.providers, opt_level="all")
+        self.reference = [run(session, dict(batch)) for batch in self.batches]
+        self.masks = [padding_mask(dict(batch)) for batch in self.batches]
+
+    def score(self, quantized: ir.Model) -> tuple[float, float]:
+        """``quantized``'s (top-1 agreement, lowest output SQNR) against the float model's outputs."""
+        session = open_model(quantized, providers=self.providers, opt_level="all")
+        return _score([run(session, dict(batch)) for batch in self.batches], self.reference, self.masks)
+
+
 def choose_range_method(
     model: ir.Model,
     calibration: CalibrationResult,
     feeds: Feeds,
     quantize: Quantizer,
     providers: Sequence[str],
+    held_out: HeldOut | None = None,
 ) -> RangeChoice:
     """Score each method of :data:`AUTO_METHODS` on held-out batches, then refine per run of tensors.
 
     ``quantize`` rewrites ``model`` with a set of ranges (the caller's configuration; a rewrite,
-    never a calibration). Returns the best assignment's ranges from all the data (module doc).
+    never a calibration). ``held_out`` reuses a caller's :class:`HeldOut` on the same ``feeds``.
+    Returns the best assignment's ranges from all the data (module doc).
     """
-    batches = list(feeds)
-    held_out = [batch for index, batch in enumerate(batches) if index % 2 == 1][:MAX_HELD_OUT]
-    fitted: Mapping[str, Ranges] = calibration.fit_candidates if held_out else calibration.candidates
-    scored = held_out or batches[:1]
-    reference_session = open_model(model, providers=providers, opt_level="all")
-    reference = [run(reference_session, dict(batch)) for batch in scored]
-    masks = [padding_mask(dict(batch)) for batch in scored]
+    held = held_out if held_out is not None else HeldOut(model, feeds, providers)
+    fitted: Mapping[str, Ranges] = calibration.fit_candidates if held.count else calibration.candidates
 
     def evaluate(methods: Mapping[ir.Value, str]) -> tuple[float, float]:
         ranges = {**calibration.ranges, **_mix(fitted, methods)}
-        quantized = quantize({v.name or "": r for v, r in ranges.items()})
-        session = open_model(quantized, providers=providers, opt_level="all")
-        return _score([run(session, dict(batch)) for batch in scored], reference, masks)
+        return held.score(quantize({v.name or "": r for v, r in ranges.items()}))
 
     tensors = _topological(model, {v for ranges in calibration.candidates.values() for v in ranges})
     scores: dict[str, tuple[float, float]] = {}
@@ -232,7 +253,7 @@ def choose_range_method(
     assignment = dict.fromkeys(tensors, best)
     best_score = scores[best]
     refined = 0
-    if held_out and len(tensors) > 1:
+    if held.count and len(tensors) > 1:
         alternatives = sorted((n for n in AUTO_METHODS if n != best), key=lambda n: scores[n], reverse=True)
         size = math.ceil(len(tensors) / REFINE_SEGMENTS)
         for first in range(0, len(tensors), size):
@@ -254,7 +275,7 @@ def choose_range_method(
         method,
         {**calibration.ranges, **_mix(calibration.candidates, assignment)},
         scores,
-        held_out=len(held_out),
+        held_out=held.count,
         per_tensor={name: count for name, count in counts.items() if count} if refined else {},
     )
 

@@ -25,6 +25,7 @@ from onnxq.declines import Decline
 from onnxq.errors import OnnxqError
 from onnxq.graph import DEFAULT_DOMAINS
 from onnxq.pipeline.range_choice import PER_TENSOR, choose_range_method
+from onnxq.pipeline.range_rescue import rescue_ranges
 from onnxq.pipeline.state import StaticState, count_op_types, planning_config, write_qdq
 from onnxq.pipeline.summary import CalibrationSummary, ModeSummary
 from onnxq.plan.op_rules import ANCHOR_OPS
@@ -292,6 +293,29 @@ def quantize_static(
             chosen = dataclasses.replace(config.calibration, method=choice.method)  # type: ignore[arg-type]
             config = config.replace(calibration=chosen)
         notes.append(choice.describe())
+    elif config.calibration.method == "minmax" and config.calibration.range_rescue and not feeds.is_random:
+        rewriter = StaticState(model, config, feeds, {}, tuple(providers), quantized_nodes=())
+        with explained_on_random_data(feeds):
+            rescue = rescue_ranges(
+                model,
+                calibration,
+                observed,
+                schemes,
+                feeds,
+                config,
+                rewriter.qdq_with_ranges,
+                providers,
+                show_progress=show_progress,
+            )
+        if rescue is not None and rescue.choice is not None:
+            notes.append(rescue.describe())
+        if rescue is not None and rescue.rescued:
+            assert rescue.choice is not None
+            method = "auto" if rescue.choice.method == PER_TENSOR else rescue.choice.method
+            calibration = dataclasses.replace(
+                calibration, ranges={**calibration.ranges, **rescue.choice.ranges}, method=method
+            )
+            config = config.replace(calibration=dataclasses.replace(config.calibration, method=method))  # type: ignore[arg-type]
     calibrate_seconds = time.perf_counter() - start
     # The exclusions made above are the calibration's, not the user's configuration's; the run-time
     # products are excluded from the plan because they are quantized another way.

@@ -108,7 +108,9 @@ def _uniform_and_auto(
     scores = {}
     for method in AUTO_METHODS:
         config = QuantConfig(
-            calibration=CalibrationConfig(method=method), latency_guard=NO_GUARD, run_time_ranges=False
+            calibration=CalibrationConfig(method=method, range_rescue=False),  # type: ignore[arg-type]
+            latency_guard=NO_GUARD,
+            run_time_ranges=False,
         )  # type: ignore[arg-type]
         scores[method] = _worst_sqnr(proto, onnxq.quantize(proto, calib, config).model, held_out)
     config = QuantConfig(

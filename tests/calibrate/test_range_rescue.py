@@ -1,0 +1,164 @@
+"""Range rescue: min-max ranges whose model loses much on the held-out calibration batches are replaced
+by ``auto``'s; a model min-max serves well keeps them, byte for byte."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import builders
+import numpy as np
+import onnx
+import pytest
+
+import onnxq
+from onnxq.config import CalibrationConfig, LatencyGuardConfig, QuantConfig
+from onnxq.pipeline.range_rescue import RESCUE_TOP1, large_loss
+from onnxq.report import LARGE_LOSS_SQNR_DB
+
+NO_GUARD = LatencyGuardConfig(enabled=False)
+
+
+def _config(rescue: bool = True) -> QuantConfig:
+    # Calibrated ranges only: a MatMul's run-time ranges would make the calibrated ones moot.
+    return QuantConfig(
+        calibration=CalibrationConfig(range_rescue=rescue), latency_guard=NO_GUARD, run_time_ranges=False
+    )
+
+
+def _tail_model_and_data() -> tuple[
+    onnx.ModelProto, list[dict[str, np.ndarray]], list[dict[str, np.ndarray]]
+]:
+    """x → MatMul → y, x heavy-tailed with a one-off spike of 400 in two calibration batches: min-max
+    keeps the spike in range and leaves the bulk a few levels (~9.5 dB held out), entropy clips it
+    (~24 dB)."""
+    proto = builders.parse(
+        """
+        tail (float[N, 32] x) => (float[N, 16] y) {
+            y = MatMul (x, W)
+        }
+        """,
+        builders.normal_arrays(0, W=(32, 16)),
+    )
+
+    def feeds(seed: int, count: int, spikes: tuple[int, ...] = ()) -> list[dict[str, np.ndarray]]:
+        rng = np.random.default_rng(seed)
+        return [{"x": builders.spiky_heavy_tailed(rng, spike=index in spikes)} for index in range(count)]
+
+    return proto, feeds(1, 16, spikes=(0, 4)), feeds(2, 8)
+
+
+def _sqnr(proto: onnx.ModelProto, model: object, feeds: list[dict[str, np.ndarray]]) -> float:
+    want = np.concatenate([builders.run_disabled(proto, f)[0] for f in feeds])
+    got = np.concatenate([builders.run_disabled(model, f)[0] for f in feeds])  # type: ignore[arg-type]
+    return float(
+        10 * np.log10(np.sum(want.astype(np.float64) ** 2) / np.sum((want - got).astype(np.float64) ** 2))
+    )
+
+
+def _rescue_notes(result: onnxq.QuantizationResult) -> list[str]:
+    return [n for n in result.report.preprocess_notes if n.startswith("range rescue")]
+
+
+def test_a_large_loss_takes_autos_ranges() -> None:
+    proto, calib, held_out = _tail_model_and_data()
+    plain = onnxq.quantize(proto, calib, _config(rescue=False))
+    rescued = onnxq.quantize(proto, calib, _config())
+    before, after = _sqnr(proto, plain.model, held_out), _sqnr(proto, rescued.model, held_out)
+    # Measured: 9.5 dB with min-max, 24 dB with the entropy ranges auto picks. A check that never
+    # fires, or an auto that kept min-max, stays near 9.5.
+    assert before < LARGE_LOSS_SQNR_DB and after >= before + 10.0, (before, after)
+    (note,) = _rescue_notes(rescued)
+    assert "auto's ranges taken" in note and "range method auto: entropy" in note, note
+    assert not _rescue_notes(plain)
+    # The written model says which ranges it has.
+    assert rescued.static is not None and rescued.static.config.calibration.method == "entropy"
+    assert rescued.report.scheme["calibration"] == "entropy (range rescue)"
+
+
+def test_a_model_min_max_serves_well_is_left_alone(tmp_path: Path) -> None:
+    """One Conv on Gaussian data (~40 dB): the check passes, the model is the min-max one byte for byte."""
+    rng = np.random.default_rng(0)
+    proto = builders.parse(
+        """
+        g (float[N, 3, 8, 8] x) => (float[N, 4, 8, 8] y) {
+            y = Conv <pads = [1, 1, 1, 1]> (x, w)
+        }
+        """,
+        {"w": rng.normal(0, 0.3, (4, 3, 3, 3)).astype(np.float32)},
+    )
+    calib = [{"x": rng.standard_normal((1, 3, 8, 8)).astype(np.float32)} for _ in range(8)]
+    checked = onnxq.quantize(proto, calib, _config())
+    plain = onnxq.quantize(proto, calib, _config(rescue=False))
+    assert not _rescue_notes(checked)
+    # (the saved settings differ: range_rescue is recorded)
+    graphs = [onnx.load(r.save(tmp_path / f"{i}.onnx")).graph for i, r in enumerate((checked, plain))]
+    assert graphs[0].SerializeToString() == graphs[1].SerializeToString()
+
+
+def test_one_calibration_batch_has_nothing_held_out() -> None:
+    proto, calib, _ = _tail_model_and_data()
+    result = onnxq.quantize(proto, calib[:1], _config())
+    assert not _rescue_notes(result)
+    assert result.static is not None and result.static.config.calibration.method == "minmax"
+
+
+def test_other_methods_are_not_rescued() -> None:
+    proto, calib, _ = _tail_model_and_data()
+    config = _config().replace(calibration=CalibrationConfig(method="percentile"))
+    result = onnxq.quantize(proto, calib, config)
+    assert not _rescue_notes(result)
+    assert result.static is not None and result.static.config.calibration.method == "percentile"
+
+
+@pytest.mark.parametrize(
+    ("score", "fires"),
+    [
+        ((1.0, LARGE_LOSS_SQNR_DB - 0.5), True),
+        ((1.0, LARGE_LOSS_SQNR_DB + 0.5), False),
+        ((RESCUE_TOP1 - 0.01, 40.0), True),
+        ((RESCUE_TOP1, 40.0), False),
+        ((1.0, float("nan")), False),
+        ((1.0, float("inf")), False),
+    ],
+)
+def test_the_bounds(score: tuple[float, float], fires: bool) -> None:
+    assert large_loss(score) is fires
+
+
+def test_the_cli_turns_it_off(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from onnxq.cli import main
+
+    proto, calib, _ = _tail_model_and_data()
+    model = builders.save(proto, tmp_path / "tail.onnx")
+    np.savez(tmp_path / "c.npz", x=np.concatenate([f["x"] for f in calib]))
+    reports = {}
+    for flag in ("--range-rescue", "--no-range-rescue"):
+        out, report = tmp_path / f"{flag}.onnx", tmp_path / f"{flag}.json"
+        argv = [
+            "optimize",
+            str(model),
+            "-o",
+            str(out),
+            "--calib",
+            str(tmp_path / "c.npz"),
+            "--calib-batch",
+            "64",
+        ]
+        argv += [
+            "--no-run-time-ranges",
+            "--no-latency-guard",
+            "--runs",
+            "2",
+            "--report-json",
+            str(report),
+            flag,
+        ]
+        assert main([*argv, "--quiet"]) == 0
+        reports[flag] = report.read_text()
+        stderr = capsys.readouterr().err
+        # Still a large loss either way (16 dB on the whole data); --method auto is suggested only
+        # when the rescue has not run it already.
+        assert "to recover it" in stderr
+        assert ("--method auto" in stderr) is (flag == "--no-range-rescue"), stderr
+    assert "range rescue" in reports["--range-rescue"]
+    assert "range rescue" not in reports["--no-range-rescue"]
