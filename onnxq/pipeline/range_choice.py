@@ -217,6 +217,11 @@ class HeldOut:
         session = open_model(model, providers=self.providers, opt_level="all")
         self.reference = [run(session, dict(batch)) for batch in self.batches]
         self.masks = [padding_mask(dict(batch)) for batch in self.batches]
+        #: Whether some output is a probability distribution (the score's top-1 agreement is real).
+        self.classes = any(
+            all(is_distribution(np.asarray(outputs[i])) for outputs in self.reference)
+            for i in range(len(self.reference[0]))
+        )
 
     def score(self, quantized: ir.Model) -> tuple[float, float]:
         """``quantized``'s (top-1 agreement, lowest output SQNR) against the float model's outputs."""

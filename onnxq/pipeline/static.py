@@ -28,6 +28,7 @@ from onnxq.pipeline.range_choice import PER_TENSOR, choose_range_method
 from onnxq.pipeline.range_rescue import rescue_ranges
 from onnxq.pipeline.state import StaticState, count_op_types, planning_config, write_qdq
 from onnxq.pipeline.summary import CalibrationSummary, ModeSummary
+from onnxq.plan.log_front_end import log_downstream
 from onnxq.plan.op_rules import ANCHOR_OPS
 from onnxq.plan.planner import plan_quantization
 from onnxq.preprocess.smooth import smooth_outliers
@@ -294,7 +295,13 @@ def quantize_static(
             config = config.replace(calibration=chosen)
         notes.append(choice.describe())
     elif config.calibration.method == "minmax" and config.calibration.range_rescue and not feeds.is_random:
-        rewriter = StaticState(model, config, feeds, {}, tuple(providers), quantized_nodes=())
+        # Judged with a log-spectrum front end float, as the latency guard ships it wherever that costs
+        # no time (onnxq.pipeline.range_rescue).
+        front_end = [
+            n.name or "" for n in plan.quantized_nodes if n.op_type in ANCHOR_OPS and log_downstream(n)
+        ]
+        judged = config.replace(exclude_nodes=(*config.exclude_nodes, *front_end)) if front_end else config
+        rewriter = StaticState(model, judged, feeds, {}, tuple(providers), quantized_nodes=())
         with explained_on_random_data(feeds):
             rescue = rescue_ranges(
                 model,

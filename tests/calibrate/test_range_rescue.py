@@ -12,7 +12,13 @@ import pytest
 
 import onnxq
 from onnxq.config import CalibrationConfig, LatencyGuardConfig, QuantConfig
-from onnxq.pipeline.range_rescue import RESCUE_TOP1, large_loss
+from onnxq.pipeline.range_rescue import (
+    RESCUE_MIN_DB,
+    RESCUE_MIN_TOP1_GAIN,
+    RESCUE_TOP1,
+    clear_gain,
+    large_loss,
+)
 from onnxq.report import LARGE_LOSS_SQNR_DB
 
 NO_GUARD = LatencyGuardConfig(enabled=False)
@@ -111,18 +117,29 @@ def test_other_methods_are_not_rescued() -> None:
 
 
 @pytest.mark.parametrize(
-    ("score", "fires"),
+    ("score", "classes", "fires"),
     [
-        ((1.0, LARGE_LOSS_SQNR_DB - 0.5), True),
-        ((1.0, LARGE_LOSS_SQNR_DB + 0.5), False),
-        ((RESCUE_TOP1 - 0.01, 40.0), True),
-        ((RESCUE_TOP1, 40.0), False),
-        ((1.0, float("nan")), False),
-        ((1.0, float("inf")), False),
+        ((1.0, LARGE_LOSS_SQNR_DB - 0.5), False, True),
+        ((1.0, LARGE_LOSS_SQNR_DB + 0.5), False, False),
+        ((1.0, float("nan")), False, False),
+        ((1.0, float("inf")), False, False),
+        ((RESCUE_TOP1 - 0.01, 40.0), True, True),
+        ((RESCUE_TOP1, 40.0), True, False),
+        # class outputs are judged by their decisions: a softmax's probabilities at 11 dB with 0.97 of
+        # the decisions right (PP-OCRv4 rec, which min-max serves best) is not a large loss
+        ((0.97, 11.0), True, False),
     ],
 )
-def test_the_bounds(score: tuple[float, float], fires: bool) -> None:
-    assert large_loss(score) is fires
+def test_the_bounds(score: tuple[float, float], classes: bool, fires: bool) -> None:
+    assert large_loss(score, classes) is fires
+
+
+def test_only_a_clear_gain_replaces_min_max() -> None:
+    minmax = (0.9, 10.0)
+    assert clear_gain((0.9, 10.0 + RESCUE_MIN_DB), minmax, classes=False)
+    assert not clear_gain((0.9, 10.0 + RESCUE_MIN_DB - 0.1), minmax, classes=False)
+    assert clear_gain((0.9 + RESCUE_MIN_TOP1_GAIN, 0.0), minmax, classes=True)
+    assert not clear_gain((0.9 + RESCUE_MIN_TOP1_GAIN / 2, 40.0), minmax, classes=True)
 
 
 def test_the_cli_turns_it_off(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
