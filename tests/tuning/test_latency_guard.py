@@ -727,3 +727,52 @@ def test_the_log_front_end_joins_the_kinds_kept_float_for_speed(monkeypatch: pyt
     assert outcome.chosen == union and outcome.for_accuracy
     assert outcome.latency_ms[union] == pytest.approx(3.0) and outcome.sqnr_db[union] == 40.0
     assert set(outcome.reverted) == {"narrow Conv", latency_guard.LOG_FRONT_END}
+
+
+class _RetimingStub:
+    """A timer whose second timing of a candidate says ``ratio`` (the first block's is in the table)."""
+
+    def __init__(self, ratio: float, sqnr: float) -> None:
+        self.answer = (ratio, sqnr)
+        self.timed: list[object] = []
+
+    def ratio(self, model: object) -> tuple[float, float]:
+        self.timed.append(model)
+        return self.answer
+
+
+def _lossy_table(front_end_ratio: float) -> dict[str, tuple[ir.Model, tuple[str, ...], float, float]]:
+    """The fully quantized model at 5 dB and a far more accurate variant measured ``front_end_ratio``."""
+    model = ir.from_proto(builders.parse("g (float[2] x) => (float[2] y) { y = Relu (x) }", {}))
+    return {
+        "quantized": (model, (), 1.0, 5.2),
+        "keep front end float": (model, ("front end",), front_end_ratio, 38.6),
+        "keep narrow Conv float": (model, ("narrow Conv",), 1.10, 5.3),
+    }
+
+
+@pytest.mark.parametrize(
+    ("first", "second", "chosen", "retimed"),
+    [
+        (1.36, 1.01, "keep front end float", True),  # one noisy block: the second timing is a tie
+        (1.36, 1.30, "quantized", True),  # slower twice: int8 stays
+        (1.60, 1.01, "quantized", False),  # beyond CONFIRM_RATIO: not timed again
+        (1.01, 1.01, "keep front end float", False),  # a tie already: the tie-breaker took it
+    ],
+)
+def test_a_lossy_choice_has_its_accurate_rival_timed_again(
+    first: float, second: float, chosen: str, retimed: bool
+) -> None:
+    table = _lossy_table(first)
+    timer = _RetimingStub(second, 38.6)
+    best = latency_guard._more_accurate_tie(table, "quantized", 0.03)
+    best = latency_guard._confirm_lossy_choice(table, best, timer, 0.03)  # type: ignore[arg-type]
+    assert best == chosen and bool(timer.timed) is retimed
+
+
+def test_an_accurate_choice_is_not_timed_again() -> None:
+    table = _lossy_table(1.36)
+    table["quantized"] = (table["quantized"][0], (), 1.0, 25.0)  # int8 is fine: nothing to confirm
+    timer = _RetimingStub(1.0, 38.6)
+    assert latency_guard._confirm_lossy_choice(table, "quantized", timer, 0.03) == "quantized"  # type: ignore[arg-type]
+    assert not timer.timed
