@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import logging
 import time
 from collections.abc import Iterator, Sequence
 
@@ -36,6 +37,8 @@ from onnxq.rewrite.dynamic_quant import StaticLeftoversPass
 from onnxq.tuning.lossy_lstms import lossy_lstms
 
 __all__ = ["NCHWC_DOMAIN", "explained_on_random_data", "nothing_to_quantize", "quantize_static"]
+
+logger = logging.getLogger(__name__)
 
 #: The domain of onnxruntime's blocked-layout CPU ops (ReorderInput, Conv, MaxPool, ...), which only a
 #: model saved after its ORT_ENABLE_ALL optimization holds.
@@ -302,7 +305,7 @@ def quantize_static(
         ]
         judged = config.replace(exclude_nodes=(*config.exclude_nodes, *front_end)) if front_end else config
         rewriter = StaticState(model, judged, feeds, {}, tuple(providers), quantized_nodes=())
-        with explained_on_random_data(feeds):
+        try:
             rescue = rescue_ranges(
                 model,
                 calibration,
@@ -314,6 +317,10 @@ def quantize_static(
                 providers,
                 show_progress=show_progress,
             )
+        except Exception as exc:  # an optional improvement: a failure in it must not fail the model
+            logger.warning("range rescue skipped: %s", exc, exc_info=logger.isEnabledFor(logging.DEBUG))
+            notes.append(f"range rescue skipped: {type(exc).__name__}: {exc}".splitlines()[0])
+            rescue = None
         if rescue is not None and rescue.choice is not None:
             notes.append(rescue.describe())
         if rescue is not None and rescue.rescued:

@@ -179,3 +179,20 @@ def test_the_cli_turns_it_off(tmp_path: Path, capsys: pytest.CaptureFixture[str]
         assert ("--method auto" in stderr) is (flag == "--no-range-rescue"), stderr
     assert "range rescue" in reports["--range-rescue"]
     assert "range rescue" not in reports["--no-range-rescue"]
+
+
+def test_a_failing_rescue_keeps_min_max(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The rescue is an improvement on top of a working quantization: its failure costs the model nothing."""
+    import onnxq.pipeline.static as static
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("session could not be created\nsecond line")
+
+    monkeypatch.setattr(static, "rescue_ranges", broken)
+    proto, calib, held_out = _tail_model_and_data()
+    result = onnxq.quantize(proto, calib, _config())
+    plain = onnxq.quantize(proto, calib, _config(rescue=False))
+    assert (
+        "range rescue skipped: RuntimeError: session could not be created" in result.report.preprocess_notes
+    )
+    assert _sqnr(proto, result.model, held_out) == _sqnr(proto, plain.model, held_out)
