@@ -70,8 +70,8 @@ def _add_quant_options(parser: argparse.ArgumentParser) -> None:
         action=argparse.BooleanOptionalAction,
         default=True,
         help="when min-max ranges lose much on the held-out half of the calibration data (top-1 "
-        "agreement below 0.95 or SQNR below 20 dB), choose the ranges as --method auto does (on by "
-        "default; --no-range-rescue keeps min-max)",
+        "agreement below 0.95 on class outputs, else SQNR below 20 dB), let --method auto choose the "
+        "ranges, kept when clearly better there (on by default; --no-range-rescue keeps min-max)",
     )
     calib.add_argument(
         "--calib-batch",

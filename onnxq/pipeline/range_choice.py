@@ -209,10 +209,19 @@ class HeldOut:
     """
 
     def __init__(self, model: ir.Model, feeds: Feeds, providers: Sequence[str]) -> None:
-        batches = list(feeds)
-        held_out = [batch for index, batch in enumerate(batches) if index % 2 == 1][:MAX_HELD_OUT]
+        # Read up to the last batch kept, never the whole data: the range rescue builds one on every
+        # default quantization, and calibration data may be far larger than memory.
+        first: list[dict[str, np.ndarray]] = []
+        held_out: list[dict[str, np.ndarray]] = []
+        for index, batch in enumerate(feeds):
+            if index == 0:
+                first.append(dict(batch))
+            elif index % 2 == 1:
+                held_out.append(dict(batch))
+                if len(held_out) == MAX_HELD_OUT:
+                    break
         self.count = len(held_out)
-        self.batches = held_out or batches[:1]
+        self.batches = held_out or first
         self.providers = tuple(providers)
         session = open_model(model, providers=self.providers, opt_level="all")
         self.reference = [run(session, dict(batch)) for batch in self.batches]

@@ -196,3 +196,23 @@ def test_a_failing_rescue_keeps_min_max(monkeypatch: pytest.MonkeyPatch) -> None
         "range rescue skipped: RuntimeError: session could not be created" in result.report.preprocess_notes
     )
     assert _sqnr(proto, result.model, held_out) == _sqnr(proto, plain.model, held_out)
+
+
+def test_the_held_out_batches_are_read_no_further_than_kept() -> None:
+    """Every default quantization builds one: it must not load the whole calibration data into memory."""
+    import onnx_ir as ir
+
+    from onnxq.pipeline.range_choice import MAX_HELD_OUT, HeldOut
+
+    proto, calib, _ = _tail_model_and_data()
+    read: list[int] = []
+
+    class Source:
+        def __iter__(self):  # type: ignore[no-untyped-def]
+            for index in range(100):
+                read.append(index)
+                yield calib[index % len(calib)]
+
+    held = HeldOut(ir.from_proto(proto), Source(), ["CPUExecutionProvider"])  # type: ignore[arg-type]
+    assert held.count == MAX_HELD_OUT and len(read) == 2 * MAX_HELD_OUT
+    assert not held.classes  # a MatMul's outputs are no probability distribution
