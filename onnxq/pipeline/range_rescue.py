@@ -25,7 +25,8 @@ their int8 rounding dominates such a model's error (DNSMOS: 8 dB all int8), the 
 them float wherever that costs no time, and ranges chosen to make up for them fit a model that is not
 shipped (DNSMOS with them: 42 → 36 dB after the guard).
 
-A model that passes pays one rewrite and one run over the held-out batches; one that is judged
+A model that passes pays one rewrite and a run of the float and the quantized model over the held-out
+batches; one that is judged
 further pays ``auto``'s bounded cost (a histogram calibration and at most 16 rewrites scored on at
 most 8 batches). ``--no-range-rescue`` keeps min-max as it is.
 """
