@@ -26,9 +26,8 @@ them float wherever that costs no time, and ranges chosen to make up for them fi
 shipped (DNSMOS with them: 42 → 36 dB after the guard).
 
 A model that passes pays one rewrite and a run of the float and the quantized model over the held-out
-batches; one that is judged
-further pays ``auto``'s bounded cost (a histogram calibration and at most 16 rewrites scored on at
-most 8 batches). ``--no-range-rescue`` keeps min-max as it is.
+batches; one that is judged further pays ``auto``'s bounded cost (a histogram calibration and at most
+16 rewrites scored on at most 8 batches). ``--no-range-rescue`` keeps min-max as it is.
 """
 
 from __future__ import annotations
