@@ -29,11 +29,11 @@ from onnxq.pipeline.range_choice import PER_TENSOR, choose_range_method
 from onnxq.pipeline.range_rescue import rescue_ranges
 from onnxq.pipeline.state import StaticState, count_op_types, planning_config, write_qdq
 from onnxq.pipeline.summary import CalibrationSummary, ModeSummary
-from onnxq.plan.log_front_end import log_downstream
 from onnxq.plan.op_rules import ANCHOR_OPS
 from onnxq.plan.planner import plan_quantization
 from onnxq.preprocess.smooth import smooth_outliers
 from onnxq.rewrite.dynamic_quant import StaticLeftoversPass
+from onnxq.tuning.latency_guard import LOG_FRONT_END, anchor_kinds
 from onnxq.tuning.lossy_lstms import lossy_lstms
 
 __all__ = ["NCHWC_DOMAIN", "explained_on_random_data", "nothing_to_quantize", "quantize_static"]
@@ -300,9 +300,8 @@ def quantize_static(
     elif config.calibration.method == "minmax" and config.calibration.range_rescue and not feeds.is_random:
         # Judged with a log-spectrum front end float, as the latency guard ships it wherever that costs
         # no time (onnxq.pipeline.range_rescue).
-        front_end = [
-            n.name or "" for n in plan.quantized_nodes if n.op_type in ANCHOR_OPS and log_downstream(n)
-        ]
+        anchors = [n.name or "" for n in plan.quantized_nodes if n.op_type in ANCHOR_OPS]
+        front_end = anchor_kinds(model, anchors).get(LOG_FRONT_END, [])
         judged = config.replace(exclude_nodes=(*config.exclude_nodes, *front_end)) if front_end else config
         rewriter = StaticState(model, judged, feeds, {}, tuple(providers), quantized_nodes=())
         try:

@@ -376,7 +376,8 @@ class _Activation:
     clipped: int = 0
     count: int = 0
     failed: str | None = None
-    #: Per-channel fits along the axes outlier smoothing may have scaled (see the module docstring).
+    #: Per-channel fits along the axes outlier smoothing may have scaled (see the module docstring);
+    #: ``None`` until the first batch gives the rank, empty for a tensor smoothing did not rescale.
     fits: list[_ChannelFit] | None = None
 
 
@@ -553,6 +554,8 @@ def inspect_layers(
             if isinstance(act, str):
                 notes.append(act)
             else:
+                if act.row.tensor not in smoothed:
+                    act.fits = []  # no per-channel fit to accumulate: it is compared as it is
                 activations.append(act)
         elif _is_qdq(node, "DequantizeLinear") and node.inputs and const_array(node.inputs[0]) is not None:
             weight_dqs.append(node)
@@ -576,8 +579,7 @@ def inspect_layers(
             row = act.row
             row.samples = act.stats.samples
             row.activation_sqnr_db = act.stats.sqnr_db
-            fits = act.fits if row.tensor in smoothed else None
-            fitted = max((fit.sqnr_db() for fit in fits or ()), default=math.nan)
+            fitted = max((fit.sqnr_db() for fit in act.fits or ()), default=math.nan)
             plain = row.activation_sqnr_db if row.activation_sqnr_db is not None else math.nan
             if not math.isnan(fitted) and (math.isnan(plain) or fitted >= plain + RESCALE_GAIN_DB):
                 row.activation_sqnr_db, row.rescaled = fitted, True
