@@ -27,6 +27,7 @@ from onnxq.graph import (
     is_constant,
     is_float,
     make_initializer,
+    materialize_initializers,
     node_label,
 )
 from onnxq.runtime.session import make_session, run
@@ -511,3 +512,46 @@ def test_make_initializer_value_runs_in_onnxruntime() -> None:
     assert old_output.name == "y" and add.outputs[0].name == "y_1"
     np.testing.assert_allclose(shifted, reference + offset, rtol=0, atol=1e-6)
     assert not np.allclose(shifted, reference)
+
+
+# ---------------------------------------------------------------------------------------------------
+# materialize_initializers
+
+
+def _loaded_with_typed_initializers() -> ir.Model:
+    """A model read from protobuf (as a file load gives it), its initializers of several element types."""
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Add", ["x", "w"], ["y"])],
+        "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 3])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 3])],
+        initializer=[
+            onnx.numpy_helper.from_array(np.arange(6, dtype=np.float32).reshape(2, 3) / 7, "w"),
+            onnx.numpy_helper.from_array(np.array([3, -1], np.int64), "shape"),
+            onnx.numpy_helper.from_array(np.array([b"a", b"bc"], dtype=object), "names"),
+        ],
+    )
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    return ir.from_proto(onnx.load_from_string(model.SerializeToString()))
+
+
+def test_materialized_initializers_keep_their_data_read_only() -> None:
+    model = _loaded_with_typed_initializers()
+    before = {name: value.const_value.numpy().copy() for name, value in model.graph.initializers.items()}  # type: ignore[union-attr]
+    assert materialize_initializers(model) == 2  # the float and the int64 ones; strings stay protobuf
+    initializers = model.graph.initializers
+    assert not isinstance(initializers["w"].const_value, ir.TensorProtoTensor)
+    for name in ("w", "shape"):
+        array = const_array(initializers[name])
+        assert array is not None
+        np.testing.assert_array_equal(array, before[name])
+        assert array.dtype == before[name].dtype
+        assert array is const_array(initializers[name])  # decoded once, not per call
+        with pytest.raises(ValueError, match="read-only"):
+            array[0] = 0
+    # The written model reads back the same data.
+    proto = ir.to_proto(model)
+    written = {t.name: onnx.numpy_helper.to_array(t) for t in proto.graph.initializer}
+    np.testing.assert_array_equal(written["w"], before["w"])
+    np.testing.assert_array_equal(written["shape"], before["shape"])
+    assert materialize_initializers(model) == 0  # nothing left to decode

@@ -25,7 +25,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common
 
 from onnxq.declines import Decline
-from onnxq.graph import NameScope, node_label
+from onnxq.graph import NameScope, materialize_initializers, node_label
 from onnxq.load.files import UNREPRESENTED_TYPES_KEY, strip_unrepresented_types
 from onnxq.preprocess.canonicalize import (
     DECOMPOSE_RULES,
@@ -177,6 +177,7 @@ def preprocess(model: ir.Model, *, equalize: bool = False, upcast: bool = True) 
     summary = PreprocessSummary(nodes_before=sum(1 for _ in model.graph.all_nodes()))
     common.RemoveInitializersFromInputsPass()(model)
     common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
+    materialize_initializers(model)  # every pass below reads weights: decode them once
     if upcast:
         half = UpcastHalfPass()
         if half(model).modified:

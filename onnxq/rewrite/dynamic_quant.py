@@ -99,6 +99,7 @@ from onnxq.graph import (
     trim_inputs,
 )
 from onnxq.qmath import QuantParams, quantize_weight
+from onnxq.rewrite.weight_memo import remembered
 from onnxq.rules import Kernel
 
 __all__ = [
@@ -283,6 +284,11 @@ _INTEGER_PASS_THROUGH = frozenset(
         "Dropout",
     }
 )
+
+
+def _tensor(value: ir.Value) -> object | None:
+    """The float tensor behind a constant ``value``: what :func:`~.weight_memo.remembered` keys on."""
+    return ir.convenience.get_const_tensor(value)
 
 
 def _integer_fed(value: ir.Value | None) -> bool:
@@ -599,13 +605,17 @@ class _Rewriter:
         """
         key = (source, "matrix", trans_b, alpha, scheme)
         if key not in self._weights:
-            w = const_array(source)
-            assert w is not None
-            if trans_b:
-                w = w.T
-            if alpha != 1.0:
-                w = w * np.float32(alpha)
-            q, params = quantize_weight(w, scheme.dtype, scheme.symmetric, 1 if scheme.per_channel else None)
+
+            def compute() -> tuple[np.ndarray, QuantParams]:
+                w = const_array(source)
+                assert w is not None
+                if trans_b:
+                    w = w.T
+                if alpha != 1.0:
+                    w = w * np.float32(alpha)
+                return quantize_weight(w, scheme.dtype, scheme.symmetric, 1 if scheme.per_channel else None)
+
+            q, params = remembered(_tensor(source), key[1:], compute)
             self._weights[key] = self._store(source.name or "weight", q, params)
         self.replaced.append(source)
         return self._weights[key]
@@ -663,11 +673,14 @@ class _Rewriter:
 
     def drop_replaced_initializers(self) -> None:
         """Remove float initializers that nothing reads any more (the weights that were quantized)."""
+        graphs: tuple[ir.Graph, ...] | None = None  # a body may hold its own weights
         for value in dict.fromkeys(self.replaced):
             unused = value.is_initializer() and not value.uses() and not value.is_graph_output()
             if not unused or value.name is None:
                 continue
-            for graph in (self.graph, *self.graph.subgraphs()):  # a body may hold its own weights
+            if graphs is None:  # one walk of the graph, not one per weight (mpnet: 1368 of them)
+                graphs = (self.graph, *self.graph.subgraphs())
+            for graph in graphs:
                 if graph.initializers.get(value.name) is value:
                     graph.initializers.pop(value.name)
 
@@ -896,17 +909,21 @@ class _Rewriter:
         """``[D, 4H, X]`` → transposed ``[D, X, 4H]``, quantized per direction (and per gate column)."""
         key = (source, "LSTM", scheme)
         if key not in self._weights:
-            transposed = np.ascontiguousarray(np.transpose(w, (0, 2, 1)))
-            data, scales, zeros = [], [], []
-            for direction in transposed:
-                q, params = quantize_weight(
-                    direction, scheme.dtype, scheme.symmetric, 1 if scheme.per_channel else None
-                )
-                data.append(q)
-                scales.append(params.scale)
-                zeros.append(params.zero_point)
-            params = QuantParams(np.stack(scales), np.stack(zeros), scheme.dtype, None)
-            self._weights[key] = self._store(source.name or "weight", np.stack(data), params)
+
+            def compute() -> tuple[np.ndarray, QuantParams]:
+                transposed = np.ascontiguousarray(np.transpose(w, (0, 2, 1)))
+                data, scales, zeros = [], [], []
+                for direction in transposed:
+                    q, params = quantize_weight(
+                        direction, scheme.dtype, scheme.symmetric, 1 if scheme.per_channel else None
+                    )
+                    data.append(q)
+                    scales.append(params.scale)
+                    zeros.append(params.zero_point)
+                return np.stack(data), QuantParams(np.stack(scales), np.stack(zeros), scheme.dtype, None)
+
+            q, params = remembered(_tensor(source), key[1:], compute)
+            self._weights[key] = self._store(source.name or "weight", q, params)
         self.replaced.append(source)
         return self._weights[key]
 
@@ -968,17 +985,19 @@ class _Rewriter:
         """Symmetric int8 grid shifted to uint8 (zero point 128), or affine uint8 per-tensor."""
         key = (source, "Conv", scheme)
         if key not in self._weights:
-            if scheme.symmetric:
+
+            def compute() -> tuple[np.ndarray, QuantParams]:
+                if not scheme.symmetric:
+                    return quantize_weight(w, "uint8", False, None)
                 q, params = quantize_weight(w, "int8", True, 0 if scheme.per_channel else None)
                 shifted = (q.astype(np.int16) + 128).astype(np.uint8)
                 scale = params.scale
                 if scale.ndim:
                     scale = scale.reshape((1, -1) + (1,) * (w.ndim - 2))
-                stored = QuantParams(scale, np.asarray(128, np.uint8), "uint8", None)
-                self._weights[key] = self._store(source.name or "weight", shifted, stored)
-            else:
-                q, params = quantize_weight(w, "uint8", False, None)
-                self._weights[key] = self._store(source.name or "weight", q, params)
+                return shifted, QuantParams(scale, np.asarray(128, np.uint8), "uint8", None)
+
+            q, params = remembered(_tensor(source), key[1:], compute)
+            self._weights[key] = self._store(source.name or "weight", q, params)
         self.replaced.append(source)
         return self._weights[key]
 
@@ -995,11 +1014,14 @@ class _Rewriter:
         base = node.name or "Gather"
         key = (source, "Gather", scheme.per_channel)
         if key not in self._weights:
-            q, params = quantize_weight(table, "int8", True, 0 if scheme.per_channel else None)
-            scale = params.scale.reshape(-1, 1) if scheme.per_channel else params.scale
-            self._weights[key] = self._store(
-                source.name or "table", q, QuantParams(scale, params.zero_point, "int8", None)
-            )
+
+            def compute() -> tuple[np.ndarray, QuantParams]:
+                q, params = quantize_weight(table, "int8", True, 0 if scheme.per_channel else None)
+                scale = params.scale.reshape(-1, 1) if scheme.per_channel else params.scale
+                return q, QuantParams(scale, params.zero_point, "int8", None)
+
+            q, params = remembered(_tensor(source), key[1:], compute)
+            self._weights[key] = self._store(source.name or "table", q, params)
         self.replaced.append(source)
         qt = self._weights[key]
         rows = self._new_node(

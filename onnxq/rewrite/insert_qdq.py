@@ -34,8 +34,27 @@ from onnxq.qmath import (
     quantize_bias,
     quantize_weight,
 )
+from onnxq.rewrite.weight_memo import remembered
 
 __all__ = ["InsertQDQPass", "group_params"]
+
+
+def _quantized_weight(
+    tensor: object, data: np.ndarray, dtype: str, symmetric: bool, axis: int | None, floor: np.ndarray | None
+) -> tuple[np.ndarray, QuantParams]:
+    """:func:`~onnxq.qmath.quantize_weight` of ``data``, remembered per tensor (:mod:`.weight_memo`).
+
+    The bias floor depends on the input's range, so it is not part of the key: a weight whose own
+    scales already reach the floor (nearly all: the floor only binds for channels of weights near
+    zero) takes the remembered result, which is what quantizing with that floor gives; one where it
+    binds is quantized again with it.
+    """
+    found = remembered(
+        tensor, (dtype, symmetric, axis), lambda: quantize_weight(data, dtype, symmetric, axis)
+    )
+    if floor is not None and np.any(found[1].scale < floor):
+        return quantize_weight(data, dtype, symmetric, axis, min_scale=floor)
+    return found
 
 
 def group_params(plan: QuantPlan, ranges: dict[ir.Value, tuple[float, float]]) -> dict[int, QuantParams]:
@@ -215,7 +234,9 @@ class _Rewriter:
         )
         cached = self.dq_of_weight.get(key)
         if cached is None:
-            q, params = quantize_weight(data, scheme.dtype, scheme.symmetric, axis, min_scale=floor)
+            q, params = _quantized_weight(
+                ir.convenience.get_const_tensor(weight), data, scheme.dtype, scheme.symmetric, axis, floor
+            )
             base = weight.name or f"{node.name}_weight"
             stored = make_initializer(graph, self.names, f"{base}_quantized", q)
             scale, zero_point = self._param_values(base, params, graph)

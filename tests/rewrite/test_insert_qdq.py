@@ -985,3 +985,33 @@ def test_a_near_zero_channel_keeps_its_bias() -> None:
     got, want = builders.run_disabled(model, feed)[0], builders.run_disabled(proto, feed)[0]
     np.testing.assert_allclose(got[0, 0], want[0, 0], atol=0.02)  # the bias channel (0.3 everywhere)
     assert np.max(np.abs(got - want)) < 0.2  # and the others as int8 allows
+
+
+def test_weight_quantization_is_remembered_per_tensor_and_a_binding_bias_floor_still_applies() -> None:
+    """Every candidate ``auto``/the rescue/``--target`` scores rewrites the same weights: they are
+    quantized once per tensor and scheme; the bias floor (which depends on the input's range) is
+    checked on every call, and where it binds the weight is quantized with it."""
+    from onnxq.qmath import quantize_weight
+
+    rng = np.random.default_rng(3)
+    data = rng.normal(0, 0.3, (4, 3, 3, 3)).astype(np.float32)
+    data[0] = 1e-30  # a channel a zero-gamma BatchNorm left: its scale is tiny
+    tensor = ir.Tensor(data)
+    q, params = insert_qdq._quantized_weight(tensor, data, "int8", True, 0, None)
+    want_q, want_params = quantize_weight(data, "int8", True, 0)
+    np.testing.assert_array_equal(q, want_q)
+    np.testing.assert_array_equal(params.scale, want_params.scale)
+    assert not q.flags.writeable
+    again = insert_qdq._quantized_weight(tensor, data, "int8", True, 0, None)
+    assert again[0] is q  # remembered, not quantized again
+    loose = np.full(4, 1e-38)  # below every channel's scale: the floor does not bind
+    assert insert_qdq._quantized_weight(tensor, data, "int8", True, 0, loose)[0] is q
+    binding = np.array([1e-6, 0.0, 0.0, 0.0])  # channel 0's scale must reach 1e-6
+    floored_q, floored = insert_qdq._quantized_weight(tensor, data, "int8", True, 0, binding)
+    want_q, want_params = quantize_weight(data, "int8", True, 0, min_scale=binding)
+    np.testing.assert_array_equal(floored_q, want_q)
+    np.testing.assert_array_equal(floored.scale, want_params.scale)
+    assert floored.scale[0] >= 1e-6 > params.scale[0]
+    # Another scheme of the same tensor is its own entry.
+    per_tensor_q, per_tensor = insert_qdq._quantized_weight(tensor, data, "int8", True, None, None)
+    assert per_tensor.axis is None and per_tensor_q is not q
