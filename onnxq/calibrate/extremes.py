@@ -32,7 +32,15 @@ from onnxq.calibrate.observers import EXTREME_RANGE
 from onnxq.graph import NameScope, default_opset, home_graph, insert_after_producer, prepend
 from onnxq.runtime.session import SessionError, open_model, run
 
-__all__ = ["ObservedRunner", "add_extremes", "plain", "reducible", "remove_nodes", "stacked"]
+__all__ = [
+    "ObservedRunner",
+    "add_extremes",
+    "element_counts",
+    "plain",
+    "reducible",
+    "remove_nodes",
+    "stacked",
+]
 
 #: The opset from which each reduction takes its axes as an input (an attribute before).
 AXES_AS_INPUT = {"ReduceMin": 18, "ReduceMax": 18, "ReduceSum": 13, "ReduceMean": 18}
@@ -114,6 +122,35 @@ def add_extremes(
         insert_after_producer(graph, value, nodes)
     prepend(graph, [constant])  # last, so that it comes before a graph input's reductions
     return added, fetch
+
+
+def element_counts(
+    model: ir.Model, values: Sequence[ir.Value], feed: Mapping[str, np.ndarray], providers: Sequence[str]
+) -> dict[str, int]:
+    """How many elements each main-graph value holds on ``feed``: one run that fetches a ``Size`` each.
+
+    What a calibration run that fetches those values whole would hold at its end (the histogram
+    methods' runs). Each ``Size`` runs right after its value's producer, so this run takes the memory
+    of plain inference.
+    """
+    graph = model.graph
+    names = NameScope(graph)
+    added: list[ir.Node] = []
+    sizes: dict[str, ir.Value] = {}
+    for value in values:
+        base = value.name or "value"
+        node = ir.Node("", "Size", [value], name=names.fresh(f"{base}_size"))
+        node.outputs[0].name = names.fresh(f"{base}_size")
+        node.outputs[0].type = ir.TensorType(ir.DataType.INT64)
+        insert_after_producer(graph, value, [node])
+        added.append(node)
+        sizes[value.name or ""] = node.outputs[0]
+    try:
+        session = open_model(model, outputs=list(sizes.values()), providers=providers, prepack=False)
+    finally:
+        remove_nodes(model, added)
+    counts = run(session, feed, [v.name or "" for v in sizes.values()])
+    return {name: int(np.asarray(count)) for name, count in zip(sizes, counts, strict=True)}
 
 
 def remove_nodes(model: ir.Model, nodes: Sequence[ir.Node]) -> None:

@@ -17,6 +17,7 @@ import onnx.helper
 import onnx_ir as ir
 import pytest
 
+from onnxq.calibrate import collect as collect_module
 from onnxq.calibrate import extremes
 from onnxq.calibrate.collect import CalibrationResult, collect_ranges
 from onnxq.config import CALIBRATION_METHODS, ActivationScheme, CalibrationConfig
@@ -451,6 +452,9 @@ def test_calibration_runs_with_every_optimisation_and_no_prepacking(
     values = values_named(model, "h", "y")
     nodes_before = len(model.graph)
     calibrate(model, values, row_feeds(3, seed=0), method=method)
+    if method == "mse":  # its dimension N is symbolic: one run sizes the tensors first
+        probe = seen.pop(0)
+        assert {o.producer().op_type for o in probe["outputs"]} == {"Size"}  # type: ignore[attr-defined]
     assert len(seen) == 1  # one session for all the data
     assert seen[0]["opt_level"] == "all"
     assert seen[0]["prepack"] is False
@@ -480,3 +484,48 @@ def test_a_model_that_fails_on_the_data_raises_a_one_line_error() -> None:
     with pytest.raises(OnnxqError, match="Reshape") as info:
         calibrate(model, [r], [{"x": np.arange(5, dtype=np.float32)}])
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("method", ["auto", "entropy"])
+def test_tensors_beyond_the_run_budget_are_observed_in_groups_with_the_same_ranges(
+    monkeypatch: pytest.MonkeyPatch, method: str
+) -> None:
+    """Histogram methods fetch tensors whole; past ``HISTOGRAM_RUN_BYTES`` a batch's tensors are fetched
+    in groups, one pass over the data each: the observers see the same batches in the same order, so
+    every range, every candidate range of ``auto`` (both halves) and the counts come out the same."""
+    samples = row_feeds(7, seed=4, width=4)
+    names = ("x", "h", "y", "pos")
+
+    def collect(budget: int) -> tuple[CalibrationResult, list[list[str]]]:
+        monkeypatch.setattr(collect_module, "HISTOGRAM_RUN_BYTES", budget)
+        sessions: list[list[str]] = []
+        real = extremes.open_model
+
+        def spy(model: ir.Model, **kwargs: object) -> object:
+            sessions.append([v.name or "" for v in kwargs["outputs"]])  # type: ignore[attr-defined]
+            return real(model, **kwargs)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(extremes, "open_model", spy)
+        model = ir.from_proto(side_branch_model())
+        result = calibrate(model, values_named(model, *names), samples, method=method)
+        monkeypatch.setattr(extremes, "open_model", real)
+        return result, sessions
+
+    whole, whole_sessions = collect(1 << 30)
+    grouped, grouped_sessions = collect(4 * 4 + 4 * 3)  # x and h's [1, 4] fit; y and pos one group more
+    assert len(whole_sessions) == 2  # the size probe (N is symbolic), then one pass
+    assert grouped_sessions[1:] == [["x", "h"], ["y", "pos"]]
+    assert by_name(grouped) == by_name(whole) and len(by_name(whole)) == len(names)
+    assert (grouped.samples, grouped.runs, grouped.fingerprint) == (
+        whole.samples,
+        whole.runs,
+        whole.fingerprint,
+    )
+    for kind, ranges in whole.candidates.items():
+        assert {v.name: r for v, r in grouped.candidates[kind].items()} == {
+            v.name: r for v, r in ranges.items()
+        }
+    for kind, ranges in whole.fit_candidates.items():
+        assert {v.name: r for v, r in grouped.fit_candidates[kind].items()} == {
+            v.name: r for v, r in ranges.items()
+        }
