@@ -30,6 +30,7 @@ from onnxq.data import FeedFingerprint, Feeds
 from onnxq.errors import OnnxqError
 from onnxq.graph import home_graph
 from onnxq.progress import progress
+from onnxq.runtime.output_budget import groups_within
 from onnxq.runtime.session import SessionError
 
 __all__ = ["CalibrationResult", "collect_ranges"]
@@ -80,17 +81,9 @@ def _groups_within(
         except SessionError:  # the run that follows reports what is wrong with the data or the model
             return [list(values)]
         sizes = [4 * counts.get(v.name or "", 0) for v in values]
-    if sum(sizes) <= HISTOGRAM_RUN_BYTES:
-        return [list(values)]
-    groups: list[list[ir.Value]] = [[]]
-    held = 0
-    for value, size in zip(values, sizes, strict=True):
-        if groups[-1] and held + size > HISTOGRAM_RUN_BYTES:
-            groups.append([])
-            held = 0
-        groups[-1].append(value)
-        held += size
-    logger.info("histogram calibration: %d tensors observed in %d groups", len(values), len(groups))
+    groups = groups_within(values, sizes, HISTOGRAM_RUN_BYTES)
+    if len(groups) > 1:
+        logger.info("histogram calibration: %d tensors observed in %d groups", len(values), len(groups))
     return groups
 
 

@@ -72,6 +72,7 @@ from onnxq.graph import (
     sole_reader,
 )
 from onnxq.qmath import compute_qparams, dequantize, quantize, quantize_weight
+from onnxq.runtime.output_budget import groups_within
 from onnxq.runtime.session import open_model, run
 
 __all__ = ["ALPHAS", "SmoothSummary", "find_candidates", "smooth_outliers"]
@@ -557,19 +558,30 @@ def _collect(
     for index, feed in enumerate(feeds):
         if index >= limit:
             break
-        arrays = run(session, feed, names)
-        for candidate, stat, rng, array in zip(candidates, stats, generators, arrays, strict=True):
-            data = np.moveaxis(np.asarray(array, np.float32), candidate.axis, -1)
-            rows = data.reshape(-1, stat.low.shape[0])
-            if rows.shape[0] == 0:
-                continue
-            stat.seen += rows.shape[0]
-            finite = np.where(np.isfinite(rows), rows, 0.0)
-            stat.low = np.minimum(stat.low, finite.min(axis=0))
-            stat.high = np.maximum(stat.high, finite.max(axis=0))
-            take = rng.choice(rows.shape[0], size=min(per_batch, rows.shape[0]), replace=False)
-            stat.rows.append(finite[np.sort(take)])
+        # A call, so that this run's arrays are gone before the next run holds its own.
+        _observe(candidates, stats, generators, run(session, feed, names), per_batch)
     return stats
+
+
+def _observe(
+    candidates: Sequence[_Candidate],
+    stats: Sequence[_Stats],
+    generators: Sequence[np.random.Generator],
+    arrays: Sequence[np.ndarray],
+    per_batch: int,
+) -> None:
+    """Fold one run's candidate tensors into their statistics (:func:`_collect`)."""
+    for candidate, stat, rng, array in zip(candidates, stats, generators, arrays, strict=True):
+        data = np.moveaxis(np.asarray(array, np.float32), candidate.axis, -1)
+        rows = data.reshape(-1, stat.low.shape[0])
+        if rows.shape[0] == 0:
+            continue
+        stat.seen += rows.shape[0]
+        finite = np.where(np.isfinite(rows), rows, 0.0)
+        stat.low = np.minimum(stat.low, finite.min(axis=0))
+        stat.high = np.maximum(stat.high, finite.max(axis=0))
+        take = rng.choice(rows.shape[0], size=min(per_batch, rows.shape[0]), replace=False)
+        stat.rows.append(finite[np.sort(take)])
 
 
 #: The most bytes of candidate tensors one statistics run may return at once (they all stay alive
@@ -583,16 +595,11 @@ def _output_groups(sized: Sequence[tuple[_Candidate, int | None]]) -> list[list[
     A tensor's size is its rows per feed times its channels (float32); an unknown one counts as an
     eighth of the budget.
     """
-    groups: list[list[_Candidate]] = [[]]
-    used = 0
-    for candidate, rows in sized:
-        size = OUTPUT_BYTES // 8 if rows is None else rows * candidate.readers[0].channels() * 4
-        if groups[-1] and used + size > OUTPUT_BYTES:
-            groups.append([])
-            used = 0
-        groups[-1].append(candidate)
-        used += size
-    return groups
+    sizes = [
+        OUTPUT_BYTES // 8 if rows is None else rows * candidate.readers[0].channels() * 4
+        for candidate, rows in sized
+    ]
+    return groups_within([candidate for candidate, _ in sized], sizes, OUTPUT_BYTES)
 
 
 def _error(
