@@ -60,7 +60,7 @@ def const_array(value: ir.Value | None) -> np.ndarray | None:
 
 
 #: Element types :func:`materialize_initializers` decodes: numpy holds them one element per item, as
-#: the serialized form does (4-bit and string tensors keep their protobuf form).
+#: the serialized form does (4-bit, 8-bit float, bfloat16 and string tensors keep their protobuf form).
 _MATERIALIZED_TYPES = frozenset(
     {
         ir.DataType.FLOAT,

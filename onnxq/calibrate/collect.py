@@ -64,8 +64,8 @@ def _groups_within(
     """``values`` in consecutive groups whose float32 arrays fit :data:`HISTOGRAM_RUN_BYTES` per batch.
 
     Sized by the inferred shapes where every dimension is known, else on the first batch (one run
-    fetching a ``Size`` per tensor). A tensor larger than the budget
-    is a group of its own. With one tensor, or all of them within the budget: one group.
+    fetching a ``Size`` per tensor). A tensor larger than the budget is a group of its own; with one
+    tensor, or all of them within the budget, there is one group.
     """
     if len(values) < 2:
         return [list(values)]
