@@ -474,8 +474,10 @@ def run_optimize(
     if target is None and result.report.large_loss:
         recover = _with_flags("--target", result.report.recovery_target())
         print(f"onnxq: to recover it, run: {recover}", file=sys.stderr)
+        from onnxq.pipeline.range_rescue import RESCUE_NOTE
+
         # (not when the range rescue already let auto choose: onnxq.pipeline.range_rescue)
-        rescued = any(note.startswith("range rescue") for note in result.report.preprocess_notes)
+        rescued = any(note.startswith(RESCUE_NOTE) for note in result.report.preprocess_notes)
         if result.static is not None and result.static.config.calibration.method == "minmax" and not rescued:
             print(
                 "onnxq: or, with every layer int8 (no speed given back), let held-out calibration data "

@@ -48,12 +48,17 @@ from onnxq.report import LARGE_LOSS_SQNR_DB
 __all__ = [
     "RESCUE_MIN_DB",
     "RESCUE_MIN_TOP1_GAIN",
+    "RESCUE_NOTE",
     "RESCUE_TOP1",
     "RangeRescue",
     "clear_gain",
     "large_loss",
     "rescue_ranges",
 ]
+
+#: What every report note of the check starts with (its outcome, or why it was skipped): the command
+#: line reads it to leave out its ``--method auto`` suggestion once the check ran.
+RESCUE_NOTE = "range rescue"
 
 #: Top-1 agreement with the float model (on class outputs: a classifier's, a CTC recognizer's time
 #: steps) below which min-max ranges are judged further. The zoo's recognizers that min-max serves well
@@ -89,7 +94,7 @@ class RangeRescue:
             else (f"{db:.1f} dB", f"{LARGE_LOSS_SQNR_DB:g} dB")
         )
         head = (
-            f"range rescue: min-max ranges scored {found} on {self.held_out} held-out calibration "
+            f"{RESCUE_NOTE}: min-max ranges scored {found} on {self.held_out} held-out calibration "
             f"batch(es) (below {bound})"
         )
         assert self.choice is not None

@@ -26,7 +26,7 @@ from onnxq.declines import Decline
 from onnxq.errors import OnnxqError
 from onnxq.graph import DEFAULT_DOMAINS
 from onnxq.pipeline.range_choice import PER_TENSOR, choose_range_method
-from onnxq.pipeline.range_rescue import rescue_ranges
+from onnxq.pipeline.range_rescue import RESCUE_NOTE, rescue_ranges
 from onnxq.pipeline.state import StaticState, count_op_types, planning_config, write_qdq
 from onnxq.pipeline.summary import CalibrationSummary, ModeSummary
 from onnxq.plan.op_rules import ANCHOR_OPS
@@ -317,8 +317,8 @@ def quantize_static(
                 show_progress=show_progress,
             )
         except Exception as exc:  # an optional improvement: a failure in it must not fail the model
-            logger.warning("range rescue skipped: %s", exc, exc_info=logger.isEnabledFor(logging.DEBUG))
-            notes.append(f"range rescue skipped: {type(exc).__name__}: {exc}".splitlines()[0])
+            logger.warning("%s skipped: %s", RESCUE_NOTE, exc, exc_info=logger.isEnabledFor(logging.DEBUG))
+            notes.append(f"{RESCUE_NOTE} skipped: {type(exc).__name__}: {exc}".splitlines()[0])
             rescue = None
         if rescue is not None and rescue.choice is not None:
             notes.append(rescue.describe())
