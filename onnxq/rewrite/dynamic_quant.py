@@ -286,11 +286,6 @@ _INTEGER_PASS_THROUGH = frozenset(
 )
 
 
-def _tensor(value: ir.Value) -> object | None:
-    """The float tensor behind a constant ``value``: what :func:`~.weight_memo.remembered` keys on."""
-    return ir.convenience.get_const_tensor(value)
-
-
 def _integer_fed(value: ir.Value | None) -> bool:
     """Whether a weighted layer's quantized output reaches ``value``.
 
@@ -615,7 +610,7 @@ class _Rewriter:
                     w = w * np.float32(alpha)
                 return quantize_weight(w, scheme.dtype, scheme.symmetric, 1 if scheme.per_channel else None)
 
-            q, params = remembered(_tensor(source), key[1:], compute)
+            q, params = remembered(source, key[1:], compute)
             self._weights[key] = self._store(source.name or "weight", q, params)
         self.replaced.append(source)
         return self._weights[key]
@@ -922,7 +917,7 @@ class _Rewriter:
                     zeros.append(params.zero_point)
                 return np.stack(data), QuantParams(np.stack(scales), np.stack(zeros), scheme.dtype, None)
 
-            q, params = remembered(_tensor(source), key[1:], compute)
+            q, params = remembered(source, key[1:], compute)
             self._weights[key] = self._store(source.name or "weight", q, params)
         self.replaced.append(source)
         return self._weights[key]
@@ -996,7 +991,7 @@ class _Rewriter:
                     scale = scale.reshape((1, -1) + (1,) * (w.ndim - 2))
                 return shifted, QuantParams(scale, np.asarray(128, np.uint8), "uint8", None)
 
-            q, params = remembered(_tensor(source), key[1:], compute)
+            q, params = remembered(source, key[1:], compute)
             self._weights[key] = self._store(source.name or "weight", q, params)
         self.replaced.append(source)
         return self._weights[key]
@@ -1020,7 +1015,7 @@ class _Rewriter:
                 scale = params.scale.reshape(-1, 1) if scheme.per_channel else params.scale
                 return q, QuantParams(scale, params.zero_point, "int8", None)
 
-            q, params = remembered(_tensor(source), key[1:], compute)
+            q, params = remembered(source, key[1:], compute)
             self._weights[key] = self._store(source.name or "table", q, params)
         self.replaced.append(source)
         qt = self._weights[key]

@@ -40,7 +40,12 @@ __all__ = ["InsertQDQPass", "group_params"]
 
 
 def _quantized_weight(
-    tensor: object, data: np.ndarray, dtype: str, symmetric: bool, axis: int | None, floor: np.ndarray | None
+    weight: ir.Value,
+    data: np.ndarray,
+    dtype: str,
+    symmetric: bool,
+    axis: int | None,
+    floor: np.ndarray | None,
 ) -> tuple[np.ndarray, QuantParams]:
     """:func:`~onnxq.qmath.quantize_weight` of ``data``, remembered per tensor (:mod:`.weight_memo`).
 
@@ -50,7 +55,7 @@ def _quantized_weight(
     binds is quantized again with it.
     """
     found = remembered(
-        tensor, (dtype, symmetric, axis), lambda: quantize_weight(data, dtype, symmetric, axis)
+        weight, (dtype, symmetric, axis), lambda: quantize_weight(data, dtype, symmetric, axis)
     )
     if floor is not None and np.any(found[1].scale < floor):
         return quantize_weight(data, dtype, symmetric, axis, min_scale=floor)
@@ -234,9 +239,7 @@ class _Rewriter:
         )
         cached = self.dq_of_weight.get(key)
         if cached is None:
-            q, params = _quantized_weight(
-                ir.convenience.get_const_tensor(weight), data, scheme.dtype, scheme.symmetric, axis, floor
-            )
+            q, params = _quantized_weight(weight, data, scheme.dtype, scheme.symmetric, axis, floor)
             base = weight.name or f"{node.name}_weight"
             stored = make_initializer(graph, self.names, f"{base}_quantized", q)
             scale, zero_point = self._param_values(base, params, graph)

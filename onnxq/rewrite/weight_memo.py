@@ -17,6 +17,7 @@ import weakref
 from collections.abc import Callable, Hashable
 
 import numpy as np
+import onnx_ir as ir
 
 from onnxq.qmath import QuantParams
 
@@ -27,12 +28,14 @@ Quantized = tuple[np.ndarray, QuantParams]
 _MEMO: weakref.WeakKeyDictionary[object, dict[Hashable, Quantized]] = weakref.WeakKeyDictionary()
 
 
-def remembered(tensor: object | None, key: Hashable, compute: Callable[[], Quantized]) -> Quantized:
-    """``compute()``'s quantized weight for the float ``tensor`` and ``key`` (the scheme, a transform).
+def remembered(weight: ir.Value | None, key: Hashable, compute: Callable[[], Quantized]) -> Quantized:
+    """``compute()``'s quantized form of the constant ``weight`` for ``key`` (the scheme, a transform).
 
-    The first call per (tensor, key) computes it; later calls return the same arrays. ``None``, or a
-    tensor type that takes no weak reference, is not remembered.
+    Keyed by the float tensor ``weight`` holds: the first call per (tensor, key) computes it, later
+    calls return the same arrays. A value that holds no constant, or a tensor type that takes no weak
+    reference, is not remembered.
     """
+    tensor = ir.convenience.get_const_tensor(weight) if weight is not None else None
     if tensor is None:
         return compute()
     try:

@@ -996,7 +996,7 @@ def test_weight_quantization_is_remembered_per_tensor_and_a_binding_bias_floor_s
     rng = np.random.default_rng(3)
     data = rng.normal(0, 0.3, (4, 3, 3, 3)).astype(np.float32)
     data[0] = 1e-30  # a channel a zero-gamma BatchNorm left: its scale is tiny
-    tensor = ir.Tensor(data)
+    tensor = ir.Value(name="w", const_value=ir.Tensor(data))
     q, params = insert_qdq._quantized_weight(tensor, data, "int8", True, 0, None)
     want_q, want_params = quantize_weight(data, "int8", True, 0)
     np.testing.assert_array_equal(q, want_q)
