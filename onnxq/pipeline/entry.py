@@ -29,6 +29,7 @@ from onnxq.pipeline.state import StaticState
 from onnxq.pipeline.static import quantize_static, with_run_time_note
 from onnxq.pipeline.summary import Mode, ModeSummary, build_report
 from onnxq.preprocess import preprocess
+from onnxq.preprocess.canonicalize import write_float_forms
 from onnxq.rewrite.cleanup import cleanup
 from onnxq.rewrite.normalize_qdq import is_quantized
 from onnxq.rewrite.sum_form import write_bias_adds_as_sum
@@ -122,6 +123,7 @@ def quantize(
     cleanup(ir_model)
     if config.format == "qdq":  # keep ONNX Runtime from fusing quantized MatMuls into float Gemms
         write_bias_adds_as_sum(ir_model)
+    write_float_forms(ir_model)
     guard = None
     if static is not None and config.latency_guard.enabled:
         # a half-precision input computed in float32 is twice its size: it does not replace the input

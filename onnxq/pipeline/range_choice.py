@@ -64,6 +64,7 @@ __all__ = [
     "REFINE_SEGMENTS",
     "HeldOut",
     "RangeChoice",
+    "beats",
     "choose_range_method",
 ]
 
@@ -278,7 +279,7 @@ def choose_range_method(
                 logger.debug(
                     "range method auto: tensors %d-%d as %s: %s", first, first + len(segment), name, score
                 )
-                if _better(score, best_score):
+                if beats(score, best_score):
                     assignment, best_score = trial, score
                     refined += 1
     method = best if not refined else PER_TENSOR
@@ -294,7 +295,7 @@ def choose_range_method(
     )
 
 
-def _better(score: tuple[float, float], than: tuple[float, float]) -> bool:
+def beats(score: tuple[float, float], than: tuple[float, float]) -> bool:
     """Whether ``score`` beats ``than`` by more than noise: more agreement, or as much and +0.1 dB."""
     return score[0] > than[0] or (score[0] == than[0] and score[1] > than[1] + REFINE_MIN_DB)
 

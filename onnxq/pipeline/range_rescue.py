@@ -42,7 +42,7 @@ import onnx_ir as ir
 from onnxq.calibrate.collect import CalibrationResult, collect_ranges
 from onnxq.config import ActivationScheme, QuantConfig
 from onnxq.data import Feeds
-from onnxq.pipeline.range_choice import HeldOut, Quantizer, RangeChoice, choose_range_method
+from onnxq.pipeline.range_choice import HeldOut, Quantizer, RangeChoice, beats, choose_range_method
 from onnxq.report import LARGE_LOSS_SQNR_DB
 
 __all__ = [
@@ -84,6 +84,29 @@ class RangeRescue:
     #: Whether ``choice``'s ranges are taken (a clear gain over min-max's, :func:`clear_gain`).
     rescued: bool = False
     seconds: float = 0.0
+    #: The min-max model's held-out scores with and without the saturating readers' narrowing, when
+    #: it narrows something (:mod:`onnxq.plan.saturating_readers`); ``narrowed``: which one is kept.
+    narrowing: tuple[tuple[float, float], tuple[float, float]] | None = None
+    narrowed: bool = True
+
+    def narrowing_note(self, count: int) -> str | None:
+        """One line on the narrowing of ``count`` tensors' ranges: kept, or dropped by the score."""
+        if self.narrowing is None:
+            return None
+        (top1, db), (whole_top1, whole_db) = self.narrowing
+        if self.classes:
+            shown = (f"top-1 {top1:.3f}", f"top-1 {whole_top1:.3f}")
+        else:
+            shown = (f"{db:.1f} dB", f"{whole_db:.1f} dB")
+        if self.narrowed:
+            return (
+                f"{count} tensors' ranges narrowed to what their readers tell apart (held out: "
+                f"{shown[0]} narrowed, {shown[1]} whole)"
+            )
+        return (
+            f"{count} tensors' ranges left whole: narrowed to what their readers tell apart, the model "
+            f"scored worse on the held-out batches ({shown[0]} narrowed, {shown[1]} whole)"
+        )
 
     def describe(self) -> str:
         """One line for the report (only written when the check fired)."""
@@ -131,11 +154,17 @@ def rescue_ranges(
     quantize: Quantizer,
     providers: Sequence[str],
     *,
+    whole: Quantizer | None = None,
     show_progress: bool | None = None,
 ) -> RangeRescue | None:
     """Score the min-max ranges on held-out batches and, below the bounds, choose ranges with ``auto``.
 
     ``quantize`` rewrites ``model`` with ranges by tensor name (QDQ, the caller's configuration).
+    ``whole``, given where the caller's configuration narrows some range to what its readers tell
+    apart, rewrites without that narrowing: both are scored, and the whole ranges are kept (and judged
+    on) only where they score better (:func:`~onnxq.pipeline.range_choice.beats`). Narrowing is exact
+    for the readers, but in a model whose int8 error is already a few dB, moving a grid can move
+    constant regions' rounding the wrong way (the CDLA layout detector: 2.9 → 1.0 dB).
     Returns ``None`` when there is no held-out batch (nothing to judge on); otherwise the check's
     outcome, whose ``choice`` (when set) holds the ranges to use.
     """
@@ -143,8 +172,16 @@ def rescue_ranges(
     held = HeldOut(model, feeds, providers)
     if not held.count:
         return None
-    score = held.score(quantize({v.name or "": r for v, r in calibration.ranges.items()}))
-    outcome = RangeRescue(score, held.count, held.classes)
+    minmax = {v.name or "": r for v, r in calibration.ranges.items()}
+    score = held.score(quantize(minmax))
+    narrowing = None
+    if whole is not None:
+        whole_score = held.score(whole(minmax))
+        narrowing = (score, whole_score)
+        if beats(whole_score, score):
+            quantize, score = whole, whole_score
+    outcome = RangeRescue(score, held.count, held.classes, narrowing=narrowing)
+    outcome.narrowed = narrowing is None or quantize is not whole
     if not large_loss(score, held.classes):
         outcome.seconds = time.perf_counter() - start
         return outcome

@@ -18,6 +18,7 @@ from onnxq.data import Feeds
 from onnxq.declines import Decline
 from onnxq.pipeline.range_choice import choose_range_method
 from onnxq.plan.planner import QuantPlan, plan_quantization
+from onnxq.preprocess.canonicalize import write_float_forms
 from onnxq.preprocess.equalize import EqualizePass
 from onnxq.preprocess.smooth import smooth_outliers
 from onnxq.rewrite.cleanup import cleanup
@@ -82,7 +83,7 @@ def write_qdq(
     With ``rounding``, the biases of the layers whose input the plan quantizes first absorb the mean
     error of that input's rounding (:mod:`onnxq.calibrate.input_rounding`).
     """
-    params = group_params(plan, dict(ranges))
+    params = group_params(plan, dict(ranges), narrow=config.calibration.narrow_to_readers)
     written = QDQWritten()
     if rounding is not None:
         written.rounding_corrected = rounding.correct(model, plan, params)
@@ -159,6 +160,16 @@ class StaticState:
         """What the quantized model is compared with, and what "every layer float" returns."""
         return self.reference if self.reference is not None else self.float_model
 
+    def float_form(self) -> ir.Model:
+        """Every layer float, as it runs fastest: :attr:`reference_model` in its float forms.
+
+        :func:`~onnxq.preprocess.canonicalize.write_float_forms`: a hard-swish whose ``/ 6`` a Conv
+        took is one op again.
+        """
+        model = self.reference_model.clone()
+        write_float_forms(model)
+        return model
+
     def plan(self, keep_float: Iterable[str] = ()) -> QuantPlan:
         """The plan of :meth:`requantize` for the same ``keep_float`` (what it would quantize)."""
         model = self.float_model.clone()
@@ -211,6 +222,7 @@ class StaticState:
             write_residual_adds_as_sum(model)
         if self.silu_islands:
             write_silu_islands(model)
+        write_float_forms(model)
         return model
 
     def qdq_with_ranges(self, ranges: dict[str, tuple[float, float]]) -> ir.Model:

@@ -13,7 +13,7 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import onnx_ir as ir
 
@@ -31,6 +31,7 @@ from onnxq.pipeline.state import StaticState, count_op_types, planning_config, w
 from onnxq.pipeline.summary import CalibrationSummary, ModeSummary
 from onnxq.plan.op_rules import ANCHOR_OPS
 from onnxq.plan.planner import plan_quantization
+from onnxq.plan.saturating_readers import narrowed_range
 from onnxq.preprocess.smooth import smooth_outliers
 from onnxq.rewrite.dynamic_quant import StaticLeftoversPass
 from onnxq.tuning.latency_guard import LOG_FRONT_END, anchor_kinds
@@ -304,6 +305,13 @@ def quantize_static(
         front_end = anchor_kinds(model, anchors).get(LOG_FRONT_END, [])
         judged = config.replace(exclude_nodes=(*config.exclude_nodes, *front_end)) if front_end else config
         rewriter = StaticState(model, judged, feeds, {}, tuple(providers), quantized_nodes=())
+        narrowable = _narrowable(calibration.ranges) if config.calibration.narrow_to_readers else 0
+        whole = dataclasses.replace(
+            rewriter,
+            config=judged.replace(
+                calibration=dataclasses.replace(judged.calibration, narrow_to_readers=False)
+            ),
+        )
         try:
             rescue = rescue_ranges(
                 model,
@@ -314,6 +322,7 @@ def quantize_static(
                 config,
                 rewriter.qdq_with_ranges,
                 providers,
+                whole=whole.qdq_with_ranges if narrowable else None,
                 show_progress=show_progress,
             )
         except Exception as exc:  # an optional improvement: a failure in it must not fail the model
@@ -322,6 +331,13 @@ def quantize_static(
             rescue = None
         if rescue is not None and rescue.choice is not None:
             notes.append(rescue.describe())
+        narrowing = rescue.narrowing_note(narrowable) if rescue is not None else None
+        if narrowing:
+            notes.append(narrowing)
+        if rescue is not None and not rescue.narrowed:
+            config = config.replace(
+                calibration=dataclasses.replace(config.calibration, narrow_to_readers=False)
+            )
         if rescue is not None and rescue.rescued:
             assert rescue.choice is not None
             method = "auto" if rescue.choice.method == PER_TENSOR else rescue.choice.method
@@ -398,3 +414,8 @@ def quantize_static(
         timings_s={"calibrate": calibrate_seconds, "rewrite": time.perf_counter() - start},
     )
     return state, summary
+
+
+def _narrowable(ranges: Mapping[ir.Value, tuple[float, float]]) -> int:
+    """How many of ``ranges`` their readers' saturation narrows (:mod:`onnxq.plan.saturating_readers`)."""
+    return sum(1 for value, (low, high) in ranges.items() if narrowed_range(value, low, high) != (low, high))

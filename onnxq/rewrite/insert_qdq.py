@@ -26,6 +26,7 @@ import onnx_ir as ir
 
 from onnxq.graph import NameScope, const_array, home_graph, insert_after_producer, make_initializer
 from onnxq.plan.planner import ActivationGroup, BiasTask, QuantPlan
+from onnxq.plan.saturating_readers import joint_range
 from onnxq.qmath import (
     QuantParams,
     bias_safe_weight_scale,
@@ -62,21 +63,30 @@ def _quantized_weight(
     return found
 
 
-def group_params(plan: QuantPlan, ranges: dict[ir.Value, tuple[float, float]]) -> dict[int, QuantParams]:
-    """Scale and zero point per activation group from calibrated ranges (and constant members' data)."""
+def group_params(
+    plan: QuantPlan, ranges: dict[ir.Value, tuple[float, float]], *, narrow: bool = False
+) -> dict[int, QuantParams]:
+    """Scale and zero point per activation group from calibrated ranges (and constant members' data).
+
+    ``narrow``: each member's range only as far as its readers tell values apart
+    (:func:`~onnxq.plan.saturating_readers.joint_range`), else the members' whole ranges joined.
+    """
     params: dict[int, QuantParams] = {}
     for group in plan.groups:
-        lo, hi = np.inf, -np.inf
-        for value in group.observed:
-            if value in ranges:
-                rmin, rmax = ranges[value]
-                lo, hi = min(lo, rmin), max(hi, rmax)
+        members: list[tuple[ir.Value, float, float]] = [
+            (value, *ranges[value]) for value in group.observed if value in ranges
+        ]
         for value in group.constants:
             data = const_array(value)
             if data is not None and data.size:
                 finite = data[np.isfinite(data)]
                 if finite.size:
-                    lo, hi = min(lo, float(finite.min())), max(hi, float(finite.max()))
+                    members.append((value, float(finite.min()), float(finite.max())))
+        if narrow:  # no step spent on values no reader tells apart (a hard-swish's input below -3)
+            lo, hi = joint_range(members)
+        else:
+            lo = min((low for _, low, _ in members), default=np.inf)
+            hi = max((high for _, _, high in members), default=-np.inf)
         if lo > hi:  # never observed (e.g. a tensor that stayed empty): a harmless unit range
             lo, hi = 0.0, 1.0
         params[group.index] = compute_qparams(lo, hi, group.scheme.dtype, group.scheme.symmetric)

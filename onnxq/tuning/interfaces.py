@@ -77,6 +77,8 @@ class RequantizableState(Protocol):
 
     def with_fix(self, fix: str) -> RequantizableState: ...
 
+    def float_form(self) -> ir.Model: ...
+
 
 class StaticResult(Protocol):
     """A quantization result: its model and, for static quantization of a float model, its state."""

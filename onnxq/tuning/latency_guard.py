@@ -637,7 +637,8 @@ def guard_latency(
     run_s = timer.warm_up(_QUANTIZED, timer.quantized)
     fits = len(variants) + 2 <= MERGED_BLOCK_BYTES // max(initializer_bytes(state.float_model), 1)
     together = fits and run_s < MERGED_BLOCK_MAX_RUN_S
-    sessions = {float_name: timer.open(state.float_model if input_model is None else input_model)}
+    float_form = state.float_form()  # "every layer float" as written, when preprocessing's float wins
+    sessions = {float_name: timer.open(float_form if input_model is None else input_model)}
     if together:
         sessions.update({name: timer.open(model) for name, (_, model) in variants.items()})
     first = timer.block(sessions)
@@ -703,7 +704,7 @@ def guard_latency(
         # Int8 gains little here: preprocessing alone (BatchNorm folds, canonical activations) may do
         # as well. Timed only then (a block of its own: two sessions open at most), and taken as the
         # float model to beat when it is clearly faster than the input.
-        preprocessed = timer.block({_FLOAT: timer.open(state.float_model)})
+        preprocessed = timer.block({_FLOAT: timer.open(float_form)})
         outcome.latency_ms[_FLOAT] = base * preprocessed[_FLOAT] / preprocessed[_QUANTIZED]
         if outcome.latency_ms[_FLOAT] < first[_INPUT] * (1.0 - config.min_gain):
             float_name = _FLOAT
@@ -724,7 +725,7 @@ def guard_latency(
     ):
         # A user who opens a session without options runs it at ONNX Runtime's default thread
         # count: int8 must not be slower there either (beyond the noise).
-        float_source = input_model if float_name == _INPUT else state.float_model
+        float_source = input_model if float_name == _INPUT else float_form
         assert float_source is not None
         check = _Timer(candidates[best][0], feed, config, default_threads=True)
         measured = check.block({float_name: check.open(float_source)})
@@ -743,7 +744,7 @@ def guard_latency(
             assert input_model is not None
             outcome.model = load_input_model(input_model)
         else:
-            outcome.model = state.reference_model.clone()
+            outcome.model = float_form
     else:
         outcome.chosen = best
         outcome.reverted = {kind: kinds[kind] for kind in candidates[best][1]}

@@ -44,7 +44,10 @@ Definitions: the representable range of a tensor is ``[(qmin - zp) * s, (qmax - 
 full range of its integer type (what ``QuantizeLinear`` saturates to). A float value is *clipped* when it
 lies more than half a step (``s / 2``) outside that range, i.e. when saturation, not rounding, sets
 its error. SQNR is ``10·log10(Σ x² / Σ (x − x̂)²)`` over all elements of all feeds (see
-:mod:`onnxq.validate.metrics`).
+:mod:`onnxq.validate.metrics`). A float value beyond what every reader of its tensor in the float model
+can tell apart (a hard-swish's input below −3, a Relu's below 0: :mod:`onnxq.plan.saturating_readers`)
+is compared as that bound, in both models: onnxq's ranges leave such values out, and no reader sees the
+difference. The observed min/max stay the raw ones.
 """
 
 from __future__ import annotations
@@ -66,6 +69,7 @@ from onnxq.errors import OnnxqError
 from onnxq.graph import DEFAULT_DOMAINS, const_array
 from onnxq.load.files import load_model
 from onnxq.load.versions import normalize_versions
+from onnxq.plan.saturating_readers import reader_bounds
 from onnxq.runtime.session import open_model, run
 from onnxq.validate.metrics import OutputStats, sqnr_db
 
@@ -376,6 +380,9 @@ class _Activation:
     clipped: int = 0
     count: int = 0
     failed: str | None = None
+    #: What the float model's readers of the tensor can tell apart
+    #: (:func:`~onnxq.plan.saturating_readers.reader_bounds`): values beyond are compared clipped to it.
+    bounds: tuple[float, float] = (-math.inf, math.inf)
     #: Per-channel fits along the axes outlier smoothing may have scaled (see the module docstring);
     #: ``None`` until the first batch gives the rank, empty for a tensor smoothing did not rescale.
     fits: list[_ChannelFit] | None = None
@@ -491,6 +498,14 @@ def _update(act: _Activation, reference: np.ndarray, quantized: np.ndarray) -> N
             "in the quantized model"
         )
         return
+    ref64 = ref.astype(np.float64)
+    if ref.size:
+        act.low = min(act.low, float(ref64.min()))
+        act.high = max(act.high, float(ref64.max()))
+    if act.bounds != (-math.inf, math.inf):  # as the readers see them: what they cannot tell apart is equal
+        ref = np.clip(ref, *act.bounds).astype(ref.dtype, copy=False)
+        quantized = np.clip(quantized, *act.bounds).astype(quantized.dtype, copy=False)
+        ref64 = ref.astype(np.float64)
     act.stats.update(ref, quantized)
     if not ref.size:
         return
@@ -498,9 +513,6 @@ def _update(act: _Activation, reference: np.ndarray, quantized: np.ndarray) -> N
         act.fits = [_ChannelFit(axis) for axis in _channel_axes(ref.ndim)]
     for fit in act.fits:
         fit.update(ref, quantized)
-    ref64 = ref.astype(np.float64)
-    act.low = min(act.low, float(ref64.min()))
-    act.high = max(act.high, float(ref64.max()))
     params = act.params
     if params.block_size == 0:
         length = ref.shape[params.axis] if params.axis is not None else None
@@ -633,6 +645,7 @@ def _activation_task(q: ir.Node, index: _FloatIndex) -> _Activation | str:
         tensor=name, kind="activation", node=_readers(readers), quantized_tensor=x.name or "", **info
     )
     quant_value = dqs[0].outputs[0] if dqs else q.outputs[0]
+    float_value = index.values.get(name)
     return _Activation(
         row=row,
         params=params,
@@ -640,6 +653,7 @@ def _activation_task(q: ir.Node, index: _FloatIndex) -> _Activation | str:
         quant_value=quant_value,
         dequantize_here=not dqs,
         stats=OutputStats(name),
+        bounds=reader_bounds(float_value) if float_value is not None else (-math.inf, math.inf),
     )
 
 

@@ -216,3 +216,44 @@ def test_the_held_out_batches_are_read_no_further_than_kept() -> None:
     held = HeldOut(ir.from_proto(proto), Source(), ["CPUExecutionProvider"])  # type: ignore[arg-type]
     assert held.count == MAX_HELD_OUT and len(read) == 2 * MAX_HELD_OUT
     assert not held.classes  # a MatMul's outputs are no probability distribution
+
+
+@pytest.mark.parametrize("narrowed_is_better", [True, False])
+def test_the_check_keeps_narrowing_only_where_it_scores_at_least_as_well(narrowed_is_better: bool) -> None:
+    """Given a rewrite without the saturating readers' narrowing, the check scores both on the held-out
+    batches and keeps the better: here one is the float model itself, the other a model whose output is
+    off by a tenth. The kept one's score is what the check judges (no rescue: 0.1 off is ~20 dB)."""
+    import onnx_ir as ir
+
+    from onnxq.calibrate.collect import CalibrationResult
+    from onnxq.pipeline.range_rescue import rescue_ranges
+
+    proto = builders.parse(
+        "m (float[N, 4] x) => (float[N, 4] y) { y = MatMul (x, W) }", builders.normal_arrays(0, W=(4, 4))
+    )
+    model = ir.from_proto(proto)
+    exact = ir.from_proto(proto)
+    off = builders.parse(
+        "m (float[N, 4] x) => (float[N, 4] y) { p = MatMul (x, W)\n y = Mul (p, k) }",
+        {**builders.normal_arrays(0, W=(4, 4)), "k": np.array(1.1, np.float32)},
+    )
+    rng = np.random.default_rng(0)
+    feeds = [{"x": rng.standard_normal((2, 4)).astype(np.float32)} for _ in range(4)]
+    calibration = CalibrationResult(ranges={}, method="minmax", samples=4, runs=4, seconds=0.0, unobserved=())
+    good, bad = (lambda ranges: exact), (lambda ranges: ir.from_proto(off))
+    outcome = rescue_ranges(
+        model,
+        calibration,
+        [],
+        {},
+        feeds,  # type: ignore[arg-type]  (iterated only)
+        _config(),
+        good if narrowed_is_better else bad,
+        ["CPUExecutionProvider"],
+        whole=bad if narrowed_is_better else good,
+    )
+    assert outcome is not None and outcome.narrowing is not None
+    assert outcome.narrowed is narrowed_is_better
+    assert outcome.minmax_score[1] > 100.0  # the kept model's (the float one's) score
+    note = outcome.narrowing_note(3)
+    assert note is not None and ("narrowed to" in note) and (("left whole" in note) is not narrowed_is_better)

@@ -20,7 +20,7 @@ import onnx_ir as ir
 import pytest
 
 from onnxq.preprocess import preprocess
-from onnxq.preprocess.canonicalize import SHAPED_RULES, CanonicalizePass
+from onnxq.preprocess.canonicalize import SHAPED_RULES, CanonicalizePass, write_float_forms
 
 MS = "com.microsoft"
 SHAPE = (3, 16)
@@ -794,3 +794,38 @@ def test_a_mean_over_the_spatial_axes_becomes_a_global_average_pool(
     got = builders.run_disabled(model, feed)[0]
     assert got.shape == want.shape
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_a_float_hard_swish_gets_its_sixth_back_from_the_conv() -> None:
+    """Float forms: the written-out hard-swish whose 1/6 a float Conv took is one HardSwish again, the
+    Conv's weight times 6 (the original weight kept for any other reader); same function."""
+    proto = _hswish_model(HSWISH_CONVS)
+    model = ir.from_proto(proto)
+    preprocess(model)
+    folded = next(n for n in model.graph if n.op_type == "Conv" and not n.inputs[0].is_graph_input())
+    weight = folded.inputs[1].const_value.numpy().copy()
+    assert write_float_forms(model) == 1
+    assert [n.op_type for n in model.graph] == ["Conv", "HardSwish", "Conv"]
+    np.testing.assert_allclose(model.graph.node(2).inputs[1].const_value.numpy(), 6 * weight, rtol=1e-6)
+    feed = builders.random_feeds(proto, 1, seed=2)[0]
+    (want,) = builders.run_disabled(proto, feed)
+    (got,) = builders.run_disabled(model, feed)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_hard_swish_read_by_a_quantized_conv_keeps_its_integer_form() -> None:
+    """The int8 form (QLinearAdd, QLinearMul, the 1/6 in the int8 weight) stays where the Conv is
+    quantized: its weight is a DequantizeLinear's output, not a float constant."""
+    import onnxq
+    from onnxq.config import LatencyGuardConfig, QuantConfig
+
+    proto = _hswish_model(HSWISH_CONVS)
+    result = onnxq.quantize(
+        proto,
+        builders.random_feeds(proto, 8, seed=1),
+        QuantConfig(latency_guard=LatencyGuardConfig(enabled=False)),
+    )
+    model = result.model if isinstance(result.model, ir.Model) else ir.from_proto(result.model)
+    ops = [n.op_type for n in model.graph]
+    assert "HardSwish" not in ops and "Clip" in ops
+    assert write_float_forms(model) == 0
