@@ -138,7 +138,8 @@ def _through(node: ir.Node, index: int, depth: int) -> Bounds:
     if op == "Relu" and index == 0:
         return (0.0, math.inf)
     if op == "Clip" and index == 0:
-        return _clip_bounds(node) or _ALL
+        bounds = _clip_bounds(node)
+        return bounds if bounds is not None and bounds[0] <= bounds[1] else _ALL
     if op == "HardSwish":
         return (-3.0, math.inf)
     if op == "HardSigmoid":
