@@ -7,6 +7,7 @@ name can a new value get.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 
 import numpy as np
@@ -20,8 +21,10 @@ __all__ = [
     "attr_ints",
     "attr_str",
     "body_owners",
+    "clip_bounds",
     "const_array",
     "default_opset",
+    "float_scalar",
     "home_graph",
     "initializer_bytes",
     "insert_after_producer",
@@ -199,6 +202,39 @@ def attr_float(node: ir.Node, name: str, default: float) -> float:
     """A FLOAT attribute, or ``default`` when absent."""
     attr = node.attributes.get(name)
     return default if attr is None else float(attr.as_float())
+
+
+def float_scalar(value: ir.Value | None) -> float | None:
+    """A constant float of rank 0 or 1 and one element, as a Python float; else ``None``.
+
+    Rank ≤ 1: a size-1 constant of higher rank would broadcast an elementwise result to that rank.
+    """
+    data = const_array(value)
+    if data is None or data.size != 1 or data.ndim > 1 or not np.issubdtype(data.dtype, np.floating):
+        return None
+    return float(data.reshape(-1)[0])
+
+
+def clip_bounds(node: ir.Node, opset: int | None = None) -> tuple[float, float] | None:
+    """A ``Clip``'s ``(min, max)``, a missing bound infinite; ``None`` when a bound is not a constant.
+
+    Attributes below opset 11, constant inputs from it. ``opset`` ``None``: the node's own form decides
+    (``min``/``max`` attributes, else inputs), for callers that hold a node and not its model.
+    """
+    attributes = "min" in node.attributes or "max" in node.attributes
+    if (opset is not None and opset < 11) or (opset is None and attributes):
+        return attr_float(node, "min", -math.inf), attr_float(node, "max", math.inf)
+    bounds = []
+    for index, default in ((1, -math.inf), (2, math.inf)):
+        value = node.inputs[index] if index < len(node.inputs) else None
+        if value is None:
+            bounds.append(default)
+            continue
+        found = float_scalar(value)
+        if found is None:
+            return None
+        bounds.append(found)
+    return bounds[0], bounds[1]
 
 
 def attr_str(node: ir.Node, name: str, default: str) -> str:

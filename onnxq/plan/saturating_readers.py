@@ -32,7 +32,7 @@ from collections.abc import Iterable
 import numpy as np
 import onnx_ir as ir
 
-from onnxq.graph import DEFAULT_DOMAINS, const_array
+from onnxq.graph import DEFAULT_DOMAINS, clip_bounds, const_array
 
 __all__ = ["MARGIN_STEPS", "ORDER_KEEPING_OPS", "joint_range", "narrowed_range", "reader_bounds"]
 
@@ -75,28 +75,6 @@ def _scalar(value: ir.Value | None) -> float | None:
     return number if math.isfinite(number) else None
 
 
-def _clip_bounds(node: ir.Node) -> Bounds | None:
-    """A ``Clip``'s constant bounds (inputs from opset 11, attributes before), else ``None``."""
-    if len(node.inputs) > 1 or ("min" not in node.attributes and "max" not in node.attributes):
-        bounds = []
-        for index, default in ((1, -math.inf), (2, math.inf)):
-            bound = node.inputs[index] if len(node.inputs) > index else None
-            if bound is None:
-                bounds.append(default)
-                continue
-            number = _scalar(bound)
-            if number is None:
-                return None
-            bounds.append(number)
-        return bounds[0], bounds[1]
-    low = node.attributes.get("min")
-    high = node.attributes.get("max")
-    return (
-        low.as_float() if low is not None else -math.inf,
-        high.as_float() if high is not None else math.inf,
-    )
-
-
 def _gate_of(mul: ir.Node, value: ir.Value) -> float | None:
     """``c`` when ``mul`` is ``value · Clip(value + c, 0, h)`` (hard-swish's product), else ``None``.
 
@@ -108,7 +86,7 @@ def _gate_of(mul: ir.Node, value: ir.Value) -> float | None:
     clip = other.producer() if other is not None else None
     if clip is None or clip.op_type != "Clip" or clip.domain not in DEFAULT_DOMAINS:
         return None
-    bounds = _clip_bounds(clip)
+    bounds = clip_bounds(clip)
     add = clip.inputs[0].producer() if clip.inputs and clip.inputs[0] is not None else None
     if bounds is None or bounds[0] != 0.0 or add is None or add.op_type != "Add" or len(add.inputs) != 2:
         return None
@@ -138,7 +116,7 @@ def _through(node: ir.Node, index: int, depth: int) -> Bounds:
     if op == "Relu" and index == 0:
         return (0.0, math.inf)
     if op == "Clip" and index == 0:
-        bounds = _clip_bounds(node)
+        bounds = clip_bounds(node)  # (a NaN bound compares false: no bounds)
         return bounds if bounds is not None and bounds[0] <= bounds[1] else _ALL
     if op == "HardSwish":
         return (-3.0, math.inf)

@@ -39,7 +39,9 @@ from onnxq.graph import (
     DEFAULT_DOMAINS,
     attr_float,
     attr_int,
+    clip_bounds,
     const_array,
+    float_scalar,
     make_initializer,
     take_over,
     trim_inputs,
@@ -87,14 +89,6 @@ def _op(value: ir.Value | None, *op_types: str) -> ir.Node | None:
     return producer
 
 
-def _scalar(value: ir.Value | None) -> float | None:
-    data = const_array(value)
-    # Rank ≤ 1: a size-1 constant of higher rank would broadcast the result to that rank.
-    if data is None or data.size != 1 or data.ndim > 1 or not np.issubdtype(data.dtype, np.floating):
-        return None
-    return float(data.reshape(-1)[0])
-
-
 def _private(value: ir.Value) -> bool:
     """Whether only one node reads ``value`` and it is no graph output (it may be folded away)."""
     return not value.is_graph_output() and len(value.uses()) == 1
@@ -116,7 +110,7 @@ def _product(value: ir.Value, nodes: list[ir.Node], *, top: bool = True) -> tupl
     a, b = node.inputs
     assert a is not None and b is not None
     if node.op_type == "Div":
-        divisor = _scalar(b)
+        divisor = float_scalar(b)
         if divisor is None or divisor == 0.0:
             return [value], 1.0
         nodes.append(node)
@@ -126,7 +120,7 @@ def _product(value: ir.Value, nodes: list[ir.Node], *, top: bool = True) -> tupl
     terms: list[ir.Value] = []
     coefficient = 1.0
     for operand in (a, b):
-        constant = _scalar(operand)
+        constant = float_scalar(operand)
         if constant is not None:
             coefficient *= constant
             continue
@@ -136,31 +130,15 @@ def _product(value: ir.Value, nodes: list[ir.Node], *, top: bool = True) -> tupl
     return terms, coefficient
 
 
-def _clip_bounds(node: ir.Node, opset: int) -> tuple[float, float] | None:
-    if opset < 11:
-        return attr_float(node, "min", -math.inf), attr_float(node, "max", math.inf)
-    bounds = []
-    for index, default in ((1, -math.inf), (2, math.inf)):
-        value = node.inputs[index] if index < len(node.inputs) else None
-        if value is None:
-            bounds.append(default)
-            continue
-        found = _scalar(value)
-        if found is None:
-            return None
-        bounds.append(found)
-    return bounds[0], bounds[1]
-
-
 def _plus_constant(value: ir.Value, constant: float) -> ir.Value | None:
     """``x`` when ``value`` is ``Add(x, constant)`` (either order) read only here."""
     node = _op(value, "Add")
     if node is None or not _private(value) or len(node.inputs) != 2:
         return None
     a, b = node.inputs
-    if _close(_scalar(b), constant):
+    if _close(float_scalar(b), constant):
         return a
-    if _close(_scalar(a), constant):
+    if _close(float_scalar(a), constant):
         return b
     return None
 
@@ -257,7 +235,7 @@ class HardSwishRule(_Rule):
             clip = _op(h, "Clip")
             if clip is None or not _close(coefficient, 1 / 6):
                 continue
-            bounds = _clip_bounds(clip, ctx.opset)
+            bounds = clip_bounds(clip, ctx.opset)
             if bounds is None or not (_close(bounds[0], 0.0) and _close(bounds[1], 6.0)):
                 continue
             shifted = clip.inputs[0]
@@ -324,7 +302,7 @@ class GeluRule(_Rule):
         cube_nodes: list[ir.Node] = []
         cube_terms, cube_coefficient = _product(cubic, cube_nodes)
         power = _op(cube_terms[0], "Pow") if len(cube_terms) == 1 else None
-        if power is not None and power.inputs[0] is x and _close(_scalar(power.inputs[1]), 3.0):
+        if power is not None and power.inputs[0] is x and _close(float_scalar(power.inputs[1]), 3.0):
             cube_nodes.append(power)
         elif not (len(cube_terms) == 3 and all(t is x for t in cube_terms)):
             return False
@@ -365,9 +343,9 @@ class LayerNormRule(_Rule):
         add_eps = _op(var_plus, "Add")
         if add_eps is None or var_plus is None or not _private(var_plus):
             return None
-        variance, epsilon = add_eps.inputs[0], _scalar(add_eps.inputs[1])
+        variance, epsilon = add_eps.inputs[0], float_scalar(add_eps.inputs[1])
         if epsilon is None:
-            variance, epsilon = add_eps.inputs[1], _scalar(add_eps.inputs[0])
+            variance, epsilon = add_eps.inputs[1], float_scalar(add_eps.inputs[0])
         var_node = _op(variance, "ReduceMean")
         if var_node is None or epsilon is None or variance is None or not _private(variance):
             return None
@@ -378,7 +356,7 @@ class LayerNormRule(_Rule):
         if square is None or squared is None or not _private(squared):
             return None
         if square.op_type == "Pow" and not (
-            square.inputs[0] is centered and _close(_scalar(square.inputs[1]), 2.0)
+            square.inputs[0] is centered and _close(float_scalar(square.inputs[1]), 2.0)
         ):
             return None
         if square.op_type == "Mul" and not (square.inputs[0] is centered and square.inputs[1] is centered):
@@ -614,7 +592,7 @@ class FloatHardSwishRule(_Rule):
             clip = _op(gate, "Clip") if gate is not None and _private(gate) else None
             if clip is None:
                 continue
-            bounds = _clip_bounds(clip, ctx.opset)
+            bounds = clip_bounds(clip, ctx.opset)
             shifted = clip.inputs[0]
             if (
                 bounds is not None
