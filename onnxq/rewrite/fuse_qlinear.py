@@ -71,6 +71,7 @@ from onnxq.graph import (
     attr_float,
     attr_int,
     attr_str,
+    clip_bounds,
     const_array,
     default_opset,
     make_initializer,
@@ -396,22 +397,10 @@ def _output_problem(m: Match, x: QTensor) -> Reason | None:
 
 
 def _clip_bounds(node: ir.Node, opset: int) -> tuple[float, float] | None:
-    """(lo, hi) of a Relu or Clip, ``None`` when a bound is not a constant."""
+    """(lo, hi) of a Relu or Clip (:func:`~onnxq.graph.clip_bounds`); ``None`` if a bound is no constant."""
     if node.op_type == "Relu":
         return 0.0, float("inf")
-    if opset < 11:
-        return attr_float(node, "min", -float("inf")), attr_float(node, "max", float("inf"))
-    bounds = []
-    for index, default in ((1, -float("inf")), (2, float("inf"))):
-        value = node.inputs[index] if index < len(node.inputs) else None
-        if value is None:
-            bounds.append(default)
-            continue
-        data = const_array(value)
-        if data is None or data.size != 1:
-            return None
-        bounds.append(float(data.reshape(-1)[0]))
-    return bounds[0], bounds[1]
+    return clip_bounds(node, opset)
 
 
 def _absorb_problem(m: Match) -> Reason | None:
