@@ -13,7 +13,7 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import onnx_ir as ir
 
@@ -312,6 +312,11 @@ def quantize_static(
                 calibration=dataclasses.replace(judged.calibration, narrow_to_readers=False)
             ),
         )
+        corrected = (
+            None
+            if config.bias_correction
+            else _bias_corrected(rewriter, [a for a in anchors if a not in front_end], feeds, providers)
+        )
         try:
             rescue = rescue_ranges(
                 model,
@@ -323,6 +328,7 @@ def quantize_static(
                 rewriter.qdq_with_ranges,
                 providers,
                 whole=whole.qdq_with_ranges if narrowable else None,
+                corrected=corrected,
                 show_progress=show_progress,
             )
         except Exception as exc:  # an optional improvement: a failure in it must not fail the model
@@ -338,6 +344,8 @@ def quantize_static(
             config = config.replace(
                 calibration=dataclasses.replace(config.calibration, narrow_to_readers=False)
             )
+        if rescue is not None and rescue.bias_corrected:
+            config = config.replace(bias_correction=True)
         if rescue is not None and rescue.rescued:
             assert rescue.choice is not None
             method = "auto" if rescue.choice.method == PER_TENSOR else rescue.choice.method
@@ -414,6 +422,27 @@ def quantize_static(
         timings_s={"calibrate": calibrate_seconds, "rewrite": time.perf_counter() - start},
     )
     return state, summary
+
+
+def _bias_corrected(
+    rewriter: StaticState, anchors: Sequence[str], feeds: Feeds, providers: Sequence[str]
+) -> Callable[[dict[str, tuple[float, float]]], ir.Model]:
+    """The range rescue's bias-correction candidate, a quantizer like ``rewriter.qdq_with_ranges``.
+
+    It rewrites ``rewriter``'s float model with every anchor's bias absorbing its weight rounding's mean
+    error (:func:`~onnxq.calibrate.bias_correction.correct_biases`, measured once, on first use: a model
+    the check passes never pays for it).
+    """
+    made: list[StaticState] = []
+
+    def quantize(ranges: dict[str, tuple[float, float]]) -> ir.Model:
+        if not made:
+            model = rewriter.float_model.clone()
+            correct_biases(model, anchors, rewriter.config.weights, feeds, providers)
+            made.append(dataclasses.replace(rewriter, float_model=model))
+        return made[0].qdq_with_ranges(ranges)
+
+    return quantize
 
 
 def _narrowable(ranges: Mapping[ir.Value, tuple[float, float]]) -> int:

@@ -257,3 +257,52 @@ def test_the_check_keeps_narrowing_only_where_it_scores_at_least_as_well(narrowe
     assert outcome.minmax_score[1] > 100.0  # the kept model's (the float one's) score
     note = outcome.narrowing_note(3)
     assert note is not None and ("narrowed to" in note) and (("left whole" in note) is not narrowed_is_better)
+
+
+def _mean_shift_model_and_data() -> tuple[
+    onnx.ModelProto, list[dict[str, np.ndarray]], list[dict[str, np.ndarray]]
+]:
+    """A 1×1 Conv on inputs of mean 3 and spread 0.1 whose weight rows sum to 0 and hold a ±1 pair: the
+    pair sets each row's int8 scale, the small weights round by up to half of it, and those errors times
+    the mean 3 shift the output by about a fifth of its spread (~14 dB). No range method moves a
+    weight's rounding; the bias correction's ``ΔW·E[x]`` removes the shift."""
+    rng = np.random.default_rng(0)
+    w = rng.normal(0.0, 0.05, (8, 16)).astype(np.float32)
+    w -= w.mean(axis=1, keepdims=True)
+    w[:, 0] += 1.0
+    w[:, 1] -= 1.0
+    proto = builders.parse(
+        """
+        shift (float[N, 16, 8, 8] x) => (float[N, 8, 8, 8] y) {
+            y = Conv (x, w, b)
+        }
+        """,
+        {"w": w.reshape(8, 16, 1, 1), "b": np.zeros(8, np.float32)},
+    )
+
+    def feeds(seed: int, count: int) -> list[dict[str, np.ndarray]]:
+        gen = np.random.default_rng(seed)
+        return [
+            {"x": (3.0 + 0.1 * gen.standard_normal((1, 16, 8, 8))).astype(np.float32)} for _ in range(count)
+        ]
+
+    return proto, feeds(1, 16), feeds(2, 8)
+
+
+def test_a_loss_no_range_mends_takes_the_bias_correction() -> None:
+    proto, calib, held_out = _mean_shift_model_and_data()
+    plain = onnxq.quantize(proto, calib, _config(rescue=False))
+    rescued = onnxq.quantize(proto, calib, _config())
+    before, after = _sqnr(proto, plain.model, held_out), _sqnr(proto, rescued.model, held_out)
+    # A candidate never tried, or scored on other ranges than kept, leaves the shift (~14 dB).
+    assert before < LARGE_LOSS_SQNR_DB and after >= before + 10.0, (before, after)
+    (note,) = _rescue_notes(rescued)
+    assert "min-max kept" in note and "bias correction on top scored" in note and ", taken" in note, note
+    assert rescued.static is not None and rescued.static.config.bias_correction
+
+
+def test_the_bias_correction_is_not_tried_where_the_ranges_mend_the_loss() -> None:
+    """The tail model: auto's ranges take it above the bound, so no float run is paid for the candidate."""
+    proto, calib, _ = _tail_model_and_data()
+    (note,) = _rescue_notes(onnxq.quantize(proto, calib, _config()))
+    assert "auto's ranges taken" in note and "bias correction" not in note, note
