@@ -315,7 +315,7 @@ def quantize_static(
         corrected = (
             None
             if config.bias_correction
-            else _bias_corrected(rewriter, [a for a in anchors if a not in front_end], feeds, providers)
+            else _bias_corrected(rewriter, [a for a in anchors if a not in front_end])
         )
         try:
             rescue = rescue_ranges(
@@ -425,21 +425,21 @@ def quantize_static(
 
 
 def _bias_corrected(
-    rewriter: StaticState, anchors: Sequence[str], feeds: Feeds, providers: Sequence[str]
+    rewriter: StaticState, anchors: Sequence[str]
 ) -> Callable[[dict[str, tuple[float, float]]], ir.Model]:
     """The range rescue's bias-correction candidate, a quantizer like ``rewriter.qdq_with_ranges``.
 
-    It rewrites ``rewriter``'s float model with every anchor's bias absorbing its weight rounding's mean
-    error (:func:`~onnxq.calibrate.bias_correction.correct_biases`, measured once, on first use: a model
-    the check passes never pays for it).
+    ``rewriter`` with ``--target``'s ``bias_correction`` fix on ``anchors``
+    (:meth:`~onnxq.pipeline.state.StaticState.with_fix`), made on first use: a model the check passes
+    never pays for the float run it measures the mean inputs with.
     """
     made: list[StaticState] = []
 
     def quantize(ranges: dict[str, tuple[float, float]]) -> ir.Model:
         if not made:
-            model = rewriter.float_model.clone()
-            correct_biases(model, anchors, rewriter.config.weights, feeds, providers)
-            made.append(dataclasses.replace(rewriter, float_model=model))
+            made.append(
+                dataclasses.replace(rewriter, quantized_nodes=tuple(anchors)).with_fix("bias_correction")
+            )
         return made[0].qdq_with_ranges(ranges)
 
     return quantize
