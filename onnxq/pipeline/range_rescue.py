@@ -34,9 +34,10 @@ on the zoo's other judged models it scored within the margin and is not taken. I
 its own: it lowered PP-OCRv4 det's and rec's task metrics.
 
 A model that passes pays one rewrite and a run of the float and the quantized model over the held-out
-batches; one that is judged further pays ``auto``'s bounded cost (a histogram calibration and at most
-16 rewrites scored on at most 8 batches), and one still below the bounds after that a float run for the
-layers' mean inputs and one more scored rewrite. ``--no-range-rescue`` keeps min-max as it is.
+batches; one that is judged further pays ``auto``'s bounded cost (a histogram calibration of the first
+16 batches, however many there are, and at most 16 rewrites scored on at most 8 batches), and one still
+below the bounds after that a float run for the layers' mean inputs and one more scored rewrite.
+``--no-range-rescue`` keeps min-max as it is.
 """
 
 from __future__ import annotations
@@ -51,7 +52,14 @@ import onnx_ir as ir
 from onnxq.calibrate.collect import CalibrationResult, collect_ranges
 from onnxq.config import ActivationScheme, QuantConfig
 from onnxq.data import Feeds
-from onnxq.pipeline.range_choice import HeldOut, Quantizer, RangeChoice, beats, choose_range_method
+from onnxq.pipeline.range_choice import (
+    MAX_HELD_OUT,
+    HeldOut,
+    Quantizer,
+    RangeChoice,
+    beats,
+    choose_range_method,
+)
 from onnxq.report import LARGE_LOSS_SQNR_DB
 
 __all__ = [
@@ -208,18 +216,29 @@ def rescue_ranges(
     if not large_loss(score, held.classes):
         outcome.seconds = time.perf_counter() - start
         return outcome
+    # The batches the held-out ones alternate with, and no more: the histogram pass costs several
+    # min-max passes a batch, and the methods' ranges need a distribution's shape, not every sample.
     histograms = collect_ranges(
         model,
         observed,
         schemes,
-        feeds,
+        feeds.limit(2 * MAX_HELD_OUT * feeds.samples_per_batch),
         dataclasses.replace(config.calibration, method="auto"),
         providers=providers,
         show_progress=show_progress,
     )
-    # Tensors the histogram pass gave no range (it sees what the min-max pass saw: none in practice)
-    # keep their min-max one.
-    histograms = dataclasses.replace(histograms, ranges={**calibration.ranges, **histograms.ranges})
+    # Min-max ranges, and min-max's candidate, are the ones from every batch (the histogram pass sees
+    # the tensors the min-max pass saw).
+    histograms = dataclasses.replace(
+        histograms,
+        ranges={**histograms.ranges, **calibration.ranges},
+        candidates={
+            **histograms.candidates,
+            "minmax": {
+                v: calibration.ranges.get(v, r) for v, r in histograms.candidates.get("minmax", {}).items()
+            },
+        },
+    )
     choice = outcome.choice = choose_range_method(
         model, histograms, feeds, quantize, providers, held_out=held
     )

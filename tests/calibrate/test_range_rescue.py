@@ -224,6 +224,30 @@ def test_the_held_out_batches_are_read_no_further_than_kept() -> None:
     assert not held.classes  # a MatMul's outputs are no probability distribution
 
 
+def test_the_histogram_pass_reads_only_the_batches_the_held_out_ones_alternate_with(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Its cost is bounded however much calibration data there is."""
+    import onnxq.pipeline.range_rescue as range_rescue
+    from onnxq.pipeline.range_choice import MAX_HELD_OUT
+
+    proto, calib, held_out = _tail_model_and_data()
+    calib = calib + calib[1:4] * 8  # 40 batches, the spikes in the first 16
+    passes: list[tuple[str, int | None]] = []
+    original = range_rescue.collect_ranges
+
+    def counted(*args, **kwargs):  # type: ignore[no-untyped-def]
+        passes.append((args[4].method, args[3].num_samples))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(range_rescue, "collect_ranges", counted)
+    result = onnxq.quantize(proto, calib, _config())
+    assert passes == [("auto", 2 * MAX_HELD_OUT)]
+    (note,) = _rescue_notes(result)
+    assert "auto's ranges taken" in note, note
+    assert _sqnr(proto, result.model, held_out) > LARGE_LOSS_SQNR_DB
+
+
 @pytest.mark.parametrize("narrowed_is_better", [True, False])
 def test_the_check_keeps_narrowing_only_where_it_scores_at_least_as_well(narrowed_is_better: bool) -> None:
     """Given a rewrite without the saturating readers' narrowing, the check scores both on the held-out
