@@ -56,12 +56,22 @@ from onnxq.data import Feeds
 from onnxq.errors import OnnxqError
 from onnxq.graph import NameScope, const_array, make_initializer, rounded_from
 from onnxq.plan.op_rules import ANCHOR_OPS
+from onnxq.progress import progress
 from onnxq.runtime.session import OptLevel, open_model, run, serialize_lean
 from onnxq.tuning.interfaces import RequantizableState
 from onnxq.tuning.latency_guard import dynamic_lstms
 from onnxq.tuning.targets import AccuracyTarget, CustomTarget, TargetEvaluator, as_target, evaluation_feeds
+from onnxq.validate.metrics import OutputStats, is_distribution
 
-__all__ = ["Mode", "NodeSensitivity", "estimate_sensitivity", "measure_sensitivity", "rank_by_estimate"]
+__all__ = [
+    "Mode",
+    "NodeSensitivity",
+    "decision_proxy",
+    "estimate_sensitivity",
+    "measure_sensitivity",
+    "rank_by_estimate",
+    "score_each_kept_float",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -369,6 +379,80 @@ def rank_by_estimate(estimates: Mapping[str, float], nodes: Sequence[str]) -> li
         return (math.inf if math.isnan(value) else -value, order[name])
 
     return sorted(nodes, key=key)
+
+
+def score_each_kept_float(
+    state: RequantizableState,
+    nodes: Sequence[str],
+    feeds: Feeds,
+    *,
+    providers: Sequence[str] | None = None,
+    opt_level: OptLevel = "all",
+) -> dict[str, float]:
+    """Each node's :func:`decision_proxy` with it alone kept float (``"all_but"``), on ``feeds``.
+
+    Where the estimate's local proxy ranks badly (an int8 error spread over many layers, whose parts
+    partly cancel at the output), this measures what keeping each layer float does to the output:
+    one rewrite and one run over ``feeds`` per node (the float model's outputs are kept). Higher is
+    closer to float. Uncached; empty when the float outputs on ``feeds`` exceed 256 MiB.
+    """
+    providers = tuple(providers or state.providers)
+    names = [v.name or "" for v in state.reference_model.graph.outputs]
+    session = open_model(state.reference_model, providers=providers, opt_level=opt_level)
+    reference: list[list[np.ndarray]] = []
+    for feed in feeds:
+        reference.append(run(session, dict(feed), names))
+        if sum(a.nbytes for outputs in reference for a in outputs) > _PROXY_REFERENCE_BYTES:
+            return {}
+    scores = {}
+    for name in progress(nodes, total=len(nodes), desc="rank layers"):
+        candidate = open_model(state.requantize(keep_float=[name]), providers=providers, opt_level=opt_level)
+        actual = [run(candidate, dict(feed), names) for feed in feeds]
+        scores[name] = decision_proxy(reference, actual)
+    return scores
+
+
+_PROXY_REFERENCE_BYTES = 256 << 20
+
+
+def decision_proxy(
+    reference: Sequence[Sequence[np.ndarray]], actual: Sequence[Sequence[np.ndarray]]
+) -> float:
+    """How close a candidate's outputs are to float, smoothly, where a top-1 agreement moves in steps.
+
+    ``reference`` / ``actual``: per feed, the outputs. Where some output holds probability
+    distributions (a Softmax over classes or characters), minus the mean KL divergence of the
+    candidate's distributions from float's, summed over those outputs: it weighs the classes by their
+    probability, so it moves with the near-ties a decision flips on, where the SQNR of probabilities is
+    set by the few confident rows. Otherwise (logits, scores) the lowest output SQNR in dB.
+    """
+    count = len(reference[0]) if reference else 0
+    distributions = [i for i in range(count) if all(is_distribution(outputs[i]) for outputs in reference)]
+    if distributions:
+        total = 0.0
+        for i in distributions:
+            divergences = [
+                _kl_rows(np.asarray(ref[i], np.float64), np.asarray(act[i], np.float64))
+                for ref, act in zip(reference, actual, strict=True)
+            ]
+            rows = np.concatenate(divergences)
+            total += float(rows.mean()) if rows.size else 0.0
+        return -total
+    stats = [OutputStats(str(i)) for i in range(count)]
+    for ref_outputs, act_outputs in zip(reference, actual, strict=True):
+        for stat, ref, act in zip(stats, ref_outputs, act_outputs, strict=True):
+            stat.update(ref, act)
+    return min((s.sqnr_db for s in stats if not s.exact), default=math.nan)
+
+
+def _kl_rows(p: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """KL(p || q) of each distribution on the last axis (q floored at 1e-12: a Softmax may underflow)."""
+    if p.shape != q.shape:
+        return np.array([math.inf])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        terms = np.where(p > 0.0, p * (np.log(p) - np.log(np.maximum(q, 1e-12))), 0.0)
+    rows: np.ndarray = terms.sum(axis=-1).reshape(-1)
+    return rows
 
 
 # ---------------------------------------------------------------------------------------------------

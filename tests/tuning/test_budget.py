@@ -471,3 +471,60 @@ def test_a_dynamic_lstm_is_a_candidate_to_keep_float() -> None:
     assert outcome.score_before < 32.0
     assert outcome.met and outcome.kept_float == ["LSTM"] and outcome.score_after > 40.0
     assert builders.op_counts(outcome.model).get("DynamicQuantizeLSTM", 0) == 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# Top-1 targets: the anchors ranked by measurement
+
+
+@pytest.fixture(scope="module")
+def classifier_result() -> QuantizationResult:
+    """The outlier chain with calibrated ranges on every MatMul; its 32 outputs read as class scores
+    (top-1 agreement with float 0.67 all int8, 1.0 with the outlier layer float)."""
+    config = onnxq.QuantConfig(calibration=CalibrationConfig(range_rescue=False), run_time_ranges=False)
+    return onnxq.quantize(builders.outlier_chain_model(), builders.chain_feeds(4, seed=1), config)
+
+
+def _estimate_ranking_the_outlier_last(monkeypatch: pytest.MonkeyPatch, outlier: str) -> None:
+    def misleading(state: Any, *args: Any, **kwargs: Any) -> dict[str, float]:
+        return {name: (-100.0 if name == outlier else -10.0) for name in state.quantized_nodes}
+
+    monkeypatch.setattr(budget, "estimate_sensitivity", misleading)
+
+
+def test_a_top1_target_ranks_the_layers_by_measurement(
+    classifier_result: QuantizationResult, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The top-1 score moves in steps and the estimate's local proxy can misrank (module doc): with an
+    estimate that puts the outlier layer last, a search in its order misses the target even with five
+    of six layers float, while the measured ranking puts that layer first and meets it with one."""
+    assert classifier_result.static is not None
+    outlier = builders.node_reading(classifier_result.static.float_model, "w3")
+    _estimate_ranking_the_outlier_last(monkeypatch, outlier)
+    feeds = builders.chain_feeds(6, seed=2)
+
+    outcome = layer_search(classifier_result, "top1>=0.99", feeds)
+    assert outcome.score_before < 0.9
+    assert outcome.met and outcome.kept_float == [outlier] and outcome.score_after == 1.0
+    assert outcome.evaluations == 2  # all int8, then the top-ranked layer float
+    assert outcome.measured_anchors == LAYERS and outcome.measured_batches == len(feeds)
+    assert set(outcome.measured) == {outlier}
+    assert "ranking: 6 anchors kept float one at a time" in outcome.summary()
+    assert outcome.as_dict()["measured_anchors"] == LAYERS
+    # An SQNR target keeps the estimate's ranking (it is smooth already): in this one's order, the
+    # outlier layer comes last and stays int8 even at five of six float.
+    by_estimate = layer_search(classifier_result, "sqnr>=25", feeds)
+    assert by_estimate.measured_anchors == 0 and not by_estimate.met
+    assert outlier not in by_estimate.kept_float
+
+
+def test_the_measured_ranking_is_bounded(
+    classifier_result: QuantizationResult, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only the anchors the estimate ranks first are measured, on the first evaluation batches."""
+    assert classifier_result.static is not None
+    monkeypatch.setattr(budget, "RANKING_MAX_ANCHORS", 2)
+    monkeypatch.setattr(budget, "RANKING_BATCHES", 3)
+    outcome = layer_search(classifier_result, "top1>=0.99", builders.chain_feeds(6, seed=2))
+    assert outcome.measured_anchors == 2 and outcome.measured_batches == 3
+    assert outcome.met

@@ -36,6 +36,7 @@ from onnxq.tuning import (
     measure_sensitivity,
 )
 from onnxq.tuning import sensitivity as sensitivity_module
+from onnxq.tuning.sensitivity import decision_proxy
 from onnxq.tuning.targets import as_target
 
 LAYERS = builders.CHAIN_LAYERS
@@ -345,3 +346,41 @@ def test_unreadable_cache_is_ignored(
     again = measure_sensitivity(state, "sqnr", eval_feeds, nodes=nodes, cache_dir=tmp_path)
     assert again[0].all_but_this_quantized is not None
     assert json.loads(cache.read_text())["all_but"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# The decision proxy of the measured ranking (top-1 targets)
+
+
+def test_the_decision_proxy_is_minus_the_kl_divergence_on_distributions() -> None:
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal((2, 16, 10))
+
+    def softmax(x: np.ndarray) -> np.ndarray:
+        e = np.exp(x - x.max(axis=-1, keepdims=True))
+        return (e / e.sum(axis=-1, keepdims=True)).astype(np.float32)
+
+    reference = [[softmax(batch)] for batch in logits]
+    assert decision_proxy(reference, reference) == 0.0
+    scores = []
+    for noise in (0.05, 0.2, 0.8):
+        actual = [[softmax(batch + noise * rng.standard_normal(batch.shape))] for batch in logits]
+        p, q = np.concatenate([r[0] for r in reference]), np.concatenate([a[0] for a in actual])
+        kl = float(np.mean(np.sum(p * (np.log(p) - np.log(q)), axis=-1)))
+        scores.append(decision_proxy(reference, actual))
+        assert scores[-1] == pytest.approx(-kl, rel=1e-4)
+    assert scores[0] > scores[1] > scores[2]  # smooth: more logit noise, lower
+
+
+def test_the_decision_proxy_is_the_lowest_output_sqnr_elsewhere() -> None:
+    rng = np.random.default_rng(1)
+    logits = [rng.standard_normal((4, 10)).astype(np.float32) for _ in range(3)]
+    boxes = [rng.standard_normal((4, 4)).astype(np.float32) for _ in range(3)]
+    noisy = [b + np.float32(0.1) * rng.standard_normal(b.shape).astype(np.float32) for b in boxes]
+    reference = [[a, b] for a, b in zip(logits, boxes, strict=True)]
+    actual = [[a, b] for a, b in zip(logits, noisy, strict=True)]
+    expected = 10 * math.log10(
+        sum(float(np.sum(b.astype(np.float64) ** 2)) for b in boxes)
+        / sum(float(np.sum((b - n).astype(np.float64) ** 2)) for b, n in zip(boxes, noisy, strict=True))
+    )
+    assert decision_proxy(reference, actual) == pytest.approx(expected, rel=1e-6)
