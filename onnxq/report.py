@@ -310,7 +310,15 @@ class QuantReport:
                         + (f"applied to every layer: {b['fix']}; " if b.get("fix") else "")
                         + f"kept float: {kept}; {b.get('evaluations')} evaluations in "
                         f"{b.get('search_seconds', 0.0):.1f} s (one full evaluation "
-                        f"{b.get('full_evaluation_seconds', 0.0):.2f} s)"
+                        f"{b.get('full_evaluation_seconds', 0.0):.2f} s"
+                        + (
+                            f"; layers ranked by keeping each of {b['measured_anchors']} float alone "
+                            f"on {b.get('measured_batches', 0)} batch(es), "
+                            f"{b.get('estimate_seconds', 0.0):.1f} s"
+                            if b.get("measured_anchors")
+                            else ""
+                        )
+                        + ")"
                         + (f"; {b['speed']}" if b.get("speed") else "")
                     ),
                 ]

@@ -7,6 +7,7 @@ a few ×50 outlier channels, which per-tensor activation quantization ruins.
 
 from __future__ import annotations
 
+import copy
 import math
 import types
 from collections.abc import Callable
@@ -511,6 +512,11 @@ def test_a_top1_target_ranks_the_layers_by_measurement(
     assert set(outcome.measured) == {outlier}
     assert "ranking: 6 anchors kept float one at a time" in outcome.summary()
     assert outcome.as_dict()["measured_anchors"] == LAYERS
+    # The report's budget line says what the ranking cost.
+    report = copy.deepcopy(classifier_result.report)
+    report.budget = outcome.as_dict()
+    (line,) = [row[1] for row in report._summary_rows() if row[0] == "accuracy budget"]
+    assert "layers ranked by keeping each of 6 float alone on 6 batch(es)" in line
     # An SQNR target keeps the estimate's ranking (it is smooth already): in this one's order, the
     # outlier layer comes last and stays int8 even at five of six float.
     by_estimate = layer_search(classifier_result, "sqnr>=25", feeds)
