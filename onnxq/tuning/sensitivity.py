@@ -386,15 +386,17 @@ def score_each_kept_float(
     nodes: Sequence[str],
     feeds: Feeds,
     *,
+    base: ir.Model | None = None,
     providers: Sequence[str] | None = None,
     opt_level: OptLevel = "all",
 ) -> dict[str, float]:
-    """Each node's :func:`decision_proxy` with it alone kept float (``"all_but"``), on ``feeds``.
+    """What keeping each node alone float gains over ``base`` (all int8), in dB of :func:`decision_proxy`.
 
     Where the estimate's local proxy ranks badly (an int8 error spread over many layers, whose parts
     partly cancel at the output), this measures what keeping each layer float does to the output:
-    one rewrite and one run over ``feeds`` per node (the float model's outputs are kept). Higher is
-    closer to float. Uncached; empty when the float outputs on ``feeds`` exceed 256 MiB.
+    one rewrite and one run over ``feeds`` per node, plus one of ``base`` (default: the state's model
+    with every anchor quantized); the float model's outputs are kept. Uncached; empty when the float
+    outputs on ``feeds`` exceed 256 MiB.
     """
     providers = tuple(providers or state.providers)
     names = [v.name or "" for v in state.reference_model.graph.outputs]
@@ -404,12 +406,16 @@ def score_each_kept_float(
         reference.append(run(session, dict(feed), names))
         if sum(a.nbytes for outputs in reference for a in outputs) > _PROXY_REFERENCE_BYTES:
             return {}
-    scores = {}
-    for name in progress(nodes, total=len(nodes), desc="rank layers"):
-        candidate = open_model(state.requantize(keep_float=[name]), providers=providers, opt_level=opt_level)
-        actual = [run(candidate, dict(feed), names) for feed in feeds]
-        scores[name] = decision_proxy(reference, actual)
-    return scores
+
+    def proxy(model: ir.Model) -> float:
+        candidate = open_model(model, providers=providers, opt_level=opt_level)
+        return decision_proxy(reference, [run(candidate, dict(feed), names) for feed in feeds])
+
+    start = proxy(base if base is not None else state.requantize(keep_float=[]))
+    return {
+        name: proxy(state.requantize(keep_float=[name])) - start
+        for name in progress(nodes, total=len(nodes), desc="rank layers")
+    }
 
 
 _PROXY_REFERENCE_BYTES = 256 << 20
@@ -418,13 +424,14 @@ _PROXY_REFERENCE_BYTES = 256 << 20
 def decision_proxy(
     reference: Sequence[Sequence[np.ndarray]], actual: Sequence[Sequence[np.ndarray]]
 ) -> float:
-    """How close a candidate's outputs are to float, smoothly, where a top-1 agreement moves in steps.
+    """How close a candidate's outputs are to float (dB, higher is closer), smoothly.
 
-    ``reference`` / ``actual``: per feed, the outputs. Where some output holds probability
-    distributions (a Softmax over classes or characters), minus the mean KL divergence of the
-    candidate's distributions from float's, summed over those outputs: it weighs the classes by their
-    probability, so it moves with the near-ties a decision flips on, where the SQNR of probabilities is
-    set by the few confident rows. Otherwise (logits, scores) the lowest output SQNR in dB.
+    A top-1 agreement moves in steps; this does not. ``reference`` / ``actual``: per feed, the
+    outputs. Where some output holds probability distributions (a Softmax over classes or
+    characters), ``-10·log10`` of the mean KL divergence of the candidate's distributions from
+    float's, summed over those outputs: it weighs the classes by their probability, so it moves with
+    the near-ties a decision flips on, where the SQNR of probabilities is set by the few confident
+    rows. Otherwise (logits, scores) the lowest output SQNR.
     """
     count = len(reference[0]) if reference else 0
     distributions = [i for i in range(count) if all(is_distribution(outputs[i]) for outputs in reference)]
@@ -437,7 +444,7 @@ def decision_proxy(
             ]
             rows = np.concatenate(divergences)
             total += float(rows.mean()) if rows.size else 0.0
-        return -total
+        return -10.0 * math.log10(total) if total > 0.0 else math.inf
     stats = [OutputStats(str(i)) for i in range(count)]
     for ref_outputs, act_outputs in zip(reference, actual, strict=True):
         for stat, ref, act in zip(stats, ref_outputs, act_outputs, strict=True):
