@@ -444,3 +444,27 @@ def lstm_on_spread_input(
         return [{"x": np.exp(r.normal(0, spread, shape)).astype(np.float32)} for _ in range(count)]
 
     return parse(text, arrays), feeds(16, 1), feeds(16, 2)
+
+
+def embedding_then_matmul() -> tuple[onnx.ModelProto, list[dict[str, np.ndarray]]]:
+    """ids → Gather of a 600 × 8 table (rows spanning 1e-2..1 in scale) → LayerNorm → MatMul; 4 feeds.
+
+    A table read by a float op: static mode stores it int8, one scale per row.
+    """
+    rng = np.random.default_rng(4)
+    table = (rng.normal(0.0, 1.0, (600, 8)) * np.geomspace(1e-2, 1.0, 600).reshape(600, 1)).astype(np.float32)
+    arrays = {
+        "table": table,
+        "gamma": np.ones(8, np.float32),
+        "beta": np.zeros(8, np.float32),
+        "w": rng.normal(0.0, 0.3, (8, 8)).astype(np.float32),
+    }
+    text = """
+    embed (int64[2, 6] ids) => (float[2, 6, 8] y) {
+        e = Gather (table, ids)
+        n = LayerNormalization <axis = -1> (e, gamma, beta)
+        y = MatMul (n, w)
+    }
+    """
+    feeds = [{"ids": rng.integers(0, 600, (2, 6)).astype(np.int64)} for _ in range(4)]
+    return parse(text, arrays), feeds

@@ -249,28 +249,11 @@ def test_batched_matmul_weight_runs_at_enable_all(output_format: str) -> None:
 # ---------------------------------------------------------------------------------------------------
 # --quantize-embeddings in static mode
 
-EMBED_THEN_MATMUL = """
-embed (int64[2, 6] ids) => (float[2, 6, 8] y) {
-    e = Gather (table, ids)
-    n = LayerNormalization <axis = -1> (e, gamma, beta)
-    y = MatMul (n, w)
-}
-"""
-
 
 def test_static_mode_quantizes_embedding_tables_by_default() -> None:
     """A table read by a float op (LayerNorm) is stored int8 with one scale per row in static mode too,
     only the gathered rows dequantized; ``embeddings=False`` keeps it float."""
-    rng = np.random.default_rng(4)
-    table = (rng.normal(0.0, 1.0, (600, 8)) * np.geomspace(1e-2, 1.0, 600).reshape(600, 1)).astype(np.float32)
-    arrays = {
-        "table": table,
-        "gamma": np.ones(8, np.float32),
-        "beta": np.zeros(8, np.float32),
-        "w": rng.normal(0.0, 0.3, (8, 8)).astype(np.float32),
-    }
-    proto = builders.parse(EMBED_THEN_MATMUL, arrays)
-    feeds = [{"ids": rng.integers(0, 600, (2, 6)).astype(np.int64)} for _ in range(4)]
+    proto, feeds = builders.embedding_then_matmul()
     plain = onnxq.quantize(proto, feeds, QuantConfig(dynamic=DynamicConfig(embeddings=False)))
     assert "Gather" not in plain.report.quantized_op_types
     assert any(
@@ -290,6 +273,7 @@ def test_static_mode_quantizes_embedding_tables_by_default() -> None:
     assert not any(a.shape == (600, 8) and a.dtype == np.float32 for a in stored.values())
     assert any(a.shape == (600, 8) and a.dtype == np.int8 for a in stored.values())
     assert result.report.size_quantized_bytes < plain.report.size_quantized_bytes - 500
+    rng = np.random.default_rng(5)
     held_out = [{"ids": rng.integers(0, 600, (2, 6)).astype(np.int64)} for _ in range(4)]
     for feed in held_out:
         (expected,) = builders.run_disabled(proto, feed)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import weakref
+from collections import Counter
 from collections.abc import Callable
 from typing import ClassVar
 
@@ -684,6 +685,23 @@ def test_the_report_counts_silu_islands_as_float(monkeypatch: pytest.MonkeyPatch
     assert result.report.latency_guard is not None and result.report.latency_guard["all_float"]
     assert result.report.latency_guard["silu_islands"] == 0
     assert "QuickGelu" not in result.report.float_op_types
+
+
+def test_the_report_of_a_model_written_float_counts_nothing_quantized(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The guard writes the float model: the report describes that, not the int8 one it timed (whose
+    embedding table, not an anchor, is still int8)."""
+    proto, feeds = builders.embedding_then_matmul()
+    monkeypatch.setattr(latency_guard, "_Timer", FormTimer)
+    monkeypatch.setattr(latency_guard, "_cores", lambda: 1)
+    FormTimer.factor, FormTimer.float_ms = 1.0, 0.5
+    config = QuantConfig(latency_guard=LatencyGuardConfig(enabled=True), run_time_ranges=False)
+    result = onnxq.quantize(proto, feeds, config)
+    assert result.report.latency_guard is not None and result.report.latency_guard["all_float"]
+    assert not any(n.op_type == "DequantizeLinear" for n in result.model.graph)
+    assert result.report.quantized_op_types == {} and result.report.nodes_quantized == 0
+    assert result.report.float_op_types == dict(Counter(n.op_type for n in result.model.graph))
 
 
 def test_an_lstm_is_its_own_kind_with_its_work_over_the_sequence() -> None:
