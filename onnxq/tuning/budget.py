@@ -112,8 +112,7 @@ class BudgetOutcome:
     estimate_seconds: float = 0.0
     #: A top-1 target's measured ranking (:func:`_ranks_by_measurement`): the kept-float anchors'
     #: gain in dB of the decision proxy with each alone kept float, how many anchors were measured
-    #: and on how many
-    #: batches (0: ranked by the estimate alone).
+    #: and on how many batches (0: ranked by the estimate alone).
     measured: dict[str, float] = field(default_factory=dict)
     measured_anchors: int = 0
     measured_batches: int = 0
@@ -368,7 +367,8 @@ def meet_target(
             measured = score_each_kept_float(
                 search.state, first, ranking_feeds, base=base_model, providers=providers, opt_level=opt_level
             )
-            measured_batches = len(ranking_feeds) if ranking_feeds.num_batches is not None else 0
+            known = ranking_feeds.num_batches
+            measured_batches = known if known is not None else sum(1 for _ in ranking_feeds)
             search.ranked = rank_by_estimate(measured, first) + search.ranked[RANKING_MAX_ANCHORS:]
         estimate_seconds = time.perf_counter() - estimate_start
         logger.info("anchors by %s sensitivity: %s", "measured" if measured else "estimated", search.ranked)
