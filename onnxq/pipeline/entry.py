@@ -151,14 +151,15 @@ def quantize(
     if guard is not None and static is not None:
         report.latency_guard = guard.as_dict()
         report.timings_s["latency_guard"] = guard.seconds
-        if guard.reverted or guard.silu_islands:
+        if guard.all_float:  # the input (or preprocessed) float model is written: nothing in it is int8
+            report.quantized_op_types, report.activations_absorbed = {}, 0
+            report.float_op_types = dict(sorted(Counter(n.op_type for n in ir_model.graph).items()))
+            report.preprocess_notes = with_run_time_note(report.preprocess_notes, 0)
+        elif guard.reverted or guard.silu_islands:
             counts = static.counts()
             report.quantized_op_types, report.float_op_types = counts.quantized, counts.floating
             report.activations_absorbed = counts.absorbed
             report.preprocess_notes = with_run_time_note(report.preprocess_notes, counts.run_time)
-        if guard.all_float:  # the input (or preprocessed) float model is written: nothing in it is int8
-            report.quantized_op_types, report.activations_absorbed = {}, 0
-            report.float_op_types = dict(sorted(Counter(n.op_type for n in ir_model.graph).items()))
     report.timings_s["total"] = time.perf_counter() - start
     return QuantizationResult(
         ir_model, report, float_source=float_source, calibration=feeds, input_path=input_path, static=static
