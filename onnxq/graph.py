@@ -204,13 +204,16 @@ def attr_float(node: ir.Node, name: str, default: float) -> float:
     return default if attr is None else float(attr.as_float())
 
 
-def float_scalar(value: ir.Value | None) -> float | None:
+def float_scalar(value: ir.Value | None, *, any_rank: bool = False) -> float | None:
     """A constant float of rank 0 or 1 and one element, as a Python float; else ``None``.
 
-    Rank ≤ 1: a size-1 constant of higher rank would broadcast an elementwise result to that rank.
+    Rank ≤ 1: a size-1 constant of higher rank would broadcast an elementwise result to that rank,
+    which matters to a rewrite; ``any_rank`` accepts one of any rank (for reading a value only).
     """
     data = const_array(value)
-    if data is None or data.size != 1 or data.ndim > 1 or not np.issubdtype(data.dtype, np.floating):
+    if data is None or data.size != 1 or not np.issubdtype(data.dtype, np.floating):
+        return None
+    if data.ndim > 1 and not any_rank:
         return None
     return float(data.reshape(-1)[0])
 

@@ -29,10 +29,9 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 
-import numpy as np
 import onnx_ir as ir
 
-from onnxq.graph import DEFAULT_DOMAINS, clip_bounds, const_array
+from onnxq.graph import DEFAULT_DOMAINS, clip_bounds, float_scalar
 
 __all__ = ["MARGIN_STEPS", "ORDER_KEEPING_OPS", "joint_range", "narrowed_range", "reader_bounds"]
 
@@ -67,12 +66,9 @@ _MAX_DEPTH = 6
 
 
 def _scalar(value: ir.Value | None) -> float | None:
-    """A constant single-element value as a float, else ``None``."""
-    data = const_array(value)
-    if data is None or data.size != 1 or not np.issubdtype(data.dtype, np.floating):
-        return None
-    number = float(data.reshape(-1)[0])
-    return number if math.isfinite(number) else None
+    """A finite constant single-element float of any rank, else ``None``."""
+    number = float_scalar(value, any_rank=True)
+    return number if number is not None and math.isfinite(number) else None
 
 
 def _gate_of(mul: ir.Node, value: ir.Value) -> float | None:

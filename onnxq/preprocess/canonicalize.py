@@ -130,6 +130,19 @@ def _product(value: ir.Value, nodes: list[ir.Node], *, top: bool = True) -> tupl
     return terms, coefficient
 
 
+def _hard_swish_gate(gate: ir.Value, x: ir.Value, opset: int) -> list[ir.Node] | None:
+    """The ``Clip`` and the ``Add`` when ``gate`` is ``Clip(x + 3, 0, 6)``, hard-swish's gate of ``x``."""
+    clip = _op(gate, "Clip")
+    if clip is None:
+        return None
+    bounds = clip_bounds(clip, opset)
+    shifted = clip.inputs[0]
+    if bounds is None or not (_close(bounds[0], 0.0) and _close(bounds[1], 6.0)) or shifted is None:
+        return None
+    add = shifted.producer()
+    return [clip, add] if add is not None and _plus_constant(shifted, 3.0) is x else None
+
+
 def _plus_constant(value: ir.Value, constant: float) -> ir.Value | None:
     """``x`` when ``value`` is ``Add(x, constant)`` (either order) read only here."""
     node = _op(value, "Add")
@@ -232,15 +245,9 @@ class HardSwishRule(_Rule):
                 and _close(attr_float(sigmoid, "beta", 0.5), 0.5)
             ):
                 return _Match(node, ctx, x, [*nodes, sigmoid], node.outputs[0])
-            clip = _op(h, "Clip")
-            if clip is None or not _close(coefficient, 1 / 6):
-                continue
-            bounds = clip_bounds(clip, ctx.opset)
-            if bounds is None or not (_close(bounds[0], 0.0) and _close(bounds[1], 6.0)):
-                continue
-            shifted = clip.inputs[0]
-            if shifted is not None and _plus_constant(shifted, 3.0) is x:
-                return _Match(node, ctx, x, [*nodes, clip, shifted.producer()], node.outputs[0])  # type: ignore[list-item]
+            gate = _hard_swish_gate(h, x, ctx.opset) if _close(coefficient, 1 / 6) else None
+            if gate is not None:
+                return _Match(node, ctx, x, [*nodes, *gate], node.outputs[0])
         return None
 
 
@@ -588,20 +595,10 @@ class FloatHardSwishRule(_Rule):
         if len(terms) != 2 or not _close(coefficient, 1.0) or len(nodes) != 1:
             return None
         for x in terms:
-            gate = _other_term(terms, x)
-            clip = _op(gate, "Clip") if gate is not None and _private(gate) else None
-            if clip is None:
-                continue
-            bounds = clip_bounds(clip, ctx.opset)
-            shifted = clip.inputs[0]
-            if (
-                bounds is not None
-                and _close(bounds[0], 0.0)
-                and _close(bounds[1], 6.0)
-                and shifted is not None
-                and _plus_constant(shifted, 3.0) is x
-            ):
-                return _Match(node, ctx, x, [node, clip, shifted.producer()], output)  # type: ignore[list-item]
+            h = _other_term(terms, x)
+            gate = _hard_swish_gate(h, x, ctx.opset) if h is not None and _private(h) else None
+            if gate is not None:
+                return _Match(node, ctx, x, [node, *gate], output)
         return None
 
     def rewrite(self, m: _Match) -> str:
