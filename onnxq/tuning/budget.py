@@ -364,11 +364,9 @@ def meet_target(
         if _ranks_by_measurement(goal):
             ranking_feeds = eval_feeds.limit(RANKING_BATCHES * eval_feeds.samples_per_batch)
             first = search.ranked[:RANKING_MAX_ANCHORS]
-            measured = score_each_kept_float(
+            measured, measured_batches = score_each_kept_float(
                 search.state, first, ranking_feeds, base=base_model, providers=providers, opt_level=opt_level
             )
-            known = ranking_feeds.num_batches
-            measured_batches = known if known is not None else sum(1 for _ in ranking_feeds)
             search.ranked = rank_by_estimate(measured, first) + search.ranked[RANKING_MAX_ANCHORS:]
         estimate_seconds = time.perf_counter() - estimate_start
         logger.info("anchors by %s sensitivity: %s", "measured" if measured else "estimated", search.ranked)

@@ -389,13 +389,14 @@ def score_each_kept_float(
     base: ir.Model | None = None,
     providers: Sequence[str] | None = None,
     opt_level: OptLevel = "all",
-) -> dict[str, float]:
-    """What keeping each node alone float gains over ``base`` (all int8), in dB of :func:`decision_proxy`.
+) -> tuple[dict[str, float], int]:
+    """What keeping each node alone float gains over ``base``, and on how many batches it was measured.
 
-    Where the estimate's local proxy ranks badly (an int8 error spread over many layers, whose parts
-    partly cancel at the output), this measures what keeping each layer float does to the output:
-    one rewrite and one run over ``feeds`` per node, plus one of ``base`` (default: the state's model
-    with every anchor quantized); the float model's outputs are kept. Uncached; empty when the float
+    Gains are in dB of :func:`decision_proxy` over ``base`` (all int8). Where the estimate's local
+    proxy ranks badly (an int8 error spread over many layers, whose parts partly cancel at the
+    output), this measures what keeping each layer float does to the output: one rewrite and one run
+    over ``feeds`` per node, plus one of ``base`` (default: the state's model with every anchor
+    quantized); the float model's outputs are kept. Uncached; no gains (and 0 batches) when the float
     outputs on ``feeds`` exceed 256 MiB.
     """
     providers = tuple(providers or state.providers)
@@ -405,17 +406,18 @@ def score_each_kept_float(
     for feed in feeds:
         reference.append(run(session, dict(feed), names))
         if sum(a.nbytes for outputs in reference for a in outputs) > _PROXY_REFERENCE_BYTES:
-            return {}
+            return {}, 0
 
     def proxy(model: ir.Model) -> float:
         candidate = open_model(model, providers=providers, opt_level=opt_level)
         return decision_proxy(reference, [run(candidate, dict(feed), names) for feed in feeds])
 
     start = proxy(base if base is not None else state.requantize(keep_float=[]))
-    return {
+    gains = {
         name: proxy(state.requantize(keep_float=[name])) - start
         for name in progress(nodes, total=len(nodes), desc="rank layers")
     }
+    return gains, len(reference)
 
 
 _PROXY_REFERENCE_BYTES = 256 << 20
