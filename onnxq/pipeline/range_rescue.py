@@ -110,42 +110,37 @@ class RangeRescue:
     corrected_score: tuple[float, float] | None = None
     bias_corrected: bool = False
 
+    def _shown(self, score: tuple[float, float]) -> str:
+        """A held-out score as the check judges it: top-1 agreement on class outputs, else dB."""
+        top1, db = score
+        return f"top-1 {top1:.3f}" if self.classes else f"{db:.1f} dB"
+
     def narrowing_note(self, count: int) -> str | None:
         """One line on the narrowing of ``count`` tensors' ranges: kept, or dropped by the score."""
         if self.narrowing is None:
             return None
-        (top1, db), (whole_top1, whole_db) = self.narrowing
-        if self.classes:
-            shown = (f"top-1 {top1:.3f}", f"top-1 {whole_top1:.3f}")
-        else:
-            shown = (f"{db:.1f} dB", f"{whole_db:.1f} dB")
+        narrowed, whole = (self._shown(score) for score in self.narrowing)
         if self.narrowed:
             return (
                 f"{count} tensors' ranges narrowed to what their readers tell apart (held out: "
-                f"{shown[0]} narrowed, {shown[1]} whole)"
+                f"{narrowed} narrowed, {whole} whole)"
             )
         return (
             f"{count} tensors' ranges left whole: narrowed to what their readers tell apart, the model "
-            f"scored worse on the held-out batches ({shown[0]} narrowed, {shown[1]} whole)"
+            f"scored worse on the held-out batches ({narrowed} narrowed, {whole} whole)"
         )
 
     def describe(self) -> str:
         """One line for the report (only written when the check fired)."""
-        top1, db = self.minmax_score
-        found, bound = (
-            (f"top-1 {top1:.3f}", f"{RESCUE_TOP1:g}")
-            if self.classes
-            else (f"{db:.1f} dB", f"{LARGE_LOSS_SQNR_DB:g} dB")
-        )
+        bound = f"{RESCUE_TOP1:g}" if self.classes else f"{LARGE_LOSS_SQNR_DB:g} dB"
         head = (
-            f"{RESCUE_NOTE}: min-max ranges scored {found} on {self.held_out} held-out calibration "
-            f"batch(es) (below {bound})"
+            f"{RESCUE_NOTE}: min-max ranges scored {self._shown(self.minmax_score)} on {self.held_out} "
+            f"held-out calibration batch(es) (below {bound})"
         )
         assert self.choice is not None
         verdict = "auto's ranges taken" if self.rescued else "min-max kept (auto did not beat it clearly)"
         if self.corrected_score is not None:
-            top1, db = self.corrected_score
-            shown = f"top-1 {top1:.3f}" if self.classes else f"{db:.1f} dB"
+            shown = self._shown(self.corrected_score)
             taken = "taken" if self.bias_corrected else "not taken (no clear gain)"
             verdict += f"; bias correction on top scored {shown}, {taken}"
         return f"{head}; {verdict} ({self.seconds:.1f} s): {self.choice.describe()}"
