@@ -16,7 +16,9 @@ Rules (see :mod:`onnxq.plan.op_rules` for the table):
 3. Relu/Clip right after a quantized producer (whose output has no other use) are absorbed: no Q/DQ
    between the two (asymmetric activations only: a zero point at the range's bottom must clamp).
 4. Tensors that must share parameters (pass-through input/output, Concat inputs/output) form groups;
-   each group gets one scale and zero point.
+   each group gets one scale and zero point. A Concat input joins its output's group only when
+   nothing outside that group reads it (:meth:`_Planner.reads_only`); one read elsewhere keeps its
+   own range, and the Concat (a ``QLinearConcat`` after ONNX Runtime's fusion) requantizes it.
 
 The same rules apply inside If/Loop/Scan bodies: every graph's nodes are planned, a value is wanted
 quantized only by readers of its own graph (a body reading an outer value reads it in float), and
@@ -409,15 +411,28 @@ class _Planner:
                 v = parent[v]
             return v
 
+        members: dict[ir.Value, list[ir.Value]] = {}
+        joined: set[tuple[ir.Node, int]] = set()  # (reader, input index) edges inside a group
+
         def union(a: ir.Value, b: ir.Value) -> None:
             ra, rb = find(a), find(b)
             if ra is not rb:
                 parent[rb] = ra
+                members.setdefault(ra, [ra]).extend(members.pop(rb, [rb]))
 
         def add(v: ir.Value, node: ir.Node) -> None:
             find(v)
             scheme.setdefault(v, self.scheme_of(v.producer() or node))
 
+        def join(node: ir.Node, index: int) -> None:
+            value = node.inputs[index]
+            assert value is not None
+            joined.add((node, index))
+            for out in node.outputs:
+                if is_float(out) and out.name:
+                    union(value, out)
+
+        shared: list[tuple[ir.Node, int]] = []
         for node in self.nodes:
             if node not in self.kept:
                 continue
@@ -431,15 +446,16 @@ class _Planner:
                     continue
                 add(value, node)
                 plan.quantized_inputs.append((node, index))
-                if rule.shared_scale or (rule.kind is OpKind.PASSTHROUGH and index == 0):
-                    for out in node.outputs:
-                        if is_float(out) and out.name:
-                            union(value, out)
+                if rule.shared_scale:
+                    shared.append((node, index))  # decided below, once every move is grouped
+                elif rule.kind is OpKind.PASSTHROUGH and index == 0:
+                    join(node, index)
             fill = self.pad_fill(node)
             if fill is not None and node.inputs[0] is not None:
                 # The fill value is written into the output: the shared range must hold it.
                 add(fill, node)
                 union(node.inputs[0], fill)
+                joined.add((node, 2))
             if weight_index is not None:
                 plan.weights.append(self.weight_task(node, weight_index))
                 bias = self.bias_index(node, rule, weight_index)
@@ -458,6 +474,20 @@ class _Planner:
                     if absorbs:  # (an activation after a float output runs in float: not absorbed)
                         plan.absorbed_nodes.append(consumers[0])
 
+        apart: set[ir.Node] = set()
+        for node, index in shared:  # in graph order: an earlier Concat's group is settled first
+            value = node.inputs[index]
+            assert value is not None
+            root = find(value)
+            if (
+                is_constant(value)
+                or any(find(out) is root for out in node.outputs if out in parent)
+                or self.reads_only(members.get(root, [value]), node, joined)
+            ):
+                join(node, index)
+            else:
+                apart.add(node)
+
         groups: dict[ir.Value, ActivationGroup] = {}
         for value in list(parent):
             root = find(value)
@@ -475,6 +505,7 @@ class _Planner:
                 producer is not None
                 and producer in self.kept
                 and (self.rules[producer].kind is OpKind.PASSTHROUGH or self.rules[producer].shared_scale)
+                and producer not in apart  # a Concat output holds values of inputs scaled apart
             ):
                 group.observed.append(value)
 
@@ -501,6 +532,24 @@ class _Planner:
                     plan.bodies[f"{node_label(owner)}.{attr.name}"] = (count, len(body))
         plan.subgraph_nodes = sum(1 for g in self.graph.subgraphs() for n in g if n not in quantized)
         return plan
+
+    @staticmethod
+    def reads_only(members: list[ir.Value], node: ir.Node, joined: set[tuple[ir.Node, int]]) -> bool:
+        """Whether ``node`` is the only reader of a group's ``members`` besides the group's own moves.
+
+        A Concat input takes the Concat's scale only then: its values land on the output's grid in any
+        case, so sharing costs it nothing and spares the Concat a requantization. An input something
+        else also reads (a C2f block's Split output that the next bottleneck reads too, a DenseNet
+        block's running Concat that its BatchNorm reads) keeps its own range, as in ONNX Runtime's
+        quantizer: sharing would widen that reader's grid to the union of every input's range.
+        """
+        for value in members:
+            if value.is_graph_output():
+                return False
+            for use in value.uses():
+                if use.node is not node and (use.node, use.idx) not in joined:
+                    return False
+        return True
 
     @staticmethod
     def pad_fill(node: ir.Node) -> ir.Value | None:

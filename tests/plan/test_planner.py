@@ -365,6 +365,58 @@ def test_concat_of_conv_outputs_shares_one_group() -> None:
     assert {("concat", 0), ("concat", 1)} <= _slots(plan)
 
 
+def test_concat_input_read_elsewhere_keeps_its_own_group() -> None:
+    model = _model(
+        """
+        g (float[1, 3, 8, 8] x) => (float[1, 4, 8, 8] y, float[1, 2, 8, 8] h) {
+            [conv_a] a = Conv <pads = [1, 1, 1, 1]> (x, Wa)
+            [conv_b] b = Conv <pads = [1, 1, 1, 1]> (x, Wb)
+            [concat] k = Concat <axis = 1> (a, b)
+            [conv_c] y = Conv <pads = [1, 1, 1, 1]> (k, Wc)
+            [conv_h] h = Conv <pads = [1, 1, 1, 1]> (a, Wh)
+        }""",
+        _weights(Wa=(2, 3, 3, 3), Wb=(2, 3, 3, 3), Wc=(4, 4, 3, 3), Wh=(2, 2, 3, 3)),
+    )
+    plan = _plan(model)
+    a, b, k = (_value(model, n) for n in "abk")
+    assert "concat" in _names(plan.quantized_nodes)
+    # conv_h reads a too: a shared grid would be as wide as both inputs' ranges for conv_h as well.
+    assert not _same_group(plan, a, k)
+    assert _same_group(plan, b, k)
+    assert set(plan.group_of[k].observed) == {b, k}  # k holds a's values, which b's range does not
+    assert plan.group_of[a].observed == [a]
+    assert {("concat", 0), ("concat", 1), ("conv_h", 0)} <= _slots(plan)
+
+
+def test_concat_input_shares_through_its_own_moves_but_not_past_another_reader() -> None:
+    model = _model(
+        """
+        g (float[1, 3, 8, 8] x) => (float[1, 4, 8, 8] y, float[1, 2, 8, 8] m) {
+            [conv_a] a = Conv <pads = [1, 1, 1, 1]> (x, Wa)
+            [pool] p = MaxPool <kernel_shape = [3, 3], pads = [1, 1, 1, 1]> (a)
+            [concat1] k1 = Concat <axis = 1> (a, p)
+            [conv_s] s = Conv <pads = [1, 1, 1, 1]> (x, Ws)
+            [split] s0, s1 = Split <axis = 1> (s, sizes)
+            [conv_m] m = Conv <pads = [1, 1, 1, 1]> (s1, Wm)
+            [concat2] k2 = Concat <axis = 1> (s0, k1)
+            [conv_c] y = Conv (k2, Wc)
+        }""",
+        {
+            **_weights(Wa=(1, 3, 3, 3), Ws=(4, 3, 3, 3), Wm=(2, 2, 3, 3), Wc=(4, 4, 1, 1)),
+            "sizes": np.array([2, 2], np.int64),
+        },
+    )
+    plan = _plan(model)
+    a, p, k1, s, s0, s1, k2 = (_value(model, n) for n in ("a", "p", "k1", "s", "s0", "s1", "k2"))
+    # An SPPF-like Concat of a map and its pooled self: the pool is the map's own move, so one group.
+    # Its output then feeds only concat2: the groups merge.
+    assert _same_group(plan, a, p, k1, k2)
+    # s0 and s1 are one Split's outputs, and conv_m reads s1: s0 cannot take concat2's grid alone.
+    assert _same_group(plan, s, s0, s1)
+    assert not _same_group(plan, s0, k2)
+    assert set(plan.group_of[k2].observed) == {a, k2}
+
+
 def test_resize_feeding_concat_stays_quantized_in_one_group() -> None:
     model = _model(
         """
