@@ -31,7 +31,7 @@ from onnxq.pipeline.static import quantize_static, with_run_time_note
 from onnxq.pipeline.summary import Mode, ModeSummary, build_report
 from onnxq.preprocess import preprocess
 from onnxq.preprocess.canonicalize import write_float_forms
-from onnxq.rewrite.cleanup import cleanup
+from onnxq.rewrite.cleanup import cleanup, drop_unused_initializers
 from onnxq.rewrite.normalize_qdq import is_quantized
 from onnxq.rewrite.sum_form import write_bias_adds_as_sum
 from onnxq.runtime.kernels import kernel_table
@@ -136,6 +136,8 @@ def quantize(
             preprocessed_may_win=_may_replace_input(static, size_float, preprocessed.upcast),
         )
 
+    if guard is None or not guard.all_float:  # (the input model is written as it came)
+        drop_unused_initializers(ir_model)
     report = build_report(
         label=label,
         source_producer=source_producer,

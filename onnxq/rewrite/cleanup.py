@@ -7,7 +7,7 @@ import onnx_ir.passes.common as common
 
 from onnxq.rewrite.captured_dequantize import move_dequantize_past_captured
 
-__all__ = ["cleanup"]
+__all__ = ["cleanup", "drop_unused_initializers"]
 
 
 def cleanup(model: ir.Model) -> None:
@@ -18,18 +18,20 @@ def cleanup(model: ir.Model) -> None:
     """
     move_dequantize_past_captured(model)
     common.RemoveUnusedNodesPass()(model)
-    _drop_unused_body_initializers(model)
+    drop_unused_initializers(model)
     common.TopologicalSortPass()(model)
 
 
-def _drop_unused_body_initializers(model: ir.Model) -> None:
-    """Drop the initializers of If/Loop/Scan bodies that nothing reads any more.
+def drop_unused_initializers(model: ir.Model) -> None:
+    """Drop the initializers, in the main graph and in every If/Loop/Scan body, that nothing reads.
 
     onnx-ir's unused-node pass prunes the main graph's initializers only; a body's float weight whose
     reader now reads its quantized copy stayed in the file (Silero VAD: every quantized Conv's float
-    weight, 0.2 MB of its 2.4).
+    weight, 0.2 MB of its 2.4). The rewrites after the cleanup (float forms, SiLU islands, sums) can
+    orphan main-graph ones too: a SiLU's Sigmoid output scale, which ONNX Runtime then warns about
+    on every load.
     """
-    for graph in model.graph.subgraphs():
+    for graph in (model.graph, *model.graph.subgraphs()):
         unused = [
             name
             for name, value in graph.initializers.items()
