@@ -136,7 +136,7 @@ def quantize(
             preprocessed_may_win=_may_replace_input(static, size_float, preprocessed.upcast),
         )
 
-    if guard is None or not guard.all_float:  # (the input model is written as it came)
+    if guard is None or not guard.wrote_input:  # (the user's input is written as it came)
         drop_unused_initializers(ir_model)
     report = build_report(
         label=label,

@@ -196,6 +196,11 @@ class GuardOutcome:
         given = self.latency_ms.get(_INPUT, self.latency_ms.get(_FLOAT, math.nan))
         return given / chosen if chosen else math.nan
 
+    @property
+    def wrote_input(self) -> bool:
+        """Whether the returned model is the user's own input, as it came."""
+        return self.all_float and self.chosen == _INPUT
+
     def as_dict(self) -> dict[str, Any]:
         """JSON-friendly form for the report."""
         return {

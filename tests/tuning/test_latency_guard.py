@@ -464,6 +464,7 @@ def test_the_input_model_is_the_baseline_never_to_be_slower_than(
     latency = additive(dict.fromkeys(ANCHORS, float_ms), dict.fromkeys(ANCHORS, int8_ms))
     outcome = run_guard(kinds_result, monkeypatch, latency, input_ms=input_ms)
     assert outcome.all_float and outcome.chosen == chosen
+    assert outcome.wrote_input == (chosen == "input")  # (only then is the written model left unpruned)
     assert outcome.latency_ms["input"] == input_ms
     ops = [n.op_type for n in outcome.model.graph]
     assert not {"QuantizeLinear", "DequantizeLinear"} & set(ops)
