@@ -76,10 +76,12 @@ def _add_quant_options(parser: argparse.ArgumentParser) -> None:
     calib.add_argument(
         "--narrow-to-readers",
         action=argparse.BooleanOptionalAction,
-        default=False,
+        default=None,
         help="leave out of a tensor's range the values its readers cannot tell apart (a hard-swish's "
-        "input below -3, a Clip's beyond its bounds); where min-max ranges are checked on held-out "
-        "calibration data, kept only if it scores as well there (off by default)",
+        "input below -3, a Clip's beyond its bounds, a SiLU's or sigmoid's below -16); where min-max "
+        "ranges are checked on held-out calibration data, kept only if it scores as well there (by "
+        "default only there; --narrow-to-readers also where nothing is checked, "
+        "--no-narrow-to-readers never)",
     )
     calib.add_argument(
         "--calib-batch",
@@ -363,7 +365,7 @@ def _config_from_args(args: argparse.Namespace) -> Any:
                 percentile=args.percentile,
                 batch_size=args.calib_batch,
                 range_rescue=bool(getattr(args, "range_rescue", True)),
-                narrow_to_readers=bool(getattr(args, "narrow_to_readers", False)),
+                narrow_to_readers=getattr(args, "narrow_to_readers", None),
             ),
             exclude_nodes=tuple(args.exclude_nodes),
             exclude_op_types=tuple(args.exclude_op_types),
@@ -395,7 +397,7 @@ _STATIC_ONLY = {
     "percentile": ("--percentile", 99.999),
     "calib_batch": ("--calib-batch", 1),
     "range_rescue": ("--no-range-rescue", True),
-    "narrow_to_readers": ("--narrow-to-readers", False),
+    "narrow_to_readers": ("--[no-]narrow-to-readers", None),
     "activation_type": ("--activation-type", "uint8"),
     "symmetric_activations": ("--symmetric-activations", False),
     "equalize": ("--equalize", False),

@@ -85,9 +85,11 @@ class CalibrationConfig:
     (:mod:`onnxq.pipeline.range_choice`). ``range_rescue`` lets min-max ranges whose model loses much on
     the held-out samples be replaced by ``auto``'s (:mod:`onnxq.pipeline.range_rescue`).
     ``narrow_to_readers`` leaves out of a tensor's range the values its readers cannot tell apart (a
-    hard-swish's input below -3: :mod:`onnxq.plan.saturating_readers`); the range rescue's check
-    turns it off where the held-out samples score the whole ranges better. Off by default: exact, but
-    on the zoo's Paddle models the whole ranges scored better on 7 of 8 (README).
+    hard-swish's input below -3, a SiLU's below -16: :mod:`onnxq.plan.saturating_readers`); the range
+    rescue's check turns it off where the held-out samples score the whole ranges better (on the zoo's
+    Paddle hard-swish models, mostly), for one scored rewrite where something narrows. ``None`` (the
+    default) narrows only where that check ran and kept it; ``True`` narrows where no check runs too
+    (another method, no held-out data); ``False`` never.
     """
 
     method: CalibrationMethod = "minmax"
@@ -96,7 +98,7 @@ class CalibrationConfig:
     averaging_constant: float = 0.01
     batch_size: int = 1
     range_rescue: bool = True
-    narrow_to_readers: bool = False
+    narrow_to_readers: bool | None = None
 
     def __post_init__(self) -> None:
         if self.method not in CALIBRATION_METHODS:

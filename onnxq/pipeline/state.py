@@ -83,7 +83,7 @@ def write_qdq(
     With ``rounding``, the biases of the layers whose input the plan quantizes first absorb the mean
     error of that input's rounding (:mod:`onnxq.calibrate.input_rounding`).
     """
-    params = group_params(plan, dict(ranges), narrow=config.calibration.narrow_to_readers)
+    params = group_params(plan, dict(ranges), narrow=bool(config.calibration.narrow_to_readers))
     written = QDQWritten()
     if rounding is not None:
         written.rounding_corrected = rounding.correct(model, plan, params)

@@ -290,6 +290,7 @@ def quantize_static(
         plan = plan_quantization(model, plan_config)
         if plan.empty and not run_time:
             raise OnnxqError(f"nothing to quantize in {label}: every candidate touches non-float tensors")
+    narrow = config.calibration.narrow_to_readers
     if config.calibration.method == "auto":
         rewriter = StaticState(model, config, feeds, {}, tuple(providers), quantized_nodes=())
         choice = choose_range_method(model, calibration, feeds, rewriter.qdq_with_ranges, providers)
@@ -299,6 +300,10 @@ def quantize_static(
             config = config.replace(calibration=chosen)
         notes.append(choice.describe())
     elif config.calibration.method == "minmax" and config.calibration.range_rescue and not feeds.is_random:
+        if narrow is None:  # narrowing by default: the check below decides
+            config = config.replace(
+                calibration=dataclasses.replace(config.calibration, narrow_to_readers=True)
+            )
         # Judged with a log-spectrum front end float, as the latency guard ships it wherever that costs
         # no time (onnxq.pipeline.range_rescue).
         anchors = [n.name or "" for n in plan.quantized_nodes if n.op_type in ANCHOR_OPS]
@@ -340,7 +345,7 @@ def quantize_static(
         narrowing = rescue.narrowing_note(narrowable) if rescue is not None else None
         if narrowing:
             notes.append(narrowing)
-        if rescue is not None and not rescue.narrowed:
+        if (rescue is not None and not rescue.narrowed) or (rescue is None and narrow is None):
             config = config.replace(
                 calibration=dataclasses.replace(config.calibration, narrow_to_readers=False)
             )
@@ -353,6 +358,8 @@ def quantize_static(
                 calibration, ranges={**calibration.ranges, **rescue.choice.ranges}, method=method
             )
             config = config.replace(calibration=dataclasses.replace(config.calibration, method=method))  # type: ignore[arg-type]
+    if config.calibration.narrow_to_readers is None:  # no check ran: the whole ranges
+        config = config.replace(calibration=dataclasses.replace(config.calibration, narrow_to_readers=False))
     calibrate_seconds = time.perf_counter() - start
     # The exclusions made above are the calibration's, not the user's configuration's; the run-time
     # products are excluded from the plan because they are quantized another way.

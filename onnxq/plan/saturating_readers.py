@@ -4,7 +4,8 @@ A calibrated range covers every value a tensor took, but a reader that saturates
 them apart: ``Relu`` maps every negative value to 0, ``Clip(lo, hi)`` everything below ``lo`` to
 ``lo``, hard-swish (``x · Clip(x + 3, 0, 6) / 6``, or the ``HardSwish`` op) everything below −3 to 0,
 ``HardSigmoid`` everything outside ``[−β/α, (1 − β)/α]`` to 0 or 1, ``Max(x, c)`` everything below ``c``
-to ``c``. When *every* reader of a tensor
+to ``c``; ``Sigmoid``, ``Tanh`` and SiLU (``x · Sigmoid(x)``) everything beyond ±16 (below −16 for SiLU)
+to within 2e-6 of their limits, far below a step of an 8-bit grid. When *every* reader of a tensor
 saturates below some ``L``, clipping the tensor at ``L`` changes no reader's output, so its quantized
 range need not reach below ``L``: the steps it saves go to the values that matter. Measured on the
 Paddle exports' hard-swish CNNs, whose BatchNorm outputs run far below −3 (the CDLA layout
@@ -95,6 +96,26 @@ def _gate_of(mul: ir.Node, value: ir.Value) -> float | None:
     return shift
 
 
+#: Beyond ±16 a sigmoid is within 1.2e-7 of 0 or 1, a tanh within 3e-14 of ±1, and ``x·sigmoid(x)``
+#: within 2e-6 of 0 below −16: far below a step of any 8-bit grid their outputs are read on, so they
+#: count as saturated there (YOLOv8n's Convs before their SiLUs reach −166).
+SIGMOID_FLAT = 16.0
+
+
+def _is_silu(mul: ir.Node, value: ir.Value) -> bool:
+    """Whether ``mul`` is ``value · Sigmoid(value)`` (SiLU / Swish)."""
+    if len(mul.inputs) != 2 or mul.inputs[0] is mul.inputs[1]:
+        return False
+    other = mul.inputs[1] if mul.inputs[0] is value else mul.inputs[0]
+    sigmoid = other.producer() if other is not None else None
+    return (
+        sigmoid is not None
+        and sigmoid.op_type == "Sigmoid"
+        and sigmoid.domain in DEFAULT_DOMAINS
+        and sigmoid.inputs[0] is value
+    )
+
+
 def _union(bounds: Iterable[Bounds]) -> Bounds:
     """The smallest interval outside which *every* one of the readers saturates."""
     low, high = math.inf, -math.inf
@@ -116,6 +137,10 @@ def _through(node: ir.Node, index: int, depth: int) -> Bounds:
         return bounds if bounds is not None and bounds[0] <= bounds[1] else _ALL
     if op == "HardSwish":
         return (-3.0, math.inf)
+    if op in ("Sigmoid", "Tanh") and index == 0:
+        return (-SIGMOID_FLAT, SIGMOID_FLAT)
+    if op == "Mul" and value is not None and _is_silu(node, value):
+        return (-SIGMOID_FLAT, math.inf)
     if op == "HardSigmoid":
         alpha = node.attributes.get("alpha")
         beta = node.attributes.get("beta")

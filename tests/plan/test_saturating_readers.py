@@ -59,6 +59,12 @@ def _scalar(number: float) -> np.ndarray:
             ),
             (-3.0, math.inf),
         ),
+        # Within 1.2e-7 of 0 or 1 beyond ±16: far below any 8-bit grid's step of their outputs.
+        ("s (float[4] x) => (float[4] y) { y = Sigmoid (x) }", (-16.0, 16.0)),
+        ("t (float[4] x) => (float[4] y) { y = Tanh (x) }", (-16.0, 16.0)),
+        # SiLU / Swish: x · Sigmoid(x) is within 2e-6 of 0 below −16, and both its readers agree.
+        ("w (float[4] x) => (float[4] y) { s = Sigmoid (x)\n y = Mul (x, s) }", (-16.0, math.inf)),
+        ("w (float[4] x) => (float[4] y) { s = Sigmoid (x)\n y = Mul (s, x) }", (-16.0, math.inf)),
     ],
 )
 def test_saturating_readers_bound_the_values_they_tell_apart(
@@ -89,6 +95,8 @@ def test_saturating_readers_bound_the_values_they_tell_apart(
             "m (float[4] x, float[4] g) => (float[4] y) { a = Add (g, three)\n k = Clip (a, zero, six)\n"
             " y = Mul (x, k) }"
         ),
+        # A product with the sigmoid of another tensor (a gate): x's large negative values still count.
+        "g (float[4] x, float[4] g) => (float[4] y) { s = Sigmoid (g)\n y = Mul (x, s) }",
         # A negative scaling flips the bounds' meaning: not followed.
         "n (float[4] x) => (float[4] y) { s = Mul (x, minus)\n y = Relu (s) }",
     ],
@@ -218,14 +226,79 @@ def test_a_hard_swish_input_is_quantized_over_what_the_hard_swish_tells_apart() 
     assert mine.activation_sqnr_db > theirs.activation_sqnr_db + 5.0, (mine, theirs)  # type: ignore[attr-defined]
 
 
+def _silu_cnn() -> onnx.ModelProto:
+    """Conv → SiLU (Sigmoid + Mul, as torch exports it) → Conv, the first Conv's output reaching −60
+    on a few channels, where SiLU reads 0, while the rest stay within about ±4 (YOLOv8n's second
+    Conv spans [−166, 165] before its SiLU)."""
+    rng = np.random.default_rng(0)
+    w1 = (rng.standard_normal((16, 8, 3, 3)) * 0.25).astype(np.float32)
+    b1 = np.zeros(16, np.float32)
+    b1[:4] = -40.0
+    w2 = (rng.standard_normal((8, 16, 1, 1)) * 0.3).astype(np.float32)
+    return builders.parse(
+        """
+        silu (float[1, 8, 16, 16] x) => (float[1, 8, 16, 16] y) {
+            c = Conv <pads = [1, 1, 1, 1]> (x, w1, b1)
+            s = Sigmoid (c)
+            m = Mul (c, s)
+            y = Conv (m, w2)
+        }
+        """,
+        {"w1": w1, "b1": b1, "w2": w2},
+    )
+
+
+def test_a_silu_input_is_quantized_over_what_the_silu_tells_apart() -> None:
+    proto = _silu_cnn()
+    calib, held_out = _feeds(1, 8), _feeds(2, 4)
+    narrowed = onnxq.quantize(proto, calib, CONFIG)
+    whole_config = CONFIG.replace(calibration=CalibrationConfig(range_rescue=False, narrow_to_readers=False))
+    whole = onnxq.quantize(proto, calib, whole_config)
+    gain = _sqnr(proto, narrowed.model, held_out) - _sqnr(proto, whole.model, held_out)
+    # The SiLU input's range shrinks from about −50..8 to −16..8, a grid 2× finer. A narrowing that did
+    # not happen would not gain; one that clipped where SiLU still varies (above −16) would lose.
+    assert gain > 3.0, gain
+    assert -17.0 < _grid_low(narrowed.model, "c") <= -16.0  # a step or so below the bound, never above
+
+
+def _grid_low(model: ir.Model, tensor: str) -> float:
+    """The lowest value on the grid the QuantizeLinear of ``tensor`` writes."""
+    q = next(n for n in model.graph if n.op_type == "QuantizeLinear" and n.inputs[0].name == tensor)
+    return -int(q.inputs[2].const_value.numpy()) * float(q.inputs[1].const_value.numpy())
+
+
+@pytest.mark.parametrize(
+    ("narrow", "rescue", "narrowed"),
+    [
+        (None, True, True),  # the default: the held-out check ran and scored the narrowing better
+        (None, False, False),  # no check: the whole ranges
+        (True, False, True),  # asked for: narrowed unchecked
+        (False, True, False),
+    ],
+)
+def test_narrowing_by_default_is_what_the_held_out_check_keeps(
+    narrow: bool | None, rescue: bool, narrowed: bool
+) -> None:
+    proto = _silu_cnn()
+    config = QuantConfig(
+        calibration=CalibrationConfig(range_rescue=rescue, narrow_to_readers=narrow),
+        latency_guard=LatencyGuardConfig(enabled=False),
+    )
+    result = onnxq.quantize(proto, _feeds(1, 16), config)
+    low = _grid_low(result.model, "c")
+    assert (-17.0 < low < -16.0) if narrowed else (low < -30.0), low
+    notes = [n for n in result.report.preprocess_notes if "readers tell apart" in n]
+    assert len(notes) == (1 if rescue and narrow is not False else 0), notes
+
+
 @pytest.mark.parametrize(
     ("argv", "expected"),
-    [((), False), (("--narrow-to-readers",), True), (("--no-narrow-to-readers",), False)],
+    [((), None), (("--narrow-to-readers",), True), (("--no-narrow-to-readers",), False)],
 )
-def test_the_command_line_turns_narrowing_off(argv: tuple[str, ...], expected: bool) -> None:
+def test_the_command_line_turns_narrowing_off(argv: tuple[str, ...], expected: bool | None) -> None:
     from onnxq.cli import _config_from_args, build_parser, inapplicable_flags
 
     args = build_parser().parse_args(["optimize", "m.onnx", "-o", "o.onnx", *argv])
     assert _config_from_args(args).calibration.narrow_to_readers is expected
     dynamic = build_parser().parse_args(["optimize", "m.onnx", "-o", "o.onnx", "--mode", "dynamic", *argv])
-    assert ("--narrow-to-readers" in inapplicable_flags(dynamic)) is expected
+    assert ("--[no-]narrow-to-readers" in inapplicable_flags(dynamic)) is (expected is not None)
