@@ -22,7 +22,8 @@ commutes with them) and through shifts and positive scalings by constants (``x +
 apart (``(-inf, inf)`` when some reader can: a Conv, a graph output, an op not known here);
 :func:`narrowed_range` applies it to a calibrated range, :func:`joint_range` to the members of an
 activation group, with a margin of a step at a cut end, so that the quantized grid's end (the range's
-end rounded to a step) still lies in the saturated part. Exact: every reader computes what it did.
+end rounded to a step) still lies in the saturated part. Exact: every reader computes what it did
+(within 2e-6 for the sigmoid-like ones, whose tails no reader of a relative error, a ``Log``, reads).
 """
 
 from __future__ import annotations
@@ -102,6 +103,10 @@ def _gate_of(mul: ir.Node, value: ir.Value) -> float | None:
 SIGMOID_FLAT = 16.0
 
 
+#: Readers that tell tiny values apart by their ratio: a sigmoid's tail is not flat for them.
+_RELATIVE_READERS = frozenset({"Log", "Div", "Reciprocal", "Pow"})
+
+
 def _is_silu(mul: ir.Node, value: ir.Value) -> bool:
     """Whether ``mul`` is ``value · Sigmoid(value)`` (SiLU / Swish)."""
     if len(mul.inputs) != 2 or mul.inputs[0] is mul.inputs[1]:
@@ -138,6 +143,9 @@ def _through(node: ir.Node, index: int, depth: int) -> Bounds:
     if op == "HardSwish":
         return (-3.0, math.inf)
     if op in ("Sigmoid", "Tanh") and index == 0:
+        # 1e-7 instead of 2e-9 is nothing on any grid, but a Log (log-sigmoid) would read -16 for -20.
+        if any(use.node.op_type in _RELATIVE_READERS for use in node.outputs[0].uses()):
+            return _ALL
         return (-SIGMOID_FLAT, SIGMOID_FLAT)
     if op == "Mul" and value is not None and _is_silu(node, value):
         return (-SIGMOID_FLAT, math.inf)

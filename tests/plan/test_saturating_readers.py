@@ -97,6 +97,8 @@ def test_saturating_readers_bound_the_values_they_tell_apart(
         ),
         # A product with the sigmoid of another tensor (a gate): x's large negative values still count.
         "g (float[4] x, float[4] g) => (float[4] y) { s = Sigmoid (g)\n y = Mul (x, s) }",
+        # A log-sigmoid tells -20 from -16 (1e-7 against 2e-9): the sigmoid's tail is not flat for it.
+        "l (float[4] x) => (float[4] y) { s = Sigmoid (x)\n y = Log (s) }",
         # A negative scaling flips the bounds' meaning: not followed.
         "n (float[4] x) => (float[4] y) { s = Mul (x, minus)\n y = Relu (s) }",
     ],
