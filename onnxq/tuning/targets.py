@@ -11,8 +11,9 @@ minimum (higher is always better). Two kinds:
     a single-output model it is simply that output's SQNR);
   * ``cosine``: mean over feeds of the cosine similarity of each flattened output, minimum over outputs;
   * ``top1``: fraction of rows whose argmax agrees, over the outputs that look like class scores
-    (``[N, C]`` or ``[C]``, see :func:`~onnxq.validate.metrics.looks_like_class_scores`), minimum over
-    those outputs; a model with no such output cannot be scored this way.
+    (``[N, C]`` or ``[C]``, rows of probabilities, or an output named ``…logits…`` at any rank; see
+    :func:`~onnxq.validate.metrics.looks_like_class_scores`), minimum over those outputs; a model with
+    no such output cannot be scored this way.
 
 - :class:`CustomTarget`: the user's own evaluation function, ``fn(model) -> score`` (for instance a task
   accuracy on labelled data), with a minimum.

@@ -42,6 +42,7 @@ __all__ = [
     "is_distribution",
     "looks_like_class_scores",
     "max_abs_error",
+    "named_logits",
     "output_stats",
     "padding_mask",
     "sqnr_db",
@@ -236,16 +237,18 @@ def output_stats(session: Any, names: Sequence[str]) -> list[OutputStats]:
     return [OutputStats(name, class_axis=fixed_last_axis(shapes.get(name))) for name in names]
 
 
-def looks_like_class_scores(array: np.ndarray) -> bool:
+def looks_like_class_scores(array: np.ndarray, name: str = "") -> bool:
     """Whether an output is plausibly classification scores, for which top-1 agreement is meaningful.
 
     Accepted: floating point ``[N, C]`` (a batch of score vectors) or ``[C]`` (one unbatched score
     vector), with ``C >= 2``. The rule is deliberately simple and errs on the side of reporting:
     a ``[N, hidden]`` embedding also passes, which costs one harmless extra number. Rank 3 and higher
-    passes only when the last axis holds probability distributions (non-negative, summing to 1 within
-    1e-3: a Softmax over classes, such as a CTC recognizer's ``[N, T, C]``); otherwise the last axis is
-    as often a spatial or feature axis (``[N, C, H, W]``, ``[N, T, hidden]``) as a class axis, and an
-    argmax over it would be noise.
+    passes when the last axis holds probability distributions (non-negative, summing to 1 within
+    1e-3: a Softmax over classes, such as a CTC recognizer's ``[N, T, C]``), or when the output's
+    ``name`` says it holds logits (:func:`named_logits`: a language model's or token classifier's
+    ``[N, T, vocab]``, where top-1 agreement is the next-token / per-token decision); otherwise the
+    last axis is as often a spatial or feature axis (``[N, C, H, W]``, ``[N, T, hidden]``) as a class
+    axis, and an argmax over it would be noise.
     """
     arr = np.asarray(array)
     if not np.issubdtype(arr.dtype, np.floating):
@@ -254,7 +257,17 @@ def looks_like_class_scores(array: np.ndarray) -> bool:
         return bool(arr.shape[1] >= 2)
     if arr.ndim == 1:
         return bool(arr.shape[0] >= 2)
-    return is_distribution(arr)
+    return is_distribution(arr) or (named_logits(name) and arr.shape[-1] >= 2)
+
+
+def named_logits(name: str) -> bool:
+    """Whether an output's name says it holds class scores before the softmax.
+
+    ``logits`` is what Hugging Face models return and what their ONNX exports (``optimum``,
+    ``transformers.onnx``) name the output (``start_logits`` / ``end_logits`` for question answering);
+    a shape alone cannot tell ``[N, T, vocab]`` logits from ``[N, T, hidden]`` states.
+    """
+    return "logits" in name.lower()
 
 
 def is_distribution(array: np.ndarray) -> bool:
@@ -327,7 +340,7 @@ class OutputStats:
         ref_array, act_array = as_array(reference), as_array(actual)
         # Judged on the output as the model gives it: [batch, seq, hidden] holds no classes, though its
         # real-token rows [tokens, hidden] would pass for a batch of score vectors.
-        class_scores = looks_like_class_scores(ref_array)
+        class_scores = looks_like_class_scores(ref_array, self.name)
         if keep is not None and ref_array.shape == act_array.shape:
             unpadded = without_padding(ref_array, keep)
             if unpadded is not ref_array:

@@ -132,6 +132,33 @@ def test_a_sequence_of_probability_rows_counts_as_class_scores() -> None:
     assert not looks_like_class_scores((probs * 0.5).astype(np.float32))  # rows do not sum to 1
 
 
+def test_logits_by_name_count_as_class_scores_at_any_rank() -> None:
+    """A language model's [N, T, vocab] logits: no softmax, so only the name tells them from states."""
+    logits = np.random.default_rng(0).standard_normal((1, 12, 50)).astype(np.float32)
+    assert looks_like_class_scores(logits, "logits")
+    assert looks_like_class_scores(logits, "start_logits")
+    assert not looks_like_class_scores(logits, "last_hidden_state")
+    assert not looks_like_class_scores(logits)
+    assert not looks_like_class_scores(logits[..., :1], "logits")  # one entry: nothing to choose
+    assert not looks_like_class_scores(logits.astype(np.int64), "logits")
+
+
+def test_output_stats_top1_of_token_logits_per_position_without_padding(rng: np.random.Generator) -> None:
+    """Next-token agreement of an LM: an argmax per real position, padded positions left out."""
+    ref = rng.standard_normal((2, 6, 30)).astype(np.float32)
+    act = ref.copy()
+    act[0, 1] = -ref[0, 1]  # a flipped row: its argmax moves
+    act[1, 5] = -ref[1, 5]  # flipped too, but a padded position
+    keep = np.array([[True] * 6, [True] * 5 + [False]])
+    named = OutputStats("logits")
+    named.update(ref, act, keep)
+    assert named.padding_excluded
+    assert named.top1 == pytest.approx(10 / 11)
+    states = OutputStats("last_hidden_state")
+    states.update(ref, act, keep)
+    assert states.top1 is None
+
+
 # --- OutputStats ---------------------------------------------------------------------------------
 
 
