@@ -8,17 +8,18 @@ depthwise Convs, one channel up to 394 where the median channel reaches 60) read
 model's characters with min-max ranges and 0.99 with ``--method auto``'s; PP-OCRv5 det's text-pixel
 IoU 0.85 → 0.91. Asking users to know that is asking them to find the loss first.
 
-So, when the method is min-max and the calibration data has a held-out half, the min-max model is
-scored on it the way ``auto`` scores its candidates (:class:`~onnxq.pipeline.range_choice.HeldOut`).
-A model with class outputs (a classifier, a CTC recognizer's time steps) is judged by its top-1
-agreement, below :data:`RESCUE_TOP1`; one without, by its lowest output SQNR (each output's the median
-over its channels), below the report's large-loss bound (:data:`~onnxq.report.LARGE_LOSS_SQNR_DB`).
-Then the tensors are calibrated once more with histograms and ``auto`` chooses their ranges
+So, when the method is min-max and the calibration data has a held-out half, the min-max model is scored
+on it the way ``auto`` scores its candidates (:class:`~onnxq.pipeline.range_choice.HeldOut`). A model
+with class outputs (a classifier, a CTC recognizer's time steps) is judged by its top-1 agreement, below
+:data:`RESCUE_TOP1` (unless its outputs are within :data:`RESCUE_TIES_DB` of float: decisions that move
+under such an error were ties); one without, by its lowest output SQNR (each output's the median over
+its channels), below the report's large-loss bound (:data:`~onnxq.report.LARGE_LOSS_SQNR_DB`). Then the
+tensors are calibrated once more with histograms and ``auto`` chooses their ranges
 (:func:`~onnxq.pipeline.range_choice.choose_range_method`), and its choice is taken only when it beats
 min-max clearly on the held-out batches (:data:`RESCUE_MIN_TOP1_GAIN`, :data:`RESCUE_MIN_DB`): the
-held-out score is a proxy, and on the zoo's YOLO detectors a gain of 0.3-1.1 dB in it came with a
-lower task metric (YOLO11s-seg gap-mask IoU 0.987 → 0.900), where the rescues that helped gained
-2.7-14 dB (PP-OCRv4/v5 det, Silero VAD v6).
+held-out score is a proxy, and on the zoo's YOLO detectors a gain of 0.3-1.1 dB in it came with a lower
+task metric (YOLO11s-seg gap-mask IoU 0.987 → 0.900), where the rescues that helped gained 2.7-14 dB
+(PP-OCRv4/v5 det, Silero VAD v6).
 
 Anchors in front of a ``Log`` (:mod:`onnxq.plan.log_front_end`) stay float while the model is judged:
 their int8 rounding dominates such a model's error (DNSMOS: 8 dB all int8), the latency guard keeps
@@ -66,6 +67,7 @@ __all__ = [
     "RESCUE_MIN_DB",
     "RESCUE_MIN_TOP1_GAIN",
     "RESCUE_NOTE",
+    "RESCUE_TIES_DB",
     "RESCUE_TOP1",
     "RangeRescue",
     "clear_gain",
@@ -81,6 +83,11 @@ RESCUE_NOTE = "range rescue"
 #: steps) below which min-max ranges are judged further. The zoo's recognizers that min-max serves well
 #: read 0.97-0.98 on their held-out batches (ragged CTC steps disagree at the blank borders).
 RESCUE_TOP1 = 0.95
+
+#: ... unless the outputs are this close to float (lowest output SQNR, dB): decisions that change under
+#: an error of 0.3 % are ties in the float model, which no range mends (the zoo's Inception v2 with
+#: random weights: top-1 0.000 at 73 dB, every candidate of ``auto`` the same, 4 s spent on them).
+RESCUE_TIES_DB = 50.0
 
 #: ``auto``'s choice replaces min-max only when its held-out top-1 agreement is higher by this much
 #: (models with class outputs) ...
@@ -150,11 +157,13 @@ def large_loss(score: tuple[float, float], classes: bool) -> bool:
     """Whether a held-out ``(top-1 agreement, dB)`` score is a loss worth judging further.
 
     ``classes``: the model has class outputs, judged by their top-1 agreement (the SQNR of a softmax's
-    probabilities says little about its decisions); otherwise by the lowest output SQNR.
+    probabilities says little about its decisions), unless every output is within
+    :data:`RESCUE_TIES_DB` of float (the decisions that moved were ties); otherwise by the lowest
+    output SQNR.
     """
     top1, db = score
     if classes:
-        return top1 < RESCUE_TOP1
+        return top1 < RESCUE_TOP1 and not db >= RESCUE_TIES_DB
     return not math.isnan(db) and db < LARGE_LOSS_SQNR_DB
 
 

@@ -15,6 +15,7 @@ from onnxq.config import CalibrationConfig, LatencyGuardConfig, QuantConfig
 from onnxq.pipeline.range_rescue import (
     RESCUE_MIN_DB,
     RESCUE_MIN_TOP1_GAIN,
+    RESCUE_TIES_DB,
     RESCUE_TOP1,
     clear_gain,
     large_loss,
@@ -134,6 +135,11 @@ def test_other_methods_are_not_rescued() -> None:
         # class outputs are judged by their decisions: a softmax's probabilities at 11 dB with 0.97 of
         # the decisions right (PP-OCRv4 rec, which min-max serves best) is not a large loss
         ((0.97, 11.0), True, False),
+        # decisions that moved under an error of 0.3 %: ties in the float model (a random-weight
+        # classifier's near-uniform softmax), which no range mends
+        ((0.0, RESCUE_TIES_DB + 23.0), True, False),
+        ((0.5, RESCUE_TIES_DB - 1.0), True, True),
+        ((0.5, float("nan")), True, True),
     ],
 )
 def test_the_bounds(score: tuple[float, float], classes: bool, fires: bool) -> None:
