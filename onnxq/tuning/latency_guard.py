@@ -27,17 +27,19 @@ on this machine, instead of guessing:
    it once its decision is clear (the quantized model's runs serve them all: the guard took 1.1 s
    instead of 1.8 s on the zoo's orientation classifier); other models time one variant at a time,
    three sessions open at most, so memory stays bounded.
-4. Every kind whose variant is faster than the quantized model by more than ``min_gain`` is kept
-   float; when several are, their combination is timed too (reverting two kinds may cost more than
-   each alone saves) and the fastest candidate is taken. Candidates within ``min_gain`` of it cannot
+4. Every kind whose variant is faster than the quantized model by more than ``min_gain`` is kept float;
+   when several are, their combination is timed too (reverting two kinds may cost more than each alone
+   saves). The kinds whose variant was faster by less than that (each within the noise) are timed once
+   more, together with the fastest candidate's kinds: their gains may add up, a layer between two float
+   ones saving its Q/DQ too. The fastest candidate is taken. Candidates within ``min_gain`` of it cannot
    be told apart by their timings; among those, one whose output is clearly more accurate on the same
-   feed (:data:`ACCURACY_TIE_DB`; the warm-up runs give the outputs for free) is taken instead.
-   Where kinds are kept float for speed and the model has a log front end, the union of those kinds
-   and the front end is timed too and goes through the same tie-breaker (the front end's own variant
-   was timed with them int8). A choice below the report's large-loss SQNR on the guard's feed has the
-   most accurate candidate above it timed once more when it measured at most :data:`CONFIRM_RATIO`
-   times as slow, and the tie-breaker decides on that second timing: one noisy block turned DNSMOS's
-   38.6 dB front-end-float model into its 5.2 dB int8 one.
+   feed (:data:`ACCURACY_TIE_DB`; the warm-up runs give the outputs for free) is taken instead. Where
+   kinds are kept float for speed and the model has a log front end, the union of those kinds and the
+   front end is timed too and goes through the same tie-breaker (the front end's own variant was timed
+   with them int8). A choice below the report's large-loss SQNR on the guard's feed has the most
+   accurate candidate above it timed once more when it measured at most :data:`CONFIRM_RATIO` times as
+   slow, and the tie-breaker decides on that second timing: one noisy block turned DNSMOS's 38.6 dB
+   front-end-float model into its 5.2 dB int8 one.
 5. Where the chosen model has residual Adds feeding LayerNormalization, the same model with those
    Adds written as ``Sum`` (:mod:`onnxq.rewrite.sum_form`: ONNX Runtime then does not fuse them
    into SkipLayerNormalization, which some releases run several times slower) is timed too, and kept
@@ -671,6 +673,20 @@ def guard_latency(
         model = state.requantize([n for k in slower for n in kinds[k]])
         candidates["keep " + " + ".join(slower) + " float"] = (model, tuple(slower), *timer.ratio(model))
     best = min(candidates, key=lambda n: candidates[n][2])
+    # Kinds that each gained a little float, within the noise: together with the fastest candidate's,
+    # their gains may add up (a small 1x1 Conv between two float depthwise Convs: PP-OCR cls).
+    near = [
+        kind
+        for kind in suspects
+        if kind not in candidates[best][1] and candidates[f"keep {kind} float"][2] < 1.0
+    ]
+    if near:
+        union = tuple(kind for kind in suspects if kind in candidates[best][1] or kind in near)
+        name = "keep " + " + ".join(union) + " float"
+        if name not in candidates:
+            model = state.requantize([n for k in union for n in kinds[k]])
+            candidates[name] = (model, union, *timer.ratio(model))
+            best = min(candidates, key=lambda n: candidates[n][2])
     if candidates[best][2] >= 1.0 - config.min_gain:
         best = _QUANTIZED  # within noise of the fully quantized model: keep every anchor quantized
     fastest = best

@@ -274,6 +274,32 @@ def test_two_slower_kinds_are_timed_together(
     assert quantized_anchors(outcome.model) == {"c1", "y", "m", "z"}
 
 
+def test_kinds_that_each_gain_within_the_noise_are_timed_together(
+    kinds_result: QuantizationResult, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each kind alone 2 % faster float (within the 5 % noise margin), both together 10 %: a layer
+    between two float ones saves its Q/DQ too (PP-OCR cls: small 1x1 Convs beside float depthwise
+    Convs). The union of the near misses is timed and taken; near misses that do not add up are not."""
+    both = "keep small depthwise Conv + small grouped Conv float"
+
+    def latency(float_anchors: frozenset[str]) -> float:
+        if float_anchors == ANCHORS:
+            return 20.0
+        if {"c2", "c3"} <= float_anchors:
+            return 9.0
+        return 9.8 if {"c2", "c3"} & float_anchors else 10.0
+
+    outcome = run_guard(kinds_result, monkeypatch, latency)
+    assert outcome.chosen == both and set(outcome.reverted) == {"small depthwise Conv", "small grouped Conv"}
+    assert quantized_anchors(outcome.model) == {"c1", "y", "m", "z"}
+
+    def apart(float_anchors: frozenset[str]) -> float:
+        return latency(float_anchors) + (0.7 if {"c2", "c3"} <= float_anchors else 0.0)
+
+    outcome = run_guard(kinds_result, monkeypatch, apart)  # together 9.7: no gain beyond the noise
+    assert outcome.chosen == "quantized" and both in outcome.latency_ms
+
+
 def test_the_combination_loses_to_one_kind_alone(
     kinds_result: QuantizationResult, monkeypatch: pytest.MonkeyPatch
 ) -> None:
