@@ -730,9 +730,9 @@ def guard_latency(
         and preprocessed_may_win
         and outcome.latency_ms[best] > PREPROCESSED_CHECK * first[_INPUT]
     ):
-        # Int8 gains little here: preprocessing alone (BatchNorm folds, canonical activations) may do
-        # as well. Timed in the first block where the variants raced there, else only now (a block of
-        # its own: two sessions open at most), and taken as the float model to beat when it is
+        # Preprocessing alone (BatchNorm folds, canonical activations) may beat the input: measured in
+        # the first block where the variants raced there, else only where int8 gains little (a block
+        # of its own: two sessions open at most); taken as the float model to beat when it is
         # clearly faster than the input.
         if races_float_form:
             outcome.latency_ms[_FLOAT] = first[_FLOAT]
