@@ -615,6 +615,20 @@ def _confirm_lossy_choice(
     return _more_accurate_tie(candidates, chosen, min_gain)
 
 
+def _time_together(
+    candidates: dict[str, tuple[ir.Model, tuple[str, ...], float, float]],
+    together: Sequence[str],
+    state: RequantizableState,
+    kinds: dict[str, list[str]],
+    timer: _Timer,
+) -> None:
+    """Time the variant that keeps the ``together`` kinds float as one more candidate (once per set)."""
+    name = "keep " + " + ".join(together) + " float"
+    if name not in candidates:
+        model = state.requantize([n for kind in together for n in kinds[kind]])
+        candidates[name] = (model, tuple(together), *timer.ratio(model))
+
+
 def guard_latency(
     state: RequantizableState,
     quantized: ir.Model,
@@ -670,8 +684,7 @@ def guard_latency(
     slower = [kind for kind in suspects if candidates[f"keep {kind} float"][2] < 1.0 - config.min_gain]
     if len(slower) > 1:
         # Reverting two kinds may cost more than each alone saves: time the combination too.
-        model = state.requantize([n for k in slower for n in kinds[k]])
-        candidates["keep " + " + ".join(slower) + " float"] = (model, tuple(slower), *timer.ratio(model))
+        _time_together(candidates, slower, state, kinds, timer)
     best = min(candidates, key=lambda n: candidates[n][2])
     # Kinds that each gained a little float, within the noise: together with the fastest candidate's,
     # their gains may add up (a small 1x1 Conv between two float depthwise Convs: PP-OCR cls).
@@ -681,12 +694,9 @@ def guard_latency(
         if kind not in candidates[best][1] and candidates[f"keep {kind} float"][2] < 1.0
     ]
     if near:
-        union = tuple(kind for kind in suspects if kind in candidates[best][1] or kind in near)
-        name = "keep " + " + ".join(union) + " float"
-        if name not in candidates:
-            model = state.requantize([n for k in union for n in kinds[k]])
-            candidates[name] = (model, union, *timer.ratio(model))
-            best = min(candidates, key=lambda n: candidates[n][2])
+        union = [kind for kind in suspects if kind in candidates[best][1] or kind in near]
+        _time_together(candidates, union, state, kinds, timer)
+        best = min(candidates, key=lambda n: candidates[n][2])
     if candidates[best][2] >= 1.0 - config.min_gain:
         best = _QUANTIZED  # within noise of the fully quantized model: keep every anchor quantized
     fastest = best
@@ -695,9 +705,7 @@ def guard_latency(
         # Kinds kept float for speed plus the log front end: its variant alone was timed with those
         # kinds int8 (basic-pitch: its other narrow Convs float 15.6 ms at 6.8 dB; with its constant-Q
         # transform float too, as fast and more accurate).
-        union = (*candidates[best][1], LOG_FRONT_END)
-        model = state.requantize([n for kind in union for n in kinds[kind]])
-        candidates["keep " + " + ".join(union) + " float"] = (model, union, *timer.ratio(model))
+        _time_together(candidates, [*candidates[best][1], LOG_FRONT_END], state, kinds, timer)
         best = _more_accurate_tie(candidates, best, config.min_gain)
     best = _confirm_lossy_choice(candidates, best, timer, config.min_gain)
     outcome.for_accuracy = best != fastest
